@@ -26,7 +26,7 @@ export: venv
 	$(PY) tools/export.py
 
 test-unit: venv
-	@$(call timed,unit tests + export drift,$(PY) -m pytest -q -n $(JOBS) tests)
+	@$(call timed,unit tests + export drift,$(PY) -m pytest -q -n $(JOBS) -p no:cacheprovider tests)
 
 test-notebooks: venv
 	@$(call timed,nbval over every chapter,\
