@@ -1,0 +1,364 @@
+"""GPU check and timing of chapter 8's selected-attention kernels (nsa.kernels.selected).
+
+Not collected by pytest (no test_ prefix); a GPU user runs it from the repository root:
+
+    PYTHONUNBUFFERED=1 python tests/gpu_check_selected.py [--out DIR] [--quick]
+
+1. Correctness: bf16 (and fp16) kernels against a float64 reference, forward and backward, at lengths
+   1k to 64k, printing relative errors ||x - ref|| / ||ref|| for o, lse, dq, dk, dv. The reference
+   gathers each query's selected keys in chunks of queries (exact, no N x N matrix), so every row is
+   checked, also at 64k; it is itself checked against chapter 1's dense masked attention at 1k.
+2. Timing (triton.testing.do_bench, median): paper geometry (64 query heads, 4 kv heads, d = 128,
+   n = 16, l' = 64, bf16, batch 1) at 8k-64k with random valid block indices (block 0 and the
+   query's own block forced): forward, forward + backward with both dk/dv strategies, a per-kernel
+   breakdown, a small sweep of launch parameters, and SDPA (flash backend, causal) beside it.
+CSV files go to --out (default book/data): selected_attention_h100_errors.csv and
+selected_attention_h100_times.csv.
+"""
+
+import argparse
+import csv
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import nsa  # noqa: E402,F401
+
+try:  # an uninstalled checkout: kernels/ is importable as nsa.kernels once nsa's path has ROOT
+    import nsa.kernels  # noqa: F401
+except ImportError:
+    nsa.__path__.append(str(ROOT))
+from nsa import attention, block_selection_mask  # noqa: E402
+from nsa.kernels import selected as sel  # noqa: E402
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SMOKE = False  # --smoke: tiny shapes on the CPU interpreter, every code path once, no timing
+
+
+def random_block_indices(B, Nq, Nk, H, n, block_size, causal=True, seed=0):
+    """(B, Nq, H, n) int32: block 0 and the query's own block forced, the rest random earlier
+    distinct blocks; sorted ascending, -1 last where fewer than n blocks exist."""
+    gen = torch.Generator(DEV).manual_seed(seed)
+    t = torch.arange(Nk - Nq, Nk, device=DEV)
+    own = t // block_size
+    num_blocks = -(-Nk // block_size)
+    limit = own if causal else torch.full_like(own, num_blocks - 1)
+    out = torch.empty(B, Nq, H, n, device=DEV, dtype=torch.int32)
+    blocks = torch.arange(num_blocks, device=DEV)
+    for c0 in range(0, Nq, 4096):                       # chunks of queries keep the scores small
+        c1 = min(Nq, c0 + 4096)
+        scores = torch.rand(B, c1 - c0, H, num_blocks, device=DEV, generator=gen)
+        scores = scores.masked_fill(blocks == 0, 2.0).masked_fill(blocks == own[c0:c1, None, None], 3.0)
+        scores = scores.masked_fill(blocks > limit[c0:c1, None, None], -1.0)
+        top = scores.topk(min(n, num_blocks), dim=-1)
+        chosen = torch.where(top.values >= 0, top.indices, num_blocks).sort(dim=-1).values
+        chosen = torch.where(chosen == num_blocks, -1, chosen)
+        out[:, c0:c1, :, :chosen.shape[-1]] = chosen.to(torch.int32)
+        out[:, c0:c1, :, chosen.shape[-1]:] = -1
+    return out
+
+
+def reference_fp64(q, k, v, do, prepared, block_size, scale, causal, chunk=256):
+    """Float64 o, lse, dq, dk, dv by gathering each query's selected keys (chunks of queries)."""
+    B, Nq, Hq, Dqk = q.shape
+    _, Nk, H, Dv = v.shape
+    G = Hq // H
+    q64, k64, v64, do64 = q.double(), k.double(), v.double(), do.double()
+    o = torch.empty(B, Nq, Hq, Dv, device=DEV, dtype=torch.float64)
+    lse = torch.empty(B, Nq, Hq, device=DEV, dtype=torch.float64)
+    dq = torch.empty_like(q64)
+    dk = torch.zeros_like(k64)
+    dv = torch.zeros_like(v64)
+    offs = torch.arange(block_size, device=DEV)
+    heads = torch.arange(H, device=DEV)[None, :, None]
+    for b in range(B):
+        for c0 in range(0, Nq, chunk):
+            c1 = min(Nq, c0 + chunk)
+            C = c1 - c0
+            idx = prepared[b, c0:c1].long()                                   # (C, H, n)
+            pos = (idx[..., None] * block_size + offs).flatten(2)             # (C, H, L)
+            valid = (idx[..., None] >= 0).expand(*idx.shape, block_size).flatten(2) & (pos < Nk)
+            if causal:
+                t = torch.arange(Nk - Nq + c0, Nk - Nq + c1, device=DEV)[:, None, None]
+                valid = valid & (pos <= t)
+            pos = pos.clamp(0, Nk - 1)
+            hh = heads.expand_as(pos)
+            Kg, Vg = k64[b][pos, hh], v64[b][pos, hh]                         # (C, H, L, D)
+            qg = q64[b, c0:c1].view(C, H, G, Dqk)
+            dog = do64[b, c0:c1].view(C, H, G, Dv)
+            s = torch.einsum("chgd,chld->chgl", qg, Kg) * scale
+            s = s.masked_fill(~valid[:, :, None], -math.inf)
+            l_ = torch.logsumexp(s, -1)                                        # (C, H, G)
+            p = torch.where(valid[:, :, None], torch.exp(s - l_[..., None]), 0.0)
+            oc = torch.einsum("chgl,chld->chgd", p, Vg)
+            delta = (oc * dog).sum(-1)
+            dp = torch.einsum("chgd,chld->chgl", dog, Vg)
+            ds = p * (dp - delta[..., None])
+            o[b, c0:c1] = oc.reshape(C, Hq, Dv)
+            lse[b, c0:c1] = l_.reshape(C, Hq)
+            dq[b, c0:c1] = (torch.einsum("chgl,chld->chgd", ds, Kg) * scale).reshape(C, Hq, Dqk)
+            dKg = torch.einsum("chgl,chgd->chld", ds, qg) * scale
+            dVg = torch.einsum("chgl,chgd->chld", p, dog)
+            dk[b].index_put_((pos, hh), dKg, accumulate=True)
+            dv[b].index_put_((pos, hh), dVg, accumulate=True)
+    return o, lse, dq, dk, dv
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(x), finite):
+        return float("nan")
+    return ((x[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-30)).item()
+
+
+def check_reference_itself():
+    """The gathered float64 reference equals chapter 1's dense masked attention (and its autograd)."""
+    B, N, Hq, H, D, n, l = 1, (200 if SMOKE else 1000), 8, 2, 64, 4, 64
+    gen = torch.Generator(DEV).manual_seed(1)
+    q, k, v, do = (torch.randn(*s, device=DEV, dtype=torch.float64, generator=gen)
+                   for s in ((B, N, Hq, D), (B, N, H, D), (B, N, H, D), (B, N, Hq, D)))
+    idx = random_block_indices(B, N, N, H, n, l)
+    prepared = sel.prepare_block_indices(idx, l, N, True)
+    o, lse, dq, dk, dv = reference_fp64(q, k, v, do, prepared, l, D ** -0.5, True)
+    q_, k_, v_ = (x.clone().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = attention(q_, k_, v_, block_selection_mask(idx, l, N), return_lse=True)
+    grads = torch.autograd.grad(o_ref, (q_, k_, v_), do)
+    for name, x, r in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, dq, dk, dv), (o_ref, lse_ref, *grads)):
+        torch.testing.assert_close(x, r, msg=lambda m: f"reference {name}: {m}")
+    print(f"gathered float64 reference == chapter 1 dense reference (N = {N})")
+
+
+def correctness(errors_csv):
+    # name, B, N (Nq = Nk unless given), Hq, H, Dqk, Dv, n, l', causal, dtype, Nq
+    cases = [
+        ("g16_d128", 1, 1024, 16, 1, 128, 128, 16, 64, True, torch.bfloat16, None),
+        ("g1_d64", 2, 1000, 2, 2, 64, 64, 16, 64, True, torch.bfloat16, None),
+        ("g2_d64_noncausal", 1, 2049, 4, 2, 64, 64, 8, 64, False, torch.bfloat16, None),
+        ("g4_d192_128_l32", 2, 3001, 16, 4, 192, 128, 16, 32, True, torch.bfloat16, None),
+        ("g16_decode_tail", 1, 4096, 16, 1, 128, 128, 16, 64, True, torch.bfloat16, 77),
+        ("g8_d192_128_fp16", 1, 4096, 16, 2, 192, 128, 16, 64, True, torch.float16, None),
+        ("paper_64_4_d128", 1, 8192, 64, 4, 128, 128, 16, 64, True, torch.bfloat16, None),
+        ("g8_d192_128", 1, 16384, 16, 2, 192, 128, 16, 64, True, torch.bfloat16, None),
+        ("g8_d192_128_64k", 1, 65536, 16, 2, 192, 128, 16, 64, True, torch.bfloat16, None),
+        ("paper_64_4_d128_64k", 1, 65536, 64, 4, 128, 128, 16, 64, True, torch.bfloat16, None),
+    ]
+    if SMOKE:
+        cases = [("smoke_g4", 1, 100, 8, 2, 32, 16, 3, 16, True, torch.float32, None),
+                 ("smoke_g1_tail", 2, 70, 2, 2, 16, 16, 2, 32, True, torch.float16, 9),
+                 ("smoke_noncausal", 1, 50, 3, 1, 16, 16, 2, 16, False, torch.float32, None)]
+    worst = 0.0
+    print(f"{'case':24s} {'dkdv':7s} {'N':>6s} {'o':>9s} {'lse':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}")
+    for name, B, N, Hq, H, Dqk, Dv, n, l, causal, dtype, Nq in cases:
+        try:
+            Nq = Nq or N
+            gen = torch.Generator(DEV).manual_seed(N)
+            q = torch.randn(B, Nq, Hq, Dqk, device=DEV, generator=gen).to(dtype)
+            k = torch.randn(B, N, H, Dqk, device=DEV, generator=gen).to(dtype)
+            v = torch.randn(B, N, H, Dv, device=DEV, generator=gen).to(dtype)
+            do = torch.randn(B, Nq, Hq, Dv, device=DEV, generator=gen).to(dtype)
+            idx = random_block_indices(B, Nq, N, H, n, l, causal=causal, seed=N)
+            prepared = sel.prepare_block_indices(idx, l, N, causal)
+            ref = reference_fp64(q, k, v, do, prepared, l, Dqk ** -0.5, causal,
+                                 chunk=max(64, 2 ** 22 // (Hq * n * l)))
+            strategies = ("gather", "scatter") if N <= 16384 else ("gather",)
+            for dkdv in strategies:
+                qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+                o, lse = sel.selected_attention_triton(qq, kk, vv, idx, l, causal=causal,
+                                                       return_lse=True, dkdv=dkdv)
+                dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do)
+                errs = [rel(x, r) for x, r in zip((o, lse, dq, dk, dv), ref)]
+                worst = max([worst] + [e if e == e else float("inf") for e in errs])
+                print(f"{name:24s} {dkdv:7s} {N:6d} " + " ".join(f"{e:9.2e}" for e in errs))
+                errors_csv.writerow([name, dkdv, B, Nq, N, Hq, H, Dqk, Dv, n, l, causal,
+                                     str(dtype).split(".")[-1], *[f"{e:.3e}" for e in errs]])
+                del o, lse, dq, dk, dv, qq, kk, vv
+            del q, k, v, do, ref
+            torch.cuda.empty_cache()
+        except Exception:
+            traceback.print_exc()
+            worst = float("inf")
+    print(f"worst relative error: {worst:.2e} ({'PASS' if worst < 1e-2 else 'FAIL'} against 1e-2)")
+
+
+def bench(fn):
+    if SMOKE:
+        fn()
+        return 0.0
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def timing(times_csv, configs, sweep):
+    """configs: (N, Hq, H, full); `full` adds the scatter strategy, the per-kernel breakdown and
+    SDPA; `sweep` adds a launch-parameter sweep at the longest full length."""
+    D, n, l = (16, 2, 16) if SMOKE else (128, 16, 64)
+    dtype = torch.float16 if SMOKE else torch.bfloat16
+    longest = max(N for N, _, _, full in configs if full)
+    table = []
+    for N, Hq, H, full in configs:
+        def record(impl, pass_, ms, note=""):
+            table.append((N, Hq, H, impl, pass_, ms, note))
+            times_csv.writerow([impl, N, Hq, H, D, n, l, pass_, f"{ms:.4f}", note])
+            print(f"  N = {N:6d} {Hq:2d}/{H:<2d} {impl:28s} {pass_:8s} {ms:9.3f} ms {note}")
+
+        try:
+            gen = torch.Generator(DEV).manual_seed(N)
+            q = torch.randn(1, N, Hq, D, device=DEV, generator=gen).to(dtype)
+            k = torch.randn(1, N, H, D, device=DEV, generator=gen).to(dtype)
+            v = torch.randn(1, N, H, D, device=DEV, generator=gen).to(dtype)
+            do = torch.randn(1, N, Hq, D, device=DEV, generator=gen).to(dtype)
+            idx = random_block_indices(1, N, N, H, n, l, seed=N)
+            scale = D ** -0.5
+            with torch.no_grad():
+                record("nsa_selected_triton", "fwd",
+                       bench(lambda: sel.selected_attention_triton(q, k, v, idx, l, check_indices=False)))
+            qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+            for dkdv in ("gather", "scatter") if full else ("gather",):
+                def fwd_bwd():
+                    o_ = sel.selected_attention_triton(qq, kk, vv, idx, l, dkdv=dkdv, check_indices=False)
+                    torch.autograd.grad(o_, (qq, kk, vv), do)
+                record(f"nsa_selected_triton_{dkdv}", "fwd_bwd", bench(fwd_bwd))
+            del qq, kk, vv
+            # -- SDPA, flash backend, causal; kv heads expanded (flash wants equal heads) --
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                qt = q.transpose(1, 2).contiguous().requires_grad_()
+                kt = k.repeat_interleave(Hq // H, dim=2).transpose(1, 2).contiguous().requires_grad_()
+                vt = v.repeat_interleave(Hq // H, dim=2).transpose(1, 2).contiguous().requires_grad_()
+                dot_ = do.transpose(1, 2).contiguous()
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    with torch.no_grad():
+                        record("sdpa_flash", "fwd",
+                               bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)))
+
+                    def sdpa_both():
+                        o_ = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+                        torch.autograd.grad(o_, (qt, kt, vt), dot_)
+                    record("sdpa_flash", "fwd_bwd", bench(sdpa_both))
+                del qt, kt, vt, dot_
+            except Exception:
+                traceback.print_exc()
+            if not full:
+                continue
+            # -- breakdown --
+            prepared = sel.prepare_block_indices(idx, l, N, True)
+            record("prepare_block_indices", "fwd", bench(lambda: sel.prepare_block_indices(idx, l, N, True)))
+            record("forward_kernel", "fwd", bench(lambda: sel.selected_attention_fwd(q, k, v, prepared, l, scale, True)))
+            o, lse = sel.selected_attention_fwd(q, k, v, prepared, l, scale, True)
+            nb = -(-N // l)
+            record("reverse_block_index", "bwd", bench(lambda: sel.reverse_block_index(prepared, nb, 1024)))
+            record("backward_gather_total", "bwd", bench(
+                lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True)))
+            record("backward_scatter_total", "bwd", bench(
+                lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True, dkdv="scatter")))
+            delta = torch.empty(1, N, Hq, device=DEV)
+            dq = torch.empty_like(q)
+            dkb = torch.zeros(1, N, H, D, device=DEV)
+            dvb = torch.zeros(1, N, H, D, device=DEV)
+            dims = dict(HEADS_KV=H, GROUP_SIZE=Hq // H, DIM_QK=D, DIM_V=D, BLOCK_DQK=max(16, D),
+                        BLOCK_DV=max(16, D), BLOCK_SIZE=l, CAUSAL=True)
+
+            def dq_kernel(num_warps=4, num_stages=2):
+                sel.selected_attention_backward_dq_kernel[(N, H)](
+                    q, k, v, o, do, lse, prepared, dq, delta, dkb, dvb, scale, N, N, n,
+                    BLOCK_G=max(16, Hq // H), SCATTER_DKDV=False, **dims,
+                    num_warps=num_warps, num_stages=num_stages)
+            record("backward_dq_kernel", "bwd", bench(dq_kernel))
+
+            def dkdv_kernel(chunk=1024, rows=64, num_warps=4, num_stages=2, index=None):
+                queries, cb, cbeg, cend = index or sel.reverse_block_index(prepared, nb, chunk)
+                U = cb.shape[1]
+                sel.selected_attention_backward_dkdv_kernel[(U, H)](
+                    q, k, v, do, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,
+                    BLOCK_GQ=Hq // H, BLOCK_Q=rows // (Hq // H), **dims,
+                    num_warps=num_warps, num_stages=num_stages)
+            index = sel.reverse_block_index(prepared, nb, 1024)
+            record("backward_dkdv_kernel", "bwd", bench(lambda: dkdv_kernel(index=index)))
+            # -- launch-parameter sweep at the longest length --
+            if sweep and N == longest:
+                for w in (2, 4, 8):
+                    for s in (1, 2, 3):
+                        ms = bench(lambda: sel.selected_attention_fwd(q, k, v, prepared, l, scale, True,
+                                                                      num_warps=w, num_stages=s))
+                        record("sweep_forward_kernel", "fwd", ms, f"warps={w} stages={s}")
+                for w in (2, 4, 8):
+                    ms = bench(lambda: dq_kernel(num_warps=w, num_stages=2))
+                    record("sweep_dq_kernel", "bwd", ms, f"warps={w} stages=2")
+                for chunk in (512, 2048):
+                    ix = sel.reverse_block_index(prepared, nb, chunk)
+                    for rows in (32, 64, 128):
+                        for w in (4, 8):
+                            ms = bench(lambda: dkdv_kernel(chunk, rows, w, 2, ix))
+                            record("sweep_dkdv_kernel", "bwd", ms, f"chunk={chunk} rows={rows} warps={w}")
+            del q, k, v, do, o, lse, dq, dkb, dvb
+            torch.cuda.empty_cache()
+        except Exception:
+            traceback.print_exc()
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "book" / "data"))
+    parser.add_argument("--quick", action="store_true", help="timing at 8k and 64k only, no sweep")
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: test the script")
+    args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu_name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (interpreter)"
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {gpu_name}")
+    flags = [a for a in sys.argv[1:] if a in ("--quick", "--skip-check", "--smoke")]
+    command = " ".join(["python tests/gpu_check_selected.py", *flags])
+    start = time.time()
+    if not args.skip_check:
+        with (out / "selected_attention_h100_errors.csv").open("w", newline="", buffering=1) as f:
+            f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
+                    f"{gpu_name}; relative error ||x - ref|| / ||ref|| vs float64\n")
+            w = csv.writer(f)
+            w.writerow(["case", "dkdv", "batch", "seq_len_q", "seq_len_k", "heads_q", "heads_kv", "dim_qk",
+                        "dim_v", "num_selected_blocks", "select_block_size", "causal", "dtype",
+                        "o", "lse", "dq", "dk", "dv"])
+            try:
+                check_reference_itself()
+            except Exception:
+                traceback.print_exc()
+            correctness(w)
+        print(f"[correctness took {time.time() - start:.0f} s]")
+    lengths = [8192, 65536] if args.quick else [8192, 16384, 32768, 65536]
+    configs = [(N, 64, 4, True) for N in lengths] + [(65536, 32, 8, False)]
+    if SMOKE:
+        lengths = [64, 100]
+        configs = [(64, 8, 2, True), (100, 8, 2, True), (100, 4, 4, False)]
+    with (out / "selected_attention_h100_times.csv").open("w", newline="", buffering=1) as f:
+        f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
+                f"{gpu_name}; do_bench median ms, bf16, batch 1, causal\n")
+        w = csv.writer(f)
+        w.writerow(["impl", "seq_len", "heads_q", "heads_kv", "head_dim", "num_selected_blocks",
+                    "select_block_size", "pass", "ms", "note"])
+        table = timing(w, configs, sweep=not args.quick)
+    print(f"[total {time.time() - start:.0f} s]")
+    print("\nms, median             heads " + "".join(f"{N:>10d}" for N in lengths))
+    keys = sorted({(impl, p, hq, h) for _, hq, h, impl, p, _, note in table if not note},
+                  key=lambda x: (-x[2], x[1], x[0]))
+    for impl, p, hq, h in keys:
+        cells = {N: ms for N, hq_, h_, i, pp, ms, note in table
+                 if (i, pp, hq_, h_) == (impl, p, hq, h) and not note}
+        print(f"{impl + ' ' + p:34s} {hq:2d}/{h:<2d}" + "".join(f"{cells.get(N, float('nan')):10.2f}" for N in lengths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Chapter 8: the selected-attention Triton kernels against chapter 1's dense reference.
+
+Runs in Triton's interpreter on a CPU (fp32 and fp16; tiny shapes), or on a GPU when there is one.
+"""
+
+import pytest
+import torch
+
+import nsa  # first: switches Triton to its interpreter on a machine without CUDA
+from nsa import attention, block_selection_mask
+from nsa.device import DEVICE
+from nsa.kernels.selected import (prepare_block_indices, reverse_block_index,
+                                  selected_attention_triton)
+
+
+def random_indices(gen, B, Nq, Nk, H, n, block_size, empty=0.2):
+    """Random block indices in [-1, num_blocks): repeats, -1 and (causal) future blocks mixed in."""
+    num_blocks = -(-Nk // block_size)
+    indices = torch.randint(-1, num_blocks, (B, Nq, H, n), generator=gen, device=DEVICE)
+    own = (torch.arange(Nk - Nq, Nk, device=DEVICE) // block_size)[None, :, None]
+    indices[..., 0] = own                       # most queries see at least their own block
+    indices[torch.rand(indices.shape, generator=gen, device=DEVICE) < empty] = -1
+    return indices
+
+
+def reference(q, k, v, indices, block_size, scale, causal):
+    mask = block_selection_mask(indices, block_size, k.shape[1], causal=causal)
+    return attention(q, k, v, mask, scale=scale, return_lse=True)
+
+
+def run_case(B, Nq, Nk, Hq, H, Dqk, Dv, n, block_size, causal=True, dtype=torch.float32,
+             grads=True, dkdv="gather", scale=None, seed=0):
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=gen, device=DEVICE, dtype=dtype)
+    q, k, v, do = make(B, Nq, Hq, Dqk), make(B, Nk, H, Dqk), make(B, Nk, H, Dv), make(B, Nq, Hq, Dv)
+    indices = random_indices(gen, B, Nq, Nk, H, n, block_size)
+    q, k, v = (x.requires_grad_(grads) for x in (q, k, v))
+    o, lse = selected_attention_triton(q, k, v, indices, block_size, scale, causal=causal,
+                                       return_lse=True, dkdv=dkdv)
+    q64, k64, v64 = (x.detach().double().requires_grad_(grads) for x in (q, k, v))
+    o_ref, lse_ref = reference(q64, k64, v64, indices, block_size, scale, causal)
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(o, o_ref.to(dtype), **tol)
+    torch.testing.assert_close(lse, lse_ref.float(), **tol)
+    if grads:
+        got = torch.autograd.grad(o, (q, k, v), do)
+        want = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+        for name, g, w in zip("qkv", got, want):
+            assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+            torch.testing.assert_close(g, w.to(dtype), **tol, msg=lambda m: f"d{name}: {m}")
+
+
+# B, Nq, Nk, Hq, H, Dqk, Dv, n, block_size
+SHAPES = [
+    (1, 1, 1, 1, 1, 16, 16, 1, 16),          # one token
+    (2, 17, 17, 2, 1, 16, 16, 2, 16),        # group 2, ragged last block
+    (1, 1, 70, 4, 1, 32, 16, 3, 16),         # decoding: one query after 69 keys, Dqk != Dv
+    (1, 23, 77, 8, 1, 16, 16, 2, 32),        # group 8, Nq < Nk, blocks of 32
+    (1, 40, 40, 16, 1, 16, 16, 2, 16),       # group 16
+    (1, 9, 50, 6, 2, 48, 24, 3, 16),         # group 3, head dims padded (48 -> 64, 24 -> 32)
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_forward_and_gradients_fp32(shape, causal):
+    run_case(*shape, causal=causal)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5]], ids=str)
+def test_scatter_strategy_matches(shape):
+    run_case(*shape, dkdv="scatter")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
+def test_fp16(shape):
+    run_case(*shape, dtype=torch.float16)
+
+
+def test_custom_scale_and_noncontiguous_inputs():
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    q = torch.randn(1, 4, 20, 16, generator=gen, device=DEVICE).transpose(1, 2)   # (1, 20, 4, 16) strided
+    k, v = torch.randn(2, 1, 20, 2, 16, generator=gen, device=DEVICE)
+    indices = random_indices(gen, 1, 20, 20, 2, 2, 16)
+    o = selected_attention_triton(q, k, v, indices, 16, 0.3)
+    o_ref, _ = reference(q.double(), k.double(), v.double(), indices, 16, 0.3, True)
+    torch.testing.assert_close(o, o_ref.float(), atol=2e-4, rtol=2e-4)
+
+
+def test_query_with_no_keys_gives_zero_and_no_nan():
+    q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    indices = torch.full((1, 5, 2, 2), -1, dtype=torch.int64, device=DEVICE)
+    indices[0, 3:, 0, 0] = 0
+    o, lse = selected_attention_triton(q, k, v, indices, 16, return_lse=True)
+    assert torch.all(o[0, :3] == 0) and torch.all(lse[0, :3] == float("-inf"))
+    assert torch.all(lse[0, 3:, 0] > float("-inf"))
+    o.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_repeated_and_out_of_range_slots_count_once():
+    gen = torch.Generator(DEVICE).manual_seed(5)
+    q, k, v = (torch.randn(1, 33, 1, 16, generator=gen, device=DEVICE) for _ in range(3))
+    clean = torch.zeros(1, 33, 1, 1, dtype=torch.int32, device=DEVICE)
+    repeats = torch.tensor([0, 0, -1, 0], dtype=torch.int32, device=DEVICE).expand(1, 33, 1, 4)
+    torch.testing.assert_close(selected_attention_triton(q, k, v, repeats, 16),
+                               selected_attention_triton(q, k, v, clean, 16))
+    messy = torch.tensor([0, 0, 7, -3, 0], dtype=torch.int32, device=DEVICE).expand(1, 33, 1, 5)
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        selected_attention_triton(q, k, v, messy, 16)
+    torch.testing.assert_close(selected_attention_triton(q, k, v, messy, 16, check_indices=False),
+                               selected_attention_triton(q, k, v, clean, 16))
+
+
+def test_prepare_block_indices():
+    indices = torch.tensor([[[[2, 0, 0, -1, 9]]], [[[1, 3, 3, 2, 0]]]], dtype=torch.int64)  # (2, 1, 1, 5)
+    prepared = prepare_block_indices(indices, block_size=16, seq_len_k=48, causal=True)  # t = 47: blocks 0-2
+    assert prepared.dtype == torch.int32
+    assert prepared[0, 0, 0].tolist() == [-1, 0, -1, 2, -1]
+    assert prepared[1, 0, 0].tolist() == [0, 1, 2, -1, -1]
+
+
+def test_reverse_block_index_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    B, Nq, H, n, num_blocks, chunk = 2, 30, 3, 4, 5, 4
+    indices = torch.randint(-1, num_blocks, (B, Nq, H, n), generator=gen, dtype=torch.int32)
+    queries, chunk_block, begin, end = reverse_block_index(indices, num_blocks, chunk)
+    for b in range(B):
+        for h in range(H):
+            got = {j: [] for j in range(num_blocks)}
+            row = chunk_block[b * H + h]
+            for u in range(row.shape[0]):
+                if row[u] >= 0:
+                    assert 0 < end[b * H + h, u] - begin[b * H + h, u] <= chunk
+                    got[row[u].item()] += queries[begin[b * H + h, u]:end[b * H + h, u]].tolist()
+            for j in range(num_blocks):
+                want = [i for i in range(Nq) for s in range(n) if indices[b, i, h, s] == j]
+                assert got[j] == want, (b, h, j)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (dict(block_size=24), ValueError, "power of two"),
+    (dict(block_size=8), ValueError, "power of two"),
+    (dict(block_size=0), ValueError, "block_size"),
+    (dict(indices=torch.zeros(1, 5, 1, 2)), TypeError, "integer"),
+    (dict(indices=torch.zeros(1, 4, 1, 2, dtype=torch.int32)), ValueError, "shape"),
+    (dict(indices=torch.zeros(1, 5, 1, 0, dtype=torch.int32)), ValueError, "n = 0"),
+    (dict(dtype=torch.float64), TypeError, "float16"),
+    (dict(heads_q=128), ValueError, "group size"),
+    (dict(dim=320), ValueError, "256"),
+    (dict(causal=1), TypeError, "causal"),
+    (dict(dkdv="both"), ValueError, "dkdv"),
+], ids=lambda x: str(x)[:40] if isinstance(x, dict) else None)
+def test_errors_before_launch(bad, error, words):
+    dtype, heads_q, dim = bad.get("dtype", torch.float32), bad.get("heads_q", 2), bad.get("dim", 16)
+    q = torch.randn(1, 5, heads_q, dim, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(1, 5, 1, dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    indices = bad.get("indices", torch.zeros(1, 5, 1, 2, dtype=torch.int32)).to(DEVICE)
+    with pytest.raises(error, match=words):
+        selected_attention_triton(q, k, v, indices, bad.get("block_size", 16),
+                                  causal=bad.get("causal", True), dkdv=bad.get("dkdv", "gather"))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="bf16 is refused only in the interpreter")
+def test_bf16_refused_in_interpreter():
+    q, k, v = (torch.randn(1, 5, 1, 16, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(TypeError, match="bfloat16"):
+        selected_attention_triton(q, k, v, torch.zeros(1, 5, 1, 1, dtype=torch.int32), 16)
+
+
+@pytest.mark.skipif(not hasattr(nsa, "selected_attention"), reason="chapter 3's reference not landed yet")
+def test_matches_torch_reference_branch():
+    gen = torch.Generator(DEVICE).manual_seed(11)
+    q = torch.randn(1, 37, 4, 16, generator=gen, device=DEVICE)
+    k, v = (torch.randn(1, 37, 2, 16, generator=gen, device=DEVICE) for _ in range(2))
+    indices = random_indices(gen, 1, 37, 37, 2, 3, 16)
+    for causal in (True, False):
+        want = nsa.selected_attention(q.double(), k.double(), v.double(), indices, 16, causal=causal)
+        got = selected_attention_triton(q, k, v, indices, 16, causal=causal)
+        torch.testing.assert_close(got, want.float(), atol=2e-4, rtol=2e-4)
