@@ -1,0 +1,409 @@
+"""GPU check of the Triton NSA backend (chapters 8-10): accuracy against float64, then speed at 64k.
+
+One command on a machine with a CUDA GPU (H100 in the book):
+
+    python tests/gpu_check_nsa.py --out book/data
+
+1. Accuracy. bf16 inputs through `triton_sparse_attention`, forward and backward, against the
+   float64 PyTorch reference (chapters 2-5) at N = 1k ... 64k. The float64 reference is exact
+   only for small N, so at long N it checks *chunks* of query rows: the upstream gradient dO is
+   zero outside the chunks, and by causality the rows [a, a + R) of an N-token problem are the
+   last R queries of the problem truncated to a + R keys, which the reference computes in
+   float64 (its key gradients are added over chunks). The reference uses the Triton kernel's
+   block selection (selection is a discrete choice; near-ties in bf16 can choose differently),
+   and the agreement of the selections with float64's own choice is reported separately.
+   Relative error = ||x - x_ref|| / ||x_ref|| over the checked rows (all rows of the key
+   gradients). Goal: < 1e-2 everywhere.
+2. Speed. Median time (triton.testing.do_bench) at N = 64k of the whole op, forward and
+   forward+backward, in the paper's geometry (B = 1, 64 query / 4 kv heads, d = 128,
+   l = 32, d = 16, l' = 64, n = 16, w = 512), its branches, and torch SDPA with the flash
+   backend (causal, 64 heads; k, v expanded to 64 heads) in the same run.
+
+Writes nsa_triton_errors_<gpu>.csv and nsa_triton_timing_<gpu>.csv into --out; prints a table last.
+"""
+
+import argparse
+import csv
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import nsa  # noqa: E402,F401
+
+try:                      # installed (pip install -e .): kernels/ is nsa.kernels
+    import nsa.kernels  # noqa: F401
+except ImportError:       # a plain checkout: map kernels/ to nsa.kernels by hand
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nsa.kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nsa.kernels"] = module
+    spec.loader.exec_module(module)
+    nsa.kernels = module
+from nsa.compression import compressed_attention, num_compressed_blocks  # noqa: E402
+from nsa.config import NSAConfig  # noqa: E402
+from nsa.selection import select_blocks, selected_attention, selection_scores  # noqa: E402
+from nsa.sliding import sliding_window_attention  # noqa: E402
+from nsa.sparse_attention import combine_branches  # noqa: E402
+
+NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win")
+DEVICE = "cuda"       # --tiny runs the script's logic on the CPU (interpreter), to debug it
+
+
+def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+    rows = mem + num_compressed_blocks(Nk, config.compress_block_size, config.compress_stride)
+    gates = [torch.rand(B, Nq, Hq, generator=g, device=DEVICE).to(dtype) for _ in range(3)]
+    return [r(B, Nq, Hq, Dqk), r(B, Nk, H, Dqk), r(B, Nk, H, Dv), r(B, rows, H, Dqk), r(B, rows, H, Dv), *gates]
+
+
+def reference_chunk(inputs, a, R, Nq, Nk, config, mem, scale, block_indices):
+    """float64 NSA of query rows [a, a+R) (of Nq queries over Nk keys) and its autograd inputs."""
+    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = inputs
+    l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
+    end = Nk - Nq + a + R                      # keys visible to these rows (causal)
+    rows = mem + num_compressed_blocks(end, l, d)
+    f64 = lambda x: x.detach().double().requires_grad_()
+    parts = [f64(q[:, a:a + R]), f64(k[:, :end]), f64(v[:, :end]), f64(k_cmp[:, :rows]),
+             f64(v_cmp[:, :rows]), f64(g_cmp[:, a:a + R]), f64(g_slc[:, a:a + R]), f64(g_win[:, a:a + R])]
+    q_, k_, v_, kc_, vc_, gc_, gs_, gw_ = parts
+    o_cmp, lse = compressed_attention(q_, kc_, vc_, l, d, scale, causal=True, mem_kv_len=mem, seq_len_k=end)
+    o_slc = selected_attention(q_, k_, v_, block_indices[:, a:a + R], l_sel, scale, causal=True)
+    o_win = sliding_window_attention(q_, k_, v_, config.window_size, scale, causal=True)
+    o = combine_branches(o_cmp, o_slc, o_win, gc_, gs_, gw_)
+    with torch.no_grad():
+        own = select_blocks(selection_scores(q_, kc_, lse, end, config, scale, mem_kv_len=mem), end, config)
+    return o, parts, dict(o_cmp=o_cmp, lse=lse, o_slc=o_slc, o_win=o_win), own
+
+
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check_accuracy(label, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, chunks, dtype):
+    """One problem: rows per chunk (a, R); returns rows for the errors CSV."""
+    from nsa.kernels.compressed import compressed_attention_triton, select_blocks_triton
+    from nsa.kernels.selected import selected_attention_triton
+    from nsa.kernels.sparse_attention import triton_sparse_attention
+    from nsa.kernels.window import sliding_window_attention_triton
+
+    inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
+    scale = Dqk ** -0.5
+    l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
+    o = triton_sparse_attention(*inputs, config, scale, mem)
+    # the branches and the selection, forward only, for per-branch errors
+    q, k, v, k_cmp, v_cmp = inputs[:5]
+    with torch.no_grad():
+        o_cmp, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, mem_kv_len=mem, seq_len_k=Nk)
+        block_indices = select_blocks_triton(q, k_cmp, lse, Nk, config, scale, mem_kv_len=mem)
+        o_slc = selected_attention_triton(q, k, v, block_indices, l_sel, scale)
+        o_win = sliding_window_attention_triton(q, k, v, config.window_size, scale)
+    # upstream gradient: random on the checked rows, zero elsewhere
+    do = torch.zeros_like(o)
+    for a, R in chunks:
+        do[:, a:a + R] = torch.randn_like(o[:, a:a + R])
+    grads = torch.autograd.grad(o, inputs, do)
+    # float64 reference, chunk by chunk; key gradients summed over chunks
+    ref_full = [torch.zeros_like(x, dtype=torch.float64) for x in inputs]
+    got, want = {name: [] for name in ("o", "o_cmp", "lse", "o_slc", "o_win")}, {name: [] for name in ("o", "o_cmp", "lse", "o_slc", "o_win")}
+    same_rows, common, total = 0, 0, 0
+    for a, R in chunks:
+        o_ref, parts, branches, own = reference_chunk(inputs, a, R, Nq, Nk, config, mem, scale, block_indices)
+        g_ref = torch.autograd.grad(o_ref, parts, do[:, a:a + R].double())
+        for full, part, name in zip(ref_full, g_ref, NAMES):
+            if name in ("q", "g_cmp", "g_slc", "g_win"):
+                full[:, a:a + R] += part
+            else:
+                full[:, :part.shape[1]] += part
+        for name, mine, theirs in (("o", o, o_ref), ("o_cmp", o_cmp, branches["o_cmp"]), ("lse", lse, branches["lse"]),
+                                   ("o_slc", o_slc, branches["o_slc"]), ("o_win", o_win, branches["o_win"])):
+            mine = mine[:, a:a + R].detach()
+            if name == "lse":   # rows that see nothing have -inf in both
+                finite = torch.isfinite(theirs)
+                assert torch.equal(finite, torch.isfinite(mine)), "lse: -inf rows differ"
+                mine, theirs = mine[finite], theirs[finite]
+            got[name].append(mine.reshape(-1))
+            want[name].append(theirs.detach().reshape(-1))
+        chosen = block_indices[:, a:a + R]
+        same_rows += (chosen == own).all(-1).sum().item()
+        mine_sets = torch.zeros(*chosen.shape[:3], -(-Nk // l_sel) + 1, dtype=torch.bool, device=DEVICE)
+        ref_sets = torch.zeros_like(mine_sets)
+        mine_sets.scatter_(-1, chosen.long().clamp(min=-1) % mine_sets.shape[-1], True)
+        ref_sets.scatter_(-1, own.long() % mine_sets.shape[-1], True)
+        mine_sets[..., -1] = ref_sets[..., -1] = False          # the -1 slots
+        common += (mine_sets & ref_sets).sum().item()
+        total += ref_sets.sum().item()
+    results = []
+    for name in got:
+        results.append((name, rel(torch.cat(got[name]), torch.cat(want[name]))))
+    row_mask = torch.zeros(Nq, dtype=torch.bool, device=DEVICE)
+    for a, R in chunks:
+        row_mask[a:a + R] = True
+    for name, grad, ref in zip(NAMES, grads, ref_full):
+        if name in ("q", "g_cmp", "g_slc", "g_win"):
+            grad, ref = grad[:, row_mask], ref[:, row_mask]
+        assert torch.isfinite(grad).all(), f"d{name} has NaN/inf"
+        results.append((f"d{name}", rel(grad, ref)))
+    rows_checked = int(row_mask.sum().item())
+    out = []
+    for name, err in results:
+        out.append(dict(case=label, seq_len=Nk, seq_len_q=Nq, heads_q=Hq, heads_kv=H, dim_qk=Dqk, dim_v=Dv,
+                        mem_kv_len=mem, rows_checked=rows_checked, tensor=name, rel_error=f"{err:.3e}"))
+    out.append(dict(case=label, seq_len=Nk, seq_len_q=Nq, heads_q=Hq, heads_kv=H, dim_qk=Dqk, dim_v=Dv,
+                    mem_kv_len=mem, rows_checked=rows_checked, tensor="selection_rows_identical",
+                    rel_error=f"{same_rows / max(1, B * rows_checked * H):.4f}"))
+    out.append(dict(case=label, seq_len=Nk, seq_len_q=Nq, heads_q=Hq, heads_kv=H, dim_qk=Dqk, dim_v=Dv,
+                    mem_kv_len=mem, rows_checked=rows_checked, tensor="selection_blocks_in_common",
+                    rel_error=f"{common / max(1, total):.4f}"))
+    worst = max(err for _, err in results)
+    print(f"{label:28s} N={Nk:6d} rows={rows_checked:6d} worst rel err {worst:.2e} "
+          f"({max(results, key=lambda r: r[1])[0]}); selection identical rows "
+          f"{same_rows / max(1, B * rows_checked * H):.4f}, blocks in common {common / max(1, total):.4f}", flush=True)
+    return out
+
+
+def bench(fn, warmup=100, rep=400):
+    import triton
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def timing(N=65536, B=1, Hq=64, H=4, D=128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from nsa.kernels.compressed import compressed_attention_triton, select_blocks_triton
+    from nsa.kernels.selected import selected_attention_triton
+    from nsa.kernels.sparse_attention import triton_sparse_attention
+    from nsa.kernels.window import sliding_window_attention_triton
+
+    config = NSAConfig()
+    l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
+    inputs = [x.requires_grad_() for x in make_inputs(B, N, N, Hq, H, D, D, config, 0, torch.bfloat16, seed=1)]
+    q, k, v, k_cmp, v_cmp = inputs[:5]
+    scale = D ** -0.5
+    rows = []
+
+    def add(impl, pass_, ms):
+        rows.append(dict(impl=impl, seq_len=N, heads_q=Hq, heads_kv=H, head_dim=D, **{"pass": pass_}, ms=f"{ms:.3f}"))
+        print(f"  {impl:24s} {pass_:8s} {ms:9.3f} ms", flush=True)
+
+    fwd = lambda: triton_sparse_attention(*inputs, config, scale, 0)
+    with torch.no_grad():
+        add("nsa_triton", "fwd", bench(fwd))
+    o = fwd()
+    do = torch.randn_like(o)
+    add("nsa_triton", "fwd_bwd", bench(lambda: torch.autograd.grad(fwd(), inputs, do)))
+    with torch.no_grad():
+        o_cmp, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, seq_len_k=N)
+        idx = select_blocks_triton(q, k_cmp, lse, N, config, scale)
+        add("branch_compressed", "fwd", bench(lambda: compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, seq_len_k=N)))
+        add("branch_select_topn", "fwd", bench(lambda: select_blocks_triton(q, k_cmp, lse, N, config, scale)))
+        add("branch_selected", "fwd", bench(lambda: selected_attention_triton(q, k, v, idx, l_sel, scale)))
+        add("branch_window", "fwd", bench(lambda: sliding_window_attention_triton(q, k, v, config.window_size, scale)))
+    for name, fn in (("branch_compressed", lambda: compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, seq_len_k=N)[0]),
+                     ("branch_selected", lambda: selected_attention_triton(q, k, v, idx, l_sel, scale)),
+                     ("branch_window", lambda: sliding_window_attention_triton(q, k, v, config.window_size, scale))):
+        out = fn()
+        grad_out = torch.randn_like(out)
+        add(name, "fwd_bwd", bench(lambda: torch.autograd.grad(fn(), (q, k, v, k_cmp, v_cmp), grad_out, allow_unused=True)))
+    del o, do
+    # dense flash attention, 64 heads (k, v expanded), causal
+    qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kd = k.detach().repeat_interleave(Hq // H, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    vd = v.detach().repeat_interleave(Hq // H, dim=2).transpose(1, 2).contiguous().requires_grad_()
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with torch.no_grad():
+            add("sdpa_flash", "fwd", bench(sdpa, warmup=50, rep=200))
+        dod = torch.randn_like(sdpa())
+        add("sdpa_flash", "fwd_bwd", bench(lambda: torch.autograd.grad(sdpa(), (qd, kd, vd), dod), warmup=50, rep=200))
+    torch.cuda.synchronize()
+    print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+    del qd, kd, vd, dod
+    torch.cuda.empty_cache()
+    profile_kernels(fwd, inputs, do=torch.randn_like(fwd()))
+    tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add)
+    return rows
+
+
+def profile_kernels(fwd, inputs, do, out_dir=None):
+    """Per-kernel GPU time of one forward + backward of the whole op (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.autograd.grad(fwd(), inputs, do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(fwd(), inputs, do)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    def device_us(e):
+        for name in ("self_device_time_total", "self_cuda_time_total", "device_time_total", "cuda_time_total"):
+            if hasattr(e, name):
+                return getattr(e, name)
+        return 0.0
+    ranked = sorted(events, key=device_us, reverse=True)
+    total = sum(device_us(e) for e in events)
+    print(f"  profile of one fwd+bwd: {total / 1e3:.1f} ms of GPU kernels", flush=True)
+    for e in ranked[:18]:
+        print(f"    {device_us(e) / 1e3:8.2f} ms  x{e.count:<3d} {e.key[:90]}", flush=True)
+
+
+def tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add):
+    """Forward tiles of the band kernel (compressed, window) and warps of the selection kernel."""
+    import triton
+    from nsa.kernels import compressed as C
+    from nsa.kernels.window import window_band
+    B, Nq, Hq, D = q.shape
+    H = k.shape[2]
+    G = Hq // H
+    l, d = config.compress_block_size, config.compress_stride
+    bands = {"compressed": (k_cmp, v_cmp, C.compressed_band(k_cmp.shape[1], l, d, 0, True)),
+             "window": (k, v, window_band(config.window_size, True))}
+    o = torch.empty(B, Nq, Hq, D, device=q.device, dtype=q.dtype)
+    lse_out = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
+    for name, (kk, vv, band) in bands.items():
+        for rows, block_n, warps, stages in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2),
+                                             (128, 128, 8, 2), (256, 64, 8, 2), (64, 32, 4, 3)):
+            meta, _ = C.band_tiles(G, D, D, True, rows=rows)
+            meta["BLOCK_N"] = block_n
+            grid = (triton.cdiv(Nq, meta["BLOCK_M"]), B, H)
+            launch = lambda: C.band_attention_forward_kernel[grid](
+                q, kk, vv, o, lse_out, scale * C.LOG2E, Nq, N, kk.shape[1], *band,
+                HEADS_Q=Hq, num_warps=warps, num_stages=stages, **meta)
+            try:
+                add(f"sweep_{name}_r{rows}_n{block_n}_w{warps}_s{stages}", "fwd", bench(launch, warmup=25, rep=100))
+            except Exception as error:
+                print(f"  sweep {name} {rows}/{block_n}/{warps}/{stages}: {type(error).__name__}", flush=True)
+    # backward dk, dv kernel tiles (data for the performance chapter; the launcher uses 128 rows x 64)
+    do = torch.randn_like(o)
+    for name, (kk, vv, band) in bands.items():
+        o_b, lse_b = C.band_attention_forward(q, kk, vv, scale, N, band)
+        delta = (do.float() * o_b.float()).sum(-1)
+        dk, dv = torch.empty_like(kk), torch.empty_like(vv)
+        for rows, block_n, warps, stages in ((128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 3),
+                                             (64, 32, 4, 3), (256, 64, 8, 2), (128, 128, 8, 2)):
+            meta, _ = C.band_tiles(G, D, D, True, rows=rows)
+            meta["BLOCK_N"] = block_n
+            grid = (triton.cdiv(kk.shape[1], block_n), B, H)
+            launch = lambda: C.band_attention_backward_dkdv_kernel[grid](
+                q, kk, vv, do, lse_b, delta, dk, dv, scale * C.LOG2E, scale, Nq, N, kk.shape[1], *band,
+                HEADS_Q=Hq, num_warps=warps, num_stages=stages, **meta)
+            try:
+                add(f"sweep_{name}_dkdv_r{rows}_n{block_n}_w{warps}_s{stages}", "bwd", bench(launch, warmup=25, rep=100))
+            except Exception as error:
+                print(f"  sweep {name} dkdv {rows}/{block_n}/{warps}/{stages}: {type(error).__name__}", flush=True)
+    for warps in (4, 8, 16):
+        out = torch.empty(B, Nq, H, config.num_selected_blocks, device=q.device, dtype=torch.int32)
+        launch = lambda: C.select_blocks_kernel[(triton.cdiv(Nq, 16), B, H)](
+            q, k_cmp, lse, out, scale * C.LOG2E, Nq, N, 0, k_cmp.shape[1], triton.cdiv(N, config.select_block_size),
+            HEADS_Q=Hq, GROUP=G, GROUP_PAD=triton.next_power_of_2(G), DIM_QK=D, BLOCK_DQK=C.head_dim_block(D),
+            CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=config.select_block_size, NUM_SELECT=config.num_selected_blocks,
+            SLOTS=triton.next_power_of_2(config.num_selected_blocks), NUM_INITIAL=config.num_initial_blocks,
+            NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=16, BLOCK_S=C.SELECT_STEP, num_warps=warps)
+        try:
+            add(f"sweep_select_w{warps}", "fwd", bench(launch, warmup=25, rep=100))
+        except Exception as error:
+            print(f"  sweep select {warps}: {type(error).__name__}", flush=True)
+
+
+def write_csv(path, rows):
+    if rows:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="book/data", help="folder for the CSV files")
+    parser.add_argument("--max-len", type=int, default=65536)
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script only")
+    args = parser.parse_args()
+    global DEVICE
+    import triton
+    if args.tiny:
+        DEVICE, gpu, dtype = "cpu", "tiny_cpu", torch.float16
+        args.skip_timing = True
+        tiny = NSAConfig(16, 8, 16, 4, 1, 2, 32)
+        problems = [("tiny", 1, 70, 70, 4, 1, 16, 16, tiny, 0, [(0, 70)]),
+                    ("tiny chunks", 2, 90, 120, 6, 2, 32, 16, tiny, 1, [(0, 16), (50, 16), (74, 16)])]
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_check_nsa.py needs a CUDA GPU (or --tiny)")
+        name = torch.cuda.get_device_name()
+        gpu, dtype = ("h100" if "H100" in name else name.split()[-1].lower()), torch.bfloat16
+        print(f"{name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+        paper = NSAConfig()
+        R = 256
+        problems = [  # label, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, chunks
+            ("paper 16/1 d128", 1, 1024, 1024, 16, 1, 128, 128, paper, 0, [(0, 1024)]),
+            ("group 4, 192/128, batch 2", 2, 2048, 2048, 8, 2, 192, 128, paper, 1, [(0, 512), (1536, 512)]),
+            ("Nq<Nk group 2, d64", 1, 1000, 3000, 4, 2, 64, 64, paper, 0, [(0, 1000)]),
+            ("paper 16/1 d128", 1, 4096, 4096, 16, 1, 128, 128, paper, 0, [(a, 1024) for a in range(0, 4096, 1024)]),
+        ]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for N in ((16384, 65536) if not args.tiny else ()):
+        if N <= args.max_len:
+            chunks = [(0, R), (N // 2 - R // 2, R), (N - R, R)]
+            problems.append(("paper 16/1 d128", 1, N, N, 16, 1, 128, 128, paper, 0, chunks))
+            problems.append(("paper 64/4 d128", 1, N, N, 64, 4, 128, 128, paper, 0, [(N - R // 2, R // 2)]))
+    errors, failures = [], []
+    print("== accuracy: bf16 triton vs float64 reference ==", flush=True)
+    for label, *problem in problems:
+        start = time.time()
+        try:
+            errors += check_accuracy(label, *problem, dtype)
+        except Exception:                          # keep going: report every problem
+            failures.append(label)
+            traceback.print_exc()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        print(f"    ({time.time() - start:.1f} s)", flush=True)
+        write_csv(out / f"nsa_triton_errors_{gpu}.csv", errors)
+    timings = []
+    if not args.skip_timing:
+        print("== timing at 64k, paper geometry, bf16 ==", flush=True)
+        try:
+            timings = timing()
+        except Exception:
+            failures.append("timing")
+            traceback.print_exc()
+        write_csv(out / f"nsa_triton_timing_{gpu}.csv", timings)
+    print("\n== summary ==")
+    worst = {}
+    for row in errors:
+        if not row["tensor"].startswith("selection"):
+            key = (row["case"], row["seq_len"])
+            worst[key] = max(worst.get(key, 0.0), float(row["rel_error"]))
+    print(f"{'case':28s} {'N':>6s} {'worst rel err':>14s}")
+    for (case, N), err in worst.items():
+        print(f"{case:28s} {N:6d} {err:14.2e} {'ok' if err < 1e-2 else 'ABOVE 1e-2'}")
+    ms = {(r["impl"], r["pass"]): float(r["ms"]) for r in timings}
+    if ms:
+        print(f"\n{'impl (N=64k, 64/4 heads, d=128)':34s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
+        for impl in dict.fromkeys(r["impl"] for r in timings if not r["impl"].startswith("sweep")):
+            f, fb = ms.get((impl, "fwd"), math.nan), ms.get((impl, "fwd_bwd"), math.nan)
+            print(f"{impl:34s} {f:9.2f} {fb:11.2f}")
+        sweep = sorted((v, impl) for (impl, _), v in ms.items() if impl.startswith("sweep"))
+        for branch in ("compressed_r", "window_r", "compressed_dkdv", "window_dkdv", "select"):
+            best = [(v, impl) for v, impl in sweep if impl.startswith(f"sweep_{branch}")]
+            if best:
+                print(f"fastest {branch} forward tile: {best[0][1]} {best[0][0]:.2f} ms")
+        if ("sdpa_flash", "fwd") in ms and ("nsa_triton", "fwd") in ms:
+            print(f"speed-up over sdpa_flash: fwd {ms['sdpa_flash', 'fwd'] / ms['nsa_triton', 'fwd']:.2f}x, "
+                  f"fwd+bwd {ms['sdpa_flash', 'fwd_bwd'] / ms['nsa_triton', 'fwd_bwd']:.2f}x")
+    if failures:
+        print("FAILED:", ", ".join(failures))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""backend="triton" (kernels/sparse_attention.py, chapter 10) against backend="torch" (chapter 5).
+
+The whole of NSA, forward and the gradients of all eight inputs, in Triton's interpreter on a CPU
+(float32 and float16) at small odd shapes; plus the limits and backend="auto"."""
+
+import pytest
+import torch
+
+import nsa  # noqa: F401  (switches on the interpreter without CUDA, before triton is imported)
+from nsa.compression import num_compressed_blocks
+from nsa.config import NSAConfig
+from nsa.device import DEVICE
+from nsa.kernels.sparse_attention import triton_sparse_attention
+from nsa.sparse_attention import native_sparse_attention
+
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4) if DEVICE.type == "cpu" else dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=3e-2, rtol=3e-2)}
+SMALL = NSAConfig(16, 8, 16, 4, 1, 2, 32)
+
+
+def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)
+    rows = mem + num_compressed_blocks(Nk, config.compress_block_size, config.compress_stride)
+    gates = [torch.rand(B, Nq, Hq, generator=g).to(DEVICE, dtype) for _ in range(3)]
+    return [r(B, Nq, Hq, Dqk), r(B, Nk, H, Dqk), r(B, Nk, H, Dv), r(B, rows, H, Dqk), r(B, rows, H, Dv), *gates]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,Nq,Nk,Hq,H,Dqk,Dv,config,mem", [
+    (1, 37, 37, 2, 1, 16, 16, SMALL, 0),                                    # odd length
+    (2, 20, 75, 8, 2, 32, 16, NSAConfig(16, 8, 32, 3, 1, 1, 24), 2),         # batch, Nq < Nk, memory
+    (1, 24, 50, 6, 2, 16, 16, NSAConfig(16, 8, 16, 4, 1, 2, 16, causal=False), 1),  # group 3, non-causal
+])
+def test_triton_backend_matches_torch_backend(dtype, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem):
+    inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
+    o = native_sparse_attention(*inputs, config, backend="triton", mem_kv_len=mem)
+    assert o.dtype == dtype and o.shape == (B, Nq, Hq, Dv)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, inputs, do)
+    ref = [x.detach().float().requires_grad_() for x in inputs]
+    o_ref = native_sparse_attention(*ref, config, backend="torch", mem_kv_len=mem)
+    grads_ref = torch.autograd.grad(o_ref, ref, do.float())
+    torch.testing.assert_close(o.float(), o_ref, **TOL[dtype])
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad.float(), grad_ref, **TOL[dtype])
+
+
+def test_short_sequences_have_no_nan():
+    # N = 1 and N < l: no compressed block at all, only memory or nothing
+    for Nk, mem in ((1, 0), (5, 1), (12, 0)):
+        inputs = [x.requires_grad_() for x in make_inputs(1, Nk, Nk, 2, 1, 16, 16, SMALL, mem, torch.float32)]
+        o = triton_sparse_attention(*inputs, SMALL, None, mem)
+        grads = torch.autograd.grad(o.sum(), inputs, allow_unused=True)
+        assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in grads if g is not None)
+        o_ref = native_sparse_attention(*[x.detach() for x in inputs], SMALL, backend="torch", mem_kv_len=mem)
+        torch.testing.assert_close(o.detach(), o_ref, **TOL[torch.float32])
+
+
+def test_unsupported_inputs_raise_value_error_and_auto_falls_back():
+    inputs = make_inputs(1, 20, 20, 2, 1, 16, 16, SMALL, 0, torch.float32)
+    with pytest.raises(ValueError, match="triton: dtype"):
+        triton_sparse_attention(*[x.double() for x in inputs], SMALL, None, 0)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_sparse_attention(*inputs, NSAConfig(16, 8, 24, 4, 1, 2, 32), None, 0)
+    o = native_sparse_attention(*[x.double() for x in inputs], SMALL, backend="auto")
+    assert o.dtype == torch.float64
+    o_auto = native_sparse_attention(*inputs, SMALL, backend="auto")
+    o_triton = native_sparse_attention(*inputs, SMALL, backend="triton")
+    torch.testing.assert_close(o_auto, o_triton, **TOL[torch.float32])
