@@ -12,8 +12,9 @@ forward + backward of:
 * `fla_nsa`     fla-core 0.6.0's `parallel_nsa` (compression + top-k + selection with its own
                 l = d = l' = 64, no window), when importable; it needs group size >= 16.
 
-It writes CSV rows `impl,seq_len,heads_q,heads_kv,head_dim,pass,ms` (plus a peak-memory CSV
-beside it), shows a progress bar, and prints a table last.
+It writes CSV rows `impl,seq_len,heads_q,heads_kv,head_dim,pass,ms`, a peak-memory CSV and a
+JSON of the machine (device, versions, the measured bf16 matmul ceiling, the command) beside it,
+shows a progress bar, and prints a table last.
 """
 
 from __future__ import annotations
@@ -151,6 +152,34 @@ def impls(seq_len, heads_q, heads_kv, head_dim):
     return out
 
 
+def save(path: Path, rows, memory_rows, info) -> None:
+    """The timings CSV, with `<stem>_memory.csv` and `<stem>_meta.json` beside it."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS, *rows])
+    with path.with_name(path.stem + "_memory.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([MEMORY_COLUMNS, *memory_rows])
+    path.with_name(path.stem + "_meta.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def machine_info(argv) -> dict:
+    """What ran the benchmark, and the bf16 matmul ceiling measured on it (8192^3, median)."""
+    import triton
+    from triton.testing import do_bench
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return {
+        "command": "python -m nsa.bench " + " ".join(argv),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "matmul_bf16_tflops": round(2 * 8192**3 / ms / 1e9, 1),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nsa.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("4k,8k,16k,32k,64k,128k"))
@@ -164,6 +193,8 @@ def main(argv=None) -> int:
         return 2
     from tqdm import tqdm
 
+    info = machine_info(sys.argv[1:] if argv is None else argv)
+    print(f"{info['device']}: bf16 matmul {info['matmul_bf16_tflops']} TFLOP/s")
     rows, memory_rows = [], []
     jobs = [(n, hq, hkv) for hq, hkv in args.heads for n in args.seq_lens]
     for seq_len, heads_q, heads_kv in tqdm(jobs, desc="configs"):
@@ -190,14 +221,9 @@ def main(argv=None) -> int:
             memory_rows.append([name, *key, f"{peak:.3f}"])
         del candidates
         torch.cuda.empty_cache()
+        save(args.out, rows, memory_rows, info)   # after every config: a killed run keeps its rows
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS, *rows])
-    memory_path = args.out.with_name(args.out.stem + "_memory.csv")
-    with memory_path.open("w", newline="") as f:
-        csv.writer(f).writerows([MEMORY_COLUMNS, *memory_rows])
-    print(f"wrote {args.out} and {memory_path}")
+    print(f"wrote {args.out}, with _memory.csv and _meta.json beside it")
     print(f"{'impl':<24}{'N':>8}{'heads':>8}{'pass':>9}{'ms':>10}")
     for impl, n, hq, hkv, _, p, ms in rows:
         print(f"{impl:<24}{n:>8}{f'{hq}/{hkv}':>8}{p:>9}{float(ms):>10.2f}")
