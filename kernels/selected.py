@@ -7,8 +7,8 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
     """(B, Nq, H, n) int32, contiguous: every slot that adds nothing to attention set to -1.
 
     Nothing = negative, at or past ceil(Nk / block_size), (causal) starting after the query's
-    position, or a repeat of another slot of the same row. Rows come back sorted ascending with
-    their -1 slots first; the kernels skip -1 slots wherever they are.
+    position, or a repeat of another slot of the same row. Rows come back sorted ascending, a -1
+    where a slot was dropped; the kernels skip -1 slots wherever they are.
     """
     B, Nq, H, n = block_indices.shape
     num_blocks = -(-seq_len_k // block_size)
@@ -25,76 +25,126 @@ import triton
 import triton.language as tl
 
 
+def _pow2_at_least_16(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def prepare_query_tiles(block_indices, queries_per_tile):
+    """The union of the blocks selected by each tile of Q consecutive queries, per kv head.
+
+    block_indices: (B, Nq, H, n) int32 from prepare_block_indices (-1 = skip, no repeats in a row).
+    Returns, with T = ceil(Nq / Q) tiles and E = Q * n entries per tile:
+      tile_blocks: (B, T, H, E) int32, the tile's distinct blocks ascending, then -1;
+      tile_members: (B, T, H, E) int32, bit j set when query j of the tile selected that block;
+      tile_counts: (B, T, H) int32, the number of distinct blocks.
+    """
+    B, Nq, H, n = block_indices.shape
+    Q, device = queries_per_tile, block_indices.device
+    T, E = -(-Nq // Q), Q * n
+    if T * Q != Nq:                                                     # pad the last tile with -1
+        pad = torch.full((B, T * Q - Nq, H, n), -1, dtype=torch.int32, device=device)
+        block_indices = torch.cat([block_indices, pad], dim=1)
+    entries = block_indices.view(B, T, Q, H, n).permute(0, 1, 3, 2, 4).reshape(B, T, H, E)
+    bits = (1 << torch.arange(Q, device=device, dtype=torch.int32)).repeat_interleave(n)  # (E,)
+    empty = torch.iinfo(torch.int32).max                                # -1 sorts last as this
+    blocks, order = torch.where(entries >= 0, entries, empty).sort(dim=-1)
+    valid = blocks != empty
+    bits = torch.where(valid, bits[order], 0)
+    first = valid.clone()
+    first[..., 1:] &= blocks[..., 1:] != blocks[..., :-1]              # first entry of each block
+    slot = torch.where(valid, first.cumsum(-1) - 1, E)                 # its slot; -1 entries -> E
+    tile_blocks = torch.full((B, T, H, E + 1), -1, dtype=torch.int32, device=device)
+    tile_blocks.scatter_(-1, slot, torch.where(valid, blocks, -1))
+    tile_members = torch.zeros((B, T, H, E + 1), dtype=torch.int32, device=device)
+    tile_members.scatter_add_(-1, slot, bits)
+    tile_counts = first.sum(-1, dtype=torch.int32)
+    return tile_blocks[..., :E].contiguous(), tile_members[..., :E].contiguous(), tile_counts
+
+
 @triton.jit
 def selected_attention_forward_kernel(
     Q, K, V,                # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
-    BLOCK_INDICES,          # (B, Nq, H, n) int32 from prepare_block_indices: block j, or -1 = skip
+    TILE_BLOCKS,            # (B, T, H, E) int32: the tile's blocks, -1 = skip (Q = 1: prepared indices)
+    TILE_MEMBERS,           # (B, T, H, E) int32: bit j = query j of the tile selected it (Q > 1)
+    TILE_COUNTS,            # (B, T, H) int32: distinct blocks, stored first in TILE_BLOCKS (Q > 1)
     O,                      # output, contiguous (B, Nq, Hq, Dv), q's dtype
     LSE,                    # output, contiguous (B, Nq, Hq) float32, natural log; -inf = saw no key
     scale,                  # softmax scale (float)
     seq_len_q,              # Nq; query i sits at t = Nk - Nq + i
     seq_len_k,              # Nk
-    num_slots,              # n: block slots per (query, kv head)
+    num_tiles,              # T = ceil(Nq / QUERIES_PER_TILE)
+    num_entries,            # E: entries per tile (n when Q = 1, Q * n otherwise)
     HEADS_KV: tl.constexpr,     # H
     GROUP_SIZE: tl.constexpr,   # G = Hq // H, query heads sharing a kv head (and its blocks)
     DIM_QK: tl.constexpr,       # Dqk (true size)
     DIM_V: tl.constexpr,        # Dv (true size)
     BLOCK_DQK: tl.constexpr,    # Dqk padded to a power of two >= 16
     BLOCK_DV: tl.constexpr,     # Dv padded to a power of two >= 16
-    BLOCK_G: tl.constexpr,      # G padded to a power of two >= 16: the rows of tl.dot
+    BLOCK_GQ: tl.constexpr,     # rows per query: G padded to a power of two, QUERIES_PER_TILE * BLOCK_GQ >= 16
+    QUERIES_PER_TILE: tl.constexpr,  # Q consecutive queries per program (a power of two <= 16)
     BLOCK_SIZE: tl.constexpr,   # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
 ):
-    # -- this program: query i of batch b, kv head h, and the G query heads of its group --
-    i = tl.program_id(0)
+    # -- this program: tile of Q queries, batch b, kv head h; row = (query j of the tile, head g) --
+    tile = tl.program_id(0)
     b = tl.program_id(1) // HEADS_KV
     h = tl.program_id(1) % HEADS_KV
     heads_q = HEADS_KV * GROUP_SIZE
-    t = seq_len_k - seq_len_q + i                                   # the query's position
-
-    offs_g = tl.arange(0, BLOCK_G)                                  # group member = row
+    offs_row = tl.arange(0, QUERIES_PER_TILE * BLOCK_GQ)
+    j = offs_row // BLOCK_GQ                                        # query of the tile
+    g = offs_row % BLOCK_GQ                                         # head of the group
+    i = tile * QUERIES_PER_TILE + j
+    row_ok = (g < GROUP_SIZE) & (i < seq_len_q)
+    t = seq_len_k - seq_len_q + i                                   # each row's position
     offs_key = tl.arange(0, BLOCK_SIZE)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_g < GROUP_SIZE
 
-    # -- load the group's queries once: (BLOCK_G, BLOCK_DQK) --
-    q_rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + offs_g
+    # -- load the tile's queries once: (Q * BLOCK_GQ, BLOCK_DQK) --
+    q_rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
     q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([QUERIES_PER_TILE * BLOCK_GQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ], dtype=tl.float32)
+    acc = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DV], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634                           # base-2 softmax
 
-    slots = BLOCK_INDICES + ((b * seq_len_q + i).to(tl.int64) * HEADS_KV + h) * num_slots
-    for slot in range(num_slots):
-        block = tl.load(slots + slot)
-        if block >= 0:
-            # -- load the block's keys (transposed) and values: contiguous l'-token loads --
-            keys = block * BLOCK_SIZE + offs_key                    # key positions s (BLOCK_SIZE,)
-            kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
-            key_ok = keys < seq_len_k
-            k = tl.load(K + kv_rows[None, :] * DIM_QK + offs_dqk[:, None],
-                        mask=key_ok[None, :] & (offs_dqk[:, None] < DIM_QK), other=0.0)
-            v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                        mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-            # -- compute qk: (BLOCK_G, BLOCK_SIZE), masked past Nk and (causal) after t --
-            qk = tl.dot(q, k) * qk_scale
-            visible = key_ok
-            if CAUSAL:
-                visible = visible & (keys <= t)
-            qk = tl.where(visible[None, :], qk, float("-inf"))
-            # -- update m_i and l_i --
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # -- update acc --
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    entries = ((b * num_tiles + tile).to(tl.int64) * HEADS_KV + h) * num_entries
+    if QUERIES_PER_TILE == 1:
+        count = num_entries                                         # every slot; -1 masked below
+    else:
+        count = tl.load(TILE_COUNTS + (b * num_tiles + tile) * HEADS_KV + h)
+    for e in range(count):                                          # no branch: Triton pipelines it
+        block = tl.load(TILE_BLOCKS + entries + e)
+        if QUERIES_PER_TILE == 1:
+            members = (block >= 0).to(tl.int32)
+        else:
+            members = tl.load(TILE_MEMBERS + entries + e)
+        selected = ((members >> j) & 1) != 0                        # (rows,) this row's query chose it
+        # -- the block's keys and values; a -1 slot reads nothing (all-false mask) --
+        keys = tl.maximum(block, 0) * BLOCK_SIZE + offs_key         # key positions s (BLOCK_SIZE,)
+        kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
+        key_ok = (keys < seq_len_k) & (block >= 0)
+        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
+                    mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        # -- compute qk: (rows, BLOCK_SIZE), masked by row's selection, past Nk and after t --
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = selected[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= t[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        # -- update m_i and l_i --
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update acc --
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     # -- write o and lse; a query that saw no key gets 0 and -inf --
     seen = l_i > 0
@@ -106,25 +156,50 @@ def selected_attention_forward_kernel(
     tl.store(LSE + q_rows, lse, mask=row_ok)
 
 
-def _pow2_at_least_16(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+MAX_QUERIES_PER_TILE = 16
 
 
-def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, num_warps=2, num_stages=2):
+def default_queries_per_tile(group_size: int) -> int:
+    """Q = 16 / G rounded to a power of two: fill the 16 rows of a tl.dot with whole GQA groups."""
+    return max(1, 16 // triton.next_power_of_2(group_size))
+
+
+def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsize):
+    """(meta-parameters, num_warps, num_stages) for the forward and dq kernels."""
+    block_gq = max(triton.next_power_of_2(group_size), 16 // queries_per_tile)
+    meta = dict(GROUP_SIZE=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=_pow2_at_least_16(dim_qk),
+                BLOCK_DV=_pow2_at_least_16(dim_v), BLOCK_GQ=block_gq, QUERIES_PER_TILE=queries_per_tile,
+                BLOCK_SIZE=block_size)
+    num_warps = 2 if queries_per_tile * block_gq <= 16 else 4
+    stage_bytes = block_size * (meta["BLOCK_DQK"] + meta["BLOCK_DV"]) * itemsize
+    num_stages = 3 if stage_bytes <= 32 * 1024 else 2
+    return meta, num_warps, num_stages
+
+
+def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, num_warps=None,
+                           num_stages=None, queries_per_tile=None, tiles=None):
     """Launch the forward kernel: (o, lse). Inputs contiguous and checked; indices prepared.
 
-    num_warps=2 measured fastest on an H100 at 64k (paper geometry; 2: 21.6 ms, 4: 23.1, 8: 28.4).
+    queries_per_tile: Q (a power of two <= 16), None = default_queries_per_tile(G). tiles: the
+    result of prepare_query_tiles(block_indices, Q) when the caller has it already (Q > 1).
+    num_warps, num_stages: None = the measured defaults of tile_launch.
     """
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
+    G = Hq // H
+    Q = queries_per_tile or default_queries_per_tile(G)
+    if Q == 1:
+        tiles = (block_indices, block_indices, block_indices)       # members and counts unused
+    elif tiles is None:
+        tiles = prepare_query_tiles(block_indices, Q)
+    meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
+    num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
-    selected_attention_forward_kernel[(Nq, B * H)](
-        q, k, v, block_indices, o, lse, scale, Nq, Nk, block_indices.shape[-1],
-        HEADS_KV=H, GROUP_SIZE=Hq // H, DIM_QK=Dqk, DIM_V=Dv,
-        BLOCK_DQK=_pow2_at_least_16(Dqk), BLOCK_DV=_pow2_at_least_16(Dv),
-        BLOCK_G=_pow2_at_least_16(Hq // H), BLOCK_SIZE=block_size, CAUSAL=causal,
-        num_warps=num_warps, num_stages=num_stages,
+    selected_attention_forward_kernel[(num_tiles, B * H)](
+        q, k, v, *tiles, o, lse, scale, Nq, Nk, num_tiles, num_entries,
+        HEADS_KV=H, CAUSAL=causal, **meta,
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return o, lse
 
@@ -170,29 +245,33 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 def selected_attention_backward_dq_kernel(
     Q, K, V, O, DO,         # inputs, contiguous: q, k, v, o as in the forward; do like o
     LSE,                    # (B, Nq, Hq) float32: the forward's lse
-    BLOCK_INDICES,          # (B, Nq, H, n) int32, prepared
+    TILE_BLOCKS, TILE_MEMBERS, TILE_COUNTS,   # as in the forward
     DQ,                     # output (B, Nq, Hq, Dqk), q's dtype
     DELTA,                  # output (B, Nq, Hq) float32: rowsum(o * do), for the dk/dv kernel
     DK, DV,                 # float32 (B, Nk, H, Dqk|Dv) zero-filled: used only with SCATTER_DKDV
-    scale, seq_len_q, seq_len_k, num_slots,    # as in the forward
+    scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
     HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
     SCATTER_DKDV: tl.constexpr,  # also atomically add this program's dk, dv into DK, DV
 ):
-    i = tl.program_id(0)
+    tile = tl.program_id(0)
     b = tl.program_id(1) // HEADS_KV
     h = tl.program_id(1) % HEADS_KV
     heads_q = HEADS_KV * GROUP_SIZE
+    offs_row = tl.arange(0, QUERIES_PER_TILE * BLOCK_GQ)
+    j = offs_row // BLOCK_GQ
+    g = offs_row % BLOCK_GQ
+    i = tile * QUERIES_PER_TILE + j
+    row_ok = (g < GROUP_SIZE) & (i < seq_len_q)
     t = seq_len_k - seq_len_q + i
-    offs_g = tl.arange(0, BLOCK_G)
     offs_key = tl.arange(0, BLOCK_SIZE)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_g < GROUP_SIZE
 
-    # -- load the group's q, do, lse once; delta = rowsum(o * do), kept for the dk/dv kernel --
-    rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + offs_g
+    # -- load the tile's q, do, lse once; delta = rowsum(o * do), kept for the dk/dv kernel --
+    rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
     q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
@@ -202,38 +281,46 @@ def selected_attention_backward_dq_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + rows, delta, mask=row_ok)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
-    dq = tl.zeros([BLOCK_G, BLOCK_DQK], dtype=tl.float32)
+    dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
 
-    slots = BLOCK_INDICES + ((b * seq_len_q + i).to(tl.int64) * HEADS_KV + h) * num_slots
-    for slot in range(num_slots):
-        block = tl.load(slots + slot)
-        if block >= 0:
-            keys = block * BLOCK_SIZE + offs_key
-            kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
-            key_ok = keys < seq_len_k
-            k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                        mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-            v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                        mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-            # -- recompute p = exp(s - lse): (BLOCK_G, BLOCK_SIZE) --
-            visible = key_ok
-            if CAUSAL:
-                visible = visible & (keys <= t)
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(visible[None, :] & row_ok[:, None], tl.math.exp2(qk - lse2[:, None]), 0.0)
-            # -- ds = p * (do v^T - delta), dq += ds k --
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-            if SCATTER_DKDV:
-                # -- dk += ds^T q, dv += p^T do, straight into memory --
-                dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-                dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
-                tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk_part,
-                              mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
-                tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv_part,
-                              mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V))
+    entries = ((b * num_tiles + tile).to(tl.int64) * HEADS_KV + h) * num_entries
+    if QUERIES_PER_TILE == 1:
+        count = num_entries
+    else:
+        count = tl.load(TILE_COUNTS + (b * num_tiles + tile) * HEADS_KV + h)
+    for e in range(count):
+        block = tl.load(TILE_BLOCKS + entries + e)
+        if QUERIES_PER_TILE == 1:
+            members = (block >= 0).to(tl.int32)
+        else:
+            members = tl.load(TILE_MEMBERS + entries + e)
+        selected = ((members >> j) & 1) != 0
+        keys = tl.maximum(block, 0) * BLOCK_SIZE + offs_key
+        kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
+        key_ok = (keys < seq_len_k) & (block >= 0)
+        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
+                    mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        # -- recompute p = exp(s - lse): (rows, BLOCK_SIZE) --
+        visible = selected[:, None] & key_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= t[:, None])
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        # -- ds = p * (do v^T - delta), dq += ds k --
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        if SCATTER_DKDV:
+            # -- dk += ds^T q, dv += p^T do, straight into memory --
+            dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+            dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
+            tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk_part,
+                          mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+            tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv_part,
+                          mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V))
 
     tl.store(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
@@ -313,31 +400,38 @@ def selected_attention_backward_dkdv_kernel(
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
-                           dkdv="gather", chunk=None, rows=None, num_warps=4, num_stages=2):
+                           dkdv="gather", chunk=None, rows=None, num_warps=None, num_stages=None,
+                           queries_per_tile=None, tiles=None, dkdv_warps=4, dkdv_stages=2):
     """Launch the backward kernels: (dq, dk, dv) in q's dtype.
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
     dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
     the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
-    tl.dot in the gather kernel (a power of two >= 16).
+    tl.dot in the gather kernel (a power of two >= 16). queries_per_tile, tiles, num_warps,
+    num_stages: the dq kernel's, as in selected_attention_fwd; dkdv_warps, dkdv_stages: the gather
+    kernel's.
     """
     if dkdv not in ("gather", "scatter"):
         raise ValueError(f"dkdv must be 'gather' or 'scatter', got {dkdv!r}")
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
-    G, n = Hq // H, block_indices.shape[-1]
+    G = Hq // H
+    Q = queries_per_tile or default_queries_per_tile(G)
+    if Q == 1:
+        tiles = (block_indices, block_indices, block_indices)
+    elif tiles is None:
+        tiles = prepare_query_tiles(block_indices, Q)
     do = do.contiguous()
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
     dq = torch.empty_like(q)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
-    dims = dict(HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv,
-                BLOCK_DQK=_pow2_at_least_16(Dqk), BLOCK_DV=_pow2_at_least_16(Dv),
-                BLOCK_SIZE=block_size, CAUSAL=causal)
-    selected_attention_backward_dq_kernel[(Nq, B * H)](
-        q, k, v, o, do, lse, block_indices, dq, delta, dk, dv, scale, Nq, Nk, n,
-        BLOCK_G=_pow2_at_least_16(G), SCATTER_DKDV=dkdv == "scatter", **dims,
-        num_warps=num_warps, num_stages=num_stages,
+    meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
+    num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
+    selected_attention_backward_dq_kernel[(num_tiles, B * H)](
+        q, k, v, o, do, lse, *tiles, dq, delta, dk, dv, scale, Nq, Nk, num_tiles, num_entries,
+        HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", **meta,
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     if dkdv == "gather":
         num_blocks = -(-Nk // block_size)
@@ -348,8 +442,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
         U = chunk_block.shape[1]
         selected_attention_backward_dkdv_kernel[(U, B * H)](
             q, k, v, do, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
-            scale, Nq, Nk, U, BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq, **dims,
-            num_warps=num_warps, num_stages=num_stages,
+            scale, Nq, Nk, U, HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv,
+            BLOCK_DQK=meta["BLOCK_DQK"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq,
+            BLOCK_Q=rows // block_gq, BLOCK_SIZE=block_size, CAUSAL=causal,
+            num_warps=dkdv_warps, num_stages=dkdv_stages,
         )
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
@@ -363,21 +459,24 @@ MAX_BLOCK_SIZE = 256
 
 class SelectedAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, causal, dkdv):
+    def forward(ctx, q, k, v, block_indices, block_size, scale, causal, dkdv, queries_per_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal)
-        ctx.save_for_backward(q, k, v, o, lse, block_indices)
-        ctx.config = (block_size, scale, causal, dkdv)
+        Q = queries_per_tile or default_queries_per_tile(q.shape[2] // k.shape[2])
+        tiles = prepare_query_tiles(block_indices, Q) if Q > 1 else None   # shared with backward
+        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal,
+                                        queries_per_tile=Q, tiles=tiles)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, *(tiles or ()))
+        ctx.config = (block_size, scale, causal, dkdv, Q)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, block_indices = ctx.saved_tensors
-        block_size, scale, causal, dkdv = ctx.config
+        q, k, v, o, lse, block_indices, *tiles = ctx.saved_tensors
+        block_size, scale, causal, dkdv, Q = ctx.config
         dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
-                                            causal, dkdv=dkdv)
-        return dq, dk, dv, None, None, None, None, None
+                                            causal, dkdv=dkdv, queries_per_tile=Q, tiles=tiles or None)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def check_block_indices(block_indices, dims, block_size):
@@ -404,7 +503,8 @@ def check_block_indices(block_indices, dims, block_size):
 
 
 def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None, *, causal=True,
-                              return_lse=False, dkdv="gather", check_indices=True):
+                              return_lse=False, dkdv="gather", check_indices=True,
+                              queries_per_tile=None):
     """Selected attention (NSA's second branch) with Triton kernels, forward and backward.
 
     Computes chapter 1's `attention(q, k, v, block_selection_mask(block_indices, block_size, Nk,
@@ -418,12 +518,17 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     Returns o: (B, Nq, Hq, Dv) in q's dtype; with `return_lse` also lse: (B, Nq, Hq) float32
     (no gradient; -inf for a query that sees no key, whose o is 0).
 
+    queries_per_tile: Q consecutive queries per program of the forward and dq kernels, looping
+    over the union of their blocks (a power of two <= 16). None = 16 / G for groups under 16 (the
+    rows tl.dot pads to anyway), else 1. A larger Q pays when neighbouring queries select mostly the
+    same blocks (see the chapter's measurements); the result does not depend on it.
+
     Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
     interpreter; float32 dots run as tf32 on a GPU); block_size a power of two in [16, 256];
-    head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 64 (padded to
-    16 rows in the forward); B * Nq * H * n < 2**31. dkdv="gather" (default) or "scatter" picks the
-    dk/dv strategy; "gather" adds chunks of one block atomically, so dk, dv may differ in the last
-    bits from run to run.
+    head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 64 (rows of
+    tl.dot: at least 16, filled with Q * G); B * Nq * H * n < 2**31. dkdv="gather" (default) or
+    "scatter" picks the dk/dv strategy; "gather" adds chunks of one block atomically, so dk, dv may
+    differ in the last bits from run to run.
     """
     dims = _check_kernel_inputs(q, k, v)
     scale = resolve_scale(scale, dims.dim_qk)
@@ -434,6 +539,11 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
         raise ValueError(f"block_indices is on {block_indices.device} but q is on {q.device}")
     if dkdv not in ("gather", "scatter"):
         raise ValueError(f"dkdv must be 'gather' or 'scatter', got {dkdv!r}")
+    if queries_per_tile is not None and (
+            isinstance(queries_per_tile, bool) or not isinstance(queries_per_tile, int)
+            or not 1 <= queries_per_tile <= MAX_QUERIES_PER_TILE or queries_per_tile & (queries_per_tile - 1)):
+        raise ValueError(f"queries_per_tile must be None or a power of two in [1, {MAX_QUERIES_PER_TILE}], "
+                         f"got {queries_per_tile!r}")
     if check_indices and block_indices.numel():
         num_blocks = -(-dims.seq_len_k // block_size)
         low, high = block_indices.min().item(), block_indices.max().item()
@@ -441,5 +551,6 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
             raise ValueError(f"block_indices must be in [-1, {num_blocks - 1}] (-1 = empty slot; "
                              f"{dims.seq_len_k} keys in blocks of {block_size}), got values in [{low}, {high}]")
     prepared = prepare_block_indices(block_indices, block_size, dims.seq_len_k, causal)
-    o, lse = SelectedAttentionTriton.apply(q, k, v, prepared, block_size, scale, causal, dkdv)
+    o, lse = SelectedAttentionTriton.apply(q, k, v, prepared, block_size, scale, causal, dkdv,
+                                           queries_per_tile)
     return (o, lse) if return_lse else o

@@ -8,12 +8,17 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    1k to 64k, printing relative errors ||x - ref|| / ||ref|| for o, lse, dq, dk, dv. The reference
    gathers each query's selected keys in chunks of queries (exact, no N x N matrix), so every row is
    checked, also at 64k; it is itself checked against chapter 1's dense masked attention at 1k.
+   Every case runs with the default tiles of queries and with 4 (or, where 4 is the default, 1).
 2. Timing (triton.testing.do_bench, median): paper geometry (64 query heads, 4 kv heads, d = 128,
    n = 16, l' = 64, bf16, batch 1) at 8k-64k with random valid block indices (block 0 and the
    query's own block forced): forward, forward + backward with both dk/dv strategies, a per-kernel
    breakdown, a small sweep of launch parameters, and SDPA (flash backend, causal) beside it.
-CSV files go to --out (default book/data): selected_attention_h100_errors.csv and
-selected_attention_h100_times.csv.
+3. Variants (--variants, at 64k): the forward and dq kernels with 1-8 queries per tile on three kinds
+   of selections — random (as above), chapter 3's selection run on random q, k ("real"), and on
+   q, k with planted structure (neighbouring queries favour the same blocks) — with the number of
+   distinct blocks per query, and a loads-only copy of the forward loop (the floor of its loads).
+CSV files go to --out (default book/data): selected_attention_h100_errors.csv,
+selected_attention_h100_times.csv and (--variants) selected_attention_h100_variants.csv.
 """
 
 import argparse
@@ -159,7 +164,7 @@ def correctness(errors_csv):
                  ("smoke_g1_tail", 2, 70, 2, 2, 16, 16, 2, 32, True, torch.float16, 9),
                  ("smoke_noncausal", 1, 50, 3, 1, 16, 16, 2, 16, False, torch.float32, None)]
     worst = 0.0
-    print(f"{'case':24s} {'dkdv':7s} {'N':>6s} {'o':>9s} {'lse':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}")
+    print(f"{'case':24s} {'dkdv':7s} {'Q':4s} {'N':>6s} {'o':>9s} {'lse':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}")
     for name, B, N, Hq, H, Dqk, Dv, n, l, causal, dtype, Nq in cases:
         try:
             Nq = Nq or N
@@ -172,16 +177,18 @@ def correctness(errors_csv):
             prepared = sel.prepare_block_indices(idx, l, N, causal)
             ref = reference_fp64(q, k, v, do, prepared, l, Dqk ** -0.5, causal,
                                  chunk=max(64, 2 ** 22 // (Hq * n * l)))
-            strategies = ("gather", "scatter") if N <= 16384 else ("gather",)
-            for dkdv in strategies:
+            other = 4 if sel.default_queries_per_tile(Hq // H) == 1 else 1     # the non-default tiles too
+            runs = [("gather", None), ("gather", other)] + ([("scatter", None)] if N <= 16384 else [])
+            for dkdv, tile in runs:
                 qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
                 o, lse = sel.selected_attention_triton(qq, kk, vv, idx, l, causal=causal,
-                                                       return_lse=True, dkdv=dkdv)
+                                                       return_lse=True, dkdv=dkdv, queries_per_tile=tile)
                 dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do)
                 errs = [rel(x, r) for x, r in zip((o, lse, dq, dk, dv), ref)]
                 worst = max([worst] + [e if e == e else float("inf") for e in errs])
-                print(f"{name:24s} {dkdv:7s} {N:6d} " + " ".join(f"{e:9.2e}" for e in errs))
-                errors_csv.writerow([name, dkdv, B, Nq, N, Hq, H, Dqk, Dv, n, l, causal,
+                Q = tile or sel.default_queries_per_tile(Hq // H)
+                print(f"{name:24s} {dkdv:7s} Q={Q:<2d} {N:6d} " + " ".join(f"{e:9.2e}" for e in errs))
+                errors_csv.writerow([name, dkdv, Q, B, Nq, N, Hq, H, Dqk, Dv, n, l, causal,
                                      str(dtype).split(".")[-1], *[f"{e:.3e}" for e in errs]])
                 del o, lse, dq, dk, dv, qq, kk, vv
             del q, k, v, do, ref
@@ -269,11 +276,12 @@ def timing(times_csv, configs, sweep):
             dims = dict(HEADS_KV=H, GROUP_SIZE=Hq // H, DIM_QK=D, DIM_V=D, BLOCK_DQK=max(16, D),
                         BLOCK_DV=max(16, D), BLOCK_SIZE=l, CAUSAL=True)
 
-            def dq_kernel(num_warps=4, num_stages=2):
+            def dq_kernel(num_warps=None, num_stages=None):
+                meta, warps, stages = sel.tile_launch(Hq // H, 1, D, D, l, q.element_size())
                 sel.selected_attention_backward_dq_kernel[(N, H)](
-                    q, k, v, o, do, lse, prepared, dq, delta, dkb, dvb, scale, N, N, n,
-                    BLOCK_G=max(16, Hq // H), SCATTER_DKDV=False, **dims,
-                    num_warps=num_warps, num_stages=num_stages)
+                    q, k, v, o, do, lse, prepared, prepared, prepared, dq, delta, dkb, dvb, scale,
+                    N, N, N, n, HEADS_KV=H, CAUSAL=True, SCATTER_DKDV=False, **meta,
+                    num_warps=num_warps or warps, num_stages=num_stages or stages)
             record("backward_dq_kernel", "bwd", bench(dq_kernel))
 
             def dkdv_kernel(chunk=1024, rows=64, num_warps=4, num_stages=2, index=None):
@@ -287,21 +295,133 @@ def timing(times_csv, configs, sweep):
             record("backward_dkdv_kernel", "bwd", bench(lambda: dkdv_kernel(index=index)))
             # -- launch-parameter sweep at the longest length --
             if sweep and N == longest:
-                for w in (2, 4, 8):
-                    for s in (1, 2, 3):
+                for w in (2, 4):
+                    for s in (1, 2, 3, 4):
                         ms = bench(lambda: sel.selected_attention_fwd(q, k, v, prepared, l, scale, True,
                                                                       num_warps=w, num_stages=s))
                         record("sweep_forward_kernel", "fwd", ms, f"warps={w} stages={s}")
-                for w in (2, 4, 8):
-                    ms = bench(lambda: dq_kernel(num_warps=w, num_stages=2))
-                    record("sweep_dq_kernel", "bwd", ms, f"warps={w} stages=2")
-                for chunk in (512, 2048):
+                for w in (2, 4):
+                    for s in (2, 3):
+                        ms = bench(lambda: dq_kernel(num_warps=w, num_stages=s))
+                        record("sweep_dq_kernel", "bwd", ms, f"warps={w} stages={s}")
+                for chunk in (512, 1024):
                     ix = sel.reverse_block_index(prepared, nb, chunk)
-                    for rows in (32, 64, 128):
-                        for w in (4, 8):
-                            ms = bench(lambda: dkdv_kernel(chunk, rows, w, 2, ix))
-                            record("sweep_dkdv_kernel", "bwd", ms, f"chunk={chunk} rows={rows} warps={w}")
+                    for rows, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3)):
+                        ms = bench(lambda: dkdv_kernel(chunk, rows, w, st, ix))
+                        record("sweep_dkdv_kernel", "bwd", ms, f"chunk={chunk} rows={rows} warps={w} stages={st}")
             del q, k, v, do, o, lse, dq, dkb, dvb
+            torch.cuda.empty_cache()
+        except Exception:
+            traceback.print_exc()
+    return table
+
+
+
+# ---------------------------------------------------------------- variants (--variants)
+def real_selection(q, k, num_selected=16, block_size=64, chunk=1024):
+    """Chapters 2-3's block selection (mean-pooled k_cmp, Eq. 9 scores, top-n with forced blocks)
+    run on q, k; in chunks of queries, each chunk end-aligned to the prefix of keys it can see."""
+    from nsa import NSAConfig, compress, select_blocks, selection_scores
+    cfg = NSAConfig(select_block_size=block_size, num_selected_blocks=num_selected)
+    B, N, Hq, D = q.shape
+    H = k.shape[2]
+    l, d = cfg.compress_block_size, cfg.compress_stride
+    k_cmp = compress(k.float(), None, l, d)                                      # (B, Nc, H, D)
+    out = torch.empty(B, N, H, num_selected, device=DEV, dtype=torch.int32)
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        kc = k_cmp[:, :max(0, (c1 - l) // d + 1)]
+        qc = q[:, c0:c1].float()
+        s = torch.einsum("bihgd,bchd->bihgc", qc.view(B, c1 - c0, H, Hq // H, D), kc) * D ** -0.5
+        t = torch.arange(c0, c1, device=DEV)
+        visible = (torch.arange(kc.shape[1], device=DEV) * d + l - 1)[None, :] <= t[:, None]
+        lse = torch.logsumexp(s.masked_fill(~visible[None, :, None, None], -math.inf), -1)
+        scores = selection_scores(qc, kc, lse.reshape(B, c1 - c0, Hq), c1, cfg)
+        out[:, c0:c1] = select_blocks(scores, c1, cfg).to(torch.int32)
+    return out
+
+
+def planted_inputs(N, Hq, H, D, gen, directions=64, strength=4.0, segment=1024):
+    """Random q, k, v plus structure: key block j leans towards direction j % 64, the queries of
+    each 1024-token segment towards one direction, so neighbouring queries favour the same blocks."""
+    q = torch.randn(1, N, Hq, D, device=DEV, generator=gen)
+    k = torch.randn(1, N, H, D, device=DEV, generator=gen)
+    v = torch.randn(1, N, H, D, device=DEV, generator=gen)
+    u = torch.nn.functional.normalize(torch.randn(directions, D, device=DEV, generator=gen), dim=-1)
+    positions = torch.arange(N, device=DEV)
+    k += strength * u[(positions // 64) % directions][None, :, None, :]
+    q += strength * u[(positions // segment * 7) % directions][None, :, None, :]
+    return (x.to(torch.bfloat16) for x in (q, k, v))
+
+
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def loads_only_kernel(K, V, BLOCK_INDICES, OUT, seq_len_q, seq_len_k, num_slots,
+                      HEADS_KV: tl.constexpr, DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The forward's loop and loads (one query per program, branch-free), no arithmetic but a sum:
+    the time this design needs just to read its blocks."""
+    i = tl.program_id(0)
+    b = tl.program_id(1) // HEADS_KV
+    h = tl.program_id(1) % HEADS_KV
+    offs_key = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, DIM)
+    acc = tl.zeros([BLOCK_SIZE, DIM], dtype=tl.float32)
+    slots = BLOCK_INDICES + ((b * seq_len_q + i).to(tl.int64) * HEADS_KV + h) * num_slots
+    for slot in range(num_slots):
+        block = tl.load(slots + slot)
+        keys = tl.maximum(block, 0) * BLOCK_SIZE + offs_key
+        kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
+        ok = (keys < seq_len_k) & (block >= 0)
+        k = tl.load(K + kv_rows[:, None] * DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + kv_rows[:, None] * DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc += k.to(tl.float32) + v.to(tl.float32)
+    tl.store(OUT + ((b * seq_len_q + i).to(tl.int64) * HEADS_KV + h) * DIM + offs_d, tl.sum(acc, 0))
+
+
+def variants(variants_csv):
+    """Forward and dq kernels with 1-8 queries per tile at 64k on three kinds of selections."""
+    N, D, n, l = (200, 16, 4, 16) if SMOKE else (65536, 128, 16, 64)
+    dtype = torch.float16 if SMOKE else torch.bfloat16
+    table = []
+    configs = [(64, 4, "random"), (64, 4, "real"), (64, 4, "planted"), (32, 8, "random"), (32, 8, "real")]
+    if SMOKE:
+        configs = [(8, 2, "random"), (8, 2, "real"), (4, 2, "planted")]
+    for Hq, H, kind in configs:
+        try:
+            gen = torch.Generator(DEV).manual_seed(N + Hq)
+            if kind == "planted":
+                q, k, v = planted_inputs(N, Hq, H, D, gen, segment=64 if SMOKE else 1024)
+            else:
+                q, k, v = (torch.randn(1, N, h_, D, device=DEV, generator=gen).to(dtype) for h_ in (Hq, H, H))
+            do = torch.randn(1, N, Hq, D, device=DEV, generator=gen).to(dtype)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            idx = (random_block_indices(1, N, N, H, n, l, seed=N) if kind == "random"
+                   else real_selection(q, k, n, l, chunk=64 if SMOKE else 1024))
+            prepared = sel.prepare_block_indices(idx, l, N, True)
+            scale = D ** -0.5
+            o, lse = sel.selected_attention_fwd(q, k, v, prepared, l, scale, True)
+            per_query = (prepared >= 0).sum(-1).float().mean().item()
+
+            def record(kernel, Q, ms, union, note=""):
+                table.append((kind, Hq, H, kernel, Q, ms, union, note))
+                variants_csv.writerow([kind, N, Hq, H, D, n, l, kernel, Q, f"{ms:.4f}", f"{union:.3f}", note])
+                print(f"  {kind:8s} {Hq}/{H} {kernel:12s} Q={Q:<2d} {ms:8.3f} ms  distinct blocks/query {union:6.2f} {note}")
+
+            out = torch.empty(1, N, H, D, device=DEV)
+            record("loads_only", 1, bench(lambda: loads_only_kernel[(N, H)](
+                k, v, prepared, out, N, N, n, HEADS_KV=H, DIM=D, BLOCK_SIZE=l, num_warps=2, num_stages=3)), per_query)
+            for Q in (1, 2, 4) if (Hq // H >= 16 and kind != "planted") else (1, 2, 4, 8):
+                tiles = sel.prepare_query_tiles(prepared, Q) if Q > 1 else None
+                union = tiles[2].float().mean().item() / Q if Q > 1 else per_query
+                if Q > 1:
+                    record("prepare_tiles", Q, bench(lambda: sel.prepare_query_tiles(prepared, Q)), union)
+                record("forward", Q, bench(lambda: sel.selected_attention_fwd(
+                    q, k, v, prepared, l, scale, True, queries_per_tile=Q, tiles=tiles)), union)
+                record("backward", Q, bench(lambda: sel.selected_attention_bwd(
+                    do, q, k, v, o, lse, prepared, l, scale, True, queries_per_tile=Q, tiles=tiles)), union)
+            del q, k, v, do, o, lse, out
             torch.cuda.empty_cache()
         except Exception:
             traceback.print_exc()
@@ -314,6 +434,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="timing at 8k and 64k only, no sweep")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: test the script")
+    parser.add_argument("--variants", action="store_true", help="also time tiles of queries on three "
+                        "kinds of selections at 64k (selected_attention_h100_variants.csv)")
     args = parser.parse_args()
     global SMOKE
     SMOKE = args.smoke
@@ -321,7 +443,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     gpu_name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (interpreter)"
     print(f"torch {torch.__version__}, triton {triton.__version__}, {gpu_name}")
-    flags = [a for a in sys.argv[1:] if a in ("--quick", "--skip-check", "--smoke")]
+    flags = [a for a in sys.argv[1:] if a in ("--quick", "--skip-check", "--smoke", "--variants")]
     command = " ".join(["python tests/gpu_check_selected.py", *flags])
     start = time.time()
     if not args.skip_check:
@@ -329,7 +451,7 @@ def main():
             f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
                     f"{gpu_name}; relative error ||x - ref|| / ||ref|| vs float64\n")
             w = csv.writer(f)
-            w.writerow(["case", "dkdv", "batch", "seq_len_q", "seq_len_k", "heads_q", "heads_kv", "dim_qk",
+            w.writerow(["case", "dkdv", "queries_per_tile", "batch", "seq_len_q", "seq_len_k", "heads_q", "heads_kv", "dim_qk",
                         "dim_v", "num_selected_blocks", "select_block_size", "causal", "dtype",
                         "o", "lse", "dq", "dk", "dv"])
             try:
@@ -350,6 +472,16 @@ def main():
         w.writerow(["impl", "seq_len", "heads_q", "heads_kv", "head_dim", "num_selected_blocks",
                     "select_block_size", "pass", "ms", "note"])
         table = timing(w, configs, sweep=not args.quick)
+    if args.variants:
+        with (out / "selected_attention_h100_variants.csv").open("w", newline="", buffering=1) as f:
+            f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
+                    f"{gpu_name}; do_bench median ms, bf16, batch 1, causal; union = distinct blocks "
+                    f"per query (per tile / Q)\n")
+            w = csv.writer(f)
+            w.writerow(["selection", "seq_len", "heads_q", "heads_kv", "head_dim", "num_selected_blocks",
+                        "select_block_size", "kernel", "queries_per_tile", "ms", "union", "note"])
+            print("\nvariants: queries per tile on three kinds of selections")
+            variants(w)
     print(f"[total {time.time() - start:.0f} s]")
     print("\nms, median             heads " + "".join(f"{N:>10d}" for N in lengths))
     keys = sorted({(impl, p, hq, h) for _, hq, h, impl, p, _, note in table if not note},

@@ -9,7 +9,7 @@ import torch
 import nsa  # first: switches Triton to its interpreter on a machine without CUDA
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
-from nsa.kernels.selected import (prepare_block_indices, reverse_block_index,
+from nsa.kernels.selected import (prepare_block_indices, prepare_query_tiles, reverse_block_index,
                                   selected_attention_triton)
 
 
@@ -29,14 +29,17 @@ def reference(q, k, v, indices, block_size, scale, causal):
 
 
 def run_case(B, Nq, Nk, Hq, H, Dqk, Dv, n, block_size, causal=True, dtype=torch.float32,
-             grads=True, dkdv="gather", scale=None, seed=0):
+             grads=True, dkdv="gather", scale=None, seed=0, queries_per_tile=None, shared=0.0):
     gen = torch.Generator(DEVICE).manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=gen, device=DEVICE, dtype=dtype)
     q, k, v, do = make(B, Nq, Hq, Dqk), make(B, Nk, H, Dqk), make(B, Nk, H, Dv), make(B, Nq, Hq, Dv)
     indices = random_indices(gen, B, Nq, Nk, H, n, block_size)
+    if shared:  # each query copies a fraction of its slots from the query before it
+        copy = torch.rand(indices[:, 1:].shape, generator=gen, device=DEVICE) < shared
+        indices[:, 1:] = torch.where(copy, indices[:, :-1], indices[:, 1:])
     q, k, v = (x.requires_grad_(grads) for x in (q, k, v))
     o, lse = selected_attention_triton(q, k, v, indices, block_size, scale, causal=causal,
-                                       return_lse=True, dkdv=dkdv)
+                                       return_lse=True, dkdv=dkdv, queries_per_tile=queries_per_tile)
     q64, k64, v64 = (x.detach().double().requires_grad_(grads) for x in (q, k, v))
     o_ref, lse_ref = reference(q64, k64, v64, indices, block_size, scale, causal)
     tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -70,6 +73,40 @@ def test_forward_and_gradients_fp32(shape, causal):
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5]], ids=str)
 def test_scatter_strategy_matches(shape):
     run_case(*shape, dkdv="scatter")
+
+
+@pytest.mark.parametrize("queries_per_tile", [1, 2, 4, 16])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=str)
+def test_tiles_of_queries_sharing_blocks(shape, queries_per_tile):
+    run_case(*shape, queries_per_tile=queries_per_tile, shared=0.6, seed=queries_per_tile)
+
+
+def test_tiles_noncausal_fp16_scatter():
+    run_case(1, 30, 45, 8, 2, 32, 16, 3, 16, causal=False, dtype=torch.float16, queries_per_tile=4,
+             shared=0.5)
+    run_case(1, 30, 45, 8, 2, 32, 16, 3, 16, dkdv="scatter", queries_per_tile=2, shared=0.5)
+
+
+def test_prepare_query_tiles_against_brute_force():
+    gen = torch.Generator().manual_seed(2)
+    B, Nq, H, n, Q = 2, 11, 3, 4, 4
+    prepared = prepare_block_indices(torch.randint(-1, 6, (B, Nq, H, n), generator=gen), 16, 96)
+    blocks, members, counts = prepare_query_tiles(prepared, Q)
+    assert blocks.shape == members.shape == (B, 3, H, Q * n) and counts.shape == (B, 3, H)
+    for b in range(B):
+        for tile in range(3):
+            for h in range(H):
+                want = {}
+                for j in range(Q):
+                    if tile * Q + j < Nq:
+                        for block in prepared[b, tile * Q + j, h].tolist():
+                            if block >= 0:
+                                want[block] = want.get(block, 0) | (1 << j)
+                c = counts[b, tile, h].item()
+                assert c == len(want)
+                assert blocks[b, tile, h, :c].tolist() == sorted(want)
+                assert all(x == -1 for x in blocks[b, tile, h, c:].tolist())
+                assert members[b, tile, h, :c].tolist() == [want[x] for x in sorted(want)]
 
 
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
@@ -150,6 +187,9 @@ def test_reverse_block_index_against_brute_force():
     (dict(dim=320), ValueError, "256"),
     (dict(causal=1), TypeError, "causal"),
     (dict(dkdv="both"), ValueError, "dkdv"),
+    (dict(queries_per_tile=3), ValueError, "queries_per_tile"),
+    (dict(queries_per_tile=32), ValueError, "queries_per_tile"),
+    (dict(queries_per_tile=True), ValueError, "queries_per_tile"),
 ], ids=lambda x: str(x)[:40] if isinstance(x, dict) else None)
 def test_errors_before_launch(bad, error, words):
     dtype, heads_q, dim = bad.get("dtype", torch.float32), bad.get("heads_q", 2), bad.get("dim", 16)
@@ -158,7 +198,8 @@ def test_errors_before_launch(bad, error, words):
     indices = bad.get("indices", torch.zeros(1, 5, 1, 2, dtype=torch.int32)).to(DEVICE)
     with pytest.raises(error, match=words):
         selected_attention_triton(q, k, v, indices, bad.get("block_size", 16),
-                                  causal=bad.get("causal", True), dkdv=bad.get("dkdv", "gather"))
+                                  causal=bad.get("causal", True), dkdv=bad.get("dkdv", "gather"),
+                                  queries_per_tile=bad.get("queries_per_tile"))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="bf16 is refused only in the interpreter")
