@@ -24,6 +24,54 @@ def band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div):
 
 
 @triton.jit
+def band_forward_steps(
+    acc, m_i, l_i, q, K, V, kv_base, heads_kv, key_from, key_to, lo, hi, num_rows, scale_log2,
+    DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,     # False: every row of the tile sees every key of [key_from, key_to)
+):
+    """Online softmax over the key rows [key_from, key_to), BLOCK_N at a time."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(key_from, key_to, BLOCK_N):
+        key = start_n + offs_n                                              # (BLOCK_N,)
+        kv_rows = kv_base + key.to(tl.int64) * heads_kv
+        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
+                    mask=(key[:, None] < num_rows) & (offs_dqk[None, :] < DIM_QK), other=0.0)
+        # -- scores in base 2, -inf outside each row's band --
+        s = tl.dot(q, tl.trans(k)) * scale_log2                             # (BLOCK_R, BLOCK_N)
+        if MASKED:
+            visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        # -- online softmax; a row that has seen nothing yet keeps m = -inf without NaN --
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
+                    mask=(key[:, None] < num_rows) & (offs_dv[None, :] < DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def band_tile_ranges(first_pos, last_pos, num_rows, lo_back, hi_base, hi_offset, hi_div,
+                     BLOCK_N: tl.constexpr):
+    """Key rows that a tile of positions [first_pos, last_pos] needs, in BLOCK_N steps:
+    [start, end) in all, of which [mid_lo, mid_hi) are seen by *every* position (no mask)."""
+    lo_first, hi_first = band_bounds(first_pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
+    lo_last, hi_last = band_bounds(last_pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
+    start = lo_first // BLOCK_N * BLOCK_N
+    end = hi_last
+    mid_lo = tl.minimum(tl.maximum(start, (lo_last + BLOCK_N - 1) // BLOCK_N * BLOCK_N), end)
+    mid_hi = tl.maximum(mid_lo, hi_first // BLOCK_N * BLOCK_N)
+    return start, mid_lo, mid_hi, end
+
+
+@triton.jit
 def band_attention_forward_kernel(
     Q, K, V,              # contiguous (B, Nq, Hq, Dqk), (B, R, H, Dqk), (B, R, H, Dv); R key rows
     O, LSE,               # outputs: (B, Nq, Hq, Dv) in q's dtype, (B, Nq, Hq) float32 (natural log)
@@ -39,10 +87,13 @@ def band_attention_forward_kernel(
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,  # head dims padded to powers of two >= 16
     BLOCK_M: tl.constexpr,    # query positions per program: BLOCK_M * GROUP_PAD rows
     BLOCK_N: tl.constexpr,    # key rows per step
+    EDGE_MASKS: tl.constexpr, # True: mask only the steps at the band's edges (long bands)
 ):
-    # -- this program: BLOCK_M positions x the G heads of kv head `head_kv` --
+    # -- this program: BLOCK_M positions x the G heads of kv head `head_kv`; the last (longest)
+    #    query tiles first, so that the short ones fill the end of the launch --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
-    pid_m, batch, head_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch, head_kv = tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
     rows = tl.arange(0, BLOCK_R)
     i = pid_m * BLOCK_M + rows // GROUP_PAD                 # query index of each row (BLOCK_R,)
@@ -51,7 +102,6 @@ def band_attention_forward_kernel(
     pos = seq_len_k - seq_len_q + i                         # end-aligned positions t
     lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
 
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
@@ -62,31 +112,26 @@ def band_attention_forward_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)                 # running sum of exp2
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
 
-    # -- the key rows that some row of this tile sees: from lo(first) to hi(last) --
+    # -- the key rows of the tile's positions: masked at the band's two edges only --
     first_pos = seq_len_k - seq_len_q + pid_m * BLOCK_M
     last_pos = seq_len_k - seq_len_q + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len_q) - 1
-    start = tl.maximum(first_pos - lo_back, 0) // BLOCK_N * BLOCK_N
-    end = tl.minimum(hi_base + tl.maximum(last_pos + hi_offset, 0) // hi_div, num_rows)
+    start, mid_lo, mid_hi, end = band_tile_ranges(first_pos, last_pos, num_rows, lo_back, hi_base,
+                                                  hi_offset, hi_div, BLOCK_N)
     kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
-    for start_n in range(start, end, BLOCK_N):
-        key = start_n + offs_n                                              # (BLOCK_N,)
-        kv_rows = kv_base + key.to(tl.int64) * heads_kv
-        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                    mask=(key[:, None] < num_rows) & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        # -- scores in base 2, -inf outside each row's band --
-        s = tl.dot(q, tl.trans(k)) * scale_log2                             # (BLOCK_R, BLOCK_N)
-        visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        # -- online softmax; a row that has seen nothing yet keeps m = -inf without NaN --
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=(key[:, None] < num_rows) & (offs_dv[None, :] < DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if EDGE_MASKS:
+        acc, m_i, l_i = band_forward_steps(acc, m_i, l_i, q, K, V, kv_base, heads_kv, start, mid_lo, lo, hi,
+                                           num_rows, scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                                           MASKED=True)
+        acc, m_i, l_i = band_forward_steps(acc, m_i, l_i, q, K, V, kv_base, heads_kv, mid_lo, mid_hi, lo, hi,
+                                           num_rows, scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                                           MASKED=False)
+        acc, m_i, l_i = band_forward_steps(acc, m_i, l_i, q, K, V, kv_base, heads_kv, mid_hi, end, lo, hi,
+                                           num_rows, scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                                           MASKED=True)
+    else:
+        acc, m_i, l_i = band_forward_steps(acc, m_i, l_i, q, K, V, kv_base, heads_kv, start, end, lo, hi,
+                                           num_rows, scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
+                                           MASKED=True)
 
     # -- normalise; a row that saw nothing: o = 0, lse = -inf --
     seen = l_i > 0
@@ -136,7 +181,7 @@ def band_attention_forward(q, k, v, scale, seq_len_k, band):
     grid = (triton.cdiv(Nq, meta["BLOCK_M"]), B, H)
     band_attention_forward_kernel[grid](
         q, k, v, o, lse, scale * LOG2E, Nq, seq_len_k, num_rows, *band,
-        HEADS_Q=Hq, num_warps=num_warps, num_stages=num_stages, **meta)
+        HEADS_Q=Hq, EDGE_MASKS=band[0] == UNBOUNDED, num_warps=num_warps, num_stages=num_stages, **meta)
     return o, lse
 
 
@@ -148,6 +193,35 @@ def compressed_band(num_blocks: int, block_size: int, stride: int, mem_kv_len: i
 
 
 @triton.jit
+def band_dq_steps(
+    dq, q, do, lse2, delta, K, V, kv_base, heads_kv, key_from, key_to, lo, hi, num_rows, scale_log2,
+    DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):
+    """dQ (unscaled) of the tile's rows against the key rows [key_from, key_to)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(key_from, key_to, BLOCK_N):
+        key = start_n + offs_n
+        kv_rows = kv_base + key.to(tl.int64) * heads_kv
+        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
+                    mask=(key[:, None] < num_rows) & (offs_dqk[None, :] < DIM_QK), other=0.0)
+        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
+                    mask=(key[:, None] < num_rows) & (offs_dv[None, :] < DIM_V), other=0.0)
+        # -- P from the saved lse (0 outside the band; padding rows have dO = 0, so dS = 0) --
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse2[:, None])
+        if MASKED:
+            visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None])
+            p = tl.where(visible, p, 0.0)
+        # -- dS = P * (dP - delta); dQ += dS K --
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
 def band_attention_backward_dq_kernel(
     Q, K, V, O, DO, LSE,
     DELTA,                    # output (B, Nq, Hq) float32: rowsum(dO * O), for the dk, dv kernel
@@ -156,11 +230,12 @@ def band_attention_backward_dq_kernel(
     lo_back, hi_base, hi_offset, hi_div,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MASKS: tl.constexpr,
 ):
-    # -- the forward's rows: BLOCK_M positions x the group --
+    # -- the forward's rows: BLOCK_M positions x the group, longest tiles first --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
-    pid_m, batch, head_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch, head_kv = tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
     rows = tl.arange(0, BLOCK_R)
     i = pid_m * BLOCK_M + rows // GROUP_PAD
@@ -169,7 +244,6 @@ def band_attention_backward_dq_kernel(
     pos = seq_len_k - seq_len_q + i
     lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
 
-    offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
@@ -184,26 +258,22 @@ def band_attention_backward_dq_kernel(
     lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_R, BLOCK_DQK], dtype=tl.float32)
 
+    # -- the forward's key ranges: masks at the band's edges only --
     first_pos = seq_len_k - seq_len_q + pid_m * BLOCK_M
     last_pos = seq_len_k - seq_len_q + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len_q) - 1
-    start = tl.maximum(first_pos - lo_back, 0) // BLOCK_N * BLOCK_N
-    end = tl.minimum(hi_base + tl.maximum(last_pos + hi_offset, 0) // hi_div, num_rows)
+    start, mid_lo, mid_hi, end = band_tile_ranges(first_pos, last_pos, num_rows, lo_back, hi_base,
+                                                  hi_offset, hi_div, BLOCK_N)
     kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
-    for start_n in range(start, end, BLOCK_N):
-        key = start_n + offs_n
-        kv_rows = kv_base + key.to(tl.int64) * heads_kv
-        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                    mask=(key[:, None] < num_rows) & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=(key[:, None] < num_rows) & (offs_dv[None, :] < DIM_V), other=0.0)
-        # -- P from the saved lse (0 outside the band) --
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None]) & row_ok[:, None]
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        # -- dS = P * (dP - delta); dQ += dS K --
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    if EDGE_MASKS:
+        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, start, mid_lo, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
+        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, mid_lo, mid_hi, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=False)
+        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, mid_hi, end, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
+    else:
+        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, start, end, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
     tl.store(DQ + q_rows[:, None] * DIM_QK + offs_dqk[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
 
@@ -211,17 +281,20 @@ def band_attention_backward_dq_kernel(
 @triton.jit
 def band_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,
-    DK, DV,                   # outputs (B, R, H, Dqk), (B, R, H, Dv) in k's and v's dtype
+    DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
+    chunk_len,                # query positions per chunk (a multiple of BLOCK_M)
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # -- this program: BLOCK_N key rows of kv head `head_kv`, held for the whole loop --
+    # -- this program: BLOCK_N key rows of kv head `head_kv`, held for the whole loop, against
+    #    the query positions of chunk `chunk` --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
-    pid_n, batch, head_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, chunk, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
+    batch, head_kv = pid_bh // heads_kv, pid_bh % heads_kv
     key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -234,14 +307,15 @@ def band_attention_backward_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # -- the positions that see a row of this tile: hi(t) > first row and lo(t) <= last row --
+    # -- the positions that see a row of this tile (hi(t) > first row and lo(t) <= last row),
+    #    cut to this program's chunk --
     first_row = pid_n * BLOCK_N
     last_row = tl.minimum(first_row + BLOCK_N, num_rows) - 1
     offset = seq_len_k - seq_len_q
     t_first = tl.where(first_row < hi_base, 0, (first_row - hi_base + 1) * hi_div - hi_offset)
     t_last = last_row + lo_back
-    i_start = tl.maximum(t_first - offset, 0) // BLOCK_M * BLOCK_M
-    i_end = tl.minimum(t_last - offset + 1, seq_len_q)
+    i_start = tl.maximum(tl.maximum(t_first - offset, 0) // BLOCK_M * BLOCK_M, chunk * chunk_len)
+    i_end = tl.minimum(tl.minimum(t_last - offset + 1, seq_len_q), chunk * chunk_len + chunk_len)
 
     rows = tl.arange(0, BLOCK_R)
     g = rows % GROUP_PAD
@@ -265,10 +339,14 @@ def band_attention_backward_dkdv_kernel(
         # -- dV += P^T dO, dK += dS^T Q --
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], (dk * scale).to(DK.dtype.element_ty),
+    out_rows = kv_rows + chunk.to(tl.int64) * tl.num_programs(2) * num_rows   # this chunk's slice
+    tl.store(DK + out_rows[:, None] * DIM_QK + offs_dqk[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
-    tl.store(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + out_rows[:, None] * DIM_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V))
+
+
+DKDV_CHUNK = 2048   # query positions per dk, dv program of a long band (GPU)
 
 
 def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band):
@@ -277,20 +355,38 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band):
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    # long bands (compression) mask only their edges and pipeline 3 deep (head dims <= 128; 2
+    # above, for shared memory); the window, 2 deep with masks throughout (measured, see above)
+    long_band = band[0] == UNBOUNDED
+    small_dims = max(head_dim_block(Dqk), head_dim_block(Dv)) <= 128
+    num_stages = 3 if long_band and small_dims else 2
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E, scale, Nq, seq_len_k, num_rows, *band)
     band_attention_backward_dq_kernel[(triton.cdiv(Nq, meta["BLOCK_M"]), B, H)](
         q, k, v, o, do, lse, delta, dq, *common,
-        HEADS_Q=Hq, num_warps=num_warps, num_stages=2, **meta)
-    if num_rows > 0:
-        # the dk, dv kernel streams q and dO tiles through shared memory: 64 rows per step (128
-        # rows with d > 128 run out of shared memory; with d = 128 an H200 sweep at 64k measured
-        # 64 rows x 4 warps 35 ms against 38 ms for 128 rows x 8 warps, compressed band)
-        meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda, rows=64)
-        band_attention_backward_dkdv_kernel[(triton.cdiv(num_rows, meta["BLOCK_N"]), B, H)](
-            q, k, v, do, lse, delta, dk, dv, *common,
-            HEADS_Q=Hq, num_warps=num_warps, num_stages=2, **meta)
+        HEADS_Q=Hq, EDGE_MASKS=long_band, num_warps=num_warps, num_stages=num_stages, **meta)
+    if num_rows == 0:
+        return dq, torch.empty_like(k), torch.empty_like(v)
+    # the dk, dv kernel streams q and dO tiles through shared memory: 64 rows per step (128
+    # rows with d > 128 run out of shared memory)
+    meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda, rows=64)
+    # a compressed key is seen by every later query: split the queries into chunks, one program
+    # per (key tile, chunk), and add the chunks' partial dK, dV (float32) afterwards
+    chunk = DKDV_CHUNK if q.is_cuda else 32
+    chunk = triton.cdiv(chunk, meta["BLOCK_M"]) * meta["BLOCK_M"]
+    num_chunks = triton.cdiv(Nq, chunk) if long_band else 1
+    if num_chunks == 1:
+        chunk = triton.cdiv(Nq, meta["BLOCK_M"]) * meta["BLOCK_M"]
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    else:
+        dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
+    band_attention_backward_dkdv_kernel[(triton.cdiv(num_rows, meta["BLOCK_N"]), num_chunks, B * H)](
+        q, k, v, do, lse, delta, dk, dv, *common, chunk,
+        HEADS_Q=Hq, num_warps=num_warps, num_stages=num_stages, **meta)
+    if num_chunks > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
 
 
@@ -367,25 +463,13 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size=32, stride=16, scale
 
 
 @triton.jit
-def best_candidate(score, index):
-    """Per row: the highest score and, among equal scores, the lowest block index."""
-    best = tl.max(score, axis=1)
-    return best, tl.min(tl.where(score == best[:, None], index, 2147483647), axis=1)
-
-
-@triton.jit
-def worst_kept(top_val, top_idx, slot, NUM_SELECT: tl.constexpr):
-    """Per row: the lowest kept score and, among equal scores, the highest block index
-    (an empty slot is score -inf, index -1)."""
-    kept = slot[None, :] < NUM_SELECT
-    worst = tl.min(tl.where(kept, top_val, float("inf")), axis=1)
-    return worst, tl.max(tl.where(kept & (top_val == worst[:, None]), top_idx, -2), axis=1)
-
-
-@triton.jit
-def beats(best, best_idx, worst, worst_idx):
-    """Does the best candidate outrank the worst kept block (higher score; ties: lower index)?"""
-    return (best > float("-inf")) & ((best > worst) | ((best == worst) & (best_idx < worst_idx)))
+def rank_keys(score, index):
+    """One int64 per (score, block index) that orders as the selection does: a higher score
+    first, then a lower block index. A float's bits order as integers once the magnitude bits of
+    negative floats are flipped; the low 32 bits hold 2^31 - 1 - index."""
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - index).to(tl.int64)
 
 
 @triton.jit
@@ -405,7 +489,9 @@ def select_blocks_kernel(
 ):
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
     BLOCK_C: tl.constexpr = BLOCK_S * SEL_BLOCK // CMP_STRIDE     # compressed blocks per step
-    pid_m, batch, head_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    EMPTY: tl.constexpr = -(1 << 62)    # below every rank key of a score >= 0: an empty slot
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)           # longest rows first
+    batch, head_kv = tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
 
     # -- the rows: BLOCK_M positions x the group's heads, as in the attention kernels --
@@ -444,10 +530,11 @@ def select_blocks_kernel(
     w_this = (w_this // CMP_STRIDE).to(tl.float32)              # (BLOCK_C, BLOCK_S)
     w_next = (w_next // CMP_STRIDE).to(tl.float32)
 
-    # -- the running top-n per position: scores and block indices --
+    # -- the running top-n per position, as rank keys: empty slots distinct and lowest, the
+    #    padding slots (n < SLOTS) highest, so that they are never the worst kept --
     slot = tl.arange(0, SLOTS)
-    top_val = tl.full([BLOCK_M, SLOTS], float("-inf"), dtype=tl.float32)
-    top_idx = tl.full([BLOCK_M, SLOTS], -1, dtype=tl.int32)
+    top = tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64),
+                                                                9223372036854775807)[None, :]
     carry = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
 
     k_base = batch.to(tl.int64) * (mem_kv_len + num_cmp) * heads_kv + head_kv
@@ -466,7 +553,7 @@ def select_blocks_kernel(
         # the float32 reference; the weights are small integers, exact in any format)
         score = carry + tl.dot(p_group, w_this, input_precision="tf32x3")         # (BLOCK_M, BLOCK_S)
         carry = tl.dot(p_group, w_next, input_precision="tf32x3")
-        # -- 4. blocks a query may not take: -inf; blocks it must take: +inf --
+        # -- 4. blocks a query may not take: never enter; blocks it must take: +inf --
         sel = sel_start + offs_s
         if CAUSAL:
             allowed = (sel[None, :] <= own[:, None]) & (sel[None, :] < num_sel)
@@ -474,25 +561,22 @@ def select_blocks_kernel(
             allowed = (sel[None, :] < num_sel) & (own[:, None] >= 0)
         forced = allowed & ((sel[None, :] < NUM_INITIAL)
                             | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
-        score = tl.where(forced, float("inf"), tl.where(allowed, score, float("-inf")))
-        # -- 5. merge: while a position has a new score that beats the worst it keeps, swap them --
-        sel_idx = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.int32) + sel[None, :]
-        best, best_idx = best_candidate(score, sel_idx)
-        worst, worst_idx = worst_kept(top_val, top_idx, slot, NUM_SELECT)
-        enters = beats(best, best_idx, worst, worst_idx)
+        cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
+        cand = tl.where(allowed, cand, EMPTY - SLOTS)                              # (BLOCK_M, BLOCK_S)
+        # -- 5. merge: while a position has a candidate above the worst it keeps, swap them --
+        best = tl.max(cand, axis=1)
+        worst = tl.min(top, axis=1)
+        enters = best > worst
         while tl.max(enters.to(tl.int32), axis=0) > 0:
-            worst_slot = tl.min(tl.where((top_val == worst[:, None]) & (top_idx == worst_idx[:, None])
-                                         & (slot[None, :] < NUM_SELECT), slot[None, :], SLOTS), axis=1)
-            swap = enters[:, None] & (slot[None, :] == worst_slot[:, None])
-            top_val = tl.where(swap, best[:, None], top_val)
-            top_idx = tl.where(swap, best_idx[:, None], top_idx)
-            score = tl.where(enters[:, None] & (sel_idx == best_idx[:, None]), float("-inf"), score)
-            best, best_idx = best_candidate(score, sel_idx)
-            worst, worst_idx = worst_kept(top_val, top_idx, slot, NUM_SELECT)
-            enters = beats(best, best_idx, worst, worst_idx)
+            top = tl.where(enters[:, None] & (top == worst[:, None]), best[:, None], top)
+            cand = tl.where(enters[:, None] & (cand == best[:, None]), EMPTY - SLOTS, cand)
+            best = tl.max(cand, axis=1)
+            worst = tl.min(top, axis=1)
+            enters = best > worst
 
-    # -- the chosen blocks in ascending order, empty slots (-1) last --
-    order = tl.sort(tl.where(top_idx < 0, 2147483647, top_idx), dim=1)
+    # -- the chosen blocks (low 32 bits) in ascending order, empty slots (-1) last --
+    index = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
+    order = tl.sort(tl.where((top > EMPTY) & (slot[None, :] < NUM_SELECT), index, 2147483647), dim=1)
     chosen = tl.where(order == 2147483647, -1, order)
     out_rows = (batch * seq_len_q + i_pos).to(tl.int64) * heads_kv + head_kv
     tl.store(BLOCK_INDICES + out_rows[:, None] * NUM_SELECT + slot[None, :], chosen,

@@ -274,7 +274,7 @@ def tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add):
             grid = (triton.cdiv(Nq, meta["BLOCK_M"]), B, H)
             launch = lambda: C.band_attention_forward_kernel[grid](
                 q, kk, vv, o, lse_out, scale * C.LOG2E, Nq, N, kk.shape[1], *band,
-                HEADS_Q=Hq, num_warps=warps, num_stages=stages, **meta)
+                HEADS_Q=Hq, EDGE_MASKS=band[0] == C.UNBOUNDED, num_warps=warps, num_stages=stages, **meta)
             try:
                 add(f"sweep_{name}_r{rows}_n{block_n}_w{warps}_s{stages}", "fwd", bench(launch, warmup=25, rep=100))
             except Exception as error:
@@ -289,9 +289,9 @@ def tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add):
                                              (64, 32, 4, 3), (256, 64, 8, 2), (128, 128, 8, 2)):
             meta, _ = C.band_tiles(G, D, D, True, rows=rows)
             meta["BLOCK_N"] = block_n
-            grid = (triton.cdiv(kk.shape[1], block_n), B, H)
+            grid = (triton.cdiv(kk.shape[1], block_n), 1, B * H)    # one chunk: all queries
             launch = lambda: C.band_attention_backward_dkdv_kernel[grid](
-                q, kk, vv, do, lse_b, delta, dk, dv, scale * C.LOG2E, scale, Nq, N, kk.shape[1], *band,
+                q, kk, vv, do, lse_b, delta, dk, dv, scale * C.LOG2E, scale, Nq, N, kk.shape[1], *band, Nq,
                 HEADS_Q=Hq, num_warps=warps, num_stages=stages, **meta)
             try:
                 add(f"sweep_{name}_dkdv_r{rows}_n{block_n}_w{warps}_s{stages}", "bwd", bench(launch, warmup=25, rep=100))
@@ -325,6 +325,8 @@ def main():
     parser.add_argument("--max-len", type=int, default=65536)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script only")
+    parser.add_argument("--quick", action="store_true",
+                        help="accuracy only, four problems (1k-3k and 64k, 64/4 heads): a check after a kernel change")
     args = parser.parse_args()
     global DEVICE
     import triton
@@ -350,7 +352,13 @@ def main():
         ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for N in ((16384, 65536) if not args.tiny else ()):
+    if args.quick and not args.tiny:
+        args.skip_timing = True
+        problems = problems[:3] + [("paper 16/1 d128", 1, 16384, 16384, 16, 1, 128, 128, paper, 0,
+                                    [(0, R), (8192 - R // 2, R), (16384 - R, R)]),
+                                   ("paper 64/4 d128", 1, 65536, 65536, 64, 4, 128, 128, paper, 0,
+                                    [(65536 - R // 2, R // 2)])]
+    for N in ((16384, 65536) if not (args.tiny or args.quick) else ()):
         if N <= args.max_len:
             chunks = [(0, R), (N // 2 - R // 2, R), (N - R, R)]
             problems.append(("paper 16/1 d128", 1, N, N, 16, 1, 128, 128, paper, 0, chunks))
