@@ -1,4 +1,6 @@
 """P2 sweep, run 1 (H100): old kernels (old_compressed.py = kernels/compressed.py at commit 5715c22) vs a first new version (masks at the edges in all band kernels; dk, dv query chunks). Run: python tests/gpu_band_sweep/sweep.py OUT_DIR (on a GPU; P2_TINY=1 TRITON_INTERPRET=1 for a CPU smoke test). The final kernels differ (see sweep2.py); this script does not run against them."""
+# The "old" kernels are those of commit 5715c22; recreate them before running:
+#   git show 5715c22:kernels/compressed.py > tests/gpu_band_sweep/old_compressed.py
 import sys, time, math, csv, traceback
 from pathlib import Path
 import torch, triton

@@ -1,4 +1,6 @@
 """P2 sweep, run 2 (H100): the final kernels (edge masks a compile-time flag; dk, dv one masked loop with query chunks; rank-key merge) vs old_compressed.py and a fold-first selection variant (sel_variant.py). Run: python tests/gpu_band_sweep/sweep2.py OUT_DIR. Results: book/data/band_kernels_sweep_h100.csv (run 1 and 2). Note: the committed run 2 also timed dk, dv "edge1" rows, a variant removed after that run (27 ms vs 19 ms)."""
+# The "old" kernels are those of commit 5715c22; recreate them before running:
+#   git show 5715c22:kernels/compressed.py > tests/gpu_band_sweep/old_compressed.py
 import sys, time, math, csv, traceback
 from pathlib import Path
 import torch, triton
