@@ -136,7 +136,7 @@ def impls(seq_len, heads_q, heads_kv, head_dim):
 
     window = config.window_size
     block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (j > i - window), None, None,
-                                   seq_len, seq_len, device=q.device)
+                                   seq_len, seq_len, device=q.device, _compile=True)
     flex = torch.compile(flex_attention)
     kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (k, v))
     out["flex_window"] = (lambda: flex(qd, kf, vf, block_mask=block_mask, enable_gqa=True), [qd, kf, vf])
