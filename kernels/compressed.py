@@ -6,6 +6,7 @@ import triton.language as tl
 
 from nsa.compression import (_check_flag, _check_mem_kv_len, check_compressed_qkv,
                              num_compressed_blocks, resolve_seq_len_k)
+from nsa.kernels.flash import check_kernel_dims
 from nsa.validation import check_positive_int, resolve_scale
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
@@ -409,26 +410,9 @@ class BandAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def check_kernel_tensors(dims, q) -> None:
-    """Limits shared by this chapter's kernels: dtype, device, head dims, group size."""
-    if q.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"q.dtype is {q.dtype}; the Triton kernels take float16, bfloat16 or float32")
-    if q.device.type == "cpu":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("q is on the CPU but TRITON_INTERPRET is not 1: import nsa before "
-                             "triton (it switches the interpreter on) or move the tensors to CUDA")
-        if q.dtype == torch.bfloat16:
-            raise TypeError("q.dtype is bfloat16 on the CPU: Triton's interpreter computes bf16 "
-                            "wrongly; use float32 or float16 there (bf16 on a GPU)")
-    elif q.device.type != "cuda":
-        raise ValueError(f"q is on {q.device}; the Triton kernels run on CUDA (or the CPU interpreter)")
-    for name, dim in (("Dqk", dims.dim_qk), ("Dv", dims.dim_v)):
-        if dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dim {name} = {dim}; the Triton kernels allow at most {MAX_HEAD_DIM}")
+    """Limits of this chapter's kernels: Chapter 7's (dtype, device, head dims) and the group size."""
+    check_kernel_dims(dims, q)
     if dims.group_size > MAX_GROUP_SIZE:
         raise ValueError(f"GQA group size Hq // H = {dims.group_size}; the kernels allow at most "
                          f"{MAX_GROUP_SIZE}")

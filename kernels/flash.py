@@ -97,9 +97,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _check_kernel_inputs(q, k, v):
-    """Checks shared by the book's kernels: dtypes the kernels and the interpreter handle, sizes."""
-    dims = check_qkv(q, k, v)
+def check_kernel_dims(dims, q) -> None:
+    """Limits shared by the book's kernels: dtypes (and what the interpreter handles), device,
+    head dims. `dims` are the sizes `check_qkv` (or a branch's own check) read off the inputs."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"q.dtype is {q.dtype}; the Triton kernels take float16, bfloat16 or float32")
     if q.device.type == "cpu":
@@ -110,9 +110,17 @@ def _check_kernel_inputs(q, k, v):
         if q.dtype == torch.bfloat16:
             raise TypeError("q.dtype is bfloat16 on the CPU: Triton's interpreter computes bf16 "
                             "wrongly; use float32 or float16 there (bf16 on a GPU)")
+    elif q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}; the Triton kernels run on CUDA (or the CPU interpreter)")
     for name, dim in (("Dqk", dims.dim_qk), ("Dv", dims.dim_v)):
         if dim > MAX_HEAD_DIM:
             raise ValueError(f"head dim {name} = {dim}; the Triton kernels allow at most {MAX_HEAD_DIM}")
+
+
+def _check_kernel_inputs(q, k, v):
+    """`check_qkv` and the kernels' limits; returns the sizes."""
+    dims = check_qkv(q, k, v)
+    check_kernel_dims(dims, q)
     return dims
 
 
