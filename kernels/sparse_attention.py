@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.compressed import (MAX_GROUP_SIZE, MAX_HEAD_DIM, check_select_config,
+from nsa.kernels.compressed import (check_kernel_tensors, check_select_config,
                                     compressed_attention_triton, select_blocks_triton)
 from nsa.kernels.selected import selected_attention_triton
 from nsa.kernels.window import sliding_window_attention_triton
@@ -88,25 +88,14 @@ class GatedSum(torch.autograd.Function):
 
 
 def check_triton_support(q, dims, config) -> None:
-    """ValueError (naming what) for inputs outside the kernels' limits, before any launch."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"triton: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    if q.device.type == "cpu":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("triton: tensors on the CPU need Triton's interpreter "
-                             "(TRITON_INTERPRET=1, set by importing nsa before triton)")
-        if q.dtype == torch.bfloat16:
-            raise ValueError("triton: bfloat16 on the CPU is not supported (the interpreter "
-                             "computes it wrongly); use float32 or float16, or a GPU")
-    elif q.device.type != "cuda":
-        raise ValueError(f"triton: tensors on {q.device} are not supported (CUDA, or the CPU interpreter)")
-    if max(dims.dim_qk, dims.dim_v) > MAX_HEAD_DIM:
-        raise ValueError(f"triton: head dims ({dims.dim_qk}, {dims.dim_v}) above {MAX_HEAD_DIM}")
-    if dims.group_size > MAX_GROUP_SIZE:
-        raise ValueError(f"triton: GQA group size {dims.group_size} above {MAX_GROUP_SIZE}")
+    """ValueError (naming what, prefixed "triton:") for inputs outside the kernels' limits, before
+    any launch: Chapter 9's limits (dtype, device, head dims, group size) and the geometry's.
+    `backend="auto"` falls back to torch on it."""
     try:
+        check_kernel_tensors(dims, q)
         check_select_config(config)
+    except TypeError as unsupported:    # a dtype the kernels (or the interpreter) do not take
+        raise ValueError(f"triton: dtype not supported: {unsupported}") from None
     except ValueError as limit:
         raise ValueError(f"triton: {limit}") from None
 
