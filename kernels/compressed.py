@@ -4,10 +4,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.compression import (_check_flag, _check_mem_kv_len, check_compressed_qkv,
-                             num_compressed_blocks, resolve_seq_len_k)
+from nsa.compression import (_check_mem_kv_len, check_compressed_args, check_compressed_qkv,
+                             resolve_seq_len_k)
 from nsa.kernels.flash import check_kernel_dims
-from nsa.validation import check_positive_int, resolve_scale
+from nsa.validation import resolve_scale
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453
@@ -433,16 +433,10 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size=32, stride=16, scale
     interpreter; float32 dots run as tf32 on a GPU); head dims <= 256 (padded to a power of two);
     group size Hq // H <= 16. Deterministic: no atomics.
     """
-    dims = check_compressed_qkv(q, k_cmp, v_cmp)
+    dims, scale, causal, mem_kv_len, seq_len_k = check_compressed_args(
+        q, k_cmp, v_cmp, block_size, stride, scale, causal, mem_kv_len, seq_len_k)
     check_kernel_tensors(dims, q)
-    check_positive_int("block_size", block_size)
-    check_positive_int("stride", stride)
-    scale = resolve_scale(scale, dims.dim_qk)
-    causal = _check_flag("causal", causal)
-    mem_kv_len = _check_mem_kv_len(mem_kv_len, dims.seq_len_k)
-    num_blocks = dims.seq_len_k - mem_kv_len
-    seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_blocks, block_size, stride, causal)
-    band = compressed_band(num_blocks, block_size, stride, mem_kv_len, causal)
+    band = compressed_band(dims.seq_len_k - mem_kv_len, block_size, stride, mem_kv_len, causal)
     return BandAttention.apply(q, k_cmp, v_cmp, scale, seq_len_k, band)
 
 

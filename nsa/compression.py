@@ -177,6 +177,20 @@ def resolve_seq_len_k(seq_len_k, seq_len_q: int, num_blocks: int, block_size: in
         "pass seq_len_k = the number of keys, so that the queries can be placed at their positions")
 
 
+def check_compressed_args(q, k_cmp, v_cmp, block_size, stride, scale, causal, mem_kv_len, seq_len_k):
+    """The checked arguments of the compressed branch (here and in its Triton kernel, Chapter 9):
+    (dims, scale as a float, causal, mem_kv_len, seq_len_k resolved)."""
+    dims = check_compressed_qkv(q, k_cmp, v_cmp)
+    check_positive_int("block_size", block_size)
+    check_positive_int("stride", stride)
+    scale = resolve_scale(scale, dims.dim_qk)
+    causal = _check_flag("causal", causal)
+    mem_kv_len = _check_mem_kv_len(mem_kv_len, dims.seq_len_k)
+    num_blocks = dims.seq_len_k - mem_kv_len
+    seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_blocks, block_size, stride, causal)
+    return dims, scale, causal, mem_kv_len, seq_len_k
+
+
 def compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16, scale=None, *, causal=True,
                          mem_kv_len=0, seq_len_k=None):
     """NSA's compressed branch: attention over compressed keys (the cmp term of Eq. 5).
@@ -192,14 +206,8 @@ def compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16, scale=None, 
     if v_cmp is None:
         raise TypeError("v_cmp must be a torch.Tensor of shape "
                         "(batch, mem_kv_len + num_blocks, heads_kv, dim_v), got None")
-    dims = check_compressed_qkv(q, k_cmp, v_cmp)
-    check_positive_int("block_size", block_size)
-    check_positive_int("stride", stride)
-    scale = resolve_scale(scale, dims.dim_qk)
-    causal = _check_flag("causal", causal)
-    mem_kv_len = _check_mem_kv_len(mem_kv_len, dims.seq_len_k)
-    num_blocks = dims.seq_len_k - mem_kv_len
-    seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_blocks, block_size, stride, causal)
+    dims, scale, causal, mem_kv_len, seq_len_k = check_compressed_args(
+        q, k_cmp, v_cmp, block_size, stride, scale, causal, mem_kv_len, seq_len_k)
     visible = compressed_block_mask(dims.seq_len_q, seq_len_k, block_size, stride,
                                     mem_kv_len=mem_kv_len, causal=causal, device=q.device)  # (Nq, M)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
