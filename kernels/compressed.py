@@ -462,11 +462,12 @@ def select_blocks_kernel(
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,   # l, d, l'
     NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr,   # n, and n padded to a power of two
     NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of the Eq. 9 dot)
+    BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of the shift's tl.dot)
     BLOCK_S: tl.constexpr,   # selection blocks per step (>= 16)
 ):
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
-    BLOCK_C: tl.constexpr = BLOCK_S * SEL_BLOCK // CMP_STRIDE     # compressed blocks per step
+    PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE                 # compressed blocks starting in one l' block
+    BLOCK_C: tl.constexpr = BLOCK_S * PER_SEL                     # compressed blocks per step
     EMPTY: tl.constexpr = -(1 << 62)    # below every rank key of a score >= 0: an empty slot
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)           # longest rows first
     batch, head_kv = tl.program_id(1), tl.program_id(2)
@@ -497,40 +498,43 @@ def select_blocks_kernel(
     else:
         last_sel = num_sel - 1
 
-    # -- Eq. 9's weights for a step, W[c, j] = |B_c ∩ B_j| / d, and the part carried to the next --
+    # -- Eq. 9's weights by a compressed block's place u in its home selection block (l <= l'):
+    #    w_home[u] of its l tokens (in units of d) lie in that block, w_spill[u] in the next --
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
-    cmp_lo = offs_c[:, None] * CMP_STRIDE                       # token offsets within the step
-    sel_lo = offs_s[None, :] * SEL_BLOCK
-    w_this = tl.maximum(tl.minimum(cmp_lo + CMP_BLOCK, sel_lo + SEL_BLOCK) - tl.maximum(cmp_lo, sel_lo), 0)
-    sel_lo_next = sel_lo + BLOCK_S * SEL_BLOCK
-    w_next = tl.maximum(tl.minimum(cmp_lo + CMP_BLOCK, sel_lo_next + SEL_BLOCK) - tl.maximum(cmp_lo, sel_lo_next), 0)
-    w_this = (w_this // CMP_STRIDE).to(tl.float32)              # (BLOCK_C, BLOCK_S)
-    w_next = (w_next // CMP_STRIDE).to(tl.float32)
+    offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE                 # token offset of u in its block
+    w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
+    w_spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
+    shift = tl.where(offs_s[:, None] + 1 == offs_s[None, :], 1.0, 0.0)   # (BLOCK_S, BLOCK_S): j-1 -> j
+    first = tl.where(offs_s == 0, 1.0, 0.0)
+    last = tl.where(offs_s == BLOCK_S - 1, 1.0, 0.0)
 
     # -- the running top-n per position, as rank keys: empty slots distinct and lowest, the
     #    padding slots (n < SLOTS) highest, so that they are never the worst kept --
     slot = tl.arange(0, SLOTS)
     top = tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64),
                                                                 9223372036854775807)[None, :]
-    carry = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_M], dtype=tl.float32)       # the previous step's last spill
 
     k_base = batch.to(tl.int64) * (mem_kv_len + num_cmp) * heads_kv + head_kv
     for sel_start in range(0, last_sel + 1, BLOCK_S):
         # -- 1. probabilities of this step's compressed blocks (pass 2: lse known) --
-        cmp = sel_start * (SEL_BLOCK // CMP_STRIDE) + offs_c                      # (BLOCK_C,)
+        cmp = sel_start * PER_SEL + offs_c                                        # (BLOCK_C,)
         k_rows = k_base + (mem_kv_len + cmp).to(tl.int64) * heads_kv
         k = tl.load(K_CMP + k_rows[:, None] * DIM_QK + offs_dqk[None, :],
                     mask=(cmp[:, None] < num_cmp) & (offs_dqk[None, :] < DIM_QK), other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2                                   # (BLOCK_R, BLOCK_C)
         visible = (cmp[None, :] < cmp_end[:, None]) & row_ok[:, None]
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        # -- 2. sum over the group; 3. Eq. 9 as a product with the overlap weights --
+        # -- 2. sum over the group --
         p_group = tl.sum(tl.reshape(p, (BLOCK_M, GROUP_PAD, BLOCK_C)), axis=1)    # (BLOCK_M, BLOCK_C)
-        # (tf32x3: three tf32 products, about float32's precision, so that near-ties rank as in
-        # the float32 reference; the weights are small integers, exact in any format)
-        score = carry + tl.dot(p_group, w_this, input_precision="tf32x3")         # (BLOCK_M, BLOCK_S)
-        carry = tl.dot(p_group, w_next, input_precision="tf32x3")
+        # -- 3. Eq. 9: a block's own compressed blocks, plus what its left neighbour's spill
+        #    (shifted one block right by a 0/1 matrix; "ieee": exact float32, no tf32 rounding) --
+        p3 = tl.reshape(p_group, (BLOCK_M, BLOCK_S, PER_SEL))                     # c = j * l'/d + u
+        home = tl.sum(p3 * w_home[None, None, :], axis=2)                         # (BLOCK_M, BLOCK_S)
+        spill = tl.sum(p3 * w_spill[None, None, :], axis=2)
+        score = home + tl.dot(spill, shift, input_precision="ieee") + carry[:, None] * first[None, :]
+        carry = tl.sum(spill * last[None, :], axis=1)
         # -- 4. blocks a query may not take: never enter; blocks it must take: +inf --
         sel = sel_start + offs_s
         if CAUSAL:
@@ -581,9 +585,10 @@ def check_select_config(config) -> None:
         raise ValueError(f"config.select_block_size / compress_stride = {l_sel // d}; the selection "
                          f"kernel needs at most {MAX_STEP_CMP // SELECT_STEP} compressed blocks per "
                          "selection block")
-    if l - d > SELECT_STEP * l_sel:
-        raise ValueError(f"config.compress_block_size = {l} is too long for the selection kernel "
-                         f"(needs l - d <= {SELECT_STEP} * l')")
+    if l > l_sel:
+        raise ValueError(f"config.compress_block_size = {l} > select_block_size = {l_sel}; the "
+                         "selection kernel needs l <= l' (a compressed block overlaps at most two "
+                         "selection blocks)")
 
 
 def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len=0):
@@ -594,7 +599,7 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     (B, Nq, H, num_selected_blocks) int32 block indices, ascending, -1 (empty) last; forced
     blocks always present; ties to the lower block index. The (Nq x ceil(Nk/l')) scores are never
     stored. No gradient. Limits: those of `compressed_attention_triton`, plus `l, d, l'` powers of
-    two, 16 <= l' <= 256, l'/d <= 16, l - d <= 16 l'.
+    two, 16 <= l' <= 256, l'/d <= 16, l <= l'.
     """
     dims = check_compressed_qkv(q, k_cmp)
     check_kernel_tensors(dims, q)
@@ -609,7 +614,8 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_cmp, l, d, config.causal)
     B, Nq, Hq, H, n = dims.batch, dims.seq_len_q, dims.heads_q, dims.heads_kv, config.num_selected_blocks
     group_pad = triton.next_power_of_2(dims.group_size)
-    block_m = 16
+    # 128 rows per program, at least 16 positions; 4 warps (measured at 64k, see Chapter 11)
+    block_m = max(16, 128 // group_pad) if q.is_cuda else 16
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
     with torch.no_grad():
         select_blocks_kernel[(triton.cdiv(Nq, block_m), B, H)](
@@ -620,5 +626,5 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
             CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
             NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
             CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP,
-            num_warps=4)   # measured at 64k, 64/4 heads: 4 warps 15 ms, 8 warps 21 ms, 16 warps 39 ms
+            num_warps=4)
     return out

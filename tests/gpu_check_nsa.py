@@ -325,6 +325,9 @@ def main():
     parser.add_argument("--max-len", type=int, default=65536)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU: checks the script only")
+    parser.add_argument("--limits", action="store_true",
+                        help="accuracy only, short problems over dtypes x head dims x groups: every launch "
+                             "configuration within the documented limits must run")
     parser.add_argument("--quick", action="store_true",
                         help="accuracy only, four problems (1k-3k and 64k, 64/4 heads): a check after a kernel change")
     args = parser.parse_args()
@@ -358,7 +361,15 @@ def main():
                                     [(0, R), (8192 - R // 2, R), (16384 - R, R)]),
                                    ("paper 64/4 d128", 1, 65536, 65536, 64, 4, 128, 128, paper, 0,
                                     [(65536 - R // 2, R // 2)])]
-    for N in ((16384, 65536) if not (args.tiny or args.quick) else ()):
+    if args.limits and not args.tiny:
+        args.skip_timing = True
+        problems = []
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for Dqk, Dv in ((64, 64), (128, 128), (192, 128), (256, 256)):
+                for Hq, H in ((16, 1), (8, 2), (2, 2)):
+                    name = f"{str(dt)[6:]} {Hq}/{H} {Dqk}/{Dv}"
+                    problems.append((name, 1, 333, 333, Hq, H, Dqk, Dv, paper, 0, [(0, 333)], dt))
+    for N in ((16384, 65536) if not (args.tiny or args.quick or args.limits) else ()):
         if N <= args.max_len:
             chunks = [(0, R), (N // 2 - R // 2, R), (N - R, R)]
             problems.append(("paper 16/1 d128", 1, N, N, 16, 1, 128, 128, paper, 0, chunks))
@@ -367,8 +378,10 @@ def main():
     print("== accuracy: bf16 triton vs float64 reference ==", flush=True)
     for label, *problem in problems:
         start = time.time()
+        if len(problem) == 10:                     # the problem names no dtype: the run's
+            problem.append(dtype)
         try:
-            errors += check_accuracy(label, *problem, dtype)
+            errors += check_accuracy(label, *problem)
         except Exception:                          # keep going: report every problem
             failures.append(label)
             traceback.print_exc()

@@ -64,6 +64,8 @@ CONFIGS = [
     NSAConfig(32, 16, 32, 3, 0, 0, 32),             # no forced blocks
     NSAConfig(16, 8, 16, 20, 1, 2, 32),             # n larger than the blocks there are
     NSAConfig(16, 8, 16, 4, 1, 2, 32, causal=False),
+    NSAConfig(16, 16, 16, 4, 1, 1, 32),             # l = d = l': one compressed block per block, no spill
+    NSAConfig(32, 8, 32, 4, 1, 2, 32),              # l = l' = 4 d: three places spill into the next block
 ]
 
 
@@ -108,5 +110,7 @@ def test_limits_are_checked_before_launch():
         select_blocks_triton(q, k_cmp, lse, 20, NSAConfig(16, 8, 24, 4, 1, 2, 32))
     with pytest.raises(ValueError, match="lse"):
         select_blocks_triton(q, k_cmp, lse[:, :3], 20, NSAConfig(16, 8, 16, 4, 1, 2, 32))
+    with pytest.raises(ValueError, match="compress_block_size = 32 > select_block_size = 16"):
+        select_blocks_triton(q, k_cmp, lse, 20, NSAConfig(32, 8, 16, 4, 1, 2, 32))
     with pytest.raises(TypeError, match="NSAConfig"):
         select_blocks_triton(q, k_cmp, lse, 20, dict(select_block_size=16))
