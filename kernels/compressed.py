@@ -6,7 +6,7 @@ import triton.language as tl
 
 from nsa.compression import (_check_mem_kv_len, check_compressed_args, check_compressed_qkv,
                              resolve_seq_len_k)
-from nsa.kernels.flash import check_kernel_dims
+from nsa.kernels.flash import check_kernel_dims, launch_fitting
 from nsa.validation import resolve_scale
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
@@ -179,11 +179,16 @@ def band_attention_forward(q, k, v, scale, seq_len_k, band):
         num_stages = 3 if small_dims else 2
         if small_dims and q.is_cuda:
             meta["BLOCK_N"], num_warps = 32, 4
-    grid = (triton.cdiv(Nq, meta["BLOCK_M"]), B, H)
-    band_attention_forward_kernel[grid](
-        q, k, v, o, lse, scale * LOG2E, Nq, seq_len_k, num_rows, *band,
-        HEADS_Q=Hq, EDGE_MASKS=band[0] == UNBOUNDED, num_warps=num_warps, num_stages=num_stages, **meta)
+    launch_fitting(band_attention_forward_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
+                   (q, k, v, o, lse, scale * LOG2E, Nq, seq_len_k, num_rows, *band),
+                   dict(HEADS_Q=Hq, EDGE_MASKS=band[0] == UNBOUNDED, **meta), num_warps, num_stages,
+                   shrink=band_shrink(meta))
     return o, lse
+
+
+def band_shrink(meta):
+    """What `launch_fitting` may halve when the tiles do not fit: keys per step, then positions."""
+    return (("BLOCK_N", 16), ("BLOCK_M", max(1, 16 // meta["GROUP_PAD"])))
 
 
 def compressed_band(num_blocks: int, block_size: int, stride: int, mem_kv_len: int, causal: bool):
@@ -364,9 +369,9 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band):
     num_stages = 3 if long_band and small_dims else 2
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E, scale, Nq, seq_len_k, num_rows, *band)
-    band_attention_backward_dq_kernel[(triton.cdiv(Nq, meta["BLOCK_M"]), B, H)](
-        q, k, v, o, do, lse, delta, dq, *common,
-        HEADS_Q=Hq, EDGE_MASKS=long_band, num_warps=num_warps, num_stages=num_stages, **meta)
+    launch_fitting(band_attention_backward_dq_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
+                   (q, k, v, o, do, lse, delta, dq, *common), dict(HEADS_Q=Hq, EDGE_MASKS=long_band, **meta),
+                   num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
         return dq, torch.empty_like(k), torch.empty_like(v)
     # the dk, dv kernel streams q and dO tiles through shared memory: 64 rows per step (128
@@ -383,9 +388,10 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band):
     else:
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
-    band_attention_backward_dkdv_kernel[(triton.cdiv(num_rows, meta["BLOCK_N"]), num_chunks, B * H)](
-        q, k, v, do, lse, delta, dk, dv, *common, chunk,
-        HEADS_Q=Hq, num_warps=num_warps, num_stages=num_stages, **meta)
+    launch_fitting(band_attention_backward_dkdv_kernel,
+                   lambda tiles: (triton.cdiv(num_rows, tiles["BLOCK_N"]), num_chunks, B * H),
+                   (q, k, v, do, lse, delta, dk, dv, *common, chunk), dict(HEADS_Q=Hq, **meta),
+                   num_warps, num_stages, shrink=band_shrink(meta)[::-1])   # chunk stays a multiple of BLOCK_M
     if num_chunks > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
@@ -614,17 +620,18 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_cmp, l, d, config.causal)
     B, Nq, Hq, H, n = dims.batch, dims.seq_len_q, dims.heads_q, dims.heads_kv, config.num_selected_blocks
     group_pad = triton.next_power_of_2(dims.group_size)
-    # 128 rows per program, at least 16 positions; 4 warps (measured at 64k, see Chapter 11)
+    # 128 rows per program, at least 16 positions; 4 warps (measured at 64k, 64/4 and 32/8 heads:
+    # book/data/select_kernel_variants_h100.csv)
     block_m = max(16, 128 // group_pad) if q.is_cuda else 16
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
+    meta = dict(HEADS_Q=Hq, GROUP=dims.group_size, GROUP_PAD=group_pad,
+                DIM_QK=dims.dim_qk, BLOCK_DQK=head_dim_block(dims.dim_qk),
+                CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
+                NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
+                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP)
     with torch.no_grad():
-        select_blocks_kernel[(triton.cdiv(Nq, block_m), B, H)](
-            q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out,
-            scale * LOG2E, Nq, seq_len_k, mem_kv_len, num_cmp, triton.cdiv(seq_len_k, l_sel),
-            HEADS_Q=Hq, GROUP=dims.group_size, GROUP_PAD=group_pad,
-            DIM_QK=dims.dim_qk, BLOCK_DQK=head_dim_block(dims.dim_qk),
-            CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
-            NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-            CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP,
-            num_warps=4)
+        launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
+                       (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out,
+                        scale * LOG2E, Nq, seq_len_k, mem_kv_len, num_cmp, triton.cdiv(seq_len_k, l_sel)),
+                       meta, num_warps=4, num_stages=3, shrink=(("BLOCK_M", 16),))
     return out

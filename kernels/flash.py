@@ -152,12 +152,47 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
     o = torch.empty(B, Nq, Hq, dims.dim_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     BLOCK_M, BLOCK_N = (64, 64) if q.is_cuda else (32, 32)
-    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
-    flash_attention_forward_kernel[grid](
-        q, k, v, o, lse, scale, Nq, Nk,
-        HEADS_Q=Hq, GROUP_SIZE=dims.group_size, DIM_QK=dims.dim_qk, DIM_V=dims.dim_v,
-        BLOCK_DQK=head_dim_block(dims.dim_qk), BLOCK_DV=head_dim_block(dims.dim_v),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal,
-        num_warps=4, num_stages=2,
-    )
+    meta = dict(HEADS_Q=Hq, GROUP_SIZE=dims.group_size, DIM_QK=dims.dim_qk, DIM_V=dims.dim_v,
+                BLOCK_DQK=head_dim_block(dims.dim_qk), BLOCK_DV=head_dim_block(dims.dim_v),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal)
+    launch_fitting(flash_attention_forward_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B * Hq),
+                   (q, k, v, o, lse, scale, Nq, Nk), meta, num_warps=4, num_stages=2,
+                   shrink=(("BLOCK_N", 16), ("BLOCK_M", 16)))
     return (o, lse) if return_lse else o
+
+
+from triton.runtime.errors import OutOfResources
+
+_FITTED = {}   # (kernel, preferred tiles, device) -> (tiles, stages) that fit its shared memory
+
+
+def launch_fitting(kernel, grid, args, meta, num_warps, num_stages, shrink=()):
+    """`kernel[grid(meta)](*args, **meta, num_warps=..., num_stages=...)`, with smaller tiles
+    when these do not fit the GPU's shared memory: first fewer pipeline stages, then halving, in
+    turn, each constexpr of `shrink` ((name, smallest) pairs). Returns the meta-parameters used.
+    ValueError when even the smallest tiles do not fit."""
+    key = (kernel, tuple(sorted(meta.items())), num_warps, num_stages, shrink, args[0].device)
+    tiles, stages = _FITTED.get(key, (meta, num_stages))
+    while True:
+        try:
+            kernel[grid(tiles)](*args, **tiles, num_warps=num_warps, num_stages=stages)
+        except OutOfResources as too_big:
+            smaller = _smaller_tiles(tiles, stages, shrink)
+            if smaller is None:
+                raise ValueError(f"{kernel.__name__}: even the smallest tiles ({tiles}, {stages} "
+                                 f"stage) need more shared memory than this GPU has ({too_big}); "
+                                 "use float16/bfloat16 or smaller head dims") from None
+            tiles, stages = smaller
+            continue
+        _FITTED[key] = (tiles, stages)
+        return tiles
+
+
+def _smaller_tiles(tiles, stages, shrink):
+    """The next smaller launch: one stage fewer, else the first `shrink` tile halved."""
+    if stages > 1:
+        return tiles, stages - 1
+    for name, smallest in shrink:
+        if tiles[name] // 2 >= smallest:
+            return {**tiles, name: tiles[name] // 2}, stages
+    return None

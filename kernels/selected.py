@@ -24,6 +24,8 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
 import triton
 import triton.language as tl
 
+from nsa.kernels.flash import launch_fitting
+
 
 def _pow2_at_least_16(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
@@ -196,11 +198,10 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, nu
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
-    selected_attention_forward_kernel[(num_tiles, B * H)](
-        q, k, v, *tiles, o, lse, scale, Nq, Nk, num_tiles, num_entries,
-        HEADS_KV=H, CAUSAL=causal, **meta,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
-    )
+    launch_fitting(selected_attention_forward_kernel, lambda _: (num_tiles, B * H),
+                   (q, k, v, *tiles, o, lse, scale, Nq, Nk, num_tiles, num_entries),
+                   dict(HEADS_KV=H, CAUSAL=causal, **meta),
+                   num_warps=num_warps or warps, num_stages=num_stages or stages)
     return o, lse
 
 
@@ -428,11 +429,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
-    selected_attention_backward_dq_kernel[(num_tiles, B * H)](
-        q, k, v, o, do, lse, *tiles, dq, delta, dk, dv, scale, Nq, Nk, num_tiles, num_entries,
-        HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", **meta,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
-    )
+    launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
+                   (q, k, v, o, do, lse, *tiles, dq, delta, dk, dv, scale, Nq, Nk, num_tiles, num_entries),
+                   dict(HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", **meta),
+                   num_warps=num_warps or warps, num_stages=num_stages or stages)
     if dkdv == "gather":
         num_blocks = -(-Nk // block_size)
         chunk = chunk or (1024 if q.is_cuda else 8)
@@ -440,13 +440,14 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
         block_gq = triton.next_power_of_2(G)
         rows = max(rows or (64 if q.is_cuda else 16), block_gq)
         U = chunk_block.shape[1]
-        selected_attention_backward_dkdv_kernel[(U, B * H)](
-            q, k, v, do, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
-            scale, Nq, Nk, U, HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv,
-            BLOCK_DQK=meta["BLOCK_DQK"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq,
-            BLOCK_Q=rows // block_gq, BLOCK_SIZE=block_size, CAUSAL=causal,
-            num_warps=dkdv_warps, num_stages=dkdv_stages,
-        )
+        launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
+                       (q, k, v, do, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
+                        scale, Nq, Nk, U),
+                       dict(HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=meta["BLOCK_DQK"],
+                            BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
+                            BLOCK_SIZE=block_size, CAUSAL=causal),
+                       num_warps=dkdv_warps, num_stages=dkdv_stages,
+                       shrink=(("BLOCK_Q", max(1, 16 // block_gq)),))
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 

@@ -46,3 +46,43 @@ def test_errors_before_launch():
         flash_attention(*(torch.randn(1, 4, 1, 512),) * 3)
     with pytest.raises(TypeError, match="causal"):
         flash_attention(*(torch.randn(1, 4, 1, 16),) * 3, causal="yes")
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel on a GPU with `capacity` bytes of shared memory: a launch
+    needs BLOCK_M * BLOCK_N * stages bytes."""
+    __name__ = "fake_kernel"
+
+    def __init__(self, capacity):
+        self.capacity, self.launches = capacity, []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages, **tiles):
+            from triton.runtime.errors import OutOfResources
+            need = tiles["BLOCK_M"] * tiles["BLOCK_N"] * num_stages
+            self.launches.append((grid, dict(tiles), num_stages))
+            if need > self.capacity:
+                raise OutOfResources(need, self.capacity, "shared memory")
+        return launch
+
+
+def test_launch_fitting_shrinks_stages_then_tiles_and_remembers():
+    from nsa.kernels.flash import launch_fitting
+    kernel = _FakeKernel(capacity=64 * 32 * 1)
+    x = torch.zeros(1)
+    used = launch_fitting(kernel, lambda t: (100 // t["BLOCK_M"],), (x,), dict(BLOCK_M=64, BLOCK_N=64),
+                          num_warps=4, num_stages=3, shrink=(("BLOCK_N", 16), ("BLOCK_M", 16)))
+    assert used == dict(BLOCK_M=64, BLOCK_N=32)
+    assert [stages for _, _, stages in kernel.launches] == [3, 2, 1, 1]      # stages first, then BLOCK_N
+    assert kernel.launches[-1][0] == (1,)                                    # the grid follows the tiles
+    kernel.launches.clear()                                                  # a second call: straight to the fit
+    launch_fitting(kernel, lambda t: (1,), (x,), dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3,
+                   shrink=(("BLOCK_N", 16), ("BLOCK_M", 16)))
+    assert len(kernel.launches) == 1
+
+
+def test_launch_fitting_says_when_nothing_fits():
+    from nsa.kernels.flash import launch_fitting
+    with pytest.raises(ValueError, match="fake_kernel: even the smallest tiles"):
+        launch_fitting(_FakeKernel(capacity=10), lambda t: (1,), (torch.zeros(1),), dict(BLOCK_M=32, BLOCK_N=32),
+                       num_warps=4, num_stages=2, shrink=(("BLOCK_N", 16),))
