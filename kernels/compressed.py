@@ -605,7 +605,9 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     (B, Nq, H, num_selected_blocks) int32 block indices, ascending, -1 (empty) last; forced
     blocks always present; ties to the lower block index. The (Nq x ceil(Nk/l')) scores are never
     stored. No gradient. Limits: those of `compressed_attention_triton`, plus `l, d, l'` powers of
-    two, 16 <= l' <= 256, l'/d <= 16, l <= l'.
+    two, 16 <= l' <= 256, l'/d <= 16, l <= l'. A program holds 16 positions x the group's heads
+    of q: float32 with head dim > 128 at group 16 does not fit an H100's shared memory
+    (ValueError at launch; use float16/bfloat16).
     """
     dims = check_compressed_qkv(q, k_cmp)
     check_kernel_tensors(dims, q)

@@ -108,7 +108,9 @@ def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     (B, Nq, Hq), config an NSAConfig, scale a float or None. Returns o: (B, Nq, Hq, Dv) in q's
     dtype, differentiable in all eight tensors (not through the block selection).
     Limits (ValueError before launch): float16/bfloat16/float32 (no bf16 on the CPU); head dims
-    <= 256; group size <= 16; l, d, l' powers of two with 16 <= l' <= 256 and l'/d <= 16.
+    <= 256; group size <= 16; l, d, l' powers of two with 16 <= l' <= 256, l'/d <= 16 and
+    l <= l'. Float32 with head dim > 128 at group 16 exceeds an H100's shared memory in the
+    selection kernel (a ValueError at its launch).
     """
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)
