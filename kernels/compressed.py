@@ -6,7 +6,7 @@ import triton.language as tl
 
 from nsa.compression import (_check_mem_kv_len, check_compressed_args, check_compressed_qkv,
                              resolve_seq_len_k)
-from nsa.kernels.flash import check_kernel_dims, launch_fitting
+from nsa.kernels.flash import check_kernel_dims, head_dim_block, launch_fitting
 from nsa.validation import resolve_scale
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
@@ -142,11 +142,6 @@ def band_attention_forward_kernel(
     tl.store(O + q_rows[:, None] * DIM_V + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
     tl.store(LSE + q_rows, lse, mask=row_ok)
-
-
-def head_dim_block(dim: int) -> int:
-    """A head dim padded to the power of two (>= 16) that a tl.dot tile needs."""
-    return max(16, triton.next_power_of_2(dim))
 
 
 def band_tiles(group: int, dim_qk: int, dim_v: int, on_gpu: bool, rows: int = 128):

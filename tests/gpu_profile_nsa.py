@@ -9,7 +9,7 @@ The output of one H100 run is book/data/profile_fwd_bwd_h100.txt (chapter 11).
 """
 import collections
 import torch
-import nsa
+
 from nsa import native_sparse_attention
 from nsa.bench import make_inputs
 
