@@ -7,6 +7,7 @@ import triton.language as tl
 from nsa.compression import (_check_mem_kv_len, check_compressed_args, check_compressed_qkv,
                              resolve_seq_len_k)
 from nsa.kernels.flash import check_kernel_dims, head_dim_block, launch_fitting
+from nsa.kernels.selected import branch_delta, load_branch_do, store_dq
 from nsa.validation import resolve_scale
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
@@ -224,14 +225,17 @@ def band_dq_steps(
 
 @triton.jit
 def band_attention_backward_dq_kernel(
-    Q, K, V, O, DO, LSE,
-    DELTA,                    # output (B, Nq, Hq) float32: rowsum(dO * O), for the dk, dv kernel
-    DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype
+    Q, K, V, O, DO,
+    GATE,                     # (B, Nq, Hq): the branch's gate when GATED (Chapter 8's helpers)
+    LSE,
+    DELTA,                    # (B, Nq, Hq) float32 rowsum(dO * O): output, or input when GATED
+    DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MASKS: tl.constexpr,
+    GATED: tl.constexpr, ADD_TO_DQ: tl.constexpr,
 ):
     # -- the forward's rows: BLOCK_M positions x the group, longest tiles first --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
@@ -250,12 +254,8 @@ def band_attention_backward_dq_kernel(
     q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
     q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-    do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    o = tl.load(O + q_rows[:, None] * DIM_V + offs_dv[None, :],
-                mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)         # (BLOCK_R,)
-    tl.store(DELTA + q_rows, delta, mask=row_ok)
+    do = load_branch_do(DO, GATE, q_rows, row_ok, offs_dv, DIM_V, GATED)
+    delta = branch_delta(do, O, DELTA, q_rows, row_ok, offs_dv, DIM_V, GATED)   # (BLOCK_R,)
     lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_R, BLOCK_DQK], dtype=tl.float32)
 
@@ -275,20 +275,19 @@ def band_attention_backward_dq_kernel(
     else:
         dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, start, end, lo, hi, num_rows,
                            scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
-    tl.store(DQ + q_rows[:, None] * DIM_QK + offs_dqk[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+    store_dq(DQ, dq * scale, q_rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
 @triton.jit
 def band_attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,
+    Q, K, V, DO, GATE, LSE, DELTA,
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     chunk_len,                # query positions per chunk (a multiple of BLOCK_M)
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
 ):
     # -- this program: BLOCK_N key rows of kv head `head_kv`, held for the whole loop, against
     #    the query positions of chunk `chunk` --
@@ -327,8 +326,7 @@ def band_attention_backward_dkdv_kernel(
         q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
         q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                     mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        do = load_branch_do(DO, GATE, q_rows, row_ok, offs_dv, DIM_V, GATED)
         lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + q_rows, mask=row_ok, other=0.0)
         # -- P and dS of these rows against the tile's keys, as in the dq kernel --
@@ -350,22 +348,31 @@ def band_attention_backward_dkdv_kernel(
 DKDV_CHUNK = 2048   # query positions per dk, dv program of a long band (GPU)
 
 
-def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band):
-    """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse)."""
+def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=None, delta=None, dq=None):
+    """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse).
+
+    gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
+    float32 = rowsum(dO * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
+    (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
+    """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
-    delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
-    dq = torch.empty_like(q)
-    # long bands (compression) mask only their edges and pipeline 3 deep (head dims <= 128; 2
-    # above, for shared memory); the window, 2 deep with masks throughout (measured, see above)
+    gated, add_to_dq = gate is not None, dq is not None
+    if not gated:
+        delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
+    if not add_to_dq:
+        dq = torch.empty_like(q)
+    # dq: long bands (compression) mask only their edges and pipeline 3 deep (head dims <= 128;
+    # 2 above, for shared memory); the window, 2 deep with masks throughout (measured, see above)
     long_band = band[0] == UNBOUNDED
     small_dims = max(head_dim_block(Dqk), head_dim_block(Dv)) <= 128
     num_stages = 3 if long_band and small_dims else 2
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E, scale, Nq, seq_len_k, num_rows, *band)
     launch_fitting(band_attention_backward_dq_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
-                   (q, k, v, o, do, lse, delta, dq, *common), dict(HEADS_Q=Hq, EDGE_MASKS=long_band, **meta),
+                   (q, k, v, o, do, gate, lse, delta, dq, *common),
+                   dict(HEADS_Q=Hq, EDGE_MASKS=long_band, GATED=gated, ADD_TO_DQ=add_to_dq, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
         return dq, torch.empty_like(k), torch.empty_like(v)
@@ -383,10 +390,12 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band):
     else:
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
+    # dk, dv: 2 stages for both bands (its two 64 x 128 float32 accumulators leave no registers
+    # for a third; measured, see the sweep below)
     launch_fitting(band_attention_backward_dkdv_kernel,
                    lambda tiles: (triton.cdiv(num_rows, tiles["BLOCK_N"]), num_chunks, B * H),
-                   (q, k, v, do, lse, delta, dk, dv, *common, chunk), dict(HEADS_Q=Hq, **meta),
-                   num_warps, num_stages, shrink=band_shrink(meta)[::-1])   # chunk stays a multiple of BLOCK_M
+                   (q, k, v, do, gate, lse, delta, dk, dv, *common, chunk), dict(HEADS_Q=Hq, GATED=gated, **meta),
+                   num_warps, num_stages=2, shrink=band_shrink(meta)[::-1])   # chunk stays a multiple of BLOCK_M
     if num_chunks > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv

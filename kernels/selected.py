@@ -31,6 +31,47 @@ def _pow2_at_least_16(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
+@triton.jit
+def query_tiles_kernel(
+    BLOCK_INDICES,          # (B, Nq, H, n) int32, prepared: -1 = skip, no repeats in a row
+    TILE_BLOCKS,            # output (B, T, H, E) int32: distinct blocks ascending, then -1
+    TILE_MEMBERS,           # output (B, T, H, E) int32: bit j = query j of the tile selected it
+    TILE_COUNTS,            # output (B, T, H) int32: the number of distinct blocks
+    seq_len_q, num_tiles,   # Nq, T = ceil(Nq / Q)
+    HEADS_KV: tl.constexpr,         # H
+    NUM_SLOTS: tl.constexpr,        # n
+    QUERIES_PER_TILE: tl.constexpr, # Q
+    BLOCK_E: tl.constexpr,          # E = Q * n padded to a power of two
+):
+    tile = tl.program_id(0)
+    b = tl.program_id(1) // HEADS_KV
+    h = tl.program_id(1) % HEADS_KV
+    num_entries = QUERIES_PER_TILE * NUM_SLOTS
+    # -- the tile's entries, e = (query j of the tile, slot); padding and past-Nq entries are -1 --
+    e = tl.arange(0, BLOCK_E)
+    j = e // NUM_SLOTS
+    i = tile * QUERIES_PER_TILE + j
+    in_tile = (e < num_entries) & (i < seq_len_q)
+    at = ((b * seq_len_q + i).to(tl.int64) * HEADS_KV + h) * NUM_SLOTS + e % NUM_SLOTS
+    block = tl.load(BLOCK_INDICES + at, mask=in_tile, other=-1)
+    valid = block >= 0
+    bit = tl.full([BLOCK_E], 1, tl.int32) << j
+    # -- all pairs (e, f): same block; first of its block; mask; slot among distinct blocks --
+    same = (block[:, None] == block[None, :]) & valid[:, None]
+    first = valid & (tl.sum((same & (e[None, :] < e[:, None])).to(tl.int32), 1) == 0)
+    members = tl.sum(tl.where(same, bit[None, :], 0), 1)
+    slot = tl.sum((first[None, :] & (block[None, :] < block[:, None])).to(tl.int32), 1)
+    count = tl.sum(first.to(tl.int32), 0)
+    # -- slot r <- the first entry f with slot r (rows r, columns f) --
+    hit = first[None, :] & (slot[None, :] == e[:, None])
+    tile_block = tl.where(e < count, tl.sum(tl.where(hit, block[None, :], 0), 1), -1)
+    tile_member = tl.sum(tl.where(hit, members[None, :], 0), 1)
+    out = ((b * num_tiles + tile).to(tl.int64) * HEADS_KV + h) * num_entries
+    tl.store(TILE_BLOCKS + out + e, tile_block, mask=e < num_entries)
+    tl.store(TILE_MEMBERS + out + e, tile_member, mask=e < num_entries)
+    tl.store(TILE_COUNTS + (b * num_tiles + tile) * HEADS_KV + h, count)
+
+
 def prepare_query_tiles(block_indices, queries_per_tile):
     """The union of the blocks selected by each tile of Q consecutive queries, per kv head.
 
@@ -43,24 +84,14 @@ def prepare_query_tiles(block_indices, queries_per_tile):
     B, Nq, H, n = block_indices.shape
     Q, device = queries_per_tile, block_indices.device
     T, E = -(-Nq // Q), Q * n
-    if T * Q != Nq:                                                     # pad the last tile with -1
-        pad = torch.full((B, T * Q - Nq, H, n), -1, dtype=torch.int32, device=device)
-        block_indices = torch.cat([block_indices, pad], dim=1)
-    entries = block_indices.view(B, T, Q, H, n).permute(0, 1, 3, 2, 4).reshape(B, T, H, E)
-    bits = (1 << torch.arange(Q, device=device, dtype=torch.int32)).repeat_interleave(n)  # (E,)
-    empty = torch.iinfo(torch.int32).max                                # -1 sorts last as this
-    blocks, order = torch.where(entries >= 0, entries, empty).sort(dim=-1)
-    valid = blocks != empty
-    bits = torch.where(valid, bits[order], 0)
-    first = valid.clone()
-    first[..., 1:] &= blocks[..., 1:] != blocks[..., :-1]              # first entry of each block
-    slot = torch.where(valid, first.cumsum(-1) - 1, E)                 # its slot; -1 entries -> E
-    tile_blocks = torch.full((B, T, H, E + 1), -1, dtype=torch.int32, device=device)
-    tile_blocks.scatter_(-1, slot, torch.where(valid, blocks, -1))
-    tile_members = torch.zeros((B, T, H, E + 1), dtype=torch.int32, device=device)
-    tile_members.scatter_add_(-1, slot, bits)
-    tile_counts = first.sum(-1, dtype=torch.int32)
-    return tile_blocks[..., :E].contiguous(), tile_members[..., :E].contiguous(), tile_counts
+    tile_blocks = torch.empty((B, T, H, E), dtype=torch.int32, device=device)
+    tile_members = torch.empty((B, T, H, E), dtype=torch.int32, device=device)
+    tile_counts = torch.empty((B, T, H), dtype=torch.int32, device=device)
+    if T * B * H:
+        query_tiles_kernel[(T, B * H)](block_indices, tile_blocks, tile_members, tile_counts, Nq, T,
+                                       HEADS_KV=H, NUM_SLOTS=n, QUERIES_PER_TILE=Q,
+                                       BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+    return tile_blocks, tile_members, tile_counts
 
 
 @triton.jit
@@ -217,15 +248,17 @@ def reverse_block_index(block_indices, num_blocks, chunk):
     """
     B, Nq, H, n = block_indices.shape
     device = block_indices.device
+    num_keys = B * H * (num_blocks + 1)                                  # (batch*kv head, block or -1)
+    dtype = torch.int32 if num_keys < 2**31 else torch.int64             # 32-bit keys: half the radix passes
     per_head = block_indices.permute(0, 2, 1, 3).reshape(B * H, Nq * n)   # entries (i, slot)
-    key = torch.where(per_head >= 0, per_head, num_blocks).long()        # -1 -> sentinel block
-    key = key + torch.arange(B * H, device=device)[:, None] * (num_blocks + 1)
-    order = torch.sort(key.flatten(), stable=True).indices                # (B*H*Nq*n,)
+    key = torch.where(per_head >= 0, per_head, num_blocks).to(dtype)     # -1 -> sentinel block
+    key = key + torch.arange(B * H, device=device, dtype=dtype)[:, None] * (num_blocks + 1)
+    sorted_key, order = torch.sort(key.flatten(), stable=True)            # (B*H*Nq*n,)
     queries = ((order % (Nq * n)) // n).to(torch.int32)
-    counts = torch.bincount(key.flatten(), minlength=B * H * (num_blocks + 1))
-    starts = counts.cumsum(0) - counts                                   # exclusive prefix sum
-    counts = counts.view(B * H, num_blocks + 1)[:, :num_blocks]          # (B*H, NB) per block
-    starts = starts.view(B * H, num_blocks + 1)[:, :num_blocks]
+    # -- where each key's run starts in the sorted list: one binary search per key --
+    edges = torch.searchsorted(sorted_key, torch.arange(num_keys + 1, device=device, dtype=dtype))
+    starts = edges[:-1].view(B * H, num_blocks + 1)[:, :num_blocks]     # (B*H, NB) per block
+    counts = edges.diff().view(B * H, num_blocks + 1)[:, :num_blocks]
     num_chunks = (counts + chunk - 1) // chunk                          # (B*H, NB)
     last_chunk = num_chunks.cumsum(1)                                    # inclusive
     U = num_blocks + -(-(Nq * n) // chunk)
@@ -243,12 +276,49 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 
 
 @triton.jit
+def load_branch_do(DO, GATE, rows, row_ok, offs_dv, DIM_V: tl.constexpr, GATED: tl.constexpr):
+    """dO of this branch at `rows` (BLOCK_DV columns): the op's dO times the branch's gate
+    (GATED), else dO itself."""
+    do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    if GATED:
+        gate = tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)
+        do = (do.to(tl.float32) * gate[:, None]).to(DO.dtype.element_ty)
+    return do
+
+
+@triton.jit
+def branch_delta(do, O, DELTA, rows, row_ok, offs_dv, DIM_V: tl.constexpr, GATED: tl.constexpr):
+    """delta = rowsum(dO * O) at `rows`: read from DELTA (GATED: the gate's backward made it),
+    else computed from O and stored into DELTA for the dk, dv kernel."""
+    if GATED:
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    else:
+        o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
+                    mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + rows, delta, mask=row_ok)
+    return delta
+
+
+@triton.jit
+def store_dq(DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO_DQ: tl.constexpr):
+    """Store dQ (float32, scaled) at `rows` in DQ's dtype, or add it to what DQ holds (ADD_TO_DQ)."""
+    at = DQ + rows[:, None] * DIM_QK + offs_dqk[None, :]
+    mask = row_ok[:, None] & (offs_dqk[None, :] < DIM_QK)
+    if ADD_TO_DQ:
+        dq += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    tl.store(at, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def selected_attention_backward_dq_kernel(
     Q, K, V, O, DO,         # inputs, contiguous: q, k, v, o as in the forward; do like o
+    GATE,                   # (B, Nq, Hq): the branch's gate, dO's row factor (GATED; else unused)
     LSE,                    # (B, Nq, Hq) float32: the forward's lse
     TILE_BLOCKS, TILE_MEMBERS, TILE_COUNTS,   # as in the forward
-    DQ,                     # output (B, Nq, Hq, Dqk), q's dtype
-    DELTA,                  # output (B, Nq, Hq) float32: rowsum(o * do), for the dk/dv kernel
+    DQ,                     # output (B, Nq, Hq, Dqk), q's dtype (ADD_TO_DQ: added into)
+    DELTA,                  # (B, Nq, Hq) float32 rowsum(o * do): output, or input when GATED
     DK, DV,                 # float32 (B, Nk, H, Dqk|Dv) zero-filled: used only with SCATTER_DKDV
     scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
     HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -256,6 +326,8 @@ def selected_attention_backward_dq_kernel(
     BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
     SCATTER_DKDV: tl.constexpr,  # also atomically add this program's dk, dv into DK, DV
+    GATED: tl.constexpr,         # dO = the op's dO * GATE; DELTA given
+    ADD_TO_DQ: tl.constexpr,     # DQ += this branch's dq
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1) // HEADS_KV
@@ -275,12 +347,8 @@ def selected_attention_backward_dq_kernel(
     rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
     q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-    do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
-                mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + rows, delta, mask=row_ok)
+    do = load_branch_do(DO, GATE, rows, row_ok, offs_dv, DIM_V, GATED)
+    delta = branch_delta(do, O, DELTA, rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
     dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -323,13 +391,12 @@ def selected_attention_backward_dq_kernel(
             tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv_part,
                           mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V))
 
-    tl.store(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+    store_dq(DQ, dq * scale, rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
 @triton.jit
 def selected_attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,   # as in the dq kernel
+    Q, K, V, DO, GATE, LSE, DELTA,   # as in the dq kernel (DELTA an input)
     QUERIES,                   # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
     DK, DV,                    # outputs, float32 (B, Nk, H, Dqk|Dv), zero-filled, added into
@@ -338,7 +405,7 @@ def selected_attention_backward_dkdv_kernel(
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two (not to 16: the tile has many entries)
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
-    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
 ):
     u = tl.program_id(0)
     bh = tl.program_id(1)
@@ -377,8 +444,7 @@ def selected_attention_backward_dkdv_kernel(
             rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
             q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
                         mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-            do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+            do = load_branch_do(DO, GATE, rows, row_ok, offs_dv, DIM_V, GATED)
             lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
             # -- recompute p^T: (l', rows) --
@@ -402,10 +468,14 @@ def selected_attention_backward_dkdv_kernel(
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
                            dkdv="gather", chunk=None, rows=None, num_warps=None, num_stages=None,
-                           queries_per_tile=None, tiles=None, dkdv_warps=4, dkdv_stages=2):
+                           queries_per_tile=None, tiles=None, dkdv_warps=4, dkdv_stages=2,
+                           gate=None, delta=None, dq=None):
     """Launch the backward kernels: (dq, dk, dv) in q's dtype.
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
+    gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
+    float32 = rowsum(dO * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
+    (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
     the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
     tl.dot in the gather kernel (a power of two >= 16). queries_per_tile, tiles, num_warps,
@@ -423,15 +493,19 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     elif tiles is None:
         tiles = prepare_query_tiles(block_indices, Q)
     do = do.contiguous()
-    delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
-    dq = torch.empty_like(q)
+    gated, add_to_dq = gate is not None, dq is not None
+    if not gated:
+        delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
+    if not add_to_dq:
+        dq = torch.empty_like(q)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
-                   (q, k, v, o, do, lse, *tiles, dq, delta, dk, dv, scale, Nq, Nk, num_tiles, num_entries),
-                   dict(HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", **meta),
+                   (q, k, v, o, do, gate, lse, *tiles, dq, delta, dk, dv, scale, Nq, Nk, num_tiles, num_entries),
+                   dict(HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", GATED=gated,
+                        ADD_TO_DQ=add_to_dq, **meta),
                    num_warps=num_warps or warps, num_stages=num_stages or stages)
     if dkdv == "gather":
         num_blocks = -(-Nk // block_size)
@@ -441,11 +515,11 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
         rows = max(rows or (64 if q.is_cuda else 16), block_gq)
         U = chunk_block.shape[1]
         launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
-                       (q, k, v, do, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
+                       (q, k, v, do, gate, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
                         scale, Nq, Nk, U),
                        dict(HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=meta["BLOCK_DQK"],
                             BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
-                            BLOCK_SIZE=block_size, CAUSAL=causal),
+                            BLOCK_SIZE=block_size, CAUSAL=causal, GATED=gated),
                        num_warps=dkdv_warps, num_stages=dkdv_stages,
                        shrink=(("BLOCK_Q", max(1, 16 // block_gq)),))
     return dq, dk.to(q.dtype), dv.to(q.dtype)

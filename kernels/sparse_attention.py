@@ -4,10 +4,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.compressed import (check_kernel_tensors, check_select_config,
-                                    compressed_attention_triton, select_blocks_triton)
-from nsa.kernels.selected import selected_attention_triton
-from nsa.kernels.window import sliding_window_attention_triton
+from nsa.kernels.compressed import (band_attention_backward, band_attention_forward, check_kernel_tensors,
+                                    check_select_config, compressed_band, select_blocks_triton)
+from nsa.kernels.selected import (default_queries_per_tile, prepare_block_indices, prepare_query_tiles,
+                                  selected_attention_bwd, selected_attention_fwd)
+from nsa.kernels.window import window_band
 from nsa.sparse_attention import check_sparse_inputs
 
 
@@ -30,20 +31,21 @@ def gated_sum_forward_kernel(
 
 
 @triton.jit
-def gated_sum_backward_branch(do, O_B, G_B, DO_B, DG_B, rows, at, row_ok, mask):
-    """One branch's share of the backward: dO_b = g_b dO, dg_b = sum_d dO o_b."""
-    gate = tl.load(G_B + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(DO_B + at, (gate[:, None] * do).to(DO_B.dtype.element_ty), mask=mask)
+def gated_sum_backward_branch(do, O_B, G_B, DG_B, DELTA_B, rows, at, row_ok, mask):
+    """One branch's share of the backward: dg_b = sum_d dO o_b and delta_b = g_b dg_b."""
     o_b = tl.load(O_B + at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DG_B + rows, tl.sum(do * o_b, axis=1).to(DG_B.dtype.element_ty), mask=row_ok)
+    dg = tl.sum(do * o_b, axis=1)
+    gate = tl.load(G_B + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DG_B + rows, dg.to(DG_B.dtype.element_ty), mask=row_ok)
+    tl.store(DELTA_B + rows, gate * dg, mask=row_ok)
 
 
 @triton.jit
 def gated_sum_backward_kernel(
     DO,                       # (R, Dv): gradient of the gated sum
     O_CMP, O_SLC, O_WIN, G_CMP, G_SLC, G_WIN,
-    DO_CMP, DO_SLC, DO_WIN,   # outputs (R, Dv): g * dO per branch
-    DG_CMP, DG_SLC, DG_WIN,   # outputs (R,): sum_d dO * o_branch
+    DG_CMP, DG_SLC, DG_WIN,   # outputs (R,), the gates' dtype: sum_d dO * o_branch
+    DELTA_CMP, DELTA_SLC, DELTA_WIN,   # outputs (R,) float32: g * sum_d dO * o_branch
     num_rows, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -52,9 +54,9 @@ def gated_sum_backward_kernel(
     mask = row_ok[:, None] & (offs_d[None, :] < DIM_V)
     at = rows.to(tl.int64)[:, None] * DIM_V + offs_d[None, :]
     do = tl.load(DO + at, mask=mask, other=0.0).to(tl.float32)
-    gated_sum_backward_branch(do, O_CMP, G_CMP, DO_CMP, DG_CMP, rows, at, row_ok, mask)
-    gated_sum_backward_branch(do, O_SLC, G_SLC, DO_SLC, DG_SLC, rows, at, row_ok, mask)
-    gated_sum_backward_branch(do, O_WIN, G_WIN, DO_WIN, DG_WIN, rows, at, row_ok, mask)
+    gated_sum_backward_branch(do, O_CMP, G_CMP, DG_CMP, DELTA_CMP, rows, at, row_ok, mask)
+    gated_sum_backward_branch(do, O_SLC, G_SLC, DG_SLC, DELTA_SLC, rows, at, row_ok, mask)
+    gated_sum_backward_branch(do, O_WIN, G_WIN, DG_WIN, DELTA_WIN, rows, at, row_ok, mask)
 
 
 def _gated_sum_launch(num_rows, dim_v):
@@ -63,28 +65,61 @@ def _gated_sum_launch(num_rows, dim_v):
         num_rows=num_rows, DIM_V=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK_ROWS=block_rows)
 
 
-class GatedSum(torch.autograd.Function):
-    """o = g_cmp o_cmp + g_slc o_slc + g_win o_win, in float32, one pass each way."""
+class NativeSparseAttentionTriton(torch.autograd.Function):
+    """NSA's five steps forward; backward: the gates' kernel, then each branch's kernels, which
+    scale dO by their gate as they load it and add their dq into one buffer."""
 
     @staticmethod
-    def forward(ctx, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
-        branches = [x.contiguous() for x in (o_cmp, o_slc, o_win)]
+    def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len):
+        q, k, v, k_cmp, v_cmp = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp))
         gates = [g.contiguous() for g in (g_cmp, g_slc, g_win)]
-        o = torch.empty_like(branches[0])
-        grid, meta = _gated_sum_launch(g_cmp.numel(), o.shape[-1])
-        gated_sum_forward_kernel[grid](*branches, *gates, o, **meta)
-        ctx.save_for_backward(*branches, *gates)
+        Nk, causal, l_sel = k.shape[1], config.causal, config.select_block_size
+        # -- 1. compressed branch, pass 1: o_cmp and the lse --
+        band_cmp = compressed_band(k_cmp.shape[1] - mem_kv_len, config.compress_block_size,
+                                   config.compress_stride, mem_kv_len, causal)
+        o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp)
+        # -- 2. pass 2: importance scores and top-n, fused; integer indices --
+        block_indices = select_blocks_triton(q, k_cmp, lse_cmp, Nk, config, scale,
+                                             mem_kv_len=mem_kv_len)        # (B, Nq, H, n) int32
+        # -- 3. selected branch over those blocks (cleaned; tiles of queries for small groups) --
+        prepared = prepare_block_indices(block_indices, l_sel, Nk, causal)
+        Q = default_queries_per_tile(q.shape[2] // k.shape[2])
+        tiles = prepare_query_tiles(prepared, Q) if Q > 1 else None
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, prepared, l_sel, scale, causal,
+                                                queries_per_tile=Q, tiles=tiles)
+        # -- 4. sliding-window branch --
+        band_win = window_band(config.window_size, causal)
+        o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, band_win)
+        # -- 5. the gates --
+        o = torch.empty_like(o_cmp)
+        grid, meta = _gated_sum_launch(o_cmp.shape[:-1].numel(), o.shape[-1])
+        gated_sum_forward_kernel[grid](o_cmp, o_slc, o_win, *gates, o, **meta)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, *gates, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
+                              lse_win, prepared, *(tiles or ()))
+        ctx.args = (scale, Nk, band_cmp, band_win, l_sel, causal, Q)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        saved = ctx.saved_tensors
-        branches, gates = saved[:3], saved[3:]
-        d_branches = [torch.empty_like(x) for x in branches]
-        d_gates = [torch.empty_like(g) for g in gates]
-        grid, meta = _gated_sum_launch(gates[0].numel(), branches[0].shape[-1])
-        gated_sum_backward_kernel[grid](do.contiguous(), *saved, *d_branches, *d_gates, **meta)
-        return (*d_branches, *d_gates)
+        (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+         prepared, *tiles) = ctx.saved_tensors
+        scale, Nk, band_cmp, band_win, l_sel, causal, Q = ctx.args
+        do = do.contiguous()
+        # -- 5'. the gates: dL/dg per branch, and each branch's delta = g * rowsum(dO * o_branch) --
+        d_gates = [torch.empty_like(g) for g in (g_cmp, g_slc, g_win)]
+        d_cmp, d_slc, d_win = (torch.empty(g_cmp.shape, device=do.device, dtype=torch.float32) for _ in range(3))
+        grid, meta = _gated_sum_launch(g_cmp.numel(), do.shape[-1])
+        gated_sum_backward_kernel[grid](do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *d_gates,
+                                        d_cmp, d_slc, d_win, **meta)
+        # -- 1'. 3'. 4'. the branches, each scaling dO by its gate; their dq summed in one buffer --
+        dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk,
+                                                     band_cmp, gate=g_cmp, delta=d_cmp)
+        _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, prepared, l_sel, scale, causal,
+                                           queries_per_tile=Q, tiles=tiles or None, gate=g_slc,
+                                           delta=d_slc, dq=dq)
+        _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk, band_win,
+                                                    gate=g_win, delta=d_win, dq=dq)
+        return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, *d_gates, None, None, None
 
 
 def check_triton_support(q, dims, config) -> None:
@@ -115,16 +150,5 @@ def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)
     check_triton_support(q, dims, config)
-    l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
-    Nk = dims.seq_len_k
-    # -- 1. compressed branch, pass 1: o_cmp and the lse --
-    o_cmp, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, causal=config.causal,
-                                             mem_kv_len=mem_kv_len, seq_len_k=Nk)
-    # -- 2. pass 2: importance scores and top-n, fused; integer indices, no gradient --
-    block_indices = select_blocks_triton(q.detach(), k_cmp.detach(), lse, Nk, config, scale,
-                                         mem_kv_len=mem_kv_len)            # (B, Nq, H, n) int32
-    # -- 3. selected and 4. sliding-window branches --
-    o_slc = selected_attention_triton(q, k, v, block_indices, l_sel, scale, causal=config.causal)
-    o_win = sliding_window_attention_triton(q, k, v, config.window_size, scale, causal=config.causal)
-    # -- 5. the gates --
-    return GatedSum.apply(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+    return NativeSparseAttentionTriton.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config,
+                                             scale, mem_kv_len)

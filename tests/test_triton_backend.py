@@ -69,3 +69,36 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back():
     o_auto = native_sparse_attention(*inputs, SMALL, backend="auto")
     o_triton = native_sparse_attention(*inputs, SMALL, backend="triton")
     torch.testing.assert_close(o_auto, o_triton, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("branch", ["window", "compressed", "selected"])
+def test_gated_backward_equals_backward_of_scaled_do(branch):
+    """Chapter 8's GATED / ADD_TO_DQ switches: a branch's backward fed the op's dO, its gate and
+    delta = g * rowsum(dO * o) adds into dq exactly what the plain backward of g * dO gives."""
+    from nsa.kernels.compressed import band_attention_backward, band_attention_forward, compressed_band
+    from nsa.kernels.selected import prepare_block_indices, selected_attention_bwd, selected_attention_fwd
+    from nsa.kernels.window import window_band
+
+    g = torch.Generator().manual_seed(3)
+    B, N, Hq, H, D = 1, 75, 4, 2, 16
+    r = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)
+    q, k, v, do = r(B, N, Hq, D), r(B, N, H, D), r(B, N, H, D), r(B, N, Hq, D)
+    gate = torch.rand(B, N, Hq, generator=g).to(DEVICE)
+    scale = D ** -0.5
+    if branch == "selected":
+        blocks = prepare_block_indices(torch.randint(-1, 5, (B, N, H, 3), generator=g).to(DEVICE), 16, N)
+        o, lse = selected_attention_fwd(q, k, v, blocks, 16, scale, True)
+        backward = lambda *a, **kw: selected_attention_bwd(a[0], q, k, v, o, lse, blocks, 16, scale, True, **kw)
+    else:
+        if branch == "compressed":
+            k, v = k[:, :8].contiguous(), v[:, :8].contiguous()        # 8 compressed rows
+        band = window_band(20, True) if branch == "window" else compressed_band(8, 16, 8, 0, True)
+        o, lse = band_attention_forward(q, k, v, scale, N, band)
+        backward = lambda *a, **kw: band_attention_backward(a[0], q, k, v, o, lse, scale, N, band, **kw)
+    plain = backward((do * gate[..., None]).contiguous())
+    delta = gate * (do * o).sum(-1)
+    dq_before = r(B, N, Hq, D)
+    gated = backward(do, gate=gate, delta=delta, dq=dq_before.clone())
+    torch.testing.assert_close(gated[0], dq_before + plain[0], atol=1e-4, rtol=1e-4)
+    for x, y in zip(gated[1:], plain[1:]):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
