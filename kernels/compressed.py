@@ -7,7 +7,7 @@ import triton.language as tl
 from nsa.compression import (_check_mem_kv_len, check_compressed_args, check_compressed_qkv,
                              resolve_seq_len_k)
 from nsa.kernels.flash import check_kernel_dims, head_dim_block, launch_fitting
-from nsa.kernels.selected import branch_delta, load_branch_do, store_dq
+from nsa.kernels.selected import gate_and_delta, store_dq
 from nsa.validation import resolve_scale
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
@@ -196,9 +196,9 @@ def compressed_band(num_blocks: int, block_size: int, stride: int, mem_kv_len: i
 
 @triton.jit
 def band_dq_steps(
-    dq, q, do, lse2, delta, K, V, kv_base, heads_kv, key_from, key_to, lo, hi, num_rows, scale_log2,
+    dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, key_from, key_to, lo, hi, num_rows, scale_log2,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, GATED: tl.constexpr,
 ):
     """dQ (unscaled) of the tile's rows against the key rows [key_from, key_to)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -216,6 +216,8 @@ def band_dq_steps(
         if MASKED:
             visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None])
             p = tl.where(visible, p, 0.0)
+        if GATED:
+            p = p * gate[:, None]                                   # g P (Chapter 8)
         # -- dS = P * (dP - delta); dQ += dS K --
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -226,7 +228,7 @@ def band_dq_steps(
 @triton.jit
 def band_attention_backward_dq_kernel(
     Q, K, V, O, DO,
-    GATE,                     # (B, Nq, Hq): the branch's gate when GATED (Chapter 8's helpers)
+    GATE,                     # (B, Nq, Hq): the branch's gate, P's row factor when GATED (Chapter 8)
     LSE,
     DELTA,                    # (B, Nq, Hq) float32 rowsum(dO * O): output, or input when GATED
     DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
@@ -254,8 +256,9 @@ def band_attention_backward_dq_kernel(
     q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
     q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-    do = load_branch_do(DO, GATE, q_rows, row_ok, offs_dv, DIM_V, GATED)
-    delta = branch_delta(do, O, DELTA, q_rows, row_ok, offs_dv, DIM_V, GATED)   # (BLOCK_R,)
+    do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    gate, delta = gate_and_delta(do, O, GATE, DELTA, q_rows, row_ok, offs_dv, DIM_V, GATED)  # (BLOCK_R,)
     lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_R, BLOCK_DQK], dtype=tl.float32)
 
@@ -266,15 +269,15 @@ def band_attention_backward_dq_kernel(
                                                   hi_offset, hi_div, BLOCK_N)
     kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
     if EDGE_MASKS:
-        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, start, mid_lo, lo, hi, num_rows,
-                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
-        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, mid_lo, mid_hi, lo, hi, num_rows,
-                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=False)
-        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, mid_hi, end, lo, hi, num_rows,
-                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
+        dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, start, mid_lo, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True, GATED=GATED)
+        dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, mid_lo, mid_hi, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=False, GATED=GATED)
+        dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, mid_hi, end, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True, GATED=GATED)
     else:
-        dq = band_dq_steps(dq, q, do, lse2, delta, K, V, kv_base, heads_kv, start, end, lo, hi, num_rows,
-                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True)
+        dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, start, end, lo, hi, num_rows,
+                           scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True, GATED=GATED)
     store_dq(DQ, dq * scale, q_rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
@@ -326,13 +329,16 @@ def band_attention_backward_dkdv_kernel(
         q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
         q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                     mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        do = load_branch_do(DO, GATE, q_rows, row_ok, offs_dv, DIM_V, GATED)
+        do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
         lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + q_rows, mask=row_ok, other=0.0)
         # -- P and dS of these rows against the tile's keys, as in the dq kernel --
         s = tl.dot(q, tl.trans(k)) * scale_log2                                 # (BLOCK_R, BLOCK_N)
         visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None]) & row_ok[:, None]
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        if GATED:
+            p = p * tl.load(GATE + q_rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]   # g P
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         # -- dV += P^T dO, dK += dS^T Q --
@@ -352,7 +358,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
     """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse).
 
     gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
-    float32 = rowsum(dO * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
+    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     """
     B, Nq, Hq, Dqk = q.shape

@@ -276,29 +276,20 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 
 
 @triton.jit
-def load_branch_do(DO, GATE, rows, row_ok, offs_dv, DIM_V: tl.constexpr, GATED: tl.constexpr):
-    """dO of this branch at `rows` (BLOCK_DV columns): the op's dO times the branch's gate
-    (GATED), else dO itself."""
-    do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+def gate_and_delta(do, O, GATE, DELTA, rows, row_ok, offs_dv, DIM_V: tl.constexpr, GATED: tl.constexpr):
+    """(gate, delta) of `rows`, float32. GATED: the branch's gate, and delta = rowsum(dO * O) as
+    the gate's backward stored it. Else gate 1 (unused) and delta computed here from O and stored
+    into DELTA for the dk, dv kernel."""
     if GATED:
         gate = tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)
-        do = (do.to(tl.float32) * gate[:, None]).to(DO.dtype.element_ty)
-    return do
-
-
-@triton.jit
-def branch_delta(do, O, DELTA, rows, row_ok, offs_dv, DIM_V: tl.constexpr, GATED: tl.constexpr):
-    """delta = rowsum(dO * O) at `rows`: read from DELTA (GATED: the gate's backward made it),
-    else computed from O and stored into DELTA for the dk, dv kernel."""
-    if GATED:
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     else:
         o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
                     mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + rows, delta, mask=row_ok)
-    return delta
+        gate = tl.zeros_like(delta) + 1.0
+    return gate, delta
 
 
 @triton.jit
@@ -314,7 +305,7 @@ def store_dq(DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO_DQ: tl
 @triton.jit
 def selected_attention_backward_dq_kernel(
     Q, K, V, O, DO,         # inputs, contiguous: q, k, v, o as in the forward; do like o
-    GATE,                   # (B, Nq, Hq): the branch's gate, dO's row factor (GATED; else unused)
+    GATE,                   # (B, Nq, Hq): the branch's gate, P's row factor (GATED; else unused)
     LSE,                    # (B, Nq, Hq) float32: the forward's lse
     TILE_BLOCKS, TILE_MEMBERS, TILE_COUNTS,   # as in the forward
     DQ,                     # output (B, Nq, Hq, Dqk), q's dtype (ADD_TO_DQ: added into)
@@ -326,7 +317,7 @@ def selected_attention_backward_dq_kernel(
     BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
     SCATTER_DKDV: tl.constexpr,  # also atomically add this program's dk, dv into DK, DV
-    GATED: tl.constexpr,         # dO = the op's dO * GATE; DELTA given
+    GATED: tl.constexpr,         # the branch's dO = GATE * DO: P scaled by GATE; DELTA given
     ADD_TO_DQ: tl.constexpr,     # DQ += this branch's dq
 ):
     tile = tl.program_id(0)
@@ -347,8 +338,9 @@ def selected_attention_backward_dq_kernel(
     rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
     q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-    do = load_branch_do(DO, GATE, rows, row_ok, offs_dv, DIM_V, GATED)
-    delta = branch_delta(do, O, DELTA, rows, row_ok, offs_dv, DIM_V, GATED)
+    do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    gate, delta = gate_and_delta(do, O, GATE, DELTA, rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
     dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -378,6 +370,8 @@ def selected_attention_backward_dq_kernel(
             visible = visible & (keys[None, :] <= t[:, None])
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        if GATED:
+            p = p * gate[:, None]                                   # g P: the branch's dO is g dO
         # -- ds = p * (do v^T - delta), dq += ds k --
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -444,7 +438,8 @@ def selected_attention_backward_dkdv_kernel(
             rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
             q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
                         mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-            do = load_branch_do(DO, GATE, rows, row_ok, offs_dv, DIM_V, GATED)
+            do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
             lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
             # -- recompute p^T: (l', rows) --
@@ -453,6 +448,8 @@ def selected_attention_backward_dkdv_kernel(
                 visible = visible & (keys[:, None] <= t[None, :])
             qk_t = tl.dot(k, tl.trans(q)) * qk_scale
             p_t = tl.where(visible, tl.math.exp2(qk_t - lse2[None, :]), 0.0)
+            if GATED:
+                p_t = p_t * tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
             # -- dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q --
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
@@ -474,7 +471,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
     gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
-    float32 = rowsum(dO * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
+    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
     the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
