@@ -230,7 +230,8 @@ def band_attention_backward_dq_kernel(
     Q, K, V, O, DO,
     GATE,                     # (B, Nq, Hq): the branch's gate, P's row factor when GATED (Chapter 8)
     LSE,
-    DELTA,                    # (B, Nq, Hq) float32 rowsum(dO * O): output, or input when GATED
+    DELTA,                    # (B, Nq, Hq) float32 rowsum(dO * O): output (GATED: in and out)
+    DO_B,                     # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
@@ -258,7 +259,7 @@ def band_attention_backward_dq_kernel(
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    gate, delta = gate_and_delta(do, O, GATE, DELTA, q_rows, row_ok, offs_dv, DIM_V, GATED)  # (BLOCK_R,)
+    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, q_rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_R, BLOCK_DQK], dtype=tl.float32)
 
@@ -283,14 +284,14 @@ def band_attention_backward_dq_kernel(
 
 @triton.jit
 def band_attention_backward_dkdv_kernel(
-    Q, K, V, DO, GATE, LSE, DELTA,
+    Q, K, V, DO, LSE, DELTA,
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     chunk_len,                # query positions per chunk (a multiple of BLOCK_M)
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # -- this program: BLOCK_N key rows of kv head `head_kv`, held for the whole loop, against
     #    the query positions of chunk `chunk` --
@@ -337,8 +338,6 @@ def band_attention_backward_dkdv_kernel(
         s = tl.dot(q, tl.trans(k)) * scale_log2                                 # (BLOCK_R, BLOCK_N)
         visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None]) & row_ok[:, None]
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        if GATED:
-            p = p * tl.load(GATE + q_rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]   # g P
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         # -- dV += P^T dO, dK += dS^T Q --
@@ -358,7 +357,8 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
     """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse).
 
     gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
-    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
+    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum; the dq kernel
+    overwrites it with gate * delta for the dk, dv kernel). dq: None, or a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     """
     B, Nq, Hq, Dqk = q.shape
@@ -369,6 +369,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
         delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
     if not add_to_dq:
         dq = torch.empty_like(q)
+    do_branch = torch.empty_like(do) if gated else do      # gate * dO, written by the dq kernel
     # dq: long bands (compression) mask only their edges and pipeline 3 deep (head dims <= 128;
     # 2 above, for shared memory); the window, 2 deep with masks throughout (measured, see above)
     long_band = band[0] == UNBOUNDED
@@ -377,7 +378,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E, scale, Nq, seq_len_k, num_rows, *band)
     launch_fitting(band_attention_backward_dq_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
-                   (q, k, v, o, do, gate, lse, delta, dq, *common),
+                   (q, k, v, o, do, gate, lse, delta, do_branch, dq, *common),
                    dict(HEADS_Q=Hq, EDGE_MASKS=long_band, GATED=gated, ADD_TO_DQ=add_to_dq, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
@@ -400,7 +401,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
     # for a third; measured, see the sweep below)
     launch_fitting(band_attention_backward_dkdv_kernel,
                    lambda tiles: (triton.cdiv(num_rows, tiles["BLOCK_N"]), num_chunks, B * H),
-                   (q, k, v, do, gate, lse, delta, dk, dv, *common, chunk), dict(HEADS_Q=Hq, GATED=gated, **meta),
+                   (q, k, v, do_branch, lse, delta, dk, dv, *common, chunk), dict(HEADS_Q=Hq, **meta),
                    num_warps, num_stages=2, shrink=band_shrink(meta)[::-1])   # chunk stays a multiple of BLOCK_M
     if num_chunks > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)

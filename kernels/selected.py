@@ -276,13 +276,19 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 
 
 @triton.jit
-def gate_and_delta(do, O, GATE, DELTA, rows, row_ok, offs_dv, DIM_V: tl.constexpr, GATED: tl.constexpr):
-    """(gate, delta) of `rows`, float32. GATED: the branch's gate, and delta = rowsum(dO * O) as
-    the gate's backward stored it. Else gate 1 (unused) and delta computed here from O and stored
-    into DELTA for the dk, dv kernel."""
+def gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.constexpr,
+                   GATED: tl.constexpr):
+    """(gate, delta) of `rows`, float32, and what the dk, dv kernel needs. GATED: the branch's gate
+    and delta = rowsum(dO * O) as the gate's backward stored it; the branch's own dO = gate * dO
+    and delta = gate * rowsum(dO * O) are stored into DO_B and DELTA. Else gate 1 (unused) and
+    delta computed here from O and stored into DELTA."""
     if GATED:
         gate = tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        tl.store(DO_B + rows[:, None] * DIM_V + offs_dv[None, :],
+                 (do.to(tl.float32) * gate[:, None]).to(DO_B.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
+        tl.store(DELTA + rows, gate * delta, mask=row_ok)
     else:
         o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
                     mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
@@ -309,7 +315,8 @@ def selected_attention_backward_dq_kernel(
     LSE,                    # (B, Nq, Hq) float32: the forward's lse
     TILE_BLOCKS, TILE_MEMBERS, TILE_COUNTS,   # as in the forward
     DQ,                     # output (B, Nq, Hq, Dqk), q's dtype (ADD_TO_DQ: added into)
-    DELTA,                  # (B, Nq, Hq) float32 rowsum(o * do): output, or input when GATED
+    DELTA,                  # (B, Nq, Hq) float32 rowsum(o * do): output (GATED: in and out)
+    DO_B,                   # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     DK, DV,                 # float32 (B, Nk, H, Dqk|Dv) zero-filled: used only with SCATTER_DKDV
     scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
     HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -340,7 +347,7 @@ def selected_attention_backward_dq_kernel(
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    gate, delta = gate_and_delta(do, O, GATE, DELTA, rows, row_ok, offs_dv, DIM_V, GATED)
+    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
     dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -390,7 +397,7 @@ def selected_attention_backward_dq_kernel(
 
 @triton.jit
 def selected_attention_backward_dkdv_kernel(
-    Q, K, V, DO, GATE, LSE, DELTA,   # as in the dq kernel (DELTA an input)
+    Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA an input)
     QUERIES,                   # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
     DK, DV,                    # outputs, float32 (B, Nk, H, Dqk|Dv), zero-filled, added into
@@ -399,7 +406,7 @@ def selected_attention_backward_dkdv_kernel(
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two (not to 16: the tile has many entries)
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
-    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     u = tl.program_id(0)
     bh = tl.program_id(1)
@@ -448,8 +455,6 @@ def selected_attention_backward_dkdv_kernel(
                 visible = visible & (keys[:, None] <= t[None, :])
             qk_t = tl.dot(k, tl.trans(q)) * qk_scale
             p_t = tl.where(visible, tl.math.exp2(qk_t - lse2[None, :]), 0.0)
-            if GATED:
-                p_t = p_t * tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
             # -- dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q --
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
@@ -471,7 +476,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
     gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
-    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum). dq: None, or a
+    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum; the dq kernel
+    overwrites it with gate * delta for the dk, dv kernel). dq: None, or a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
     the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
@@ -493,6 +499,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     gated, add_to_dq = gate is not None, dq is not None
     if not gated:
         delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
+    do_branch = torch.empty_like(do) if gated else do                       # written by the dq kernel
     if not add_to_dq:
         dq = torch.empty_like(q)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
@@ -500,7 +507,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
-                   (q, k, v, o, do, gate, lse, *tiles, dq, delta, dk, dv, scale, Nq, Nk, num_tiles, num_entries),
+                   (q, k, v, o, do, gate, lse, *tiles, dq, delta, do_branch, dk, dv, scale, Nq, Nk, num_tiles,
+                    num_entries),
                    dict(HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", GATED=gated,
                         ADD_TO_DQ=add_to_dq, **meta),
                    num_warps=num_warps or warps, num_stages=num_stages or stages)
@@ -512,11 +520,11 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
         rows = max(rows or (64 if q.is_cuda else 16), block_gq)
         U = chunk_block.shape[1]
         launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
-                       (q, k, v, do, gate, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
+                       (q, k, v, do_branch, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
                         scale, Nq, Nk, U),
                        dict(HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=meta["BLOCK_DQK"],
                             BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
-                            BLOCK_SIZE=block_size, CAUSAL=causal, GATED=gated),
+                            BLOCK_SIZE=block_size, CAUSAL=causal),
                        num_warps=dkdv_warps, num_stages=dkdv_stages,
                        shrink=(("BLOCK_Q", max(1, 16 // block_gq)),))
     return dq, dk.to(q.dtype), dv.to(q.dtype)

@@ -291,8 +291,8 @@ def tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add):
             meta["BLOCK_N"] = block_n
             grid = (triton.cdiv(kk.shape[1], block_n), 1, B * H)    # one chunk: all queries
             launch = lambda: C.band_attention_backward_dkdv_kernel[grid](
-                q, kk, vv, do, None, lse_b, delta, dk, dv, scale * C.LOG2E, scale, Nq, N, kk.shape[1], *band, Nq,
-                HEADS_Q=Hq, GATED=False, num_warps=warps, num_stages=stages, **meta)
+                q, kk, vv, do, lse_b, delta, dk, dv, scale * C.LOG2E, scale, Nq, N, kk.shape[1], *band, Nq,
+                HEADS_Q=Hq, num_warps=warps, num_stages=stages, **meta)
             try:
                 add(f"sweep_{name}_dkdv_r{rows}_n{block_n}_w{warps}_s{stages}", "bwd", bench(launch, warmup=25, rep=100))
             except Exception as error:

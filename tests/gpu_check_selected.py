@@ -279,7 +279,7 @@ def timing(times_csv, configs, sweep):
             def dq_kernel(num_warps=None, num_stages=None):
                 meta, warps, stages = sel.tile_launch(Hq // H, 1, D, D, l, q.element_size())
                 sel.selected_attention_backward_dq_kernel[(N, H)](
-                    q, k, v, o, do, None, lse, prepared, prepared, prepared, dq, delta, dkb, dvb, scale,
+                    q, k, v, o, do, None, lse, prepared, prepared, prepared, dq, delta, None, dkb, dvb, scale,
                     N, N, N, n, HEADS_KV=H, CAUSAL=True, SCATTER_DKDV=False, GATED=False, ADD_TO_DQ=False, **meta,
                     num_warps=num_warps or warps, num_stages=num_stages or stages)
             record("backward_dq_kernel", "bwd", bench(dq_kernel))
@@ -288,8 +288,8 @@ def timing(times_csv, configs, sweep):
                 queries, cb, cbeg, cend = index or sel.reverse_block_index(prepared, nb, chunk)
                 U = cb.shape[1]
                 sel.selected_attention_backward_dkdv_kernel[(U, H)](
-                    q, k, v, do, None, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,
-                    BLOCK_GQ=Hq // H, BLOCK_Q=rows // (Hq // H), GATED=False, **dims,
+                    q, k, v, do, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,
+                    BLOCK_GQ=Hq // H, BLOCK_Q=rows // (Hq // H), **dims,
                     num_warps=num_warps, num_stages=num_stages)
             index = sel.reverse_block_index(prepared, nb, 1024)
             record("backward_dkdv_kernel", "bwd", bench(lambda: dkdv_kernel(index=index)))
