@@ -197,6 +197,14 @@ def default_queries_per_tile(group_size: int) -> int:
     return max(1, 16 // triton.next_power_of_2(group_size))
 
 
+def query_tiles(block_indices, group_size, queries_per_tile=None):
+    """(Q, tiles) for the forward and dq kernels: Q = queries_per_tile, None = the group's default;
+    tiles = prepare_query_tiles(block_indices, Q), or for Q = 1 the prepared indices three times
+    (the kernels then read neither members nor counts)."""
+    Q = queries_per_tile or default_queries_per_tile(group_size)
+    return Q, (prepare_query_tiles(block_indices, Q) if Q > 1 else (block_indices,) * 3)
+
+
 def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsize):
     """(meta-parameters, num_warps, num_stages) for the forward and dq kernels."""
     block_gq = max(triton.next_power_of_2(group_size), 16 // queries_per_tile)
@@ -214,17 +222,13 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, nu
     """Launch the forward kernel: (o, lse). Inputs contiguous and checked; indices prepared.
 
     queries_per_tile: Q (a power of two <= 16), None = default_queries_per_tile(G). tiles: the
-    result of prepare_query_tiles(block_indices, Q) when the caller has it already (Q > 1).
+    tiles of query_tiles(block_indices, G, Q) when the caller has them already.
     num_warps, num_stages: None = the measured defaults of tile_launch.
     """
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     G = Hq // H
-    Q = queries_per_tile or default_queries_per_tile(G)
-    if Q == 1:
-        tiles = (block_indices, block_indices, block_indices)       # members and counts unused
-    elif tiles is None:
-        tiles = prepare_query_tiles(block_indices, Q)
+    Q, tiles = query_tiles(block_indices, G, queries_per_tile) if tiles is None else (queries_per_tile, tiles)
     meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
@@ -490,11 +494,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     G = Hq // H
-    Q = queries_per_tile or default_queries_per_tile(G)
-    if Q == 1:
-        tiles = (block_indices, block_indices, block_indices)
-    elif tiles is None:
-        tiles = prepare_query_tiles(block_indices, Q)
+    Q, tiles = query_tiles(block_indices, G, queries_per_tile) if tiles is None else (queries_per_tile, tiles)
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
     if not gated:
@@ -541,11 +541,10 @@ class SelectedAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_size, scale, causal, dkdv, queries_per_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        Q = queries_per_tile or default_queries_per_tile(q.shape[2] // k.shape[2])
-        tiles = prepare_query_tiles(block_indices, Q) if Q > 1 else None   # shared with backward
+        Q, tiles = query_tiles(block_indices, q.shape[2] // k.shape[2], queries_per_tile)  # shared with backward
         o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal,
                                         queries_per_tile=Q, tiles=tiles)
-        ctx.save_for_backward(q, k, v, o, lse, block_indices, *(tiles or ()))
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, *tiles)
         ctx.config = (block_size, scale, causal, dkdv, Q)
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -555,7 +554,7 @@ class SelectedAttentionTriton(torch.autograd.Function):
         q, k, v, o, lse, block_indices, *tiles = ctx.saved_tensors
         block_size, scale, causal, dkdv, Q = ctx.config
         dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
-                                            causal, dkdv=dkdv, queries_per_tile=Q, tiles=tiles or None)
+                                            causal, dkdv=dkdv, queries_per_tile=Q, tiles=tiles)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -6,8 +6,8 @@ import triton.language as tl
 
 from nsa.kernels.compressed import (band_attention_backward, band_attention_forward, check_kernel_tensors,
                                     check_select_config, compressed_band, select_blocks_triton)
-from nsa.kernels.selected import (default_queries_per_tile, prepare_block_indices, prepare_query_tiles,
-                                  selected_attention_bwd, selected_attention_fwd)
+from nsa.kernels.selected import (prepare_block_indices, query_tiles, selected_attention_bwd,
+                                  selected_attention_fwd)
 from nsa.kernels.window import window_band
 from nsa.sparse_attention import check_sparse_inputs
 
@@ -83,8 +83,7 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
                                              mem_kv_len=mem_kv_len)        # (B, Nq, H, n) int32
         # -- 3. selected branch over those blocks (cleaned; tiles of queries for small groups) --
         prepared = prepare_block_indices(block_indices, l_sel, Nk, causal)
-        Q = default_queries_per_tile(q.shape[2] // k.shape[2])
-        tiles = prepare_query_tiles(prepared, Q) if Q > 1 else None
+        Q, tiles = query_tiles(prepared, q.shape[2] // k.shape[2])
         o_slc, lse_slc = selected_attention_fwd(q, k, v, prepared, l_sel, scale, causal,
                                                 queries_per_tile=Q, tiles=tiles)
         # -- 4. sliding-window branch --
@@ -95,7 +94,7 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
         grid, meta = _gated_sum_launch(o_cmp.shape[:-1].numel(), o.shape[-1])
         gated_sum_forward_kernel[grid](o_cmp, o_slc, o_win, *gates, o, **meta)
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, *gates, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
-                              lse_win, prepared, *(tiles or ()))
+                              lse_win, prepared, *tiles)
         ctx.args = (scale, Nk, band_cmp, band_win, l_sel, causal, Q)
         return o
 
@@ -114,7 +113,7 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
         dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk,
                                                      band_cmp, gate=g_cmp, delta=d_cmp)
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, prepared, l_sel, scale, causal,
-                                           queries_per_tile=Q, tiles=tiles or None, gate=g_slc,
+                                           queries_per_tile=Q, tiles=tiles, gate=g_slc,
                                            delta=d_slc, dq=dq)
         _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk, band_win,
                                                     gate=g_win, delta=d_win, dq=dq)
