@@ -31,6 +31,7 @@ def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
     (1, 37, 37, 2, 1, 16, 16, SMALL, 0),                                    # odd length
     (2, 20, 75, 8, 2, 32, 16, NSAConfig(16, 8, 32, 3, 1, 1, 24), 2),         # batch, Nq < Nk, memory
     (1, 24, 50, 6, 2, 16, 16, NSAConfig(16, 8, 16, 4, 1, 2, 16, causal=False), 1),  # group 3, non-causal
+    (1, 40, 101, 16, 1, 16, 16, SMALL, 0),      # group 16 (one query per program), 7 blocks to choose from
 ])
 def test_triton_backend_matches_torch_backend(dtype, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem):
     inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
