@@ -18,9 +18,9 @@ UNBOUNDED = 1 << 30         # "no lower bound" for lo_back
 
 
 @triton.jit
-def band_bounds(pos, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div):
+def band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div):
     """Key rows [lo, hi) that a query at position `pos` sees (Eq. eq-band); any shape of `pos`."""
-    lo = tl.maximum(pos // lo_div * lo_div - lo_back, 0)
+    lo = tl.maximum(pos - lo_back, 0)
     hi = tl.minimum(hi_base + tl.maximum(pos + hi_offset, 0) // hi_div, num_rows)
     return lo, hi
 
@@ -60,12 +60,12 @@ def band_forward_steps(
 
 
 @triton.jit
-def band_tile_ranges(first_pos, last_pos, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div,
+def band_tile_ranges(first_pos, last_pos, num_rows, lo_back, hi_base, hi_offset, hi_div,
                      BLOCK_N: tl.constexpr):
     """Key rows that a tile of positions [first_pos, last_pos] needs, in BLOCK_N steps:
     [start, end) in all, of which [mid_lo, mid_hi) are seen by *every* position (no mask)."""
-    lo_first, hi_first = band_bounds(first_pos, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div)
-    lo_last, hi_last = band_bounds(last_pos, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div)
+    lo_first, hi_first = band_bounds(first_pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
+    lo_last, hi_last = band_bounds(last_pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
     start = lo_first // BLOCK_N * BLOCK_N
     end = hi_last
     mid_lo = tl.minimum(tl.maximum(start, (lo_last + BLOCK_N - 1) // BLOCK_N * BLOCK_N), end)
@@ -81,7 +81,7 @@ def band_attention_forward_kernel(
     seq_len_q,            # Nq
     seq_len_k,            # Nk: query i sits at position t = Nk - Nq + i
     num_rows,             # R: Nk for the window, mem + N_c for the compressed keys
-    lo_back, lo_div, hi_base, hi_offset, hi_div,   # the band (Eq. eq-band)
+    lo_back, hi_base, hi_offset, hi_div,   # the band (Eq. eq-band)
     HEADS_Q: tl.constexpr,    # Hq
     GROUP: tl.constexpr,      # G = Hq // H
     GROUP_PAD: tl.constexpr,  # G padded to a power of two
@@ -102,7 +102,7 @@ def band_attention_forward_kernel(
     g = rows % GROUP_PAD                                    # head within the group
     row_ok = (i < seq_len_q) & (g < GROUP)
     pos = seq_len_k - seq_len_q + i                         # end-aligned positions t
-    lo, hi = band_bounds(pos, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div)
+    lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
 
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -117,8 +117,8 @@ def band_attention_forward_kernel(
     # -- the key rows of the tile's positions: masked at the band's two edges only --
     first_pos = seq_len_k - seq_len_q + pid_m * BLOCK_M
     last_pos = seq_len_k - seq_len_q + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len_q) - 1
-    start, mid_lo, mid_hi, end = band_tile_ranges(first_pos, last_pos, num_rows, lo_back, lo_div,
-                                                  hi_base, hi_offset, hi_div, BLOCK_N)
+    start, mid_lo, mid_hi, end = band_tile_ranges(first_pos, last_pos, num_rows, lo_back, hi_base,
+                                                  hi_offset, hi_div, BLOCK_N)
     kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
     if EDGE_MASKS:
         acc, m_i, l_i = band_forward_steps(acc, m_i, l_i, q, K, V, kv_base, heads_kv, start, mid_lo, lo, hi,
@@ -158,8 +158,8 @@ def band_tiles(group: int, dim_qk: int, dim_v: int, on_gpu: bool, rows: int = 12
 
 
 def band_attention_forward(q, k, v, scale, seq_len_k, band):
-    """(o, lse) of attention over key rows lo(t) <= r < hi(t); `band` = (lo_back, lo_div,
-    hi_base, hi_offset, hi_div). Inputs contiguous and checked by the caller."""
+    """(o, lse) of attention over key rows lo(t) <= r < hi(t); `band` = (lo_back, hi_base,
+    hi_offset, hi_div). Inputs contiguous and checked by the caller."""
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
@@ -190,8 +190,8 @@ def band_shrink(meta):
 def compressed_band(num_blocks: int, block_size: int, stride: int, mem_kv_len: int, causal: bool):
     """The band of the compressed branch (first two rows of the table above)."""
     if causal:
-        return (UNBOUNDED, 1, mem_kv_len, stride - block_size + 1, stride)
-    return (UNBOUNDED, 1, mem_kv_len + num_blocks, 0, 1)
+        return (UNBOUNDED, mem_kv_len, stride - block_size + 1, stride)
+    return (UNBOUNDED, mem_kv_len + num_blocks, 0, 1)
 
 
 @triton.jit
@@ -234,11 +234,11 @@ def band_attention_backward_dq_kernel(
     DO_B,                     # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
-    lo_back, lo_div, hi_base, hi_offset, hi_div,
+    lo_back, hi_base, hi_offset, hi_div,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MASKS: tl.constexpr,
-    GATED: tl.constexpr, DELTA_GIVEN: tl.constexpr, ADD_TO_DQ: tl.constexpr,
+    GATED: tl.constexpr, ADD_TO_DQ: tl.constexpr,
 ):
     # -- the forward's rows: BLOCK_M positions x the group, longest tiles first --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
@@ -250,7 +250,7 @@ def band_attention_backward_dq_kernel(
     g = rows % GROUP_PAD
     row_ok = (i < seq_len_q) & (g < GROUP)
     pos = seq_len_k - seq_len_q + i
-    lo, hi = band_bounds(pos, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div)
+    lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
 
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -259,16 +259,15 @@ def band_attention_backward_dq_kernel(
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, q_rows, row_ok, offs_dv, DIM_V, GATED,
-                                 DELTA_GIVEN)
+    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, q_rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_R, BLOCK_DQK], dtype=tl.float32)
 
     # -- the forward's key ranges: masks at the band's edges only --
     first_pos = seq_len_k - seq_len_q + pid_m * BLOCK_M
     last_pos = seq_len_k - seq_len_q + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len_q) - 1
-    start, mid_lo, mid_hi, end = band_tile_ranges(first_pos, last_pos, num_rows, lo_back, lo_div,
-                                                  hi_base, hi_offset, hi_div, BLOCK_N)
+    start, mid_lo, mid_hi, end = band_tile_ranges(first_pos, last_pos, num_rows, lo_back, hi_base,
+                                                  hi_offset, hi_div, BLOCK_N)
     kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
     if EDGE_MASKS:
         dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, start, mid_lo, lo, hi, num_rows,
@@ -288,7 +287,7 @@ def band_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
-    lo_back, lo_div, hi_base, hi_offset, hi_div,
+    lo_back, hi_base, hi_offset, hi_div,
     chunk_len,                # query positions per chunk (a multiple of BLOCK_M)
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -318,7 +317,7 @@ def band_attention_backward_dkdv_kernel(
     last_row = tl.minimum(first_row + BLOCK_N, num_rows) - 1
     offset = seq_len_k - seq_len_q
     t_first = tl.where(first_row < hi_base, 0, (first_row - hi_base + 1) * hi_div - hi_offset)
-    t_last = (last_row + lo_back) // lo_div * lo_div + lo_div - 1
+    t_last = last_row + lo_back
     i_start = tl.maximum(tl.maximum(t_first - offset, 0) // BLOCK_M * BLOCK_M, chunk * chunk_len)
     i_end = tl.minimum(tl.minimum(t_last - offset + 1, seq_len_q), chunk * chunk_len + chunk_len)
 
@@ -327,7 +326,7 @@ def band_attention_backward_dkdv_kernel(
     for start_m in range(i_start, i_end, BLOCK_M):
         i = start_m + rows // GROUP_PAD
         row_ok = (i < seq_len_q) & (g < GROUP)
-        lo, hi = band_bounds(offset + i, num_rows, lo_back, lo_div, hi_base, hi_offset, hi_div)
+        lo, hi = band_bounds(offset + i, num_rows, lo_back, hi_base, hi_offset, hi_div)
         q_rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
         q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                     mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
@@ -359,16 +358,14 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
 
     gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
     float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum; the dq kernel
-    overwrites it with gate * delta for the dk, dv kernel). `delta` without `gate`: `do` is
-    the branch's dO already and `delta` its rowsum(do * o) (Chapter 10's local band). dq: None,
-    or a (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
+    overwrites it with gate * delta for the dk, dv kernel). dq: None, or a
+    (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
-    delta_given = delta is not None and not gated
-    if delta is None:
+    if not gated:
         delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
     if not add_to_dq:
         dq = torch.empty_like(q)
@@ -382,8 +379,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
     common = (scale * LOG2E, scale, Nq, seq_len_k, num_rows, *band)
     launch_fitting(band_attention_backward_dq_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
                    (q, k, v, o, do, gate, lse, delta, do_branch, dq, *common),
-                   dict(HEADS_Q=Hq, EDGE_MASKS=long_band, GATED=gated, DELTA_GIVEN=delta_given,
-                        ADD_TO_DQ=add_to_dq, **meta),
+                   dict(HEADS_Q=Hq, EDGE_MASKS=long_band, GATED=gated, ADD_TO_DQ=add_to_dq, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
         return dq, torch.empty_like(k), torch.empty_like(v)

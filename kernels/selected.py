@@ -100,7 +100,7 @@ def selected_attention_forward_kernel(
     TILE_BLOCKS,            # (B, T, H, E) int32: the tile's blocks, -1 = skip (Q = 1: prepared indices)
     TILE_MEMBERS,           # (B, T, H, E) int32: bit j = query j of the tile selected it (Q > 1)
     TILE_COUNTS,            # (B, T, H) int32: distinct blocks, stored first in TILE_BLOCKS (Q > 1)
-    O,                      # output, contiguous (B, Nq, Hq, Dv), q's dtype (INIT: also input)
+    O,                      # output, contiguous (B, Nq, Hq, Dv), q's dtype
     LSE,                    # output, contiguous (B, Nq, Hq) float32, natural log; -inf = saw no key
     scale,                  # softmax scale (float)
     seq_len_q,              # Nq; query i sits at t = Nk - Nq + i
@@ -117,7 +117,6 @@ def selected_attention_forward_kernel(
     QUERIES_PER_TILE: tl.constexpr,  # Q consecutive queries per program (a power of two <= 16)
     BLOCK_SIZE: tl.constexpr,   # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
-    INIT: tl.constexpr = False, # continue the softmax whose (o, lse) O and LSE hold (Chapter 10)
 ):
     # -- this program: tile of Q queries, batch b, kv head h; row = (query j of the tile, head g) --
     tile = tl.program_id(0)
@@ -139,15 +138,9 @@ def selected_attention_forward_kernel(
     q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
 
-    if INIT:   # a normalised (o, lse) is the state m = lse, l = 1, acc = o (0, -inf: nothing seen)
-        m_i = tl.load(LSE + q_rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
-        acc = tl.load(O + q_rows[:, None] * DIM_V + offs_dv[None, :],
-                      mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0).to(tl.float32)
-    else:
-        m_i = tl.full([QUERIES_PER_TILE * BLOCK_GQ], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ], dtype=tl.float32)
-        acc = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([QUERIES_PER_TILE * BLOCK_GQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ], dtype=tl.float32)
+    acc = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DV], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634                           # base-2 softmax
 
     entries = ((b * num_tiles + tile).to(tl.int64) * HEADS_KV + h) * num_entries
@@ -225,14 +218,12 @@ def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsiz
 
 
 def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, num_warps=None,
-                           num_stages=None, queries_per_tile=None, tiles=None, init=None):
+                           num_stages=None, queries_per_tile=None, tiles=None):
     """Launch the forward kernel: (o, lse). Inputs contiguous and checked; indices prepared.
 
     queries_per_tile: Q (a power of two <= 16), None = default_queries_per_tile(G). tiles: the
     tiles of query_tiles(block_indices, G, Q) when the caller has them already.
     num_warps, num_stages: None = the measured defaults of tile_launch.
-    init: None, or (o, lse) of attention over other keys (contiguous, shaped like the outputs):
-    the softmax continues from them over these blocks, and the result overwrites them.
     """
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
@@ -240,14 +231,11 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, nu
     Q, tiles = query_tiles(block_indices, G, queries_per_tile) if tiles is None else (queries_per_tile, tiles)
     meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
-    if init is None:
-        o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
-    else:
-        o, lse = init
+    o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     launch_fitting(selected_attention_forward_kernel, lambda _: (num_tiles, B * H),
                    (q, k, v, *tiles, o, lse, scale, Nq, Nk, num_tiles, num_entries),
-                   dict(HEADS_KV=H, CAUSAL=causal, INIT=init is not None, **meta),
+                   dict(HEADS_KV=H, CAUSAL=causal, **meta),
                    num_warps=num_warps or warps, num_stages=num_stages or stages)
     return o, lse
 
@@ -293,12 +281,11 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 
 @triton.jit
 def gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.constexpr,
-                   GATED: tl.constexpr, DELTA_GIVEN: tl.constexpr):
+                   GATED: tl.constexpr):
     """(gate, delta) of `rows`, float32, and what the dk, dv kernel needs. GATED: the branch's gate
     and delta = rowsum(dO * O) as the gate's backward stored it; the branch's own dO = gate * dO
-    and delta = gate * rowsum(dO * O) are stored into DO_B and DELTA. DELTA_GIVEN (ungated): DO is
-    already the branch's dO and DELTA its delta, stored by an earlier kernel (Chapter 10); gate 1.
-    Else gate 1 (unused) and delta computed here from O and stored into DELTA."""
+    and delta = gate * rowsum(dO * O) are stored into DO_B and DELTA. Else gate 1 (unused) and
+    delta computed here from O and stored into DELTA."""
     if GATED:
         gate = tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -306,9 +293,6 @@ def gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.co
                  (do.to(tl.float32) * gate[:, None]).to(DO_B.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
         tl.store(DELTA + rows, gate * delta, mask=row_ok)
-    elif DELTA_GIVEN:
-        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        gate = tl.zeros_like(delta) + 1.0
     else:
         o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
                     mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
@@ -367,7 +351,7 @@ def selected_attention_backward_dq_kernel(
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V, GATED, False)
+    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
     dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -491,15 +475,14 @@ def selected_attention_backward_dkdv_kernel(
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
                            dkdv="gather", chunk=None, rows=None, num_warps=None, num_stages=None,
                            queries_per_tile=None, tiles=None, dkdv_warps=4, dkdv_stages=2,
-                           gate=None, delta=None, dq=None, do_branch=None):
+                           gate=None, delta=None, dq=None):
     """Launch the backward kernels: (dq, dk, dv) in q's dtype.
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
     gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
     float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum; the dq kernel
-    overwrites it with gate * delta for the dk, dv kernel; `do_branch`, a buffer like do or None,
-    receives gate * do). dq: None, or a (B, Nq, Hq, Dqk) buffer this branch's dq is added into
-    (and returned).
+    overwrites it with gate * delta for the dk, dv kernel). dq: None, or a
+    (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
     the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
     tl.dot in the gather kernel (a power of two >= 16). queries_per_tile, tiles, num_warps,
@@ -516,8 +499,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     gated, add_to_dq = gate is not None, dq is not None
     if not gated:
         delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
-    if do_branch is None:
-        do_branch = torch.empty_like(do) if gated else do                   # written by the dq kernel
+    do_branch = torch.empty_like(do) if gated else do                       # written by the dq kernel
     if not add_to_dq:
         dq = torch.empty_like(q)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)

@@ -64,26 +64,9 @@ def _gated_sum_launch(num_rows, dim_v):
         num_rows=num_rows, DIM_V=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK_ROWS=block_rows)
 
 
-def local_band(select_block_size: int, num_local: int):
-    """(lo_back, lo_div, hi_base, hi_offset, hi_div), causal: the keys of a query's local
-    blocks, from the start of block floor(t / l') - (num_local - 1) to t."""
-    return ((num_local - 1) * select_block_size, select_block_size, 0, 1, 1)
-
-
-def without_local_blocks(block_indices, select_block_size, num_local, seq_len_k):
-    """`select_blocks_triton`'s indices (ascending, -1 last) with each query's local blocks
-    removed: (B, Nq, H, n - num_local) int32, contiguous (the cut slots are all -1)."""
-    Nq, n = block_indices.shape[1], block_indices.shape[-1]
-    t = torch.arange(seq_len_k - Nq, seq_len_k, device=block_indices.device, dtype=torch.int32)
-    first_local = (t // select_block_size - (num_local - 1))[None, :, None, None]
-    kept = torch.where(block_indices < first_local, block_indices, -1)
-    return kept[..., :n - num_local].contiguous()
-
-
 class NativeSparseAttentionTriton(torch.autograd.Function):
-    """NSA's five steps forward (the selected branch in two parts: its local blocks as a band, then
-    the others); backward: the gates' kernel, then each branch's kernels, which scale their P by
-    their gate and add their dq into one buffer."""
+    """NSA's five steps forward; backward: the gates' kernel, then each branch's kernels, which
+    scale their P by their gate and add their dq into one buffer."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len):
@@ -97,18 +80,10 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
         # -- 2. pass 2: importance scores and top-n, fused; integer indices --
         block_indices = select_blocks_triton(q, k_cmp, lse_cmp, Nk, config, scale,
                                              mem_kv_len=mem_kv_len)        # (B, Nq, H, n) int32
-        # -- 3. selected branch: the local blocks as a band, then the other blocks continue its
-        #    softmax (tiles of queries for small groups) --
-        num_local = config.num_local_blocks
-        band_loc = local_band(l_sel, num_local) if causal and 0 < num_local < config.num_selected_blocks else None
-        if band_loc is None:
-            init, selected = None, block_indices        # valid, distinct, -1 = empty: as the kernels need
-        else:
-            init = band_attention_forward(q, k, v, scale, Nk, band_loc)
-            selected = without_local_blocks(block_indices, l_sel, num_local, Nk)
-        Q, tiles = query_tiles(selected, q.shape[2] // k.shape[2])
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, selected, l_sel, scale, causal,
-                                                queries_per_tile=Q, tiles=tiles, init=init)
+        # -- 3. selected branch over those blocks (tiles of queries for small groups) --
+        Q, tiles = query_tiles(block_indices, q.shape[2] // k.shape[2])
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, l_sel, scale, causal,
+                                                queries_per_tile=Q, tiles=tiles)
         # -- 4. sliding-window branch --
         band_win = window_band(config.window_size, causal)
         o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, band_win)
@@ -117,15 +92,15 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
         grid, meta = _gated_sum_launch(o_cmp.shape[:-1].numel(), o.shape[-1])
         gated_sum_forward_kernel[grid](o_cmp, o_slc, o_win, *gates, o, **meta)
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, *gates, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
-                              lse_win, selected, *tiles)
-        ctx.args = (scale, Nk, band_cmp, band_loc, band_win, l_sel, causal, Q)
+                              lse_win, block_indices, *tiles)
+        ctx.args = (scale, Nk, band_cmp, band_win, l_sel, causal, Q)
         return o
 
     @staticmethod
     def backward(ctx, do):
         (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
-         selected, *tiles) = ctx.saved_tensors
-        scale, Nk, band_cmp, band_loc, band_win, l_sel, causal, Q = ctx.args
+         block_indices, *tiles) = ctx.saved_tensors
+        scale, Nk, band_cmp, band_win, l_sel, causal, Q = ctx.args
         do = do.contiguous()
         # -- 5'. the gates: dL/dg = rowsum(dO * o_branch), also each branch's delta --
         d_gates = [torch.empty_like(g) for g in (g_cmp, g_slc, g_win)]
@@ -135,14 +110,9 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
         # -- 1'. 3'. 4'. the branches, each scaling its P by its gate; their dq summed in one buffer --
         dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk,
                                                      band_cmp, gate=g_cmp, delta=d_cmp)
-        do_slc = torch.empty_like(do)                   # g_slc * dO, written by the selected dq kernel
-        _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, selected, l_sel, scale, causal,
+        _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, l_sel, scale, causal,
                                            queries_per_tile=Q, tiles=tiles, gate=g_slc,
-                                           delta=d_slc, dq=dq, do_branch=do_slc)
-        if band_loc is not None:    # the local band: the same branch, its dO and delta as just written
-            _, dk_loc, dv_loc = band_attention_backward(do_slc, q, k, v, o_slc, lse_slc, scale, Nk, band_loc,
-                                                        delta=d_slc, dq=dq)
-            dk, dv = dk + dk_loc, dv + dv_loc
+                                           delta=d_slc, dq=dq)
         _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk, band_win,
                                                     gate=g_win, delta=d_win, dq=dq)
         return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, *d_gates, None, None, None

@@ -7,9 +7,8 @@ from nsa.validation import check_positive_int, check_qkv, resolve_scale
 
 
 def window_band(window_size: int, causal: bool):
-    """(lo_back, lo_div, hi_base, hi_offset, hi_div) of the window: t - w < s <= t, or < t + w
-    non-causal."""
-    return (window_size - 1, 1, 0, 1 if causal else window_size, 1)
+    """(lo_back, hi_base, hi_offset, hi_div) of the window: t - w < s <= t, or < t + w non-causal."""
+    return (window_size - 1, 0, 1 if causal else window_size, 1)
 
 
 def sliding_window_attention_triton(q, k, v, window_size=512, scale=None, *, causal=True):
