@@ -229,8 +229,9 @@ def band_dq_steps(
 def band_attention_backward_dq_kernel(
     Q, K, V, O, DO,
     GATE,                     # (B, Nq, Hq): the branch's gate, P's row factor when GATED (Chapter 8)
+    DGATE,                    # output (B, Nq, Hq) like GATE when GATED: the gate's gradient
     LSE,
-    DELTA,                    # (B, Nq, Hq) float32 rowsum(dO * O): output (GATED: in and out)
+    DELTA,                    # output (B, Nq, Hq) float32: rowsum(dO * O) (GATED: times the gate)
     DO_B,                     # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
@@ -259,7 +260,7 @@ def band_attention_backward_dq_kernel(
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + q_rows[:, None] * DIM_V + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, q_rows, row_ok, offs_dv, DIM_V, GATED)
+    gate, delta = gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, q_rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_R, BLOCK_DQK], dtype=tl.float32)
 
@@ -353,20 +354,19 @@ def band_attention_backward_dkdv_kernel(
 DKDV_CHUNK = 2048   # query positions per dk, dv program of a long band (GPU)
 
 
-def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=None, delta=None, dq=None):
+def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=None, d_gate=None, dq=None):
     """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse).
 
-    gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
-    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum; the dq kernel
-    overwrites it with gate * delta for the dk, dv kernel). dq: None, or a
+    gate: None, or (B, Nq, Hq) contiguous: `do` is the gated sum's (Chapter 10), the branch's
+    dO is do * gate, and the gate's gradient rowsum(do * o) is written into `d_gate` (like
+    gate). dq: None, or a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
-    if not gated:
-        delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
+    delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
     if not add_to_dq:
         dq = torch.empty_like(q)
     do_branch = torch.empty_like(do) if gated else do      # gate * dO, written by the dq kernel
@@ -378,7 +378,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band, gate=No
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E, scale, Nq, seq_len_k, num_rows, *band)
     launch_fitting(band_attention_backward_dq_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
-                   (q, k, v, o, do, gate, lse, delta, do_branch, dq, *common),
+                   (q, k, v, o, do, gate, d_gate, lse, delta, do_branch, dq, *common),
                    dict(HEADS_Q=Hq, EDGE_MASKS=long_band, GATED=gated, ADD_TO_DQ=add_to_dq, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:

@@ -280,25 +280,25 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 
 
 @triton.jit
-def gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.constexpr,
+def gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.constexpr,
                    GATED: tl.constexpr):
-    """(gate, delta) of `rows`, float32, and what the dk, dv kernel needs. GATED: the branch's gate
-    and delta = rowsum(dO * O) as the gate's backward stored it; the branch's own dO = gate * dO
-    and delta = gate * rowsum(dO * O) are stored into DO_B and DELTA. Else gate 1 (unused) and
-    delta computed here from O and stored into DELTA."""
+    """(gate, delta) of `rows`, float32, delta = rowsum(dO * O); and what the dk, dv kernel needs.
+    GATED: dO is the gated sum's, and delta is also the gate's gradient, stored into DGATE (the
+    gate's dtype); the branch's own dO = gate * dO and delta = gate * delta go into DO_B and
+    DELTA. Else gate 1 (unused) and delta stored into DELTA."""
+    o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
+                mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if GATED:
         gate = tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)
-        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        tl.store(DGATE + rows, delta.to(DGATE.dtype.element_ty), mask=row_ok)
         tl.store(DO_B + rows[:, None] * DIM_V + offs_dv[None, :],
                  (do.to(tl.float32) * gate[:, None]).to(DO_B.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
         tl.store(DELTA + rows, gate * delta, mask=row_ok)
     else:
-        o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + rows, delta, mask=row_ok)
         gate = tl.zeros_like(delta) + 1.0
+        tl.store(DELTA + rows, delta, mask=row_ok)
     return gate, delta
 
 
@@ -316,10 +316,11 @@ def store_dq(DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO_DQ: tl
 def selected_attention_backward_dq_kernel(
     Q, K, V, O, DO,         # inputs, contiguous: q, k, v, o as in the forward; do like o
     GATE,                   # (B, Nq, Hq): the branch's gate, P's row factor (GATED; else unused)
+    DGATE,                  # output (B, Nq, Hq) like GATE when GATED: the gate's gradient
     LSE,                    # (B, Nq, Hq) float32: the forward's lse
     TILE_BLOCKS, TILE_MEMBERS, TILE_COUNTS,   # as in the forward
     DQ,                     # output (B, Nq, Hq, Dqk), q's dtype (ADD_TO_DQ: added into)
-    DELTA,                  # (B, Nq, Hq) float32 rowsum(o * do): output (GATED: in and out)
+    DELTA,                  # output (B, Nq, Hq) float32: rowsum(o * do) (GATED: times the gate)
     DO_B,                   # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     DK, DV,                 # float32 (B, Nk, H, Dqk|Dv) zero-filled: used only with SCATTER_DKDV
     scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
@@ -351,7 +352,7 @@ def selected_attention_backward_dq_kernel(
                 mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
     do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    gate, delta = gate_and_delta(do, O, GATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V, GATED)
+    gate, delta = gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V, GATED)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
     dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -475,13 +476,13 @@ def selected_attention_backward_dkdv_kernel(
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
                            dkdv="gather", chunk=None, rows=None, num_warps=None, num_stages=None,
                            queries_per_tile=None, tiles=None, dkdv_warps=4, dkdv_stages=2,
-                           gate=None, delta=None, dq=None):
+                           gate=None, d_gate=None, dq=None):
     """Launch the backward kernels: (dq, dk, dv) in q's dtype.
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
-    gate: None, or (B, Nq, Hq) contiguous: the branch's dO is do * gate, and `delta` (B, Nq, Hq)
-    float32 = rowsum(do * o) comes precomputed (Chapter 10's fused gated sum; the dq kernel
-    overwrites it with gate * delta for the dk, dv kernel). dq: None, or a
+    gate: None, or (B, Nq, Hq) contiguous: `do` is the gated sum's (Chapter 10), the branch's
+    dO is do * gate, and the gate's gradient rowsum(do * o) is written into `d_gate` (like
+    gate). dq: None, or a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
     dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
     the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
@@ -497,8 +498,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     Q, tiles = query_tiles(block_indices, G, queries_per_tile) if tiles is None else (queries_per_tile, tiles)
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
-    if not gated:
-        delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
+    delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
     do_branch = torch.empty_like(do) if gated else do                       # written by the dq kernel
     if not add_to_dq:
         dq = torch.empty_like(q)
@@ -507,7 +507,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
-                   (q, k, v, o, do, gate, lse, *tiles, dq, delta, do_branch, dk, dv, scale, Nq, Nk, num_tiles,
+                   (q, k, v, o, do, gate, d_gate, lse, *tiles, dq, delta, do_branch, dk, dv, scale, Nq, Nk, num_tiles,
                     num_entries),
                    dict(HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", GATED=gated,
                         ADD_TO_DQ=add_to_dq, **meta),

@@ -29,35 +29,6 @@ def gated_sum_forward_kernel(
     tl.store(O + at, o.to(O.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def gated_sum_backward_branch(do, O_B, DG_B, DELTA_B, rows, at, row_ok, mask):
-    """One branch's share of the backward: dg_b = sum_d dO o_b, stored twice: in the gate's dtype
-    (its gradient) and in float32 (the branch kernels' delta)."""
-    o_b = tl.load(O_B + at, mask=mask, other=0.0).to(tl.float32)
-    dg = tl.sum(do * o_b, axis=1)
-    tl.store(DG_B + rows, dg.to(DG_B.dtype.element_ty), mask=row_ok)
-    tl.store(DELTA_B + rows, dg, mask=row_ok)
-
-
-@triton.jit
-def gated_sum_backward_kernel(
-    DO,                       # (R, Dv): gradient of the gated sum
-    O_CMP, O_SLC, O_WIN,      # branch outputs (R, Dv)
-    DG_CMP, DG_SLC, DG_WIN,   # outputs (R,), the gates' dtype: sum_d dO * o_branch
-    DELTA_CMP, DELTA_SLC, DELTA_WIN,   # outputs (R,) float32: the same sums
-    num_rows, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    offs_d = tl.arange(0, BLOCK_DV)
-    row_ok = rows < num_rows
-    mask = row_ok[:, None] & (offs_d[None, :] < DIM_V)
-    at = rows.to(tl.int64)[:, None] * DIM_V + offs_d[None, :]
-    do = tl.load(DO + at, mask=mask, other=0.0).to(tl.float32)
-    gated_sum_backward_branch(do, O_CMP, DG_CMP, DELTA_CMP, rows, at, row_ok, mask)
-    gated_sum_backward_branch(do, O_SLC, DG_SLC, DELTA_SLC, rows, at, row_ok, mask)
-    gated_sum_backward_branch(do, O_WIN, DG_WIN, DELTA_WIN, rows, at, row_ok, mask)
-
-
 def _gated_sum_launch(num_rows, dim_v):
     block_rows = 32
     return (triton.cdiv(num_rows, block_rows),), dict(
@@ -65,8 +36,8 @@ def _gated_sum_launch(num_rows, dim_v):
 
 
 class NativeSparseAttentionTriton(torch.autograd.Function):
-    """NSA's five steps forward; backward: the gates' kernel, then each branch's kernels, which
-    scale their P by their gate and add their dq into one buffer."""
+    """NSA's five steps forward; backward: each branch's kernels, which scale their P by their
+    gate, write its gradient and add their dq into one buffer."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len):
@@ -102,20 +73,17 @@ class NativeSparseAttentionTriton(torch.autograd.Function):
          block_indices, *tiles) = ctx.saved_tensors
         scale, Nk, band_cmp, band_win, l_sel, causal, Q = ctx.args
         do = do.contiguous()
-        # -- 5'. the gates: dL/dg = rowsum(dO * o_branch), also each branch's delta --
-        d_gates = [torch.empty_like(g) for g in (g_cmp, g_slc, g_win)]
-        d_cmp, d_slc, d_win = (torch.empty(g_cmp.shape, device=do.device, dtype=torch.float32) for _ in range(3))
-        grid, meta = _gated_sum_launch(g_cmp.numel(), do.shape[-1])
-        gated_sum_backward_kernel[grid](do, o_cmp, o_slc, o_win, *d_gates, d_cmp, d_slc, d_win, **meta)
-        # -- 1'. 3'. 4'. the branches, each scaling its P by its gate; their dq summed in one buffer --
+        # -- 1'. 3'. 4'. the branches, each scaling its P by its gate and writing the gate's
+        #    gradient dL/dg = rowsum(dO * o_branch); their dq summed in one buffer --
+        d_cmp, d_slc, d_win = (torch.empty_like(g) for g in (g_cmp, g_slc, g_win))
         dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk,
-                                                     band_cmp, gate=g_cmp, delta=d_cmp)
+                                                     band_cmp, gate=g_cmp, d_gate=d_cmp)
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, l_sel, scale, causal,
                                            queries_per_tile=Q, tiles=tiles, gate=g_slc,
-                                           delta=d_slc, dq=dq)
+                                           d_gate=d_slc, dq=dq)
         _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk, band_win,
-                                                    gate=g_win, delta=d_win, dq=dq)
-        return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, *d_gates, None, None, None
+                                                    gate=g_win, d_gate=d_win, dq=dq)
+        return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, d_cmp, d_slc, d_win, None, None, None
 
 
 def check_triton_support(q, dims, config) -> None:

@@ -74,8 +74,9 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back():
 
 @pytest.mark.parametrize("branch", ["window", "compressed", "selected"])
 def test_gated_backward_equals_backward_of_scaled_do(branch):
-    """Chapter 8's GATED / ADD_TO_DQ switches: a branch's backward fed the op's dO, its gate and
-    delta = rowsum(dO * o) adds into dq exactly what the plain backward of g * dO gives."""
+    """Chapter 8's GATED / ADD_TO_DQ switches: a branch's backward fed the op's dO and its gate
+    adds into dq exactly what the plain backward of g * dO gives, and writes the gate's gradient
+    rowsum(dO * o)."""
     from nsa.kernels.compressed import band_attention_backward, band_attention_forward, compressed_band
     from nsa.kernels.selected import prepare_block_indices, selected_attention_bwd, selected_attention_fwd
     from nsa.kernels.window import window_band
@@ -97,9 +98,9 @@ def test_gated_backward_equals_backward_of_scaled_do(branch):
         o, lse = band_attention_forward(q, k, v, scale, N, band)
         backward = lambda *a, **kw: band_attention_backward(a[0], q, k, v, o, lse, scale, N, band, **kw)
     plain = backward((do * gate[..., None]).contiguous())
-    delta = (do * o).sum(-1)
-    dq_before = r(B, N, Hq, D)
-    gated = backward(do, gate=gate, delta=delta, dq=dq_before.clone())
+    dq_before, d_gate = r(B, N, Hq, D), torch.full_like(gate, float("nan"))
+    gated = backward(do, gate=gate, d_gate=d_gate, dq=dq_before.clone())
+    torch.testing.assert_close(d_gate, (do * o).sum(-1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gated[0], dq_before + plain[0], atol=1e-4, rtol=1e-4)
     for x, y in zip(gated[1:], plain[1:]):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
