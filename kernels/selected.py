@@ -329,7 +329,7 @@ def selected_attention_backward_dq_kernel(
     BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
     SCATTER_DKDV: tl.constexpr,  # also atomically add this program's dk, dv into DK, DV
-    GATED: tl.constexpr,         # the branch's dO = GATE * DO: P scaled by GATE; DELTA given
+    GATED: tl.constexpr,         # the branch's dO = GATE * DO: P scaled by GATE; DGATE written
     ADD_TO_DQ: tl.constexpr,     # DQ += this branch's dq
 ):
     tile = tl.program_id(0)
