@@ -6,6 +6,7 @@ import triton.language as tl
 
 from nsa.compression import (_check_mem_kv_len, check_compressed_args, check_compressed_qkv,
                              resolve_seq_len_k)
+from nsa.config import NSAConfig
 from nsa.kernels.flash import check_kernel_dims, head_dim_block, launch_fitting
 from nsa.kernels.selected import gate_and_delta, store_dq
 from nsa.validation import resolve_scale
@@ -581,8 +582,6 @@ def select_blocks_kernel(
     tl.store(BLOCK_INDICES + out_rows[:, None] * NUM_SELECT + slot[None, :], chosen,
              mask=(i_pos[:, None] < seq_len_q) & (slot[None, :] < NUM_SELECT))
 
-
-from nsa.config import NSAConfig
 
 SELECT_STEP = 16       # selection blocks per step (BLOCK_S)
 MAX_STEP_CMP = 256     # compressed blocks per step, 16 * l' / d

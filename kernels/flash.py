@@ -3,6 +3,7 @@
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from nsa.validation import check_qkv, resolve_scale
 
@@ -160,8 +161,6 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
                    shrink=(("BLOCK_N", 16), ("BLOCK_M", 16)))
     return (o, lse) if return_lse else o
 
-
-from triton.runtime.errors import OutOfResources
 
 _FITTED = {}   # (kernel, preferred tiles, device) -> (tiles, stages) that fit its shared memory
 

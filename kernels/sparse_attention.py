@@ -4,8 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.compressed import (band_attention_backward, band_attention_forward, check_kernel_tensors,
-                                    check_select_config, compressed_band, select_blocks_triton)
+from nsa.kernels.compressed import (band_attention_backward, band_attention_forward,
+                                    check_kernel_tensors, check_select_config, compressed_band,
+                                    select_blocks_triton)
 from nsa.kernels.selected import query_tiles, selected_attention_bwd, selected_attention_fwd
 from nsa.kernels.window import window_band
 from nsa.sparse_attention import check_sparse_inputs

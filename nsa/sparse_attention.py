@@ -5,14 +5,16 @@ import warnings
 
 import torch
 from einops import einsum, rearrange
+from torch import nn
 
 from nsa.attention import attention, softmax_with_lse
-from nsa.compression import compressed_attention, compressed_block_mask, num_compressed_blocks
+from nsa.compression import (CompressionMLP, compress, compressed_attention, compressed_block_mask,
+                             num_compressed_blocks)
 from nsa.config import NSAConfig
 from nsa.masks import block_selection_mask, sliding_window_mask
 from nsa.selection import select_blocks, selected_attention, selection_scores
 from nsa.sliding import sliding_window_attention
-from nsa.validation import check_qkv, check_tensor, resolve_scale
+from nsa.validation import check_positive_int, check_qkv, check_tensor, resolve_scale
 
 BACKENDS = ("auto", "torch", "flex", "triton")
 
@@ -216,15 +218,6 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     win_visible = _window_mask(Nq, Nk, config.window_size, causal, device)[None, None] & keep[:, None, None, :]
     o_win = attention(q, k, v, win_visible, scale)
     return combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
-
-
-import torch
-from einops import rearrange
-from torch import nn
-
-from nsa.compression import CompressionMLP, compress
-from nsa.config import NSAConfig
-from nsa.validation import check_positive_int
 
 
 class SparseAttention(nn.Module):
