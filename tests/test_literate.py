@@ -37,17 +37,18 @@ def test_make_export_cli_reports_drift(tmp_path):
     for folder in ("book", "nsa", "kernels", "tools"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     script = tmp_path / "tools" / "export.py"
-    clean = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    # --no-lint: this test is about drift; the notebooks' lint has its own test below
+    clean = subprocess.run([sys.executable, script, "--check", "--no-lint"], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stdout
     generated = export.generated_files(tmp_path)
     assert generated
     with generated[0].open("a") as f:
         f.write("\n# a hand edit\n")
-    drifted = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    drifted = subprocess.run([sys.executable, script, "--check", "--no-lint"], capture_output=True, text=True)
     assert drifted.returncode == 1
     assert generated[0].relative_to(tmp_path).as_posix() in drifted.stdout
     subprocess.run([sys.executable, script], check=True, capture_output=True)
-    assert subprocess.run([sys.executable, script, "--check"]).returncode == 0
+    assert subprocess.run([sys.executable, script, "--check", "--no-lint"]).returncode == 0
 
 
 def _notebook(cells):
@@ -155,6 +156,7 @@ def test_imports_are_hoisted_merged_and_grouped(tmp_path):
         "try:\n    import numpy\nexcept ImportError:\n    numpy = None\nif X:\n    from os import path\n"
         "\n\n"
         "W = 4; V = 5\n")
+    assert export.lint(text) == []
 
 
 def test_long_from_import_wraps_at_100_columns(tmp_path):
@@ -189,3 +191,96 @@ def test_import_name_collision_is_an_error(tmp_path):
     # hoisting an import above a definition it used to replace would change which one wins
     with pytest.raises(ValueError, match=r"`x` is defined in book/01_a.ipynb cell 1 before .*cell 2"):
         _export_one(tmp_path, "def x():\n    pass", "from a import x")
+
+
+CLEAN_MODULE = HEAD + '''"""A module may name its chapter: Chapter 8 explains it (and chapter 9)."""
+
+import os
+
+EMPTY = -1   # below every rank key of a score >= 0
+CHECKED = 2  # head dims <= 128; 2 above, for shared memory
+
+
+def f(scores):
+    """Keep a candidate with a score above the worst kept; the chapter-5 reference agrees."""
+    # the queries see the keys below t; -1 masked below
+    return os.sep
+
+
+try:
+    import numpy
+except ImportError:
+    numpy = None
+if os.sep:
+    import json
+'''
+
+
+def test_lint_passes_a_clean_module():
+    assert export.lint(CLEAN_MODULE) == []
+
+
+@pytest.mark.parametrize("line, found", [
+    ("X = 1  # the band {eq}`eq-band`", "MyST role"),
+    ('X = "see {numref}`fig-a`"', "MyST role"),
+    ("X = 1  # lo(t), Eq. eq-band", "MyST label 'eq-band'"),
+    ("X = 1  # the band (eq-band)", "MyST label"),
+    ('"""Limits: see ```{note}``` """', "MyST directive"),
+    ("X = 1  # [the band](03_selection.ipynb)", "markdown link"),
+    ("X = 1  # first two rows of the table above", "'table above'"),
+    ("X = 1  # measured (see above)", "'see above'"),
+    ("X = 1  # see below", "'see below'"),
+    ("X = 1  # the cell below runs it", "'cell below'"),
+    ("X = 1  # the figure above", "'figure above'"),
+    ("X = 1  # as the picture below shows", "'picture below'"),
+    ("X = 1  # the plot above", "'plot above'"),
+    ("X = 1  # see the sweep below", "'sweep below'"),
+    ("X = 1  # the measurements above", "'measurements above'"),
+    ("X = 1  # the timings shown above", "'shown above'"),
+    ('X = "this chapter\'s kernels"', "'this chapter'"),
+    ("X = 1  # see the chapter's measurements", "'the chapter'"),
+    ("X = 1  # as this notebook shows", "'this notebook'"),
+    ("X = 1  # the next cell times it", "next cell'"),
+])
+def test_lint_flags_notebook_references(line, found):
+    text = HEAD + "\n" + line + "\n"
+    problems = export.lint(text)
+    assert len(problems) == 1 and problems[0].startswith("3: ") and found in problems[0], problems
+    assert problems[0].endswith(": " + line.strip())
+
+
+def test_lint_flags_a_reference_inside_a_multiline_docstring_on_its_line():
+    text = HEAD + '\n\ndef f():\n    """One.\n\n    Two: the table above.\n    """\n'
+    assert [p.split(":")[0] for p in export.lint(text)] == ["7"]
+
+
+def test_lint_flags_an_import_below_code():
+    text = HEAD + '"""Doc."""\n\nimport os\n\nX = 1\n\nimport sys\nfrom json import dumps\n'
+    problems = export.lint(text)
+    assert [p.split(":")[0] for p in problems] == ["8", "9"]
+    assert all("import below code" in p for p in problems)
+
+
+def test_check_cli_fails_on_lint_and_make_export_prints_it(tmp_path):
+    (tmp_path / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "export.py", tmp_path / "tools")
+    script = tmp_path / "tools" / "export.py"
+    _export_one(tmp_path, "X = 1  # the table above")
+    written = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert written.returncode == 0
+    assert "lint: nsa/alpha.py:3: notebook-relative 'above/below' 'table above'" in written.stdout
+    checked = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert checked.returncode == 1 and "nsa/alpha.py:3:" in checked.stdout
+    assert subprocess.run([sys.executable, script, "--check", "--no-lint"]).returncode == 0
+    _export_one(tmp_path, "X = 1  # Chapter 8 explains it")
+    assert subprocess.run([sys.executable, script, "--check"], capture_output=True).returncode == 0
+
+
+def test_generated_modules_pass_lint():
+    """Every generated module reads as a module: no import below code, no notebook references.
+
+    Fix a failure in the notebook (the file:line tells where the text ended up), then `make export`.
+    """
+    problems = [f"{path.relative_to(ROOT).as_posix()}:{problem}"
+                for path in export.generated_files() for problem in export.lint(path.read_text())]
+    assert not problems, f"{len(problems)} lint problem(s):\n" + "\n".join(problems)

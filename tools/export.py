@@ -24,15 +24,22 @@ A generated file reads like a hand-written module (`render`):
   they are. A cell left empty by this is dropped; two imports that bind one name to different
   things are an error.
 * A docstring that opens the module's first exported cell becomes the module docstring.
+
+`lint` flags what reads wrong outside the notebook: a top-level import below code, and
+references that only make sense inside the book (MyST roles and equation labels, "the table
+above", "see below", "this chapter", ...). `make export` prints them; `--check` fails on them
+too (`--no-lint` checks drift only).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import re
 import sys
+import tokenize
 from pathlib import Path
 from typing import NamedTuple
 
@@ -354,6 +361,73 @@ def render(sources: list[str], blocks: list[Block | str]) -> str:
     return text
 
 
+# --- lint ---------------------------------------------------------------------------------------
+
+# What reads wrong in a module because it points at the notebook around the code. Each pattern is
+# matched (case-insensitive) against comments and string literals only; the header line is skipped.
+NOTEBOOK_REFERENCES = [
+    # MyST roles ({eq}`eq-band`, {ref}, {numref}, any `{role}` followed by its backtick)
+    ("MyST role", r"\{(?:eq|ref|numref|doc|download|term|cite(?::\w+)?)\}|\{[a-z][\w:-]*\}(?=`)"),
+    # MyST directives and markdown links into the book
+    ("MyST directive", r"```\{|:::\{"),
+    ("markdown link into the book", r"\]\((?:#|[^)\s]*\.(?:ipynb|md)\b)"),
+    # equation labels (`eq-band`, "Eq. eq-band", "(eq-band)") and other backticked MyST labels
+    ("MyST label", r"(?<![\w-])eq-[a-z0-9][\w-]*|`(?:fig|tab|sec)-[\w-]+`"),
+    # "see above", "(see below)"
+    ("notebook-relative 'see above/below'", r"\bsee\s+(?:above|below)\b"),
+    # things only the notebook shows: "the table above", "the sweep below", "the cell above"
+    ("notebook-relative 'above/below'",
+     r"\b(?:tables?|figures?|fig\.|pictures?|plots?|charts?|graphs?|sweeps?|measurements?|cells?"
+     r"|sections?)\s+(?:just\s+|right\s+)?(?:above|below)\b"),
+    ("notebook-relative 'above/below'",
+     r"\b(?:shown|printed|plotted|displayed|seen|measured|timed)\s+(?:just\s+|right\s+)?(?:above|below)\b"),
+    # "this chapter", "the chapter's measurements", "this notebook", "the next cell"; a numbered
+    # chapter ("Chapter 8 explains", "the chapter-5 reference") names its place in the book
+    ("notebook-relative chapter", r"\b(?:this|that|the|next|previous|following|preceding|last)\s+"
+                                  r"(?:chapter|notebook)\b(?![\s-]*\d)|\bthis\s+section\b"),
+    ("notebook-relative cell", r"\b(?:this|that|the\s+next|next|previous|following|preceding)\s+cell\b"),
+]
+_REFERENCE_PATTERNS = [(what, re.compile(pattern, re.IGNORECASE)) for what, pattern in NOTEBOOK_REFERENCES]
+_TEXT_TOKENS = {tokenize.COMMENT, tokenize.STRING} | (
+    {tokenize.FSTRING_MIDDLE} if hasattr(tokenize, "FSTRING_MIDDLE") else set())
+
+
+def lint(text: str) -> list[str]:
+    """Problems of a generated module, one per line of it: `LINE: what 'found'; ...: the line`.
+
+    (a) a top-level import below other code (imports inside a top-level `try` / `if` are fine);
+    (b) a comment or string that refers to the notebook around it (`NOTEBOOK_REFERENCES`).
+    """
+    lines = text.split("\n")
+    problems = []
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as e:
+        return [f"{e.lineno}: does not parse: {e.msg}"]
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]                                       # the module docstring
+    seen_code = False
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if seen_code:
+                problems.append((node.lineno, f"import below code: {lines[node.lineno - 1].strip()}"))
+        else:
+            seen_code = True
+    header = HEADER.split("{")[0]
+    found: dict[int, list[str]] = {}          # line -> what was found there, once each
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type not in _TEXT_TOKENS or (tok.start[0] == 1 and tok.string.startswith(header)):
+            continue
+        for what, pattern in _REFERENCE_PATTERNS:
+            for m in pattern.finditer(tok.string):
+                line = tok.start[0] + tok.string.count("\n", 0, m.start())
+                if (item := f"{what} {m.group()!r}") not in found.setdefault(line, []):
+                    found[line].append(item)
+    problems += [(line, f"{'; '.join(items)}: {lines[line - 1].strip()}") for line, items in found.items()]
+    return [f"{line}: {message}" for line, message in sorted(problems)]
+
+
 # --- the package ---------------------------------------------------------------------------------
 
 
@@ -399,17 +473,28 @@ def export(root: Path = ROOT, check: bool = False) -> list[str]:
     return changes
 
 
+def lint_package(root: Path = ROOT) -> list[str]:
+    """`lint` over every module the notebooks export: `FILE:LINE: what: the line`."""
+    return [f"{path.relative_to(root).as_posix()}:{problem}"
+            for path, text in sorted(wanted_modules(root).items()) for problem in lint(text)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare only; exit 1 on drift")
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 on drift or lint")
+    parser.add_argument("--no-lint", action="store_true", help="skip the lint of the generated modules")
     args = parser.parse_args(argv)
     changes = export(check=args.check)
     for line in changes:
         print(line)
+    problems = [] if args.no_lint else lint_package()
+    for line in problems:
+        print(f"lint: {line}")
     if args.check and changes:
         print("The package has drifted from the notebooks: edit the notebook, then `make export`.")
-        return 1
-    return 0
+    if problems:
+        print(f"{len(problems)} lint problem(s) in the generated modules: fix the notebook text.")
+    return 1 if args.check and (changes or problems) else 0
 
 
 if __name__ == "__main__":
