@@ -193,6 +193,14 @@ def test_import_name_collision_is_an_error(tmp_path):
         _export_one(tmp_path, "def x():\n    pass", "from a import x")
 
 
+def test_imports_of_the_module_itself_are_dropped(tmp_path):
+    """A later chapter's cell imports what an earlier cell defined in the same module (the notebook
+    needs it); the module has it already, and a self-import at its top would fail."""
+    text = _export_one(tmp_path, "def f():\n    return 1", "from nsa.alpha import f\nfrom nsa.beta import g\n\nY = f() + g()")
+    assert "from nsa.alpha" not in text and "from nsa.beta import g" in text
+    assert text.index("def f") < text.index("Y = f()")
+
+
 CLEAN_MODULE = HEAD + '''"""A module may name its chapter: Chapter 8 explains it (and chapter 9)."""
 
 import os

@@ -326,16 +326,27 @@ def merge_imports(hoisted: list[_Hoisted]) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections if lines)
 
 
-def render(sources: list[str], blocks: list[Block | str]) -> str:
-    """The module text: header, docstring, hoisted imports, then the blocks in order."""
+def _imports_itself(node: ast.stmt, module: str | None) -> bool:
+    """`from <this module> import x`: a cell of a later chapter importing what an earlier chapter's
+    cell defined in the same module (it needs that in the notebook; the module has it already)."""
+    return isinstance(node, ast.ImportFrom) and node.level == 0 and module is not None and node.module == module
+
+
+def render(sources: list[str], blocks: list[Block | str], module: str | None = None) -> str:
+    """The module text: header, docstring, hoisted imports, then the blocks in order.
+
+    `module` (dotted, e.g. "nsa.checks"): imports from the module itself are dropped."""
     blocks = [b if isinstance(b, Block) else Block(b, f"block {i}") for i, b in enumerate(blocks)]
     docstring, hoisted, rest = None, [], []
     defined: dict[str, str] = {}     # name -> origin, for names bound by code before an import
     for i, block in enumerate(blocks):
         doc, imports, code = split_block(block, docstring=i == 0)
         docstring = docstring or doc
+        imports = [stmt for stmt in imports if not _imports_itself(stmt.node, module)]
         tree = ast.parse(block.code)
         for node in tree.body:
+            if _imports_itself(node, module):
+                continue
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for alias in node.names:
                     name = alias.asname or alias.name.split(".")[0]
@@ -448,8 +459,10 @@ def wanted_modules(root: Path = ROOT) -> dict[Path, str]:
     notebooks = sorted((root / "book").glob("*.ipynb"))
     wanted = {}
     for path, (sources, blocks) in collect(notebooks, root).items():
+        parts = path.relative_to(root).with_suffix("").parts    # ("nsa", "checks"), ("kernels", "band")
+        module = ".".join(("nsa",) + parts if parts[0] == "kernels" else parts)
         try:
-            wanted[path] = render(sources, blocks)
+            wanted[path] = render(sources, blocks, module)
         except ValueError as e:
             raise ValueError(f"{path.relative_to(root).as_posix()}: {e}") from None
     return wanted
