@@ -2,7 +2,7 @@
 
 Not collected by pytest; a GPU user runs it from the repository root:
 
-    PYTHONUNBUFFERED=1 python tests/gpu_check_flash.py [--out DIR]
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check_flash.py [--out DIR]
 
 Checks fp16 and bf16 against float64 dense attention (all rows up to 4k; 256 spot-checked rows at
 16k and 64k), printing relative errors, then times the primer beside SDPA (flash backend), causal,
@@ -92,7 +92,7 @@ def timing(out):
         except Exception:
             traceback.print_exc()
     with (out / "flash_primer_h100.csv").open("w", newline="") as f:
-        f.write(f"# python tests/gpu_check_flash.py; torch {torch.__version__}, triton {triton.__version__}, "
+        f.write(f"# python benchmarks/gpu_check_flash.py; torch {torch.__version__}, triton {triton.__version__}, "
                 f"{torch.cuda.get_device_name()}; bf16, 64 query / 4 kv heads, d = 128, causal, fwd, "
                 "do_bench median ms\n")
         w = csv.writer(f)

@@ -2,9 +2,9 @@
 
 One command on a machine with a CUDA GPU (H100 in the book):
 
-    python tests/gpu_check_nsa.py --out book/data
+    python benchmarks/gpu_check_nsa.py --out book/data
 
-1. Accuracy. bf16 inputs through `triton_sparse_attention`, forward and backward, against the
+1. Accuracy. bf16 inputs through `backend="triton"`, forward and backward, against the
    float64 PyTorch reference (chapters 2-5) at N = 1k ... 64k. The float64 reference is exact
    only for small N, so at long N it checks *chunks* of query rows: the upstream gradient dO is
    zero outside the chunks, and by causality the rows [a, a + R) of an N-token problem are the
@@ -47,11 +47,12 @@ except ImportError:       # a plain checkout: map kernels/ to nsa.kernels by han
     sys.modules["nsa.kernels"] = module
     spec.loader.exec_module(module)
     nsa.kernels = module
-from nsa.compression import compressed_attention, num_compressed_blocks  # noqa: E402
+from nsa.compression import compressed_attention  # noqa: E402
 from nsa.config import NSAConfig  # noqa: E402
+from nsa.geometry import num_compressed_blocks  # noqa: E402
 from nsa.selection import select_blocks, selected_attention, selection_scores  # noqa: E402
-from nsa.sliding import sliding_window_attention  # noqa: E402
-from nsa.sparse_attention import combine_branches  # noqa: E402
+from nsa.sparse_attention import combine_branches, native_sparse_attention  # noqa: E402
+from nsa.window import sliding_window_attention  # noqa: E402
 
 NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win")
 DEVICE = "cuda"       # --tiny runs the script's logic on the CPU (interpreter), to debug it
@@ -90,15 +91,14 @@ def rel(x, ref):
 
 def check_accuracy(label, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, chunks, dtype):
     """One problem: rows per chunk (a, R); returns rows for the errors CSV."""
-    from nsa.kernels.compressed import compressed_attention_triton, select_blocks_triton
+    from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
     from nsa.kernels.selected import selected_attention_triton
-    from nsa.kernels.sparse_attention import triton_sparse_attention
-    from nsa.kernels.window import sliding_window_attention_triton
+    from nsa.kernels.topk import select_blocks_triton
 
     inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
     scale = Dqk ** -0.5
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
-    o = triton_sparse_attention(*inputs, config, scale, mem)
+    o = native_sparse_attention(*inputs, config, scale, backend="triton", mem_kv_len=mem)
     # the branches and the selection, forward only, for per-branch errors
     q, k, v, k_cmp, v_cmp = inputs[:5]
     with torch.no_grad():
@@ -177,10 +177,9 @@ def bench(fn, warmup=100, rep=400):
 
 def timing(N=65536, B=1, Hq=64, H=4, D=128):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from nsa.kernels.compressed import compressed_attention_triton, select_blocks_triton
+    from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
     from nsa.kernels.selected import selected_attention_triton
-    from nsa.kernels.sparse_attention import triton_sparse_attention
-    from nsa.kernels.window import sliding_window_attention_triton
+    from nsa.kernels.topk import select_blocks_triton
 
     config = NSAConfig()
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
@@ -193,7 +192,7 @@ def timing(N=65536, B=1, Hq=64, H=4, D=128):
         rows.append(dict(impl=impl, seq_len=N, heads_q=Hq, heads_kv=H, head_dim=D, **{"pass": pass_}, ms=f"{ms:.3f}"))
         print(f"  {impl:24s} {pass_:8s} {ms:9.3f} ms", flush=True)
 
-    fwd = lambda: triton_sparse_attention(*inputs, config, scale, 0)
+    fwd = lambda: native_sparse_attention(*inputs, config, scale, backend="triton")
     with torch.no_grad():
         add("nsa_triton", "fwd", bench(fwd))
     o = fwd()
@@ -228,7 +227,6 @@ def timing(N=65536, B=1, Hq=64, H=4, D=128):
     del qd, kd, vd, dod
     torch.cuda.empty_cache()
     profile_kernels(fwd, inputs, do=torch.randn_like(fwd()))
-    tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add)
     return rows
 
 
@@ -251,64 +249,6 @@ def profile_kernels(fwd, inputs, do, out_dir=None):
     print(f"  profile of one fwd+bwd: {total / 1e3:.1f} ms of GPU kernels", flush=True)
     for e in ranked[:18]:
         print(f"    {device_us(e) / 1e3:8.2f} ms  x{e.count:<3d} {e.key[:90]}", flush=True)
-
-
-def tile_sweep(q, k, v, k_cmp, v_cmp, lse, config, scale, N, add):
-    """Forward tiles of the band kernel (compressed, window) and warps of the selection kernel."""
-    import triton
-    from nsa.kernels import compressed as C
-    from nsa.kernels.window import window_band
-    B, Nq, Hq, D = q.shape
-    H = k.shape[2]
-    G = Hq // H
-    l, d = config.compress_block_size, config.compress_stride
-    bands = {"compressed": (k_cmp, v_cmp, C.compressed_band(k_cmp.shape[1], l, d, 0, True)),
-             "window": (k, v, window_band(config.window_size, True))}
-    o = torch.empty(B, Nq, Hq, D, device=q.device, dtype=q.dtype)
-    lse_out = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
-    for name, (kk, vv, band) in bands.items():
-        for rows, block_n, warps, stages in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2),
-                                             (128, 128, 8, 2), (256, 64, 8, 2), (64, 32, 4, 3)):
-            meta, _ = C.band_tiles(G, D, D, True, rows=rows)
-            meta["BLOCK_N"] = block_n
-            grid = (triton.cdiv(Nq, meta["BLOCK_M"]), B, H)
-            launch = lambda: C.band_attention_forward_kernel[grid](
-                q, kk, vv, o, lse_out, scale * C.LOG2E, Nq, N, kk.shape[1], *band,
-                HEADS_Q=Hq, EDGE_MASKS=band[0] == C.UNBOUNDED, num_warps=warps, num_stages=stages, **meta)
-            try:
-                add(f"sweep_{name}_r{rows}_n{block_n}_w{warps}_s{stages}", "fwd", bench(launch, warmup=25, rep=100))
-            except Exception as error:
-                print(f"  sweep {name} {rows}/{block_n}/{warps}/{stages}: {type(error).__name__}", flush=True)
-    # backward dk, dv kernel tiles (data for the performance chapter; the launcher uses 128 rows x 64)
-    do = torch.randn_like(o)
-    for name, (kk, vv, band) in bands.items():
-        o_b, lse_b = C.band_attention_forward(q, kk, vv, scale, N, band)
-        delta = (do.float() * o_b.float()).sum(-1)
-        dk, dv = torch.empty_like(kk), torch.empty_like(vv)
-        for rows, block_n, warps, stages in ((128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 3),
-                                             (64, 32, 4, 3), (256, 64, 8, 2), (128, 128, 8, 2)):
-            meta, _ = C.band_tiles(G, D, D, True, rows=rows)
-            meta["BLOCK_N"] = block_n
-            grid = (triton.cdiv(kk.shape[1], block_n), 1, B * H)    # one chunk: all queries
-            launch = lambda: C.band_attention_backward_dkdv_kernel[grid](
-                q, kk, vv, do, lse_b, delta, dk, dv, scale * C.LOG2E, scale, Nq, N, kk.shape[1], *band, Nq,
-                HEADS_Q=Hq, num_warps=warps, num_stages=stages, **meta)
-            try:
-                add(f"sweep_{name}_dkdv_r{rows}_n{block_n}_w{warps}_s{stages}", "bwd", bench(launch, warmup=25, rep=100))
-            except Exception as error:
-                print(f"  sweep {name} dkdv {rows}/{block_n}/{warps}/{stages}: {type(error).__name__}", flush=True)
-    for warps in (4, 8, 16):
-        out = torch.empty(B, Nq, H, config.num_selected_blocks, device=q.device, dtype=torch.int32)
-        launch = lambda: C.select_blocks_kernel[(triton.cdiv(Nq, 16), B, H)](
-            q, k_cmp, lse, out, scale * C.LOG2E, Nq, N, 0, k_cmp.shape[1], triton.cdiv(N, config.select_block_size),
-            HEADS_Q=Hq, GROUP=G, GROUP_PAD=triton.next_power_of_2(G), DIM_QK=D, BLOCK_DQK=C.head_dim_block(D),
-            CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=config.select_block_size, NUM_SELECT=config.num_selected_blocks,
-            SLOTS=triton.next_power_of_2(config.num_selected_blocks), NUM_INITIAL=config.num_initial_blocks,
-            NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=16, BLOCK_S=C.SELECT_STEP, num_warps=warps)
-        try:
-            add(f"sweep_select_w{warps}", "fwd", bench(launch, warmup=25, rep=100))
-        except Exception as error:
-            print(f"  sweep select {warps}: {type(error).__name__}", flush=True)
 
 
 def write_csv(path, rows):
@@ -410,14 +350,9 @@ def main():
     ms = {(r["impl"], r["pass"]): float(r["ms"]) for r in timings}
     if ms:
         print(f"\n{'impl (N=64k, 64/4 heads, d=128)':34s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
-        for impl in dict.fromkeys(r["impl"] for r in timings if not r["impl"].startswith("sweep")):
+        for impl in dict.fromkeys(r["impl"] for r in timings):
             f, fb = ms.get((impl, "fwd"), math.nan), ms.get((impl, "fwd_bwd"), math.nan)
             print(f"{impl:34s} {f:9.2f} {fb:11.2f}")
-        sweep = sorted((v, impl) for (impl, _), v in ms.items() if impl.startswith("sweep"))
-        for branch in ("compressed_r", "window_r", "compressed_dkdv", "window_dkdv", "select"):
-            best = [(v, impl) for v, impl in sweep if impl.startswith(f"sweep_{branch}")]
-            if best:
-                print(f"fastest {branch} forward tile: {best[0][1]} {best[0][0]:.2f} ms")
         if ("sdpa_flash", "fwd") in ms and ("nsa_triton", "fwd") in ms:
             print(f"speed-up over sdpa_flash: fwd {ms['sdpa_flash', 'fwd'] / ms['nsa_triton', 'fwd']:.2f}x, "
                   f"fwd+bwd {ms['sdpa_flash', 'fwd_bwd'] / ms['nsa_triton', 'fwd_bwd']:.2f}x")

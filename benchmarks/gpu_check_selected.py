@@ -2,7 +2,7 @@
 
 Not collected by pytest (no test_ prefix); a GPU user runs it from the repository root:
 
-    PYTHONUNBUFFERED=1 python tests/gpu_check_selected.py [--out DIR] [--quick]
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check_selected.py [--out DIR] [--quick]
 
 1. Correctness: bf16 (and fp16) kernels against a float64 reference, forward and backward, at lengths
    1k to 64k, printing relative errors ||x - ref|| / ||ref|| for o, lse, dq, dk, dv. The reference
@@ -11,8 +11,8 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    Every case runs with the default tiles of queries and with 4 (or, where 4 is the default, 1).
 2. Timing (triton.testing.do_bench, median): paper geometry (64 query heads, 4 kv heads, d = 128,
    n = 16, l' = 64, bf16, batch 1) at 8k-64k with random valid block indices (block 0 and the
-   query's own block forced): forward, forward + backward with both dk/dv strategies, a per-kernel
-   breakdown, a small sweep of launch parameters, and SDPA (flash backend, causal) beside it.
+   query's own block forced): forward, forward + backward, a per-kernel breakdown, and SDPA (flash
+   backend, causal) beside it.
 3. Variants (--variants, at 64k): the forward and dq kernels with 1-8 queries per tile on three kinds
    of selections — random (as above), chapter 3's selection run on random q, k ("real"), and on
    q, k with planted structure (neighbouring queries favour the same blocks) — with the number of
@@ -178,11 +178,11 @@ def correctness(errors_csv):
             ref = reference_fp64(q, k, v, do, prepared, l, Dqk ** -0.5, causal,
                                  chunk=max(64, 2 ** 22 // (Hq * n * l)))
             other = 4 if sel.default_queries_per_tile(Hq // H) == 1 else 1     # the non-default tiles too
-            runs = [("gather", None), ("gather", other)] + ([("scatter", None)] if N <= 16384 else [])
+            runs = [("gather", None), ("gather", other)]
             for dkdv, tile in runs:
                 qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
                 o, lse = sel.selected_attention_triton(qq, kk, vv, idx, l, causal=causal,
-                                                       return_lse=True, dkdv=dkdv, queries_per_tile=tile)
+                                                       return_lse=True, queries_per_tile=tile)
                 dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), do)
                 errs = [rel(x, r) for x, r in zip((o, lse, dq, dk, dv), ref)]
                 worst = max([worst] + [e if e == e else float("inf") for e in errs])
@@ -206,9 +206,8 @@ def bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def timing(times_csv, configs, sweep):
-    """configs: (N, Hq, H, full); `full` adds the scatter strategy, the per-kernel breakdown and
-    SDPA; `sweep` adds a launch-parameter sweep at the longest full length."""
+def timing(times_csv, configs):
+    """configs: (N, Hq, H, full); `full` adds the per-kernel breakdown."""
     D, n, l = (16, 2, 16) if SMOKE else (128, 16, 64)
     dtype = torch.float16 if SMOKE else torch.bfloat16
     longest = max(N for N, _, _, full in configs if full)
@@ -231,11 +230,10 @@ def timing(times_csv, configs, sweep):
                 record("nsa_selected_triton", "fwd",
                        bench(lambda: sel.selected_attention_triton(q, k, v, idx, l, check_indices=False)))
             qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-            for dkdv in ("gather", "scatter") if full else ("gather",):
-                def fwd_bwd():
-                    o_ = sel.selected_attention_triton(qq, kk, vv, idx, l, dkdv=dkdv, check_indices=False)
-                    torch.autograd.grad(o_, (qq, kk, vv), do)
-                record(f"nsa_selected_triton_{dkdv}", "fwd_bwd", bench(fwd_bwd))
+            def fwd_bwd():
+                o_ = sel.selected_attention_triton(qq, kk, vv, idx, l, check_indices=False)
+                torch.autograd.grad(o_, (qq, kk, vv), do)
+            record("nsa_selected_triton_gather", "fwd_bwd", bench(fwd_bwd))
             del qq, kk, vv
             # -- SDPA, flash backend, causal; kv heads expanded (flash wants equal heads) --
             try:
@@ -260,55 +258,32 @@ def timing(times_csv, configs, sweep):
                 continue
             # -- breakdown --
             prepared = sel.prepare_block_indices(idx, l, N, True)
+            Q, tiles = sel.query_tiles(prepared, Hq // H)
             record("prepare_block_indices", "fwd", bench(lambda: sel.prepare_block_indices(idx, l, N, True)))
-            record("forward_kernel", "fwd", bench(lambda: sel.selected_attention_fwd(q, k, v, prepared, l, scale, True)))
-            o, lse = sel.selected_attention_fwd(q, k, v, prepared, l, scale, True)
+            record("forward_kernel", "fwd", bench(lambda: sel.selected_attention_fwd(q, k, v, prepared, l, scale,
+                                                                                      True, Q, tiles)))
+            o, lse = sel.selected_attention_fwd(q, k, v, prepared, l, scale, True, Q, tiles)
             nb = -(-N // l)
             record("reverse_block_index", "bwd", bench(lambda: sel.reverse_block_index(prepared, nb, 1024)))
             record("backward_gather_total", "bwd", bench(
-                lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True)))
-            record("backward_scatter_total", "bwd", bench(
-                lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True, dkdv="scatter")))
+                lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True, Q, tiles)))
             delta = torch.empty(1, N, Hq, device=DEV)
             dq = torch.empty_like(q)
             dkb = torch.zeros(1, N, H, D, device=DEV)
             dvb = torch.zeros(1, N, H, D, device=DEV)
-            dims = dict(HEADS_KV=H, GROUP_SIZE=Hq // H, DIM_QK=D, DIM_V=D, BLOCK_DQK=max(16, D),
-                        BLOCK_DV=max(16, D), BLOCK_SIZE=l, CAUSAL=True)
-
-            def dq_kernel(num_warps=None, num_stages=None):
-                meta, warps, stages = sel.tile_launch(Hq // H, 1, D, D, l, q.element_size())
-                sel.selected_attention_backward_dq_kernel[(N, H)](
-                    q, k, v, o, do, None, lse, prepared, prepared, prepared, dq, delta, None, dkb, dvb, scale,
-                    N, N, N, n, HEADS_KV=H, CAUSAL=True, SCATTER_DKDV=False, GATED=False, ADD_TO_DQ=False, **meta,
-                    num_warps=num_warps or warps, num_stages=num_stages or stages)
-            record("backward_dq_kernel", "bwd", bench(dq_kernel))
-
-            def dkdv_kernel(chunk=1024, rows=64, num_warps=4, num_stages=2, index=None):
-                queries, cb, cbeg, cend = index or sel.reverse_block_index(prepared, nb, chunk)
-                U = cb.shape[1]
-                sel.selected_attention_backward_dkdv_kernel[(U, H)](
-                    q, k, v, do, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,
-                    BLOCK_GQ=Hq // H, BLOCK_Q=rows // (Hq // H), **dims,
-                    num_warps=num_warps, num_stages=num_stages)
-            index = sel.reverse_block_index(prepared, nb, 1024)
-            record("backward_dkdv_kernel", "bwd", bench(lambda: dkdv_kernel(index=index)))
-            # -- launch-parameter sweep at the longest length --
-            if sweep and N == longest:
-                for w in (2, 4):
-                    for s in (1, 2, 3, 4):
-                        ms = bench(lambda: sel.selected_attention_fwd(q, k, v, prepared, l, scale, True,
-                                                                      num_warps=w, num_stages=s))
-                        record("sweep_forward_kernel", "fwd", ms, f"warps={w} stages={s}")
-                for w in (2, 4):
-                    for s in (2, 3):
-                        ms = bench(lambda: dq_kernel(num_warps=w, num_stages=s))
-                        record("sweep_dq_kernel", "bwd", ms, f"warps={w} stages={s}")
-                for chunk in (512, 1024):
-                    ix = sel.reverse_block_index(prepared, nb, chunk)
-                    for rows, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3)):
-                        ms = bench(lambda: dkdv_kernel(chunk, rows, w, st, ix))
-                        record("sweep_dkdv_kernel", "bwd", ms, f"chunk={chunk} rows={rows} warps={w} stages={st}")
+            meta, warps, stages = sel.tile_launch(Hq // H, Q, D, D, l, q.element_size())
+            num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
+            record("backward_dq_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dq_kernel[(num_tiles, H)](
+                q, k, v, o, do, None, None, lse, *tiles, dq, delta, None, scale, N, N, num_tiles, num_entries,
+                HEADS_KV=H, CAUSAL=True, GATED=False, ADD_TO_DQ=False, **meta, num_warps=warps, num_stages=stages)))
+            queries, cb, cbeg, cend = sel.reverse_block_index(prepared, nb, 1024)
+            U, block_gq = cb.shape[1], triton.next_power_of_2(Hq // H)
+            record("backward_dkdv_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dkdv_kernel[(U, H)](
+                q, k, v, do, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,
+                HEADS_KV=H, GROUP_SIZE=Hq // H, DIM_QK=D, DIM_V=D, BLOCK_DQK=meta["BLOCK_DQK"],
+                BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=max(64 if DEV.type == "cuda" else 16,
+                                                                        block_gq) // block_gq,
+                BLOCK_SIZE=l, CAUSAL=True, num_warps=4, num_stages=2)))
             del q, k, v, do, o, lse, dq, dkb, dvb
             torch.cuda.empty_cache()
         except Exception:
@@ -401,7 +376,8 @@ def variants(variants_csv):
                    else real_selection(q, k, n, l, chunk=64 if SMOKE else 1024))
             prepared = sel.prepare_block_indices(idx, l, N, True)
             scale = D ** -0.5
-            o, lse = sel.selected_attention_fwd(q, k, v, prepared, l, scale, True)
+            Q0, tiles0 = sel.query_tiles(prepared, Hq // H)
+            o, lse = sel.selected_attention_fwd(q, k, v, prepared, l, scale, True, Q0, tiles0)
             per_query = (prepared >= 0).sum(-1).float().mean().item()
 
             def record(kernel, Q, ms, union, note=""):
@@ -413,14 +389,14 @@ def variants(variants_csv):
             record("loads_only", 1, bench(lambda: loads_only_kernel[(N, H)](
                 k, v, prepared, out, N, N, n, HEADS_KV=H, DIM=D, BLOCK_SIZE=l, num_warps=2, num_stages=3)), per_query)
             for Q in (1, 2, 4) if (Hq // H >= 16 and kind != "planted") else (1, 2, 4, 8):
-                tiles = sel.prepare_query_tiles(prepared, Q) if Q > 1 else None
+                tiles = sel.prepare_query_tiles(prepared, Q) if Q > 1 else (prepared,) * 3
                 union = tiles[2].float().mean().item() / Q if Q > 1 else per_query
                 if Q > 1:
                     record("prepare_tiles", Q, bench(lambda: sel.prepare_query_tiles(prepared, Q)), union)
                 record("forward", Q, bench(lambda: sel.selected_attention_fwd(
-                    q, k, v, prepared, l, scale, True, queries_per_tile=Q, tiles=tiles)), union)
+                    q, k, v, prepared, l, scale, True, Q, tiles)), union)
                 record("backward", Q, bench(lambda: sel.selected_attention_bwd(
-                    do, q, k, v, o, lse, prepared, l, scale, True, queries_per_tile=Q, tiles=tiles)), union)
+                    do, q, k, v, o, lse, prepared, l, scale, True, Q, tiles)), union)
             del q, k, v, do, o, lse, out
             torch.cuda.empty_cache()
         except Exception:
@@ -431,7 +407,7 @@ def variants(variants_csv):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "book" / "data"))
-    parser.add_argument("--quick", action="store_true", help="timing at 8k and 64k only, no sweep")
+    parser.add_argument("--quick", action="store_true", help="timing at 8k and 64k only")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: test the script")
     parser.add_argument("--variants", action="store_true", help="also time tiles of queries on three "
@@ -444,7 +420,7 @@ def main():
     gpu_name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (interpreter)"
     print(f"torch {torch.__version__}, triton {triton.__version__}, {gpu_name}")
     flags = [a for a in sys.argv[1:] if a in ("--quick", "--skip-check", "--smoke", "--variants")]
-    command = " ".join(["python tests/gpu_check_selected.py", *flags])
+    command = " ".join(["python benchmarks/gpu_check_selected.py", *flags])
     start = time.time()
     if not args.skip_check:
         with (out / "selected_attention_h100_errors.csv").open("w", newline="", buffering=1) as f:
@@ -471,7 +447,7 @@ def main():
         w = csv.writer(f)
         w.writerow(["impl", "seq_len", "heads_q", "heads_kv", "head_dim", "num_selected_blocks",
                     "select_block_size", "pass", "ms", "note"])
-        table = timing(w, configs, sweep=not args.quick)
+        table = timing(w, configs)
     if args.variants:
         with (out / "selected_attention_h100_variants.csv").open("w", newline="", buffering=1) as f:
             f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "

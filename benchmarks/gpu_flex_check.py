@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root (not collected by pytest):
 
-    python tests/gpu_flex_check.py --out $OUT        # writes flex_gpu_check.txt, flex_mask_cost_h100.csv
+    python benchmarks/gpu_flex_check.py --out $OUT        # writes flex_gpu_check.txt, flex_mask_cost_h100.csv
 
 (`--no-eager` skips the eager pass, `--cases 0,2` picks cases, `--no-timing` skips part 2, to fit a
 time limit; `--cpu-smoke` is a tiny forward-only run on the CPU.)
@@ -178,7 +178,7 @@ def timings(lines, out, lengths=(2048, 8192, 16384), whole_lengths=(4096, 8192))
         del block_mask
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    command = "python tests/gpu_flex_check.py --out $OUT"
+    command = "python benchmarks/gpu_flex_check.py --out $OUT"
     csv = [f"# {device_name()}, torch {torch.__version__}; made by: {command}",
            f"# fine mask: create_fine_mask(N, {l_sel})(indices (1, {H}, N, {n}), {Hq // H}); attention: "
            f"compiled flex_attention, {str(dtype)[6:]}, Hq={Hq}, H={H}, D={D}; median of 5 after a warm-up",

@@ -2,7 +2,7 @@
 after 3 warm-up steps), paper geometry, bf16, 64/4 and 32/8 heads. Run from the repository root
 with `nsa` importable:
 
-    python tests/gpu_profile_nsa.py
+    python benchmarks/gpu_profile_nsa.py
 
 Kernels of the same name are added (the compressed and window branches share the band kernels).
 The output of one H100 run is book/data/profile_fwd_bwd_h100.txt (chapter 11).

@@ -3,9 +3,9 @@
 Dense, sliding-window, NSA and NSA with mean-pooled compression (`nsa.training.GPU_EXPERIMENT`),
 trained and evaluated one after the other; writes the results that the chapter plots.
 
-    python tests/gpu_train.py --out book/data          # the committed run (CUDA GPU)
-    python tests/gpu_train.py --out /tmp/smoke --steps 20 --eval-batch-size 2   # a quick smoke run
-    python tests/gpu_train.py --out /tmp/smoke --device cpu --seq-len 256 --steps 2 --batch-size 2
+    python benchmarks/gpu_train.py --out book/data          # the committed run (CUDA GPU)
+    python benchmarks/gpu_train.py --out /tmp/smoke --steps 20 --eval-batch-size 2   # a quick smoke run
+    python benchmarks/gpu_train.py --out /tmp/smoke --device cpu --seq-len 256 --steps 2 --batch-size 2
         --eval-batch-size 1                            # the script's logic, on a CPU
 
 Writes training_gpu.csv (accuracy against distance), training_gpu_curves.csv (loss, accuracy per

@@ -3,11 +3,10 @@
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
-from nsa.validation import check_qkv, resolve_scale
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+from nsa.checks import check_bool, check_qkv, resolve_scale
+from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, launch_fitting,
+                                load_rows, softmax_finish, softmax_update, store_rows)
 
 
 @triton.jit
@@ -44,14 +43,13 @@ def flash_attention_forward_kernel(
 
     # -- load the query tile once: (BLOCK_M, BLOCK_DQK) --
     q_rows = (batch * seq_len_q + offs_m).to(tl.int64) * HEADS_Q + head_q
-    q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
+    q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
 
     # -- running softmax state, one entry per row (base 2) --
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634                          # scale * log2(e)
+    qk_scale = scale * LOG2E                                       # scale * log2(e)
 
     # -- keys this tile can see: all of them, or (causal) up to its last row's position --
     if CAUSAL:
@@ -62,72 +60,22 @@ def flash_attention_forward_kernel(
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + offs_n                                    # key positions s (BLOCK_N,)
         kv_rows = (batch * seq_len_k + keys).to(tl.int64) * heads_kv + head_kv
-        # -- load a key tile, transposed: (BLOCK_DQK, BLOCK_N) --
-        k = tl.load(K + kv_rows[None, :] * DIM_QK + offs_dqk[:, None],
-                    mask=(keys[None, :] < seq_len_k) & (offs_dqk[:, None] < DIM_QK), other=0.0)
-        # -- compute qk: (BLOCK_M, BLOCK_N) scores in base 2 --
-        qk = tl.dot(q, k) * qk_scale
-        visible = keys[None, :] < seq_len_k
+        key_ok = keys < seq_len_k
+        # -- load a key tile and compute qk: (BLOCK_M, BLOCK_N) scores in base 2 --
+        k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= pos_q[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        # -- update m_i and l_i (a row that has seen nothing yet keeps m = -inf, p = 0) --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- update acc with p @ v --
-        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=(keys[:, None] < seq_len_k) & (offs_dv[None, :] < DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # -- update m_i, l_i and acc with p @ v --
+        v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, qk, v)
 
     # -- normalise and write o and lse (a row with no visible key: o = 0, lse = -inf) --
-    seen = l_i > 0
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
-    o_rows = (batch * seq_len_q + offs_m).to(tl.int64) * HEADS_Q + head_q
-    tl.store(O + o_rows[:, None] * DIM_V + offs_dv[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
-    tl.store(LSE + o_rows, lse, mask=row_ok)
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-
-
-def check_kernel_dims(dims, q) -> None:
-    """Limits shared by the book's kernels: dtypes (and what the interpreter handles), device,
-    head dims. `dims` are the sizes `check_qkv` (or a branch's own check) read off the inputs."""
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q.dtype is {q.dtype}; the Triton kernels take float16, bfloat16 or float32")
-    if q.device.type == "cpu":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("q is on the CPU but TRITON_INTERPRET is not 1: import nsa before "
-                             "triton (it switches the interpreter on) or move the tensors to CUDA")
-        if q.dtype == torch.bfloat16:
-            raise TypeError("q.dtype is bfloat16 on the CPU: Triton's interpreter computes bf16 "
-                            "wrongly; use float32 or float16 there (bf16 on a GPU)")
-    elif q.device.type != "cuda":
-        raise ValueError(f"q is on {q.device}; the Triton kernels run on CUDA (or the CPU interpreter)")
-    for name, dim in (("Dqk", dims.dim_qk), ("Dv", dims.dim_v)):
-        if dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dim {name} = {dim}; the Triton kernels allow at most {MAX_HEAD_DIM}")
-
-
-def _check_kernel_inputs(q, k, v):
-    """`check_qkv` and the kernels' limits; returns the sizes."""
-    dims = check_qkv(q, k, v)
-    check_kernel_dims(dims, q)
-    return dims
-
-
-def head_dim_block(dim: int) -> int:
-    """A head dim padded to the power of two (>= 16) that a tl.dot tile needs."""
-    return max(16, triton.next_power_of_2(dim))
+    o, lse = softmax_finish(acc, m_i, l_i)
+    store_rows(O, o, q_rows, row_ok, offs_dv, DIM_V)
+    tl.store(LSE + q_rows, lse, mask=row_ok)
 
 
 def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
@@ -137,14 +85,15 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
     keys, GQA query head h reading kv head h // (Hq // H). Returns o: (B, Nq, Hq, Dv) in q's dtype
     (and lse: (B, Nq, Hq) float32 with `return_lse`).
 
-    Limits: forward only (no autograd: chapter 8 writes a backward); float16/bfloat16/float32 (on
+    Limits: forward only (no autograd: Chapter 8 writes a backward); float16/bfloat16/float32 (on
     the CPU, in Triton's interpreter, float16/float32 only); head dims <= 256, padded to a power of
-    two (192 computes as 256). Not tuned: it is the book's primer, not a replacement for SDPA.
+    two (192 computes as 256); GQA groups <= 16. Not tuned: it is the book's primer, not a
+    replacement for SDPA.
     """
-    dims = _check_kernel_inputs(q, k, v)
+    dims = check_qkv(q, k, v)
+    check_kernel_inputs(dims, q)
     scale = resolve_scale(scale, dims.dim_qk)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_bool("causal", causal)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise ValueError("flash_attention is forward-only (no autograd); call it under "
                          "torch.no_grad() or use nsa.attention for gradients")
@@ -160,38 +109,3 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
                    (q, k, v, o, lse, scale, Nq, Nk), meta, num_warps=4, num_stages=2,
                    shrink=(("BLOCK_N", 16), ("BLOCK_M", 16)))
     return (o, lse) if return_lse else o
-
-
-_FITTED = {}   # (kernel, preferred tiles, device) -> (tiles, stages) that fit its shared memory
-
-
-def launch_fitting(kernel, grid, args, meta, num_warps, num_stages, shrink=()):
-    """`kernel[grid(meta)](*args, **meta, num_warps=..., num_stages=...)`, with smaller tiles
-    when these do not fit the GPU's shared memory: first fewer pipeline stages, then halving, in
-    turn, each constexpr of `shrink` ((name, smallest) pairs). Returns the meta-parameters used.
-    ValueError when even the smallest tiles do not fit."""
-    key = (kernel, tuple(sorted(meta.items())), num_warps, num_stages, shrink, args[0].device)
-    tiles, stages = _FITTED.get(key, (meta, num_stages))
-    while True:
-        try:
-            kernel[grid(tiles)](*args, **tiles, num_warps=num_warps, num_stages=stages)
-        except OutOfResources as too_big:
-            smaller = _smaller_tiles(tiles, stages, shrink)
-            if smaller is None:
-                raise ValueError(f"{kernel.__name__}: even the smallest tiles ({tiles}, {stages} "
-                                 f"stage) need more shared memory than this GPU has ({too_big}); "
-                                 "use float16/bfloat16 or smaller head dims") from None
-            tiles, stages = smaller
-            continue
-        _FITTED[key] = (tiles, stages)
-        return tiles
-
-
-def _smaller_tiles(tiles, stages, shrink):
-    """The next smaller launch: one stage fewer, else the first `shrink` tile halved."""
-    if stages > 1:
-        return tiles, stages - 1
-    for name, smallest in shrink:
-        if tiles[name] // 2 >= smallest:
-            return {**tiles, name: tiles[name] // 2}, stages
-    return None

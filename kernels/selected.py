@@ -4,8 +4,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.flash import _check_kernel_inputs, launch_fitting
-from nsa.validation import check_positive_int, resolve_scale
+from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
+                        check_positive_int, check_qkv, resolve_scale)
+from nsa.geometry import num_selection_blocks, query_positions
+from nsa.kernels.common import (LOG2E, check_kernel_inputs, gate_and_delta, group_rows,
+                                head_dim_block, launch_fitting, load_rows, softmax_finish,
+                                softmax_update, store_dq, store_rows)
 
 
 def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
@@ -16,18 +20,13 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
     where a slot was dropped; the kernels skip -1 slots wherever they are.
     """
     B, Nq, H, n = block_indices.shape
-    num_blocks = -(-seq_len_k // block_size)
     indices = block_indices.to(torch.int32).sort(dim=-1).values
-    valid = (indices >= 0) & (indices < num_blocks)
+    valid = (indices >= 0) & (indices < num_selection_blocks(seq_len_k, block_size))
     valid[..., 1:] &= indices[..., 1:] != indices[..., :-1]             # drop repeats
     if causal:
-        t = torch.arange(seq_len_k - Nq, seq_len_k, device=indices.device, dtype=torch.int32)
+        t = query_positions(Nq, seq_len_k, indices.device)
         valid &= indices * block_size <= t[None, :, None, None]
     return torch.where(valid, indices, -1).contiguous()
-
-
-def _pow2_at_least_16(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 @triton.jit
@@ -72,14 +71,8 @@ def query_tiles_kernel(
 
 
 def prepare_query_tiles(block_indices, queries_per_tile):
-    """The union of the blocks selected by each tile of Q consecutive queries, per kv head.
-
-    block_indices: (B, Nq, H, n) int32 from prepare_block_indices (-1 = skip, no repeats in a row).
-    Returns, with T = ceil(Nq / Q) tiles and E = Q * n entries per tile:
-      tile_blocks: (B, T, H, E) int32, the tile's distinct blocks ascending, then -1;
-      tile_members: (B, T, H, E) int32, bit j set when query j of the tile selected that block;
-      tile_counts: (B, T, H) int32, the number of distinct blocks.
-    """
+    """`query_tiles_by_sorting`, by one program (one warp) per tile and kv head: (tile_blocks
+    (B, T, H, E), tile_members (B, T, H, E), tile_counts (B, T, H)), int32."""
     B, Nq, H, n = block_indices.shape
     Q, device = queries_per_tile, block_indices.device
     T, E = -(-Nq // Q), Q * n
@@ -89,8 +82,37 @@ def prepare_query_tiles(block_indices, queries_per_tile):
     if T * B * H:
         query_tiles_kernel[(T, B * H)](block_indices, tile_blocks, tile_members, tile_counts, Nq, T,
                                        HEADS_KV=H, NUM_SLOTS=n, QUERIES_PER_TILE=Q,
-                                       BLOCK_E=triton.next_power_of_2(E), num_warps=1)   # see below
+                                       BLOCK_E=triton.next_power_of_2(E), num_warps=1)
     return tile_blocks, tile_members, tile_counts
+
+
+@triton.jit
+def tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE: tl.constexpr):
+    """The entries a tile's loop visits: its distinct blocks, or with one query per tile every
+    one of the query's n slots (the -1 ones are masked, not skipped: no branch)."""
+    if QUERIES_PER_TILE == 1:
+        return num_entries
+    return tl.load(TILE_COUNTS + tile_at)
+
+
+@triton.jit
+def tile_entry(TILE_BLOCKS, TILE_MEMBERS, at, QUERIES_PER_TILE: tl.constexpr):
+    """Entry `at` of a tile's list: its key block (-1: none) and the bit mask of the tile's
+    queries that selected it (bit j: query j). With one query per tile the list is the query's
+    prepared indices, and the mask is 1 for a real block."""
+    block = tl.load(TILE_BLOCKS + at)
+    if QUERIES_PER_TILE == 1:
+        return block, (block >= 0).to(tl.int32)
+    return block, tl.load(TILE_MEMBERS + at)
+
+
+@triton.jit
+def block_keys(block, batch, head_kv, seq_len_k, HEADS_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The key positions of selection block `block` (-1: none), their rows in a (B, Nk, H) tensor
+    (int64), and which of them exist (past Nk, or for block -1, none)."""
+    keys = tl.maximum(block, 0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    kv_rows = (batch * seq_len_k + keys).to(tl.int64) * HEADS_KV + head_kv
+    return keys, kv_rows, (keys < seq_len_k) & (block >= 0)
 
 
 @triton.jit
@@ -117,75 +139,44 @@ def selected_attention_forward_kernel(
     BLOCK_SIZE: tl.constexpr,   # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
 ):
-    # -- this program: tile of Q queries, batch b, kv head h; row = (query j of the tile, head g) --
+    # -- this program: tile of Q queries, batch b, kv head h; rows = (query of the tile, head) --
     tile = tl.program_id(0)
     b = tl.program_id(1) // HEADS_KV
     h = tl.program_id(1) % HEADS_KV
-    heads_q = HEADS_KV * GROUP_SIZE
-    offs_row = tl.arange(0, QUERIES_PER_TILE * BLOCK_GQ)
-    j = offs_row // BLOCK_GQ                                        # query of the tile
-    g = offs_row % BLOCK_GQ                                         # head of the group
-    i = tile * QUERIES_PER_TILE + j
-    row_ok = (g < GROUP_SIZE) & (i < seq_len_q)
-    t = seq_len_k - seq_len_q + i                                   # each row's position
-    offs_key = tl.arange(0, BLOCK_SIZE)
+    rows, row_ok, i, t = group_rows(tile * QUERIES_PER_TILE, b, h, seq_len_q, seq_len_k,
+                                    HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, QUERIES_PER_TILE)
+    j = i - tile * QUERIES_PER_TILE                                 # each row's query in the tile
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     # -- load the tile's queries once: (Q * BLOCK_GQ, BLOCK_DQK) --
-    q_rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
-    q = tl.load(Q + q_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-
+    q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
     m_i = tl.full([QUERIES_PER_TILE * BLOCK_GQ], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ], dtype=tl.float32)
     acc = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DV], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634                           # base-2 softmax
+    qk_scale = scale * LOG2E                                        # base-2 softmax
 
-    entries = ((b * num_tiles + tile).to(tl.int64) * HEADS_KV + h) * num_entries
-    if QUERIES_PER_TILE == 1:
-        count = num_entries                                         # every slot; -1 masked below
-    else:
-        count = tl.load(TILE_COUNTS + (b * num_tiles + tile) * HEADS_KV + h)
-    for e in range(count):                                          # no branch: Triton pipelines it
-        block = tl.load(TILE_BLOCKS + entries + e)
-        if QUERIES_PER_TILE == 1:
-            members = (block >= 0).to(tl.int32)
-        else:
-            members = tl.load(TILE_MEMBERS + entries + e)
-        selected = ((members >> j) & 1) != 0                        # (rows,) this row's query chose it
-        # -- the block's keys and values; a -1 slot reads nothing (all-false mask) --
-        keys = tl.maximum(block, 0) * BLOCK_SIZE + offs_key         # key positions s (BLOCK_SIZE,)
-        kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
-        key_ok = (keys < seq_len_k) & (block >= 0)
-        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                    mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-        # -- compute qk: (rows, BLOCK_SIZE), masked by row's selection, past Nk and after t --
+    tile_at = (b * num_tiles + tile) * HEADS_KV + h
+    for e in range(tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE)):
+        # -- the block, its keys and values; a -1 slot reads nothing (all-false mask) --
+        block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
+                                    QUERIES_PER_TILE)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, HEADS_KV, BLOCK_SIZE)
+        k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
+        v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
+        # -- scores, masked to the rows whose query chose the block, the keys that exist, <= t --
         qk = tl.dot(q, tl.trans(k)) * qk_scale
-        visible = selected[:, None] & key_ok[None, :]
+        visible = (((members >> j) & 1) != 0)[:, None] & key_ok[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= t[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        # -- update m_i and l_i --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # -- update acc --
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # -- online softmax --
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, qk, v)
 
     # -- write o and lse; a query that saw no key gets 0 and -inf --
-    seen = l_i > 0
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
-    tl.store(O + q_rows[:, None] * DIM_V + offs_dv[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
-    tl.store(LSE + q_rows, lse, mask=row_ok)
+    o, lse = softmax_finish(acc, m_i, l_i)
+    store_rows(O, o, rows, row_ok, offs_dv, DIM_V)
+    tl.store(LSE + rows, lse, mask=row_ok)
 
 
 MAX_QUERIES_PER_TILE = 16
@@ -205,10 +196,10 @@ def query_tiles(block_indices, group_size, queries_per_tile=None):
 
 
 def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsize):
-    """(meta-parameters, num_warps, num_stages) for the forward and dq kernels."""
+    """(meta-parameters, num_warps, num_stages) of the forward and dq kernels."""
     block_gq = max(triton.next_power_of_2(group_size), 16 // queries_per_tile)
-    meta = dict(GROUP_SIZE=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=_pow2_at_least_16(dim_qk),
-                BLOCK_DV=_pow2_at_least_16(dim_v), BLOCK_GQ=block_gq, QUERIES_PER_TILE=queries_per_tile,
+    meta = dict(GROUP_SIZE=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
+                BLOCK_DV=head_dim_block(dim_v), BLOCK_GQ=block_gq, QUERIES_PER_TILE=queries_per_tile,
                 BLOCK_SIZE=block_size)
     num_warps = 2 if queries_per_tile * block_gq <= 16 else 4
     stage_bytes = block_size * (meta["BLOCK_DQK"] + meta["BLOCK_DV"]) * itemsize
@@ -216,26 +207,18 @@ def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsiz
     return meta, num_warps, num_stages
 
 
-def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, num_warps=None,
-                           num_stages=None, queries_per_tile=None, tiles=None):
-    """Launch the forward kernel: (o, lse). Inputs contiguous and checked; indices prepared.
-
-    queries_per_tile: Q (a power of two <= 16), None = default_queries_per_tile(G). tiles: the
-    tiles of query_tiles(block_indices, G, Q) when the caller has them already.
-    num_warps, num_stages: None = the measured defaults of tile_launch.
-    """
+def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, queries_per_tile, tiles):
+    """Launch the forward kernel: (o, lse). Inputs contiguous and checked, indices prepared, and
+    `queries_per_tile, tiles = query_tiles(block_indices, G, ...)`."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
-    G = Hq // H
-    Q, tiles = query_tiles(block_indices, G, queries_per_tile) if tiles is None else (queries_per_tile, tiles)
-    meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
+    meta, num_warps, num_stages = tile_launch(Hq // H, queries_per_tile, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     launch_fitting(selected_attention_forward_kernel, lambda _: (num_tiles, B * H),
                    (q, k, v, *tiles, o, lse, scale, Nq, Nk, num_tiles, num_entries),
-                   dict(HEADS_KV=H, CAUSAL=causal, **meta),
-                   num_warps=num_warps or warps, num_stages=num_stages or stages)
+                   dict(HEADS_KV=H, CAUSAL=causal, **meta), num_warps, num_stages)
     return o, lse
 
 
@@ -279,39 +262,6 @@ def reverse_block_index(block_indices, num_blocks, chunk):
 
 
 @triton.jit
-def gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.constexpr,
-                   GATED: tl.constexpr):
-    """(gate, delta) of `rows`, float32, delta = rowsum(dO * O); and what the dk, dv kernel needs.
-    GATED: dO is the gated sum's, and delta is also the gate's gradient, stored into DGATE (the
-    gate's dtype); the branch's own dO = gate * dO and delta = gate * delta go into DO_B and
-    DELTA. Else gate 1 (unused) and delta stored into DELTA."""
-    o = tl.load(O + rows[:, None] * DIM_V + offs_dv[None, :],
-                mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if GATED:
-        gate = tl.load(GATE + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(DGATE + rows, delta.to(DGATE.dtype.element_ty), mask=row_ok)
-        tl.store(DO_B + rows[:, None] * DIM_V + offs_dv[None, :],
-                 (do.to(tl.float32) * gate[:, None]).to(DO_B.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
-        tl.store(DELTA + rows, gate * delta, mask=row_ok)
-    else:
-        gate = tl.zeros_like(delta) + 1.0
-        tl.store(DELTA + rows, delta, mask=row_ok)
-    return gate, delta
-
-
-@triton.jit
-def store_dq(DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO_DQ: tl.constexpr):
-    """Store dQ (float32, scaled) at `rows` in DQ's dtype, or add it to what DQ holds (ADD_TO_DQ)."""
-    at = DQ + rows[:, None] * DIM_QK + offs_dqk[None, :]
-    mask = row_ok[:, None] & (offs_dqk[None, :] < DIM_QK)
-    if ADD_TO_DQ:
-        dq += tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(at, dq.to(DQ.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def selected_attention_backward_dq_kernel(
     Q, K, V, O, DO,         # inputs, contiguous: q, k, v, o as in the forward; do like o
     GATE,                   # (B, Nq, Hq): the branch's gate, P's row factor (GATED; else unused)
@@ -321,87 +271,57 @@ def selected_attention_backward_dq_kernel(
     DQ,                     # output (B, Nq, Hq, Dqk), q's dtype (ADD_TO_DQ: added into)
     DELTA,                  # output (B, Nq, Hq) float32: rowsum(o * do) (GATED: times the gate)
     DO_B,                   # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
-    DK, DV,                 # float32 (B, Nk, H, Dqk|Dv) zero-filled: used only with SCATTER_DKDV
     scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
     HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
-    SCATTER_DKDV: tl.constexpr,  # also atomically add this program's dk, dv into DK, DV
-    GATED: tl.constexpr,         # the branch's dO = GATE * DO: P scaled by GATE; DGATE written
-    ADD_TO_DQ: tl.constexpr,     # DQ += this branch's dq
+    GATED: tl.constexpr,         # NSA's fused backward: the branch's dO = GATE * DO, DGATE written
+    ADD_TO_DQ: tl.constexpr,     # NSA's fused backward: DQ += this branch's dq
 ):
+    # -- the forward's program and rows --
     tile = tl.program_id(0)
     b = tl.program_id(1) // HEADS_KV
     h = tl.program_id(1) % HEADS_KV
-    heads_q = HEADS_KV * GROUP_SIZE
-    offs_row = tl.arange(0, QUERIES_PER_TILE * BLOCK_GQ)
-    j = offs_row // BLOCK_GQ
-    g = offs_row % BLOCK_GQ
-    i = tile * QUERIES_PER_TILE + j
-    row_ok = (g < GROUP_SIZE) & (i < seq_len_q)
-    t = seq_len_k - seq_len_q + i
-    offs_key = tl.arange(0, BLOCK_SIZE)
+    rows, row_ok, i, t = group_rows(tile * QUERIES_PER_TILE, b, h, seq_len_q, seq_len_k,
+                                    HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, QUERIES_PER_TILE)
+    j = i - tile * QUERIES_PER_TILE
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     # -- load the tile's q, do, lse once; delta = rowsum(o * do), kept for the dk/dv kernel --
-    rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
-    q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
-                mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-    do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+    q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
+    do = load_rows(DO, rows, row_ok, offs_dv, DIM_V)
     gate, delta = gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V, GATED)
-    lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634   # base 2
+    lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * LOG2E                # base 2
     dq = tl.zeros([QUERIES_PER_TILE * BLOCK_GQ, BLOCK_DQK], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
-    entries = ((b * num_tiles + tile).to(tl.int64) * HEADS_KV + h) * num_entries
-    if QUERIES_PER_TILE == 1:
-        count = num_entries
-    else:
-        count = tl.load(TILE_COUNTS + (b * num_tiles + tile) * HEADS_KV + h)
-    for e in range(count):
-        block = tl.load(TILE_BLOCKS + entries + e)
-        if QUERIES_PER_TILE == 1:
-            members = (block >= 0).to(tl.int32)
-        else:
-            members = tl.load(TILE_MEMBERS + entries + e)
-        selected = ((members >> j) & 1) != 0
-        keys = tl.maximum(block, 0) * BLOCK_SIZE + offs_key
-        kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
-        key_ok = (keys < seq_len_k) & (block >= 0)
-        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                    mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-        # -- recompute p = exp(s - lse): (rows, BLOCK_SIZE) --
-        visible = selected[:, None] & key_ok[None, :] & row_ok[:, None]
+    tile_at = (b * num_tiles + tile) * HEADS_KV + h
+    for e in range(tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE)):
+        block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
+                                    QUERIES_PER_TILE)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, HEADS_KV, BLOCK_SIZE)
+        k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
+        v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
+        # -- recompute p = exp(s - lse): (rows, BLOCK_SIZE); g P when GATED --
+        visible = (((members >> j) & 1) != 0)[:, None] & key_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             visible = visible & (keys[None, :] <= t[:, None])
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        p = tl.where(visible, tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]), 0.0)
         if GATED:
-            p = p * gate[:, None]                                   # g P: the branch's dO is g dO
+            p = p * gate[:, None]
         # -- ds = p * (do v^T - delta), dq += ds k --
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-        if SCATTER_DKDV:
-            # -- dk += ds^T q, dv += p^T do, straight into memory --
-            dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-            dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
-            tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk_part,
-                          mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
-            tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv_part,
-                          mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V))
 
     store_dq(DQ, dq * scale, rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
 @triton.jit
 def selected_attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA an input)
+    Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
     QUERIES,                   # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
     DK, DV,                    # outputs, float32 (B, Nk, H, Dqk|Dv), zero-filled, added into
@@ -421,7 +341,6 @@ def selected_attention_backward_dkdv_kernel(
     if block >= 0:
         begin = tl.load(CHUNK_BEGIN + bh * num_programs + u)
         end = tl.load(CHUNK_END + bh * num_programs + u)
-        offs_key = tl.arange(0, BLOCK_SIZE)
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
         offs_row = tl.arange(0, BLOCK_Q * BLOCK_GQ)
@@ -429,16 +348,12 @@ def selected_attention_backward_dkdv_kernel(
         g = offs_row % BLOCK_GQ                                    # which head of the group
 
         # -- load the key block once: k (l', Dqk), v (l', Dv) --
-        keys = block * BLOCK_SIZE + offs_key
-        kv_rows = (b * seq_len_k + keys).to(tl.int64) * HEADS_KV + h
-        key_ok = keys < seq_len_k
-        k = tl.load(K + kv_rows[:, None] * DIM_QK + offs_dqk[None, :],
-                    mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-        v = tl.load(V + kv_rows[:, None] * DIM_V + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, HEADS_KV, BLOCK_SIZE)
+        k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
+        v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
         dk = tl.zeros([BLOCK_SIZE, BLOCK_DQK], dtype=tl.float32)
         dv = tl.zeros([BLOCK_SIZE, BLOCK_DV], dtype=tl.float32)
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = scale * LOG2E
 
         for start in range(begin, end, BLOCK_Q):
             # -- gather BLOCK_Q queries x G heads: rows (BLOCK_Q * BLOCK_GQ,) --
@@ -447,18 +362,16 @@ def selected_attention_backward_dkdv_kernel(
             i = tl.load(QUERIES + entry, mask=row_ok, other=0)
             t = seq_len_k - seq_len_q + i                           # their positions
             rows = (b * seq_len_q + i).to(tl.int64) * heads_q + h * GROUP_SIZE + g
-            q = tl.load(Q + rows[:, None] * DIM_QK + offs_dqk[None, :],
-                        mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), other=0.0)
-            do = tl.load(DO + rows[:, None] * DIM_V + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), other=0.0)
-            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
+            do = load_rows(DO, rows, row_ok, offs_dv, DIM_V)
+            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
             # -- recompute p^T: (l', rows) --
             visible = key_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 visible = visible & (keys[:, None] <= t[None, :])
             qk_t = tl.dot(k, tl.trans(q)) * qk_scale
-            p_t = tl.where(visible, tl.math.exp2(qk_t - lse2[None, :]), 0.0)
+            p_t = tl.where(visible, tl.exp2(qk_t - lse2[None, :]), 0.0)
             # -- dv += p^T do; ds^T = p^T * (v do^T - delta); dk += ds^T q --
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
@@ -473,159 +386,128 @@ def selected_attention_backward_dkdv_kernel(
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
-                           dkdv="gather", chunk=None, rows=None, num_warps=None, num_stages=None,
-                           queries_per_tile=None, tiles=None, dkdv_warps=4, dkdv_stages=2,
-                           gate=None, d_gate=None, dq=None):
+                           queries_per_tile, tiles, gate=None, d_gate=None, dq=None):
     """Launch the backward kernels: (dq, dk, dv) in q's dtype.
 
-    Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward.
-    gate: None, or (B, Nq, Hq) contiguous: `do` is the gated sum's (Chapter 10), the branch's
-    dO is do * gate, and the gate's gradient rowsum(do * o) is written into `d_gate` (like
-    gate). dq: None, or a
+    Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward, and
+    `queries_per_tile, tiles` as given to the forward. NSA's fused backward (Chapter 10) passes
+    gate: (B, Nq, Hq) contiguous: `do` is the gated sum's, the branch's dO is do * gate, and the
+    gate's gradient rowsum(do * o) is written into `d_gate` (like gate); and dq: a
     (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and returned).
-    dkdv: "gather" (reverse index, one program per key-block chunk) or "scatter" (atomics from
-    the dq kernel). chunk: queries per gather program (long lists are split); rows: rows per
-    tl.dot in the gather kernel (a power of two >= 16). queries_per_tile, tiles, num_warps,
-    num_stages: the dq kernel's, as in selected_attention_fwd; dkdv_warps, dkdv_stages: the gather
-    kernel's.
     """
-    if dkdv not in ("gather", "scatter"):
-        raise ValueError(f"dkdv must be 'gather' or 'scatter', got {dkdv!r}")
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     G = Hq // H
-    Q, tiles = query_tiles(block_indices, G, queries_per_tile) if tiles is None else (queries_per_tile, tiles)
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # written by the dq kernel
     do_branch = torch.empty_like(do) if gated else do                       # written by the dq kernel
     if not add_to_dq:
         dq = torch.empty_like(q)
+    meta, num_warps, num_stages = tile_launch(G, queries_per_tile, Dqk, Dv, block_size, q.element_size())
+    num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
+    # -- dq (and delta, and with a gate dL/dg and g dO) --
+    launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
+                   (q, k, v, o, do, gate, d_gate, lse, *tiles, dq, delta, do_branch, scale, Nq, Nk,
+                    num_tiles, num_entries),
+                   dict(HEADS_KV=H, CAUSAL=causal, GATED=gated, ADD_TO_DQ=add_to_dq, **meta),
+                   num_warps, num_stages)
+    # -- dk, dv: the reverse index, then one program per chunk of a block's queries --
+    num_blocks = num_selection_blocks(Nk, block_size)
+    chunk = 1024 if q.is_cuda else 8
+    queries, chunk_block, chunk_begin, chunk_end = reverse_block_index(block_indices, num_blocks, chunk)
+    block_gq = triton.next_power_of_2(G)
+    rows = max(64 if q.is_cuda else 16, block_gq)                   # rows of a gathered tile
+    U = chunk_block.shape[1]
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
-    meta, warps, stages = tile_launch(G, Q, Dqk, Dv, block_size, q.element_size())
-    num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
-    launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
-                   (q, k, v, o, do, gate, d_gate, lse, *tiles, dq, delta, do_branch, dk, dv, scale, Nq, Nk, num_tiles,
-                    num_entries),
-                   dict(HEADS_KV=H, CAUSAL=causal, SCATTER_DKDV=dkdv == "scatter", GATED=gated,
-                        ADD_TO_DQ=add_to_dq, **meta),
-                   num_warps=num_warps or warps, num_stages=num_stages or stages)
-    if dkdv == "gather":
-        num_blocks = -(-Nk // block_size)
-        chunk = chunk or (1024 if q.is_cuda else 8)
-        queries, chunk_block, chunk_begin, chunk_end = reverse_block_index(block_indices, num_blocks, chunk)
-        block_gq = triton.next_power_of_2(G)
-        rows = max(rows or (64 if q.is_cuda else 16), block_gq)
-        U = chunk_block.shape[1]
-        launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
-                       (q, k, v, do_branch, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
-                        scale, Nq, Nk, U),
-                       dict(HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=meta["BLOCK_DQK"],
-                            BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
-                            BLOCK_SIZE=block_size, CAUSAL=causal),
-                       num_warps=dkdv_warps, num_stages=dkdv_stages,
-                       shrink=(("BLOCK_Q", max(1, 16 // block_gq)),))
+    launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
+                   (q, k, v, do_branch, lse, delta, queries, chunk_block, chunk_begin, chunk_end, dk, dv,
+                    scale, Nq, Nk, U),
+                   dict(HEADS_KV=H, GROUP_SIZE=G, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=meta["BLOCK_DQK"],
+                        BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
+                        BLOCK_SIZE=block_size, CAUSAL=causal),
+                   num_warps=4, num_stages=2, shrink=(("BLOCK_Q", max(1, 16 // block_gq)),))
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
-MAX_GROUP_SIZE = 64
 MAX_BLOCK_SIZE = 256
 
 
 class SelectedAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, causal, dkdv, queries_per_tile):
+    def forward(ctx, q, k, v, block_indices, block_size, scale, causal, queries_per_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         Q, tiles = query_tiles(block_indices, q.shape[2] // k.shape[2], queries_per_tile)  # shared with backward
-        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal,
-                                        queries_per_tile=Q, tiles=tiles)
+        o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, Q, tiles)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, *tiles)
-        ctx.config = (block_size, scale, causal, dkdv, Q)
+        ctx.config = (block_size, scale, causal, Q)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, block_indices, *tiles = ctx.saved_tensors
-        block_size, scale, causal, dkdv, Q = ctx.config
-        dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
-                                            causal, dkdv=dkdv, queries_per_tile=Q, tiles=tiles)
-        return dq, dk, dv, None, None, None, None, None, None
+        block_size, scale, causal, Q = ctx.config
+        dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
+                                            Q, tiles)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def check_block_indices(block_indices, dims, block_size):
-    """Shape, dtype and device of `block_indices` against q, k; block_size against the kernels."""
-    if not isinstance(block_indices, torch.Tensor):
-        raise TypeError(f"block_indices must be a torch.Tensor, got {type(block_indices).__name__}")
-    expected = (dims.batch, dims.seq_len_q, dims.heads_kv)
-    if block_indices.ndim != 4 or tuple(block_indices.shape[:3]) != expected:
-        raise ValueError(f"block_indices must have shape (B, Nq, H, n) = ({expected[0]}, {expected[1]}, "
-                         f"{expected[2]}, n), got {tuple(block_indices.shape)}")
-    if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
-        raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+def check_selected_kernel_args(block_indices, dims, block_size, queries_per_tile) -> None:
+    """What the selected kernels add to the kernels' shared limits: block size, tile size, the
+    int32 reverse index, at least one slot."""
     if block_indices.shape[-1] < 1:
         raise ValueError("block_indices has n = 0 slots; the kernel needs n >= 1")
     check_positive_int("block_size", block_size)
     if block_size < 16 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ValueError(f"block_size = {block_size}; the Triton kernel needs a power of two in "
                          f"[16, {MAX_BLOCK_SIZE}] (one tl.dot tile per block)")
-    if dims.group_size > MAX_GROUP_SIZE:
-        raise ValueError(f"GQA group size Hq // H = {dims.group_size}; the kernel allows at most "
-                         f"{MAX_GROUP_SIZE}")
-    if dims.batch * dims.seq_len_q * dims.heads_kv * block_indices.shape[-1] >= 2**31:
-        raise ValueError("B * Nq * H * n must be < 2**31 (int32 reverse index); split the batch")
-
-
-def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None, *, causal=True,
-                              return_lse=False, dkdv="gather", check_indices=True,
-                              queries_per_tile=None):
-    """Selected attention (NSA's second branch) with Triton kernels, forward and backward.
-
-    Computes chapter 1's `attention(q, k, v, block_selection_mask(block_indices, block_size, Nk,
-    causal))`. q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv), queries end-aligned
-    (query i at t = Nk - Nq + i), GQA group G = Hq // H sharing its kv head's blocks.
-    block_indices: (B, Nq, H, n) integer; block j covers keys [j*block_size, (j+1)*block_size);
-    -1 = empty slot; a repeated block counts once; with `causal` a block after t adds nothing.
-    check_indices: raise ValueError unless every index is in [-1, ceil(Nk / block_size)) (as the
-    PyTorch reference does; it reads two numbers back from the GPU). With False, nothing is read back
-    and any index outside that range is skipped like -1.
-    Returns o: (B, Nq, Hq, Dv) in q's dtype; with `return_lse` also lse: (B, Nq, Hq) float32
-    (no gradient; -inf for a query that sees no key, whose o is 0).
-
-    queries_per_tile: Q consecutive queries per program of the forward and dq kernels, looping
-    over the union of their blocks (a power of two <= 16). None = 16 / G for groups under 16 (the
-    rows tl.dot pads to anyway), else 1. A larger Q pays when neighbouring queries select mostly the
-    same blocks (see the chapter's measurements); the result does not depend on it.
-
-    Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
-    interpreter; float32 dots run as tf32 on a GPU); block_size a power of two in [16, 256];
-    head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 64 (rows of
-    tl.dot: at least 16, filled with Q * G); B * Nq * H * n < 2**31. dkdv="gather" (default) or
-    "scatter" picks the dk/dv strategy; "gather" adds chunks of one block atomically, so dk, dv may
-    differ in the last bits from run to run.
-    """
-    dims = _check_kernel_inputs(q, k, v)
-    scale = resolve_scale(scale, dims.dim_qk)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    check_block_indices(block_indices, dims, block_size)
-    if block_indices.device != q.device:
-        raise ValueError(f"block_indices is on {block_indices.device} but q is on {q.device}")
-    if dkdv not in ("gather", "scatter"):
-        raise ValueError(f"dkdv must be 'gather' or 'scatter', got {dkdv!r}")
     if queries_per_tile is not None and (
             isinstance(queries_per_tile, bool) or not isinstance(queries_per_tile, int)
             or not 1 <= queries_per_tile <= MAX_QUERIES_PER_TILE or queries_per_tile & (queries_per_tile - 1)):
         raise ValueError(f"queries_per_tile must be None or a power of two in [1, {MAX_QUERIES_PER_TILE}], "
                          f"got {queries_per_tile!r}")
-    if check_indices and block_indices.numel():
-        num_blocks = -(-dims.seq_len_k // block_size)
-        low, high = block_indices.min().item(), block_indices.max().item()
-        if low < -1 or high >= num_blocks:
-            raise ValueError(f"block_indices must be in [-1, {num_blocks - 1}] (-1 = empty slot; "
-                             f"{dims.seq_len_k} keys in blocks of {block_size}), got values in [{low}, {high}]")
+    if dims.batch * dims.seq_len_q * dims.heads_kv * block_indices.shape[-1] >= 2**31:
+        raise ValueError("B * Nq * H * n must be < 2**31 (int32 reverse index); split the batch")
+
+
+def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None, *, causal=True,
+                              return_lse=False, check_indices=True, queries_per_tile=None):
+    """Selected attention (NSA's second branch) with Triton kernels, forward and backward.
+
+    Computes Chapter 1's `attention(q, k, v, block_selection_mask(block_indices, block_size, Nk,
+    causal))`, like `nsa.selected_attention`. q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk),
+    v: (B, Nk, H, Dv), queries end-aligned (query i at t = Nk - Nq + i), GQA group G = Hq // H
+    sharing its kv head's blocks. block_indices: (B, Nq, H, n) integer; block j covers keys
+    [j*block_size, (j+1)*block_size); -1 = empty slot; a repeated block counts once; with `causal`
+    a block after t adds nothing.
+    check_indices: raise ValueError unless every index is in [-1, ceil(Nk / block_size)) (it reads
+    two numbers back from the GPU). With False, nothing is read back and any index outside that
+    range is skipped like -1.
+    Returns o: (B, Nq, Hq, Dv) in q's dtype; with `return_lse` also lse: (B, Nq, Hq) float32
+    (no gradient; -inf for a query that sees no key, whose o is 0).
+
+    queries_per_tile: Q consecutive queries per program of the forward and dq kernels, looping
+    over the union of their blocks (a power of two <= 16). None = 16 / G for groups under 16 (the
+    rows tl.dot pads to anyway), else 1. A larger Q pays when neighbouring queries select mostly
+    the same blocks (Chapter 8 measures when); the result does not depend on it.
+
+    Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
+    interpreter; float32 dots run as tf32 on a GPU); block_size a power of two in [16, 256];
+    head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 16;
+    B * Nq * H * n < 2**31. dk, dv add the chunks of one block atomically, so they may differ in
+    the last bits from run to run.
+    """
+    dims = check_qkv(q, k, v)
+    scale = resolve_scale(scale, dims.dim_qk)
+    check_bool("causal", causal)
+    check_block_indices(block_indices, dims, q.device)
+    check_kernel_inputs(dims, q)
+    check_selected_kernel_args(block_indices, dims, block_size, queries_per_tile)
+    if check_bool("check_indices", check_indices):
+        check_block_index_range(block_indices, num_selection_blocks(dims.seq_len_k, block_size),
+                                dims.seq_len_k, block_size)
     prepared = prepare_block_indices(block_indices, block_size, dims.seq_len_k, causal)
-    o, lse = SelectedAttentionTriton.apply(q, k, v, prepared, block_size, scale, causal, dkdv,
-                                           queries_per_tile)
+    o, lse = SelectedAttentionTriton.apply(q, k, v, prepared, block_size, scale, causal, queries_per_tile)
     return (o, lse) if return_lse else o

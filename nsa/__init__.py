@@ -1,16 +1,25 @@
 """Native Sparse Attention (DeepSeek, arXiv 2502.11089), built step by step in the book.
 
-Hand-written glue: re-exports the public API from the modules the chapters generate.
+Hand-written glue: re-exports the public API from the modules the chapters generate, and
+imports the three backends of `native_sparse_attention` so that they register themselves
+("torch" in nsa.sparse_attention, "flex" in nsa.flex, "triton" in nsa.kernels.nsa).
 """
 
 from nsa import device  # first: switches on Triton's interpreter on a machine without CUDA
 from nsa.attention import attention
-from nsa.masks import block_selection_mask, causal_mask, sliding_window_mask
+from nsa.backends import backend_unavailable
+from nsa.compression import CompressionMLP, compress, compressed_attention
 from nsa.config import NSAConfig
-from nsa.compression import CompressionMLP, compress, compressed_attention, compressed_block_mask
-from nsa.selection import select_blocks, selected_attention, selection_scores
-from nsa.sliding import sliding_window_attention
-from nsa.sparse_attention import SparseAttention, native_sparse_attention
 from nsa.flex import create_compress_mask, create_fine_mask, create_sliding_mask
+from nsa.layer import SparseAttention
+from nsa.masks import block_selection_mask, causal_mask, compressed_block_mask, sliding_window_mask
+from nsa.selection import select_blocks, selected_attention, selection_scores
+from nsa.sparse_attention import native_sparse_attention
+from nsa.window import sliding_window_attention
+
+try:
+    import nsa.kernels.nsa  # noqa: F401  (registers backend="triton")
+except ImportError as missing:  # triton is not installed: "auto" uses "torch"
+    backend_unavailable("triton", f"Triton kernels could not be imported ({missing})")
 
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@
 import torch
 from einops import einsum, rearrange
 
-from nsa.validation import check_qkv, resolve_scale
+from nsa.checks import check_qkv, resolve_scale
 
 
 def softmax_with_lse(scores: torch.Tensor, visible: torch.Tensor | None):
@@ -42,6 +42,20 @@ def _group_mask(mask: torch.Tensor, dims) -> torch.Tensor:
     return mask[:, :, None]  # one mask per kv head, shared by its group (or one for all)
 
 
+def grouped_attention(q, k, v, visible, scale: float):
+    """The arithmetic of `attention`, on checked inputs: query head h against kv head
+    h // (Hq // H) where `visible` (broadcastable to (B, H, G, Nq, Nk); None = all) -> o (B, Nq, Hq, Dv)
+    in q's dtype and lse (B, Nq, Hq) in the compute dtype (float64 for float64, else float32)."""
+    group_size = q.shape[2] // k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_grouped = rearrange(q.to(compute), "b i (h g) d -> b h g i d", g=group_size)
+    scores = einsum(q_grouped, k.to(compute), "b h g i d, b j h d -> b h g i j") * scale
+    probs, lse = softmax_with_lse(scores, visible)                 # (B, H, G, Nq, Nk)
+    o = einsum(probs, v.to(compute), "b h g i j, b j h d -> b i h g d")
+    o = rearrange(o, "b i h g d -> b i (h g) d").to(q.dtype)     # (B, Nq, Hq, Dv)
+    return o, rearrange(lse, "b h g i -> b i (h g)")
+
+
 def attention(q, k, v, mask=None, scale=None, return_lse=False):
     """Dense softmax attention, the reference every other formulation is checked against.
 
@@ -54,12 +68,5 @@ def attention(q, k, v, mask=None, scale=None, return_lse=False):
     dims = check_qkv(q, k, v)
     scale = resolve_scale(scale, dims.dim_qk)
     visible = None if mask is None else _group_mask(mask, dims)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_grouped = rearrange(q.to(compute), "b i (h g) d -> b h g i d", g=dims.group_size)
-    scores = einsum(q_grouped, k.to(compute), "b h g i d, b j h d -> b h g i j") * scale
-    probs, lse = softmax_with_lse(scores, visible)                 # (B, H, G, Nq, Nk)
-    o = einsum(probs, v.to(compute), "b h g i j, b j h d -> b i h g d")
-    o = rearrange(o, "b i h g d -> b i (h g) d").to(q.dtype)     # (B, Nq, Hq, Dv)
-    if return_lse:
-        return o, rearrange(lse, "b h g i -> b i (h g)")
-    return o
+    o, lse = grouped_attention(q, k, v, visible, scale)
+    return (o, lse) if return_lse else o

@@ -88,9 +88,9 @@ def _timer(fn, grads_of=None, grad_out=None):
 
 def branch_impls(q, k, v, k_cmp, v_cmp, config):
     """The stages of `nsa_triton`, each timed alone (`select` has no backward: no gradient)."""
-    from nsa.kernels.compressed import compressed_attention_triton, select_blocks_triton
+    from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
     from nsa.kernels.selected import selected_attention_triton
-    from nsa.kernels.window import sliding_window_attention_triton
+    from nsa.kernels.topk import select_blocks_triton
 
     l, d, l_sel, N = config.compress_block_size, config.compress_stride, config.select_block_size, k.shape[1]
     scale = q.shape[-1] ** -0.5

@@ -2,12 +2,7 @@
 
 from dataclasses import dataclass
 
-
-def _check_config_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"NSAConfig.{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"NSAConfig.{name} must be an int >= {minimum}, got {value}")
+from nsa.checks import check_bool, check_int
 
 
 @dataclass(frozen=True)
@@ -35,11 +30,10 @@ class NSAConfig:
     def __post_init__(self):
         for name in ("compress_block_size", "compress_stride", "select_block_size",
                      "num_selected_blocks", "window_size"):
-            _check_config_int(name, getattr(self, name), 1)
+            check_int(f"NSAConfig.{name}", getattr(self, name), 1)
         for name in ("num_initial_blocks", "num_local_blocks"):
-            _check_config_int(name, getattr(self, name), 0)
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"NSAConfig.causal must be a bool, got {self.causal!r}")
+            check_int(f"NSAConfig.{name}", getattr(self, name), 0)
+        check_bool("NSAConfig.causal", self.causal)
         l, d, l_sel = self.compress_block_size, self.compress_stride, self.select_block_size
         if d > l:
             raise ValueError(f"NSAConfig.compress_stride ({d}) must be <= compress_block_size ({l})")

@@ -4,34 +4,11 @@ import torch
 from einops import einsum, rearrange
 
 from nsa.attention import softmax_with_lse
-from nsa.compression import (_check_flag, _check_mem_kv_len, check_compressed_qkv,
-                             compressed_block_mask, num_compressed_blocks, resolve_seq_len_k)
-from nsa.config import NSAConfig
-from nsa.validation import check_positive_int, check_qkv, check_tensor, resolve_scale
-
-
-def num_selection_blocks(seq_len: int, block_size: int) -> int:
-    """ceil(N / l'): selection block j covers keys [j*l', (j+1)*l'); the last may be partial."""
-    return -(-seq_len // block_size)
-
-
-def overlap_weights(seq_len_k: int, compress_block_size: int = 32, compress_stride: int = 16,
-                    select_block_size: int = 64, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """W: (N_c, ceil(N/l')), W[i, j] = tokens compressed block i shares with selection block j, / d.
-
-    Compressed block i covers keys [i*d, i*d + l), selection block j keys [j*l', (j+1)*l').
-    Selection scores are p_cmp @ W (the paper's Eq. 9, with its index corrected).
-    """
-    l, d, l_sel = compress_block_size, compress_stride, select_block_size
-    cmp_start = torch.arange(num_compressed_blocks(seq_len_k, l, d), device=device)[:, None] * d   # (Nc, 1)
-    sel_start = torch.arange(num_selection_blocks(seq_len_k, l_sel), device=device)[None] * l_sel   # (1, n_sel)
-    shared = torch.minimum(cmp_start + l, sel_start + l_sel) - torch.maximum(cmp_start, sel_start)
-    return shared.clamp(min=0).to(dtype) / d                                                        # (Nc, n_sel)
-
-
-def _query_positions(seq_len_q: int, seq_len_k: int, device=None) -> torch.Tensor:
-    """(Nq, 1): query i sits at t = seq_len_k - seq_len_q + i."""
-    return torch.arange(seq_len_k - seq_len_q, seq_len_k, device=device)[:, None]
+from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
+                        check_compressed_qkv, check_config, check_mem_kv_len, check_positive_int,
+                        check_qkv, check_seq_len_k, check_tensor, resolve_scale, resolve_seq_len_k)
+from nsa.geometry import num_selection_blocks, overlap_weights, query_positions
+from nsa.masks import compressed_block_mask
 
 
 def selection_candidate_mask(seq_len_q: int, seq_len_k: int, select_block_size: int = 64, *,
@@ -40,21 +17,7 @@ def selection_candidate_mask(seq_len_q: int, seq_len_k: int, select_block_size: 
     blocks = torch.arange(num_selection_blocks(seq_len_k, select_block_size), device=device)[None]
     if not causal:
         return blocks >= 0 if seq_len_q else blocks[:0]
-    return blocks <= _query_positions(seq_len_q, seq_len_k, device) // select_block_size
-
-
-def _check_config(config) -> NSAConfig:
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
-    return config
-
-
-def _check_seq_len_k(seq_len_k, seq_len_q: int) -> int:
-    if isinstance(seq_len_k, bool) or not isinstance(seq_len_k, int):
-        raise TypeError(f"seq_len_k must be a positive int, got {seq_len_k!r}")
-    if seq_len_k < max(seq_len_q, 1):
-        raise ValueError(f"seq_len_k must be >= 1 and >= the {seq_len_q} queries, got {seq_len_k}")
-    return seq_len_k
+    return blocks <= query_positions(seq_len_q, seq_len_k, device)[:, None] // select_block_size
 
 
 def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len=0):
@@ -74,10 +37,10 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
                          f"got {tuple(lse.shape)}")
     if not lse.is_floating_point():
         raise TypeError(f"lse must be a floating-point tensor, got dtype {lse.dtype}")
-    seq_len_k = _check_seq_len_k(seq_len_k, dims.seq_len_q)
-    config = _check_config(config)
+    seq_len_k = check_seq_len_k(seq_len_k, dims.seq_len_q)
+    config = check_config(config)
     scale = resolve_scale(scale, dims.dim_qk)
-    mem_kv_len = _check_mem_kv_len(mem_kv_len, dims.seq_len_k)
+    mem_kv_len = check_mem_kv_len(mem_kv_len, dims.seq_len_k)
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
     resolve_seq_len_k(seq_len_k, dims.seq_len_q, dims.seq_len_k - mem_kv_len, l, d, config.causal)
 
@@ -112,24 +75,21 @@ def select_blocks(scores, seq_len_k, config):
     check_tensor("scores", scores, 4, "(batch, seq_len_q, heads_kv, num_selection_blocks)")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
-    config = _check_config(config)
+    config = check_config(config)
     B, Nq, H, n_sel = scores.shape
-    seq_len_k = _check_seq_len_k(seq_len_k, Nq)
+    seq_len_k = check_seq_len_k(seq_len_k, Nq)
     l_sel, n = config.select_block_size, config.num_selected_blocks
     if n_sel != num_selection_blocks(seq_len_k, l_sel):
         raise ValueError(f"scores has {n_sel} blocks in its last dim, but seq_len_k = {seq_len_k} keys "
                          f"make ceil({seq_len_k} / {l_sel}) = {num_selection_blocks(seq_len_k, l_sel)}")
-    if scores.isnan().any():
-        raise ValueError("scores contains NaN; use -inf for blocks that may not be selected")
 
     # -- which blocks each query may and must take --
-    t = _query_positions(Nq, seq_len_k, scores.device)                          # (Nq, 1)
-    own = t // l_sel                                                              # (Nq, 1)
+    own = query_positions(Nq, seq_len_k, scores.device)[:, None] // l_sel        # (Nq, 1)
     block = torch.arange(n_sel, device=scores.device)[None]                      # (1, n_sel)
     candidate = selection_candidate_mask(Nq, seq_len_k, l_sel, causal=config.causal, device=scores.device)
     local = (block > own - config.num_local_blocks) & (block <= own)
     forced = ((block < config.num_initial_blocks) | local) & candidate           # (Nq, n_sel)
-    eligible = candidate[:, None] & (scores > float("-inf"))                    # (B, Nq, H, n_sel)
+    eligible = candidate[:, None] & (scores > float("-inf"))                    # (B, Nq, H, n_sel); NaN: no
     # -- rank: forced first, then by score, ties to the lower index (stable sort) --
     key = scores.masked_fill(~eligible, float("-inf")).masked_fill(forced[:, None], float("inf"))
     ranked = torch.sort(key, dim=-1, descending=True, stable=True)
@@ -143,23 +103,8 @@ def select_blocks(scores, seq_len_k, config):
     return chosen
 
 
-def _check_block_indices(block_indices, dims, block_size: int) -> None:
-    check_tensor("block_indices", block_indices, 4, "(batch, seq_len_q, heads_kv, n)")
-    if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
-        raise TypeError(f"block_indices must be an integer tensor, got dtype {block_indices.dtype}")
-    expected = (dims.batch, dims.seq_len_q, dims.heads_kv)
-    if tuple(block_indices.shape[:3]) != expected:
-        raise ValueError(f"block_indices must have shape (B, Nq, H, n) with (B, Nq, H) = {expected}, "
-                         f"got {tuple(block_indices.shape)}")
-    n_blocks = num_selection_blocks(dims.seq_len_k, block_size)
-    if block_indices.numel():
-        low, high = block_indices.min().item(), block_indices.max().item()
-        if low < -1 or high >= n_blocks:
-            raise ValueError(f"block_indices must be in [-1, {n_blocks - 1}] (-1 = empty slot; "
-                             f"{dims.seq_len_k} keys in blocks of {block_size}), got values in [{low}, {high}]")
-
-
-def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, causal=True):
+def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, causal=True,
+                       check_indices=True):
     """NSA's selected branch: each query attends to the keys of its selected blocks (Eq. 12).
 
     q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv); block_indices: (B, Nq, H, n)
@@ -167,15 +112,19 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     (a block named twice counts once). Causally a query at t = Nk - Nq + i attends only keys <= t. Gathers the
     selected keys: memory O(Nq * n * block_size), not O(Nq * Nk). Equals
     `attention(q, k, v, block_selection_mask(block_indices, block_size, Nk, causal))`.
+    check_indices: raise ValueError unless every index is in [-1, ceil(Nk / block_size)); this
+    reads two numbers back from the device. With False nothing is read back and the caller
+    vouches for the range (as NSA does for `select_blocks`' output).
     Returns o: (B, Nq, Hq, Dv) in q's dtype; a query with nothing to attend gets 0.
     """
     dims = check_qkv(q, k, v)
     scale = resolve_scale(scale, dims.dim_qk)
     check_positive_int("block_size", block_size)
-    causal = _check_flag("causal", causal)
-    _check_block_indices(block_indices, dims, block_size)
-    if block_indices.device != q.device:
-        raise ValueError(f"block_indices is on {block_indices.device} but q is on {q.device}; they must match")
+    causal = check_bool("causal", causal)
+    check_block_indices(block_indices, dims, q.device)
+    if check_bool("check_indices", check_indices):
+        check_block_index_range(block_indices, num_selection_blocks(dims.seq_len_k, block_size),
+                                dims.seq_len_k, block_size)
     B, Nq, Nk, H = dims.batch, dims.seq_len_q, dims.seq_len_k, dims.heads_kv
 
     # -- the key positions of every selected block --
@@ -186,7 +135,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     positions = (blocks[..., None] * block_size + offsets).flatten(-2)               # (B, Nq, H, n*l')
     attended = (blocks[..., None] >= 0).expand(*blocks.shape, block_size).flatten(-2) & (positions < Nk)
     if causal:
-        attended &= positions <= _query_positions(Nq, Nk, q.device)[None, :, :, None]   # t: (1, Nq, 1, 1)
+        attended &= positions <= query_positions(Nq, Nk, q.device)[None, :, None, None]  # t: (1, Nq, 1, 1)
     positions = positions.clamp(0, Nk - 1)
     # -- gather keys and values: (B, Nq, H, n*l', D) --
     batch = torch.arange(B, device=q.device)[:, None, None, None]

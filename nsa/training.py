@@ -15,8 +15,8 @@ from einops import rearrange
 from tqdm import tqdm
 
 from nsa.compression import compress, compressed_attention
+from nsa.layer import SparseAttention
 from nsa.selection import select_blocks, selection_scores
-from nsa.sparse_attention import SparseAttention
 
 IGNORE_INDEX = -100   # the target of a position that is not a query (cross_entropy skips it)
 

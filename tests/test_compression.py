@@ -7,7 +7,8 @@ import torch
 
 import nsa
 from nsa import CompressionMLP, NSAConfig, attention, causal_mask, compress, compressed_attention
-from nsa.compression import compressed_block_mask, num_compressed_blocks
+from nsa.geometry import num_compressed_blocks
+from nsa.masks import compressed_block_mask
 
 F64 = torch.float64
 

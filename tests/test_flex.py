@@ -5,21 +5,24 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_mask
+from torch.nn.attention.flex_attention import BlockMask, and_masks, create_mask
 
 import nsa
-from nsa.compression import compressed_block_mask
 from nsa.config import NSAConfig
-from nsa.flex import (compress_mod, create_compress_mask, create_fine_mask, create_sliding_mask,
-                      fine_mod, flex_sparse_attention, selected_block_table, sliding_window_mod)
-from nsa.masks import block_selection_mask, sliding_window_mask
+from nsa.flex import (create_compress_mask, create_fine_mask, create_sliding_mask, flex_sparse_attention,
+                      flex_unsupported)
+from nsa.masks import (block_selection_mask, causal_mod, compressed_block_mask, compressed_mod, dense_mask,
+                       selected_block_table, selected_blocks_mod, sliding_window_mask, sliding_window_mod)
 from nsa_reference import naive_nsa
 
 CPU = torch.device("cpu")
 
 
 def dense(mask_mod, B, H, Nq, Nk):
-    return create_mask(mask_mod, B, H, Nq, Nk, device="cpu")
+    """FlexAttention's own dense evaluation (vmap), checked against nsa.masks.dense_mask's (broadcast)."""
+    mask = create_mask(mask_mod, B, H, Nq, Nk, device="cpu")
+    assert torch.equal(mask, dense_mask(mask_mod, Nq, Nk, batch=B, heads=H))
+    return mask
 
 
 def tiles_from_tokens(token_mask, tile=128):
@@ -38,10 +41,10 @@ def tiles_from_tokens(token_mask, tile=128):
 def test_sliding_mask(Nq, Nk, w):
     t = torch.arange(Nk - Nq, Nk)[:, None]
     s = torch.arange(Nk)[None, :]
-    causal = dense(sliding_window_mod(Nq, w, True, Nk), 1, 1, Nq, Nk)[0, 0]
+    causal = dense(sliding_window_mod(w, True, Nk - Nq), 1, 1, Nq, Nk)[0, 0]
     assert torch.equal(causal, sliding_window_mask(Nq, Nk, w))
     assert torch.equal(causal, (t - w < s) & (s <= t))
-    both = dense(sliding_window_mod(Nq, w, False, Nk), 1, 1, Nq, Nk)[0, 0]
+    both = dense(sliding_window_mod(w, False, Nk - Nq), 1, 1, Nq, Nk)[0, 0]
     assert torch.equal(both, (t - w < s) & (s < t + w))
     block_mask = create_sliding_mask(Nq, w, seq_len_k=Nk, device="cpu")
     assert isinstance(block_mask, BlockMask) and block_mask.shape == (1, 1, Nq, Nk)
@@ -56,7 +59,7 @@ def test_sliding_mask(Nq, Nk, w):
 def test_compress_mask(Nq, Nk, l, d, mem):
     Nc = (Nk - l) // d + 1 if Nk >= l else 0
     for causal in (True, False):
-        token = dense(compress_mod(Nq, Nc, d, mem, causal, l, Nk), 1, 1, Nq, mem + Nc)[0, 0]
+        token = dense(compressed_mod(l, d, mem, causal, Nk - Nq), 1, 1, Nq, mem + Nc)[0, 0]
         assert torch.equal(token, compressed_block_mask(Nq, Nk, l, d, mem_kv_len=mem, causal=causal))
         for i in range(Nq):                                    # DESIGN's rule, spelled out
             t = Nk - Nq + i
@@ -90,8 +93,10 @@ def test_fine_mask(B, Nq, Nk, H, G, l_sel, n):
         assert block_mask.shape == (B, H * G, Nq, Nk)
         assert torch.equal(dense(block_mask.mask_mod, B, H * G, Nq, Nk), expected)
         assert torch.equal(block_mask.to_dense().bool(), tiles_from_tokens(expected))
-        table = selected_block_table(indices.transpose(1, 2), num_blocks)
-        assert torch.equal(dense(fine_mod(table, l_sel, G, causal, Nk), B, H * G, Nq, Nk), expected)
+        mask_mod = selected_blocks_mod(selected_block_table(indices, num_blocks), l_sel, G)
+        if causal:
+            mask_mod = and_masks(mask_mod, causal_mod(Nk - Nq))
+        assert torch.equal(dense(mask_mod, B, H * G, Nq, Nk), expected)
 
 
 def test_fine_mask_accepts_int32_and_lives_on_the_indices_device():
@@ -191,16 +196,16 @@ def test_cpu_backward_is_refused_clearly():
     for position in (0, 1, 3):                                 # q, k, k_cmp
         grad_inputs = list(inputs)
         grad_inputs[position] = grad_inputs[position].clone().requires_grad_(True)
-        with pytest.raises(ValueError, match="flex: backward is not supported on CPU"):
-            flex_sparse_attention(*grad_inputs, config, None, 0)
+        assert "backward is not supported on CPU" in flex_unsupported(grad_inputs, None, config)
         with torch.no_grad():                                  # no autograd: allowed
-            flex_sparse_attention(*grad_inputs, config, None, 0)
+            assert flex_unsupported(grad_inputs, None, config) is None
+            flex_sparse_attention(*grad_inputs, config, 8 ** -0.5, 0)
 
 
 def test_cpu_backward_refused_through_dispatch():
     inputs = list(make_inputs(1, 20, 20, 2, 1, 8, 8, 0, SMALL))
     inputs[0].requires_grad_(True)
-    with pytest.raises(ValueError, match="flex"):
+    with pytest.raises(ValueError, match="flex: backward is not supported on CPU"):
         nsa.native_sparse_attention(*inputs, SMALL, backend="flex")
 
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import nsa  # noqa: F401  (switches on the interpreter without CUDA, before triton is imported)
-from nsa.compression import compressed_attention, num_compressed_blocks
+from nsa.compression import compressed_attention
+from nsa.geometry import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
-from nsa.kernels.compressed import compressed_attention_triton, select_blocks_triton
+from nsa.kernels.band import compressed_attention_triton
+from nsa.kernels.topk import select_blocks_triton
 from nsa.selection import select_blocks, selection_scores
 
 # float32 dots run as tf32 on a GPU: looser there

@@ -67,7 +67,7 @@ class _FakeKernel:
 
 
 def test_launch_fitting_shrinks_stages_then_tiles_and_remembers():
-    from nsa.kernels.flash import launch_fitting
+    from nsa.kernels.common import launch_fitting
     kernel = _FakeKernel(capacity=64 * 32 * 1)
     x = torch.zeros(1)
     used = launch_fitting(kernel, lambda t: (100 // t["BLOCK_M"],), (x,), dict(BLOCK_M=64, BLOCK_N=64),
@@ -82,7 +82,7 @@ def test_launch_fitting_shrinks_stages_then_tiles_and_remembers():
 
 
 def test_launch_fitting_says_when_nothing_fits():
-    from nsa.kernels.flash import launch_fitting
+    from nsa.kernels.common import launch_fitting
     with pytest.raises(ValueError, match="fake_kernel: even the smallest tiles"):
         launch_fitting(_FakeKernel(capacity=10), lambda t: (1,), (torch.zeros(1),), dict(BLOCK_M=32, BLOCK_N=32),
                        num_warps=4, num_stages=2, shrink=(("BLOCK_N", 16),))

@@ -29,7 +29,7 @@ def reference(q, k, v, indices, block_size, scale, causal):
 
 
 def run_case(B, Nq, Nk, Hq, H, Dqk, Dv, n, block_size, causal=True, dtype=torch.float32,
-             grads=True, dkdv="gather", scale=None, seed=0, queries_per_tile=None, shared=0.0):
+             grads=True, scale=None, seed=0, queries_per_tile=None, shared=0.0):
     gen = torch.Generator(DEVICE).manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=gen, device=DEVICE, dtype=dtype)
     q, k, v, do = make(B, Nq, Hq, Dqk), make(B, Nk, H, Dqk), make(B, Nk, H, Dv), make(B, Nq, Hq, Dv)
@@ -39,7 +39,7 @@ def run_case(B, Nq, Nk, Hq, H, Dqk, Dv, n, block_size, causal=True, dtype=torch.
         indices[:, 1:] = torch.where(copy, indices[:, :-1], indices[:, 1:])
     q, k, v = (x.requires_grad_(grads) for x in (q, k, v))
     o, lse = selected_attention_triton(q, k, v, indices, block_size, scale, causal=causal,
-                                       return_lse=True, dkdv=dkdv, queries_per_tile=queries_per_tile)
+                                       return_lse=True, queries_per_tile=queries_per_tile)
     q64, k64, v64 = (x.detach().double().requires_grad_(grads) for x in (q, k, v))
     o_ref, lse_ref = reference(q64, k64, v64, indices, block_size, scale, causal)
     tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -70,21 +70,16 @@ def test_forward_and_gradients_fp32(shape, causal):
     run_case(*shape, causal=causal)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5]], ids=str)
-def test_scatter_strategy_matches(shape):
-    run_case(*shape, dkdv="scatter")
-
-
 @pytest.mark.parametrize("queries_per_tile", [1, 2, 4, 16])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=str)
 def test_tiles_of_queries_sharing_blocks(shape, queries_per_tile):
     run_case(*shape, queries_per_tile=queries_per_tile, shared=0.6, seed=queries_per_tile)
 
 
-def test_tiles_noncausal_fp16_scatter():
+def test_tiles_noncausal_fp16():
     run_case(1, 30, 45, 8, 2, 32, 16, 3, 16, causal=False, dtype=torch.float16, queries_per_tile=4,
              shared=0.5)
-    run_case(1, 30, 45, 8, 2, 32, 16, 3, 16, dkdv="scatter", queries_per_tile=2, shared=0.5)
+    run_case(1, 30, 45, 8, 2, 32, 16, 3, 16, queries_per_tile=2, shared=0.5)
 
 
 def test_prepare_query_tiles_against_brute_force():
@@ -186,7 +181,6 @@ def test_reverse_block_index_against_brute_force():
     (dict(heads_q=128), ValueError, "group size"),
     (dict(dim=320), ValueError, "256"),
     (dict(causal=1), TypeError, "causal"),
-    (dict(dkdv="both"), ValueError, "dkdv"),
     (dict(queries_per_tile=3), ValueError, "queries_per_tile"),
     (dict(queries_per_tile=32), ValueError, "queries_per_tile"),
     (dict(queries_per_tile=True), ValueError, "queries_per_tile"),
@@ -198,8 +192,7 @@ def test_errors_before_launch(bad, error, words):
     indices = bad.get("indices", torch.zeros(1, 5, 1, 2, dtype=torch.int32)).to(DEVICE)
     with pytest.raises(error, match=words):
         selected_attention_triton(q, k, v, indices, bad.get("block_size", 16),
-                                  causal=bad.get("causal", True), dkdv=bad.get("dkdv", "gather"),
-                                  queries_per_tile=bad.get("queries_per_tile"))
+                                  causal=bad.get("causal", True), queries_per_tile=bad.get("queries_per_tile"))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="bf16 is refused only in the interpreter")

@@ -7,8 +7,8 @@ import torch
 
 import nsa  # noqa: F401  (switches on the interpreter without CUDA, before triton is imported)
 from nsa.device import DEVICE
-from nsa.kernels.window import sliding_window_attention_triton
-from nsa.sliding import sliding_window_attention
+from nsa.kernels.band import sliding_window_attention_triton
+from nsa.window import sliding_window_attention
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4) if DEVICE.type == "cpu" else dict(atol=3e-2, rtol=3e-2),
        torch.float16: dict(atol=3e-2, rtol=3e-2)}

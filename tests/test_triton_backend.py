@@ -10,7 +10,6 @@ import nsa  # noqa: F401  (switches on the interpreter without CUDA, before trit
 from nsa.compression import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
-from nsa.kernels.sparse_attention import triton_sparse_attention
 from nsa.sparse_attention import native_sparse_attention
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4) if DEVICE.type == "cpu" else dict(atol=3e-2, rtol=3e-2),
@@ -52,7 +51,7 @@ def test_short_sequences_have_no_nan():
     # N = 1 and N < l: no compressed block at all, only memory or nothing
     for Nk, mem in ((1, 0), (5, 1), (12, 0)):
         inputs = [x.requires_grad_() for x in make_inputs(1, Nk, Nk, 2, 1, 16, 16, SMALL, mem, torch.float32)]
-        o = triton_sparse_attention(*inputs, SMALL, None, mem)
+        o = native_sparse_attention(*inputs, SMALL, backend="triton", mem_kv_len=mem)
         grads = torch.autograd.grad(o.sum(), inputs, allow_unused=True)
         assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in grads if g is not None)
         o_ref = native_sparse_attention(*[x.detach() for x in inputs], SMALL, backend="torch", mem_kv_len=mem)
@@ -61,10 +60,10 @@ def test_short_sequences_have_no_nan():
 
 def test_unsupported_inputs_raise_value_error_and_auto_falls_back():
     inputs = make_inputs(1, 20, 20, 2, 1, 16, 16, SMALL, 0, torch.float32)
-    with pytest.raises(ValueError, match="triton: dtype"):
-        triton_sparse_attention(*[x.double() for x in inputs], SMALL, None, 0)
-    with pytest.raises(ValueError, match="power of two"):
-        triton_sparse_attention(*inputs, NSAConfig(16, 8, 24, 4, 1, 2, 32), None, 0)
+    with pytest.raises(ValueError, match="triton: q.dtype is torch.float64"):
+        native_sparse_attention(*[x.double() for x in inputs], SMALL, backend="triton")
+    with pytest.raises(ValueError, match="triton: .*power of two"):
+        native_sparse_attention(*inputs, NSAConfig(16, 8, 24, 4, 1, 2, 32), backend="triton")
     o = native_sparse_attention(*[x.double() for x in inputs], SMALL, backend="auto")
     assert o.dtype == torch.float64
     o_auto = native_sparse_attention(*inputs, SMALL, backend="auto")
@@ -77,9 +76,8 @@ def test_gated_backward_equals_backward_of_scaled_do(branch):
     """Chapter 8's GATED / ADD_TO_DQ switches: a branch's backward fed the op's dO and its gate
     adds into dq exactly what the plain backward of g * dO gives, and writes the gate's gradient
     rowsum(dO * o)."""
-    from nsa.kernels.compressed import band_attention_backward, band_attention_forward, compressed_band
-    from nsa.kernels.selected import prepare_block_indices, selected_attention_bwd, selected_attention_fwd
-    from nsa.kernels.window import window_band
+    from nsa.kernels.band import band_attention_backward, band_attention_forward, compressed_band, window_band
+    from nsa.kernels.selected import prepare_block_indices, query_tiles, selected_attention_bwd, selected_attention_fwd
 
     g = torch.Generator().manual_seed(3)
     B, N, Hq, H, D = 1, 75, 4, 2, 16
@@ -89,8 +87,10 @@ def test_gated_backward_equals_backward_of_scaled_do(branch):
     scale = D ** -0.5
     if branch == "selected":
         blocks = prepare_block_indices(torch.randint(-1, 5, (B, N, H, 3), generator=g).to(DEVICE), 16, N)
-        o, lse = selected_attention_fwd(q, k, v, blocks, 16, scale, True)
-        backward = lambda *a, **kw: selected_attention_bwd(a[0], q, k, v, o, lse, blocks, 16, scale, True, **kw)
+        Q, tiles = query_tiles(blocks, Hq // H)
+        o, lse = selected_attention_fwd(q, k, v, blocks, 16, scale, True, Q, tiles)
+        backward = lambda *a, **kw: selected_attention_bwd(a[0], q, k, v, o, lse, blocks, 16, scale, True, Q,
+                                                           tiles, **kw)
     else:
         if branch == "compressed":
             k, v = k[:, :8].contiguous(), v[:, :8].contiguous()        # 8 compressed rows

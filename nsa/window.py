@@ -5,13 +5,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from nsa.attention import softmax_with_lse
-from nsa.validation import check_positive_int, check_qkv, resolve_scale
-
-
-def check_causal(causal) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    return causal
+from nsa.checks import check_bool, check_positive_int, check_qkv, resolve_scale
+from nsa.masks import sliding_window_mod
 
 
 def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=True):
@@ -27,7 +22,7 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
     dims = check_qkv(q, k, v)
     check_positive_int("window_size", window_size)
     scale = resolve_scale(scale, dims.dim_qk)
-    check_causal(causal)
+    check_bool("causal", causal)
     B, Nq, Nk, G = dims.batch, dims.seq_len_q, dims.seq_len_k, dims.group_size
     w = min(window_size, Nk)                       # a longer window sees the same keys
     chunk = min(w, Nq)                              # C queries per tile
@@ -49,13 +44,13 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
         return rearrange(x.unfold(1, span, chunk), "b c h d s -> b c s h d")
     k_spans, v_spans = spans(k), spans(v)
 
-    # Positions: query t = first + c*C + i, key s = first - before + c*C + j.
+    # Positions: query t = first + c*C + i, key s = first - before + c*C + j; Chapter 1's window
+    # mask function on them, and padding invisible.
     chunk_start = first + torch.arange(num_chunks, device=q.device)[:, None] * chunk
     t = chunk_start + torch.arange(chunk, device=q.device)              # (num_chunks, C)
     s = chunk_start - before + torch.arange(span, device=q.device)      # (num_chunks, S)
-    offset = s[:, None, :] - t[:, :, None]                              # s - t, (num_chunks, C, S)
-    visible = (offset > -w) & ((offset <= 0) if causal else (offset < w))
-    visible &= (s >= 0)[:, None, :] & (s < Nk)[:, None, :]             # padding is invisible
+    visible = sliding_window_mod(w, causal)(None, None, t[:, :, None], s[:, None, :])
+    visible &= (s >= 0)[:, None, :] & (s < Nk)[:, None, :]             # (num_chunks, C, S)
 
     scores = einsum(q_chunks, k_spans, "b c i h g d, b c s h d -> b c h g i s") * scale
     probs, _ = softmax_with_lse(scores, visible[:, None, None])         # (B, num_chunks, H, G, C, S)
