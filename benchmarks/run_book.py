@@ -14,6 +14,7 @@ output) into --out and prints a table last; exits 1 when a chapter fails.
 import argparse
 import csv
 import json
+import linecache
 import os
 import re
 import subprocess
@@ -47,8 +48,11 @@ def run_one(notebook: Path, report: Path) -> None:
     start = time.time()
     for index, cell in enumerate(cells):
         source = "".join(cell["source"])
+        filename = f"<{notebook.stem} code cell {index}>"
+        # as IPython does: inspect.getsource (which @triton.jit reads) finds the cell's lines here
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         try:
-            exec(compile(source, f"{notebook.name}, code cell {index}", "exec"), namespace)
+            exec(compile(source, filename, "exec"), namespace)
         except BaseException as error:                     # report it and stop, as a notebook would
             result.update(status="failed", failed_cell=str(index),
                           error=f"{type(error).__name__}: {str(error)[:300]}")
