@@ -7,6 +7,7 @@ from torch import nn
 
 from nsa.attention import attention
 from nsa.backends import check_backend
+from nsa.cache import KVCache, forward_with_cache
 from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_positive_int,
                         check_tensor, resolve_scale)
 from nsa.compression import CompressionMLP, compress
@@ -81,11 +82,57 @@ class SparseAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
 
-    def forward(self, q, k=None, v=None, mask=None):
+    def project(self, x_q, x_k, x_v):
+        """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",
+        or "cmp", "slc", "win" with kv_per_branch); gates (g_cmp, g_slc, g_win), each (B, Nq, Hq)."""
+        queries = rearrange(self.to_q(x_q), "b n (h d) -> b n h d", h=self.heads)         # (B, Nq, Hq, Dqk)
+        keys = {b: rearrange(f(x_k), "b n (h d) -> b n h d", h=self.kv_heads) for b, f in self.to_k.items()}
+        values = {b: rearrange(f(x_v), "b n (h d) -> b n h d", h=self.kv_heads) for b, f in self.to_v.items()}
+        gates = torch.sigmoid(rearrange(self.to_gates(x_q), "b n (h c) -> c b n h", c=3))  # (3, B, Nq, Hq)
+        return queries, keys, values, tuple(gates.to(queries.dtype))
+
+    def branch(self, name: str) -> str:
+        """The key of `name`'s keys and values in `project`'s dicts."""
+        return name if self.kv_per_branch else "shared"
+
+    def memory(self, batch: int, dtype):
+        """The learned memory rows, (B, mem, H, Dqk) and (B, mem, H, Dv), or (None, None)."""
+        if not self.num_mem_kv:
+            return None, None
+        return (self.mem_k.expand(batch, -1, -1, -1).to(dtype), self.mem_v.expand(batch, -1, -1, -1).to(dtype))
+
+    def output(self, o, o_win, g_win):
+        """(B, Nq, dim) from the fused op's o (B, Nq, Hq, Dv), plus with kv_per_branch the window
+        branch's o_win on its own keys, gated by g_win."""
+        if self.kv_per_branch:
+            o = o + (g_win[..., None] * o_win).to(o.dtype)
+        return self.to_out(self.dropout(rearrange(o, "b n h d -> b n (h d)")))
+
+    def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> KVCache:
+        """An empty `nsa.KVCache` for decoding `batch_size` rows of up to `max_seq_len` tokens
+        (device and dtype default to the layer's parameters'); pass it as `forward(x, cache=...)`."""
+        return KVCache.for_layer(self, batch_size, max_seq_len, device=device, dtype=dtype)
+
+    def forward(self, q, k=None, v=None, mask=None, *, cache=None, lengths=None):
         """q: (B, Nq, dim); k, v: (B, Nk, dim), default k = q, v = k; Nq <= Nk (queries at the end).
 
         mask: (B, Nk) bool key padding mask, True = keep (default: the constructor's). -> (B, Nq, dim)
+        cache: an `nsa.KVCache` from `new_cache` (Chapter 13): q holds the next T tokens of
+        self-attention (k = v = mask = None); they are appended to the cache and their outputs
+        returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
+        cache, (B,) ints <= T, how many of the T tokens each row holds (q right-padded; the
+        padding's outputs are 0); None = all T.
         """
+        if cache is not None:
+            if k is not None or v is not None or mask is not None:
+                raise ValueError("with a cache, q holds the new tokens of self-attention: pass k = v = mask = None")
+            if self.mask is not None:
+                raise ValueError("the layer has a key padding mask (self.mask); with a cache, say how many "
+                                 "tokens each row appends with lengths=... and set layer.mask = None")
+            self._check_input("q", q)
+            return forward_with_cache(self, q, cache, lengths)
+        if lengths is not None:
+            raise ValueError("lengths is for decoding with a cache; pass cache=... or lengths=None")
         k = q if k is None else k
         v = k if v is None else v
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -103,28 +150,22 @@ class SparseAttention(nn.Module):
                 raise ValueError(f"backend={self.backend!r} does not take a key padding mask; use "
                                  "backend='torch' or 'auto' with mask, or pass mask=None")
         config = self.config
-
-        queries = rearrange(self.to_q(q), "b n (h d) -> b n h d", h=self.heads)           # (B, Nq, Hq, Dqk)
-        keys = {b: rearrange(f(k), "b n (h d) -> b n h d", h=self.kv_heads) for b, f in self.to_k.items()}
-        values = {b: rearrange(f(v), "b n (h d) -> b n h d", h=self.kv_heads) for b, f in self.to_v.items()}
-        branch = (lambda name: name) if self.kv_per_branch else (lambda name: "shared")
-
-        k_cmp = compress(keys[branch("cmp")], self.phi_k, config.compress_block_size, config.compress_stride)
-        v_cmp = compress(values[branch("cmp")], self.phi_v, config.compress_block_size, config.compress_stride)
-        if self.num_mem_kv:                                                                # memory rows first
-            k_cmp = torch.cat([self.mem_k.expand(B, -1, -1, -1).to(k_cmp.dtype), k_cmp], dim=1)
-            v_cmp = torch.cat([self.mem_v.expand(B, -1, -1, -1).to(v_cmp.dtype), v_cmp], dim=1)
-
-        gates = torch.sigmoid(rearrange(self.to_gates(q), "b n (h c) -> c b n h", c=3))    # (3, B, Nq, Hq)
-        g_cmp, g_slc, g_win = gates.to(queries.dtype)
+        queries, keys, values, (g_cmp, g_slc, g_win) = self.project(q, k, v)
+        k_cmp = compress(keys[self.branch("cmp")], self.phi_k, config.compress_block_size, config.compress_stride)
+        v_cmp = compress(values[self.branch("cmp")], self.phi_v, config.compress_block_size, config.compress_stride)
+        mem_k, mem_v = self.memory(B, k_cmp.dtype)
+        if mem_k is not None:                                                              # memory rows first
+            k_cmp, v_cmp = torch.cat([mem_k, k_cmp], dim=1), torch.cat([mem_v, v_cmp], dim=1)
         g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
 
-        args = (queries, keys[branch("slc")], values[branch("slc")], k_cmp, v_cmp, g_cmp, g_slc, g_win_fused)
+        args = (queries, keys[self.branch("slc")], values[self.branch("slc")], k_cmp, v_cmp, g_cmp, g_slc,
+                g_win_fused)
         if mask is None:
             o = native_sparse_attention(*args, config, self.scale, self.backend, mem_kv_len=self.num_mem_kv)
         else:
             o = dense_sparse_attention(*args, config, self.scale, mem_kv_len=self.num_mem_kv,
                                        key_padding_mask=mask)
+        o_win = None
         if self.kv_per_branch:                                  # the window on its own keys and values
             k_win, v_win = keys["win"], values["win"]
             if mask is None:
@@ -133,9 +174,7 @@ class SparseAttention(nn.Module):
             else:
                 visible = sliding_window_mask(Nq, Nk, config.window_size, q.device, causal=config.causal)
                 o_win = attention(queries, k_win, v_win, visible & mask[:, None, None, :], self.scale)
-            o = o + (g_win[..., None] * o_win).to(o.dtype)
-        o = self.dropout(rearrange(o, "b n h d -> b n (h d)"))                            # (B, Nq, Hq * Dv)
-        return self.to_out(o)                                                              # (B, Nq, dim)
+        return self.output(o, o_win, g_win)                                                # (B, Nq, dim)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, dim_head={self.dim_head}, "

@@ -1,0 +1,242 @@
+"""Chapter 13: decoding with a KV cache.
+
+Everything here is checked against the plain (cache-free) computation, which the other test
+files check against the float64 reference: a cache must give the plain result exactly, up to
+the dtype's rounding."""
+
+import pytest
+import torch
+
+import nsa
+from nsa import KVCache, NSAConfig, SparseAttention, native_sparse_attention, sparse_attention_with_kvcache
+from nsa.compression import CompressionMLP, compress
+from nsa.geometry import num_compressed_blocks
+
+SMALL = NSAConfig(8, 4, 16, 4, 1, 2, 32)         # 8/4/16, n = 4, w = 32
+ODD = NSAConfig(12, 4, 8, 3, 0, 1, 20)           # l' < l, no initial block
+
+
+def chunks(total, sizes):
+    """Split `total` tokens into consecutive chunk sizes, cycling through `sizes`."""
+    out, i = [], 0
+    while sum(out) < total:
+        out.append(min(sizes[i % len(sizes)], total - sum(out)))
+        i += 1
+    return out
+
+
+def whole(q, k, v, config, mem_k, mem_v, phis, gates, backend="torch"):
+    """The plain computation: compress the whole sequence, prepend the memory rows, attend."""
+    l, d = config.compress_block_size, config.compress_stride
+    k_cmp = torch.cat([mem_k, compress(k, phis[0], l, d)], 1)
+    v_cmp = torch.cat([mem_v, compress(v, phis[1], l, d)], 1)
+    return native_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, config, None, backend, mem_kv_len=mem_k.shape[1])
+
+
+FUNCTIONAL = [  # B, N, Hq, H, Dqk, Dv, config, mem, mlp, chunk sizes, dtype, backend
+    (2, 100, 4, 2, 16, 8, SMALL, 0, False, [1], torch.float64, "torch"),
+    (1, 257, 8, 1, 16, 16, SMALL, 2, True, [17, 1, 5], torch.float64, "torch"),
+    (2, 61, 2, 2, 8, 12, ODD, 1, True, [3, 1], torch.float64, "torch"),
+    (1, 70, 4, 1, 16, 16, SMALL, 0, False, [33, 1, 4], torch.float32, "triton"),
+]
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL, ids=lambda c: f"B{c[0]}-N{c[1]}-Hq{c[2]}-H{c[3]}-mem{c[7]}-"
+                         f"{'mlp' if c[8] else 'mean'}-{c[11]}")
+def test_functional_step_by_step_equals_whole_sequence(case):
+    B, N, Hq, H, Dqk, Dv, config, mem, mlp, sizes, dtype, backend = case
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    q, k, v = r(B, N, Hq, Dqk), r(B, N, H, Dqk), r(B, N, H, Dv)
+    gates = [torch.rand(B, N, Hq, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    mem_k, mem_v = r(B, mem, H, Dqk), r(B, mem, H, Dv)
+    l, d = config.compress_block_size, config.compress_stride
+    phis = (CompressionMLP(Dqk, l).to(dtype), CompressionMLP(Dv, l).to(dtype)) if mlp else (None, None)
+    with torch.no_grad():
+        expected = whole(q, k, v, config, mem_k, mem_v, phis, gates, backend)
+        blocks = mem + num_compressed_blocks(N, l, d)
+        k_cache, v_cache = torch.zeros(B, N, H, Dqk, dtype=dtype), torch.zeros(B, N, H, Dv, dtype=dtype)
+        k_cmp, v_cmp = torch.full((B, blocks, H, Dqk), float("nan"), dtype=dtype), torch.zeros(B, blocks, H, Dv, dtype=dtype)
+        k_cmp[:, :mem], v_cmp[:, :mem] = mem_k, mem_v
+        start = 0
+        for T in chunks(N, sizes):
+            at = slice(start, start + T)
+            o = sparse_attention_with_kvcache(q[:, at], k_cache, v_cache, k_cmp, v_cmp, [start] * B,
+                                              *(x[:, at] for x in gates), config, k=k[:, at], v=v[:, at],
+                                              phi_k=phis[0], phi_v=phis[1], mem_kv_len=mem, backend=backend)
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(o, expected[:, at], rtol=tol, atol=tol)
+            start += T
+    torch.testing.assert_close(k_cache, k, rtol=0, atol=0)
+    assert not k_cmp.isnan().any()                       # every compressed block written
+
+
+def test_functional_rows_at_different_lengths_and_cache_already_filled():
+    """cache_seqlens per row; k = v = None when the caller wrote the new tokens themselves."""
+    torch.manual_seed(1)
+    config, B, H, Hq, D = SMALL, 3, 2, 4, 8
+    lengths = [0, 17, 40]
+    N = max(lengths) + 1
+    k_cache, v_cache = torch.randn(B, N, H, D, dtype=torch.float64), torch.randn(B, N, H, D, dtype=torch.float64)
+    blocks = num_compressed_blocks(N, 8, 4)
+    k_cmp, v_cmp = torch.zeros(B, blocks, H, D, dtype=torch.float64), torch.zeros(B, blocks, H, D, dtype=torch.float64)
+    for b, n in enumerate(lengths):                      # the caller's own cache: tokens and blocks in place
+        c = num_compressed_blocks(n + 1, 8, 4)
+        k_cmp[b, :c], v_cmp[b, :c] = compress(k_cache[b:b + 1, :n + 1], None, 8, 4)[0], compress(v_cache[b:b + 1, :n + 1], None, 8, 4)[0]
+    q = torch.randn(B, 1, Hq, D, dtype=torch.float64)
+    gates = [torch.rand(B, 1, Hq, dtype=torch.float64) for _ in range(3)]
+    o = sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp, v_cmp, torch.tensor(lengths), *gates, config)
+    for b, n in enumerate(lengths):
+        kb, vb = k_cache[b:b + 1, :n + 1], v_cache[b:b + 1, :n + 1]
+        ref = whole(q[b:b + 1], kb, vb, config, kb[:, :0], vb[:, :0], (None, None), [x[b:b + 1] for x in gates])
+        torch.testing.assert_close(o[b:b + 1], ref, rtol=1e-10, atol=1e-10)
+
+
+LAYERS = [  # kwargs of SparseAttention, chunk sizes (after a prefill of odd length 23)
+    (dict(heads=4, kv_heads=2), [1]),
+    (dict(heads=4, kv_heads=1, num_mem_kv=2, compress_mlp=True), [1, 5, 17]),
+    (dict(heads=2, kv_heads=2, compress_mlp=False, dim_head=16, dim_head_v=8), [3]),
+    (dict(heads=4, kv_heads=2, kv_per_branch=True, num_mem_kv=1), [1, 7]),
+]
+LAYER_GEOMETRY = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4,
+                      window_size=32, backend="torch")
+
+
+@pytest.mark.parametrize("kwargs,sizes", LAYERS, ids=["gqa", "memory-mlp-chunks", "mean-dqk-ne-dv", "kv-per-branch"])
+def test_layer_with_cache_equals_layer_on_whole_sequence(kwargs, sizes):
+    torch.manual_seed(3)
+    layer = SparseAttention(32, **kwargs, **LAYER_GEOMETRY).double().eval()
+    B, N, prefill = 2, 120, 23
+    x = torch.randn(B, N, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(B, N)
+        assert isinstance(cache, KVCache) and cache.k_cmp.dtype == torch.float64
+        outputs = [layer(x[:, :prefill], cache=cache)]
+        start = prefill
+        for T in chunks(N - prefill, sizes):
+            outputs.append(layer(x[:, start:start + T], cache=cache))
+            start += T
+    assert cache.lengths == [N] * B
+    torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_rows_of_different_lengths_with_lengths_argument():
+    """Right-padded chunks: row b appends lengths[b] of the T tokens; its padding's outputs are 0,
+    and each row's outputs equal the layer on that row's own sequence."""
+    torch.manual_seed(4)
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).double().eval()
+    sequences = [torch.randn(1, n, 32, dtype=torch.float64) for n in (50, 31, 1)]
+    cache = layer.new_cache(3, 64)
+    outputs = [[] for _ in sequences]
+    with torch.no_grad():
+        steps = [[7, 7, 1], [20, 1, 0], [1, 1, 0], [22, 22, 0]]   # tokens per row at each step
+        for counts in steps + [[50 - sum(s[0] for s in steps), 31 - sum(s[1] for s in steps), 0]]:
+            T = max(counts)
+            if T == 0:
+                continue
+            x = torch.zeros(3, T, 32, dtype=torch.float64)
+            for b, c in enumerate(counts):
+                done = sum(o.shape[1] for o in outputs[b])
+                x[b, :c] = sequences[b][0, done:done + c]
+            y = layer(x, cache=cache, lengths=counts)
+            for b, c in enumerate(counts):
+                assert torch.all(y[b, c:] == 0)
+                outputs[b].append(y[b:b + 1, :c])
+        assert cache.lengths == [50, 31, 1]
+        for b, seq in enumerate(sequences):
+            torch.testing.assert_close(torch.cat(outputs[b], 1), layer(seq), rtol=1e-10, atol=1e-10)
+
+
+def test_layer_with_cache_on_triton_backend_under_interpreter():
+    torch.manual_seed(5)
+    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}).eval()
+    x = torch.randn(1, 45, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(1, 45)
+        got = torch.cat([layer(x[:, :40], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(40, 45)], 1)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def snapshot(cache):
+    return (list(cache.lengths), cache.k_cmp.clone(), cache.v_cmp.clone(),
+            {b: t.clone() for b, t in cache.keys.items()}, {b: t.clone() for b, t in cache.values.items()})
+
+
+def assert_unchanged(cache, before):
+    lengths, k_cmp, v_cmp, keys, values = before
+    assert cache.lengths == lengths
+    assert torch.equal(cache.k_cmp, k_cmp) and torch.equal(cache.v_cmp, v_cmp)
+    assert all(torch.equal(cache.keys[b], keys[b]) and torch.equal(cache.values[b], values[b]) for b in keys)
+
+
+BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
+    ("full", lambda layer, cache: layer(torch.randn(2, 5, 32), cache=cache), ValueError, "do not fit"),
+    ("dtype", lambda layer, cache: layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache), TypeError, "float64"),
+    ("batch", lambda layer, cache: layer(torch.randn(3, 1, 32), cache=cache), ValueError, "batch 3"),
+    ("empty", lambda layer, cache: layer(torch.randn(2, 0, 32), cache=cache), ValueError, "T >= 1"),
+    ("dim", lambda layer, cache: layer(torch.randn(2, 1, 31), cache=cache), ValueError, "dim = 32"),
+    ("k", lambda layer, cache: layer(torch.randn(2, 1, 32), torch.randn(2, 1, 32), cache=cache), ValueError, "k = v = mask = None"),
+    ("lengths-long", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[3, 1]), ValueError, "lengths[0]"),
+    ("lengths-count", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1]), ValueError, "one count per batch row"),
+    ("lengths-neg", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1, -1]), ValueError, "lengths[1]"),
+    ("not-a-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), cache={"k": 1}), TypeError, "nsa.KVCache"),
+    ("lengths-no-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), lengths=[1, 1]), ValueError, "lengths"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,words", BAD_STEPS, ids=[b[0] for b in BAD_STEPS])
+def test_bad_cache_use_is_rejected_and_leaves_the_cache_unchanged(name, call, error, words):
+    torch.manual_seed(6)
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()
+    cache = layer.new_cache(2, 20)
+    with torch.no_grad():
+        layer(torch.randn(2, 16, 32), cache=cache)
+        before = snapshot(cache)
+        with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+            call(layer, cache)
+    assert_unchanged(cache, before)
+
+
+def test_new_cache_arguments_are_checked():
+    layer = SparseAttention(32, heads=4, **LAYER_GEOMETRY)
+    with pytest.raises(ValueError, match="batch_size"):
+        layer.new_cache(0, 10)
+    with pytest.raises(TypeError, match="max_seq_len"):
+        layer.new_cache(1, 10.0)
+    with pytest.raises(TypeError, match="dtype"):
+        layer.new_cache(1, 10, dtype=torch.int32)
+    noncausal = SparseAttention(32, heads=4, **{**LAYER_GEOMETRY, "causal": False})
+    with pytest.raises(ValueError, match="causal"):
+        noncausal.new_cache(1, 10)
+    masked = SparseAttention(32, heads=4, mask=torch.ones(1, 4, dtype=torch.bool), **LAYER_GEOMETRY)
+    with pytest.raises(ValueError, match="lengths="):
+        masked(torch.randn(1, 1, 32), cache=masked.new_cache(1, 4))
+    half = layer.new_cache(2, 10, dtype=torch.float16)
+    assert half.k_cmp.dtype == torch.float16 and half.keys["shared"].shape == (2, 10, 4, 8)
+
+
+def test_functional_bad_arguments_leave_the_caches_unchanged():
+    B, N, H, D = 1, 16, 1, 8
+    k_cache, v_cache = torch.zeros(B, N, H, D), torch.zeros(B, N, H, D)
+    blocks = num_compressed_blocks(N, 8, 4)
+    k_cmp, v_cmp = torch.zeros(B, blocks, H, D), torch.zeros(B, blocks, H, D)
+    q, k, v = torch.randn(B, 2, 2, D), torch.randn(B, 2, H, D), torch.randn(B, 2, H, D)
+    gates = [torch.rand(B, 2, 2) for _ in range(3)]
+    cases = [
+        (dict(cache_seqlens=[15]), ValueError, "do not fit"),
+        (dict(cache_seqlens=[1, 2]), ValueError, "one length per batch row"),
+        (dict(cache_seqlens=torch.tensor([1.0])), TypeError, "integer"),
+        (dict(k_cmp_cache=torch.zeros(B, blocks + 1, H, D)), ValueError, "k_cmp_cache"),
+        (dict(v=None), ValueError, "together"),
+        (dict(k=torch.randn(B, 3, H, D)), ValueError, "new tokens' keys"),
+        (dict(config=NSAConfig(8, 4, 16, 4, 1, 2, 32, causal=False)), ValueError, "causal"),
+    ]
+    for change, error, words in cases:
+        args = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_cmp_cache=k_cmp, v_cmp_cache=v_cmp, cache_seqlens=[0],
+                    g_cmp=gates[0], g_slc=gates[1], g_win=gates[2], config=SMALL, k=k, v=v)
+        args.update(change)
+        with pytest.raises(error, match=words):
+            sparse_attention_with_kvcache(**args)
+        assert not k_cache.any() and not k_cmp.any() and not v_cache.any() and not v_cmp.any()
