@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 JOBS ?= 2
 BOOK_FLAGS := --toc book/_toc.yml --config _config.yml -W -n --keep-going --all
-# Last chapter first: the later chapters run longest (12_training about 5 of the 8 CPU-minutes), and
-# with JOBS workers the longest one has to start at once for the others to fit beside it.
+# Last chapter first: the later chapters run longest (12_training alone is about half of the ~9
+# minutes of execution), and with JOBS workers the longest must start at once for the rest to fit.
 NOTEBOOKS := $(shell ls -r book/*.ipynb)
 BUILD_LOG := _build/book-build.log
 
