@@ -110,7 +110,7 @@ def where(r: dict) -> str:
 
 def describe_failure(r: dict) -> str:
     bar = "=" * 100
-    head = f"FAILED {r['path']}: {r['error']} in {where(r)}"
+    head = f"FAILED {r['shown']}: {r['error']} in {where(r)}"
     return f"{bar}\n{head}\n{bar}\n{r['message'].rstrip()}\n{bar}"
 
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     # Workers only execute; this process alone writes the cache (one SQLite writer).
     with multiprocessing.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
         for r in pool.imap_unordered(execute_one, jobs):
-            rel = _relative(r["path"])
+            r["shown"] = _relative(r["path"])
             record = cache.add_nb_to_project(r["path"])  # as myst-nb does (`jcache project list`)
             if r["ok"]:
                 nb = nbformat.reads(r["nb"], as_version=4)
@@ -180,21 +180,20 @@ def main(argv: list[str] | None = None) -> int:
                     CacheBundleIn(nb, record.uri, data={"execution_seconds": r["seconds"]}),
                     check_validity=False, overwrite=True,
                 )
-                print(f"ok     {r['seconds']:7.1f} s  {rel}", flush=True)
+                print(f"ok     {r['seconds']:7.1f} s  {r['shown']}", flush=True)
             else:
                 NbProjectRecord.set_traceback(record.uri, r["traceback"], cache.db)
-                r["path"] = rel
                 failures.append(r)
-                print(f"FAILED {r['seconds']:7.1f} s  {rel}", flush=True)
+                print(f"FAILED {r['seconds']:7.1f} s  {r['shown']}", flush=True)
                 print(describe_failure(r), flush=True)
 
     # What the book build will look up: a miss here would make it execute that notebook again.
     failed = {r["path"] for r in failures}
-    missing = check(cache, [p for p in paths if _relative(str(p)) not in failed])
+    missing = check(cache, [p for p in paths if str(p) not in failed])
     print(f"{len(paths) - len(failures)} of {len(paths)} notebooks executed without error"
           f" in {time.time() - start:.0f} s")
     for r in failures:
-        print(f"  FAILED {r['path']}: {r['error']} in {where(r)}")
+        print(f"  FAILED {r['shown']}: {r['error']} in {where(r)}")
     for path in missing:
         print(f"  executed, but myst-nb's lookup misses it (the build would run it again): {path}")
     return 1 if failures or missing else 0
