@@ -6,37 +6,51 @@ from dataclasses import dataclass
 
 import torch
 
-from nsa.checks import (check_bool, check_config, check_int, check_keys, check_like,
-                        check_mem_kv_len, check_tensor, resolve_scale)
+from nsa.backends import check_backend, select_decoder
+from nsa.checks import (check_config, check_int, check_keys, check_like, check_mem_kv_len,
+                        check_sparse_inputs, check_tensor)
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks
 from nsa.sparse_attention import native_sparse_attention
 from nsa.window import sliding_window_attention
 
 
-def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, phi, block_size: int, stride: int,
-                        mem_kv_len: int = 0) -> None:
+def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new: int, phi, block_size: int,
+                        stride: int, mem_kv_len: int = 0) -> None:
     """Write, in place, the compressed blocks that row b's tokens old_lengths[b] .. new_lengths[b]
     complete: blocks Nc(old) .. Nc(new) - 1 of k_cache[b] (block i covers keys
     [i*stride, i*stride + block_size)), mapped by phi (as `nsa.compress`; None = mean) into rows
-    mem_kv_len + i of k_cmp_cache[b]."""
-    for b, (old, new) in enumerate(zip(old_lengths, new_lengths)):
-        first = num_compressed_blocks(old, block_size, stride)
-        last = num_compressed_blocks(new, block_size, stride)
-        if last > first:
-            keys = k_cache[b:b + 1, first * stride:(last - 1) * stride + block_size]     # (1, span, H, D)
-            blocks = keys.unfold(1, block_size, stride).transpose(-1, -2)             # (1, n, H, l, D)
-            summary = blocks.mean(dim=3) if phi is None else phi(blocks)             # (1, n, H, D_out)
-            k_cmp_cache[b, mem_kv_len + first:mem_kv_len + last] = summary[0].to(k_cmp_cache.dtype)
+    mem_kv_len + i of k_cmp_cache[b]. old_lengths, new_lengths: (B,) integer tensors on the
+    cache's device; max_new: an int >= every new - old (it fixes the number of candidates)."""
+    B, capacity = k_cache.shape[:2]
+    candidates = min(-(-max_new // stride), k_cmp_cache.shape[1] - mem_kv_len)
+    if candidates <= 0:
+        return
+    first, last = (((n.long() - block_size) // stride + 1).clamp(min=0) for n in (old_lengths, new_lengths))
+    block = (last - candidates).clamp(min=0)[:, None] + torch.arange(candidates, device=k_cache.device)  # (B, K)
+    done = (block >= first[:, None]) & (block < last[:, None])                      # completed now
+    keys = (block[..., None] * stride + torch.arange(block_size, device=k_cache.device)).clamp(max=capacity - 1)
+    row = torch.arange(B, device=k_cache.device)[:, None]
+    blocks = k_cache[row[..., None], keys].transpose(2, 3)                            # (B, K, H, l, D)
+    summary = blocks.mean(dim=3) if phi is None else phi(blocks)                      # (B, K, H, D_out)
+    at = (row, mem_kv_len + block)
+    k_cmp_cache[at] = torch.where(done[..., None, None], summary.to(k_cmp_cache.dtype), k_cmp_cache[at])
 
 
-def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: int) -> list[int]:
-    """The tokens each row holds before the new ones, as ints: a (B,) integer tensor (read once
-    from its device) or a list of ints, each <= capacity - new_tokens (the new tokens must fit)."""
+def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: int, device) -> torch.Tensor:
+    """The tokens each row holds before the new ones: a (B,) int64 tensor on `device`. From a list
+    of ints or a CPU tensor, each length is checked to leave room for the new tokens; a CUDA
+    tensor's values are not read (that would wait for the GPU and break a CUDA graph): as with
+    flash-attn's cache_seqlens, they are the caller's promise."""
     if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.is_floating_point() or cache_seqlens.dtype == torch.bool or cache_seqlens.ndim != 1:
-            raise TypeError(f"cache_seqlens must be a (batch,) integer tensor or a list of ints, got "
+        if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool \
+                or tuple(cache_seqlens.shape) != (batch,):
+            raise TypeError(f"cache_seqlens must be a (batch,) = ({batch},) integer tensor or a list of ints, got "
                             f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.is_cuda:
+            if cache_seqlens.device != torch.device(device):
+                raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but the cache on {device}")
+            return cache_seqlens.long()
         cache_seqlens = cache_seqlens.tolist()
     if not isinstance(cache_seqlens, (list, tuple)) or len(cache_seqlens) != batch:
         raise ValueError(f"cache_seqlens must hold one length per batch row ({batch}), got {cache_seqlens!r}")
@@ -45,12 +59,13 @@ def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: in
         if length + new_tokens > capacity:
             raise ValueError(f"cache row {b} holds {length} tokens; {new_tokens} more do not fit its "
                              f"{capacity} (max_seq_len)")
-    return list(cache_seqlens)
+    return torch.tensor(cache_seqlens, dtype=torch.long, device=device)
 
 
-def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, k, v, config, mem_kv_len):
+def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, k, v,
+                     config, scale, mem_kv_len):
     """The arguments of `sparse_attention_with_kvcache`: (dims of q against the cache, the
-    lengths before the step as ints)."""
+    scale as a float, the lengths before the step as a tensor on the cache's device)."""
     dims = check_keys(q, k_cache, v_cache, "k_cache", "v_cache", rows="max_seq_len")
     check_config(config)
     if not config.causal:
@@ -60,7 +75,6 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
     T = dims.seq_len_q
     if T < 1:
         raise ValueError(f"q holds no new token (shape {tuple(q.shape)}); a step takes T >= 1")
-    lengths = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k)
     blocks = mem_kv_len + num_compressed_blocks(dims.seq_len_k, config.compress_block_size, config.compress_stride)
     for name, x, dim in (("k_cmp_cache", k_cmp_cache, dims.dim_qk), ("v_cmp_cache", v_cmp_cache, dims.dim_v)):
         check_tensor(name, x, 4, "(batch, mem_kv_len + max compressed blocks, heads_kv, dim)")
@@ -68,7 +82,10 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
         if tuple(x.shape) != (dims.batch, blocks, dims.heads_kv, dim):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {(dims.batch, blocks, dims.heads_kv, dim)}: "
                              f"{mem_kv_len} memory rows + the compressed blocks of {dims.seq_len_k} tokens")
-    for name, x, full, dim in (("k", k, k_cache, dims.dim_qk), ("v", v, v_cache, dims.dim_v)):
+    # the gates and the scale, as for any call of native_sparse_attention over the whole cache
+    _, scale = check_sparse_inputs(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win, config,
+                                   scale, mem_kv_len)
+    for name, x, dim in (("k", k, dims.dim_qk), ("v", v, dims.dim_v)):
         if x is not None:
             check_tensor(name, x, 4, "(batch, T, heads_kv, dim)")
             check_like(name, x, q)
@@ -77,7 +94,8 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
                                  "the new tokens' keys or values")
     if (k is None) != (v is None):
         raise ValueError("pass the new tokens' k and v together, or neither (already in the cache)")
-    return dims, lengths
+    lengths = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
+    return dims, scale, lengths
 
 
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
@@ -88,28 +106,33 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     q: (B, T, Hq, Dqk), the new tokens' queries; row b's sit at positions cache_seqlens[b] ..
     cache_seqlens[b] + T - 1. k_cache: (B, max_seq_len, H, Dqk), v_cache: (B, max_seq_len, H, Dv);
     k_cmp_cache, v_cmp_cache: (B, mem_kv_len + Nc(max_seq_len), H, D), the memory rows first, then
-    the compressed blocks. cache_seqlens: (B,) ints, the tokens each row holds before this step.
-    k, v: (B, T, H, D), the new tokens' keys and values: written into the caches, and the
-    compressed blocks they complete computed with phi_k, phi_v (as `nsa.compress`; None = mean)
-    into the compressed caches. Without them the caches must already hold the new tokens and
-    their blocks. g_*: (B, T, Hq) gates; config, scale, backend as `native_sparse_attention`.
+    the compressed blocks. cache_seqlens: the tokens each row holds before this step, a list of
+    ints or a (B,) integer tensor (a CUDA tensor's values are trusted, not checked: reading them
+    would wait for the GPU). k, v: (B, T, H, D), the new tokens' keys and values: written into the
+    caches, and the compressed blocks they complete computed with phi_k, phi_v (as
+    `nsa.compress`; None = mean) into the compressed caches. Without them the caches must already
+    hold the new tokens and their blocks. g_*: (B, T, Hq) gates; config (causal), scale, backend
+    as `native_sparse_attention`: "triton" and "auto" on a GPU use the decoding kernels when the
+    step fits them (T x group heads <= 128), with no host synchronisation.
     Returns o: (B, T, Hq, Dv), equal to the last T rows of `native_sparse_attention` over each
-    row's whole sequence. The caches are changed only after every check passed;
-    cache_seqlens is not advanced.
+    row's whole sequence. The caches change only after every check passed; cache_seqlens is not
+    advanced.
     """
-    dims, lengths = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, k, v,
-                                     config, mem_kv_len)
-    T = dims.seq_len_q
-    l, d = config.compress_block_size, config.compress_stride
-    new_lengths = [length + T for length in lengths]
+    dims, scale, lengths = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
+                                            g_slc, g_win, k, v, config, scale, mem_kv_len)
+    decoder = select_decoder(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, config)
+    T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
-        for b, length in enumerate(lengths):
-            k_cache[b, length:length + T] = k[b]
-            v_cache[b, length:length + T] = v[b]
-        compress_new_blocks(k_cache, k_cmp_cache, lengths, new_lengths, phi_k, l, d, mem_kv_len)
-        compress_new_blocks(v_cache, v_cmp_cache, lengths, new_lengths, phi_v, l, d, mem_kv_len)
+        at = (torch.arange(dims.batch, device=q.device)[:, None], lengths[:, None] + torch.arange(T, device=q.device))
+        k_cache[at], v_cache[at] = k, v
+        compress_new_blocks(k_cache, k_cmp_cache, lengths, lengths + T, T, phi_k, l, d, mem_kv_len)
+        compress_new_blocks(v_cache, v_cmp_cache, lengths, lengths + T, T, phi_v, l, d, mem_kv_len)
+    if decoder is not None:                               # -- attend: the decoding kernels --
+        return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win, config, scale,
+                       mem_kv_len)
     o = q.new_empty(dims.batch, T, dims.heads_q, dims.dim_v)
-    for length in sorted(set(new_lengths)):               # -- attend: rows of one length together --
+    new_lengths = (lengths + T).tolist()
+    for length in sorted(set(new_lengths)):               # -- or rows of one length together --
         rows = [b for b, n in enumerate(new_lengths) if n == length]
         at = torch.tensor(rows, device=q.device) if len(rows) < dims.batch else slice(None)
         visible = mem_kv_len + num_compressed_blocks(length, l, d)
@@ -208,15 +231,16 @@ def forward_with_cache(layer, x, cache: KVCache, lengths=None):
     before = list(cache.lengths)
     after = [n + c for n, c in zip(before, counts)]
     # -- append each row's new keys and values (every branch), then compress what they complete --
+    pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]            # the (row, token) pairs kept
+    row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))
+    position = torch.tensor(before, dtype=torch.long, device=x.device)[row] + token
     for branch in cache.keys:
-        for b, (n, c) in enumerate(zip(before, counts)):
-            cache.keys[branch][b, n:n + c] = keys[branch][b, :c]
-            cache.values[branch][b, n:n + c] = values[branch][b, :c]
-    cmp = layer.branch("cmp")
-    compress_new_blocks(cache.keys[cmp], cache.k_cmp, before, after, layer.phi_k, config.compress_block_size,
-                        config.compress_stride, mem)
-    compress_new_blocks(cache.values[cmp], cache.v_cmp, before, after, layer.phi_v, config.compress_block_size,
-                        config.compress_stride, mem)
+        cache.keys[branch][row, position] = keys[branch][row, token]
+        cache.values[branch][row, position] = values[branch][row, token]
+    cmp, l, d = layer.branch("cmp"), config.compress_block_size, config.compress_stride
+    old, new = (torch.tensor(n, dtype=torch.long, device=x.device) for n in (before, after))
+    compress_new_blocks(cache.keys[cmp], cache.k_cmp, old, new, max(counts), layer.phi_k, l, d, mem)
+    compress_new_blocks(cache.values[cmp], cache.v_cmp, old, new, max(counts), layer.phi_v, l, d, mem)
     cache.lengths = after
     # -- attend: rows taking all T tokens together, the others one by one --
     g_cmp, g_slc, g_win = gates

@@ -22,3 +22,19 @@ def test_parse_lengths_and_heads():
 def test_without_cuda_says_so(capsys):
     assert bench.main(["--seq-lens", "1k"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_decode_bench_arguments_bytes_and_without_cuda(capsys):
+    from nsa import NSAConfig, bench_decode
+
+    assert bench_decode._parse_batches("1,16") == [1, 16]
+    with pytest.raises(argparse.ArgumentTypeError, match="--batches"):
+        bench_decode._parse_batches("1,x")
+    # at 64k, 64/4 heads of 128: 4095 compressed rows + 16 blocks of 64 + a window of 512, keys and
+    # values in bf16, plus the scores (16 rows x 4095, float32) written and read
+    assert bench_decode.step_bytes(65536, 1, 64, 4, 128, NSAConfig()) == \
+        4 * ((4095 + 1024 + 512) * 2 * 128 * 2 + 2 * 16 * 4095 * 4)
+    assert bench_decode.dense_bytes(65536, 1, 4, 128) == 65536 * 4 * 2 * 128 * 2
+    if not torch.cuda.is_available():
+        assert bench_decode.main(["--contexts", "8k"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().out

@@ -240,3 +240,75 @@ def test_functional_bad_arguments_leave_the_caches_unchanged():
         with pytest.raises(error, match=words):
             sparse_attention_with_kvcache(**args)
         assert not k_cache.any() and not k_cmp.any() and not v_cache.any() and not v_cmp.any()
+
+
+DECODER_CASES = [  # B, lengths, T, Hq, H, Dqk, Dv, mem, capacity
+    (1, [0], 1, 1, 1, 16, 16, 0, 40),              # group 1, the first token
+    (2, [37, 100], 1, 6, 2, 16, 8, 2, 150),        # group 3 (padded to 4), memory, rows apart, Dqk != Dv
+    (1, [150], 3, 16, 1, 16, 16, 1, 200),          # group 16, 3 new tokens
+    (2, [16, 63], 5, 8, 2, 8, 24, 0, 80),          # group 4, 5 new tokens, lengths at block edges
+]
+
+
+@pytest.mark.parametrize("case", DECODER_CASES, ids=lambda c: f"B{c[0]}-T{c[2]}-Hq{c[3]}-H{c[4]}-mem{c[7]}")
+def test_triton_decoder_equals_the_torch_step_and_ignores_what_lies_past_each_row(case):
+    """The decoding kernels (interpreter, float32) against the reference step in float64; the
+    caches hold NaN past each row's tokens and blocks, which neither may read."""
+    B, lengths, T, Hq, H, Dqk, Dv, mem, capacity = case
+    config = NSAConfig(8, 4, 16, 4, 1, 2, 32)
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    k_cache, v_cache = r(B, capacity, H, Dqk), r(B, capacity, H, Dv)
+    rows = mem + num_compressed_blocks(capacity, 8, 4)
+    k_cmp, v_cmp = (torch.full((B, rows, H, D), float("nan"), dtype=torch.float64) for D in (Dqk, Dv))
+    k_cmp[:, :mem], v_cmp[:, :mem] = r(B, mem, H, Dqk), r(B, mem, H, Dv)
+    for b, n in enumerate(lengths):
+        k_cache[b, n + T:], v_cache[b, n + T:] = float("nan"), float("nan")
+        c = num_compressed_blocks(n + T, 8, 4)
+        k_cmp[b, mem:mem + c] = compress(k_cache[b:b + 1, :n + T], None, 8, 4)[0]
+        v_cmp[b, mem:mem + c] = compress(v_cache[b:b + 1, :n + T], None, 8, 4)[0]
+    q, gates = r(B, T, Hq, Dqk), [torch.rand(B, T, Hq, generator=g, dtype=torch.float64) for _ in range(3)]
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, config)
+    expected = sparse_attention_with_kvcache(*args, mem_kv_len=mem, backend="torch")
+    assert not expected.isnan().any()
+    got = sparse_attention_with_kvcache(*(x.float() if isinstance(x, torch.Tensor) else x for x in args),
+                                        mem_kv_len=mem, backend="triton")
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_triton_decoder_is_used_for_short_steps_only(monkeypatch):
+    from nsa.backends import select_decoder
+    from nsa.checks import check_keys
+    config = NSAConfig(8, 4, 16, 4, 1, 2, 32)
+    cache = torch.zeros(1, 64, 1, 16)
+    for T, Hq, used in ((1, 16, True), (8, 16, True), (9, 16, False), (32, 4, True), (33, 4, False)):
+        q = torch.zeros(1, T, Hq, 16)
+        dims = check_keys(q, cache, cache, "k_cache", "v_cache")
+        assert (select_decoder("triton", (q, cache), dims, config) is not None) == used, (T, Hq)
+        assert select_decoder("auto", (q, cache), dims, config) is None          # auto on a CPU: the reference
+        assert select_decoder("torch", (q, cache), dims, config) is None
+
+
+def test_compress_new_blocks_with_rows_adding_different_counts():
+    """Lengths as tensors, each row adding its own count; NaN past each row's tokens never
+    reaches a block that is not complete."""
+    from nsa.cache import compress_new_blocks
+    torch.manual_seed(8)
+    B, N, H, D, l, d = 3, 60, 2, 8, 8, 4
+    keys = torch.randn(B, N, H, D, dtype=torch.float64)
+    phi = CompressionMLP(D, l).double()
+    k_cmp = torch.full((B, num_compressed_blocks(N, l, d), H, D), float("nan"), dtype=torch.float64)
+    lengths = [0, 0, 0]
+    for counts in ([1, 9, 0], [7, 1, 17], [0, 13, 2], [20, 3, 30], [32, 34, 11]):
+        new = [n + c for n, c in zip(lengths, counts)]
+        visible = keys.clone()
+        for b, n in enumerate(new):
+            visible[b, n:] = float("nan")                       # tokens not yet in the cache
+        with torch.no_grad():
+            compress_new_blocks(visible, k_cmp, torch.tensor(lengths), torch.tensor(new), max(counts), phi, l, d)
+        for b, n in enumerate(new):
+            done = num_compressed_blocks(n, l, d)
+            with torch.no_grad():
+                torch.testing.assert_close(k_cmp[b, :done], compress(keys[b:b + 1, :n], phi, l, d)[0])
+            assert k_cmp[b, done:].isnan().all()                # nothing written past the complete blocks
+        lengths = new

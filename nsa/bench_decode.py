@@ -1,0 +1,174 @@
+"""`python -m nsa.bench_decode`: time one decoding step of NSA beside SDPA's dense decode (GPU).
+
+Hand-written CLI glue (chapter 13 explains the decoding kernels it times). For each context
+length, batch size and head configuration, one new token per row attends over a cache of that
+many tokens (bf16, paper geometry l=32, d=16, l'=64, n=16, w=512; the attention op of a step
+only: the compressed keys are already in the cache, as the step's k=None form), timed with
+`triton.testing.do_bench` (median), eagerly and as the replay of a CUDA graph of the step:
+
+* `nsa_decode`  `nsa.sparse_attention_with_kvcache(..., backend="triton")`: the four decoding
+                kernels, lengths on the GPU;
+* `sdpa_dense`  PyTorch SDPA over the whole cache (GQA, `enable_gqa=True`; the backend PyTorch
+                picks for one query).
+
+Before timing, it checks the step against `backend="torch"` on the same inputs in float64
+(relative error, bf16: <= 1e-2) and the graph's replay against the eager step (equal). It writes
+CSV rows `impl,context,batch,heads_q,heads_kv,head_dim,graph,us,gbps` (gbps: the bytes the step
+must read, counted as in chapter 13, over the time), a JSON of the machine beside it, and prints
+a table with NSA's speed-up over SDPA last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nsa.bench import _parse_heads, _parse_lengths, machine_info
+
+COLUMNS = ["impl", "context", "batch", "heads_q", "heads_kv", "head_dim", "graph", "us", "gbps"]
+
+
+def _parse_batches(text: str) -> list[int]:
+    if not all(item.strip().isdigit() and int(item) > 0 for item in text.split(",")):
+        raise argparse.ArgumentTypeError(f"--batches wants sizes like 1,16, got {text!r}")
+    return [int(item) for item in text.split(",")]
+
+
+def step_bytes(context, batch, heads_q, heads_kv, head_dim, config, itemsize=2) -> int:
+    """Bytes a step must read (keys and values of the compressed rows, the selected blocks and
+    the window, per row and kv head) plus the NSA kernels' own traffic: the stored compressed
+    scores, written and read once (float32, one row per query head, padded to 16)."""
+    from nsa.geometry import num_compressed_blocks
+
+    compressed = num_compressed_blocks(context, config.compress_block_size, config.compress_stride)
+    keys = compressed + min(config.num_selected_blocks * config.select_block_size, context) + \
+        min(config.window_size, context)
+    rows = max(16, heads_q // heads_kv)
+    return batch * heads_kv * (keys * 2 * head_dim * itemsize + 2 * rows * compressed * 4)
+
+
+def dense_bytes(context, batch, heads_kv, head_dim, itemsize=2) -> int:
+    return batch * heads_kv * context * 2 * head_dim * itemsize
+
+
+def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
+    """The inputs of one step: caches holding `context` tokens per row (the new token's included),
+    the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference)."""
+    import torch.nn.functional as F
+
+    from nsa import NSAConfig, compress, sparse_attention_with_kvcache
+
+    config, dtype = NSAConfig(), torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(context + batch)
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
+    k_cache, v_cache = randn(batch, context, heads_kv, head_dim), randn(batch, context, heads_kv, head_dim)
+    k_cmp = compress(k_cache, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
+    v_cmp = compress(v_cache, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
+    q = randn(batch, 1, heads_q, head_dim)
+    gates = [torch.sigmoid(randn(batch, 1, heads_q)) for _ in range(3)]
+    lengths = torch.full((batch,), context - 1, device=device, dtype=torch.int32)   # tokens before the new one
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, config)
+
+    def nsa_step():
+        return sparse_attention_with_kvcache(*args, backend="triton")
+
+    def reference():
+        return sparse_attention_with_kvcache(*(x.double() if x.is_floating_point() else x for x in args[:9]),
+                                             config, backend="torch")
+
+    q_t = q.transpose(1, 2)                                          # (B, Hq, 1, D)
+    k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+
+    def sdpa_step():
+        return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=True)
+
+    return nsa_step, sdpa_step, reference, config
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph: (replay, the graph's output tensor)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()                                                     # warm up: compile, allocate
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nsa.bench_decode", description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=_parse_lengths, default=_parse_lengths("8k,16k,32k,64k,128k,256k"))
+    parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
+    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("book/data/decode_h200.csv"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("python -m nsa.bench_decode needs a CUDA GPU (it times Triton kernels and CUDA graphs).")
+        return 2
+    from triton.testing import do_bench
+
+    info = machine_info(sys.argv[1:] if argv is None else argv)
+    info["command"] = info["command"].replace("nsa.bench", "nsa.bench_decode", 1)
+    print(f"{info['device']}: bf16 matmul {info['matmul_bf16_tflops']} TFLOP/s")
+    rows, checks = [], []
+    for heads_q, heads_kv in args.heads:
+        for batch in args.batches:
+            for context in args.contexts:
+                key = [context, batch, heads_q, heads_kv, args.head_dim]
+                try:
+                    nsa_step, sdpa_step, reference, config = make_step(context, batch, heads_q, heads_kv,
+                                                                       args.head_dim)
+                    with torch.no_grad():
+                        # -- correct first: against the reference, and the graph against eager --
+                        eager = nsa_step()
+                        ref = reference()
+                        err = ((eager.float() - ref).abs().max() / ref.abs().max()).item()
+                        replay, out = graphed(nsa_step)
+                        replay()
+                        torch.cuda.synchronize()
+                        same = torch.equal(out, eager)
+                        checks.append((key, err, same))
+                        if err > 1e-2 or not same:
+                            print(f"FAILED at {key}: relative error {err:.2e}, graph == eager: {same}")
+                            return 1
+                        # -- then fast: eager and graph, beside SDPA --
+                        sdpa_replay, _ = graphed(sdpa_step)
+                        need = step_bytes(context, batch, heads_q, heads_kv, args.head_dim, config)
+                        dense = dense_bytes(context, batch, heads_kv, args.head_dim)
+                        for name, fn, graph, nbytes in (("nsa_decode", nsa_step, 0, need), ("nsa_decode", replay, 1, need),
+                                                        ("sdpa_dense", sdpa_step, 0, dense),
+                                                        ("sdpa_dense", sdpa_replay, 1, dense)):
+                            us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+                            rows.append([name, *key, graph, f"{us:.2f}", f"{nbytes / us / 1e3:.1f}"])
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{key}: out of memory, skipped")
+                torch.cuda.empty_cache()
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("w", newline="") as f:
+                    csv.writer(f).writerows([COLUMNS, *rows])
+    info["checks"] = [{"key": k, "relative_error": e, "graph_equals_eager": s} for k, e, s in checks]
+    args.out.with_name(args.out.stem + "_meta.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {args.out} and {args.out.stem}_meta.json; worst relative error "
+          f"{max(e for _, e, _ in checks):.2e}, every graph replay equal to eager")
+    times = {(r[0], *r[1:6], r[6]): float(r[7]) for r in rows}
+    print(f"{'context':>8}{'batch':>6}{'heads':>7}{'graph':>6}{'nsa us':>9}{'sdpa us':>9}{'speed-up':>9}{'nsa GB/s':>9}")
+    for r in rows:
+        if r[0] == "nsa_decode":
+            sdpa = times.get(("sdpa_dense", *r[1:6], r[6]))
+            print(f"{r[1]:>8}{r[2]:>6}{f'{r[3]}/{r[4]}':>7}{r[6]:>6}{float(r[7]):>9.1f}{sdpa:>9.1f}"
+                  f"{sdpa / float(r[7]):>8.2f}x{r[8]:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
