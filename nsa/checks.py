@@ -219,8 +219,9 @@ def check_block_indices(block_indices, dims, device) -> None:
 
 def check_block_index_range(block_indices, num_blocks: int, seq_len_k: int, block_size: int) -> None:
     """Every index in [-1, num_blocks): reads two numbers back from the device (a host sync), so
-    only where the caller asks for it (`check_indices=True`)."""
-    if block_indices.numel():
+    only where the caller asks for it (`check_indices=True`). Meta tensors hold no values: nothing
+    to check."""
+    if block_indices.numel() and block_indices.device.type != "meta":
         low, high = block_indices.min().item(), block_indices.max().item()
         if low < -1 or high >= num_blocks:
             raise ValueError(f"block_indices must be in [-1, {num_blocks - 1}] (-1 = empty slot; "

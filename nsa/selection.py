@@ -149,7 +149,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv); block_indices: (B, Nq, H, n)
     integer, per kv head, block j covering keys [j*block_size, (j+1)*block_size), -1 = empty slot
     (a block named twice counts once). Causally a query at t = Nk - Nq + i attends only keys <= t. Gathers the
-    selected keys: memory O(Nq * n * block_size), not O(Nq * Nk). Equals
+    selected keys: memory O(Nq * n * min(block_size, Nk)), not O(Nq * Nk). Equals
     `attention(q, k, v, block_selection_mask(block_indices, block_size, Nk, causal))`.
     check_indices: raise ValueError unless every index is in [-1, ceil(Nk / block_size)); this
     reads two numbers back from the device. With False nothing is read back and the caller
@@ -166,13 +166,14 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
                                 dims.seq_len_k, block_size)
     B, Nq, Nk, H = dims.batch, dims.seq_len_q, dims.seq_len_k, dims.heads_kv
 
-    # -- the key positions of every selected block --
-    offsets = torch.arange(block_size, device=q.device)                              # (l',)
+    # -- the key positions of every selected block; a block longer than the keys holds them all --
+    span = min(block_size, Nk)
+    offsets = torch.arange(span, device=q.device)                                    # (span,)
     # A block named twice counts once (as in the dense mask): sort, then empty the repeats.
     blocks = block_indices.long().sort(dim=-1).values                               # (B, Nq, H, n)
     blocks[..., 1:] = blocks[..., 1:].masked_fill(blocks[..., 1:] == blocks[..., :-1], -1)
-    positions = (blocks[..., None] * block_size + offsets).flatten(-2)               # (B, Nq, H, n*l')
-    attended = (blocks[..., None] >= 0).expand(*blocks.shape, block_size).flatten(-2) & (positions < Nk)
+    positions = (blocks[..., None] * block_size + offsets).flatten(-2)               # (B, Nq, H, n*span)
+    attended = (blocks[..., None] >= 0).expand(*blocks.shape, span).flatten(-2) & (positions < Nk)
     if causal:
         attended &= positions <= query_positions(Nq, Nk, q.device)[None, :, None, None]  # t: (1, Nq, 1, 1)
     positions = positions.clamp(0, Nk - 1)
