@@ -18,11 +18,11 @@ if nsa.device.INTERPRET:
 
     _numpy_dot = _interpreter.InterpreterBuilder.create_dot
 
-    def _dot_in_float64(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def _dot_in_float64(self, a, b, d, *precision):
         """`tl.dot` on the interpreter: every element summed alike (bf16 and fp8, stored as raw
         bits, keep numpy's matmul)."""
         if not a.data.dtype.kind == b.data.dtype.kind == d.data.dtype.kind == "f":
-            return _numpy_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+            return _numpy_dot(self, a, b, d, *precision)
         product = np.einsum("...ik,...kj->...ij", a.data.astype(np.float64), b.data.astype(np.float64))
         return _interpreter.TensorHandle(product.astype(d.data.dtype) + d.data, d.dtype.scalar)
 
