@@ -3,12 +3,16 @@ than the sequence, argument checks, no host sync; and a property-based test that
 configurations, lengths, ties and degenerate sizes and compares every backend (torch and flex in
 float32, triton in the interpreter) with the float64 reference."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import nsa  # noqa: F401  (switches on the interpreter without CUDA, before triton is imported)
+import nsa  # first: switches on the interpreter without CUDA, before triton is imported
+import nsa.kernels
 from nsa.compression import compress, compressed_attention
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks, overlap_weights
@@ -221,16 +225,24 @@ def test_meta_tensors_run_on_the_torch_backend():
 # -- 6. no host synchronisation -----------------------------------------------------------------
 
 READ_BACK = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+PACKAGE = (str(Path(nsa.__file__).parent), str(Path(nsa.kernels.__file__).parent))
 
 
 @pytest.fixture
 def reads_back(monkeypatch):
-    """The names of the Tensor methods that read a value back to the host, as they are called."""
+    """The Tensor methods that read a value back to the host, as the package calls them (not
+    PyTorch's own machinery, e.g. FlexAttention's tracing when it recompiles)."""
     calls = []
+
+    def spy(name, method):
+        def read_back(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(PACKAGE):
+                calls.append(name)
+            return method(self, *args, **kwargs)
+        return read_back
+
     for name in READ_BACK:
-        method = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _name=name, _method=method, **k: calls.append(_name) or _method(self, *a, **k))
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
     return calls
 
 
