@@ -45,8 +45,8 @@ def softmax_update(acc, m_i, l_i, s, v):
 @triton.jit
 def softmax_finish(acc, m_i, l_i):
     """The rows' output acc / l and natural-log lse = (m + log2 l) ln 2; a row that saw no key
-    gets o = 0 and lse = -inf."""
-    seen = l_i > 0
+    gets o = 0 and lse = -inf, a row that met a NaN keeps it (NaN in, NaN out)."""
+    seen = l_i != 0
     l_safe = tl.where(seen, l_i, 1.0)
     return acc / l_safe[:, None], tl.where(seen, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
 

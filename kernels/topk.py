@@ -125,7 +125,7 @@ def select_blocks_kernel(
         p_group = tl.sum(tl.reshape(p, (BLOCK_M, GROUP_PAD, BLOCK_C)), axis=1)    # (BLOCK_M, BLOCK_C)
         # -- 3. Eq. 9: a block's own compressed blocks, plus what its left neighbour spills --
         score, carry = eq9_step(p_group, carry, w_home, w_spill, shift, first, last, BLOCK_M, BLOCK_S, PER_SEL)
-        # -- 4. blocks a query may not take: never enter; blocks it must take: +inf --
+        # -- 4. blocks a query may not take, or scored NaN: never enter; blocks it must take: +inf --
         sel = sel_start + offs_s
         if CAUSAL:
             allowed = (sel[None, :] <= own[:, None]) & (sel[None, :] < num_sel)
@@ -134,7 +134,7 @@ def select_blocks_kernel(
         forced = allowed & ((sel[None, :] < NUM_INITIAL)
                             | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
         cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
-        cand = tl.where(allowed, cand, EMPTY - SLOTS)                              # (BLOCK_M, BLOCK_S)
+        cand = tl.where(allowed & (forced | (score == score)), cand, EMPTY - SLOTS)  # (BLOCK_M, BLOCK_S)
         # -- 5. merge into the running top-n --
         top = merge_top(top, cand, EMPTY - SLOTS)
 
@@ -176,8 +176,9 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     q: (B, Nq, Hq, Dqk); k_cmp: (B, mem_kv_len + N_c, H, Dqk) and lse: (B, Nq, Hq) float32 as
     given to and returned by `compressed_attention_triton` for `seq_len_k` keys. Returns
     (B, Nq, H, num_selected_blocks) int32 block indices, ascending, -1 (empty) last; forced
-    blocks always present; ties to the lower block index. The (Nq x ceil(Nk/l')) scores are never
-    stored. No gradient. Limits: those of `compressed_attention_triton`, plus `l, d, l'` powers of
+    blocks always present; exact ties to the lower block index (scores of equal inputs are equal
+    here as in `selection_scores`; a near-tie within float rounding may rank the other way); a NaN
+    score never selected. The (Nq x ceil(Nk/l')) scores are never stored. No gradient. Limits: those of `compressed_attention_triton`, plus `l, d, l'` powers of
     two, 16 <= l' <= 256, l'/d <= 16, l <= l'. A program holds 16 positions x the group's heads
     of q: float32 with head dim > 128 at group 16 does not fit an H100's shared memory
     (ValueError at launch; use float16/bfloat16).

@@ -9,14 +9,15 @@ from nsa.checks import check_qkv, resolve_scale
 def softmax_with_lse(scores: torch.Tensor, visible: torch.Tensor | None):
     """Softmax over the last dim of `scores` where `visible`, and its log-sum-exp.
 
-    Rows with no visible entry get probabilities 0 and lse `-inf` (and zero gradients), not NaN.
+    Rows with no visible entry get probabilities 0 and lse `-inf` (and zero gradients), not NaN,
+    whatever their (hidden) scores hold, NaN included.
     """
     if visible is None:
         lse = torch.logsumexp(scores, dim=-1)
         return torch.exp(scores - lse[..., None]), lse
     any_visible = visible.any(dim=-1, keepdim=True)
-    # A row that sees nothing is computed as if it saw everything, then zeroed: finite throughout.
-    scores = scores.masked_fill(~(visible | ~any_visible), float("-inf"))
+    # A row that sees nothing is computed over scores of 0, then zeroed: finite throughout.
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse) * any_visible
     return probs, lse.squeeze(-1).masked_fill(~any_visible.squeeze(-1), float("-inf"))
@@ -70,3 +71,13 @@ def attention(q, k, v, mask=None, scale=None, return_lse=False):
     visible = None if mask is None else _group_mask(mask, dims)
     o, lse = grouped_attention(q, k, v, visible, scale)
     return (o, lse) if return_lse else o
+
+
+def empty_output(shape, *inputs):
+    """The output of an empty problem (a size in `shape` is 0) in the dtype and on the device of
+    inputs[0] (q): computed from nothing, yet in the autograd graph of every input, whose
+    gradients are then zeros, as with SDPA."""
+    o = inputs[0].new_zeros(shape)
+    for x in inputs:
+        o = o + x.narrow(0, 0, 0).sum().to(o.dtype)   # an empty slice: reads no element
+    return o

@@ -48,7 +48,7 @@ def check_like(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
 def check_keys(q, k, v, k_name: str = "k", v_name: str = "v", rows: str = "seq_len_k") -> Dims:
     """q (B, Nq, Hq, Dqk) against keys k (B, R, H, Dqk) and values v (B, R, H, Dv), or v None:
     layouts, dtypes, devices and the sizes that must agree. Dims with seq_len_k = R (Dv = Dqk
-    when v is None)."""
+    when v is None). B, Nq, R and Dv may be 0 (an empty problem); heads and Dqk may not."""
     check_tensor("q", q, 4, "(batch, seq_len_q, heads_q, dim_qk)")
     check_tensor(k_name, k, 4, f"(batch, {rows}, heads_kv, dim_qk)")
     if v is not None:
@@ -63,6 +63,10 @@ def check_keys(q, k, v, k_name: str = "k", v_name: str = "v", rows: str = "seq_l
         raise ValueError(f"batch sizes differ: q {B}, {k_name} {Bk}")
     if Dk != Dqk:
         raise ValueError(f"q has head dim {Dqk} but {k_name} has {Dk}; they must match")
+    if Hq < 1 or H < 1:
+        raise ValueError(f"q has {Hq} heads and {k_name} {H}; attention needs at least one head of each")
+    if Dqk < 1:
+        raise ValueError(f"q and {k_name} have head dim {Dqk}; a query-key dot product needs dim_qk >= 1")
     if Hq % H != 0:
         raise ValueError(f"q has {Hq} heads, not a multiple of {k_name}'s {H} heads (GQA needs Hq % H == 0)")
     Dv = Dk
@@ -169,8 +173,9 @@ def resolve_seq_len_k(seq_len_k, seq_len_q: int, num_blocks: int, block_size: in
 
 
 def check_seq_len_k(seq_len_k, seq_len_q: int) -> int:
-    """The number of keys: an int >= 1 and >= the number of queries (queries at the end)."""
-    check_int("seq_len_k", seq_len_k, 1)
+    """The number of keys: an int >= the number of queries (queries at the end); 0 only when there
+    are no queries either (an empty problem)."""
+    check_int("seq_len_k", seq_len_k, 0)
     if seq_len_k < seq_len_q:
         raise ValueError(f"seq_len_k must be >= the {seq_len_q} queries (queries are aligned to the "
                          f"end of the keys), got {seq_len_k}")
@@ -214,8 +219,9 @@ def check_block_indices(block_indices, dims, device) -> None:
 
 def check_block_index_range(block_indices, num_blocks: int, seq_len_k: int, block_size: int) -> None:
     """Every index in [-1, num_blocks): reads two numbers back from the device (a host sync), so
-    only where the caller asks for it (`check_indices=True`)."""
-    if block_indices.numel():
+    only where the caller asks for it (`check_indices=True`). Meta tensors hold no values: nothing
+    to check."""
+    if block_indices.numel() and block_indices.device.type != "meta":
         low, high = block_indices.min().item(), block_indices.max().item()
         if low < -1 or high >= num_blocks:
             raise ValueError(f"block_indices must be in [-1, {num_blocks - 1}] (-1 = empty slot; "

@@ -101,13 +101,16 @@ def create_fine_mask(seq_len: int, fine_block_size: int, causal: bool = True, *,
                      seq_len_k: int | None = None, flex_block_size: int = FLEX_BLOCK_SIZE):
     """FlexAttention mask of the selected branch (chapter 3), as a function of the selection.
 
-    Returns `fine_mask(selected_block_indices, num_grouped_queries=1) -> BlockMask`, where
+    Returns `fine_mask(selected_block_indices, num_grouped_queries=1, *, check_indices=True)
+    -> BlockMask`, where
     selected_block_indices: (B, H, seq_len, n) integer (H = kv heads; chapter 3's
     `select_blocks(...)` transposed by `.transpose(1, 2)`), each entry a block index j (keys
     [j*l', (j+1)*l'), l' = fine_block_size) or -1 for an empty slot, and the mask covers
     H * num_grouped_queries query heads (GQA: query head h uses kv head h // G). Queries
     (aligned to the end of seq_len_k keys; None: seq_len) see the keys of their blocks, and
-    causally only keys s <= t. The BlockMask lives on the indices' device.
+    causally only keys s <= t. The BlockMask lives on the indices' device. check_indices: raise
+    ValueError unless every index is in [-1, ceil(seq_len_k / l')), which reads two numbers back
+    from the device (a host sync); False reads nothing (the "flex" backend's own indices).
     """
     check_positive_int("seq_len", seq_len)
     check_positive_int("fine_block_size", fine_block_size)
@@ -116,7 +119,8 @@ def create_fine_mask(seq_len: int, fine_block_size: int, causal: bool = True, *,
     check_positive_int("flex_block_size", flex_block_size)
     num_blocks = num_selection_blocks(seq_len_k, fine_block_size)       # ceil(Nk / l')
 
-    def fine_mask(selected_block_indices: torch.Tensor, num_grouped_queries: int = 1) -> BlockMask:
+    def fine_mask(selected_block_indices: torch.Tensor, num_grouped_queries: int = 1, *,
+                  check_indices: bool = True) -> BlockMask:
         check_tensor("selected_block_indices", selected_block_indices, 4,
                      "(batch, heads_kv, seq_len, num_selected_blocks)")
         if selected_block_indices.is_floating_point() or selected_block_indices.dtype == torch.bool \
@@ -130,12 +134,13 @@ def create_fine_mask(seq_len: int, fine_block_size: int, causal: bool = True, *,
         if n == 0 or B == 0 or H == 0:
             raise ValueError("selected_block_indices must have non-empty batch, heads and slots, "
                              f"got shape {tuple(selected_block_indices.shape)}")
-        low, high = int(selected_block_indices.min()), int(selected_block_indices.max())
-        if low < -1 or high >= num_blocks:
-            raise ValueError(
-                f"selected_block_indices must hold block indices in [0, {num_blocks - 1}] "
-                f"({seq_len_k} keys / fine_block_size {fine_block_size}) or -1 for an empty "
-                f"slot, got values in [{low}, {high}]")
+        if check_bool("check_indices", check_indices):
+            low, high = int(selected_block_indices.min()), int(selected_block_indices.max())
+            if low < -1 or high >= num_blocks:
+                raise ValueError(
+                    f"selected_block_indices must hold block indices in [0, {num_blocks - 1}] "
+                    f"({seq_len_k} keys / fine_block_size {fine_block_size}) or -1 for an empty "
+                    f"slot, got values in [{low}, {high}]")
         check_positive_int("num_grouped_queries", num_grouped_queries)
         selected = selected_block_table(selected_block_indices.transpose(1, 2), num_blocks)  # (B, H, Nq, blocks)
         mask_mod = selected_blocks_mod(selected, fine_block_size, num_grouped_queries)
@@ -176,8 +181,11 @@ def _flex(q, k, v, block_mask: BlockMask, scale: float, return_lse: bool = False
 
 
 def flex_unsupported(tensors, dims, config):
-    """Why FlexAttention cannot take these inputs here (None: it can): its CPU code has no
-    backward, so on the CPU no input may require grad (under autograd)."""
+    """Why FlexAttention cannot take these inputs here (None: it can): it runs on CUDA and the
+    CPU only (not on meta tensors), and its CPU code has no backward, so on the CPU no input may
+    require grad (under autograd)."""
+    if tensors[0].device.type not in ("cuda", "cpu"):
+        return f"FlexAttention runs on CUDA or the CPU, and the inputs are on {tensors[0].device}"
     if tensors[0].device.type == "cpu" and torch.is_grad_enabled() and any(
             x.requires_grad for x in tensors[:5]):
         return ("backward is not supported on CPU (PyTorch's FlexAttention has no CPU backward "
@@ -224,7 +232,7 @@ def flex_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, sc
 
     # -- selected branch --
     fine_mask = create_fine_mask(Nq, config.select_block_size, config.causal, seq_len_k=Nk)(
-        heads_first(block_indices), Hq // H)
+        heads_first(block_indices), Hq // H, check_indices=False)   # select_blocks' own: no host sync
     o_slc = _flex(q_f, k_f, v_f, fine_mask, scale)            # (B, Hq, Nq, Dv)
 
     # -- sliding-window branch --

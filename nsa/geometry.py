@@ -35,3 +35,18 @@ def overlap_weights(seq_len_k: int, compress_block_size: int = 32, compress_stri
     sel_start = torch.arange(num_selection_blocks(seq_len_k, l_sel), device=device)[None] * l_sel   # (1, n_sel)
     shared = torch.minimum(cmp_start + l, sel_start + l_sel) - torch.maximum(cmp_start, sel_start)
     return shared.clamp(min=0).to(dtype) / d                                                        # (Nc, n_sel)
+
+
+def place_weights(compress_block_size: int = 32, compress_stride: int = 16, select_block_size: int = 64,
+                  num_places: int | None = None, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Eq. 9's weights by place: (M, P), W[m, u] = tokens that the compressed block at place u of
+    a selection block (starting u*d keys into it) shares with the m-th selection block after that
+    one, / d. P = l'/d places, or the first `num_places`; M = ceil((l' - d + l) / l') blocks, as
+    many as the compressed block at the last place reaches."""
+    l, d, l_sel = compress_block_size, compress_stride, select_block_size
+    places = l_sel // d if num_places is None else min(num_places, l_sel // d)
+    reach = -(-(l_sel - d + l) // l_sel)
+    start = torch.arange(places, device=device)[None] * d                # (1, P) keys into the home block
+    block = torch.arange(reach, device=device)[:, None] * l_sel          # (M, 1) start of block m
+    shared = torch.minimum(start + l, block + l_sel) - torch.maximum(start, block)
+    return shared.clamp(min=0).to(dtype) / d                            # (M, P)

@@ -81,6 +81,14 @@ class SparseAttention(nn.Module):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
+        weight = self.to_q.weight
+        if x.device != weight.device:
+            raise ValueError(f"{name} is on {x.device} but the layer's parameters are on "
+                             f"{weight.device}; move one to the other (layer.to(device))")
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and not autocast:
+            raise TypeError(f"{name}.dtype is {x.dtype} but the layer's parameters are {weight.dtype}; "
+                            f"convert one to the other (layer.to({x.dtype})) or run under torch.autocast")
 
     def project(self, x_q, x_k, x_v):
         """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",

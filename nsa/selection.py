@@ -7,8 +7,41 @@ from nsa.attention import softmax_with_lse
 from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
                         check_compressed_qkv, check_config, check_mem_kv_len, check_positive_int,
                         check_qkv, check_seq_len_k, check_tensor, resolve_scale, resolve_seq_len_k)
-from nsa.geometry import num_selection_blocks, overlap_weights, query_positions
+from nsa.geometry import num_selection_blocks, place_weights, query_positions
 from nsa.masks import compressed_block_mask
+
+
+def dot_in_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_d a[..., d] * b[..., d] of broadcastable a, b (..., D), D >= 1, one d after the other:
+    every entry is the same multiplications and additions in the same order, so equal vectors
+    give equal results wherever they sit (a matrix product does not promise that). D passes."""
+    out = a[..., 0] * b[..., 0]
+    for i in range(1, a.shape[-1]):
+        out = out + a[..., i] * b[..., i]
+    return out
+
+
+def eq9_by_place(p_cmp: torch.Tensor, seq_len_k: int, compress_block_size: int = 32,
+                 compress_stride: int = 16, select_block_size: int = 64) -> torch.Tensor:
+    """Eq. 9 by place: probabilities (..., N_c) of the compressed blocks -> scores
+    (..., ceil(seq_len_k / l')), score[j] = sum_m sum_u W[m, u] p[(j - m) * l'/d + u] with
+    W = place_weights(l, d, l'), added in that order (m, then u) for every block: equal
+    probabilities place by place give equal scores. Equals p_cmp @ overlap_weights(...) up to
+    rounding. Visits min(l'/d, N_c) places, whatever l'."""
+    l, d, l_sel = compress_block_size, compress_stride, select_block_size
+    num_cmp, num_sel = p_cmp.shape[-1], num_selection_blocks(seq_len_k, l_sel)
+    weights = place_weights(l, d, l_sel, num_cmp, dtype=p_cmp.dtype, device=p_cmp.device)  # (M, P)
+    # compressed block at place u of selection block j, and whether it exists: (n_sel, P)
+    cmp = torch.arange(num_sel, device=p_cmp.device)[:, None] * (l_sel // d) + \
+        torch.arange(weights.shape[1], device=p_cmp.device)
+    by_place = p_cmp[..., cmp.clamp(max=max(num_cmp - 1, 0))].masked_fill(cmp >= num_cmp, 0.0)  # (..., n_sel, P)
+    score = p_cmp.new_zeros(*p_cmp.shape[:-1], num_sel)
+    for m in range(min(weights.shape[0], num_sel)):        # the m-th block after the home block
+        part = p_cmp.new_zeros(*p_cmp.shape[:-1], num_sel)
+        for u in range(weights.shape[1]):                   # place by place, in order
+            part = part + weights[m, u] * by_place[..., u]
+        score[..., m:] = score[..., m:] + part[..., :num_sel - m]
+    return score                                            # (..., n_sel)
 
 
 def selection_candidate_mask(seq_len_q: int, seq_len_k: int, select_block_size: int = 64, *,
@@ -27,8 +60,12 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
     returned by `compressed_attention` for `seq_len_k` keys. p_cmp = exp(q.k_cmp*scale - lse) over
     the compressed blocks each query sees (memory rows get no score); block j's score is
     sum_i overlap(i, j) / d * p_cmp[i] summed over the group's query heads.
+    Every block's score is the same operations in the same order (`dot_in_order`, the group's
+    heads one by one, `eq9_by_place`): blocks whose inputs are equal place by place get equal
+    scores, which the selection's tie rule then orders.
     Returns (B, Nq, H, ceil(seq_len_k / l')) float32 (float64 for float64 q), -inf for the blocks a
-    query may not select. Computed without gradient: selection is not differentiable.
+    query may not select; NaN where an input was NaN. Computed without gradient: selection is not
+    differentiable.
     """
     dims = check_compressed_qkv(q, k_cmp)
     check_tensor("lse", lse, 3, "(batch, seq_len_q, heads_q)")
@@ -47,17 +84,19 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         # -- p_cmp over the real compressed blocks, rebuilt from lse (Eq. 8) --
-        q_grouped = rearrange(q.to(compute), "b i (h g) d -> b i h g d", g=dims.group_size)
-        s = einsum(q_grouped, k_cmp[:, mem_kv_len:].to(compute), "b i h g d, b c h d -> b i h g c") * scale
+        q_grouped = rearrange(q.to(compute), "b i (h g) d -> b i h g 1 d", g=dims.group_size)
+        k_blocks = rearrange(k_cmp[:, mem_kv_len:].to(compute), "b c h d -> b 1 h 1 c d")
+        s = dot_in_order(q_grouped, k_blocks) * scale                            # (B, Nq, H, G, Nc)
         visible = compressed_block_mask(dims.seq_len_q, seq_len_k, l, d, causal=config.causal,
                                         device=q.device)                          # (Nq, Nc)
         lse_grouped = rearrange(lse.to(compute), "b i (h g) -> b i h g 1", g=dims.group_size)
         lse_grouped = lse_grouped.masked_fill(lse_grouped == float("-inf"), 0.0)  # sees nothing: p = 0
         p_cmp = torch.exp(s.masked_fill(~visible[:, None, None, :], float("-inf")) - lse_grouped)
-        # -- share across the GQA group (Eq. 10), then overlap weights (Eq. 9, corrected) --
-        p_group = p_cmp.sum(dim=3)                                                # (B, Nq, H, Nc)
-        weights = overlap_weights(seq_len_k, l, d, l_sel, dtype=compute, device=q.device)  # (Nc, n_sel)
-        scores = p_group @ weights                                                # (B, Nq, H, n_sel)
+        # -- share across the GQA group (Eq. 10), one head at a time; Eq. 9 (corrected) by place --
+        p_group = p_cmp[:, :, :, 0]
+        for g in range(1, dims.group_size):
+            p_group = p_group + p_cmp[:, :, :, g]                                 # (B, Nq, H, Nc)
+        scores = eq9_by_place(p_group, seq_len_k, l, d, l_sel)                    # (B, Nq, H, n_sel)
         candidate = selection_candidate_mask(dims.seq_len_q, seq_len_k, l_sel, causal=config.causal,
                                              device=q.device)                     # (Nq, n_sel)
         return scores.masked_fill(~candidate[:, None, :], float("-inf"))
@@ -110,7 +149,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv); block_indices: (B, Nq, H, n)
     integer, per kv head, block j covering keys [j*block_size, (j+1)*block_size), -1 = empty slot
     (a block named twice counts once). Causally a query at t = Nk - Nq + i attends only keys <= t. Gathers the
-    selected keys: memory O(Nq * n * block_size), not O(Nq * Nk). Equals
+    selected keys: memory O(Nq * n * min(block_size, Nk)), not O(Nq * Nk). Equals
     `attention(q, k, v, block_selection_mask(block_indices, block_size, Nk, causal))`.
     check_indices: raise ValueError unless every index is in [-1, ceil(Nk / block_size)); this
     reads two numbers back from the device. With False nothing is read back and the caller
@@ -127,13 +166,14 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
                                 dims.seq_len_k, block_size)
     B, Nq, Nk, H = dims.batch, dims.seq_len_q, dims.seq_len_k, dims.heads_kv
 
-    # -- the key positions of every selected block --
-    offsets = torch.arange(block_size, device=q.device)                              # (l',)
+    # -- the key positions of every selected block; a block longer than the keys holds them all --
+    span = min(block_size, Nk)
+    offsets = torch.arange(span, device=q.device)                                    # (span,)
     # A block named twice counts once (as in the dense mask): sort, then empty the repeats.
     blocks = block_indices.long().sort(dim=-1).values                               # (B, Nq, H, n)
     blocks[..., 1:] = blocks[..., 1:].masked_fill(blocks[..., 1:] == blocks[..., :-1], -1)
-    positions = (blocks[..., None] * block_size + offsets).flatten(-2)               # (B, Nq, H, n*l')
-    attended = (blocks[..., None] >= 0).expand(*blocks.shape, block_size).flatten(-2) & (positions < Nk)
+    positions = (blocks[..., None] * block_size + offsets).flatten(-2)               # (B, Nq, H, n*span)
+    attended = (blocks[..., None] >= 0).expand(*blocks.shape, span).flatten(-2) & (positions < Nk)
     if causal:
         attended &= positions <= query_positions(Nq, Nk, q.device)[None, :, None, None]  # t: (1, Nq, 1, 1)
     positions = positions.clamp(0, Nk - 1)

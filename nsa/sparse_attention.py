@@ -4,16 +4,15 @@ import torch
 from einops import einsum, rearrange
 from torch.nn.attention.flex_attention import and_masks
 
-from nsa.attention import attention, softmax_with_lse
+from nsa.attention import attention, empty_output, softmax_with_lse
 from nsa.backends import check_backend, register_backend, select_backend
 from nsa.checks import check_key_padding_mask, check_sparse_inputs
 from nsa.compression import compressed_attention
 from nsa.config import NSAConfig
-from nsa.geometry import overlap_weights
 from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, padding_mod,
                        sliding_window_mod)
-from nsa.selection import (select_blocks, selected_attention, selection_candidate_mask,
-                           selection_scores)
+from nsa.selection import (dot_in_order, eq9_by_place, select_blocks, selected_attention,
+                           selection_candidate_mask, selection_scores)
 from nsa.window import sliding_window_attention
 
 
@@ -60,11 +59,19 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     on CUDA when installed and it supports the inputs, else "torch"). A backend named explicitly
     that cannot take the inputs raises ValueError (ImportError when it is not installed).
     Returns o: (B, Nq, Hq, Dv) in q's dtype.
+
+    The same on every backend, at the edges: an empty problem (B, Nq or Dv is 0) gives an empty
+    output and launches nothing; zero heads or Dqk = 0 raise ValueError. No value is checked (no
+    host sync): a NaN or inf in the inputs gives NaN in the outputs that read it. Exact ties
+    between selection scores go to the lower block index. Sizes larger than the sequence (w, l',
+    l) cost what the sequence costs.
     """
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)
     tensors = (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
     implementation = select_backend(check_backend(backend), tensors, dims, config)
+    if dims.batch * dims.seq_len_q * dims.dim_v == 0:              # nothing to compute
+        return empty_output((dims.batch, dims.seq_len_q, dims.heads_q, dims.dim_v), *tensors)
     return implementation.forward(*tensors, config, scale, mem_kv_len)
 
 
@@ -77,6 +84,9 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     """
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)
+    if dims.batch * dims.seq_len_q * dims.dim_v == 0:              # nothing to compute
+        return empty_output((dims.batch, dims.seq_len_q, dims.heads_q, dims.dim_v),
+                            q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
     B, Nq, Nk, G = dims.batch, dims.seq_len_q, dims.seq_len_k, dims.group_size
     l, d, l_sel, causal = config.compress_block_size, config.compress_stride, config.select_block_size, config.causal
     device = q.device
@@ -96,9 +106,16 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     o_cmp = rearrange(einsum(p_cmp, v_cmp.to(compute), "b h g i j, b j h d -> b i h g d"),
                       "b i h g d -> b i (h g) d").to(q.dtype)                      # (B, Nq, Hq, Dv)
 
-    # -- selection: Eq. 9 as one matrix product, summed over the group; non-candidates -inf --
-    weights = overlap_weights(Nk, l, d, l_sel, dtype=compute, device=device)     # (N_c, n_blocks)
-    scores = einsum(p_cmp[..., mem_kv_len:], weights, "b h g i c, c j -> b i h j")  # (B, Nq, H, n_blocks)
+    # -- selection, without gradient: p_cmp again with every entry by the same operations
+    #    (chapter 3's dot_in_order), the group's sum head by head, Eq. 9 by place; non-candidates -inf --
+    with torch.no_grad():
+        k_rows = rearrange(k_cmp.to(compute), "b j h d -> b h 1 1 j d")
+        s_in_order = dot_in_order(q_grouped[..., None, :], k_rows) * scale          # (B, H, G, Nq, M)
+        p_in_order, _ = softmax_with_lse(s_in_order, cmp_visible[:, None, None])
+        p_group = p_in_order[:, :, 0, :, mem_kv_len:]
+        for g in range(1, G):
+            p_group = p_group + p_in_order[:, :, g, :, mem_kv_len:]                # (B, H, Nq, N_c)
+        scores = rearrange(eq9_by_place(p_group, Nk, l, d, l_sel), "b h i j -> b i h j")  # (B, Nq, H, n_blocks)
     candidate = selection_candidate_mask(Nq, Nk, l_sel, causal=causal, device=device)
     block_indices = select_blocks(scores.masked_fill(~candidate[:, None], float("-inf")), Nk, config)
     slc_visible = block_selection_mask(block_indices, l_sel, Nk, causal=causal)    # (B, H, Nq, Nk)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from nsa.attention import softmax_with_lse
+from nsa.attention import empty_output, softmax_with_lse
 from nsa.checks import check_bool, check_positive_int, check_qkv, resolve_scale
 from nsa.masks import sliding_window_mod
 
@@ -17,13 +17,15 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
     Causal: query t sees keys t - w < s <= t. Non-causal: t - w < s < t + w.
     Memory O(Nq * w): scores are computed for chunks of C = min(w, Nq) queries against the span of
     C + w - 1 keys they need (C + 2w - 2 non-causal), never for all Nq x Nk pairs.
-    Returns o: (B, Nq, Hq, Dv) in q's dtype.
+    Returns o: (B, Nq, Hq, Dv) in q's dtype (empty when Nq = 0).
     """
     dims = check_qkv(q, k, v)
     check_positive_int("window_size", window_size)
     scale = resolve_scale(scale, dims.dim_qk)
     check_bool("causal", causal)
     B, Nq, Nk, G = dims.batch, dims.seq_len_q, dims.seq_len_k, dims.group_size
+    if Nq == 0:                                     # no query, no chunk
+        return empty_output((B, 0, dims.heads_q, dims.dim_v), q, k, v)
     w = min(window_size, Nk)                       # a longer window sees the same keys
     chunk = min(w, Nq)                              # C queries per tile
     num_chunks = -(-Nq // chunk)
