@@ -161,12 +161,12 @@ def decode_select_kernel(
                         * w_spill[None, None, :], 2)
         # -- 2. summed over the group: one score per token and block --
         score = tl.sum(tl.reshape(score, (TOKENS_PAD, GROUP_PAD, BLOCK_S)), axis=1)
-        # -- 3. blocks a token may not take never enter; forced ones enter at +inf --
+        # -- 3. blocks a token may not take, or scored NaN, never enter; forced ones enter at +inf --
         allowed = sel[None, :] <= own[:, None]
         forced = allowed & ((sel[None, :] < NUM_INITIAL)
                             | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
         cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
-        cand = tl.where(allowed, cand, EMPTY - SLOTS)
+        cand = tl.where(allowed & (forced | (score == score)), cand, EMPTY - SLOTS)
         # -- 4. merge into the running top-n --
         top = merge_top(top, cand, EMPTY - SLOTS)
     # -- the chosen blocks, ascending, empty slots (-1) last --
