@@ -264,3 +264,24 @@ def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected (batch, seq_len_k) = "
                          f"{(batch, seq_len_k)}")
     return mask
+
+
+def check_cu_seqlens(cu_seqlens, total: int | None, device, name: str = "cu_seqlens") -> list[int]:
+    """flash-attn's cumulative sequence lengths: an int32 tensor (num_seqs + 1,) on `device`, 0
+    first, non-decreasing, `total` last (unless total is None). Read to the host once; returns the
+    offsets as ints."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor of cumulative lengths (num_seqs + 1,), got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"{name} is on {cu_seqlens.device} but the packed tensors on {device}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {offsets[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must be non-decreasing (cumulative lengths), got {offsets}")
+    if total is not None and offsets[-1] != total:
+        raise ValueError(f"{name} ends at {offsets[-1]} but the packed tensors hold {total} tokens")
+    return offsets

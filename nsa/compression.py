@@ -8,6 +8,7 @@ from nsa.checks import (check_compress_geometry, check_compressed_args, check_po
                         check_tensor)
 from nsa.geometry import num_compressed_blocks
 from nsa.masks import compressed_block_mask
+from nsa.varlen import sequence_bounds
 
 
 def _blocks(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
@@ -18,13 +19,16 @@ def _blocks(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
     return x.unfold(1, block_size, stride).transpose(-1, -2)       # (B, Nc, H, D, l) -> (B, Nc, H, l, D)
 
 
-def compress(x, phi=None, block_size=32, stride=16):
+def compress(x, phi=None, block_size=32, stride=16, *, cu_seqlens=None):
     """Compress keys or values block by block (the paper's Eq. 7).
 
     x: (B, N, H, D). Block i covers positions [i*stride, i*stride + block_size); the
     N_c = (N - block_size) // stride + 1 complete blocks (0 when N < block_size) are each mapped
     to one vector by `phi`: a callable taking (B, N_c, H, block_size, D) to (B, N_c, H, D_out),
     such as `CompressionMLP`; None means mean pooling. Returns (B, N_c, H, D_out).
+    cu_seqlens: x holds packed sequences (1, total, H, D) (chapter 5); each is compressed on its
+    own (no block crosses a boundary) and the blocks packed alike, (1, sum of N_c, H, D_out), as
+    `nsa.varlen.compressed_cu_seqlens(cu_seqlens, block_size, stride)` says.
     """
     check_tensor("x", x, 4, "(batch, seq_len, heads, head_dim)")
     if not x.is_floating_point():
@@ -33,7 +37,14 @@ def compress(x, phi=None, block_size=32, stride=16):
     if phi is not None and not callable(phi):
         raise TypeError(f"phi must be None (mean pooling) or a callable such as CompressionMLP, "
                         f"got {type(phi).__name__}")
-    blocks = _blocks(x, block_size, stride)                        # (B, Nc, H, l, D)
+    if cu_seqlens is None:
+        blocks = _blocks(x, block_size, stride)                    # (B, Nc, H, l, D)
+    else:                                                          # each sequence's blocks, gathered
+        starts = [s + i * stride for s, e in sequence_bounds(cu_seqlens, x, "x")
+                  for i in range(num_compressed_blocks(e - s, block_size, stride))]
+        index = torch.tensor(starts, dtype=torch.long, device=x.device)[:, None] + \
+            torch.arange(block_size, device=x.device)              # (sum Nc, l)
+        blocks = x[0, index].transpose(1, 2)[None]                 # (1, sum Nc, H, l, D)
     if phi is None:
         return blocks.mean(dim=3)                                  # (B, Nc, H, D)
     out = phi(blocks)                                              # (B, Nc, H, D_out)

@@ -5,15 +5,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from nsa.attention import attention
 from nsa.backends import check_backend
 from nsa.cache import KVCache, forward_with_cache
 from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_positive_int,
                         check_tensor, resolve_scale)
 from nsa.compression import CompressionMLP, compress
 from nsa.config import NSAConfig
-from nsa.masks import sliding_window_mask
-from nsa.sparse_attention import dense_sparse_attention, native_sparse_attention
+from nsa.sparse_attention import native_sparse_attention
+from nsa.varlen import pack, sequence_bounds, unpack
 from nsa.window import sliding_window_attention
 
 
@@ -109,6 +108,20 @@ class SparseAttention(nn.Module):
             return None, None
         return (self.mem_k.expand(batch, -1, -1, -1).to(dtype), self.mem_v.expand(batch, -1, -1, -1).to(dtype))
 
+    def compressed(self, keys, values, cu_seqlens=None):
+        """The compressed keys and values of the branch "cmp" (by the layer's phi), the memory rows
+        first: (B, mem + N_c, H, D); with cu_seqlens, of each packed sequence, packed alike."""
+        k, v = keys[self.branch("cmp")], values[self.branch("cmp")]
+        l, d = self.config.compress_block_size, self.config.compress_stride
+        bounds = [(0, k.shape[1])] if cu_seqlens is None else sequence_bounds(cu_seqlens, k, "k")
+        k_parts, v_parts = [], []
+        for start, end in bounds:
+            k_cmp, v_cmp = compress(k[:, start:end], self.phi_k, l, d), compress(v[:, start:end], self.phi_v, l, d)
+            mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
+            k_parts += [mem_k, k_cmp] if mem_k is not None else [k_cmp]
+            v_parts += [mem_v, v_cmp] if mem_v is not None else [v_cmp]
+        return torch.cat(k_parts, dim=1), torch.cat(v_parts, dim=1)
+
     def output(self, o, o_win, g_win):
         """(B, Nq, dim) from the fused op's o (B, Nq, Hq, Dv), plus with kv_per_branch the window
         branch's o_win on its own keys, gated by g_win."""
@@ -121,10 +134,14 @@ class SparseAttention(nn.Module):
         (device and dtype default to the layer's parameters'); pass it as `forward(x, cache=...)`."""
         return KVCache.for_layer(self, batch_size, max_seq_len, device=device, dtype=dtype)
 
-    def forward(self, q, k=None, v=None, mask=None, *, cache=None, lengths=None):
+    def forward(self, q, k=None, v=None, mask=None, *, cache=None, lengths=None, cu_seqlens=None):
         """q: (B, Nq, dim); k, v: (B, Nk, dim), default k = q, v = k; Nq <= Nk (queries at the end).
 
-        mask: (B, Nk) bool key padding mask, True = keep (default: the constructor's). -> (B, Nq, dim)
+        mask: (B, Nk) bool key padding mask, True = a token (default: the constructor's): each
+        row's tokens are run as packed sequences, giving the layer's outputs on that row alone;
+        padded queries get 0. -> (B, Nq, dim)
+        cu_seqlens: packed sequences (Chapter 5), q (1, total, dim) of self-attention (k = v = mask
+        = None), int32 cumulative lengths (num_seqs + 1,): each sequence is its own problem.
         cache: an `nsa.KVCache` from `new_cache` (Chapter 13): q holds the next T tokens of
         self-attention (k = v = mask = None); they are appended to the cache and their outputs
         returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
@@ -132,8 +149,9 @@ class SparseAttention(nn.Module):
         padding's outputs are 0); None = all T.
         """
         if cache is not None:
-            if k is not None or v is not None or mask is not None:
-                raise ValueError("with a cache, q holds the new tokens of self-attention: pass k = v = mask = None")
+            if k is not None or v is not None or mask is not None or cu_seqlens is not None:
+                raise ValueError("with a cache, q holds the new tokens of self-attention: pass k = v = mask = "
+                                 "cu_seqlens = None")
             if self.mask is not None:
                 raise ValueError("the layer has a key padding mask (self.mask); with a cache, say how many "
                                  "tokens each row appends with lengths=... and set layer.mask = None")
@@ -141,6 +159,12 @@ class SparseAttention(nn.Module):
             return forward_with_cache(self, q, cache, lengths)
         if lengths is not None:
             raise ValueError("lengths is for decoding with a cache; pass cache=... or lengths=None")
+        if cu_seqlens is not None:
+            if k is not None or v is not None or mask is not None:
+                raise ValueError("with cu_seqlens, q holds packed sequences of self-attention: pass k = v = mask = None")
+            self._check_input("q", q)
+            sequence_bounds(cu_seqlens, q, "q")
+            return self.attend(q, q, q, cu_seqlens, cu_seqlens)
         k = q if k is None else k
         v = k if v is None else v
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -152,36 +176,29 @@ class SparseAttention(nn.Module):
         if Nq > Nk:
             raise ValueError(f"q has {Nq} positions but k only {Nk}; queries sit at the end of the keys")
         mask = self.mask if mask is None else mask
-        if mask is not None:
-            check_key_padding_mask(mask, B, Nk, "mask")
-            if self.backend not in ("auto", "torch"):
-                raise ValueError(f"backend={self.backend!r} does not take a key padding mask; use "
-                                 "backend='torch' or 'auto' with mask, or pass mask=None")
+        if mask is None:
+            return self.attend(q, k, v)
+        check_key_padding_mask(mask, B, Nk, "mask")
+        # -- a padded batch: each row's tokens as one packed sequence; the queries are its last --
+        keep_q = mask[:, Nk - Nq:]
+        q_packed, cu_q = pack(q, keep_q)
+        (k_packed, cu_k), (v_packed, _) = pack(k, mask), pack(v, mask)
+        return unpack(self.attend(q_packed, k_packed, v_packed, cu_q, cu_k), keep_q)
+
+    def attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
+        """The layer on checked inputs: project, compress, NSA, the window of kv_per_branch, out."""
         config = self.config
         queries, keys, values, (g_cmp, g_slc, g_win) = self.project(q, k, v)
-        k_cmp = compress(keys[self.branch("cmp")], self.phi_k, config.compress_block_size, config.compress_stride)
-        v_cmp = compress(values[self.branch("cmp")], self.phi_v, config.compress_block_size, config.compress_stride)
-        mem_k, mem_v = self.memory(B, k_cmp.dtype)
-        if mem_k is not None:                                                              # memory rows first
-            k_cmp, v_cmp = torch.cat([mem_k, k_cmp], dim=1), torch.cat([mem_v, v_cmp], dim=1)
+        k_cmp, v_cmp = self.compressed(keys, values, cu_seqlens_k)
         g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
-
-        args = (queries, keys[self.branch("slc")], values[self.branch("slc")], k_cmp, v_cmp, g_cmp, g_slc,
-                g_win_fused)
-        if mask is None:
-            o = native_sparse_attention(*args, config, self.scale, self.backend, mem_kv_len=self.num_mem_kv)
-        else:
-            o = dense_sparse_attention(*args, config, self.scale, mem_kv_len=self.num_mem_kv,
-                                       key_padding_mask=mask)
+        packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k) if cu_seqlens_k is not None else {}
+        o = native_sparse_attention(queries, keys[self.branch("slc")], values[self.branch("slc")], k_cmp, v_cmp,
+                                    g_cmp, g_slc, g_win_fused, config, self.scale, self.backend,
+                                    mem_kv_len=self.num_mem_kv, **packed)
         o_win = None
         if self.kv_per_branch:                                  # the window on its own keys and values
-            k_win, v_win = keys["win"], values["win"]
-            if mask is None:
-                o_win = sliding_window_attention(queries, k_win, v_win, config.window_size, self.scale,
-                                                 causal=config.causal)
-            else:
-                visible = sliding_window_mask(Nq, Nk, config.window_size, q.device, causal=config.causal)
-                o_win = attention(queries, k_win, v_win, visible & mask[:, None, None, :], self.scale)
+            o_win = sliding_window_attention(queries, keys["win"], values["win"], config.window_size, self.scale,
+                                             causal=config.causal, **packed)
         return self.output(o, o_win, g_win)                                                # (B, Nq, dim)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, 
                        sliding_window_mod)
 from nsa.selection import (dot_in_order, eq9_by_place, select_blocks, selected_attention,
                            selection_candidate_mask, selection_scores)
+from nsa.varlen import compressed_cu_seqlens, packed_pairs, sequence_bounds
 from nsa.window import sliding_window_attention
 
 
@@ -44,7 +45,8 @@ register_backend("torch", torch_sparse_attention)
 
 
 def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NSAConfig(),
-                            scale=None, backend="auto", *, mem_kv_len=0):
+                            scale=None, backend="auto", *, mem_kv_len=0, cu_seqlens=None,
+                            cu_seqlens_q=None, cu_seqlens_k=None):
     """Native Sparse Attention: o = g_cmp o_cmp + g_slc o_slc + g_win o_win (the paper's Eq. 5).
 
     q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv): keys and values of the selected and
@@ -60,12 +62,22 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     that cannot take the inputs raises ValueError (ImportError when it is not installed).
     Returns o: (B, Nq, Hq, Dv) in q's dtype.
 
+    Packed sequences (flash-attn's varlen convention, "Packed sequences" below): cu_seqlens, int32
+    (num_seqs + 1,), 0 first and total last; q, k, v, gates packed as (1, total, heads, dim),
+    k_cmp, v_cmp as `nsa.varlen.compressed_cu_seqlens(cu_seqlens, l, d, mem_kv_len)` says (each
+    sequence's memory rows, then its blocks). Every sequence is its own problem. cu_seqlens_q and
+    cu_seqlens_k instead when a sequence has fewer queries than keys (its last ones).
+
     The same on every backend, at the edges: an empty problem (B, Nq or Dv is 0) gives an empty
     output and launches nothing; zero heads or Dqk = 0 raise ValueError. No value is checked (no
     host sync): a NaN or inf in the inputs gives NaN in the outputs that read it. Exact ties
     between selection scores go to the lower block index. Sizes larger than the sequence (w, l',
     l) cost what the sequence costs.
     """
+    pairs = packed_pairs(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k)
+    if pairs is not None:                                          # packed: one problem per sequence
+        return packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend,
+                                       mem_kv_len, pairs, cu_seqlens if cu_seqlens is not None else cu_seqlens_k)
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)
     tensors = (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
@@ -125,3 +137,20 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     window = and_masks(sliding_window_mod(config.window_size, causal, Nk - Nq), padding_mod(keep))
     o_win = attention(q, k, v, dense_mask(window, Nq, Nk, batch=B, heads=1, device=device), scale)
     return combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+
+
+def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend, mem_kv_len,
+                            pairs, cu_seqlens_k):
+    """`native_sparse_attention` of packed sequences: `pairs` from `packed_pairs`; the compressed
+    keys packed as `compressed_cu_seqlens(cu_seqlens_k, l, d, mem_kv_len)` says."""
+    cu_cmp = compressed_cu_seqlens(cu_seqlens_k, config.compress_block_size, config.compress_stride, mem_kv_len)
+    rows = sequence_bounds(cu_cmp, k_cmp, "k_cmp", "the compressed cu_seqlens")
+    sequences = []
+    for ((q0, q1), (k0, k1)), (c0, c1) in zip(pairs, rows):      # -- every problem checked first --
+        problem = (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], k_cmp[:, c0:c1], v_cmp[:, c0:c1], g_cmp[:, q0:q1],
+                   g_slc[:, q0:q1], g_win[:, q0:q1])
+        check_sparse_inputs(*problem, config, scale, mem_kv_len)
+        sequences.append(problem)
+    outputs = [native_sparse_attention(*problem, config, scale, backend, mem_kv_len=mem_kv_len)
+               for problem in sequences]                          # -- then each sequence alone --
+    return torch.cat(outputs, dim=1)                              # (1, total_q, Hq, Dv)

@@ -7,9 +7,11 @@ from einops import einsum, rearrange
 from nsa.attention import empty_output, softmax_with_lse
 from nsa.checks import check_bool, check_positive_int, check_qkv, resolve_scale
 from nsa.masks import sliding_window_mod
+from nsa.varlen import packed_pairs
 
 
-def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=True):
+def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=True, cu_seqlens=None,
+                             cu_seqlens_q=None, cu_seqlens_k=None):
     """Attention of each query to the keys of its window, computed in tiles along the band.
 
     q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv); queries aligned to the end of the
@@ -18,7 +20,13 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
     Memory O(Nq * w): scores are computed for chunks of C = min(w, Nq) queries against the span of
     C + w - 1 keys they need (C + 2w - 2 non-causal), never for all Nq x Nk pairs.
     Returns o: (B, Nq, Hq, Dv) in q's dtype (empty when Nq = 0).
+    cu_seqlens (or cu_seqlens_q and cu_seqlens_k): packed sequences (1, total, heads, dim), each
+    its own problem (chapter 5).
     """
+    pairs = packed_pairs(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k)
+    if pairs is not None:
+        return torch.cat([sliding_window_attention(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], window_size, scale,
+                                                   causal=causal) for (q0, q1), (k0, k1) in pairs], dim=1)
     dims = check_qkv(q, k, v)
     check_positive_int("window_size", window_size)
     scale = resolve_scale(scale, dims.dim_qk)

@@ -177,7 +177,7 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("batch", lambda layer, cache: layer(torch.randn(3, 1, 32), cache=cache), ValueError, "batch 3"),
     ("empty", lambda layer, cache: layer(torch.randn(2, 0, 32), cache=cache), ValueError, "T >= 1"),
     ("dim", lambda layer, cache: layer(torch.randn(2, 1, 31), cache=cache), ValueError, "dim = 32"),
-    ("k", lambda layer, cache: layer(torch.randn(2, 1, 32), torch.randn(2, 1, 32), cache=cache), ValueError, "k = v = mask = None"),
+    ("k", lambda layer, cache: layer(torch.randn(2, 1, 32), torch.randn(2, 1, 32), cache=cache), ValueError, "k = v = mask = "),
     ("lengths-long", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[3, 1]), ValueError, "lengths[0]"),
     ("lengths-count", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1]), ValueError, "one count per batch row"),
     ("lengths-neg", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1, -1]), ValueError, "lengths[1]"),

@@ -1,0 +1,187 @@
+"""Chapter 5, packed sequences: cu_seqlens through compress, the window, native_sparse_attention
+and SparseAttention, and a key padding mask run as packed sequences.
+
+Packed must equal each sequence alone (outputs and gradients), on the torch backend in float64
+and on the Triton kernels under the interpreter in float32."""
+
+import itertools
+
+import pytest
+import torch
+
+from nsa import NSAConfig, SparseAttention, compress, native_sparse_attention, sliding_window_attention
+from nsa.compression import CompressionMLP
+from nsa.varlen import compressed_cu_seqlens, pack, unpack
+
+CONFIG = NSAConfig(8, 4, 16, 3, 1, 1, 24)          # l = 8, d = 4, l' = 16, n = 3, w = 24
+
+
+def cumulative(lengths, device="cpu"):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def bounds(cu):
+    return list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+
+
+def packed_problem(lengths, Hq, H, Dqk, Dv, mem, dtype, seed=0, query_lengths=None):
+    """Packed q, k, v, compressed k/v (each sequence's memory rows, then its mean-pooled blocks),
+    gates; query_lengths: each sequence's last queries only (a chunk of a prefill)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+    cu_k = cumulative(lengths)
+    total = int(cu_k[-1])
+    k, v = r(1, total, H, Dqk), r(1, total, H, Dv)
+    k_cmp = torch.cat([torch.cat([r(1, mem, H, Dqk), compress(k[:, s:e], None, 8, 4)], 1) for s, e in bounds(cu_k)], 1)
+    v_cmp = torch.cat([torch.cat([r(1, mem, H, Dv), compress(v[:, s:e], None, 8, 4)], 1) for s, e in bounds(cu_k)], 1)
+    query_lengths = lengths if query_lengths is None else query_lengths
+    cu_q = cumulative(query_lengths)
+    q = r(1, int(cu_q[-1]), Hq, Dqk)
+    gates = [torch.rand(1, int(cu_q[-1]), Hq, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    return [q, k, v, k_cmp, v_cmp, *gates], cu_q, cu_k
+
+
+PACKINGS = [  # lengths, query lengths (None = all), Hq, H, Dqk, Dv, mem
+    ([1, 17, 5, 100, 70], None, 4, 2, 16, 8, 2),    # 1 token, < l, no multiple of l'
+    ([64, 33], None, 2, 2, 8, 8, 0),
+    ([0, 40, 0, 9], None, 4, 1, 8, 16, 1),          # empty sequences
+    ([50, 3, 77], [7, 3, 1], 4, 2, 16, 8, 0),       # chunked prefill: the last queries of each
+]
+
+
+@pytest.mark.parametrize("case", PACKINGS, ids=["mixed", "two", "empty-sequences", "chunked"])
+def test_packed_equals_each_sequence_alone_torch_float64(case):
+    lengths, query_lengths, Hq, H, Dqk, Dv, mem = case
+    inputs, cu_q, cu_k = packed_problem(lengths, Hq, H, Dqk, Dv, mem, torch.float64, query_lengths=query_lengths)
+    inputs = [x.requires_grad_() for x in inputs]
+    packed_args = dict(cu_seqlens=cu_k) if query_lengths is None else dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out = native_sparse_attention(*inputs, CONFIG, mem_kv_len=mem, backend="torch", **packed_args)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    cu_cmp = compressed_cu_seqlens(cu_k, 8, 4, mem)
+    for (q0, q1), (k0, k1), (c0, c1) in zip(bounds(cu_q), bounds(cu_k), bounds(cu_cmp)):
+        q, k, v, k_cmp, v_cmp, *gates = inputs
+        alone = [q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], k_cmp[:, c0:c1], v_cmp[:, c0:c1],
+                 *(g[:, q0:q1] for g in gates)]
+        o = native_sparse_attention(*alone, CONFIG, mem_kv_len=mem, backend="torch")
+        torch.testing.assert_close(out[:, q0:q1], o, rtol=1e-12, atol=1e-12)
+        if o.numel():
+            expected = torch.autograd.grad(o.square().sum(), alone, allow_unused=True)
+            at = [slice(q0, q1), slice(k0, k1), slice(k0, k1), slice(c0, c1), slice(c0, c1)] + [slice(q0, q1)] * 3
+            for grad, want, where in zip(grads, expected, at):
+                want = torch.zeros_like(grad[:, where]) if want is None else want
+                torch.testing.assert_close(grad[:, where], want, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_on_the_triton_kernels_equals_the_reference():
+    inputs, cu_q, cu_k = packed_problem([1, 17, 5, 70], 4, 2, 16, 16, 1, torch.float32, seed=3)
+    inputs = [x.requires_grad_() for x in inputs]
+    out = native_sparse_attention(*inputs, CONFIG, mem_kv_len=1, backend="triton", cu_seqlens=cu_k)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref = native_sparse_attention(*ref_inputs, CONFIG, mem_kv_len=1, backend="torch", cu_seqlens=cu_k)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_inputs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    for grad, want in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mlp", [False, True], ids=["mean", "mlp"])
+def test_compress_and_window_take_packed_sequences(mlp):
+    torch.manual_seed(4)
+    lengths = [3, 8, 29, 0, 16]
+    cu = cumulative(lengths)
+    x = torch.randn(1, int(cu[-1]), 2, 8, dtype=torch.float64, requires_grad=True)
+    phi = CompressionMLP(8, 8).double() if mlp else None
+    packed = compress(x, phi, 8, 4, cu_seqlens=cu)
+    alone = [compress(x[:, s:e], phi, 8, 4) for s, e in bounds(cu)]
+    torch.testing.assert_close(packed, torch.cat(alone, 1))
+    assert compressed_cu_seqlens(cu, 8, 4).tolist() == [0, 0, 1, 7, 7, 10]
+    assert compressed_cu_seqlens(cu, 8, 4, mem_kv_len=2).tolist() == [0, 2, 5, 13, 15, 20]
+    (grad,) = torch.autograd.grad(packed.square().sum(), x)
+    (want,) = torch.autograd.grad(torch.cat(alone, 1).square().sum(), x)
+    torch.testing.assert_close(grad, want)
+    q = torch.randn(1, int(cu[-1]), 4, 8, dtype=torch.float64)
+    window = sliding_window_attention(q, x, x, 5, cu_seqlens=cu)
+    torch.testing.assert_close(window, torch.cat([sliding_window_attention(q[:, s:e], x[:, s:e], x[:, s:e], 5)
+                                                  for s, e in bounds(cu)], 1))
+
+
+LAYERS = [dict(), dict(num_mem_kv=2, kv_per_branch=True), dict(compress_mlp=False, dim_head_v=4)]
+GEOMETRY = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3,
+                window_size=24, backend="torch")
+
+
+@pytest.mark.parametrize("options", LAYERS, ids=["plain", "memory-kv-per-branch", "mean-dv"])
+def test_layer_packed_and_padded_equal_each_row_alone(options):
+    torch.manual_seed(5)
+    layer = SparseAttention(32, heads=4, kv_heads=2, **GEOMETRY, **options).double()
+    lengths = [1, 17, 40, 6]
+    cu = cumulative(lengths)
+    x = torch.randn(1, int(cu[-1]), 32, dtype=torch.float64, requires_grad=True)
+    out = layer(x, cu_seqlens=cu)
+    alone = torch.cat([layer(x[:, s:e]) for s, e in bounds(cu)], 1)
+    torch.testing.assert_close(out, alone)
+    params = [x, *layer.parameters()]
+    for grad, want in zip(torch.autograd.grad(out.square().sum(), params),
+                          torch.autograd.grad(alone.square().sum(), params)):
+        torch.testing.assert_close(grad, want)
+    # a padded batch: right padding, left padding and a hole; padded queries give 0
+    rows = torch.randn(3, 40, 32, dtype=torch.float64)
+    keep = torch.ones(3, 40, dtype=torch.bool)
+    keep[0, 25:], keep[1, :9], keep[2, 10:14] = False, False, False
+    with torch.no_grad():
+        padded = layer(rows, mask=keep)
+        for b in range(3):
+            torch.testing.assert_close(padded[b][keep[b]], layer(rows[b:b + 1, keep[b]])[0])
+            assert torch.all(padded[b][~keep[b]] == 0)
+        # fewer queries than keys (the last 12), and keys from another input
+        memory = torch.randn(3, 40, 32, dtype=torch.float64)
+        some = layer(rows[:, -12:], memory, mask=keep)
+        for b in range(3):
+            kept_q = keep[b, -12:]
+            want = layer(rows[b:b + 1, -12:][:, kept_q], memory[b:b + 1, keep[b]])[0]
+            torch.testing.assert_close(some[b][kept_q], want)
+
+
+def test_pack_and_unpack_are_inverse():
+    x = torch.randn(3, 7, 5)
+    keep = torch.rand(3, 7) > 0.4
+    packed, cu = pack(x, keep)
+    assert packed.shape == (1, int(keep.sum()), 5) and cu.dtype == torch.int32
+    assert cu.tolist() == [0, *itertools.accumulate(keep.sum(1).tolist())]
+    torch.testing.assert_close(unpack(packed, keep), x * keep[..., None])
+
+
+def _bad_calls():
+    inputs, _, cu = packed_problem([10, 20], 2, 1, 8, 8, 0, torch.float32)
+    call = lambda **kw: native_sparse_attention(*inputs, CONFIG, **kw)
+    layer = SparseAttention(16, 2, **GEOMETRY)
+    x = torch.randn(1, 30, 16)
+    return [
+        ("int64", lambda: call(cu_seqlens=cu.long()), TypeError, "int32"),
+        ("not from 0", lambda: call(cu_seqlens=cu + 1), ValueError, "start at 0"),
+        ("decreasing", lambda: call(cu_seqlens=torch.tensor([0, 20, 10, 30], dtype=torch.int32)), ValueError,
+         "non-decreasing"),
+        ("total", lambda: call(cu_seqlens=cu[:-1]), ValueError, "hold 30 tokens"),
+        ("2-d", lambda: call(cu_seqlens=cu[None]), ValueError, "num_seqs"),
+        ("device", lambda: call(cu_seqlens=cu.to("meta")), ValueError, "meta"),
+        ("both", lambda: call(cu_seqlens=cu, cu_seqlens_q=cu), ValueError, "not both"),
+        ("q without k", lambda: call(cu_seqlens_q=cu), ValueError, "together"),
+        ("more queries", lambda: call(cu_seqlens_q=torch.tensor([0, 12, 30], dtype=torch.int32),
+                                      cu_seqlens_k=cu), ValueError, "sequence 0 has 12 queries"),
+        ("count", lambda: call(cu_seqlens_q=torch.tensor([0, 30], dtype=torch.int32), cu_seqlens_k=cu),
+         ValueError, "1 sequences"),
+        ("batch", lambda: native_sparse_attention(*(torch.cat([t, t]) for t in inputs), CONFIG, cu_seqlens=cu),
+         ValueError, r"\(1, total"),
+        ("layer k", lambda: layer(x, x, cu_seqlens=torch.tensor([0, 30], dtype=torch.int32)), ValueError,
+         "self-attention"),
+        ("layer cu", lambda: layer(x, cu_seqlens=torch.tensor([0, 31], dtype=torch.int32)), ValueError,
+         "hold 30 tokens"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(13))
+def test_bad_cu_seqlens_name_the_argument(index):
+    name, call, error, words = _bad_calls()[index]
+    with pytest.raises(error, match=words):
+        call()
