@@ -4,7 +4,9 @@
 
 Implementations register themselves when their module is imported: `nsa.sparse_attention`
 registers "torch", `nsa.flex` "flex" and `nsa.kernels.nsa` "triton" (`import nsa` imports all
-three). Nothing here imports an implementation, so no import cycle and no import string.
+three); a backend may also register a decoder, a kernel for a decoding step over a KV cache
+(`nsa.kernels.decode`, Chapter 13). Nothing here imports an implementation, so no import cycle
+and no import string.
 """
 
 import warnings

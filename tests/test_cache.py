@@ -93,7 +93,7 @@ def test_functional_rows_at_different_lengths_and_cache_already_filled():
 
 
 LAYERS = [  # kwargs of SparseAttention, chunk sizes (after a prefill of odd length 23)
-    (dict(heads=4, kv_heads=2), [1]),
+    (dict(heads=4, kv_heads=2), [1, 1, 6]),
     (dict(heads=4, kv_heads=1, num_mem_kv=2, compress_mlp=True), [1, 5, 17]),
     (dict(heads=2, kv_heads=2, compress_mlp=False, dim_head=16, dim_head_v=8), [3]),
     (dict(heads=4, kv_heads=2, kv_per_branch=True, num_mem_kv=1), [1, 7]),
