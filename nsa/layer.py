@@ -142,6 +142,8 @@ class SparseAttention(nn.Module):
         padded queries get 0. -> (B, Nq, dim)
         cu_seqlens: packed sequences (Chapter 5), q (1, total, dim) of self-attention (k = v = mask
         = None), int32 cumulative lengths (num_seqs + 1,): each sequence is its own problem.
+        A mask or cu_seqlens is read back to the host once (the sequences' bounds): under
+        torch.compile that is a graph break, which fullgraph=True refuses.
         cache: an `nsa.KVCache` from `new_cache` (Chapter 13): q holds the next T tokens of
         self-attention (k = v = mask = None); they are appended to the cache and their outputs
         returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
