@@ -1,0 +1,188 @@
+"""Packed sequences on a GPU: checked, then timed beside one sequence and a dense document mask.
+
+    python benchmarks/gpu_packed.py --out book/data          # writes packed_<gpu>.csv and .json
+
+Documents of long-tailed lengths (log-uniform in 1k..32k tokens, a fixed seed) are packed into
+64k tokens (the last one cut to fit), 64/4 and 32/8 heads of 128, bf16, the paper's geometry.
+
+1. Correctness: NSA's Triton backend on packed documents of 1, 17, 1000, 2048, 5000 and 20000
+   tokens against the float64 reference (`backend="torch"`) on each document alone, output and
+   the gradients of all eight inputs (the last 2048 queries of a longer document; bf16: <= 1e-2
+   of each tensor's largest entry).
+2. Time (`triton.testing.do_bench`, median), forward and forward + backward, in one run:
+   * `nsa_packed`   `native_sparse_attention(..., cu_seqlens=cu)` on the packed documents;
+   * `nsa_single`   one sequence of the same 64k tokens (the goal: packed <= 1.1x of it);
+   * `nsa_padded`   the documents padded to a (num_docs, longest) rectangle, no mask (what
+                    packing saves);
+   * `flex_document` FlexAttention with a causal document mask over the 64k tokens, dense
+                    within each document (the dense baseline; the goal: NSA >= 5x faster);
+   * `sdpa_flash`   SDPA flash, causal, on one 64k sequence (dense without the document mask,
+                    an upper bound of the masked cost).
+It prints a short table last.
+"""
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import nsa
+from nsa import NSAConfig, compress, native_sparse_attention
+
+CHECK_LENGTHS = [1, 17, 1000, 2048, 5000, 20000]    # checked documents: tiny, odd, and long
+COLUMNS = ["impl", "tokens", "docs", "heads_q", "heads_kv", "head_dim", "pass", "ms"]
+
+
+def document_lengths(total=65536, low=1024, high=32768, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        u = torch.rand((), generator=g).item()
+        lengths.append(int(math.exp(math.log(low) + u * (math.log(high) - math.log(low)))))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+def packed_inputs(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    total = int(cu[-1])
+    g = torch.Generator(device=device).manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)
+    q, k, v = r(1, total, Hq, D), r(1, total, H, D), r(1, total, H, D)
+    l, d = config.compress_block_size, config.compress_stride
+    k_cmp, v_cmp = compress(k, None, l, d, cu_seqlens=cu), compress(v, None, l, d, cu_seqlens=cu)
+    gates = [torch.sigmoid(r(1, total, Hq)) for _ in range(3)]
+    return [q, k, v, k_cmp, v_cmp, *gates], cu
+
+
+def relative_error(got, want, scale):
+    """max |got - want| relative to `scale`, the largest entry of the whole packed tensor (a
+    document's own gradient may be exactly 0 where the kernels leave rounding)."""
+    if want.numel() == 0:
+        return 0.0
+    return ((got.double() - want).abs().max() / max(scale, 1e-30)).item()
+
+
+def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
+    """Packed Triton against the float64 reference per document (outputs, all gradients)."""
+    inputs, cu = packed_inputs(lengths, Hq, H, D, config, dtype, device)
+    inputs = [x.requires_grad_() for x in inputs]
+    out = native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, do)
+    worst = 0.0
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, config.compress_block_size, config.compress_stride)
+    for (s, e), (c0, c1) in zip(bounds, zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist())):
+        rows = slice(e - min(e - s, 2048), e)           # the last 2048 queries of each document
+        q, k, v, k_cmp, v_cmp, *gates = (x.detach().double() for x in inputs)
+        alone = [q[:, rows], k[:, s:e], v[:, s:e], k_cmp[:, c0:c1], v_cmp[:, c0:c1], *(g[:, rows] for g in gates)]
+        alone = [x.requires_grad_() for x in alone]
+        ref = native_sparse_attention(*alone, config, backend="torch")
+        worst = max(worst, relative_error(out[:, rows], ref, out.abs().max().item()))
+        ref_grads = torch.autograd.grad(ref, alone, do[:, rows].double())
+        # the queries' and gates' gradients of these rows; keys get gradients from all queries,
+        # so they are compared only where every query is checked (documents up to 2048 tokens)
+        for i in (0, 5, 6, 7):
+            worst = max(worst, relative_error(grads[i][:, rows], ref_grads[i], grads[i].abs().max().item()))
+        if e - s <= 2048:
+            for i, at in ((1, slice(s, e)), (2, slice(s, e)), (3, slice(c0, c1)), (4, slice(c0, c1))):
+                worst = max(worst, relative_error(grads[i][:, at], ref_grads[i], grads[i].abs().max().item()))
+    return worst
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return run
+
+
+def timer(fn, inputs=None):
+    from triton.testing import do_bench
+
+    if inputs is None:
+        def run():
+            with torch.no_grad():
+                fn()
+    else:
+        def run():
+            out = fn()
+            torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return do_bench(run, warmup=20, rep=100, return_mode="median")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="folder for packed_<gpu>.csv and .json")
+    parser.add_argument("--heads", default="64/4,32/8")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu_packed.py needs a CUDA GPU.")
+        return 2
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    config, D = NSAConfig(), 128
+    lengths = document_lengths()
+    total = sum(lengths)
+    print(f"{len(lengths)} documents, {total} tokens: {lengths}")
+    rows, errors = [], {}
+    flex = torch.compile(flex_attention)
+    for heads in args.heads.split(","):
+        Hq, H = map(int, heads.split("/"))
+        errors[heads] = check(CHECK_LENGTHS, Hq, H, D, config)
+        print(f"{heads}: worst relative error, packed Triton vs float64 per document: {errors[heads]:.2e}")
+        assert errors[heads] <= 1e-2, errors[heads]
+        packed, cu = packed_inputs(lengths, Hq, H, D, config)
+        single, _ = packed_inputs([total], Hq, H, D, config)
+        longest, docs = max(lengths), len(lengths)
+        padded = [torch.zeros(docs, longest, *x.shape[2:], device="cuda", dtype=x.dtype) for x in single]
+        padded[3:5] = [compress(p, None, config.compress_block_size, config.compress_stride) for p in padded[1:3]]
+        doc_id = torch.repeat_interleave(torch.arange(docs, device="cuda"), torch.tensor(lengths, device="cuda"))
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (doc_id[q_idx] == doc_id[kv_idx]) & (kv_idx <= q_idx)
+
+        block_mask = create_block_mask(document_causal, None, None, total, total, device="cuda", _compile=True)
+        group = Hq // H                                # dense baselines: kv heads expanded once, untimed
+        q_t = single[0].detach().transpose(1, 2).contiguous()
+        k_t, v_t = (x.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous() for x in single[1:3])
+        candidates = {
+            "nsa_packed": (lambda: native_sparse_attention(*packed, config, backend="triton", cu_seqlens=cu), packed),
+            "nsa_single": (lambda: native_sparse_attention(*single, config, backend="triton"), single),
+            "nsa_padded": (lambda: native_sparse_attention(*padded, config, backend="triton"), padded),
+            "flex_document": (lambda: flex(q_t, k_t, v_t, block_mask=block_mask), [q_t, k_t, v_t]),
+            "sdpa_flash": (sdpa_flash(q_t, k_t, v_t), [q_t, k_t, v_t]),
+        }
+        for name, (fn, inputs) in candidates.items():
+            inputs = [x.requires_grad_() for x in inputs]
+            key = [name, total, docs, Hq, H, D]
+            try:
+                rows.append([*key, "fwd", f"{timer(fn):.3f}"])
+                rows.append([*key, "fwd_bwd", f"{timer(fn, inputs):.3f}"])
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+                print(f"{name}: {type(error).__name__}: {str(error)[:160]}")
+            torch.cuda.empty_cache()
+    if args.out is not None:
+        gpu = torch.cuda.get_device_name().split()[-1].lower()
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / f"packed_{gpu}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([COLUMNS, *rows])
+        (args.out / f"packed_{gpu}.json").write_text(json.dumps(
+            {"command": "python benchmarks/gpu_packed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "lengths": lengths,
+             "worst_relative_error": errors}, indent=1) + "\n")
+    print(f"{'impl':<16}{'heads':>7}{'pass':>9}{'ms':>10}")
+    for name, _, _, hq, hkv, _, p, ms in rows:
+        print(f"{name:<16}{f'{hq}/{hkv}':>7}{p:>9}{float(ms):>10.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
