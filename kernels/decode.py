@@ -315,6 +315,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     group_pad = triton.next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
+    warps = 4 if rows <= 64 else 8                      # stage 1 and 2 hold rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
@@ -334,14 +335,15 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_compressed_kernel[(B, H, splits_c)](
         q, k_cmp_cache, v_cmp_cache, seqlens, scores, cmp_acc, cmp_m, cmp_l, T, R, mem_kv_len, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, DIM_QK=Dqk, DIM_V=Dv,
-        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS=splits_c, BLOCK_N=block_n)
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS=splits_c, BLOCK_N=block_n,
+        num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
     block_indices = torch.empty(B, T, H, n, device=q.device, dtype=torch.int32)
     decode_select_kernel[(B, H)](
         scores, cmp_acc, cmp_m, cmp_l, seqlens, block_indices, T, R, mem_kv_len,
         GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel,
         NUM_SELECT=n, SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
-        NUM_LOCAL=config.num_local_blocks, SPLITS=splits_c, BLOCK_DV=block_dv, BLOCK_S=16)
+        NUM_LOCAL=config.num_local_blocks, SPLITS=splits_c, BLOCK_DV=block_dv, BLOCK_S=16, num_warps=warps)
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
