@@ -13,6 +13,8 @@ from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load
                                 softmax_update, store_rows)
 from nsa.kernels.topk import check_select_config, merge_top, rank_keys
 
+EMPTY = tl.constexpr(-(1 << 62))      # a top-n slot holding no block: below every rank key of a score >= 0
+
 
 @triton.jit
 def decode_rows(batch, head_kv, T, HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -84,27 +86,30 @@ def decode_compressed_kernel(
 
 
 @triton.jit
-def merge_partials(ACC, M, L, first, SPLITS: tl.constexpr, STRIDE: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, WITH_OUTPUT: tl.constexpr):
-    """Merge SPLITS partial softmaxes (max m, sum l, unnormalised output acc; base 2) of the rows
-    at `first`, split s at first + s * STRIDE: returns (o, base-2 lse); o = 0 and lse = -inf for
-    a row that saw nothing (o is 0 unless WITH_OUTPUT)."""
-    m_all = tl.load(M + first)
-    for split in range(1, SPLITS):
-        m_all = tl.maximum(m_all, tl.load(M + first + split * STRIDE))
+def merged_lse(M, L, first, SPLITS: tl.constexpr, STRIDE: tl.constexpr):
+    """The base-2 log-sum-exp of the rows at `first` (a (ROWS,) tile of offsets) over SPLITS
+    partial softmaxes (max m, sum l; split s at first + s * STRIDE), loaded as one (SPLITS, ROWS)
+    tile: m = max_s m_s, l = sum_s l_s 2^(m_s - m); -inf for a row that saw nothing."""
+    at = first[None, :] + tl.arange(0, SPLITS)[:, None] * STRIDE
+    m = tl.load(M + at)
+    m_all = tl.max(m, axis=0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros_like(m_all)
-    o = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    for split in range(0, SPLITS):
-        at = first + split * STRIDE
-        weight = tl.exp2(tl.load(M + at) - m_safe)
-        l_all += tl.load(L + at) * weight
-        if WITH_OUTPUT:
-            o += tl.load(ACC + at.to(tl.int64)[:, None] * BLOCK_DV + offs_dv[None, :]) * weight[:, None]
-    seen = l_all > 0
-    l_safe = tl.where(seen, l_all, 1.0)
-    return o / l_safe[:, None], tl.where(seen, m_safe + tl.log2(l_safe), float("-inf"))
+    l_all = tl.sum(tl.load(L + at) * tl.exp2(m - m_safe[None, :]), axis=0)
+    return tl.where(l_all > 0, m_safe + tl.log2(tl.where(l_all > 0, l_all, 1.0)), float("-inf"))
+
+
+@triton.jit
+def merged_row(ACC, M, L, first, SPLITS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One row's output over SPLITS partial softmaxes (split s at first + s * STRIDE; its
+    unnormalised output acc_s at ACC[(first + s * STRIDE) * BLOCK_DV:]), loaded as one
+    (SPLITS, BLOCK_DV) tile: o = sum_s acc_s 2^(m_s - m) / l; 0 for a row that saw nothing."""
+    at = first + tl.arange(0, SPLITS) * STRIDE
+    m = tl.load(M + at)
+    m_all = tl.max(m, axis=0)
+    weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
+    l_all = tl.sum(tl.load(L + at) * weight, axis=0)
+    acc = tl.load(ACC + at.to(tl.int64)[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :])
+    return tl.sum(acc * weight[:, None], axis=0) / tl.where(l_all > 0, l_all, 1.0)
 
 
 @triton.jit
@@ -120,23 +125,22 @@ def block_probabilities(SCORES, score_rows, c, cmp_end, row_ok, lse2):
 def decode_select_kernel(
     SCORES, ACC, M, L,    # stage 1's scores and partial softmaxes
     SEQLENS,              # (B,) int32
-    BLOCK_INDICES,        # out (B, T, H, n) int32: ascending, -1 (empty) last
+    TOPS,                 # out (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64: each split's best rank keys
     T, num_rows, mem_kv_len,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_S: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
-    EMPTY: tl.constexpr = -(1 << 62)                              # below every rank key of a score >= 0
-    batch, head_kv = tl.program_id(0), tl.program_id(1)
+    batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = tl.num_programs(1)
     # -- each row's lse, merged from stage 1's splits, and the compressed blocks it sees --
     r = tl.arange(0, ROWS)
     row_ok = (r // GROUP_PAD < T) & (r % GROUP_PAD < GROUP)
     first = (batch * heads_kv + head_kv) * SPLITS * ROWS + r
-    _, lse2 = merge_partials(ACC, M, L, first, SPLITS, ROWS, ROWS, BLOCK_DV, WITH_OUTPUT=False)
+    lse2 = merged_lse(M, L, first, SPLITS, ROWS)
     length = tl.load(SEQLENS + batch)
     cmp_end = compressed_rows_seen(length + r // GROUP_PAD, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE) - mem_kv_len
     score_rows = ((batch * heads_kv + head_kv) * ROWS + r).to(tl.int64) * num_rows + mem_kv_len
@@ -150,9 +154,10 @@ def decode_select_kernel(
     w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
     w_spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
     slot = tl.arange(0, SLOTS)
-    top = tl.zeros([TOKENS_PAD, SLOTS], dtype=tl.int64) + tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64),
-                                                                   9223372036854775807)[None, :]
-    for sel_start in range(0, last_sel + 1, BLOCK_S):
+    top = tl.zeros([TOKENS_PAD, SLOTS], dtype=tl.int64) + no_blocks(SLOTS, NUM_SELECT)[None, :]
+    # -- this split's share of the selection blocks, in whole BLOCK_S steps --
+    chunk = tl.cdiv(tl.cdiv(last_sel + 1, SPLITS_S), BLOCK_S) * BLOCK_S
+    for sel_start in range(split * chunk, tl.minimum(split * chunk + chunk, last_sel + 1), BLOCK_S):
         # -- 1. Eq. 9: the blocks at home in each selection block, and those spilling into it --
         sel = sel_start + offs_s
         home = sel[:, None] * PER_SEL + tl.arange(0, PER_SEL)[None, :]               # (BLOCK_S, PER_SEL)
@@ -169,25 +174,41 @@ def decode_select_kernel(
         cand = tl.where(allowed & (forced | (score == score)), cand, EMPTY - SLOTS)
         # -- 4. merge into the running top-n --
         top = merge_top(top, cand, EMPTY - SLOTS)
-    # -- the chosen blocks, ascending, empty slots (-1) last --
-    index = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
-    order = tl.sort(tl.where((top > EMPTY) & (slot[None, :] < NUM_SELECT), index, 2147483647), dim=1)
-    chosen = tl.where(order == 2147483647, -1, order)
-    out_rows = (batch * T + t).to(tl.int64) * heads_kv + head_kv
-    tl.store(BLOCK_INDICES + out_rows[:, None] * NUM_SELECT + slot[None, :], chosen,
-             mask=(t[:, None] < T) & (slot[None, :] < NUM_SELECT))
+    # -- this split's best n per token; stage 3 merges the splits' lists --
+    tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
+    tl.store(TOPS + tops[:, None] * SLOTS + slot[None, :], top)
+
+
+@triton.jit
+def no_blocks(SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr):
+    """A top-n that holds nothing yet: distinct keys below every real one in the n slots, and the
+    largest int64 in the padding slots, which no candidate displaces."""
+    slot = tl.arange(0, SLOTS)
+    return tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64), 9223372036854775807)
+
+
+@triton.jit
+def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SPLITS_S: tl.constexpr,
+                  STRIDE: tl.constexpr):
+    """A token's n blocks, from the lists of the SPLITS_S selection splits (split s's at
+    first + s * STRIDE): (1, SLOTS) block indices in no particular order, -1 for an empty slot."""
+    c = tl.arange(0, SPLITS_S * SLOTS)
+    cand = tl.load(TOPS + first + (c // SLOTS) * STRIDE + c % SLOTS)
+    cand = tl.where((c % SLOTS < NUM_SELECT) & (cand > EMPTY), cand, EMPTY - SLOTS)    # real keys only
+    top = merge_top(no_blocks(SLOTS, NUM_SELECT)[None, :], cand[None, :], EMPTY - SLOTS)
+    return tl.where(top > EMPTY, 2147483647 - (top & 0xFFFFFFFF).to(tl.int32), -1)
 
 
 @triton.jit
 def decode_sparse_kernel(
     Q, K, V,              # (B, T, Hq, Dqk); (B, max_seq_len, H, Dqk), (B, max_seq_len, H, Dv)
-    SEQLENS, BLOCK_INDICES,   # (B,) int32; (B, T, H, n) int32 from stage 2
+    SEQLENS, TOPS,        # (B,) int32; stage 2's lists (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64
     ACC, M, L,            # out partials, selected then window: (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
     T, capacity, scale_log2,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SEL_BLOCK: tl.constexpr, NUM_SELECT: tl.constexpr, WINDOW: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEL_BLOCK: tl.constexpr, NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr, WINDOW: tl.constexpr,
+    TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch, head_kv = tl.program_id(0), tl.program_id(1)
     t, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
@@ -207,9 +228,11 @@ def decode_sparse_kernel(
     m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
-    index_base = ((batch * T + t).to(tl.int64) * heads_kv + head_kv) * NUM_SELECT
+    blocks = chosen_blocks(TOPS, ((batch * heads_kv + head_kv) * SPLITS_S * TOKENS_PAD + t) * SLOTS,
+                           SLOTS, NUM_SELECT, SPLITS_S, TOKENS_PAD * SLOTS)
+    slot = tl.arange(0, SLOTS)[None, :]
     for j in range(split, NUM_SELECT, SPLITS):
-        block = tl.load(BLOCK_INDICES + index_base + j)
+        block = tl.sum(tl.where(slot == j, blocks, 0))
         for start_n in range(0, SEL_BLOCK, BLOCK_N):
             key = block * SEL_BLOCK + start_n + offs_n
             seen = (key <= pos) & (block >= 0)
@@ -253,31 +276,39 @@ def decode_merge_kernel(
     GROUP_ROWS: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     SPLITS_C: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    batch, head_kv, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    heads_kv = tl.num_programs(1)
-    g = tl.arange(0, GROUP_ROWS)
-    row_ok = g < GROUP
-    rows = (batch * T + t).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
+    batch, t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    heads_kv = HEADS_Q // GROUP
+    head_kv, g = head // GROUP, head % GROUP
     # -- each branch's output, its splits merged (stage 1's rows are token x padded group) --
-    cmp_first = (batch * heads_kv + head_kv) * SPLITS_C * TOKENS_PAD * GROUP_PAD + t * GROUP_PAD + \
-        tl.minimum(g, GROUP_PAD - 1)
-    o_cmp, _ = merge_partials(CMP_ACC, CMP_M, CMP_L, cmp_first, SPLITS_C, TOKENS_PAD * GROUP_PAD, GROUP_ROWS,
-                              BLOCK_DV, WITH_OUTPUT=True)
+    cmp_first = (batch * heads_kv + head_kv) * SPLITS_C * TOKENS_PAD * GROUP_PAD + t * GROUP_PAD + g
+    o_cmp = merged_row(CMP_ACC, CMP_M, CMP_L, cmp_first, SPLITS_C, TOKENS_PAD * GROUP_PAD, BLOCK_DV)
     first = ((batch * heads_kv + head_kv) * T + t) * SPLITS * GROUP_ROWS + g
-    o_slc, _ = merge_partials(ACC, M, L, first, SPLITS, GROUP_ROWS, GROUP_ROWS, BLOCK_DV, WITH_OUTPUT=True)
+    o_slc = merged_row(ACC, M, L, first, SPLITS, GROUP_ROWS, BLOCK_DV)
     window_half = tl.num_programs(0) * heads_kv * T * SPLITS * GROUP_ROWS
-    o_win, _ = merge_partials(ACC, M, L, window_half + first, SPLITS, GROUP_ROWS, GROUP_ROWS, BLOCK_DV,
-                              WITH_OUTPUT=True)
+    o_win = merged_row(ACC, M, L, window_half + first, SPLITS, GROUP_ROWS, BLOCK_DV)
     # -- Eq. 5: the gated sum --
-    o = tl.load(G_CMP + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * o_cmp
-    o += tl.load(G_SLC + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * o_slc
-    o += tl.load(G_WIN + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * o_win
-    store_rows(O, o, rows, row_ok, tl.arange(0, BLOCK_DV), DIM_V)
+    row = (batch * T + t).to(tl.int64) * HEADS_Q + head
+    o = tl.load(G_CMP + row).to(tl.float32) * o_cmp + tl.load(G_SLC + row).to(tl.float32) * o_slc + \
+        tl.load(G_WIN + row).to(tl.float32) * o_win
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(O + row * DIM_V + offs_dv, o.to(O.dtype.element_ty), mask=offs_dv < DIM_V)
 
 
 DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stage 1 holds
 DECODE_BLOCK_N = 64       # key rows per step on a GPU (16 in the interpreter: more splits to check)
+DECODE_BLOCK_S = 16       # selection blocks per step of stage 2 (4 in the interpreter: more splits)
 PROGRAMS_PER_SM = 2       # programs per multiprocessor that the splits aim for
+SELECT_PROGRAMS_PER_SM = 16   # stage 2's programs are small and wait on short chains: many per SM
+STEPS_PER_SPLIT = 4       # a split of stage 1 takes at least this many steps: fewer partials to merge
+MAX_SPLITS = 64           # partials a merge loads at once (one (splits, head dim) tile)
+
+
+def split_count(programs: int, steps: int, target: int, min_steps: int = 1) -> int:
+    """How many splits a stage takes when `programs` programs share `steps` steps of work: a power
+    of two (2 to MAX_SPLITS), at most about enough for `target` programs and none with fewer than
+    `min_steps` steps (a split left empty stores an empty partial)."""
+    wanted = max(1, min(target // programs, triton.cdiv(steps, min_steps), MAX_SPLITS))
+    return max(2, 1 << (wanted.bit_length() - 1))
 
 
 def decode_tokens_pad(tokens: int, group: int) -> int:
@@ -319,10 +350,13 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
-    block_n = DECODE_BLOCK_N if q.is_cuda else 16
+    block_n, block_s = (DECODE_BLOCK_N, DECODE_BLOCK_S) if q.is_cuda else (16, 4)
     target = PROGRAMS_PER_SM * multiprocessors(q.device)
-    splits_c = max(1, min(triton.cdiv(target, B * H), triton.cdiv(R, block_n)))
-    splits = max(1, min(triton.cdiv(target, B * H * T), n))
+    splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
+    splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), block_s),
+                           SELECT_PROGRAMS_PER_SM * multiprocessors(q.device))
+    splits = split_count(B * H * T, n, target)
+    slots = triton.next_power_of_2(n)
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
         x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win))
     seqlens = lengths.to(torch.int32)
@@ -338,23 +372,24 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS=splits_c, BLOCK_N=block_n,
         num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
-    block_indices = torch.empty(B, T, H, n, device=q.device, dtype=torch.int32)
-    decode_select_kernel[(B, H)](
-        scores, cmp_acc, cmp_m, cmp_l, seqlens, block_indices, T, R, mem_kv_len,
+    tops = torch.empty(B, H, splits_s, tokens_pad, slots, device=q.device, dtype=torch.int64)
+    decode_select_kernel[(B, H, splits_s)](
+        scores, cmp_acc, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
         GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel,
-        NUM_SELECT=n, SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
-        NUM_LOCAL=config.num_local_blocks, SPLITS=splits_c, BLOCK_DV=block_dv, BLOCK_S=16, num_warps=warps)
+        NUM_SELECT=n, SLOTS=slots, NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
+        SPLITS=splits_c, SPLITS_S=splits_s, BLOCK_DV=block_dv, BLOCK_S=block_s,
+        num_warps=max(1, rows // 16))   # small tiles: one warp's shuffles reduce them, no barrier
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
     decode_sparse_kernel[(B, H, T * splits)](
-        q, k_cache, v_cache, seqlens, block_indices, acc, m, l_sum, T, capacity, scale_log2,
+        q, k_cache, v_cache, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
-        BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, WINDOW=config.window_size, SPLITS=splits,
-        BLOCK_N=min(block_n, l_sel))
+        BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=config.window_size,
+        TOKENS_PAD=tokens_pad, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel))
     # -- 4. merge the splits, gate, sum --
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
-    decode_merge_kernel[(B, H, T)](
+    decode_merge_kernel[(B, T, Hq)](
         cmp_acc, cmp_m, cmp_l, acc, m, l_sum, g_cmp, g_slc, g_win, o, T,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, GROUP_ROWS=group_rows, DIM_V=Dv,
         BLOCK_DV=block_dv, SPLITS_C=splits_c, SPLITS=splits)

@@ -38,7 +38,8 @@ def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new:
 
 
 def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: int, device) -> torch.Tensor:
-    """The tokens each row holds before the new ones: a (B,) int64 tensor on `device`. From a list
+    """The tokens each row holds before the new ones: a (B,) int32 tensor on `device` (as
+    flash-attn's `cache_seqlens`; an int32 CUDA tensor is used as it is, no copy). From a list
     of ints or a CPU tensor, each length is checked to leave room for the new tokens; a CUDA
     tensor's values are not read (that would wait for the GPU and break a CUDA graph): as with
     flash-attn's cache_seqlens, they are the caller's promise."""
@@ -50,7 +51,7 @@ def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: in
         if cache_seqlens.is_cuda:
             if cache_seqlens.device != torch.device(device):
                 raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but the cache on {device}")
-            return cache_seqlens.long()
+            return cache_seqlens.to(torch.int32)
         cache_seqlens = cache_seqlens.tolist()
     if not isinstance(cache_seqlens, (list, tuple)) or len(cache_seqlens) != batch:
         raise ValueError(f"cache_seqlens must hold one length per batch row ({batch}), got {cache_seqlens!r}")
@@ -59,7 +60,7 @@ def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: in
         if length + new_tokens > capacity:
             raise ValueError(f"cache row {b} holds {length} tokens; {new_tokens} more do not fit its "
                              f"{capacity} (max_seq_len)")
-    return torch.tensor(cache_seqlens, dtype=torch.long, device=device)
+    return torch.tensor(cache_seqlens, dtype=torch.int32, device=device)
 
 
 def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, k, v,

@@ -312,3 +312,27 @@ def test_compress_new_blocks_with_rows_adding_different_counts():
                 torch.testing.assert_close(k_cmp[b, :done], compress(keys[b:b + 1, :n], phi, l, d)[0])
             assert k_cmp[b, done:].isnan().all()                # nothing written past the complete blocks
         lengths = new
+
+
+def test_triton_decoder_breaks_exact_ties_like_the_reference():
+    """Equal keys score every block alike: the selection's splits (several here) must keep the
+    lower block indices, as the reference does; values differ, so another choice shows."""
+    config = NSAConfig(8, 4, 16, 4, 1, 1, 32)
+    g = torch.Generator().manual_seed(3)
+    B, T, Hq, H, D, capacity, lengths = 2, 1, 4, 2, 16, 320, [300, 181]
+    k_cache = torch.ones(B, capacity, H, D, dtype=torch.float64)
+    v_cache = torch.randn(B, capacity, H, D, generator=g, dtype=torch.float64)
+    rows = num_compressed_blocks(capacity, 8, 4)
+    k_cmp, v_cmp = torch.zeros(B, rows, H, D, dtype=torch.float64), torch.zeros(B, rows, H, D, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        c = num_compressed_blocks(n + T, 8, 4)
+        k_cmp[b, :c] = compress(k_cache[b:b + 1, :n + T], None, 8, 4)[0]
+        v_cmp[b, :c] = compress(v_cache[b:b + 1, :n + T], None, 8, 4)[0]
+    q = torch.randn(B, T, Hq, D, generator=g, dtype=torch.float64)
+    gates = [torch.zeros(B, T, Hq, dtype=torch.float64), torch.ones(B, T, Hq, dtype=torch.float64),
+             torch.zeros(B, T, Hq, dtype=torch.float64)]                      # the selected branch alone
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, config)
+    expected = sparse_attention_with_kvcache(*args, backend="torch")
+    got = sparse_attention_with_kvcache(*(x.float() if isinstance(x, torch.Tensor) else x for x in args),
+                                        backend="triton")
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)

@@ -1,0 +1,76 @@
+"""Where a decoding step's time goes, on a GPU: each kernel's device time and the host's share.
+
+    python benchmarks/gpu_decode_profile.py [--contexts 64k,128k] [--batches 1,16] [--heads 64/4,32/8]
+
+For each shape (chapter 13's step, `nsa.bench_decode.make_step`): the step run eagerly 50 times
+under `torch.profiler`, each kernel's mean device time per step; the eager step's host time
+(wall clock with the GPU idle, i.e. CPU-bound) and the ten Python functions that take most of it
+(`cProfile`); the graph replay's time (`do_bench`, median). Prints a table per shape.
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nsa.bench import _parse_heads, _parse_lengths
+from nsa.bench_decode import _parse_batches, graphed, make_step
+
+
+def kernel_times(step, repeats=50):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / repeats) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def host_profile(step, repeats=200):
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(repeats):
+        step()
+    profiler.disable()
+    host_us = (time.perf_counter() - start) / repeats * 1e6
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    return host_us, text.getvalue()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=_parse_lengths, default=_parse_lengths("64k,128k"))
+    parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
+    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
+    args = parser.parse_args()
+    from triton.testing import do_bench
+    for heads_q, heads_kv in args.heads:
+        for batch in args.batches:
+            for context in args.contexts:
+                nsa_step, _, _, _ = make_step(context, batch, heads_q, heads_kv, 128)
+                with torch.no_grad():
+                    for _ in range(3):
+                        nsa_step()
+                    replay, _ = graphed(nsa_step)
+                    graph_us = do_bench(replay, warmup=50, rep=300, return_mode="median") * 1e3
+                    kernels = kernel_times(nsa_step)
+                    host_us, text = host_profile(nsa_step)
+                print(f"\n== {context} tokens, batch {batch}, heads {heads_q}/{heads_kv}: graph replay "
+                      f"{graph_us:.1f} us, eager host time {host_us:.1f} us per step")
+                for name, us in kernels:
+                    print(f"  {us:8.1f} us  {name[:90]}")
+                print(f"  {sum(us for _, us in kernels):8.1f} us  (all kernels)")
+                if (batch, context) == (args.batches[0], args.contexts[0]):
+                    print(text[:3500])
+
+
+if __name__ == "__main__":
+    main()
