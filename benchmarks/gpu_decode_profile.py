@@ -1,11 +1,14 @@
 """Where a decoding step's time goes, on a GPU: each kernel's device time and the host's share.
 
     python benchmarks/gpu_decode_profile.py [--contexts 64k,128k] [--batches 1,16] [--heads 64/4,32/8]
+                                            [--max-splits 16,64]
 
 For each shape (chapter 13's step, `nsa.bench_decode.make_step`): the step run eagerly 50 times
 under `torch.profiler`, each kernel's mean device time per step; the eager step's host time
 (wall clock with the GPU idle, i.e. CPU-bound) and the ten Python functions that take most of it
 (`cProfile`); the graph replay's time (`do_bench`, median). Prints a table per shape.
+`--max-splits` repeats it all for each cap on a stage's splits (`nsa.kernels.decode.MAX_SPLITS`,
+which at batch 1 mostly sets the selection's splits: how the step's length depends on them).
 """
 
 import argparse
@@ -50,8 +53,18 @@ def main():
     parser.add_argument("--contexts", type=_parse_lengths, default=_parse_lengths("64k,128k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
+    parser.add_argument("--max-splits", default=None, help="comma-separated caps, e.g. 8,16,32,64")
     args = parser.parse_args()
+    from nsa.kernels import decode
+    for cap in [int(c) for c in args.max_splits.split(",")] if args.max_splits else [decode.MAX_SPLITS]:
+        decode.MAX_SPLITS = cap
+        print(f"\n######## MAX_SPLITS = {cap}")
+        profile_all(args)
+
+
+def profile_all(args):
     from triton.testing import do_bench
+
     for heads_q, heads_kv in args.heads:
         for batch in args.batches:
             for context in args.contexts:
