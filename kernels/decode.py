@@ -14,6 +14,7 @@ from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load
 from nsa.kernels.topk import check_select_config, merge_top, rank_keys
 
 EMPTY = tl.constexpr(-(1 << 62))      # a top-n slot holding no block: below every rank key of a score >= 0
+GONE = tl.constexpr(-(1 << 62) - 1024)   # a candidate that may not enter: below every EMPTY - slot
 
 
 @triton.jit
@@ -122,6 +123,29 @@ def block_probabilities(SCORES, score_rows, c, cmp_end, row_ok, lse2):
 
 
 @triton.jit
+def selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
+                   TOKENS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                   PER_SEL: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """The rank keys of selection blocks sel_start + [0, BLOCK_S) for each token, (TOKENS_PAD,
+    BLOCK_S): Eq. 9 from the stored scores, summed over the group; GONE for a block the token may
+    not take or that scored NaN, +inf for a forced one."""
+    # -- 1. Eq. 9: the blocks at home in each selection block, and those spilling into it --
+    sel = sel_start + tl.arange(0, BLOCK_S)
+    home = sel[:, None] * PER_SEL + tl.arange(0, PER_SEL)[None, :]               # (BLOCK_S, PER_SEL)
+    score = tl.sum(block_probabilities(SCORES, score_rows, home, cmp_end, row_ok, lse2) * w_home[None, None, :], 2)
+    score += tl.sum(block_probabilities(SCORES, score_rows, home - PER_SEL, cmp_end, row_ok, lse2)
+                    * w_spill[None, None, :], 2)
+    # -- 2. summed over the group: one score per token and block --
+    score = tl.sum(tl.reshape(score, (TOKENS_PAD, GROUP_PAD, BLOCK_S)), axis=1)
+    # -- 3. blocks a token may not take, or scored NaN, never enter; forced ones enter at +inf --
+    allowed = sel[None, :] <= own[:, None]
+    forced = allowed & ((sel[None, :] < NUM_INITIAL)
+                        | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
+    cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
+    return tl.where(allowed & (forced | (score == score)), cand, GONE)
+
+
+@triton.jit
 def decode_select_kernel(
     SCORES, ACC, M, L,    # stage 1's scores and partial softmaxes
     SEQLENS,              # (B,) int32
@@ -149,32 +173,24 @@ def decode_select_kernel(
     own = (length + t) // SEL_BLOCK
     last_sel = (length + T - 1) // SEL_BLOCK
     # -- Eq. 9's weights by place, as in chapter 9's kernel --
-    offs_s = tl.arange(0, BLOCK_S)
     offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE
     w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
     w_spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
-    slot = tl.arange(0, SLOTS)
-    top = tl.zeros([TOKENS_PAD, SLOTS], dtype=tl.int64) + no_blocks(SLOTS, NUM_SELECT)[None, :]
-    # -- this split's share of the selection blocks, in whole BLOCK_S steps --
+    # -- this split's share of the selection blocks, in whole steps of BLOCK_S = SLOTS blocks --
     chunk = tl.cdiv(tl.cdiv(last_sel + 1, SPLITS_S), BLOCK_S) * BLOCK_S
-    for sel_start in range(split * chunk, tl.minimum(split * chunk + chunk, last_sel + 1), BLOCK_S):
-        # -- 1. Eq. 9: the blocks at home in each selection block, and those spilling into it --
-        sel = sel_start + offs_s
-        home = sel[:, None] * PER_SEL + tl.arange(0, PER_SEL)[None, :]               # (BLOCK_S, PER_SEL)
-        score = tl.sum(block_probabilities(SCORES, score_rows, home, cmp_end, row_ok, lse2) * w_home[None, None, :], 2)
-        score += tl.sum(block_probabilities(SCORES, score_rows, home - PER_SEL, cmp_end, row_ok, lse2)
-                        * w_spill[None, None, :], 2)
-        # -- 2. summed over the group: one score per token and block --
-        score = tl.sum(tl.reshape(score, (TOKENS_PAD, GROUP_PAD, BLOCK_S)), axis=1)
-        # -- 3. blocks a token may not take, or scored NaN, never enter; forced ones enter at +inf --
-        allowed = sel[None, :] <= own[:, None]
-        forced = allowed & ((sel[None, :] < NUM_INITIAL)
-                            | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
-        cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
-        cand = tl.where(allowed & (forced | (score == score)), cand, EMPTY - SLOTS)
-        # -- 4. merge into the running top-n --
-        top = merge_top(top, cand, EMPTY - SLOTS)
-    # -- this split's best n per token; stage 3 merges the splits' lists --
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, last_sel + 1)
+    # -- the first step's candidates are the running top: SLOTS keys, a superset of its best n --
+    cand = selection_step(lo, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
+                          TOKENS_PAD, GROUP_PAD, BLOCK_S, PER_SEL, NUM_INITIAL, NUM_LOCAL)
+    slot = tl.arange(0, SLOTS)
+    top = tl.where(cand == GONE, EMPTY - slot.to(tl.int64)[None, :], cand)        # distinct empty slots
+    # -- each further step's candidates merged into it --
+    for sel_start in range(lo + BLOCK_S, hi, BLOCK_S):
+        cand = selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
+                              TOKENS_PAD, GROUP_PAD, BLOCK_S, PER_SEL, NUM_INITIAL, NUM_LOCAL)
+        top = merge_top(top, cand, GONE)
+    # -- this split's best SLOTS per token; stage 3 merges the splits' lists --
     tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
     tl.store(TOPS + tops[:, None] * SLOTS + slot[None, :], top)
 
@@ -190,12 +206,12 @@ def no_blocks(SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr):
 @triton.jit
 def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SPLITS_S: tl.constexpr,
                   STRIDE: tl.constexpr):
-    """A token's n blocks, from the lists of the SPLITS_S selection splits (split s's at
+    """A token's n blocks, the best n of the SPLITS_S selection splits' lists (split s's at
     first + s * STRIDE): (1, SLOTS) block indices in no particular order, -1 for an empty slot."""
     c = tl.arange(0, SPLITS_S * SLOTS)
     cand = tl.load(TOPS + first + (c // SLOTS) * STRIDE + c % SLOTS)
-    cand = tl.where((c % SLOTS < NUM_SELECT) & (cand > EMPTY), cand, EMPTY - SLOTS)    # real keys only
-    top = merge_top(no_blocks(SLOTS, NUM_SELECT)[None, :], cand[None, :], EMPTY - SLOTS)
+    cand = tl.where(cand > EMPTY, cand, GONE)                                       # real keys only
+    top = merge_top(no_blocks(SLOTS, NUM_SELECT)[None, :], cand[None, :], GONE)
     return tl.where(top > EMPTY, 2147483647 - (top & 0xFFFFFFFF).to(tl.int32), -1)
 
 
@@ -296,7 +312,6 @@ def decode_merge_kernel(
 
 DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stage 1 holds
 DECODE_BLOCK_N = 64       # key rows per step on a GPU (16 in the interpreter: more splits to check)
-DECODE_BLOCK_S = 16       # selection blocks per step of stage 2 (4 in the interpreter: more splits)
 PROGRAMS_PER_SM = 2       # programs per multiprocessor that the splits aim for
 SELECT_PROGRAMS_PER_SM = 16   # stage 2's programs are small and wait on short chains: many per SM
 STEPS_PER_SPLIT = 4       # a split of stage 1 takes at least this many steps: fewer partials to merge
@@ -350,13 +365,13 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
-    block_n, block_s = (DECODE_BLOCK_N, DECODE_BLOCK_S) if q.is_cuda else (16, 4)
+    block_n = DECODE_BLOCK_N if q.is_cuda else 16
+    slots = block_s = triton.next_power_of_2(n)      # a selection step's candidates fill a top-n
     target = PROGRAMS_PER_SM * multiprocessors(q.device)
     splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
     splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), block_s),
                            SELECT_PROGRAMS_PER_SM * multiprocessors(q.device))
     splits = split_count(B * H * T, n, target)
-    slots = triton.next_power_of_2(n)
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
         x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win))
     seqlens = lengths.to(torch.int32)

@@ -314,10 +314,12 @@ def test_compress_new_blocks_with_rows_adding_different_counts():
         lengths = new
 
 
-def test_triton_decoder_breaks_exact_ties_like_the_reference():
+@pytest.mark.parametrize("num_selected", [4, 3])
+def test_triton_decoder_breaks_exact_ties_like_the_reference(num_selected):
     """Equal keys score every block alike: the selection's splits (several here) must keep the
-    lower block indices, as the reference does; values differ, so another choice shows."""
-    config = NSAConfig(8, 4, 16, 4, 1, 1, 32)
+    lower block indices, as the reference does; values differ, so another choice shows. With
+    n = 3 each split keeps 4 (the slots), and the final merge trims them to 3."""
+    config = NSAConfig(8, 4, 16, num_selected, 1, 1, 32)
     g = torch.Generator().manual_seed(3)
     B, T, Hq, H, D, capacity, lengths = 2, 1, 4, 2, 16, 320, [300, 181]
     k_cache = torch.ones(B, capacity, H, D, dtype=torch.float64)
