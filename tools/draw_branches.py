@@ -22,10 +22,10 @@ COLORS = {"cmp": "#4c72b0", "slc": "#dd8452", "win": "#55a868"}
 
 
 def main() -> None:
-    plt.rcParams.update({"font.size": 11, "svg.fonttype": "none", "svg.hashsalt": "nsa"})
-    fig, ax = plt.subplots(figsize=(10, 3.9))
-    ax.set_xlim(-150, N + 190)
-    ax.set_ylim(-0.9, 3.45)
+    plt.rcParams.update({"font.size": 13, "svg.fonttype": "none", "svg.hashsalt": "nsa"})
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    ax.set_xlim(-175, N + 215)
+    ax.set_ylim(-0.55, 3.5)
     ax.axis("off")
     rows = {"cmp": 2.4, "slc": 1.4, "win": 0.4}
     labels = {"cmp": "compressed: a summary of\n$l$=32 keys every $d$=16",
@@ -49,15 +49,15 @@ def main() -> None:
     for j in range(N // l_sel):
         ax.add_patch(Rectangle((j * l_sel, rows["slc"] - 0.2), l_sel, 0.4, fill=False,
                                edgecolor="#999999", lw=0.4, ls=":"))
-    ax.text(0 + l_sel / 2, rows["slc"], "first", ha="center", va="center", fontsize=9)
-    ax.text(4 * l_sel + l_sel / 2, rows["slc"], "top score", ha="center", va="center", fontsize=9)
-    ax.text(7 * l_sel + l_sel / 2, rows["slc"], "own", ha="center", va="center", fontsize=9)
+    ax.text(0 + l_sel / 2, rows["slc"], "first", ha="center", va="center", fontsize=11)
+    ax.text(4 * l_sel + l_sel / 2, rows["slc"], "top", ha="center", va="center", fontsize=11)
+    ax.text(7 * l_sel + l_sel / 2, rows["slc"], "own", ha="center", va="center", fontsize=11)
     arrow = FancyArrowPatch((17 * d + l / 2, rows["cmp"] - 0.2), (4 * l_sel + l_sel / 2,
                             rows["slc"] + 0.22), arrowstyle="-|>", mutation_scale=12,
                             color="#555555", lw=1)
     ax.add_patch(arrow)
     ax.text(17 * d + l / 2 + 12, (rows["cmp"] + rows["slc"]) / 2 + 0.02,
-            "scores pick the blocks (Eq. 9)", fontsize=9, color="#555555", va="center")
+            "scores pick\nthe blocks", fontsize=11, color="#555555", va="center")
     # window
     ax.add_patch(Rectangle((N - w, rows["win"] - 0.2), w, 0.4, facecolor=COLORS["win"],
                            edgecolor="black", lw=0.6))
@@ -69,7 +69,7 @@ def main() -> None:
                 {"cmp": "$g^{cmp}$", "slc": "$g^{slc}$", "win": "$g^{win}$"}[key],
                 ha="left", va="top" if key == "win" else "bottom", color=COLORS[key])
     ax.text(N + 96, 1.4, "$o_t = \\sum_c g^c_t\\, o^c_t$", ha="left", va="center")
-    ax.text(N / 2, -0.6, "key position s →", ha="center", va="center", color="#555555")
+    ax.text(N / 2, -0.3, "key position s →", ha="center", va="center", color="#555555")
     fig.tight_layout()
     fig.savefig(OUT, metadata={"Date": None, "Creator": None})
     print(f"wrote {OUT}")
