@@ -15,7 +15,7 @@ BUILD_LOG := _build/book-build.log
 timed = echo "==> $(1)"; start=$$(date +%s); $(2); rc=$$?; \
 	echo "<== $(1): $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
-.PHONY: venv export notebooks test test-unit test-notebooks test-book book clean
+.PHONY: venv export notebooks test test-unit test-notebooks test-book test-browser chromium book clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(call timed,install .venv,\
@@ -51,7 +51,28 @@ test-book: notebooks
 	  if grep 'Executing notebook' $(BUILD_LOG); then \
 	    echo "the book build executed the notebooks above: tools/execute.py's cache missed them"; false; fi)
 
-test: test-unit test-notebooks test-book
+# Headless Chromium opens every page of the built book (tools/browser_check.py): maths typeset
+# by the bundled MathJax with the network blocked, images loaded, no tracebacks, warnings or
+# progress bars in outputs, no leaked {eq} or #| text, local links resolve; a screenshot of each
+# page lands in _build/screenshots/. Debian's chromium is installed when missing and apt-get can
+# (as root); where it cannot, the stage says so and is skipped.
+CHROMIUM ?= /usr/bin/chromium
+
+chromium:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  $(call timed,install Debian's chromium,\
+	    ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium ) >/dev/null 2>&1 || \
+	    echo "apt-get could not install chromium"; true); fi
+
+test-browser: test-book chromium
+	@if [ -x $(CHROMIUM) ]; then \
+	  $(call timed,the built book in headless Chromium,\
+	    $(PY) tools/browser_check.py _build/html --chromium $(CHROMIUM)); \
+	else echo "SKIPPED the browser test: no $(CHROMIUM), and apt-get could not install Debian's"\
+	  "chromium here (root and apt-get needed; or set CHROMIUM=/path/to/chromium)"; fi
+
+test: test-unit test-notebooks test-book test-browser
 
 book: test-book
 	@echo "Open $(CURDIR)/_build/html/index.html"

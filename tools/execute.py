@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -125,6 +126,27 @@ def check(cache, paths: list[Path]) -> list[str]:
     return missing
 
 
+def book_environment() -> dict:
+    """What the chapters' kernels inherit so that the book's outputs hold no console noise.
+
+    * `TQDM_DISABLE=1`: no progress bars (tqdm reads its defaults from `TQDM_*` variables).
+    * Without CUDA, `TRITON_INTERPRET=1` is set here, before any kernel starts: `import nsa`
+      then has nothing to switch on and no warning to print into every chapter's first output.
+      A user importing `nsa` on a CPU is still told once (nsa/device.py); the book says it in
+      its intro and in chapter 7.
+    """
+    env = {"TQDM_DISABLE": "1"}
+    if os.environ.get("NSA_DEVICE") == "cpu" or not _has_cuda():
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch  # here, not at the top: --check needs no torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
@@ -165,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"executing {len(paths)} notebooks, {args.jobs} at a time, timeout"
           f" {settings['timeout']} s a cell, into {cache_path}", flush=True)
 
+    for name, value in book_environment().items():  # the workers and their kernels inherit these
+        os.environ.setdefault(name, value)
     jobs = [(str(p), settings["timeout"], settings["allow_errors"], settings["run_in_temp"])
             for p in paths]
     failures, start = [], time.time()
