@@ -169,6 +169,9 @@ class SparseAttention(nn.Module):
             if k is not None or v is not None or mask is not None or cache is not None or lengths is not None:
                 raise ValueError("with cp_group, q holds this rank's shard of self-attention: pass k = v = mask = "
                                  "cache = lengths = None")
+            if self.mask is not None:
+                raise ValueError("the layer has a key padding mask (self.mask); with cp_group, pack the rows "
+                                 "(cu_seqlens=...) and set layer.mask = None")
             self._check_input("q", q)
             return context_parallel_forward(self, q, cp_group, cu_seqlens)
         if cache is not None:
