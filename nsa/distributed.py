@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from nsa.checks import check_cu_seqlens, check_int, check_tensor
+from nsa.checks import check_config, check_cu_seqlens, check_int, check_like, check_tensor
 from nsa.compression import compress
 from nsa.config import NSAConfig
 from nsa.sparse_attention import native_sparse_attention
@@ -110,13 +110,22 @@ def gather_sequence(x, group, lengths=None):
     return finish_gather(start_gather(x, group, lengths), lengths)
 
 
-def check_shards(q, k, v):
-    """q (B, n, Hq, Dqk), k (B, n, H, Dqk), v (B, n, H, Dv): shards of the same tokens."""
+def check_shards(q, k, v, gates, config):
+    """q (B, n, Hq, Dqk), k (B, n, H, Dqk), v (B, n, H, Dv), gates 3 x (B, n, Hq): shards of the
+    same tokens, in q's dtype and on its device; config an NSAConfig."""
+    check_config(config)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 4, "(batch, shard_len, heads, head_dim)")
+        check_like(name, x, q)
     if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k, v must be shards of the same tokens (batch, shard_len): got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    for name, g in zip(("g_cmp", "g_slc", "g_win"), gates):
+        check_tensor(name, g, 3, "(batch, shard_len, heads_q)")
+        check_like(name, g, q)
+        if g.shape != q.shape[:3]:
+            raise ValueError(f"{name} has shape {tuple(g.shape)}; expected q's (batch, shard_len, heads_q) = "
+                             f"{tuple(q.shape[:3])}")
 
 
 def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group"):
@@ -147,7 +156,7 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     sequences (B = 1), the cumulative lengths of the WHOLE packed row, the same on every rank.
     shard_lengths: every rank's token count (default: gathered, one small collective).
     """
-    check_shards(q, k, v)
+    check_shards(q, k, v, (g_cmp, g_slc, g_win), config)
     lengths, (s, e), key_start, cu_q, cu_k = prepare_shards(q, group, cu_seqlens, shard_lengths)
     k_all = finish_gather(start_gather(k, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dqk)
     v_all = finish_gather(start_gather(v, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dv)
