@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import nsa
 from nsa import NSAConfig, SparseAttention
-from nsa.distributed import (context_parallel_sparse_attention, gather_sequence, shard_bounds,
+from nsa.distributed import (context_parallel_sparse_attention, gather_sequence, local_problem, shard_bounds,
                              split_evenly)
 
 LAYER = dict(dim=16, heads=4, kv_heads=2, dim_head=8, compress_block_size=8, compress_stride=4,
@@ -95,6 +95,21 @@ def _check_errors(group):
         gather_sequence(x, group, [8])
     with pytest.raises(TypeError, match="cu_seqlens"):
         layer(x, cp_group=group, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="batch must be 1"):
+        layer(torch.cat([x, x]), cp_group=group, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    masked = _layer(mask=torch.ones(1, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key padding mask"):
+        masked(x, cp_group=group)
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    gates = [torch.rand(1, 8, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match="g_slc"):
+        context_parallel_sparse_attention(q, k, v, gates[0], gates[1][:, :4], gates[2], group=group)
+    with pytest.raises(ValueError, match="shards of the same tokens"):
+        context_parallel_sparse_attention(q, k[:, :4], v, *gates, group=group)
+    with pytest.raises(TypeError, match="config"):
+        context_parallel_sparse_attention(q, k, v, *gates, config={"window_size": 16}, group=group)
+    with pytest.raises(TypeError, match="group"):
+        context_parallel_sparse_attention(q, k, v, *gates, group=None)
 
 
 class Block(torch.nn.Module):
@@ -175,6 +190,23 @@ def _layer_worker(rank, world, store):
     singles = [dist.new_group([r]) for r in range(world)]
     _check_layer(singles[rank], [33], seed=7)
     dist.destroy_process_group()
+
+
+def test_shard_geometry():
+    assert split_evenly(75, 4) == [19, 19, 19, 18] and split_evenly(3, 4) == [1, 1, 1, 0]
+    assert shard_bounds([5, 70]) == [(0, 5), (5, 75)]
+    cu = torch.tensor([0, 20, 23, 61, 96], dtype=torch.int32)
+    key_start, cu_q, cu_k = local_problem(shard_bounds([23, 17, 30, 26]), 2, cu)  # queries [40, 70)
+    assert key_start == 23 and cu_q.tolist() == [0, 21, 30] and cu_k.tolist() == [0, 38, 47]
+    assert local_problem(shard_bounds([23, 17, 30, 26]), 3) == (0, None, None)
+
+
+def test_arguments_need_an_initialised_group():
+    layer = _layer()
+    with pytest.raises(ValueError, match="init_process_group"):
+        layer(torch.randn(1, 8, LAYER["dim"], dtype=torch.float64), cp_group="world")
+    with pytest.raises(ValueError, match="world_size"):
+        split_evenly(10, 0)
 
 
 def _spawn(worker, world, tmp_path):
