@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 import nsa
 from nsa import NSAConfig, SparseAttention
 from nsa.distributed import (context_parallel_sparse_attention, gather_sequence, local_problem, shard_bounds,
-                             split_evenly)
+                             split_evenly, start_gather)
 
 LAYER = dict(dim=16, heads=4, kv_heads=2, dim_head=8, compress_block_size=8, compress_stride=4,
              select_block_size=16, num_selected_blocks=3, window_size=16)
@@ -181,6 +182,9 @@ def _layer_worker(rank, world, store):
     cu = torch.tensor([0, 20, 23, 61, N], dtype=torch.int32)            # packed: sequences cross shards
     _check_layer(group, split_evenly(N, world), batch=1, cu_seqlens=cu, seed=5)
     _check_layer(group, [30, 45] if world == 2 else [10, 4, 50, 11], batch=1, cu_seqlens=cu, seed=6)
+    # -- the gather returns at once (the layer projects the queries while it runs) --
+    gathered = start_gather(torch.randn(1, 7, 2, 4), group, [7] * world)
+    assert isinstance(gathered, funcol.AsyncCollectiveTensor) and gathered.shape == (1, 7 * world, 2, 4)
     _check_functional(group, split_evenly(N, world), torch.float64, "torch")
     _check_functional(group, split_evenly(N, world), torch.float64, "torch", cu_seqlens=cu)
     _check_functional(group, split_evenly(40, world), torch.float32, "triton")   # the interpreter: small
