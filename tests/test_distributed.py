@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -171,6 +171,38 @@ def _check_fsdp(group, seed=13):
                                    msg=lambda m: f"FSDP step {name}: {m}")
 
 
+def _check_fsdp_bf16(group, seed=17):
+    """FSDP2's bf16 policy with context parallelism: parameters, activations and the gathered keys
+    in bf16, gradients reduced in float32. Against float32, the sharded layer errs no more than
+    one process running the layer in bf16 does."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    lengths = split_evenly(70, world)
+    s, e = shard_bounds(lengths)[rank]
+    x = torch.randn(1, sum(lengths), LAYER["dim"], generator=generator)
+    weight = torch.randn(x.shape, generator=generator)
+    grads, outputs = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):                     # one process, each precision
+        layer = _layer(seed).to(dtype)
+        y = layer(x.to(dtype)).float()
+        (y * weight).sum().backward()
+        grads[dtype] = {name: p.grad.float() for name, p in layer.named_parameters()}
+        outputs[dtype] = y.detach()
+    model = _layer(seed).float()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model, mesh=DeviceMesh.from_group(group, "cpu"), mp_policy=policy)
+    y_shard = model(x[:, s:e], cp_group=group)
+    assert y_shard.dtype == torch.bfloat16
+    (y_shard.float() * weight[:, s:e] * world).sum().backward()
+    error = lambda a, b: (a - b).norm().item()  # noqa: E731
+    exact = outputs[torch.float32][:, s:e]
+    assert error(y_shard.float(), exact) <= 1.5 * error(outputs[torch.bfloat16][:, s:e], exact) + 1e-6
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        exact = grads[torch.float32][name]
+        assert error(p.grad.full_tensor(), exact) <= 1.5 * error(grads[torch.bfloat16][name], exact) + 1e-6, name
+
+
 def _layer_worker(rank, world, store):
     _init(rank, world, store)
     group = dist.group.WORLD
@@ -190,6 +222,8 @@ def _layer_worker(rank, world, store):
     _check_functional(group, split_evenly(40, world), torch.float32, "triton")   # the interpreter: small
     _check_ddp(group)
     _check_fsdp(group)
+    if world == 2:
+        _check_fsdp_bf16(group)
     # -- a group of one process: the plain result --
     singles = [dist.new_group([r]) for r in range(world)]
     _check_layer(singles[rank], [33], seed=7)
