@@ -12,9 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
-from torch.utils.checkpoint import checkpoint
 
 from nsa.checks import check_config, check_cu_seqlens, check_int, check_like, check_tensor
 from nsa.compression import compress
@@ -209,6 +206,10 @@ def check_against_single_process(group, layer_kwargs, lengths, batch=1, cu_seqle
     and on the whole sequence in this process: the largest differences of this rank's outputs, its
     input gradients and the parameter gradients (summed over the ranks) -> dict.
     fsdp: the layer under FSDP2 (`fully_shard` over the group) with activation checkpointing."""
+    from torch.distributed.device_mesh import DeviceMesh   # here: FSDP takes a second to import
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.checkpoint import checkpoint
+
     from nsa.layer import SparseAttention                   # the layer imports this module
     rank, (s, e) = dist.get_rank(group), shard_bounds(lengths)[dist.get_rank(group)]
     torch.manual_seed(seed)
