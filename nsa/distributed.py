@@ -50,8 +50,8 @@ def resolve_shard_lengths(x, group, shard_lengths=None) -> list[int]:
     small all-gather, a host synchronisation). x: this rank's shard (B, n_rank, ...)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([x.shape[1]], dtype=torch.int64), group=group)
+        counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]   # NCCL: on the GPU
+        dist.all_gather(counts, torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device), group=group)
         shard_lengths = [int(c) for c in counts]
     if (not isinstance(shard_lengths, (list, tuple)) or len(shard_lengths) != world
             or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shard_lengths)):
@@ -96,9 +96,11 @@ def finish_gather(gathered, lengths, end=None):
     `end` tokens (the prefix a rank's queries read) when end is given."""
     longest, end = max(lengths), sum(lengths) if end is None else end
     if all(n == longest for n in lengths):
-        return gathered[:, :end]
-    parts = [gathered[:, r * longest:r * longest + n] for r, n in enumerate(lengths)]
-    return torch.cat(parts, dim=1)[:, :end]
+        return gathered[:, :end]                                       # a view: no copy, no wait yet
+    starts = [start for start, _ in shard_bounds(lengths)]
+    parts = [gathered[:, r * longest:r * longest + min(n, end - start)]          # the shards before end
+             for r, (n, start) in enumerate(zip(lengths, starts)) if start < end]
+    return torch.cat(parts, dim=1)
 
 
 def gather_sequence(x, group, lengths=None):
