@@ -171,6 +171,31 @@ def _check_fsdp(group, seed=13):
                                    msg=lambda m: f"FSDP step {name}: {m}")
 
 
+def _check_data_and_context(seed=19):
+    """Four ranks as 2 data-parallel replicas x 2 context-parallel ranks: replica i trains on row i
+    of the batch, its sequence sharded over a pair of ranks; FSDP2 shards the parameters over all
+    four. FSDP averages over four ranks and the batch loss is the mean over two rows, so a rank's
+    loss counts twice (the number of context-parallel ranks)."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]          # every rank makes every group
+    replica, cp_group = rank // 2, pairs[rank // 2]
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [30, 23]
+    s, e = shard_bounds(lengths)[rank % 2]
+    x = torch.randn(2, sum(lengths), LAYER["dim"], dtype=torch.float64, generator=generator)
+    weight = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+    grads, params = _single_step(x, weight / 2, seed)
+    model = Block(_layer(seed))
+    fully_shard(model, mesh=DeviceMesh.from_group(dist.group.WORLD, "cpu"))
+    row = slice(replica, replica + 1)
+    (model(x[row, s:e], cp_group=cp_group) * weight[row, s:e] * 2).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for name, p in model.attn.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), grads[name], msg=lambda m: f"2-D grad {name}: {m}")
+        torch.testing.assert_close(p.detach().full_tensor(), params[name].detach(),
+                                   msg=lambda m: f"2-D step {name}: {m}")
+
+
 def _check_fsdp_bf16(group, seed=17):
     """FSDP2's bf16 policy with context parallelism: parameters, activations and the gathered keys
     in bf16, gradients reduced in float32. Against float32, the sharded layer errs no more than
@@ -224,6 +249,8 @@ def _layer_worker(rank, world, store):
     _check_fsdp(group)
     if world == 2:
         _check_fsdp_bf16(group)
+    if world == 4:
+        _check_data_and_context()
     # -- a group of one process: the plain result --
     singles = [dist.new_group([r]) for r in range(world)]
     _check_layer(singles[rank], [33], seed=7)
