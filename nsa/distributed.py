@@ -79,6 +79,11 @@ def local_problem(bounds, rank: int, cu_seqlens=None):
     return key_start, as_tensor(cu_q), as_tensor(cu_k)
 
 
+# the differentiable all-gather: all_gather_single_autograd in newer PyTorch (2.13 deprecates the old
+# name), all_gather_tensor_autograd in older versions
+all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def start_gather(x, group, lengths):
     """Start the all-gather of every rank's shard x (B, n_rank, ...) along the sequence: returns at
     once, (B, world * max(lengths), ...), each rank's shard padded to the longest; the wait comes
@@ -87,7 +92,7 @@ def start_gather(x, group, lengths):
     pad = max(lengths) - x.shape[1]
     if pad:
         x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
-    gathered = funcol.all_gather_single_autograd(x.movedim(1, 0).contiguous(), gather_dim=0, group=group)
+    gathered = all_gather_autograd(x.movedim(1, 0).contiguous(), gather_dim=0, group=group)
     return gathered.movedim(0, 1)                                     # (B, world * max(lengths), ...)
 
 
