@@ -211,7 +211,8 @@ def check_against_single_process(group, layer_kwargs, lengths, batch=1, cu_seqle
                                  seed=0, dtype=torch.float64, device="cpu"):
     """`SparseAttention(**layer_kwargs)` on a sequence sharded over `group` (shard lengths `lengths`)
     and on the whole sequence in this process: the largest differences of this rank's outputs, its
-    input gradients and the parameter gradients (summed over the ranks) -> dict.
+    input gradients and the parameter gradients (summed over the ranks), each over the largest
+    entry of what it is compared with (of all the parameters' gradients together) -> dict.
     fsdp: the layer under FSDP2 (`fully_shard` over the group) with activation checkpointing."""
     from torch.distributed.device_mesh import DeviceMesh   # here: FSDP takes a second to import
     from torch.distributed.fsdp import fully_shard
@@ -245,6 +246,11 @@ def check_against_single_process(group, layer_kwargs, lengths, batch=1, cu_seqle
         grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
         for g in grads.values():
             dist.all_reduce(g, group=group)
-    error = lambda a, b: (a - b).abs().max().item() if a.numel() else 0.0  # noqa: E731
-    return {"output": error(y_shard, y_whole[:, s:e]), "input grad": error(x_shard.grad, x_whole.grad[:, s:e]),
-            "parameter grads": max(error(grads[name], expected[name]) for name in expected)}
+    def error(pairs):                          # the largest difference over the largest entry
+        pairs = [(a.detach().double(), b.detach().double()) for a, b in pairs if b.numel()]
+        largest = max((b.abs().max() for _, b in pairs), default=torch.tensor(0.0)).clamp_min(1e-30)
+        return (max((a - b).abs().max() for a, b in pairs) / largest).item() if pairs else 0.0
+
+    return {"output": error([(y_shard, y_whole[:, s:e])]),
+            "input grad": error([(x_shard.grad, x_whole.grad[:, s:e])]),
+            "parameter grads": error([(grads[name], expected[name]) for name in expected])}
