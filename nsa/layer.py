@@ -11,6 +11,7 @@ from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_pos
                         check_tensor, resolve_scale)
 from nsa.compression import CompressionMLP, compress
 from nsa.config import NSAConfig
+from nsa.distributed import context_parallel_forward
 from nsa.sparse_attention import native_sparse_attention
 from nsa.varlen import pack, sequence_bounds, unpack
 from nsa.window import sliding_window_attention
@@ -92,11 +93,20 @@ class SparseAttention(nn.Module):
     def project(self, x_q, x_k, x_v):
         """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",
         or "cmp", "slc", "win" with kv_per_branch); gates (g_cmp, g_slc, g_win), each (B, Nq, Hq)."""
+        queries, gates = self.project_queries(x_q)
+        return (queries, *self.project_keys_values(x_k, x_v), gates)
+
+    def project_queries(self, x_q):
+        """Queries (B, Nq, Hq, Dqk) and gates (g_cmp, g_slc, g_win), each (B, Nq, Hq)."""
         queries = rearrange(self.to_q(x_q), "b n (h d) -> b n h d", h=self.heads)         # (B, Nq, Hq, Dqk)
+        gates = torch.sigmoid(rearrange(self.to_gates(x_q), "b n (h c) -> c b n h", c=3))  # (3, B, Nq, Hq)
+        return queries, tuple(gates.to(queries.dtype))
+
+    def project_keys_values(self, x_k, x_v):
+        """Keys and values by branch, {name: (B, Nk, H, D)}."""
         keys = {b: rearrange(f(x_k), "b n (h d) -> b n h d", h=self.kv_heads) for b, f in self.to_k.items()}
         values = {b: rearrange(f(x_v), "b n (h d) -> b n h d", h=self.kv_heads) for b, f in self.to_v.items()}
-        gates = torch.sigmoid(rearrange(self.to_gates(x_q), "b n (h c) -> c b n h", c=3))  # (3, B, Nq, Hq)
-        return queries, keys, values, tuple(gates.to(queries.dtype))
+        return keys, values
 
     def branch(self, name: str) -> str:
         """The key of `name`'s keys and values in `project`'s dicts."""
@@ -134,7 +144,8 @@ class SparseAttention(nn.Module):
         (device and dtype default to the layer's parameters'); pass it as `forward(x, cache=...)`."""
         return KVCache.for_layer(self, batch_size, max_seq_len, device=device, dtype=dtype)
 
-    def forward(self, q, k=None, v=None, mask=None, *, cache=None, lengths=None, cu_seqlens=None):
+    def forward(self, q, k=None, v=None, mask=None, *, cache=None, lengths=None, cu_seqlens=None,
+                cp_group=None):
         """q: (B, Nq, dim); k, v: (B, Nk, dim), default k = q, v = k; Nq <= Nk (queries at the end).
 
         mask: (B, Nk) bool key padding mask, True = a token (default: the constructor's): each
@@ -149,7 +160,20 @@ class SparseAttention(nn.Module):
         returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
         cache, (B,) ints <= T, how many of the T tokens each row holds (q right-padded; the
         padding's outputs are 0); None = all T.
+        cp_group: context parallelism (Chapter 14), a torch.distributed process group whose ranks
+        each hold a contiguous shard of the tokens, in rank order: q is this rank's shard
+        (B, n_rank, dim) of self-attention (k = v = mask = None; cu_seqlens, if given, packs the
+        whole sequence, the same on every rank); returns this rank's shard of the output.
         """
+        if cp_group is not None:
+            if k is not None or v is not None or mask is not None or cache is not None or lengths is not None:
+                raise ValueError("with cp_group, q holds this rank's shard of self-attention: pass k = v = mask = "
+                                 "cache = lengths = None")
+            if self.mask is not None:
+                raise ValueError("the layer has a key padding mask (self.mask); with cp_group, pack the rows "
+                                 "(cu_seqlens=...) and set layer.mask = None")
+            self._check_input("q", q)
+            return context_parallel_forward(self, q, cp_group, cu_seqlens)
         if cache is not None:
             if k is not None or v is not None or mask is not None or cu_seqlens is not None:
                 raise ValueError("with a cache, q holds the new tokens of self-attention: pass k = v = mask = "
@@ -189,8 +213,11 @@ class SparseAttention(nn.Module):
 
     def attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
         """The layer on checked inputs: project, compress, NSA, the window of kv_per_branch, out."""
-        config = self.config
-        queries, keys, values, (g_cmp, g_slc, g_win) = self.project(q, k, v)
+        return self.attend_projected(*self.project(q, k, v), cu_seqlens_q, cu_seqlens_k)
+
+    def attend_projected(self, queries, keys, values, gates, cu_seqlens_q=None, cu_seqlens_k=None):
+        """`attend` after the projections (`project`'s four results): compress, NSA, window, out."""
+        config, (g_cmp, g_slc, g_win) = self.config, gates
         k_cmp, v_cmp = self.compressed(keys, values, cu_seqlens_k)
         g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
         packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k) if cu_seqlens_k is not None else {}
