@@ -205,6 +205,8 @@ class SparseAttention(nn.Module):
         if mask is None:
             return self.attend(q, k, v)
         check_key_padding_mask(mask, B, Nk, "mask")
+        if bool(mask.all()):            # nothing padded: one batched call (packing reads the mask too)
+            return self.attend(q, k, v)
         # -- a padded batch: each row's tokens as one packed sequence; the queries are its last --
         keep_q = mask[:, Nk - Nq:]
         q_packed, cu_q = pack(q, keep_q)

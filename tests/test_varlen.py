@@ -134,6 +134,8 @@ def test_layer_packed_and_padded_equal_each_row_alone(options):
         for b in range(3):
             torch.testing.assert_close(padded[b][keep[b]], layer(rows[b:b + 1, keep[b]])[0])
             assert torch.all(padded[b][~keep[b]] == 0)
+        # a mask that keeps everything is the layer without one (one batched call)
+        torch.testing.assert_close(layer(rows, mask=torch.ones(3, 40, dtype=torch.bool)), layer(rows))
         # fewer queries than keys (the last 12), and keys from another input
         memory = torch.randn(3, 40, 32, dtype=torch.float64)
         some = layer(rows[:, -12:], memory, mask=keep)
