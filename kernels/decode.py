@@ -153,8 +153,8 @@ def decode_select_kernel(
     T, num_rows, mem_kv_len,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-    NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
-    SPLITS: tl.constexpr, SPLITS_S: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    SLOTS: tl.constexpr,        # n padded to a power of two: a step's blocks, and the running top's size
+    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_S: tl.constexpr,
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
@@ -176,19 +176,19 @@ def decode_select_kernel(
     offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE
     w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
     w_spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
-    # -- this split's share of the selection blocks, in whole steps of BLOCK_S = SLOTS blocks --
-    chunk = tl.cdiv(tl.cdiv(last_sel + 1, SPLITS_S), BLOCK_S) * BLOCK_S
+    # -- this split's share of the selection blocks, in whole steps of SLOTS blocks --
+    chunk = tl.cdiv(tl.cdiv(last_sel + 1, SPLITS_S), SLOTS) * SLOTS
     lo = split * chunk
     hi = tl.minimum(lo + chunk, last_sel + 1)
     # -- the first step's candidates are the running top: SLOTS keys, a superset of its best n --
     cand = selection_step(lo, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
-                          TOKENS_PAD, GROUP_PAD, BLOCK_S, PER_SEL, NUM_INITIAL, NUM_LOCAL)
+                          TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, NUM_INITIAL, NUM_LOCAL)
     slot = tl.arange(0, SLOTS)
     top = tl.where(cand == GONE, EMPTY - slot.to(tl.int64)[None, :], cand)        # distinct empty slots
     # -- each further step's candidates merged into it --
-    for sel_start in range(lo + BLOCK_S, hi, BLOCK_S):
+    for sel_start in range(lo + SLOTS, hi, SLOTS):
         cand = selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
-                              TOKENS_PAD, GROUP_PAD, BLOCK_S, PER_SEL, NUM_INITIAL, NUM_LOCAL)
+                              TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, NUM_INITIAL, NUM_LOCAL)
         top = merge_top(top, cand, GONE)
     # -- this split's best SLOTS per token; stage 3 merges the splits' lists --
     tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
@@ -366,10 +366,10 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
     block_n = DECODE_BLOCK_N if q.is_cuda else 16
-    slots = block_s = triton.next_power_of_2(n)      # a selection step's candidates fill a top-n
+    slots = triton.next_power_of_2(n)                # a selection step's candidates fill a top-n
     target = PROGRAMS_PER_SM * multiprocessors(q.device)
     splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
-    splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), block_s),
+    splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), slots),
                            SELECT_PROGRAMS_PER_SM * multiprocessors(q.device))
     splits = split_count(B * H * T, n, target)
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
@@ -391,8 +391,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_select_kernel[(B, H, splits_s)](
         scores, cmp_acc, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
         GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel,
-        NUM_SELECT=n, SLOTS=slots, NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-        SPLITS=splits_c, SPLITS_S=splits_s, BLOCK_DV=block_dv, BLOCK_S=block_s,
+        SLOTS=slots, NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
+        SPLITS=splits_c, SPLITS_S=splits_s,
         num_warps=max(1, rows // 16))   # small tiles: one warp's shuffles reduce them, no barrier
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
