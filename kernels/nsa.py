@@ -12,8 +12,9 @@ from nsa.config import NSAConfig
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
 from nsa.kernels.common import check_kernel_inputs, load_rows, store_rows
-from nsa.kernels.selected import (default_queries_per_tile, query_tiles, selected_attention_bwd,
-                                  selected_attention_fwd)
+from nsa.kernels.selected import (default_queries_per_tile, key_block_centric, query_tiles,
+                                  selected_attention_bwd, selected_attention_fwd,
+                                  selected_by_block_bwd, selected_by_block_fwd)
 from nsa.kernels.topk import check_select_config, select_blocks_triton
 
 
@@ -78,14 +79,20 @@ def sparse_attention_forward(
     o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp)
     # -- 2. pass 2: importance scores and top-n, fused; integer indices --
     block_indices = select_blocks_triton(q, k_cmp, lse_cmp, Nk, config, scale, mem_kv_len=mem_kv_len)
-    # -- 3. selected branch over those blocks (tiles of queries for small groups) --
-    Q, tiles = query_tiles(block_indices, q.shape[2] // k.shape[2])
-    o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q, tiles)
+    # -- 3. selected branch over those blocks: per key block for small groups, else tiles of queries --
+    G, no_tiles = q.shape[2] // k.shape[2], tuple(block_indices.new_empty(0) for _ in range(3))
+    if key_block_centric(G):
+        o_slc, lse_slc = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal)
+        Q, tiles = 1, no_tiles
+    else:
+        Q, tiles = query_tiles(block_indices, G)
+        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
+                                                tiles)
     # -- 4. sliding-window branch --
     o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal))
     # -- 5. the gates --
     o = gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
-    tiles = tiles if Q > 1 else tuple(block_indices.new_empty(0) for _ in range(3))
+    tiles = tiles if Q > 1 else no_tiles
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices, *tiles
 
 
@@ -97,7 +104,7 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
     output = lambda: q.new_empty(B, Nq, Hq, Dv)
     lse = lambda: q.new_empty(B, Nq, Hq, dtype=torch.float32)
     Q = default_queries_per_tile(Hq // H)
-    if Q > 1:
+    if Q > 1 and not key_block_centric(Hq // H):
         T, E = -(-Nq // Q), Q * num_selected_blocks
         tiles = (q.new_empty(B, T, H, E, dtype=torch.int32), q.new_empty(B, T, H, E, dtype=torch.int32),
                  q.new_empty(B, T, H, dtype=torch.int32))
@@ -122,7 +129,8 @@ def sparse_attention_backward(
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do = (
         x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do))
     Nk = k.shape[1]
-    Q = default_queries_per_tile(q.shape[2] // k.shape[2])
+    G = q.shape[2] // k.shape[2]
+    Q = default_queries_per_tile(G)
     tiles = (tile_blocks, tile_members, tile_counts) if Q > 1 else (block_indices,) * 3
     d_cmp, d_slc, d_win = (torch.empty_like(g) for g in (g_cmp, g_slc, g_win))
     # -- compressed branch: writes dq --
@@ -131,8 +139,12 @@ def sparse_attention_backward(
     dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk, band_cmp,
                                                  gate=g_cmp, d_gate=d_cmp)
     # -- selected and window branches: add into dq --
-    _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
-                                       causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq)
+    if key_block_centric(G):
+        _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
+                                          causal, gate=g_slc, d_gate=d_slc, dq=dq)
+    else:
+        _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
+                                           scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq)
     _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
                                                 window_band(window_size, causal), gate=g_win, d_gate=d_win, dq=dq)
     return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
