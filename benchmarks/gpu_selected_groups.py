@@ -116,28 +116,32 @@ def peer_fn(q, k, v, do, indices, N, block_size, scale):
     return forward, forward_backward
 
 
-def timing(times_csv, lengths, peers):
+IMPLS = ("query_centric", "key_block_centric", "sdpa_flash", "xunhaolai_topk")
+
+
+def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
     rows = []
     for N in lengths:
-        for Hq, H in HEADS:
+        for Hq, H in heads:
             q, k, v, do, indices = inputs(N, Hq, H)
             scale = 128 ** -0.5
             record = lambda impl, pass_, ms: rows.append(dict(impl=impl, seq_len=N, heads_q=Hq, heads_kv=H,
                                                               head_dim=128, pass_=pass_, ms=f"{ms:.3f}"))
-            for design in ("query_centric", "key_block_centric"):
+            for design in [d for d in ("query_centric", "key_block_centric") if d in impls]:
                 fwd, both = design_fns(design, q, k, v, do, indices, 64, scale)
                 record(design, "fwd", do_bench(fwd))
                 record(design, "fwd_bwd", do_bench(both))
-            qd, kd, vd = (x.detach().transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(Hq // H, 2),
-                                                                        v.repeat_interleave(Hq // H, 2)))
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                record("sdpa_flash", "fwd", do_bench(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)))
-                qg, kg, vg = (x.requires_grad_() for x in (qd, kd, vd))
-                dog = do.transpose(1, 2).contiguous()
-                record("sdpa_flash", "fwd_bwd", do_bench(lambda: torch.autograd.grad(
-                    F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg), dog)))
-            del qd, kd, vd, qg, kg, vg
-            if peers:
+            if "sdpa_flash" in impls:
+                qd, kd, vd = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in
+                              (q, k.repeat_interleave(Hq // H, 2), v.repeat_interleave(Hq // H, 2)))
+                dod = do.transpose(1, 2).contiguous()
+                sdpa = lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                    with torch.no_grad():
+                        record("sdpa_flash", "fwd", do_bench(sdpa))
+                    record("sdpa_flash", "fwd_bwd", do_bench(lambda: torch.autograd.grad(sdpa(), (qd, kd, vd), dod)))
+                del qd, kd, vd
+            if peers and "xunhaolai_topk" in impls:
                 try:
                     fwd, both = peer_fn(q, k, v, do, indices, N, 64, scale)
                     record("xunhaolai_topk", "fwd", do_bench(fwd))
@@ -164,6 +168,8 @@ def main():
     parser.add_argument("--seq-lens", default="16k,64k")
     parser.add_argument("--peers", type=Path, default=None, help="folder holding native_sparse_attention")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--heads", default=",".join(f"{hq}/{hkv}" for hq, hkv in HEADS))
+    parser.add_argument("--impls", default=",".join(IMPLS))
     args = parser.parse_args()
     if args.peers:
         sys.path.insert(0, str(args.peers.resolve()))
@@ -171,12 +177,13 @@ def main():
     if not args.skip_check:
         correctness(args.out / "selected_groups_h200_errors.csv")
     lengths = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.seq_lens.split(",")]
-    rows = timing(args.out / "selected_groups_h200.csv", lengths, args.peers)
+    heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
+    rows = timing(args.out / "selected_groups_h200.csv", lengths, args.peers, heads, args.impls.split(","))
     print(f"\n{'N':>6s} {'heads':>6s} {'pass':>8s}" + "".join(f"{i:>14s}" for i in
           ("query_c", "key_block_c", "sdpa_flash", "xunhaolai")))
     ms = {(r["impl"], r["seq_len"], r["heads_q"], r["heads_kv"], r["pass_"]): r["ms"] for r in rows}
     for N in lengths:
-        for Hq, H in HEADS:
+        for Hq, H in heads:
             for pass_ in ("fwd", "fwd_bwd"):
                 print(f"{N:6d} {Hq:3d}/{H:<2d} {pass_:>8s}" + "".join(
                     f"{ms.get((i, N, Hq, H, pass_), '-'):>14s}" for i in

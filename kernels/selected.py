@@ -426,7 +426,8 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
                             dq=None):
     """Launch the gather kernel: (dk, dv) in float32. `do_branch` and `delta` are the branch's own
     dO and rowsum(o * dO); with dq (a zero-filled float32 (B, Nq, Hq, Dqk) buffer) the kernel also
-    adds each row's dq into it (ATOMIC_DQ)."""
+    adds each row's dq into it (ATOMIC_DQ), with one pipeline stage: on an H200 that took 46.6 ms
+    instead of 76.0 with two (64k tokens, 32/16 heads, chapter 8b)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda)
@@ -435,7 +436,7 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
     launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
                    (q, k, v, do_branch, lse, delta, *index, dk, dv, dq, scale, Nq, Nk, U),
                    dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, **meta),
-                   num_warps=4, num_stages=2, shrink=gathered_shrink(meta))
+                   num_warps=4, num_stages=1 if dq is not None else 2, shrink=gathered_shrink(meta))
     return dk, dv
 
 
@@ -528,7 +529,8 @@ def selected_by_block_forward_kernel(
 
 def selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal):
     """Launch the key-block-centric forward: (o, lse) like `selected_attention_fwd`. Inputs
-    contiguous and checked, indices prepared."""
+    contiguous and checked, indices prepared. One pipeline stage: on an H200 the forward took
+    30.6 ms instead of 40.7 with two (64k tokens, 32/16 heads)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda)
@@ -539,7 +541,7 @@ def selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal):
         launch_fitting(selected_by_block_forward_kernel, lambda _: (U, B * H),
                        (q, k, v, *index, row_max, row_sum, acc, scale, Nq, Nk, U),
                        dict(HEADS_KV=H, CAUSAL=causal, MAX_PASS=max_pass, **meta),
-                       num_warps=4, num_stages=2, shrink=gathered_shrink(meta))
+                       num_warps=4, num_stages=1, shrink=gathered_shrink(meta))
     seen = row_sum != 0
     o = torch.where(seen[..., None], acc / row_sum[..., None], 0.0).to(q.dtype)
     lse = torch.where(seen, (row_max + torch.log2(row_sum)) * math.log(2), float("-inf"))
@@ -566,7 +568,7 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
-KEY_BLOCK_CENTRIC_MAX_GROUP = 4   # measured on an H200 (chapter 8b): the inverted loop wins up to here
+KEY_BLOCK_CENTRIC_MAX_GROUP = 2   # measured on an H200 (chapter 8b): the inverted loop wins up to here
 
 
 def key_block_centric(group_size: int) -> bool:
