@@ -9,8 +9,10 @@ import torch
 import nsa  # first: switches Triton to its interpreter on a machine without CUDA
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
-from nsa.kernels.selected import (prepare_block_indices, prepare_query_tiles, reverse_block_index,
-                                  selected_attention_triton)
+from nsa.kernels.selected import (key_block_centric, prepare_block_indices, prepare_query_tiles,
+                                  query_tiles, reverse_block_index, selected_attention_bwd,
+                                  selected_attention_fwd, selected_attention_triton, selected_by_block_bwd,
+                                  selected_by_block_fwd)
 
 
 def random_indices(gen, B, Nq, Nk, H, n, block_size, empty=0.2):
@@ -74,6 +76,51 @@ def test_forward_and_gradients_fp32(shape, causal):
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=str)
 def test_tiles_of_queries_sharing_blocks(shape, queries_per_tile):
     run_case(*shape, queries_per_tile=queries_per_tile, shared=0.6, seed=queries_per_tile)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_key_block_centric_design_at_every_group(shape, causal):
+    """Chapter 8b's launchers (two-pass forward, gather kernel with atomic dq) against the dense
+    reference at groups 1, 2, 3, 4, 8 and 16 (the entry point uses them for small groups only)."""
+    B, Nq, Nk, Hq, H, Dqk, Dv, n, block_size = shape
+    gen = torch.Generator(DEVICE).manual_seed(Nq + Hq)
+    make = lambda *s: torch.randn(*s, generator=gen, device=DEVICE)
+    q, k, v, do = make(B, Nq, Hq, Dqk), make(B, Nk, H, Dqk), make(B, Nk, H, Dv), make(B, Nq, Hq, Dv)
+    indices = random_indices(gen, B, Nq, Nk, H, n, block_size)
+    prepared = prepare_block_indices(indices, block_size, Nk, causal)
+    o, lse = selected_by_block_fwd(q, k, v, prepared, block_size, 0.3, causal)
+    grads = selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, 0.3, causal)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = reference(q64, k64, v64, indices, block_size, 0.3, causal)
+    grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+    for name, x, ref in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *grads_ref)):
+        torch.testing.assert_close(x, ref.float(), atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("Hq, H", [(2, 2), (6, 3), (8, 1)])
+def test_key_block_centric_gated_backward_equals_query_centric(Hq, H):
+    """NSA's fused backward (chapter 10): gate scaling, the gate's gradient and dq added into a
+    buffer give the same results in both designs."""
+    gen = torch.Generator(DEVICE).manual_seed(Hq)
+    make = lambda *s: torch.randn(*s, generator=gen, device=DEVICE)
+    q, k, v, do = make(1, 29, Hq, 16), make(1, 29, H, 16), make(1, 29, H, 16), make(1, 29, Hq, 16)
+    gate = torch.rand(1, 29, Hq, generator=gen, device=DEVICE)
+    prepared = prepare_block_indices(random_indices(gen, 1, 29, 29, H, 3, 16), 16, 29, True)
+    Q, tiles = query_tiles(prepared, Hq // H)
+    o, lse = selected_attention_fwd(q, k, v, prepared, 16, 0.25, True, Q, tiles)
+    results = []
+    for backward in (lambda **kw: selected_attention_bwd(do, q, k, v, o, lse, prepared, 16, 0.25, True, Q, tiles, **kw),
+                     lambda **kw: selected_by_block_bwd(do, q, k, v, o, lse, prepared, 16, 0.25, True, **kw)):
+        d_gate, dq = torch.empty_like(gate), torch.ones_like(q)
+        results.append((*backward(gate=gate, d_gate=d_gate, dq=dq), d_gate, dq))
+    for name, a, b in zip(("dq returned", "dk", "dv", "d_gate", "dq buffer"), *results):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_design_by_group_size():
+    assert key_block_centric(1) and key_block_centric(2)
+    assert not any(key_block_centric(G) for G in (3, 4, 8, 16))
 
 
 def test_tiles_noncausal_fp16():
