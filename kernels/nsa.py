@@ -83,16 +83,16 @@ def sparse_attention_forward(
     G, no_tiles = q.shape[2] // k.shape[2], tuple(block_indices.new_empty(0) for _ in range(3))
     if key_block_centric(G):
         o_slc, lse_slc = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal)
-        Q, tiles = 1, no_tiles
+        tiles = no_tiles
     else:
         Q, tiles = query_tiles(block_indices, G)
         o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
                                                 tiles)
+        tiles = tiles if Q > 1 else no_tiles          # with Q = 1 the tiles are block_indices itself
     # -- 4. sliding-window branch --
     o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal))
     # -- 5. the gates --
     o = gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
-    tiles = tiles if Q > 1 else no_tiles
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices, *tiles
 
 
