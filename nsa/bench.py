@@ -143,7 +143,8 @@ def impls(seq_len, heads_q, heads_kv, head_dim):
 
     try:
         from fla.ops.nsa import parallel_nsa
-    except ImportError:
+    except ImportError as missing:                  # said once per config: a silent skip hides a broken install
+        print(f"fla_nsa skipped: {type(missing).__name__}: {missing}", file=sys.stderr)
         parallel_nsa = None
     if parallel_nsa is not None and group >= 16 and group & (group - 1) == 0:
         out["fla_nsa"] = (lambda: parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16,
