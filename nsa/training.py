@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from nsa.compression import compress, compressed_attention
 from nsa.layer import SparseAttention
+from nsa.masks import block_selection_mask, sliding_window_mask
 from nsa.selection import select_blocks, selection_scores
-from nsa.sparse_attention import dense_sparse_attention
-from nsa.window import sliding_window_attention
+from nsa.sparse_attention import combine_branches
 
 IGNORE_INDEX = -100   # the target of a position that is not a query (cross_entropy skips it)
 
@@ -144,20 +144,35 @@ def shared_projection_attention(layer: SparseAttention, x, window_size: int | No
     return layer.to_out(o)                                                               # (B, N, dim)
 
 
+def masked_sdpa(q, k, v, visible, scale):
+    """Attention of q (B, Nq, Hq, Dqk) to k, v (B, Nk, H, D) where `visible` (B, H, Nq, Nk) or (Nq, Nk)
+    bool, through SDPA -> (B, Nq, Hq, Dv). Every query must see a key."""
+    group_size = q.shape[2] // k.shape[2]
+    if visible.ndim == 4 and group_size > 1:
+        visible = visible.repeat_interleave(group_size, dim=1)                   # (B, Hq, Nq, Nk)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=visible, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)                                                     # (B, Nq, Hq, Dv)
+
+
 def dense_mask_attention(layer, x):
-    """`layer(x)` (self-attention, no padding) with NSA computed by chapter 5's dense-mask
-    formulation, `dense_sparse_attention`, instead of the layer's backend: the same function,
-    faster on a CPU at short lengths."""
+    """`layer(x)` (self-attention, no padding) with NSA's selected and window branches computed as
+    dense attention under bool masks (SDPA with `block_selection_mask` and `sliding_window_mask`)
+    instead of the layer's backend; the compressed branch and the selection are the torch
+    backend's. The same function, faster on a CPU at short lengths (no gather, no scatter)."""
     queries, keys, values, (g_cmp, g_slc, g_win) = layer.project(x, x, x)
-    k_cmp, v_cmp = layer.compressed(keys, values)
-    o = dense_sparse_attention(queries, keys[layer.branch("slc")], values[layer.branch("slc")], k_cmp, v_cmp,
-                               g_cmp, g_slc, torch.zeros_like(g_win) if layer.kv_per_branch else g_win,
-                               layer.config, layer.scale, mem_kv_len=layer.num_mem_kv)
-    o_win = None
-    if layer.kv_per_branch:
-        o_win = sliding_window_attention(queries, keys["win"], values["win"], layer.config.window_size,
-                                         layer.scale, causal=layer.config.causal)
-    return layer.output(o, o_win, g_win)
+    k_cmp, v_cmp = layer.compressed(keys, values)                                # (B, mem + N_c, H, D)
+    config, N, mem = layer.config, x.shape[1], layer.num_mem_kv
+    o_cmp, lse = compressed_attention(queries, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
+                                      layer.scale, causal=config.causal, mem_kv_len=mem, seq_len_k=N)
+    scores = selection_scores(queries, k_cmp, lse, N, config, layer.scale, mem_kv_len=mem)
+    block_indices = select_blocks(scores, N, config)                             # (B, N, H, n)
+    selected = block_selection_mask(block_indices, config.select_block_size, N, causal=config.causal)
+    o_slc = masked_sdpa(queries, keys[layer.branch("slc")], values[layer.branch("slc")], selected, layer.scale)
+    window = sliding_window_mask(N, N, config.window_size, x.device, causal=config.causal)
+    o_win = masked_sdpa(queries, keys[layer.branch("win")], values[layer.branch("win")], window, layer.scale)
+    o = combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)                 # (B, N, Hq, Dv)
+    return layer.to_out(layer.dropout(rearrange(o, "b n h d -> b n (h d)")))     # (B, N, dim)
 
 
 class RecallBlock(nn.Module):

@@ -7,7 +7,7 @@ import torch
 
 import nsa
 from nsa.training import (ATTENTIONS, CPU_EXPERIMENT, IGNORE_INDEX, RecallExperiment, RecallTask,
-                          RecallTransformer, accuracy_by_distance, make_recall_batch,
+                          RecallTransformer, accuracy_by_distance, dense_mask_attention, make_recall_batch,
                           nsa_block_selection, read_results, shared_projection_attention,
                           train_recall, write_results)
 
@@ -104,6 +104,25 @@ def test_nsa_dense_masks_equal_gather():
         for block in model.blocks:
             block.nsa_dense_masks = False
         torch.testing.assert_close(model(tokens), masked)
+
+
+@pytest.mark.parametrize("kwargs", [dict(heads=4, kv_heads=1), dict(heads=2, kv_per_branch=True, num_mem_kv=2),
+                                    dict(heads=4, kv_heads=2, compress_mlp=False)],
+                         ids=["gqa", "kv-per-branch-memory", "mean-pooling"])
+def test_dense_mask_attention_is_the_layer(kwargs):
+    """The CPU run's fast path (SDPA under the selection and window masks) equals the layer on the
+    torch backend, also where the recall model does not go: GQA, per-branch keys, memory rows."""
+    torch.manual_seed(2)
+    layer = nsa.SparseAttention(16, compress_block_size=8, compress_stride=4, select_block_size=8,
+                                num_selected_blocks=3, num_local_blocks=1, window_size=6, backend="torch",
+                                **kwargs).double()                        # 45 tokens: 6 blocks, 1 free slot
+    for N in (1, 9, 45):
+        x = torch.randn(2, N, 16, dtype=torch.float64, requires_grad=True)
+        expected = layer(x)
+        (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+        fast = dense_mask_attention(layer, x)
+        torch.testing.assert_close(fast, expected)
+        torch.testing.assert_close(torch.autograd.grad(fast.square().sum(), x)[0], grad_expected)
 
 
 def test_shared_projection_attention_is_chapter_1():
