@@ -27,7 +27,8 @@ def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,Nq,Nk,Hq,H,Dqk,Dv,config,mem", [
-    (1, 37, 37, 2, 1, 16, 16, SMALL, 0),                                    # odd length
+    (1, 37, 37, 2, 1, 16, 16, SMALL, 0),                                    # odd length, group 2 (per key block)
+    (1, 29, 29, 3, 3, 16, 16, SMALL, 1),                                    # group 1 (per key block), memory
     (2, 20, 75, 8, 2, 32, 16, NSAConfig(16, 8, 32, 3, 1, 1, 24), 2),         # batch, Nq < Nk, memory
     (1, 24, 50, 6, 2, 16, 16, NSAConfig(16, 8, 16, 4, 1, 2, 16, causal=False), 1),  # group 3, non-causal
     (1, 40, 101, 16, 1, 16, 16, SMALL, 0),      # group 16 (one query per program), 7 blocks to choose from
