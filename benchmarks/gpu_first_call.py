@@ -1,0 +1,111 @@
+"""How long the first call of a new shape takes with the Triton backend (GPU).
+
+    python benchmarks/gpu_first_call.py [--heads 32/32,64/4] [--seq-lens 16k,16400,64k] [--out DIR]
+
+Each call runs in a fresh Python process, as a user's new training job would: it imports nsa,
+makes bf16 inputs (batch 1, d = 128, the paper's geometry), and times one forward + backward of
+`native_sparse_attention(..., backend="triton")` (synchronised), then a second one. All processes
+share one Triton cache folder, emptied at the start, so the first process pays for compiling
+everything ("first ever") and each later one finds on disk what earlier shapes compiled. For each
+process the script prints the first and second call's seconds and how many kernels it compiled
+(new entries in the cache folder): a shape whose first call compiles nothing new costs only the
+loading of cached kernels and `launch_fitting`'s tile search. `--out DIR` writes
+DIR/first_call_<gpu>.csv. `--tiny` runs the same on small sizes in Triton's CPU interpreter
+(which compiles nothing): a check of the script only.
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(seq_len, heads_q, heads_kv, tiny):
+    """One process: (first call s, second call s) of a forward + backward, as JSON on stdout."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import nsa
+    from nsa import NSAConfig, compress, native_sparse_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, dim = (torch.float32, 16) if tiny else (torch.bfloat16, 128)
+    config = NSAConfig(16, 8, 16, 4, 1, 1, 32) if tiny else NSAConfig()
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, generator=g, dtype=dtype)
+    q, k, v = r(1, seq_len, heads_q, dim), r(1, seq_len, heads_kv, dim), r(1, seq_len, heads_kv, dim)
+    k_cmp = compress(k, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
+    v_cmp = compress(v, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
+    gates = [torch.sigmoid(r(1, seq_len, heads_q)) for _ in range(3)]
+    inputs = [x.requires_grad_() for x in (q, k, v, k_cmp, v_cmp, *gates)]
+    seconds = []
+    for _ in range(2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        native_sparse_attention(*inputs, config, backend="triton").sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"first_s": seconds[0], "second_s": seconds[1], "nsa": nsa.__version__}))
+
+
+def cache_entries(folder):
+    return sum(1 for _ in Path(folder).iterdir()) if Path(folder).exists() else 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", default="32/32,64/4")
+    parser.add_argument("--seq-lens", default="16k,16400,64k")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child, args.tiny)
+    heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
+    lengths = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.seq_lens.split(",")]
+    if args.tiny:
+        heads, lengths = [(2, 1)], [37, 40]
+    cache = tempfile.mkdtemp(prefix="triton-cache-")
+    env = dict(os.environ, TRITON_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
+    rows = []
+    print(f"{'heads':>6} {'N':>7} {'first call s':>13} {'second s':>9} {'compiled':>9} {'process s':>10}")
+    for heads_q, heads_kv in heads:
+        for seq_len in lengths:
+            before = cache_entries(cache)
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "--child", str(seq_len), str(heads_q), str(heads_kv)]
+                                  + (["--tiny"] if args.tiny else []), env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if done.returncode:
+                print(done.stderr[-2000:])
+                raise SystemExit(f"the process for N = {seq_len}, heads {heads_q}/{heads_kv} failed")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row = dict(heads=f"{heads_q}/{heads_kv}", seq_len=seq_len, first_s=f"{result['first_s']:.2f}",
+                       second_s=f"{result['second_s']:.3f}", compiled=cache_entries(cache) - before,
+                       process_s=f"{wall:.1f}")
+            rows.append(row)
+            print(f"{row['heads']:>6} {seq_len:7d} {row['first_s']:>13} {row['second_s']:>9} "
+                  f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
+    if args.out:
+        import torch
+        gpu = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / f"first_call_{gpu}.csv").open("w", newline="") as f:
+            f.write(f"# python benchmarks/gpu_first_call.py {' '.join(sys.argv[1:])}\n")
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
