@@ -338,6 +338,17 @@ def gathered_rows(QUERIES, first, end, batch, head_kv, seq_len_q, seq_len_k, HEA
 
 
 @triton.jit
+def program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV: tl.constexpr):
+    """This program's share of the reverse index: (batch, kv head, key block (-1: no work), first
+    and past-the-last entry of its chunk), for a grid (U, B * H)."""
+    u = tl.program_id(0)
+    bh = tl.program_id(1)
+    at = bh * num_programs + u
+    return (bh // HEADS_KV, bh % HEADS_KV, tl.load(CHUNK_BLOCK + at), tl.load(CHUNK_BEGIN + at),
+            tl.load(CHUNK_END + at))
+
+
+@triton.jit
 def selected_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
     QUERIES,                   # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
@@ -352,14 +363,8 @@ def selected_attention_backward_dkdv_kernel(
     BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,    # also add each row's dq = dS K into DQ (chapter 8b)
 ):
-    u = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HEADS_KV
-    h = bh % HEADS_KV
-    block = tl.load(CHUNK_BLOCK + bh * num_programs + u)
+    b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
     if block >= 0:
-        begin = tl.load(CHUNK_BEGIN + bh * num_programs + u)
-        end = tl.load(CHUNK_END + bh * num_programs + u)
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
 
@@ -487,14 +492,8 @@ def selected_by_block_forward_kernel(
     BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
     MAX_PASS: tl.constexpr,     # True: pass 1, the row maxima; False: pass 2, sums and outputs
 ):
-    u = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HEADS_KV
-    h = bh % HEADS_KV
-    block = tl.load(CHUNK_BLOCK + bh * num_programs + u)
+    b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
     if block >= 0:
-        begin = tl.load(CHUNK_BEGIN + bh * num_programs + u)
-        end = tl.load(CHUNK_END + bh * num_programs + u)
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
 
