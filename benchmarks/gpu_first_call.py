@@ -1,15 +1,15 @@
 """How long the first call of a new shape takes with the Triton backend (GPU).
 
-    python benchmarks/gpu_first_call.py [--heads 32/32,64/4] [--seq-lens 16k,16400,64k] [--out DIR]
+    python benchmarks/gpu_first_call.py [--heads 32/32,64/4] [--seq-lens 16k,16385,64k,65000] [--out DIR]
 
-Each call runs in a fresh Python process, as a user's new training job would: it imports nsa,
-makes bf16 inputs (batch 1, d = 128, the paper's geometry), and times one forward + backward of
-`native_sparse_attention(..., backend="triton")` (synchronised), then a second one. All processes
-share one Triton cache folder, emptied at the start, so the first process pays for compiling
-everything ("first ever") and each later one finds on disk what earlier shapes compiled. For each
-process the script prints the first and second call's seconds and how many kernels it compiled
-(new entries in the cache folder): a shape whose first call compiles nothing new costs only the
-loading of cached kernels and `launch_fitting`'s tile search. `--out DIR` writes
+Each shape runs in a fresh Python process, as a user's new training job would: it imports nsa,
+makes bf16 inputs (batch 1, d = 128, the paper's geometry) and times (synchronised) one
+forward + backward of `native_sparse_attention(..., backend="triton")` at 1000 tokens (the
+process's own warm-up: CUDA, loading or compiling the kernels), then the first and the second
+call at the shape: the first is what a new shape costs a running job. All processes share one
+Triton cache folder, emptied at the start, so the first process pays for compiling everything
+("first ever") and each later one finds on disk what earlier shapes compiled; the script also
+counts the kernels each process compiled (new entries in the cache folder). `--out DIR` writes
 DIR/first_call_<gpu>.csv. `--tiny` runs the same on small sizes in Triton's CPU interpreter
 (which compiles nothing): a check of the script only.
 """
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(seq_len, heads_q, heads_kv, tiny):
-    """One process: (first call s, second call s) of a forward + backward, as JSON on stdout."""
+    """One process: the seconds of a first forward + backward at 1000 tokens (the process's own
+    warm-up: CUDA, loading kernels), then of the first and second call at `seq_len`, as JSON."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -40,21 +41,28 @@ def child(seq_len, heads_q, heads_kv, tiny):
     config = NSAConfig(16, 8, 16, 4, 1, 1, 32) if tiny else NSAConfig()
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=device, generator=g, dtype=dtype)
-    q, k, v = r(1, seq_len, heads_q, dim), r(1, seq_len, heads_kv, dim), r(1, seq_len, heads_kv, dim)
-    k_cmp = compress(k, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
-    v_cmp = compress(v, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
-    gates = [torch.sigmoid(r(1, seq_len, heads_q)) for _ in range(3)]
-    inputs = [x.requires_grad_() for x in (q, k, v, k_cmp, v_cmp, *gates)]
-    seconds = []
-    for _ in range(2):
+
+    def inputs(n):
+        q, k, v = r(1, n, heads_q, dim), r(1, n, heads_kv, dim), r(1, n, heads_kv, dim)
+        k_cmp = compress(k, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
+        v_cmp = compress(v, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
+        gates = [torch.sigmoid(r(1, n, heads_q)) for _ in range(3)]
+        return [x.requires_grad_() for x in (q, k, v, k_cmp, v_cmp, *gates)]
+
+    def timed(tensors):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        native_sparse_attention(*inputs, config, backend="triton").sum().backward()
+        native_sparse_attention(*tensors, config, backend="triton").sum().backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    print(json.dumps({"first_s": seconds[0], "second_s": seconds[1], "nsa": nsa.__version__}))
+        return time.perf_counter() - start
+
+    warm_s = timed(inputs(40 if tiny else 1000))
+    tensors = inputs(seq_len)
+    first_s = timed(tensors)
+    second_s = timed(tensors)
+    print(json.dumps({"warm_s": warm_s, "first_s": first_s, "second_s": second_s, "nsa": nsa.__version__}))
 
 
 def cache_entries(folder):
@@ -64,7 +72,7 @@ def cache_entries(folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", default="32/32,64/4")
-    parser.add_argument("--seq-lens", default="16k,16400,64k")
+    parser.add_argument("--seq-lens", default="16k,16385,64k,65000")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -78,7 +86,8 @@ def main():
     cache = tempfile.mkdtemp(prefix="triton-cache-")
     env = dict(os.environ, TRITON_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
     rows = []
-    print(f"{'heads':>6} {'N':>7} {'first call s':>13} {'second s':>9} {'compiled':>9} {'process s':>10}")
+    print(f"{'heads':>6} {'N':>7} {'1000 tok s':>11} {'first call s':>13} {'second s':>9} {'compiled':>9} "
+          f"{'process s':>10}")
     for heads_q, heads_kv in heads:
         for seq_len in lengths:
             before = cache_entries(cache)
@@ -90,11 +99,12 @@ def main():
                 print(done.stderr[-2000:])
                 raise SystemExit(f"the process for N = {seq_len}, heads {heads_q}/{heads_kv} failed")
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            row = dict(heads=f"{heads_q}/{heads_kv}", seq_len=seq_len, first_s=f"{result['first_s']:.2f}",
+            row = dict(heads=f"{heads_q}/{heads_kv}", seq_len=seq_len, warm_s=f"{result['warm_s']:.2f}",
+                       first_s=f"{result['first_s']:.2f}",
                        second_s=f"{result['second_s']:.3f}", compiled=cache_entries(cache) - before,
                        process_s=f"{wall:.1f}")
             rows.append(row)
-            print(f"{row['heads']:>6} {seq_len:7d} {row['first_s']:>13} {row['second_s']:>9} "
+            print(f"{row['heads']:>6} {seq_len:7d} {row['warm_s']:>11} {row['first_s']:>13} {row['second_s']:>9} "
                   f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
     if args.out:
         import torch

@@ -94,7 +94,7 @@ def band_forward_steps(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows"])
 def band_attention_forward_kernel(
     Q, K, V,              # contiguous (B, Nq, Hq, Dqk), (B, R, H, Dqk), (B, R, H, Dv); R key rows
     O, LSE,               # outputs: (B, Nq, Hq, Dv) in q's dtype, (B, Nq, Hq) float32 (natural log)
@@ -224,7 +224,7 @@ def band_dq_steps(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows"])
 def band_attention_backward_dq_kernel(
     Q, K, V, O, DO,
     GATE,                     # (B, Nq, Hq): the branch's gate, P's row factor when GATED (Chapter 8)
@@ -276,7 +276,7 @@ def band_attention_backward_dq_kernel(
     store_dq(DQ, dq * scale, q_rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows", "chunk_len"])
 def band_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk

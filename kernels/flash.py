@@ -9,7 +9,7 @@ from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, laun
                                 load_rows, softmax_finish, softmax_update, store_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k"])
 def flash_attention_forward_kernel(
     Q, K, V,                       # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
     O,                             # output, contiguous (B, Nq, Hq, Dv), q's dtype

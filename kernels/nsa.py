@@ -18,7 +18,7 @@ from nsa.kernels.selected import (default_queries_per_tile, key_block_centric, q
 from nsa.kernels.topk import check_select_config, select_blocks_triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def gated_sum_forward_kernel(
     O_CMP, O_SLC, O_WIN,      # branch outputs (R, Dv), R = B * Nq * Hq rows, contiguous
     G_CMP, G_SLC, G_WIN,      # gates (R,)

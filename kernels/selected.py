@@ -31,7 +31,7 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
     return torch.where(valid, indices, -1).contiguous()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "num_tiles"])
 def query_tiles_kernel(
     BLOCK_INDICES,          # (B, Nq, H, n) int32, prepared: -1 = skip, no repeats in a row
     TILE_BLOCKS,            # output (B, T, H, E) int32: distinct blocks ascending, then -1
@@ -476,7 +476,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
 def selected_by_block_forward_kernel(
     Q, K, V,                # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
     QUERIES,                # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
