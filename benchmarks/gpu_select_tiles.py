@@ -1,0 +1,88 @@
+"""Launch sweep of the fused selection kernel (chapter 9's `select_blocks_kernel`) on a GPU.
+
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_select_tiles.py [--seq-len 64k] [--heads 32/32,32/8,64/4]
+
+For each head configuration: random bf16 q and compressed keys (mean pooling of random keys, the
+paper's geometry, d = 128), the compressed branch's lse, then `select_blocks_kernel` launched with
+each (positions per program BLOCK_M, selection blocks per step BLOCK_S, warps, stages) of the
+sweep. Every variant's block indices must equal the default launch's (`select_blocks_triton`);
+each is timed with triton.testing.do_bench (median). Prints one line per variant.
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from nsa import NSAConfig, compress  # noqa: E402
+from nsa.kernels import topk  # noqa: E402
+from nsa.kernels.band import compressed_attention_triton  # noqa: E402
+from nsa.kernels.common import LOG2E, head_dim_block  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", default="64k")
+    parser.add_argument("--heads", default="32/32,32/8,64/4")
+    args = parser.parse_args()
+    N = int(args.seq_len[:-1]) * 1024 if args.seq_len.endswith("k") else int(args.seq_len)
+    config, D = NSAConfig(), 128
+    l, d, l_sel, n = (config.compress_block_size, config.compress_stride, config.select_block_size,
+                      config.num_selected_blocks)
+    scale = D ** -0.5
+    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, N = {N}")
+    for item in args.heads.split(","):
+        Hq, H = (int(x) for x in item.split("/"))
+        G = Hq // H
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k_cmp = compress(k, block_size=l, stride=d).contiguous()
+        v_cmp = compress(v, block_size=l, stride=d).contiguous()
+        _, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, seq_len_k=N)
+        lse = lse.float().contiguous()
+        want = topk.select_blocks_triton(q, k_cmp, lse, N, config, scale)
+        default_ms = do_bench(lambda: topk.select_blocks_triton(q, k_cmp, lse, N, config, scale),
+                              warmup=20, rep=100, return_mode="median")
+        print(f"== {Hq}/{H}: select_blocks_triton as shipped {default_ms:8.2f} ms")
+        gpad = triton.next_power_of_2(G)
+        num_cmp, num_sel = k_cmp.shape[1], triton.cdiv(N, l_sel)
+        for positions, step, warps, stages in itertools.product((16, 32, 64, 128), (16, 32), (4, 8), (2, 3)):
+            rows = positions * gpad
+            if rows < 16 or rows > 512:
+                continue
+            out = torch.empty(1, N, H, n, device="cuda", dtype=torch.int32)
+            meta = dict(HEADS_Q=Hq, GROUP=G, GROUP_PAD=gpad, DIM_QK=D, BLOCK_DQK=head_dim_block(D),
+                        CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n,
+                        SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
+                        NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=positions, BLOCK_S=step)
+
+            def launch():
+                topk.select_blocks_kernel[(triton.cdiv(N, positions), 1, H)](
+                    q, k_cmp, lse, out, scale * LOG2E.value, N, N, 0, num_cmp, num_sel, **meta,
+                    num_warps=warps, num_stages=stages)
+            try:
+                launch()
+                torch.cuda.synchronize()
+            except Exception as error:                       # noqa: BLE001 - a variant that does not fit
+                print(f"  positions {positions:3d} step {step:2d} warps {warps} stages {stages}: "
+                      f"{type(error).__name__}: {str(error)[:80]}")
+                continue
+            same = torch.equal(out, want)
+            ms = do_bench(launch, warmup=20, rep=100, return_mode="median")
+            print(f"  positions {positions:3d} (rows {rows:3d}) step {step:2d} warps {warps} stages {stages}: "
+                  f"{ms:8.2f} ms  {'same' if same else 'DIFFERENT'}")
+        del q, k, v, k_cmp, v_cmp, lse, want
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
