@@ -1,0 +1,127 @@
+"""Which length argument's specialisation pays, kernel by kernel (GPU; chapter 7, appendix).
+
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_specialisation.py [--seq-len 64k]
+
+Chapter 7 marks the kernels' length arguments `do_not_specialize` so that a new sequence length
+compiles nothing, except in four kernels that were measured slower without their specialisation
+(book/data/specialisation_ab_h200.txt): chapter 9's selection and chapter 8's forward, dq and
+dk/dv kernels. This script re-jits each of the four from its Python function with one length
+argument unspecialised at a time, then all of them (and all with `do_not_specialize_on_alignment`,
+which keeps the `== 1` specialisation), puts the variant in place of the shipped kernel in its
+module, and times the kernel's launcher (triton.testing.do_bench, median) at the paper's geometry,
+bf16, d = 128, with the selections of random inputs: the selection at 32/32, 32/8 and 64/4, the
+query-centric forward and backward at 32/8 and 64/4, the gather kernel (dk, dv) at 64/4 and, with
+its atomic dq, at 32/32. Each variant's result must equal the shipped kernel's (indices exactly,
+outputs within bf16 rounding). Prints one line per (kernel, heads, variant).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import nsa  # noqa: E402,F401
+from nsa.bench import make_inputs  # noqa: E402
+from nsa.kernels import selected as sel  # noqa: E402
+from nsa.kernels import topk  # noqa: E402
+from nsa.kernels.band import compressed_attention_triton  # noqa: E402
+
+KERNELS = {   # kernel name -> (module, its length arguments)
+    "select_blocks_kernel": (topk, ["seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel"]),
+    "selected_attention_forward_kernel": (sel, ["seq_len_q", "seq_len_k", "num_tiles", "num_entries"]),
+    "selected_attention_backward_dq_kernel": (sel, ["seq_len_q", "seq_len_k", "num_tiles", "num_entries"]),
+    "selected_attention_backward_dkdv_kernel": (sel, ["seq_len_q", "seq_len_k", "num_programs"]),
+}
+
+
+def variants(name):
+    """(label, kernel) pairs: the shipped kernel, then re-jitted ones."""
+    module, lengths = KERNELS[name]
+    shipped = getattr(module, name)
+    out = [("specialised (shipped)", shipped)]
+    out += [(f"{arg} unspecialised", triton.jit(do_not_specialize=[arg])(shipped.fn)) for arg in lengths]
+    out.append(("all unspecialised", triton.jit(do_not_specialize=lengths)(shipped.fn)))
+    out.append(("all: no alignment only", triton.jit(do_not_specialize_on_alignment=lengths)(shipped.fn)))
+    return out
+
+
+def problem(N, heads_q, heads_kv):
+    """bf16 q, k, v, dO and the selection NSA makes for them, prepared for the selected kernels."""
+    (q, k, v, k_cmp, v_cmp, *_), config = make_inputs(N, heads_q, heads_kv, 128)
+    q, k, v, k_cmp, v_cmp = (t.detach() for t in (q, k, v, k_cmp, v_cmp))
+    scale = 128 ** -0.5
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
+                                         scale, seq_len_k=N)
+    lse = lse.float().contiguous()
+    indices = topk.select_blocks_triton(q, k_cmp, lse, N, config, scale)
+    prepared = sel.prepare_block_indices(indices, config.select_block_size, N, True)
+    do = torch.randn_like(q)
+    return dict(q=q, k=k, v=v, k_cmp=k_cmp, lse_cmp=lse, config=config, scale=scale, indices=prepared, do=do)
+
+
+def launcher(name, p):
+    """A closure running the launcher that uses kernel `name`, returning what to compare."""
+    q, k, v, config, scale, indices, do = (p[x] for x in ("q", "k", "v", "config", "scale", "indices", "do"))
+    l_sel, N = config.select_block_size, q.shape[1]
+    G = q.shape[2] // k.shape[2]
+    if name == "select_blocks_kernel":
+        return lambda: (topk.select_blocks_triton(q, p["k_cmp"], p["lse_cmp"], N, config, scale),)
+    Q, tiles = sel.query_tiles(indices, G)
+    o, lse = sel.selected_attention_fwd(q, k, v, indices, l_sel, scale, True, Q, tiles)
+    if name == "selected_attention_forward_kernel":
+        return lambda: sel.selected_attention_fwd(q, k, v, indices, l_sel, scale, True, Q, tiles)
+    if name == "selected_attention_backward_dq_kernel":
+        return lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, indices, l_sel, scale, True, Q, tiles)
+    delta = (o.float() * do.float()).sum(-1)
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if sel.key_block_centric(G) else None
+    return lambda: sel.selected_attention_dkdv(q, k, v, do, lse, delta, indices, l_sel, scale, True, dq=dq)
+
+
+CASES = [("select_blocks_kernel", (32, 32)), ("select_blocks_kernel", (32, 8)), ("select_blocks_kernel", (64, 4)),
+         ("selected_attention_forward_kernel", (64, 4)), ("selected_attention_forward_kernel", (32, 8)),
+         ("selected_attention_backward_dq_kernel", (64, 4)), ("selected_attention_backward_dq_kernel", (32, 8)),
+         ("selected_attention_backward_dkdv_kernel", (64, 4)), ("selected_attention_backward_dkdv_kernel", (32, 32))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", default="64k")
+    args = parser.parse_args()
+    N = int(args.seq_len[:-1]) * 1024 if args.seq_len.endswith("k") else int(args.seq_len)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, N = {N}")
+    problems = {}
+    for name, heads in CASES:
+        if heads not in problems:
+            problems.clear()
+            torch.cuda.empty_cache()
+            problems[heads] = problem(N, *heads)
+        p = problems[heads]
+        module = KERNELS[name][0]
+        shipped = getattr(module, name)
+        want = None
+        try:
+            for label, kernel in variants(name):
+                setattr(module, name, kernel)
+                run = launcher(name, p)
+                got = [t for t in run() if t is not None]
+                if want is None:
+                    want = [t.clone() for t in got]
+                    same = True
+                else:
+                    same = all(torch.equal(a, b) if a.dtype == torch.int32 else
+                               torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2) for a, b in zip(got, want))
+                ms = do_bench(run, warmup=20, rep=100, return_mode="median")
+                print(f"{name:40s} {heads[0]}/{heads[1]:<3d} {label:28s} {ms:8.2f} ms  "
+                      f"{'same' if same else 'DIFFERENT'}", flush=True)
+        finally:
+            setattr(module, name, shipped)
+
+
+if __name__ == "__main__":
+    main()
