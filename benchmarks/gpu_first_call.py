@@ -1,6 +1,7 @@
 """How long the first call of a new shape takes with the Triton backend (GPU).
 
     python benchmarks/gpu_first_call.py [--heads 32/32,64/4] [--seq-lens 16k,16385,64k,65000] [--out DIR]
+        [--build shipped]
 
 Each shape runs in a fresh Python process, as a user's new training job would: it imports nsa,
 makes bf16 inputs (batch 1, d = 128, the paper's geometry) and times (synchronised) one
@@ -9,8 +10,9 @@ process's own warm-up: CUDA, loading or compiling the kernels), then the first a
 call at the shape: the first is what a new shape costs a running job. All processes share one
 Triton cache folder, emptied at the start, so the first process pays for compiling everything
 ("first ever") and each later one finds on disk what earlier shapes compiled; the script also
-counts the kernels each process compiled (new entries in the cache folder). `--out DIR` writes
-DIR/first_call_<gpu>.csv. `--tiny` runs the same on small sizes in Triton's CPU interpreter
+counts the kernels each process compiled (new entries in the cache folder). `--out DIR` puts the
+rows into DIR/first_call_<gpu>.csv under the label `--build` (replacing that label's earlier
+rows, keeping the other builds' that chapter 7 compares). `--tiny` runs the same on small sizes in Triton's CPU interpreter
 (which compiles nothing): a check of the script only.
 """
 
@@ -74,6 +76,7 @@ def main():
     parser.add_argument("--heads", default="32/32,64/4")
     parser.add_argument("--seq-lens", default="16k,16385,64k,65000")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--build", default="shipped", help="the label of these rows in the CSV")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -99,23 +102,31 @@ def main():
                 print(done.stderr[-2000:])
                 raise SystemExit(f"the process for N = {seq_len}, heads {heads_q}/{heads_kv} failed")
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            row = dict(heads=f"{heads_q}/{heads_kv}", seq_len=seq_len, warm_s=f"{result['warm_s']:.2f}",
-                       first_s=f"{result['first_s']:.2f}",
-                       second_s=f"{result['second_s']:.3f}", compiled=cache_entries(cache) - before,
-                       process_s=f"{wall:.1f}")
+            row = dict(build=args.build, warm_up="40 tokens" if args.tiny else "1000 tokens",
+                       heads=f"{heads_q}/{heads_kv}", seq_len=seq_len, warm_s=f"{result['warm_s']:.2f}",
+                       first_s=f"{result['first_s']:.2f}", second_s=f"{result['second_s']:.3f}",
+                       compiled=cache_entries(cache) - before, process_s=f"{wall:.1f}")
             rows.append(row)
             print(f"{row['heads']:>6} {seq_len:7d} {row['warm_s']:>11} {row['first_s']:>13} {row['second_s']:>9} "
                   f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
     if args.out:
         import torch
         gpu = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
+        path = args.out / f"first_call_{gpu}.csv"
+        comments, kept = [], []
+        if path.exists():
+            with path.open() as f:
+                lines = f.read().splitlines()
+            comments = [line for line in lines if line.startswith("#")]
+            kept = [r for r in csv.DictReader(line for line in lines if not line.startswith("#"))
+                    if r["build"] != args.build]
         args.out.mkdir(parents=True, exist_ok=True)
-        with (args.out / f"first_call_{gpu}.csv").open("w", newline="") as f:
-            f.write(f"# python benchmarks/gpu_first_call.py {' '.join(sys.argv[1:])}\n")
+        with path.open("w", newline="") as f:
+            for line in comments + [f"# build {args.build}: python benchmarks/gpu_first_call.py {' '.join(sys.argv[1:])}"]:
+                f.write(line + "\n")
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows(rows)
-
+            writer.writerows(kept + rows)
 
 if __name__ == "__main__":
     main()

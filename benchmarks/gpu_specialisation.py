@@ -4,7 +4,7 @@
 
 Chapter 7 marks the kernels' length arguments `do_not_specialize` so that a new sequence length
 compiles nothing, except in four kernels that were measured slower without their specialisation
-(book/data/specialisation_ab_h200.txt): chapter 9's selection and chapter 8's forward, dq and
+(book/data/specialisation_ab_h200.csv): chapter 9's selection and chapter 8's forward, dq and
 dk/dv kernels. This script re-jits each of the four from its Python function with one length
 argument unspecialised at a time, then all of them (and all with `do_not_specialize_on_alignment`,
 which keeps the `== 1` specialisation), puts the variant in place of the shipped kernel in its
