@@ -1,0 +1,38 @@
+"""The GPU scripts' CPU modes (`--tiny`, in Triton's interpreter): a script broken by a change to
+the package is found here, not after a GPU machine has started for it."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name, *args):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--tiny", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_check_nsa_tiny_compares_with_the_reference(tmp_path):
+    out = run_script("gpu_check_nsa.py", "--out", str(tmp_path))
+    summary = out[out.index("== summary =="):].splitlines()[2:]
+    assert summary and all(line.rstrip().endswith("ok") for line in summary if line.strip())
+
+
+def test_first_call_tiny_adds_its_rows_under_a_build_label(tmp_path):
+    kept = tmp_path / "first_call_cpu.csv"
+    kept.write_text("# an earlier build\nbuild,warm_up,heads,seq_len,warm_s,first_s,second_s,compiled,process_s\n"
+                    "earlier,none,2/1,37,,1.0,0.5,0,2.0\ntest,none,2/1,37,,9.0,9.0,9,9.0\n")
+    run_script("gpu_first_call.py", "--out", str(tmp_path), "--build", "test")
+    with kept.open() as f:
+        lines = f.read().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert [r["build"] for r in rows] == ["earlier", "test", "test"]          # the old "test" row replaced
+    assert [int(r["seq_len"]) for r in rows[1:]] == [37, 40]
+    assert all(float(r["first_s"]) > 0 and r["warm_up"] == "40 tokens" for r in rows[1:])
+    assert lines[0] == "# an earlier build" and lines[1].startswith("# build test:")
