@@ -12,8 +12,8 @@ Triton cache folder, emptied at the start, so the first process pays for compili
 ("first ever") and each later one finds on disk what earlier shapes compiled; the script also
 counts the kernels each process compiled (new entries in the cache folder). `--out DIR` puts the
 rows into DIR/first_call_<gpu>.csv under the label `--build` (replacing that label's earlier
-rows, keeping the other builds' that chapter 7 compares). `--tiny` runs the same on small sizes in Triton's CPU interpreter
-(which compiles nothing): a check of the script only.
+rows, keeping the other builds' that chapter 7 compares). `--tiny` runs the same on small sizes
+in Triton's CPU interpreter (which compiles nothing): a check of the script only.
 """
 
 import argparse
@@ -113,20 +113,22 @@ def main():
         import torch
         gpu = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
         path = args.out / f"first_call_{gpu}.csv"
+        label = f"# build {args.build}:"
         comments, kept = [], []
         if path.exists():
             with path.open() as f:
                 lines = f.read().splitlines()
-            comments = [line for line in lines if line.startswith("#")]
+            comments = [line for line in lines if line.startswith("#") and not line.startswith(label)]
             kept = [r for r in csv.DictReader(line for line in lines if not line.startswith("#"))
                     if r["build"] != args.build]
         args.out.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
-            for line in comments + [f"# build {args.build}: python benchmarks/gpu_first_call.py {' '.join(sys.argv[1:])}"]:
+            for line in comments + [f"{label} python benchmarks/gpu_first_call.py {' '.join(sys.argv[1:])}"]:
                 f.write(line + "\n")
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(kept + rows)
+
 
 if __name__ == "__main__":
     main()
