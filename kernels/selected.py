@@ -431,8 +431,8 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
                             dq=None):
     """Launch the gather kernel: (dk, dv) in float32. `do_branch` and `delta` are the branch's own
     dO and rowsum(o * dO); with dq (a zero-filled float32 (B, Nq, Hq, Dqk) buffer) the kernel also
-    adds each row's dq into it (ATOMIC_DQ), with one pipeline stage: on an H200 that took 46.6 ms
-    instead of 76.0 with two (64k tokens, 32/16 heads, chapter 8b)."""
+    adds each row's dq into it (ATOMIC_DQ, chapter 8b), with one pipeline stage: the fastest launch
+    measured on an H200 (appendix, "Engineering notes")."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda)
@@ -481,34 +481,41 @@ def selected_by_block_forward_kernel(
     Q, K, V,                # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
     QUERIES,                # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
-    ROW_MAX,                # (B, Nq, Hq) float32, -inf-filled: pass 1 stores each row's max score (base 2)
+    ROW_MAX,                # (B, Nq, Hq) float32, -inf-filled: pass 1 stores each row's max score (base 2),
+                            #   pass 2 reads it
     ROW_SUM,                # (B, Nq, Hq) float32, zero-filled: pass 2 adds sum(p)
     ACC,                    # (B, Nq, Hq, Dv) float32, zero-filled: pass 2 adds p v
-    scale, seq_len_q, seq_len_k, num_programs,   # num_programs: U
-    HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    scale,                  # softmax scale (natural base)
+    seq_len_q, seq_len_k,   # Nq, Nk: query i sits at t = Nk - Nq + i
+    num_programs,           # U: programs per (batch, kv head)
+    HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,     # H, G = Hq // H
+    DIM_QK: tl.constexpr, DIM_V: tl.constexpr,            # Dqk, Dv
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,      # Dqk, Dv padded to powers of two >= 16
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
-    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,   # l'
+    CAUSAL: tl.constexpr,       # hide keys after the query's position
     MAX_PASS: tl.constexpr,     # True: pass 1, the row maxima; False: pass 2, sums and outputs
 ):
+    # -- this program's key block and its chunk of the reverse index --
     b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
     if block >= 0:
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
+        qk_scale = scale * LOG2E
 
         # -- load the key block once: k (l', Dqk), and for pass 2 v (l', Dv) --
         keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, HEADS_KV, BLOCK_SIZE)
         k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
         if not MAX_PASS:
             v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
-        qk_scale = scale * LOG2E
 
         for start in range(begin, end, BLOCK_Q):
-            # -- gather BLOCK_Q queries x G heads; scores (rows, l'), base 2, -inf where hidden --
+            # -- gather BLOCK_Q queries x G heads: rows (BLOCK_Q * BLOCK_GQ,) --
             rows, row_ok, t = gathered_rows(QUERIES, start, end, b, h, seq_len_q, seq_len_k,
                                             HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q)
             q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
+            # -- scores s (rows, l'), base 2, -inf where hidden --
             s = tl.dot(q, tl.trans(k)) * qk_scale
             visible = row_ok[:, None] & key_ok[None, :]
             if CAUSAL:
@@ -528,19 +535,22 @@ def selected_by_block_forward_kernel(
 
 def selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal):
     """Launch the key-block-centric forward: (o, lse) like `selected_attention_fwd`. Inputs
-    contiguous and checked, indices prepared. One pipeline stage: on an H200 the forward took
-    30.6 ms instead of 40.7 with two (64k tokens, 32/16 heads)."""
+    contiguous and checked, indices prepared. One pipeline stage, the fastest launch measured
+    on an H200 (appendix, "Engineering notes")."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
+    # -- the reverse index, and the float32 buffers the passes fill --
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda)
     row_max = torch.full((B, Nq, Hq), float("-inf"), device=q.device, dtype=torch.float32)
     row_sum = torch.zeros(B, Nq, Hq, device=q.device, dtype=torch.float32)
     acc = torch.zeros(B, Nq, Hq, Dv, device=q.device, dtype=torch.float32)
+    # -- pass 1: row maxima; pass 2: sum p and p v --
     for max_pass in (True, False):
         launch_fitting(selected_by_block_forward_kernel, lambda _: (U, B * H),
                        (q, k, v, *index, row_max, row_sum, acc, scale, Nq, Nk, U),
                        dict(HEADS_KV=H, CAUSAL=causal, MAX_PASS=max_pass, **meta),
                        num_warps=4, num_stages=1, shrink=gathered_shrink(meta))
+    # -- finish: o = acc / sum p, lse --
     seen = row_sum != 0
     o = torch.where(seen[..., None], acc / row_sum[..., None], 0.0).to(q.dtype)
     lse = torch.where(seen, (row_max + torch.log2(row_sum)) * math.log(2), float("-inf"))
@@ -552,14 +562,17 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     """Launch the key-block-centric backward: (dq, dk, dv) in q's dtype, with the arguments of
     `selected_attention_bwd` (no tiles): with `gate`, `do` is the gated sum's and the gate's
     gradient goes into `d_gate`; with `dq` this branch's dq is added into it."""
-    delta = (o.float() * do.float()).sum(-1)                            # rowsum(o * do)
+    # -- delta = rowsum(o * do), and the gate's part --
+    delta = (o.float() * do.float()).sum(-1)
     if gate is not None:
         d_gate.copy_(delta)
         do = (do.float() * gate.float()[..., None]).to(do.dtype)         # the branch's g dO
         delta = delta * gate.float()
+    # -- the gather kernel: dk, dv, and dq by atomic adds --
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk, dv = selected_attention_dkdv(q, k, v, do.contiguous(), lse, delta, block_indices, block_size,
                                      scale, causal, dq=dq_acc)
+    # -- dq in q's dtype, or added into the caller's --
     if dq is None:
         dq = dq_acc.to(q.dtype)
     else:
