@@ -13,8 +13,11 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    batch 1, random valid selections with block 0 and the query's own block forced) at each
    --seq-lens, heads 32/32, 32/16, 32/8, 32/4 and 64/4: each design's forward (index preparation
    included) and forward + backward, SDPA flash over the same tokens (kv heads expanded), and,
-   with --peers DIR holding XunhaoLai's `native_sparse_attention` package (its public repository,
-   a benchmark-only dependency), its `topk_sparse_attention` on the same selections.
+   with --peers DIR holding XunhaoLai's `native_sparse_attention` package and FSA's `fsa` and
+   `nsa_ref` packages (their public repositories, XunhaoLai/native-sparse-attention-triton and
+   Relaxed-System-Lab/Flash-Sparse-Attention: benchmark-only dependencies), their
+   `topk_sparse_attention` and `FSA_topk_sparse_attention` on the same selections, each first
+   compared with chapter 8's output (the relative difference is printed).
 Writes DIR/selected_groups_h200.csv (impl, seq_len, heads_q, heads_kv, pass, ms) and
 DIR/selected_groups_h200_errors.csv; prints a table last.
 """
@@ -101,22 +104,36 @@ def correctness(errors_csv):
     assert worst < 1e-2, worst
 
 
-def peer_fn(q, k, v, do, indices, N, block_size, scale):
-    """XunhaoLai's topk_sparse_attention on the same selections: (forward, forward + backward)."""
+def xunhaolai_topk(q, k, v, topk, block_size, cu_seqlens, scale):
     from native_sparse_attention.ops import topk_sparse_attention
+    return topk_sparse_attention(q, k, v, topk, block_size, cu_seqlens, scale)
+
+
+def fsa_topk(q, k, v, topk, block_size, cu_seqlens, scale):
+    from fsa.ops import FSA_topk_sparse_attention
+    return FSA_topk_sparse_attention(q, k, v, topk, block_size, cu_seqlens, scale)
+
+
+PEERS = {"xunhaolai_topk": xunhaolai_topk, "fsa_topk": fsa_topk}
+
+
+def peer_fn(attend, q, k, v, do, indices, N, block_size, scale):
+    """A peer's varlen top-k attention on the same selections: (forward, forward + backward).
+    Both peers take q (N, Hq, d), k, v (N, H, d), block indices (H, N, n) int32 with -1 padding
+    and flash-attn's cu_seqlens."""
     cu = torch.tensor([0, N], device=DEV, dtype=torch.int32)
     topk = indices[0].permute(1, 0, 2).contiguous()                    # (H, N, n), -1 padding
     q1, k1, v1 = (x[0].detach().requires_grad_() for x in (q, k, v))
 
     def forward():
-        return topk_sparse_attention(q1, k1, v1, topk, block_size, cu, scale)
+        return attend(q1, k1, v1, topk, block_size, cu, scale)
 
     def forward_backward():
         torch.autograd.grad(forward(), (q1, k1, v1), do[0])
     return forward, forward_backward
 
 
-IMPLS = ("query_centric", "key_block_centric", "sdpa_flash", "xunhaolai_topk")
+IMPLS = ("query_centric", "key_block_centric", "sdpa_flash", *PEERS)
 
 
 def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
@@ -141,15 +158,21 @@ def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
                         record("sdpa_flash", "fwd", do_bench(sdpa))
                     record("sdpa_flash", "fwd_bwd", do_bench(lambda: torch.autograd.grad(sdpa(), (qd, kd, vd), dod)))
                 del qd, kd, vd
-            if peers and "xunhaolai_topk" in impls:
-                try:
-                    fwd, both = peer_fn(q, k, v, do, indices, N, 64, scale)
-                    record("xunhaolai_topk", "fwd", do_bench(fwd))
-                    record("xunhaolai_topk", "fwd_bwd", do_bench(both))
-                except Exception as failure:       # a peer that fails is reported, not fatal
-                    print(f"xunhaolai_topk {N} {Hq}/{H}: {type(failure).__name__}: {failure}"[:300])
+            ours = None
+            for name, attend in PEERS.items():
+                if peers and name in impls:
+                    try:
+                        fwd, both = peer_fn(attend, q, k, v, do, indices, N, 64, scale)
+                        if ours is None:   # chapter 8's output on the same selections, (N, Hq, Dv)
+                            ours = design_fns("query_centric", q, k, v, do, indices, 64, scale)[0]()[3][0][0].float()
+                        difference = ((fwd().float() - ours).norm() / ours.norm()).item()
+                        print(f"{name} {N} {Hq}/{H}: output differs from ours by {difference:.2e} (relative)")
+                        record(name, "fwd", do_bench(fwd))
+                        record(name, "fwd_bwd", do_bench(both))
+                    except Exception as failure:       # a peer that fails is reported, not fatal
+                        print(f"{name} {N} {Hq}/{H}: {type(failure).__name__}: {failure}"[:300])
             torch.cuda.empty_cache()
-            for r in rows[-8:]:
+            for r in rows[-10:]:
                 if int(r["seq_len"]) == N and (r["heads_q"], r["heads_kv"]) == (Hq, H):
                     print(f"{r['impl']:20s} {N:6d} {Hq:3d}/{H:<3d} {r['pass_']:8s} {r['ms']:>10s}", flush=True)
     with open(times_csv, "w", newline="") as f:
@@ -166,7 +189,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "book" / "data")
     parser.add_argument("--seq-lens", default="16k,64k")
-    parser.add_argument("--peers", type=Path, default=None, help="folder holding native_sparse_attention")
+    parser.add_argument("--peers", type=Path, default=None,
+                        help="folder holding native_sparse_attention, fsa and nsa_ref")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--heads", default=",".join(f"{hq}/{hkv}" for hq, hkv in HEADS))
     parser.add_argument("--impls", default=",".join(IMPLS))
@@ -180,14 +204,14 @@ def main():
     heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
     rows = timing(args.out / "selected_groups_h200.csv", lengths, args.peers, heads, args.impls.split(","))
     print(f"\n{'N':>6s} {'heads':>6s} {'pass':>8s}" + "".join(f"{i:>14s}" for i in
-          ("query_c", "key_block_c", "sdpa_flash", "xunhaolai")))
+          ("query_c", "key_block_c", "sdpa_flash", "xunhaolai", "fsa")))
     ms = {(r["impl"], r["seq_len"], r["heads_q"], r["heads_kv"], r["pass_"]): r["ms"] for r in rows}
     for N in lengths:
         for Hq, H in heads:
             for pass_ in ("fwd", "fwd_bwd"):
                 print(f"{N:6d} {Hq:3d}/{H:<2d} {pass_:>8s}" + "".join(
                     f"{ms.get((i, N, Hq, H, pass_), '-'):>14s}" for i in
-                    ("query_centric", "key_block_centric", "sdpa_flash", "xunhaolai_topk")))
+                    IMPLS))
 
 
 if __name__ == "__main__":
