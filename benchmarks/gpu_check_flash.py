@@ -6,7 +6,7 @@ Not collected by pytest; a GPU user runs it from the repository root:
 
 Checks fp16 and bf16 against float64 dense attention (all rows up to 4k; 256 spot-checked rows at
 16k and 64k), printing relative errors, then times the primer beside SDPA (flash backend), causal,
-and writes flash_primer_h100.csv to --out (default book/data).
+and writes flash_primer_<gpu>.csv to --out (default book/data).
 """
 
 import argparse
@@ -28,6 +28,7 @@ try:  # an uninstalled checkout: kernels/ is importable as nsa.kernels once nsa'
 except ImportError:
     nsa.__path__.append(str(ROOT))
 from nsa import attention, causal_mask  # noqa: E402
+from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels.flash import flash_attention  # noqa: E402
 
 import triton  # noqa: E402
@@ -91,7 +92,7 @@ def timing(out):
             torch.cuda.empty_cache()
         except Exception:
             traceback.print_exc()
-    with (out / "flash_primer_h100.csv").open("w", newline="") as f:
+    with (out / f"flash_primer_{gpu_tag()}.csv").open("w", newline="") as f:
         f.write(f"# python benchmarks/gpu_check_flash.py; torch {torch.__version__}, triton {triton.__version__}, "
                 f"{torch.cuda.get_device_name()}; bf16, 64 query / 4 kv heads, d = 128, causal, fwd, "
                 "do_bench median ms\n")

@@ -49,6 +49,7 @@ except ImportError:       # a plain checkout: map kernels/ to nsa.kernels by han
     nsa.kernels = module
 from nsa.compression import compressed_attention  # noqa: E402
 from nsa.config import NSAConfig  # noqa: E402
+from nsa.device import gpu_tag  # noqa: E402
 from nsa.geometry import num_compressed_blocks  # noqa: E402
 from nsa.selection import select_blocks, selected_attention, selection_scores  # noqa: E402
 from nsa.sparse_attention import combine_branches, native_sparse_attention  # noqa: E402
@@ -283,7 +284,7 @@ def main():
         if not torch.cuda.is_available():
             sys.exit("gpu_check_nsa.py needs a CUDA GPU (or --tiny)")
         name = torch.cuda.get_device_name()
-        gpu, dtype = ("h100" if "H100" in name else name.split()[-1].lower()), torch.bfloat16
+        gpu, dtype = gpu_tag(), torch.bfloat16
         print(f"{name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
         paper = NSAConfig()
         R = 256

@@ -17,8 +17,8 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    of selections — random (as above), chapter 3's selection run on random q, k ("real"), and on
    q, k with planted structure (neighbouring queries favour the same blocks) — with the number of
    distinct blocks per query, and a loads-only copy of the forward loop (the floor of its loads).
-CSV files go to --out (default book/data): selected_attention_h100_errors.csv,
-selected_attention_h100_times.csv and (--variants) selected_attention_h100_variants.csv.
+CSV files go to --out (default book/data): selected_attention_<gpu>_errors.csv,
+selected_attention_<gpu>_times.csv and (--variants) selected_attention_<gpu>_variants.csv.
 """
 
 import argparse
@@ -42,6 +42,7 @@ try:  # an uninstalled checkout: kernels/ is importable as nsa.kernels once nsa'
 except ImportError:
     nsa.__path__.append(str(ROOT))
 from nsa import attention, block_selection_mask  # noqa: E402
+from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 
 import triton  # noqa: E402
@@ -411,7 +412,7 @@ def main():
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: test the script")
     parser.add_argument("--variants", action="store_true", help="also time tiles of queries on three "
-                        "kinds of selections at 64k (selected_attention_h100_variants.csv)")
+                        "kinds of selections at 64k (selected_attention_<gpu>_variants.csv)")
     args = parser.parse_args()
     global SMOKE
     SMOKE = args.smoke
@@ -423,7 +424,7 @@ def main():
     command = " ".join(["python benchmarks/gpu_check_selected.py", *flags])
     start = time.time()
     if not args.skip_check:
-        with (out / "selected_attention_h100_errors.csv").open("w", newline="", buffering=1) as f:
+        with (out / f"selected_attention_{gpu_tag()}_errors.csv").open("w", newline="", buffering=1) as f:
             f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
                     f"{gpu_name}; relative error ||x - ref|| / ||ref|| vs float64\n")
             w = csv.writer(f)
@@ -441,7 +442,7 @@ def main():
     if SMOKE:
         lengths = [64, 100]
         configs = [(64, 8, 2, True), (100, 8, 2, True), (100, 4, 4, False)]
-    with (out / "selected_attention_h100_times.csv").open("w", newline="", buffering=1) as f:
+    with (out / f"selected_attention_{gpu_tag()}_times.csv").open("w", newline="", buffering=1) as f:
         f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
                 f"{gpu_name}; do_bench median ms, bf16, batch 1, causal\n")
         w = csv.writer(f)
@@ -449,7 +450,7 @@ def main():
                     "select_block_size", "pass", "ms", "note"])
         table = timing(w, configs)
     if args.variants:
-        with (out / "selected_attention_h100_variants.csv").open("w", newline="", buffering=1) as f:
+        with (out / f"selected_attention_{gpu_tag()}_variants.csv").open("w", newline="", buffering=1) as f:
             f.write(f"# {command}; torch {torch.__version__}, triton {triton.__version__}, "
                     f"{gpu_name}; do_bench median ms, bf16, batch 1, causal; union = distinct blocks "
                     f"per query (per tile / Q)\n")

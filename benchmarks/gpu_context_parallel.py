@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import nsa
+from nsa.device import gpu_tag
 from nsa.distributed import check_against_single_process, gather_sequence, split_evenly
 
 SMALL = dict(dim=256, heads=8, kv_heads=2, dim_head=64, compress_block_size=32, compress_stride=16,
@@ -107,7 +108,7 @@ def main():
     group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     ok = check(group, world, device)
     if not args.quick and device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device).split()[-1].lower()
+        gpu = gpu_tag(device)
         table = []
         for tokens in args.tokens:
             for name, ms, peak in time_layer(group, world, device, tokens):

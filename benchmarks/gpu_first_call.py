@@ -110,9 +110,9 @@ def main():
             print(f"{row['heads']:>6} {seq_len:7d} {row['warm_s']:>11} {row['first_s']:>13} {row['second_s']:>9} "
                   f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
     if args.out:
-        import torch
-        gpu = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "cpu"
-        path = args.out / f"first_call_{gpu}.csv"
+        sys.path.insert(0, str(ROOT))
+        from nsa.device import gpu_tag
+        path = args.out / f"first_call_{gpu_tag()}.csv"
         label = f"# build {args.build}:"
         comments, kept = [], []
         if path.exists():

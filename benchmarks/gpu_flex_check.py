@@ -13,7 +13,7 @@ time limit; `--cpu-smoke` is a tiny forward-only run on the CPU.)
    selected blocks differ when the selection is fed FlexAttention's lse instead of the
    reference's (a differing selection, possible in bf16 at near-ties, explains a local mismatch).
 2. Timing (bf16, compiled): building the fine BlockMask per call vs the selected-branch attention
-   it feeds, at a few lengths -> flex_mask_cost_h100.csv (the chapter plots it from book/data/),
+   it feeds, at a few lengths -> flex_mask_cost_<gpu>.csv (the chapter plots it from book/data/),
    and one forward of the whole flex backend vs the torch backend.
 The last lines printed are a short table; exit status 1 if a tolerance check failed.
 `--cpu-smoke` runs tiny forward-only cases on the CPU (no GPU needed), to catch mistakes before a GPU run.
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import nsa  # noqa: E402
 import nsa.flex  # noqa: E402
 from nsa.compression import compressed_attention  # noqa: E402
+from nsa.device import gpu_tag  # noqa: E402
 from nsa.flex import _flex, create_compress_mask, create_fine_mask  # noqa: E402
 from nsa.selection import select_blocks, selection_scores  # noqa: E402
 
@@ -184,7 +185,7 @@ def timings(lines, out, lengths=(2048, 8192, 16384), whole_lengths=(4096, 8192))
            f"compiled flex_attention, {str(dtype)[6:]}, Hq={Hq}, H={H}, D={D}; median of 5 after a warm-up",
            "seq_len,mask_ms,attention_ms"]
     csv += [f"{N},{m:.3f},{a:.3f}" for N, m, a in rows]
-    name = "flex_mask_cost_h100.csv" if DEVICE == "cuda" else "flex_mask_cost_cpu_smoke.csv"
+    name = f"flex_mask_cost_{gpu_tag()}.csv" if DEVICE == "cuda" else "flex_mask_cost_cpu_smoke.csv"
     (out / name).write_text("\n".join(csv) + "\n")
 
     config = nsa.NSAConfig()

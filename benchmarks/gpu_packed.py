@@ -32,6 +32,7 @@ import torch
 
 import nsa
 from nsa import NSAConfig, compress, native_sparse_attention
+from nsa.device import gpu_tag
 
 CHECK_LENGTHS = [1, 17, 1000, 2048, 5000, 20000]    # checked documents: tiny, odd, and long
 COLUMNS = ["impl", "tokens", "docs", "heads_q", "heads_kv", "head_dim", "pass", "ms"]
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                 print(f"{name}: {type(error).__name__}: {str(error)[:160]}")
             torch.cuda.empty_cache()
     if args.out is not None:
-        gpu = torch.cuda.get_device_name().split()[-1].lower()
+        gpu = gpu_tag()
         args.out.mkdir(parents=True, exist_ok=True)
         with (args.out / f"packed_{gpu}.csv").open("w", newline="") as f:
             csv.writer(f).writerows([COLUMNS, *rows])

@@ -18,8 +18,8 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    Relaxed-System-Lab/Flash-Sparse-Attention: benchmark-only dependencies), their
    `topk_sparse_attention` and `FSA_topk_sparse_attention` on the same selections, each first
    compared with chapter 8's output (the relative difference is printed).
-Writes DIR/selected_groups_h200.csv (impl, seq_len, heads_q, heads_kv, pass, ms) and
-DIR/selected_groups_h200_errors.csv; prints a table last.
+Writes DIR/selected_groups_<gpu>.csv (impl, seq_len, heads_q, heads_kv, pass, ms) and
+DIR/selected_groups_<gpu>_errors.csv; prints a table last.
 """
 
 import argparse
@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
+from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 
 from gpu_check_selected import random_block_indices, reference_fp64, rel  # noqa: E402
@@ -199,10 +200,10 @@ def main():
         sys.path.insert(0, str(args.peers.resolve()))
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_check:
-        correctness(args.out / "selected_groups_h200_errors.csv")
+        correctness(args.out / f"selected_groups_{gpu_tag()}_errors.csv")
     lengths = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.seq_lens.split(",")]
     heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
-    rows = timing(args.out / "selected_groups_h200.csv", lengths, args.peers, heads, args.impls.split(","))
+    rows = timing(args.out / f"selected_groups_{gpu_tag()}.csv", lengths, args.peers, heads, args.impls.split(","))
     print(f"\n{'N':>6s} {'heads':>6s} {'pass':>8s}" + "".join(f"{i:>14s}" for i in
           ("query_c", "key_block_c", "sdpa_flash", "xunhaolai", "fsa")))
     ms = {(r["impl"], r["seq_len"], r["heads_q"], r["heads_kv"], r["pass_"]): r["ms"] for r in rows}

@@ -80,8 +80,10 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+
+    from nsa.device import gpu_tag
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else re.sub(r"\W+", "_", gpu.lower())
+    tag = gpu_tag()
     notebooks = chapters_in_order()
     if args.chapters:
         wanted = args.chapters.split(",")

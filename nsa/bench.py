@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("4k,8k,16k,32k,64k,128k"))
     parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("book/data/bench_h100.csv"))
+    parser.add_argument("--out", type=Path, default=None, help="default: book/data/bench_<gpu>.csv")
     parser.add_argument("--only", default=None, help="comma-separated implementation names")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -194,6 +194,9 @@ def main(argv=None) -> int:
         return 2
     from tqdm import tqdm
 
+    from nsa.device import gpu_tag
+
+    args.out = args.out or Path(f"book/data/bench_{gpu_tag()}.csv")
     info = machine_info(sys.argv[1:] if argv is None else argv)
     print(f"{info['device']}: bf16 matmul {info['matmul_bf16_tflops']} TFLOP/s")
     rows, memory_rows = [], []

@@ -110,13 +110,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("book/data/decode_h200.csv"))
+    parser.add_argument("--out", type=Path, default=None, help="default: book/data/decode_<gpu>.csv")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("python -m nsa.bench_decode needs a CUDA GPU (it times Triton kernels and CUDA graphs).")
         return 2
     from triton.testing import do_bench
 
+    from nsa.device import gpu_tag
+
+    args.out = args.out or Path(f"book/data/decode_{gpu_tag()}.csv")
     info = machine_info(sys.argv[1:] if argv is None else argv)
     info["command"] = info["command"].replace("nsa.bench", "nsa.bench_decode", 1)
     print(f"{info['device']}: bf16 matmul {info['matmul_bf16_tflops']} TFLOP/s")

@@ -8,9 +8,11 @@ Hand-written glue (not a chapter): every chapter and the package start here.
   sets it and says so once. Under the interpreter fp32 and fp16 are right; bf16 is not.
 * `sized(cpu=..., gpu=...)` is the size knob: chapters run small problems on the CPU and real
   ones on a GPU. `NSA_SIZE=small` or `NSA_SIZE=full` overrides the choice.
+* `gpu_tag()` names the GPU in the files its measurements go to (`bench_h200.csv`).
 """
 
 import os
+import re
 import sys
 import warnings
 
@@ -52,3 +54,19 @@ FULL_SIZE = _size == "full" if _size is not None else HAS_CUDA
 def sized(cpu, gpu):
     """`gpu` on a GPU (real sizes), `cpu` on the CPU (small sizes); `NSA_SIZE` overrides."""
     return gpu if FULL_SIZE else cpu
+
+
+_VENDOR_WORDS = {"NVIDIA", "GEFORCE", "TESLA", "RTX", "QUADRO", "AMD", "RADEON", "INSTINCT"}
+
+
+def gpu_tag_of(name: str) -> str:
+    """The short lower-case name of a GPU from its device name, for data files: the first word
+    after the vendor's ("NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100",
+    "NVIDIA GeForce RTX 4090" -> "4090", "AMD Instinct MI300X" -> "mi300x")."""
+    words = [w for w in re.split(r"[\s_-]+", name) if w and w.upper() not in _VENDOR_WORDS]
+    return re.sub(r"\W+", "", words[0]).lower() if words else "gpu"
+
+
+def gpu_tag(device=None) -> str:
+    """`gpu_tag_of` the current CUDA device's name (or `device`'s); "cpu" without CUDA."""
+    return gpu_tag_of(torch.cuda.get_device_name(device)) if torch.cuda.is_available() else "cpu"

@@ -38,3 +38,12 @@ def test_decode_bench_arguments_bytes_and_without_cuda(capsys):
     if not torch.cuda.is_available():
         assert bench_decode.main(["--contexts", "8k"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_gpu_tag_names_data_files_by_the_gpu():
+    from nsa.device import gpu_tag, gpu_tag_of
+
+    names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100",
+             "NVIDIA GeForce RTX 4090": "4090", "AMD Instinct MI300X": "mi300x", "NVIDIA": "gpu"}
+    assert {name: gpu_tag_of(name) for name in names} == names
+    assert gpu_tag() == (gpu_tag_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu")
