@@ -12,11 +12,14 @@ module, and times the kernel's launcher (triton.testing.do_bench, median) at the
 bf16, d = 128, with the selections of random inputs: the selection at 32/32, 32/8 and 64/4, the
 query-centric forward and backward at 32/8 and 64/4, the gather kernel (dk, dv) at 64/4 and, with
 its atomic dq, at 32/32. Each variant's result must equal the shipped kernel's (indices exactly,
-outputs within bf16 rounding). Prints one line per (kernel, heads, variant).
+outputs within bf16 rounding). Prints one line per (kernel, heads, variant). `--tiny` runs the
+same in Triton's CPU interpreter on 100 tokens in float32 (one timed call, no do_bench): a check
+of the script only (each kernel once, without the one-argument variants).
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +30,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
+from nsa import NSAConfig, compress  # noqa: E402
 from nsa.bench import make_inputs  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 from nsa.kernels import topk  # noqa: E402
@@ -40,22 +44,30 @@ KERNELS = {   # kernel name -> (module, its length arguments)
 }
 
 
-def variants(name):
+def variants(name, one_by_one=True):
     """(label, kernel) pairs: the shipped kernel, then re-jitted ones."""
     module, lengths = KERNELS[name]
     shipped = getattr(module, name)
     out = [("specialised (shipped)", shipped)]
-    out += [(f"{arg} unspecialised", triton.jit(do_not_specialize=[arg])(shipped.fn)) for arg in lengths]
+    if one_by_one:
+        out += [(f"{arg} unspecialised", triton.jit(do_not_specialize=[arg])(shipped.fn)) for arg in lengths]
     out.append(("all unspecialised", triton.jit(do_not_specialize=lengths)(shipped.fn)))
     out.append(("all: no alignment only", triton.jit(do_not_specialize_on_alignment=lengths)(shipped.fn)))
     return out
 
 
-def problem(N, heads_q, heads_kv):
-    """bf16 q, k, v, dO and the selection NSA makes for them, prepared for the selected kernels."""
-    (q, k, v, k_cmp, v_cmp, *_), config = make_inputs(N, heads_q, heads_kv, 128)
-    q, k, v, k_cmp, v_cmp = (t.detach() for t in (q, k, v, k_cmp, v_cmp))
-    scale = 128 ** -0.5
+def problem(N, heads_q, heads_kv, tiny=False):
+    """bf16 q, k, v, dO and the selection NSA makes for them, prepared for the selected kernels
+    (tiny: float32 on the CPU, d = 16, a small geometry)."""
+    if tiny:
+        config, dim = NSAConfig(16, 8, 16, 4, 1, 1, 32), 16
+        q, k, v = (torch.randn(1, N, h, dim) for h in (heads_q, heads_kv, heads_kv))
+        k_cmp, v_cmp = (compress(x, block_size=16, stride=8).contiguous() for x in (k, v))
+    else:
+        (q, k, v, k_cmp, v_cmp, *_), config = make_inputs(N, heads_q, heads_kv, 128)
+        q, k, v, k_cmp, v_cmp = (t.detach() for t in (q, k, v, k_cmp, v_cmp))
+        dim = 128
+    scale = dim ** -0.5
     _, lse = compressed_attention_triton(q, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
                                          scale, seq_len_k=N)
     lse = lse.float().contiguous()
@@ -92,21 +104,26 @@ CASES = [("select_blocks_kernel", (32, 32)), ("select_blocks_kernel", (32, 8)), 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", default="64k")
+    parser.add_argument("--tiny", action="store_true", help="the CPU interpreter, small sizes: checks the script")
     args = parser.parse_args()
-    N = int(args.seq_len[:-1]) * 1024 if args.seq_len.endswith("k") else int(args.seq_len)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, N = {N}")
+    N = 100 if args.tiny else int(args.seq_len[:-1]) * 1024 if args.seq_len.endswith("k") else int(args.seq_len)
+    where = "CPU interpreter" if args.tiny else torch.cuda.get_device_name()
+    print(f"{where}, torch {torch.__version__}, triton {triton.__version__}, N = {N}")
+    cases = CASES if not args.tiny else [(name, (2, 2) if "dkdv" in name or "select_blocks" in name else (4, 1))
+                                         for name in KERNELS]
     problems = {}
-    for name, heads in CASES:
+    for name, heads in cases:
         if heads not in problems:
             problems.clear()
-            torch.cuda.empty_cache()
-            problems[heads] = problem(N, *heads)
+            if not args.tiny:
+                torch.cuda.empty_cache()
+            problems[heads] = problem(N, *heads, tiny=args.tiny)
         p = problems[heads]
         module = KERNELS[name][0]
         shipped = getattr(module, name)
         want = None
         try:
-            for label, kernel in variants(name):
+            for label, kernel in variants(name, one_by_one=not args.tiny):
                 setattr(module, name, kernel)
                 run = launcher(name, p)
                 got = [t for t in run() if t is not None]
@@ -116,7 +133,12 @@ def main():
                 else:
                     same = all(torch.equal(a, b) if a.dtype == torch.int32 else
                                torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2) for a, b in zip(got, want))
-                ms = do_bench(run, warmup=20, rep=100, return_mode="median")
+                if args.tiny:
+                    start = time.perf_counter()
+                    run()
+                    ms = (time.perf_counter() - start) * 1e3
+                else:
+                    ms = do_bench(run, warmup=20, rep=100, return_mode="median")
                 print(f"{name:40s} {heads[0]}/{heads[1]:<3d} {label:28s} {ms:8.2f} ms  "
                       f"{'same' if same else 'DIFFERENT'}", flush=True)
         finally:

@@ -36,3 +36,9 @@ def test_first_call_tiny_adds_its_rows_under_a_build_label(tmp_path):
     assert [int(r["seq_len"]) for r in rows[1:]] == [37, 40]
     assert all(float(r["first_s"]) > 0 and r["warm_up"] == "40 tokens" for r in rows[1:])
     assert lines[0] == "# an earlier build" and lines[1].startswith("# build test:")
+
+
+def test_specialisation_tiny_runs_every_kernel_and_variant():
+    out = run_script("gpu_specialisation.py")
+    lines = [line for line in out.splitlines() if line.endswith(("same", "DIFFERENT"))]
+    assert len(lines) == 4 * 3 and all(line.endswith("same") for line in lines), out
