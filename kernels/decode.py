@@ -42,11 +42,11 @@ def decode_compressed_kernel(
     Q, K_CMP, V_CMP,      # (B, T, Hq, Dqk); (B, R, H, Dqk), (B, R, H, Dv): R = mem + N_c(max_seq_len)
     SEQLENS,              # (B,) int32: the tokens each row held before the step
     SCORES,               # out (B, H, ROWS, R) float32: base-2 scores, -inf where hidden
-    ACC, M, L,            # out partial softmaxes: (B, H, SPLITS, ROWS, BLOCK_DV), (B, H, SPLITS, ROWS)
+    ACC, M, L,            # out partial softmaxes: (B, H, SPLITS_C, ROWS, BLOCK_DV), (B, H, SPLITS_C, ROWS)
     T, num_rows, mem_kv_len, scale_log2,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SPLITS_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -57,7 +57,7 @@ def decode_compressed_kernel(
     hi = compressed_rows_seen(length + t, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE)
     # -- this split's share of what the last token sees, in whole BLOCK_N steps --
     seen = compressed_rows_seen(length + T - 1, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE)
-    chunk = tl.cdiv(tl.cdiv(seen, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seen, SPLITS_C), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seen)
     # -- online softmax over the share; every score stored for the selection --
@@ -80,7 +80,7 @@ def decode_compressed_kernel(
         tl.store(SCORES + score_rows[:, None] + key[None, :], s, mask=in_share[None, :])
         acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
     # -- the partial softmax of this split --
-    part = ((batch * heads_kv + head_kv) * SPLITS + split) * ROWS + tl.arange(0, ROWS)
+    part = ((batch * heads_kv + head_kv) * SPLITS_C + split) * ROWS + tl.arange(0, ROWS)
     tl.store(M + part, m_i)
     tl.store(L + part, l_i)
     store_rows(ACC, acc, part.to(tl.int64), part >= 0, offs_dv, BLOCK_DV)     # padding rows too
@@ -147,14 +147,14 @@ def selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_
 
 @triton.jit
 def decode_select_kernel(
-    SCORES, ACC, M, L,    # stage 1's scores and partial softmaxes
+    SCORES, M, L,         # stage 1's scores and its partial softmaxes' maxima and sums
     SEQLENS,              # (B,) int32
     TOPS,                 # out (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64: each split's best rank keys
     T, num_rows, mem_kv_len,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     SLOTS: tl.constexpr,        # n padded to a power of two: a step's blocks, and the running top's size
-    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, SPLITS: tl.constexpr, SPLITS_S: tl.constexpr,
+    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, SPLITS_C: tl.constexpr, SPLITS_S: tl.constexpr,
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
@@ -163,8 +163,8 @@ def decode_select_kernel(
     # -- each row's lse, merged from stage 1's splits, and the compressed blocks it sees --
     r = tl.arange(0, ROWS)
     row_ok = (r // GROUP_PAD < T) & (r % GROUP_PAD < GROUP)
-    first = (batch * heads_kv + head_kv) * SPLITS * ROWS + r
-    lse2 = merged_lse(M, L, first, SPLITS, ROWS)
+    first = (batch * heads_kv + head_kv) * SPLITS_C * ROWS + r
+    lse2 = merged_lse(M, L, first, SPLITS_C, ROWS)
     length = tl.load(SEQLENS + batch)
     cmp_end = compressed_rows_seen(length + r // GROUP_PAD, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE) - mem_kv_len
     score_rows = ((batch * heads_kv + head_kv) * ROWS + r).to(tl.int64) * num_rows + mem_kv_len
@@ -361,16 +361,16 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     group_pad = triton.next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
-    warps = 4 if rows <= 64 else 8                      # stage 1 and 2 hold rows x head dim in registers
+    warps = 4 if rows <= 64 else 8                      # stage 1 holds rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
     block_n = DECODE_BLOCK_N if q.is_cuda else 16
     slots = triton.next_power_of_2(n)                # a selection step's candidates fill a top-n
-    target = PROGRAMS_PER_SM * multiprocessors(q.device)
+    sms = multiprocessors(q.device)
+    target = PROGRAMS_PER_SM * sms
     splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
-    splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), slots),
-                           SELECT_PROGRAMS_PER_SM * multiprocessors(q.device))
+    splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
     splits = split_count(B * H * T, n, target)
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
         x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win))
@@ -384,15 +384,15 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_compressed_kernel[(B, H, splits_c)](
         q, k_cmp_cache, v_cmp_cache, seqlens, scores, cmp_acc, cmp_m, cmp_l, T, R, mem_kv_len, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, DIM_QK=Dqk, DIM_V=Dv,
-        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS=splits_c, BLOCK_N=block_n,
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c, BLOCK_N=block_n,
         num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
     tops = torch.empty(B, H, splits_s, tokens_pad, slots, device=q.device, dtype=torch.int64)
     decode_select_kernel[(B, H, splits_s)](
-        scores, cmp_acc, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
+        scores, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
         GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel,
         SLOTS=slots, NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-        SPLITS=splits_c, SPLITS_S=splits_s,
+        SPLITS_C=splits_c, SPLITS_S=splits_s,
         num_warps=max(1, rows // 16))   # small tiles: one warp's shuffles reduce them, no barrier
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
