@@ -27,12 +27,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
 
 
 def child(seq_len, heads_q, heads_kv, tiny):
     """One process: the seconds of a first forward + backward at 1000 tokens (the process's own
     warm-up: CUDA, loading kernels), then of the first and second call at `seq_len`, as JSON."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import nsa
@@ -73,8 +75,8 @@ def cache_entries(folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default="32/32,64/4")
-    parser.add_argument("--seq-lens", default="16k,16385,64k,65000")
+    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("32/32,64/4"))
+    parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("16k,16385,64k,65000"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--build", default="shipped", help="the label of these rows in the CSV")
     parser.add_argument("--tiny", action="store_true")
@@ -82,8 +84,7 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(*args.child, args.tiny)
-    heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
-    lengths = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.seq_lens.split(",")]
+    heads, lengths = args.heads, args.seq_lens
     if args.tiny:
         heads, lengths = [(2, 1)], [37, 40]
     cache = tempfile.mkdtemp(prefix="triton-cache-")
@@ -110,7 +111,6 @@ def main():
             print(f"{row['heads']:>6} {seq_len:7d} {row['warm_s']:>11} {row['first_s']:>13} {row['second_s']:>9} "
                   f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
     if args.out:
-        sys.path.insert(0, str(ROOT))
         from nsa.device import gpu_tag
         path = args.out / f"first_call_{gpu_tag()}.csv"
         label = f"# build {args.build}:"

@@ -22,6 +22,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from nsa import NSAConfig, compress  # noqa: E402
+from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
 from nsa.kernels import topk  # noqa: E402
 from nsa.kernels.band import compressed_attention_triton  # noqa: E402
 from nsa.kernels.common import LOG2E, head_dim_block  # noqa: E402
@@ -29,17 +30,16 @@ from nsa.kernels.common import LOG2E, head_dim_block  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", default="64k")
-    parser.add_argument("--heads", default="32/32,32/8,64/4")
+    parser.add_argument("--seq-len", type=lambda text: _parse_lengths(text)[0], default=65536)
+    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("32/32,32/8,64/4"))
     args = parser.parse_args()
-    N = int(args.seq_len[:-1]) * 1024 if args.seq_len.endswith("k") else int(args.seq_len)
+    N = args.seq_len
     config, D = NSAConfig(), 128
     l, d, l_sel, n = (config.compress_block_size, config.compress_stride, config.select_block_size,
                       config.num_selected_blocks)
     scale = D ** -0.5
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, N = {N}")
-    for item in args.heads.split(","):
-        Hq, H = (int(x) for x in item.split("/"))
+    for Hq, H in args.heads:
         G = Hq // H
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)

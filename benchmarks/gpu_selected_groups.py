@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
+from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 
@@ -189,11 +190,11 @@ def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "book" / "data")
-    parser.add_argument("--seq-lens", default="16k,64k")
+    parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("16k,64k"))
     parser.add_argument("--peers", type=Path, default=None,
                         help="folder holding native_sparse_attention, fsa and nsa_ref")
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--heads", default=",".join(f"{hq}/{hkv}" for hq, hkv in HEADS))
+    parser.add_argument("--heads", type=_parse_heads, default=HEADS)
     parser.add_argument("--impls", default=",".join(IMPLS))
     args = parser.parse_args()
     if args.peers:
@@ -201,8 +202,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_check:
         correctness(args.out / f"selected_groups_{gpu_tag()}_errors.csv")
-    lengths = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in args.seq_lens.split(",")]
-    heads = [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
+    lengths, heads = args.seq_lens, args.heads
     rows = timing(args.out / f"selected_groups_{gpu_tag()}.csv", lengths, args.peers, heads, args.impls.split(","))
     print(f"\n{'N':>6s} {'heads':>6s} {'pass':>8s}" + "".join(f"{i:>14s}" for i in
           ("query_c", "key_block_c", "sdpa_flash", "xunhaolai", "fsa")))

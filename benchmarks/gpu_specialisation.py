@@ -31,7 +31,7 @@ from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
 from nsa import NSAConfig, compress  # noqa: E402
-from nsa.bench import make_inputs  # noqa: E402
+from nsa.bench import _parse_lengths, make_inputs  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 from nsa.kernels import topk  # noqa: E402
 from nsa.kernels.band import compressed_attention_triton  # noqa: E402
@@ -103,10 +103,10 @@ CASES = [("select_blocks_kernel", (32, 32)), ("select_blocks_kernel", (32, 8)), 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", default="64k")
+    parser.add_argument("--seq-len", type=lambda text: _parse_lengths(text)[0], default=65536)
     parser.add_argument("--tiny", action="store_true", help="the CPU interpreter, small sizes: checks the script")
     args = parser.parse_args()
-    N = 100 if args.tiny else int(args.seq_len[:-1]) * 1024 if args.seq_len.endswith("k") else int(args.seq_len)
+    N = 100 if args.tiny else args.seq_len
     where = "CPU interpreter" if args.tiny else torch.cuda.get_device_name()
     print(f"{where}, torch {torch.__version__}, triton {triton.__version__}, N = {N}")
     cases = CASES if not args.tiny else [(name, (2, 2) if "dkdv" in name or "select_blocks" in name else (4, 1))
