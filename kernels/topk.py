@@ -135,8 +135,16 @@ def select_blocks_kernel(
                             | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
         cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
         cand = tl.where(allowed & (forced | (score == score)), cand, EMPTY - SLOTS)  # (BLOCK_M, BLOCK_S)
-        # -- 5. merge into the running top-n --
-        top = merge_top(top, cand, EMPTY - SLOTS)
+        # -- 5. merge into the running top-n; with n a power of two, the first step's best n are
+        #    the top (n rounds saved: each would let one candidate into an empty slot) --
+        if (NUM_SELECT == SLOTS) & (SLOTS <= BLOCK_S):
+            if sel_start == 0:
+                best = cand if SLOTS == BLOCK_S else tl.topk(cand, SLOTS, dim=1)
+                top = tl.where(best == EMPTY - SLOTS, EMPTY - slot.to(tl.int64)[None, :], best)
+            else:
+                top = merge_top(top, cand, EMPTY - SLOTS)
+        else:
+            top = merge_top(top, cand, EMPTY - SLOTS)
 
     # -- the chosen blocks (low 32 bits) in ascending order, empty slots (-1) last --
     index = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)

@@ -88,6 +88,18 @@ def test_fused_selection_equals_reference(dtype, config, B, Nq, Nk, Hq, H, D, me
     assert torch.equal(chosen, expected)
 
 
+@pytest.mark.parametrize("n", [8, 16])
+def test_fused_selection_first_step_is_the_top(n):
+    # n a power of two: the kernel takes the first step's best n as its running top (n = 16: the
+    # whole step, n = 8: tl.topk of it) and merges the later steps into it; 300 keys = 19 blocks
+    config = NSAConfig(16, 8, 16, n, 1, 2, 32)
+    q, k_cmp, v_cmp = make(1, 300, 300, 2, 1, 16, 16, 16, 8, 0, torch.float16, seed=n)
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)
+    chosen = select_blocks_triton(q, k_cmp, lse, 300, config)
+    expected = select_blocks(selection_scores(q.float(), k_cmp.float(), lse, 300, config), 300, config)
+    assert torch.equal(chosen, expected)
+
+
 def test_ties_go_to_the_lower_block_index():
     # all-zero queries: every visible compressed block gets the same probability, so many
     # selection blocks tie exactly; the reference's stable rule must be reproduced
