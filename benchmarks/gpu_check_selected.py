@@ -277,7 +277,7 @@ def timing(times_csv, configs):
             record("backward_dq_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dq_kernel[(num_tiles, H)](
                 q, k, v, o, do, None, None, lse, *tiles, dq, delta, None, scale, N, N, num_tiles, num_entries,
                 HEADS_KV=H, CAUSAL=True, GATED=False, ADD_TO_DQ=False, **meta, num_warps=warps, num_stages=stages)))
-            queries, cb, cbeg, cend = sel.reverse_block_index(prepared, nb, 1024)
+            queries, (cb, cbeg, cend) = sel.reverse_block_index(prepared, nb, 1024)
             U, block_gq = cb.shape[1], triton.next_power_of_2(Hq // H)
             record("backward_dkdv_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dkdv_kernel[(U, H)](
                 q, k, v, do, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,

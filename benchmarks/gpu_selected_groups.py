@@ -53,14 +53,16 @@ def design_fns(design, q, k, v, do, indices, block_size, scale):
     def forward():
         prepared = sel.prepare_block_indices(indices, block_size, k.shape[1], True)
         if design == "key_block_centric":
-            return prepared, None, None, sel.selected_by_block_fwd(q, k, v, prepared, block_size, scale, True)
+            o, lse, index = sel.selected_by_block_fwd(q, k, v, prepared, block_size, scale, True)
+            return prepared, None, index, (o, lse)
         Q, tiles = sel.query_tiles(prepared, q.shape[2] // k.shape[2])
         return prepared, Q, tiles, sel.selected_attention_fwd(q, k, v, prepared, block_size, scale, True, Q, tiles)
 
     def forward_backward():
         prepared, Q, tiles, (o, lse) = forward()
         if design == "key_block_centric":
-            return o, lse, *sel.selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True)
+            return o, lse, *sel.selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True,
+                                                      index=tiles)
         return o, lse, *sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True, Q, tiles)
     return forward, forward_backward
 

@@ -9,12 +9,14 @@ import triton.language as tl
 
 from nsa.backends import register_backend
 from nsa.config import NSAConfig
+from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
 from nsa.kernels.common import check_kernel_inputs, load_rows, store_rows
 from nsa.kernels.selected import (default_queries_per_tile, key_block_centric, query_tiles,
-                                  selected_attention_bwd, selected_attention_fwd,
-                                  selected_by_block_bwd, selected_by_block_fwd)
+                                  reverse_index_shapes, selected_attention_bwd,
+                                  selected_attention_fwd, selected_by_block_bwd,
+                                  selected_by_block_fwd)
 from nsa.kernels.topk import check_select_config, select_blocks_triton
 
 
@@ -68,7 +70,8 @@ def sparse_attention_forward(
     mem_kv_len: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """NSA's five steps: (o, then for the backward o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
-    block_indices, tile_blocks, tile_members, tile_counts). Inputs checked by the caller."""
+    block_indices, and the selected branch's plan: (tile_blocks, tile_members, tile_counts) or
+    (queries, chunks, empty)). Inputs checked by the caller."""
     config = NSAConfig(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                        num_initial_blocks, num_local_blocks, window_size, causal)
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
@@ -82,8 +85,8 @@ def sparse_attention_forward(
     # -- 3. selected branch over those blocks: per key block for small groups, else tiles of queries --
     G, no_tiles = q.shape[2] // k.shape[2], tuple(block_indices.new_empty(0) for _ in range(3))
     if key_block_centric(G):
-        o_slc, lse_slc = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal)
-        tiles = no_tiles
+        o_slc, lse_slc, index = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal)
+        tiles = (*index, no_tiles[0])                 # the reverse index: queries, chunks
     else:
         Q, tiles = query_tiles(block_indices, G)
         o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
@@ -104,7 +107,11 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
     output = lambda: q.new_empty(B, Nq, Hq, Dv)
     lse = lambda: q.new_empty(B, Nq, Hq, dtype=torch.float32)
     Q = default_queries_per_tile(Hq // H)
-    if Q > 1 and not key_block_centric(Hq // H):
+    if key_block_centric(Hq // H):
+        shapes = reverse_index_shapes(B, Nq, H, num_selected_blocks,
+                                      num_selection_blocks(k.shape[1], select_block_size), q.is_cuda)
+        tiles = (*(q.new_empty(shape, dtype=torch.int32) for shape in shapes), q.new_empty(0, dtype=torch.int32))
+    elif Q > 1:
         T, E = -(-Nq // Q), Q * num_selected_blocks
         tiles = (q.new_empty(B, T, H, E, dtype=torch.int32), q.new_empty(B, T, H, E, dtype=torch.int32),
                  q.new_empty(B, T, H, dtype=torch.int32))
@@ -118,20 +125,21 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
 def sparse_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
     g_win: Tensor, o_cmp: Tensor, lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor,
-    lse_win: Tensor, block_indices: Tensor, tile_blocks: Tensor, tile_members: Tensor, tile_counts: Tensor,
+    lse_win: Tensor, block_indices: Tensor, plan_1: Tensor, plan_2: Tensor, plan_3: Tensor,
     compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
     num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
     mem_kv_len: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the eight inputs of `sparse_attention_forward`: (dq, dk, dv, dk_cmp, dv_cmp,
     dg_cmp, dg_slc, dg_win). The branches scale their P by their gate, write its gradient
-    rowsum(do * o_branch) and add their dq into one buffer."""
+    rowsum(do * o_branch) and add their dq into one buffer. plan_*: the forward's plan of the
+    selected branch."""
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do = (
         x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do))
     Nk = k.shape[1]
     G = q.shape[2] // k.shape[2]
     Q = default_queries_per_tile(G)
-    tiles = (tile_blocks, tile_members, tile_counts) if Q > 1 else (block_indices,) * 3
+    tiles = (plan_1, plan_2, plan_3) if Q > 1 else (block_indices,) * 3
     d_cmp, d_slc, d_win = (torch.empty_like(g) for g in (g_cmp, g_slc, g_win))
     # -- compressed branch: writes dq --
     band_cmp = compressed_band(k_cmp.shape[1] - mem_kv_len, compress_block_size, compress_stride, mem_kv_len,
@@ -141,7 +149,7 @@ def sparse_attention_backward(
     # -- selected and window branches: add into dq --
     if key_block_centric(G):
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
-                                          causal, gate=g_slc, d_gate=d_slc, dq=dq)
+                                          causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2))
     else:
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
                                            scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq)

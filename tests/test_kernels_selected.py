@@ -89,8 +89,8 @@ def test_key_block_centric_design_at_every_group(shape, causal):
     q, k, v, do = make(B, Nq, Hq, Dqk), make(B, Nk, H, Dqk), make(B, Nk, H, Dv), make(B, Nq, Hq, Dv)
     indices = random_indices(gen, B, Nq, Nk, H, n, block_size)
     prepared = prepare_block_indices(indices, block_size, Nk, causal)
-    o, lse = selected_by_block_fwd(q, k, v, prepared, block_size, 0.3, causal)
-    grads = selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, 0.3, causal)
+    o, lse, index = selected_by_block_fwd(q, k, v, prepared, block_size, 0.3, causal)
+    grads = selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, 0.3, causal, index=index)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
     o_ref, lse_ref = reference(q64, k64, v64, indices, block_size, 0.3, causal)
     grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
@@ -203,7 +203,7 @@ def test_reverse_block_index_against_brute_force():
     gen = torch.Generator().manual_seed(0)
     B, Nq, H, n, num_blocks, chunk = 2, 30, 3, 4, 5, 4
     indices = torch.randint(-1, num_blocks, (B, Nq, H, n), generator=gen, dtype=torch.int32)
-    queries, chunk_block, begin, end = reverse_block_index(indices, num_blocks, chunk)
+    queries, (chunk_block, begin, end) = reverse_block_index(indices, num_blocks, chunk)
     for b in range(B):
         for h in range(H):
             got = {j: [] for j in range(num_blocks)}
