@@ -11,10 +11,7 @@ import triton.language as tl
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
                                 softmax_update, store_rows)
-from nsa.kernels.topk import check_select_config, merge_top, rank_keys
-
-EMPTY = tl.constexpr(-(1 << 62))      # a top-n slot holding no block: below every rank key of a score >= 0
-GONE = tl.constexpr(-(1 << 62) - 1024)   # a candidate that may not enter: below every EMPTY - slot
+from nsa.kernels.topk import EMPTY, GONE, check_select_config, merge_top, rank_keys
 
 
 @triton.jit

@@ -40,18 +40,57 @@ def rank_keys(score, index):
 @triton.jit
 def merge_top(top, cand, GONE: tl.constexpr):
     """Let the rank keys `cand` (BLOCK_M, BLOCK_S) enter the running top `top` (BLOCK_M, SLOTS):
-    while a row has a candidate above the worst key it keeps, swap the two (GONE marks a
-    candidate that entered or may not)."""
+    in each round, a row with a candidate above the worst key it keeps swaps the two (GONE marks
+    a candidate that entered or may not). A row swaps at most as many times as it has candidates
+    above its worst key at the start: the rounds are the largest such count of the tile."""
     best = tl.max(cand, axis=1)
     worst = tl.min(top, axis=1)
-    enters = best > worst
-    while tl.max(enters.to(tl.int32), axis=0) > 0:
+    rounds = tl.max(tl.sum((cand > worst[:, None]).to(tl.int32), axis=1), axis=0)
+    for _ in range(rounds):
+        enters = best > worst
         top = tl.where(enters[:, None] & (top == worst[:, None]), best[:, None], top)
         cand = tl.where(enters[:, None] & (cand == best[:, None]), GONE, cand)
         best = tl.max(cand, axis=1)
         worst = tl.min(top, axis=1)
-        enters = best > worst
     return top
+
+
+EMPTY = tl.constexpr(-(1 << 62))      # a top-n slot holding no block: below every rank key of a score >= 0
+GONE = tl.constexpr(-(1 << 62) - 1024)   # a candidate that may not enter: below every EMPTY - slot
+
+
+@triton.jit
+def step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel, scale_log2,
+                    lse2, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
+                    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUP_PAD: tl.constexpr,
+                    PER_SEL: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
+                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Steps 1-4 for the selection blocks sel_start + [0, BLOCK_S) of the kernel's rows: their rank
+    keys (BLOCK_M, BLOCK_S), GONE where a block may not enter, and this step's last spill."""
+    BLOCK_C: tl.constexpr = BLOCK_S * PER_SEL                     # compressed blocks per step
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    # -- 1. probabilities of this step's compressed blocks (pass 2: lse known) --
+    cmp = sel_start * PER_SEL + offs_c                                        # (BLOCK_C,)
+    k = load_rows(K_CMP, k_base + (mem_kv_len + cmp).to(tl.int64) * heads_kv, cmp < num_cmp, offs_dqk, DIM_QK)
+    s = tl.dot(q, tl.trans(k)) * scale_log2                                   # (BLOCK_R, BLOCK_C)
+    visible = (cmp[None, :] < cmp_end[:, None]) & row_ok[:, None]
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    # -- 2. sum over the group --
+    p_group = tl.sum(tl.reshape(p, (BLOCK_M, GROUP_PAD, BLOCK_C)), axis=1)    # (BLOCK_M, BLOCK_C)
+    # -- 3. Eq. 9: a block's own compressed blocks, plus what its left neighbour spills --
+    score, carry = eq9_step(p_group, carry, w_home, w_spill, shift, first, last, BLOCK_M, BLOCK_S, PER_SEL)
+    # -- 4. blocks a query may not take, or scored NaN: never enter; blocks it must take: +inf --
+    sel = sel_start + offs_s
+    if CAUSAL:
+        allowed = (sel[None, :] <= own[:, None]) & (sel[None, :] < num_sel)
+    else:
+        allowed = (sel[None, :] < num_sel) & (own[:, None] >= 0)
+    forced = allowed & ((sel[None, :] < NUM_INITIAL)
+                        | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
+    cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
+    return tl.where(allowed & (forced | (score == score)), cand, GONE), carry
 
 
 @triton.jit
@@ -70,8 +109,6 @@ def select_blocks_kernel(
     BLOCK_S: tl.constexpr,   # selection blocks per step (>= 16)
 ):
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE               # compressed blocks starting in one l' block
-    BLOCK_C: tl.constexpr = BLOCK_S * PER_SEL                     # compressed blocks per step
-    EMPTY: tl.constexpr = -(1 << 62)    # below every rank key of a score >= 0: an empty slot
     first_query = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest rows first
     batch, head_kv = tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
@@ -96,7 +133,6 @@ def select_blocks_kernel(
         last_sel = num_sel - 1
 
     # -- Eq. 9's weights by place, the one-block shift, the first and last block of a step --
-    offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE                 # token offset of u in its block
     w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
@@ -104,47 +140,30 @@ def select_blocks_kernel(
     shift = tl.where(offs_s[:, None] + 1 == offs_s[None, :], 1.0, 0.0)   # (BLOCK_S, BLOCK_S): j-1 -> j
     first = tl.where(offs_s == 0, 1.0, 0.0)
     last = tl.where(offs_s == BLOCK_S - 1, 1.0, 0.0)
-
-    # -- the running top-n per position, as rank keys: empty slots distinct and lowest, the
-    #    padding slots (n < SLOTS) highest, so that they are never the worst kept --
-    slot = tl.arange(0, SLOTS)
-    top = tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64),
-                                                                9223372036854775807)[None, :]
-    carry = tl.zeros([BLOCK_M], dtype=tl.float32)       # the previous step's last spill
-
     k_base = batch.to(tl.int64) * (mem_kv_len + num_cmp) * heads_kv + head_kv
-    for sel_start in range(0, last_sel + 1, BLOCK_S):
-        # -- 1. probabilities of this step's compressed blocks (pass 2: lse known) --
-        cmp = sel_start * PER_SEL + offs_c                                        # (BLOCK_C,)
-        k = load_rows(K_CMP, k_base + (mem_kv_len + cmp).to(tl.int64) * heads_kv, cmp < num_cmp, offs_dqk,
-                      DIM_QK)
-        s = tl.dot(q, tl.trans(k)) * scale_log2                                   # (BLOCK_R, BLOCK_C)
-        visible = (cmp[None, :] < cmp_end[:, None]) & row_ok[:, None]
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        # -- 2. sum over the group --
-        p_group = tl.sum(tl.reshape(p, (BLOCK_M, GROUP_PAD, BLOCK_C)), axis=1)    # (BLOCK_M, BLOCK_C)
-        # -- 3. Eq. 9: a block's own compressed blocks, plus what its left neighbour spills --
-        score, carry = eq9_step(p_group, carry, w_home, w_spill, shift, first, last, BLOCK_M, BLOCK_S, PER_SEL)
-        # -- 4. blocks a query may not take, or scored NaN: never enter; blocks it must take: +inf --
-        sel = sel_start + offs_s
-        if CAUSAL:
-            allowed = (sel[None, :] <= own[:, None]) & (sel[None, :] < num_sel)
-        else:
-            allowed = (sel[None, :] < num_sel) & (own[:, None] >= 0)
-        forced = allowed & ((sel[None, :] < NUM_INITIAL)
-                            | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
-        cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
-        cand = tl.where(allowed & (forced | (score == score)), cand, EMPTY - SLOTS)  # (BLOCK_M, BLOCK_S)
-        # -- 5. merge into the running top-n; with n a power of two, the first step's best n are
-        #    the top (n rounds saved: each would let one candidate into an empty slot) --
-        if (NUM_SELECT == SLOTS) & (SLOTS <= BLOCK_S):
-            if sel_start == 0:
-                best = cand if SLOTS == BLOCK_S else tl.topk(cand, SLOTS, dim=1)
-                top = tl.where(best == EMPTY - SLOTS, EMPTY - slot.to(tl.int64)[None, :], best)
-            else:
-                top = merge_top(top, cand, EMPTY - SLOTS)
-        else:
-            top = merge_top(top, cand, EMPTY - SLOTS)
+
+    # -- the first step: with n a power of two, its best n are the running top (no merge rounds);
+    #    else they enter an empty top. Empty slots hold distinct keys below every real one, the
+    #    padding slots (n < SLOTS) the largest int64, so that they are never the worst kept --
+    slot = tl.arange(0, SLOTS)
+    cand, carry = step_candidates(0, tl.zeros([BLOCK_M], dtype=tl.float32), q, K_CMP, k_base, heads_kv,
+                                  mem_kv_len, num_cmp, num_sel, scale_log2, lse2, cmp_end, row_ok, own,
+                                  w_home, w_spill, shift, first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL,
+                                  NUM_INITIAL, NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
+    if (NUM_SELECT == SLOTS) & (SLOTS <= BLOCK_S):
+        best = cand if SLOTS == BLOCK_S else tl.topk(cand, SLOTS, dim=1)
+        top = tl.where(best == GONE, EMPTY - slot.to(tl.int64)[None, :], best)
+    else:
+        empty = tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64), 9223372036854775807)
+        top = merge_top(tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + empty[None, :], cand, GONE)
+
+    # -- every further step: steps 1-4, then 5. merge into the running top --
+    for sel_start in range(BLOCK_S, last_sel + 1, BLOCK_S):
+        cand, carry = step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp,
+                                      num_sel, scale_log2, lse2, cmp_end, row_ok, own, w_home, w_spill, shift,
+                                      first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL, NUM_INITIAL,
+                                      NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
+        top = merge_top(top, cand, GONE)
 
     # -- the chosen blocks (low 32 bits) in ascending order, empty slots (-1) last --
     index = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
