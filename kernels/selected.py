@@ -115,7 +115,7 @@ def block_keys(block, batch, head_kv, seq_len_k, HEADS_KV: tl.constexpr, BLOCK_S
     return keys, kv_rows, (keys < seq_len_k) & (block >= 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "num_tiles", "num_entries"])   # seq_len_k kept: chapter 7
 def selected_attention_forward_kernel(
     Q, K, V,                # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
     TILE_BLOCKS,            # (B, T, H, E) int32: the tile's blocks, -1 = skip (Q = 1: prepared indices)
@@ -274,7 +274,7 @@ def reverse_index_shapes(batch, seq_len_q, heads_kv, num_slots, num_blocks, is_c
     return (batch * heads_kv * seq_len_q * num_slots,), (3, batch * heads_kv, U)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "num_tiles", "num_entries"])   # seq_len_k kept: chapter 7
 def selected_attention_backward_dq_kernel(
     Q, K, V, O, DO,         # inputs, contiguous: q, k, v, o as in the forward; do like o
     GATE,                   # (B, Nq, Hq): the branch's gate, P's row factor (GATED; else unused)
@@ -359,7 +359,7 @@ def program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV: t
             tl.load(CHUNK_END + at))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
 def selected_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
     QUERIES,                   # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)

@@ -93,7 +93,7 @@ def step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, nu
     return tl.where(allowed & (forced | (score == score)), cand, GONE), carry
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["mem_kv_len", "num_cmp", "num_sel"])   # seq_len_q, seq_len_k kept: chapter 7
 def select_blocks_kernel(
     Q, K_CMP,            # (B, Nq, Hq, Dqk), (B, mem + N_c, H, Dqk): the real compressed rows start at mem
     LSE,                 # (B, Nq, Hq) float32: the compressed branch's lse (memory included)
