@@ -33,10 +33,9 @@ from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
 from nsa import NSAConfig, compress  # noqa: E402
-from nsa.bench import _parse_lengths, make_inputs  # noqa: E402
+from nsa.bench import _parse_lengths, make_inputs, selection_of  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 from nsa.kernels import topk  # noqa: E402
-from nsa.kernels.band import compressed_attention_triton  # noqa: E402
 
 KERNELS = {   # kernel name -> (module, its length arguments)
     "select_blocks_kernel": (topk, ["seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel"]),
@@ -70,10 +69,7 @@ def problem(N, heads_q, heads_kv, tiny=False):
         q, k, v, k_cmp, v_cmp = (t.detach() for t in (q, k, v, k_cmp, v_cmp))
         dim = 128
     scale = dim ** -0.5
-    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
-                                         scale, seq_len_k=N)
-    lse = lse.float().contiguous()
-    indices = topk.select_blocks_triton(q, k_cmp, lse, N, config, scale)
+    lse, indices = selection_of(q, k_cmp, v_cmp, N, config, scale)
     prepared = sel.prepare_block_indices(indices, config.select_block_size, N, True)
     do = torch.randn_like(q)
     return dict(q=q, k=k, v=v, k_cmp=k_cmp, lse_cmp=lse, config=config, scale=scale, indices=prepared, do=do)

@@ -86,6 +86,19 @@ def _timer(fn, grads_of=None, grad_out=None):
     return do_bench(run, warmup=50, rep=200, return_mode="median")
 
 
+def selection_of(q, k_cmp, v_cmp, seq_len_k, config, scale):
+    """What the selected branch is timed with: the compressed branch's lse (float32, contiguous)
+    and the block indices the fused selection picks with it, by the Triton kernels, no gradient."""
+    from nsa.kernels.band import compressed_attention_triton
+    from nsa.kernels.topk import select_blocks_triton
+
+    with torch.no_grad():
+        _, lse = compressed_attention_triton(q, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
+                                             scale, seq_len_k=seq_len_k)
+        lse = lse.float().contiguous()
+        return lse, select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale)
+
+
 def branch_impls(q, k, v, k_cmp, v_cmp, config):
     """The stages of `nsa_triton`, each timed alone (`select` has no backward: no gradient)."""
     from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
@@ -94,9 +107,7 @@ def branch_impls(q, k, v, k_cmp, v_cmp, config):
 
     l, d, l_sel, N = config.compress_block_size, config.compress_stride, config.select_block_size, k.shape[1]
     scale = q.shape[-1] ** -0.5
-    with torch.no_grad():
-        _, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, seq_len_k=N)
-        block_indices = select_blocks_triton(q, k_cmp, lse, N, config, scale)
+    lse, block_indices = selection_of(q, k_cmp, v_cmp, N, config, scale)
     return {
         "nsa_triton/compressed": (lambda: compressed_attention_triton(q, k_cmp, v_cmp, l, d, scale, seq_len_k=N)[0],
                                   [q, k_cmp, v_cmp]),
