@@ -338,8 +338,9 @@ def decode_unsupported(tensors, dims, config):
         return str(limit)
     rows = decode_tokens_pad(dims.seq_len_q, dims.group_size) * triton.next_power_of_2(dims.group_size)
     if rows > DECODE_MAX_ROWS:
-        return (f"{dims.seq_len_q} new tokens x group {dims.group_size} make {rows} rows; the decoding kernels "
-                f"take at most {DECODE_MAX_ROWS}")
+        return (f"{dims.seq_len_q} new tokens x group {dims.group_size}, each padded to a power of two "
+                f"(and to 16 rows at least), make {rows} rows; the decoding kernels take at most "
+                f"{DECODE_MAX_ROWS}")
     return None
 
 
