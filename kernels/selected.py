@@ -622,7 +622,8 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     gradient goes into `d_gate`; with `dq` this branch's dq is added into it. `index`: the reverse
     index `selected_by_block_fwd` returned (None: built again)."""
     B, Nq, Hq, Dv = o.shape
-    do = do.contiguous()
+    do, o = do.contiguous(), o.contiguous()
+    gate = gate.contiguous() if gate is not None else None
     # -- delta = rowsum(o * do), and with a gate its gradient and the branch's g dO --
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     do_branch = torch.empty_like(do) if gate is not None else do

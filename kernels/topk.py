@@ -142,17 +142,16 @@ def select_blocks_kernel(
     last = tl.where(offs_s == BLOCK_S - 1, 1.0, 0.0)
     k_base = batch.to(tl.int64) * (mem_kv_len + num_cmp) * heads_kv + head_kv
 
-    # -- the first step: with n a power of two, its best n are the running top (no merge rounds);
-    #    else they enter an empty top. Empty slots hold distinct keys below every real one, the
-    #    padding slots (n < SLOTS) the largest int64, so that they are never the worst kept --
+    # -- the first step: when n equals the step's blocks, its candidates are the running top (no
+    #    merge rounds); else they enter an empty top. Empty slots hold distinct keys below every
+    #    real one, the padding slots (n < SLOTS) the largest int64, never the worst kept --
     slot = tl.arange(0, SLOTS)
     cand, carry = step_candidates(0, tl.zeros([BLOCK_M], dtype=tl.float32), q, K_CMP, k_base, heads_kv,
                                   mem_kv_len, num_cmp, num_sel, scale_log2, lse2, cmp_end, row_ok, own,
                                   w_home, w_spill, shift, first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL,
                                   NUM_INITIAL, NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
-    if (NUM_SELECT == SLOTS) & (SLOTS <= BLOCK_S):
-        best = cand if SLOTS == BLOCK_S else tl.topk(cand, SLOTS, dim=1)
-        top = tl.where(best == GONE, EMPTY - slot.to(tl.int64)[None, :], best)
+    if NUM_SELECT == BLOCK_S:
+        top = tl.where(cand == GONE, EMPTY - slot.to(tl.int64)[None, :], cand)
     else:
         empty = tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64), 9223372036854775807)
         top = merge_top(tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + empty[None, :], cand, GONE)
@@ -176,6 +175,7 @@ def select_blocks_kernel(
 
 SELECT_STEP = 16       # selection blocks per step (BLOCK_S)
 MAX_STEP_CMP = 256     # compressed blocks per step, 16 * l' / d
+MAX_SELECTED = 1024    # n: a running top's empty slots EMPTY - slot stay above GONE
 
 
 def check_select_config(config) -> None:
@@ -191,6 +191,9 @@ def check_select_config(config) -> None:
         raise ValueError(f"config.select_block_size / compress_stride = {l_sel // d}; the selection "
                          f"kernel needs at most {MAX_STEP_CMP // SELECT_STEP} compressed blocks per "
                          "selection block")
+    if config.num_selected_blocks > MAX_SELECTED:
+        raise ValueError(f"config.num_selected_blocks = {config.num_selected_blocks}; the Triton kernels "
+                         f"keep at most {MAX_SELECTED} blocks per query")
     if l > l_sel:
         raise ValueError(f"config.compress_block_size = {l} > select_block_size = {l_sel}; the "
                          "selection kernel needs l <= l' (a compressed block overlaps at most two "

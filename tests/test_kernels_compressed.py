@@ -90,8 +90,8 @@ def test_fused_selection_equals_reference(dtype, config, B, Nq, Nk, Hq, H, D, me
 
 @pytest.mark.parametrize("n", [8, 16])
 def test_fused_selection_first_step_is_the_top(n):
-    # n a power of two: the kernel takes the first step's best n as its running top (n = 16: the
-    # whole step, n = 8: tl.topk of it) and merges the later steps into it; 300 keys = 19 blocks
+    # n = 16, the step's blocks: the kernel takes the first step's candidates as its running top;
+    # n = 8: they are merged into an empty top; then the later steps; 300 keys = 19 blocks
     config = NSAConfig(16, 8, 16, n, 1, 2, 32)
     q, k_cmp, v_cmp = make(1, 300, 300, 2, 1, 16, 16, 16, 8, 0, torch.float16, seed=n)
     _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)
@@ -128,3 +128,5 @@ def test_limits_are_checked_before_launch():
         select_blocks_triton(q, k_cmp, lse, 20, NSAConfig(32, 8, 16, 4, 1, 2, 32))
     with pytest.raises(TypeError, match="NSAConfig"):
         select_blocks_triton(q, k_cmp, lse, 20, dict(select_block_size=16))
+    with pytest.raises(ValueError, match="num_selected_blocks = 1025"):
+        select_blocks_triton(q, k_cmp, lse, 20, NSAConfig(16, 8, 16, 1025, 1, 2, 32))
