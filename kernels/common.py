@@ -134,6 +134,17 @@ def group_rows(first_query, batch, head_kv, seq_len_q, seq_len_k, HEADS_Q: tl.co
     return rows, row_ok, i, seq_len_k - seq_len_q + i
 
 
+ROWS_PER_PROGRAM = 32   # rows of one program of the row-wise kernels (gated sum, finish, gate and delta)
+
+
+@triton.jit
+def row_tile(num_rows, BLOCK_ROWS: tl.constexpr):
+    """A row-wise kernel's rows: this program's BLOCK_ROWS of num_rows, as (offsets (int64), which
+    exist)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return rows.to(tl.int64), rows < num_rows
+
+
 @triton.jit
 def gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V: tl.constexpr,
                    GATED: tl.constexpr):

@@ -12,7 +12,8 @@ from nsa.config import NSAConfig
 from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
-from nsa.kernels.common import check_kernel_inputs, load_rows, store_rows
+from nsa.kernels.common import (ROWS_PER_PROGRAM, check_kernel_inputs, load_rows, row_tile,
+                                store_rows)
 from nsa.kernels.selected import (default_queries_per_tile, key_block_centric, query_tiles,
                                   reverse_index_shapes, selected_attention_bwd,
                                   selected_attention_fwd, selected_by_block_bwd,
@@ -28,16 +29,14 @@ def gated_sum_forward_kernel(
     num_rows,                 # R
     DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    at, row_ok = row_tile(num_rows, BLOCK_ROWS)
     offs_d = tl.arange(0, BLOCK_DV)
-    row_ok = rows < num_rows
-    at = rows.to(tl.int64)
     # -- o = g_cmp o_cmp + g_slc o_slc + g_win o_win, in float32 --
-    o = tl.load(G_CMP + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
+    o = tl.load(G_CMP + at, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
         load_rows(O_CMP, at, row_ok, offs_d, DIM_V).to(tl.float32)
-    o += tl.load(G_SLC + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
+    o += tl.load(G_SLC + at, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
         load_rows(O_SLC, at, row_ok, offs_d, DIM_V).to(tl.float32)
-    o += tl.load(G_WIN + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
+    o += tl.load(G_WIN + at, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
         load_rows(O_WIN, at, row_ok, offs_d, DIM_V).to(tl.float32)
     store_rows(O, o, at, row_ok, offs_d, DIM_V)
 
@@ -45,10 +44,10 @@ def gated_sum_forward_kernel(
 def gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
     """`combine_branches` of contiguous branch outputs (B, Nq, Hq, Dv) and gates (B, Nq, Hq)."""
     o = torch.empty_like(o_cmp)
-    num_rows, block_rows = o_cmp.shape[:-1].numel(), 32
-    gated_sum_forward_kernel[(triton.cdiv(num_rows, block_rows),)](
+    num_rows = o_cmp.shape[:-1].numel()
+    gated_sum_forward_kernel[(triton.cdiv(num_rows, ROWS_PER_PROGRAM),)](
         o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, num_rows,
-        DIM_V=o.shape[-1], BLOCK_DV=triton.next_power_of_2(o.shape[-1]), BLOCK_ROWS=block_rows)
+        DIM_V=o.shape[-1], BLOCK_DV=triton.next_power_of_2(o.shape[-1]), BLOCK_ROWS=ROWS_PER_PROGRAM)
     return o
 
 

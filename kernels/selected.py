@@ -7,9 +7,9 @@ import triton.language as tl
 from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
                         check_positive_int, check_qkv, resolve_scale)
 from nsa.geometry import num_selection_blocks, query_positions
-from nsa.kernels.common import (LOG2E, check_kernel_inputs, gate_and_delta, group_rows,
-                                head_dim_block, launch_fitting, load_rows, softmax_finish,
-                                softmax_update, store_dq, store_rows)
+from nsa.kernels.common import (LOG2E, ROWS_PER_PROGRAM, check_kernel_inputs, gate_and_delta,
+                                group_rows, head_dim_block, launch_fitting, load_rows, row_tile,
+                                softmax_finish, softmax_update, store_dq, store_rows)
 
 
 def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
@@ -547,9 +547,6 @@ def selected_by_block_forward_kernel(
                               mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
 
 
-ROWS_PER_PROGRAM = 32   # rows of one program of the row-wise kernels (the finish, gate and delta)
-
-
 @triton.jit(do_not_specialize=["num_rows"])
 def softmax_finish_kernel(
     ROW_MAX, ROW_SUM,       # (R,) float32: each row's maximum score (base 2) and sum of p
@@ -559,9 +556,7 @@ def softmax_finish_kernel(
     num_rows,               # R = B * Nq * Hq
     DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < num_rows
-    at = rows.to(tl.int64)
+    at, row_ok = row_tile(num_rows, BLOCK_ROWS)
     offs_dv = tl.arange(0, BLOCK_DV)
     acc = load_rows(ACC, at, row_ok, offs_dv, DIM_V)
     m_i = tl.load(ROW_MAX + at, mask=row_ok, other=float("-inf"))
@@ -607,9 +602,7 @@ def gate_and_delta_kernel(
     num_rows,               # R = B * Nq * Hq
     DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr, GATED: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < num_rows
-    at = rows.to(tl.int64)
+    at, row_ok = row_tile(num_rows, BLOCK_ROWS)
     offs_dv = tl.arange(0, BLOCK_DV)
     do = load_rows(DO, at, row_ok, offs_dv, DIM_V)
     gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, at, row_ok, offs_dv, DIM_V, GATED)
