@@ -43,3 +43,16 @@ def test_specialisation_tiny_runs_every_kernel_and_variant():
     lines = [line for line in out.splitlines() if line.endswith(("same", "DIFFERENT"))]
     assert len(lines) == 4 * 4 and all(   # 4 kernels x shipped, all specialised, all unspecialised, no alignment
         line.endswith("same") for line in lines), out
+
+
+def test_select_registers_compiles_the_selection_for_a_gpu_offline():
+    """No GPU needed: Triton compiles the kernel for sm_90 and cuobjdump reads its resources."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "select_registers.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "registers" in line]
+    assert len(lines) == 3, done.stdout
+    for line in lines:
+        registers = int(line.split(": ")[1].split()[0])
+        assert 0 < registers <= 255, line

@@ -1,0 +1,75 @@
+"""Registers and stack of chapter 9's selection kernel, compiled offline for a GPU (no GPU needed).
+
+    python benchmarks/select_registers.py [--build DIR] [--arch 90]
+
+Triton compiles `select_blocks_kernel` for `sm_<arch>` (bf16, d = 128, the paper's geometry, the
+launcher's tiles and 4 warps, 3 stages) at 32/32, 32/8 and 64/4 heads, and `cuobjdump` (shipped
+with Triton) reads each binary's registers per thread and stack bytes (spills) — what a timing
+cannot show, and a hint where a change moved the time. `--build DIR` compiles the package found
+in DIR instead of the installed one (a copy of `nsa/` and `kernels/`, e.g. `git archive REV nsa
+kernels | tar -x -C DIR`; its `nsa/kernels` is linked to `../kernels` if missing). Triton is imported before `nsa`,
+so the kernels are compiled, not interpreted. The numbers depend on Triton's version: compare
+builds compiled by the same one.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+HEADS = ((32, 32), (32, 8), (64, 4))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", type=Path, default=None, help="default: the installed nsa")
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    if args.build is not None:
+        link = args.build / "nsa" / "kernels"
+        if not link.exists():
+            link.symlink_to("../kernels")
+        sys.path.insert(0, str(args.build.resolve()))
+    import warnings
+    warnings.simplefilter("ignore")
+    from nsa.kernels import topk                                  # noqa: E402
+    from nsa.kernels.common import head_dim_block                 # noqa: E402
+
+    kernel, config = topk.select_blocks_kernel, __import__("nsa").NSAConfig()
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    print(f"{topk.__file__}: triton {triton.__version__}, sm_{args.arch}")
+    for heads_q, heads_kv in HEADS:
+        group = heads_q // heads_kv
+        group_pad = triton.next_power_of_2(group)
+        constants = dict(HEADS_Q=heads_q, GROUP=group, GROUP_PAD=group_pad, DIM_QK=128, BLOCK_DQK=head_dim_block(128),
+                         CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
+                         SEL_BLOCK=config.select_block_size, NUM_SELECT=config.num_selected_blocks,
+                         SLOTS=triton.next_power_of_2(config.num_selected_blocks),
+                         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks, CAUSAL=True,
+                         BLOCK_M=max(16, 128 // group_pad), BLOCK_S=topk.SELECT_STEP)
+        signature = {"Q": "*bf16", "K_CMP": "*bf16", "LSE": "*fp32", "BLOCK_INDICES": "*i32", "scale_log2": "fp32",
+                     **{name: "i32" for name in ("seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel")},
+                     **{name: "constexpr" for name in constants}}
+        pointers_aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants,
+                                            attrs=pointers_aligned),
+                                  target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=4, num_stages=3))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        os.unlink(f.name)
+        fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+        print(f"{heads_q}/{heads_kv} heads, {constants['BLOCK_M']} positions: {fields['REG']} registers, "
+              f"{fields['STACK']} bytes of stack")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
