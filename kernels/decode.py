@@ -11,7 +11,8 @@ import triton.language as tl
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
                                 softmax_update, store_rows)
-from nsa.kernels.topk import EMPTY, GONE, check_select_config, merge_top, rank_keys
+from nsa.kernels.topk import (EMPTY, GONE, check_select_config, first_top, merge_top, no_blocks,
+                              rank_keys)
 
 
 @triton.jit
@@ -181,7 +182,7 @@ def decode_select_kernel(
     cand = selection_step(lo, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
                           TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, NUM_INITIAL, NUM_LOCAL)
     slot = tl.arange(0, SLOTS)
-    top = tl.where(cand == GONE, EMPTY - slot.to(tl.int64)[None, :], cand)        # distinct empty slots
+    top = first_top(cand, SLOTS)
     # -- each further step's candidates merged into it --
     for sel_start in range(lo + SLOTS, hi, SLOTS):
         cand = selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
@@ -190,14 +191,6 @@ def decode_select_kernel(
     # -- this split's best SLOTS per token; stage 3 merges the splits' lists --
     tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
     tl.store(TOPS + tops[:, None] * SLOTS + slot[None, :], top)
-
-
-@triton.jit
-def no_blocks(SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr):
-    """A top-n that holds nothing yet: distinct keys below every real one in the n slots, and the
-    largest int64 in the padding slots, which no candidate displaces."""
-    slot = tl.arange(0, SLOTS)
-    return tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64), 9223372036854775807)
 
 
 @triton.jit

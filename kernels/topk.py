@@ -60,6 +60,21 @@ GONE = tl.constexpr(-(1 << 62) - 1024)   # a candidate that may not enter: below
 
 
 @triton.jit
+def no_blocks(SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr):
+    """A top-n that holds nothing yet: distinct keys below every real one in the n slots, and the
+    largest int64 in the padding slots, which no candidate displaces."""
+    slot = tl.arange(0, SLOTS)
+    return tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64), 9223372036854775807)
+
+
+@triton.jit
+def first_top(cand, SLOTS: tl.constexpr):
+    """A step's SLOTS candidates per row taken as the running top: the GONE ones become distinct
+    empty slots."""
+    return tl.where(cand == GONE, EMPTY - tl.arange(0, SLOTS).to(tl.int64)[None, :], cand)
+
+
+@triton.jit
 def step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel, scale_log2,
                     lse2, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
                     DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -151,10 +166,10 @@ def select_blocks_kernel(
                                   w_home, w_spill, shift, first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL,
                                   NUM_INITIAL, NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
     if NUM_SELECT == BLOCK_S:
-        top = tl.where(cand == GONE, EMPTY - slot.to(tl.int64)[None, :], cand)
+        top = first_top(cand, SLOTS)
     else:
-        empty = tl.where(slot < NUM_SELECT, EMPTY - slot.to(tl.int64), 9223372036854775807)
-        top = merge_top(tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + empty[None, :], cand, GONE)
+        top = merge_top(tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + no_blocks(SLOTS, NUM_SELECT)[None, :],
+                        cand, GONE)
 
     # -- every further step: steps 1-4, then 5. merge into the running top --
     for sel_start in range(BLOCK_S, last_sel + 1, BLOCK_S):
