@@ -42,10 +42,12 @@ def merge_top(top, cand, GONE: tl.constexpr):
     """Let the rank keys `cand` (BLOCK_M, BLOCK_S) enter the running top `top` (BLOCK_M, SLOTS):
     in each round, a row with a candidate above the worst key it keeps swaps the two (GONE marks
     a candidate that entered or may not). A row swaps at most as many times as it has candidates
-    above its worst key at the start: the rounds are the largest such count of the tile."""
+    above its worst key at the start, and at most once per slot (candidates enter best first, so
+    one that entered is never the worst when a later one enters): the rounds are the smaller of
+    the tile's largest such count and SLOTS."""
     best = tl.max(cand, axis=1)
     worst = tl.min(top, axis=1)
-    rounds = tl.max(tl.sum((cand > worst[:, None]).to(tl.int32), axis=1), axis=0)
+    rounds = tl.minimum(tl.max(tl.sum((cand > worst[:, None]).to(tl.int32), axis=1), axis=0), top.shape[1])
     for _ in range(rounds):
         enters = best > worst
         top = tl.where(enters[:, None] & (top == worst[:, None]), best[:, None], top)

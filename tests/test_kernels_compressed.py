@@ -12,8 +12,11 @@ from nsa.geometry import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
 from nsa.kernels.band import compressed_attention_triton
-from nsa.kernels.topk import select_blocks_triton
+from nsa.kernels.topk import EMPTY, GONE, merge_top, select_blocks_triton
 from nsa.selection import select_blocks, selection_scores
+
+import triton  # noqa: E402  (after nsa: the interpreter switch)
+import triton.language as tl  # noqa: E402
 
 # float32 dots run as tf32 on a GPU: looser there
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4) if DEVICE.type == "cpu" else dict(atol=3e-2, rtol=3e-2),
@@ -98,6 +101,35 @@ def test_fused_selection_first_step_is_the_top(n, causal):
     chosen = select_blocks_triton(q, k_cmp, lse, 300, config)
     expected = select_blocks(selection_scores(q.float(), k_cmp.float(), lse, 300, config), 300, config)
     assert torch.equal(chosen, expected)
+
+
+@triton.jit
+def _merge_top_kernel(TOP, CAND, OUT, M: tl.constexpr, SLOTS: tl.constexpr, C: tl.constexpr):
+    rows = tl.arange(0, M)[:, None]
+    top = tl.load(TOP + rows * SLOTS + tl.arange(0, SLOTS)[None, :])
+    cand = tl.load(CAND + rows * C + tl.arange(0, C)[None, :])
+    tl.store(OUT + rows * SLOTS + tl.arange(0, SLOTS)[None, :], merge_top(top, cand, GONE))
+
+
+@pytest.mark.parametrize("num_select, slots, C", [(16, 16, 256), (5, 8, 64), (4, 4, 4)])
+def test_merge_top_takes_the_best_of_many_candidates(num_select, slots, C):
+    # many lists meet at once (chapter 13 merges the splits' tops): the rounds are capped at the
+    # slots, and the result is still the best n of the top and the candidates together
+    g = torch.Generator().manual_seed(C)
+    M = 4
+    cand = torch.randint(0, 1 << 40, (M, C), generator=g, dtype=torch.int64)
+    cand[:, ::3] = GONE.value                                          # some may not enter
+    top = torch.where(torch.arange(slots) < num_select, EMPTY.value - torch.arange(slots), 2**63 - 1)
+    top = top.expand(M, slots).clone()
+    top[1, 0] = 1 << 41                                                # a kept key that stays
+    out = torch.empty_like(top, device=DEVICE)
+    _merge_top_kernel[(1,)](top.to(DEVICE), cand.to(DEVICE), out, M=M, SLOTS=slots, C=C)
+    out = out.cpu()
+    for row in range(M):
+        real = torch.cat([top[row, :num_select], cand[row][cand[row] != GONE.value]])
+        expected = real.sort(descending=True).values[:num_select]
+        assert torch.equal(out[row, :num_select].sort(descending=True).values, expected)
+        assert (out[row, num_select:] == 2**63 - 1).all()
 
 
 def test_ties_go_to_the_lower_block_index():
