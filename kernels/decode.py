@@ -39,7 +39,7 @@ def compressed_rows_seen(pos, mem_kv_len, num_rows, CMP_BLOCK: tl.constexpr, CMP
 def decode_compressed_kernel(
     Q, K_CMP, V_CMP,      # (B, T, Hq, Dqk); (B, R, H, Dqk), (B, R, H, Dv): R = mem + N_c(max_seq_len)
     SEQLENS,              # (B,) int32: the tokens each row held before the step
-    SCORES,               # out (B, H, ROWS, R) float32: base-2 scores, -inf where hidden
+    SCORES,               # out (B, H, ROWS, R) float32: base-2 scores, -inf where hidden (real rows only)
     ACC, M, L,            # out partial softmaxes: (B, H, SPLITS_C, ROWS, BLOCK_DV), (B, H, SPLITS_C, ROWS)
     T, num_rows, mem_kv_len, scale_log2,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
@@ -75,7 +75,7 @@ def decode_compressed_kernel(
         v = load_rows(V_CMP, kv_base + key.to(tl.int64) * heads_kv, in_share, offs_dv, DIM_V)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         s = tl.where(key[None, :] < hi[:, None], s, float("-inf"))
-        tl.store(SCORES + score_rows[:, None] + key[None, :], s, mask=in_share[None, :])
+        tl.store(SCORES + score_rows[:, None] + key[None, :], s, mask=row_ok[:, None] & in_share[None, :])
         acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
     # -- the partial softmax of this split --
     part = ((batch * heads_kv + head_kv) * SPLITS_C + split) * ROWS + tl.arange(0, ROWS)
@@ -149,23 +149,25 @@ def decode_select_kernel(
     SEQLENS,              # (B,) int32
     TOPS,                 # out (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64: each split's best rank keys
     T, num_rows, mem_kv_len,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    TOKENS_PAD: tl.constexpr,   # T padded to a power of two (no tl.dot here: no padding to 16 rows)
+    SCORE_ROWS: tl.constexpr,   # stage 1's rows per program, its buffers' layout
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     SLOTS: tl.constexpr,        # n padded to a power of two: a step's blocks, and the running top's size
     NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, SPLITS_C: tl.constexpr, SPLITS_S: tl.constexpr,
 ):
-    ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
+    ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD                  # stage 1's first rows: the same tokens
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = tl.num_programs(1)
     # -- each row's lse, merged from stage 1's splits, and the compressed blocks it sees --
     r = tl.arange(0, ROWS)
     row_ok = (r // GROUP_PAD < T) & (r % GROUP_PAD < GROUP)
-    first = (batch * heads_kv + head_kv) * SPLITS_C * ROWS + r
-    lse2 = merged_lse(M, L, first, SPLITS_C, ROWS)
+    first = (batch * heads_kv + head_kv) * SPLITS_C * SCORE_ROWS + r
+    lse2 = merged_lse(M, L, first, SPLITS_C, SCORE_ROWS)
     length = tl.load(SEQLENS + batch)
     cmp_end = compressed_rows_seen(length + r // GROUP_PAD, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE) - mem_kv_len
-    score_rows = ((batch * heads_kv + head_kv) * ROWS + r).to(tl.int64) * num_rows + mem_kv_len
+    score_rows = ((batch * heads_kv + head_kv) * SCORE_ROWS + r).to(tl.int64) * num_rows + mem_kv_len
     # -- the tokens, once each: their own selection block --
     t = tl.arange(0, TOKENS_PAD)
     own = (length + t) // SEL_BLOCK
@@ -350,7 +352,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     capacity, H, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     R, G = k_cmp_cache.shape[1], Hq // H
     group_pad = triton.next_power_of_2(G)
-    tokens_pad = decode_tokens_pad(T, G)
+    tokens_pad = decode_tokens_pad(T, G)                 # stage 1's tokens: >= 16 rows for tl.dot
+    tokens = triton.next_power_of_2(T)                  # stage 2's: no tl.dot, no padding to 16 rows
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
     warps = 4 if rows <= 64 else 8                      # stage 1 holds rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
@@ -378,13 +381,13 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c, BLOCK_N=block_n,
         num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
-    tops = torch.empty(B, H, splits_s, tokens_pad, slots, device=q.device, dtype=torch.int64)
+    tops = torch.empty(B, H, splits_s, tokens, slots, device=q.device, dtype=torch.int64)
     decode_select_kernel[(B, H, splits_s)](
         scores, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
-        GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel,
-        SLOTS=slots, NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
+        GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, SCORE_ROWS=rows, CMP_BLOCK=l, CMP_STRIDE=d,
+        SEL_BLOCK=l_sel, SLOTS=slots, NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
         SPLITS_C=splits_c, SPLITS_S=splits_s,
-        num_warps=max(1, rows // 16))   # small tiles: one warp's shuffles reduce them, no barrier
+        num_warps=max(1, tokens * group_pad // 16))   # small tiles: one warp's shuffles reduce them, no barrier
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
@@ -392,7 +395,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         q, k_cache, v_cache, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
         BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=config.window_size,
-        TOKENS_PAD=tokens_pad, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel))
+        TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel))
     # -- 4. merge the splits, gate, sum --
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
     decode_merge_kernel[(B, T, Hq)](
