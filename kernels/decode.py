@@ -11,8 +11,7 @@ import triton.language as tl
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
                                 softmax_update, store_rows)
-from nsa.kernels.topk import (EMPTY, GONE, check_select_config, first_top, merge_top, no_blocks,
-                              rank_keys)
+from nsa.kernels.topk import EMPTY, GONE, check_select_config, first_top, merge_top, rank_keys
 
 
 @triton.jit
@@ -199,12 +198,19 @@ def decode_select_kernel(
 def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SPLITS_S: tl.constexpr,
                   STRIDE: tl.constexpr):
     """A token's n blocks, the best n of the SPLITS_S selection splits' lists (split s's at
-    first + s * STRIDE): (1, SLOTS) block indices in no particular order, -1 for an empty slot."""
+    first + s * STRIDE), in n rounds of taking the best key left: (1, SLOTS) block indices, best
+    first, -1 for an empty slot."""
     c = tl.arange(0, SPLITS_S * SLOTS)
     cand = tl.load(TOPS + first + (c // SLOTS) * STRIDE + c % SLOTS)
     cand = tl.where(cand > EMPTY, cand, GONE)                                       # real keys only
-    top = merge_top(no_blocks(SLOTS, NUM_SELECT)[None, :], cand[None, :], GONE)
-    return tl.where(top > EMPTY, 2147483647 - (top & 0xFFFFFFFF).to(tl.int32), -1)
+    slot = tl.arange(0, SLOTS)
+    blocks = tl.full([SLOTS], -1, dtype=tl.int32)
+    for j in range(NUM_SELECT):
+        best = tl.max(cand, axis=0)
+        block = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+        blocks = tl.where((slot == j) & (best > EMPTY), block, blocks)
+        cand = tl.where(cand == best, GONE, cand)
+    return blocks[None, :]
 
 
 @triton.jit
