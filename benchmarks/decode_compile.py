@@ -14,19 +14,16 @@ interpreted.
 
 import argparse
 import inspect
-import os
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import torch
+from select_registers import resource_usage  # benchmarks/, this script's folder
 
 # (query heads, kv heads, new tokens, batch, context): one token at the three head configurations
 # of chapter 11, several tokens (speculative decoding), group 1 with two tokens
@@ -78,7 +75,6 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     print(f"triton {triton.__version__}, sm_{args.arch}")
     for shape in SHAPES:
         for kernel, launch_args, meta in recorded_launches(*shape):
@@ -91,12 +87,7 @@ def main() -> int:
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=meta),
                                       target=GPUTarget("cuda", args.arch, 32), options=options)
             seconds = time.perf_counter() - start
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(compiled.asm["cubin"])
-            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
-            os.unlink(f.name)
-            fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+            fields = resource_usage(compiled)
             heads_q, heads_kv, tokens, batch, context = shape
             print(f"{heads_q}/{heads_kv} heads, T={tokens}, batch {batch}, {context} tokens: {kernel.fn.__name__} "
                   f"compiled in {seconds:.1f} s, {fields['REG']} registers, {fields['STACK']} bytes of stack",

@@ -26,6 +26,18 @@ from triton.compiler import ASTSource
 HEADS = ((32, 32), (32, 8), (64, 4))
 
 
+def resource_usage(compiled) -> dict:
+    """A compiled kernel's resources as cuobjdump (shipped with Triton) reads its binary:
+    {"REG": registers per thread, "STACK": bytes of stack, "SHARED": ..., ...} as strings."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
+                           text=True, check=True).stdout
+    os.unlink(f.name)
+    return dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", type=Path, default=None, help="default: the installed nsa")
@@ -42,7 +54,6 @@ def main() -> int:
     from nsa.kernels.common import head_dim_block                 # noqa: E402
 
     kernel, config = topk.select_blocks_kernel, __import__("nsa").NSAConfig()
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     print(f"{topk.__file__}: triton {triton.__version__}, sm_{args.arch}")
     for heads_q, heads_kv in HEADS:
         group = heads_q // heads_kv
@@ -60,12 +71,7 @@ def main() -> int:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants,
                                             attrs=pointers_aligned),
                                   target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=4, num_stages=3))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-        os.unlink(f.name)
-        fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+        fields = resource_usage(compiled)
         print(f"{heads_q}/{heads_kv} heads, {constants['BLOCK_M']} positions: {fields['REG']} registers, "
               f"{fields['STACK']} bytes of stack")
     return 0
