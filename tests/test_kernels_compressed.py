@@ -113,8 +113,8 @@ def _merge_top_kernel(TOP, CAND, OUT, M: tl.constexpr, SLOTS: tl.constexpr, C: t
 
 @pytest.mark.parametrize("num_select, slots, C", [(16, 16, 256), (5, 8, 64), (4, 4, 4)])
 def test_merge_top_takes_the_best_of_many_candidates(num_select, slots, C):
-    # many lists meet at once (chapter 13 merges the splits' tops): the rounds are capped at the
-    # slots, and the result is still the best n of the top and the candidates together
+    # many candidates at once (more than the top has slots): the rounds are capped at the slots,
+    # and the result is still the best n of the top and the candidates together
     g = torch.Generator().manual_seed(C)
     M = 4
     cand = torch.randint(0, 1 << 40, (M, C), generator=g, dtype=torch.int64)
