@@ -11,9 +11,9 @@ import triton.language as tl
 
 from nsa.checks import (check_bool, check_compressed_args, check_positive_int, check_qkv,
                         resolve_scale)
-from nsa.kernels.common import (LOG2E, check_kernel_inputs, gate_and_delta, group_rows,
-                                head_dim_block, launch_fitting, load_rows, softmax_finish,
-                                softmax_update, store_dq, store_rows)
+from nsa.kernels.common import (LOG2E, PackedRows, check_kernel_inputs, gate_and_delta, group_rows,
+                                head_dim_block, launch_fitting, load_rows, packed_launch,
+                                sequence_span, softmax_finish, softmax_update, store_dq, store_rows)
 
 
 class Band(NamedTuple):
@@ -98,6 +98,7 @@ def band_forward_steps(
 def band_attention_forward_kernel(
     Q, K, V,              # contiguous (B, Nq, Hq, Dqk), (B, R, H, Dqk), (B, R, H, Dv); R key rows
     O, LSE,               # outputs: (B, Nq, Hq, Dv) in q's dtype, (B, Nq, Hq) float32 (natural log)
+    CU_Q, CU_K, CU_ROWS,  # PACKED: int32 cu_seqlens of the queries, keys and key rows (chapter 10)
     scale_log2,           # softmax scale * log2(e): scores in base 2
     seq_len_q,            # Nq
     seq_len_k,            # Nk: query i sits at position t = Nk - Nq + i
@@ -111,14 +112,20 @@ def band_attention_forward_kernel(
     BLOCK_M: tl.constexpr,    # query positions per program: BLOCK_M * GROUP_PAD rows
     BLOCK_N: tl.constexpr,    # key rows per step
     EDGE_MASKS: tl.constexpr, # True: mask only the steps at the band's edges (a prefix band)
+    PACKED: tl.constexpr,     # program_id(1) is a sequence of CU_*, else a batch row (chapter 10)
 ):
     # -- this program: BLOCK_M positions x the G heads of kv head `head_kv`; the last (longest)
     #    query tiles first, so that the short ones fill the end of the launch --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
     first_query = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch, head_kv = tl.program_id(1), tl.program_id(2)
+    seq, head_kv = tl.program_id(1), tl.program_id(2)
+    q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
+    _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
+    row_start, num_rows = sequence_span(CU_ROWS, seq, num_rows, PACKED)
+    if first_query >= seq_len_q:   # a tile past a short packed sequence's end
+        return
     heads_kv = HEADS_Q // GROUP
-    q_rows, row_ok, i, pos = group_rows(first_query, batch, head_kv, seq_len_q, seq_len_k, HEADS_Q,
+    q_rows, row_ok, i, pos = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
                                         GROUP, GROUP_PAD, BLOCK_M)
     lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -133,7 +140,7 @@ def band_attention_forward_kernel(
     # -- the key rows of the tile's positions: masked at the band's two edges only --
     start, mid_lo, mid_hi, end = band_tile_ranges(first_query, seq_len_q, seq_len_k, num_rows, lo_back,
                                                   hi_base, hi_offset, hi_div, BLOCK_M, BLOCK_N)
-    kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
+    kv_base = row_start.to(tl.int64) * heads_kv + head_kv
     if EDGE_MASKS:
         acc, m_i, l_i = band_forward_steps(acc, m_i, l_i, q, K, V, kv_base, heads_kv, start, mid_lo, lo, hi,
                                            num_rows, scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N,
@@ -172,10 +179,12 @@ def band_shrink(meta):
     return (("BLOCK_N", 16), ("BLOCK_M", max(1, 16 // meta["GROUP_PAD"])))
 
 
-def band_attention_forward(q, k, v, scale, seq_len_k, band: Band):
-    """(o, lse) of attention over the key rows of `band`. Inputs contiguous and checked."""
+def band_attention_forward(q, k, v, scale, seq_len_k, band: Band, packed: PackedRows | None = None):
+    """(o, lse) of attention over the key rows of `band`. Inputs contiguous and checked; with
+    `packed`, (1, total, ...) packed sequences (chapter 10), one launch for all of them."""
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
+    sequences, longest, cu = packed_launch(packed, B, Nq)
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     # tiles measured on an H100 at 64k: prefix bands (compression) like 256 rows, the short
@@ -189,10 +198,11 @@ def band_attention_forward(q, k, v, scale, seq_len_k, band: Band):
         num_stages = 3 if small_dims else 2
         if small_dims and q.is_cuda:
             meta["BLOCK_N"], num_warps = 32, 4
-    launch_fitting(band_attention_forward_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
-                   (q, k, v, o, lse, scale * LOG2E.value, Nq, seq_len_k, num_rows, *band.kernel_args()),
-                   dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, **meta), num_warps, num_stages,
-                   shrink=band_shrink(meta))
+    launch_fitting(band_attention_forward_kernel,
+                   lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
+                   (q, k, v, o, lse, *cu, scale * LOG2E.value, Nq, seq_len_k, num_rows, *band.kernel_args()),
+                   dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, PACKED=packed is not None, **meta),
+                   num_warps, num_stages, shrink=band_shrink(meta))
     return o, lse
 
 
@@ -233,6 +243,7 @@ def band_attention_backward_dq_kernel(
     DELTA,                    # output (B, Nq, Hq) float32: rowsum(dO * O) (GATED: times the gate)
     DO_B,                     # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
+    CU_Q, CU_K, CU_ROWS,      # as in the forward
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -240,13 +251,19 @@ def band_attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MASKS: tl.constexpr,
     GATED: tl.constexpr,       # NSA's fused backward: the branch's dO = GATE * DO, DGATE written
     ADD_TO_DQ: tl.constexpr,   # NSA's fused backward: DQ += this branch's dq
+    PACKED: tl.constexpr,
 ):
     # -- the forward's rows: BLOCK_M positions x the group, longest tiles first --
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_PAD
     first_query = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch, head_kv = tl.program_id(1), tl.program_id(2)
+    seq, head_kv = tl.program_id(1), tl.program_id(2)
+    q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
+    _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
+    row_start, num_rows = sequence_span(CU_ROWS, seq, num_rows, PACKED)
+    if first_query >= seq_len_q:
+        return
     heads_kv = HEADS_Q // GROUP
-    q_rows, row_ok, i, pos = group_rows(first_query, batch, head_kv, seq_len_q, seq_len_k, HEADS_Q,
+    q_rows, row_ok, i, pos = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
                                         GROUP, GROUP_PAD, BLOCK_M)
     lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -262,7 +279,7 @@ def band_attention_backward_dq_kernel(
     # -- the forward's key ranges: masks at the band's edges only --
     start, mid_lo, mid_hi, end = band_tile_ranges(first_query, seq_len_q, seq_len_k, num_rows, lo_back,
                                                   hi_base, hi_offset, hi_div, BLOCK_M, BLOCK_N)
-    kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
+    kv_base = row_start.to(tl.int64) * heads_kv + head_kv
     if EDGE_MASKS:
         dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, start, mid_lo, lo, hi, num_rows,
                            scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True, GATED=GATED)
@@ -276,26 +293,33 @@ def band_attention_backward_dq_kernel(
     store_dq(DQ, dq * scale, q_rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
-@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows", "chunk_len"])
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows", "chunk_len", "chunk_rows"])
 def band_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
+    CU_Q, CU_K, CU_ROWS,      # as in the forward
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     chunk_len,                # query positions per chunk (a multiple of BLOCK_M)
+    chunk_rows,               # B * R * H: the rows of one chunk's slice of DK, DV
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
 ):
     # -- this program: BLOCK_N key rows of kv head `head_kv`, held for the whole loop, against
     #    the query positions of chunk `chunk` --
     pid_n, chunk, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
-    batch, head_kv = pid_bh // heads_kv, pid_bh % heads_kv
+    seq, head_kv = pid_bh // heads_kv, pid_bh % heads_kv
+    q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
+    _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
+    row_start, num_rows = sequence_span(CU_ROWS, seq, num_rows, PACKED)
+    if pid_n * BLOCK_N >= num_rows:   # a tile past a short packed sequence's end
+        return
     key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_rows = batch.to(tl.int64) * num_rows * heads_kv + head_kv + key.to(tl.int64) * heads_kv
+    kv_rows = (row_start + key).to(tl.int64) * heads_kv + head_kv
     key_ok = key < num_rows
     k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
     v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
@@ -314,7 +338,7 @@ def band_attention_backward_dkdv_kernel(
 
     for start_m in range(i_start, i_end, BLOCK_M):
         # -- BLOCK_M positions x the group: q, dO, lse, delta --
-        q_rows, row_ok, i, pos = group_rows(start_m, batch, head_kv, seq_len_q, seq_len_k, HEADS_Q, GROUP,
+        q_rows, row_ok, i, pos = group_rows(start_m, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q, GROUP,
                                             GROUP_PAD, BLOCK_M)
         lo, hi = band_bounds(pos, num_rows, lo_back, hi_base, hi_offset, hi_div)
         q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
@@ -332,7 +356,7 @@ def band_attention_backward_dkdv_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
     # -- this chunk's slice of dK, dV --
-    out_rows = kv_rows + chunk.to(tl.int64) * tl.num_programs(2) * num_rows
+    out_rows = kv_rows + chunk.to(tl.int64) * chunk_rows
     store_rows(DK, dk * scale, out_rows, key_ok, offs_dqk, DIM_QK)
     store_rows(DV, dv, out_rows, key_ok, offs_dv, DIM_V)
 
@@ -341,8 +365,9 @@ DKDV_CHUNK = 2048   # query positions per dk, dv program of a prefix band (GPU)
 
 
 def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, gate=None, d_gate=None,
-                            dq=None):
-    """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse).
+                            dq=None, packed: PackedRows | None = None):
+    """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse), of the same
+    `packed` sequences.
 
     NSA's fused backward (Chapter 10) passes gate: (B, Nq, Hq) contiguous: `do` is the gated
     sum's, the branch's dO is do * gate, and the gate's gradient rowsum(do * o) is written into
@@ -351,6 +376,8 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
+    sequences, longest, cu = packed_launch(packed, B, Nq)
+    longest_rows = num_rows if packed is None else packed.max_rows
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
@@ -362,9 +389,11 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     num_stages = 3 if band.is_prefix and small_dims else 2
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E.value, scale, Nq, seq_len_k, num_rows, *band.kernel_args())
-    launch_fitting(band_attention_backward_dq_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
-                   (q, k, v, o, do, gate, d_gate, lse, delta, do_branch, dq, *common),
-                   dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, GATED=gated, ADD_TO_DQ=add_to_dq, **meta),
+    launch_fitting(band_attention_backward_dq_kernel,
+                   lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
+                   (q, k, v, o, do, gate, d_gate, lse, delta, do_branch, dq, *cu, *common),
+                   dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, GATED=gated, ADD_TO_DQ=add_to_dq,
+                        PACKED=packed is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
         return dq, torch.empty_like(k), torch.empty_like(v)
@@ -372,16 +401,17 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda, rows=64)
     chunk = DKDV_CHUNK if q.is_cuda else 32
     chunk = triton.cdiv(chunk, meta["BLOCK_M"]) * meta["BLOCK_M"]
-    num_chunks = triton.cdiv(Nq, chunk) if band.is_prefix else 1
+    num_chunks = triton.cdiv(longest, chunk) if band.is_prefix else 1
     if num_chunks == 1:
-        chunk = triton.cdiv(Nq, meta["BLOCK_M"]) * meta["BLOCK_M"]
+        chunk = triton.cdiv(longest, meta["BLOCK_M"]) * meta["BLOCK_M"]
         dk, dv = torch.empty_like(k), torch.empty_like(v)
     else:
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
     launch_fitting(band_attention_backward_dkdv_kernel,
-                   lambda tiles: (triton.cdiv(num_rows, tiles["BLOCK_N"]), num_chunks, B * H),
-                   (q, k, v, do_branch, lse, delta, dk, dv, *common, chunk), dict(HEADS_Q=Hq, **meta),
+                   lambda tiles: (triton.cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
+                   (q, k, v, do_branch, lse, delta, dk, dv, *cu, *common, chunk, k.shape[:3].numel()),
+                   dict(HEADS_Q=Hq, PACKED=packed is not None, **meta),
                    num_warps, num_stages=2, shrink=band_shrink(meta)[::-1])   # chunk stays a multiple of BLOCK_M
     if num_chunks > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)

@@ -3,6 +3,7 @@
 tile sizes that fit the GPU's shared memory, and the online-softmax step and finish."""
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -120,18 +121,51 @@ def _smaller_tiles(tiles, stages, shrink):
 
 
 @triton.jit
-def group_rows(first_query, batch, head_kv, seq_len_q, seq_len_k, HEADS_Q: tl.constexpr,
+def group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q: tl.constexpr,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, QUERIES: tl.constexpr):
-    """The rows of a group-centric tile: QUERIES consecutive queries from `first_query` times the
-    GROUP query heads of `head_kv` (padded to GROUP_PAD); row r is query r // GROUP_PAD, head
+    """The rows of a group-centric tile: QUERIES consecutive queries from `first_query` of the
+    sequence whose first query is row `q_start` of a (B * Nq, Hq) layout (batch b: b * Nq), times
+    the GROUP query heads of `head_kv` (padded to GROUP_PAD); row r is query r // GROUP_PAD, head
     r % GROUP_PAD. Returns (rows, row_ok, i, t): each row's offset in a (B, Nq, Hq) tensor
     (int64), whether it is real, its query index i and its position t = Nk - Nq + i."""
     r = tl.arange(0, QUERIES * GROUP_PAD)
     i = first_query + r // GROUP_PAD
     g = r % GROUP_PAD
     row_ok = (i < seq_len_q) & (g < GROUP)
-    rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
+    rows = (q_start + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
     return rows, row_ok, i, seq_len_k - seq_len_q + i
+
+
+@triton.jit
+def sequence_span(CU_SEQLENS, seq, length, PACKED: tl.constexpr):
+    """(first row, length) of sequence `seq`: batch rows of equal `length` laid end to end, or
+    when PACKED (chapter 10) the sequences of an int32 cu_seqlens, whatever `length` says."""
+    if PACKED:
+        start = tl.load(CU_SEQLENS + seq)
+        length = tl.load(CU_SEQLENS + seq + 1) - start
+    else:
+        start = seq * length
+    return start, length
+
+
+class PackedRows(NamedTuple):
+    """Packed sequences as a kernel launch takes them (chapter 10): the int32 cu_seqlens of the
+    queries, of the keys, and of the key rows the kernel reads (the keys, or the compressed
+    keys), and the longest sequence of queries and of rows: the grid's extent."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    cu_rows: torch.Tensor
+    max_q: int
+    max_rows: int
+
+
+def packed_launch(packed: PackedRows | None, batch: int, seq_len_q: int):
+    """(programs along the sequences, the longest one's queries, (CU_Q, CU_K, CU_ROWS)) of a
+    launch over batch rows of seq_len_q queries, or over `packed` sequences."""
+    if packed is None:
+        return batch, seq_len_q, (None, None, None)
+    return packed.cu_q.numel() - 1, packed.max_q, (packed.cu_q, packed.cu_k, packed.cu_rows)
 
 
 ROWS_PER_PROGRAM = 32   # rows of one program of the row-wise kernels (gated sum, finish, gate and delta)

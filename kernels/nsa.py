@@ -3,6 +3,8 @@
 custom operators (`torch.ops.nsa.*`), registered as `backend="triton"` of
 `nsa.native_sparse_attention`."""
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -12,13 +14,13 @@ from nsa.config import NSAConfig
 from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
-from nsa.kernels.common import (ROWS_PER_PROGRAM, check_kernel_inputs, load_rows, row_tile,
-                                store_rows)
-from nsa.kernels.selected import (default_queries_per_tile, key_block_centric, query_tiles,
-                                  reverse_index_shapes, selected_attention_bwd,
+from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, check_kernel_inputs, load_rows,
+                                row_tile, store_rows)
+from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_block_centric,
+                                  query_tiles, reverse_index_shapes, selected_attention_bwd,
                                   selected_attention_fwd, selected_by_block_bwd,
                                   selected_by_block_fwd)
-from nsa.kernels.topk import check_select_config, select_blocks_triton
+from nsa.kernels.topk import check_select_config, select_blocks_launch
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -61,38 +63,79 @@ def config_fields(config: NSAConfig) -> tuple:
             config.window_size, config.causal)
 
 
+def packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes):
+    """The band and selection kernels' PackedRows of the compressed rows and of the keys, or
+    (None, None) when nothing is packed. packed_sizes: the longest sequence's queries, keys and
+    compressed rows, and the selection blocks of all sequences."""
+    if cu_seqlens_q is None:
+        return None, None
+    max_q, max_k, max_cmp, _ = packed_sizes
+    return (PackedRows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, max_q, max_cmp),
+            PackedRows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, max_q, max_k))
+
+
+def packed_blocks(cu_seqlens_q, cu_seqlens_k, total_q: int, block_size: int, num_blocks: int):
+    """Selection blocks numbered across packed sequences: sequence s's block j is block
+    base[s] + j, base[s] the blocks of the sequences before it. Returns (base of each query's
+    sequence (total_q,) int32, the selected kernels' PackedBlocks). On the device, no sync."""
+    device = cu_seqlens_q.device
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    len_q, len_k = cu_q.diff(), cu_k.diff()                                  # (S,)
+    sequence = torch.arange(len_q.numel(), device=device)
+    blocks = (len_k + block_size - 1) // block_size                          # (S,) blocks per sequence
+    base = blocks.cumsum(0) - blocks
+    # -- each query: its sequence, and the packed key row it sits at (queries end-aligned) --
+    seq_q = torch.repeat_interleave(sequence, len_q, output_size=total_q)     # (total_q,)
+    i = torch.arange(total_q, device=device) - cu_q[seq_q]
+    positions = cu_k[seq_q] + len_k[seq_q] - len_q[seq_q] + i
+    # -- each block: its first key row, and its sequence's end --
+    seq_b = torch.repeat_interleave(sequence, blocks, output_size=num_blocks)  # (num_blocks,)
+    block_start = cu_k[seq_b] + (torch.arange(num_blocks, device=device) - base[seq_b]) * block_size
+    tables = PackedBlocks(positions.int(), block_start.int(), cu_k[seq_b + 1].int())
+    return base[seq_q].int(), tables
+
+
 @torch.library.custom_op("nsa::sparse_attention_forward", mutates_args=())
 def sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor,
     compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
     num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
-    mem_kv_len: int,
+    mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """NSA's five steps: (o, then for the backward o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
     block_indices, and the selected branch's plan: (tile_blocks, tile_members, tile_counts) or
-    (queries, chunks, empty)). Inputs checked by the caller."""
+    (queries, chunks, empty)). Inputs checked by the caller. Packed sequences: the three
+    cu_seqlens and `packed_sizes` (see `packed_rows`); else None and []."""
     config = NSAConfig(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                        num_initial_blocks, num_local_blocks, window_size, causal)
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
     Nk = k.shape[1]
+    cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
     # -- 1. compressed branch, pass 1: o_cmp and the lse --
-    band_cmp = compressed_band(k_cmp.shape[1] - mem_kv_len, compress_block_size, compress_stride, mem_kv_len,
-                               causal)
-    o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp)
-    # -- 2. pass 2: importance scores and top-n, fused; integer indices --
-    block_indices = select_blocks_triton(q, k_cmp, lse_cmp, Nk, config, scale, mem_kv_len=mem_kv_len)
+    num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
+    band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
+    o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp, cmp_rows)
+    # -- 2. pass 2: importance scores and top-n, fused; integer indices (packed: numbered across) --
+    block_indices = select_blocks_launch(q, k_cmp, lse_cmp, Nk, config, scale, mem_kv_len, cmp_rows)
+    blocks = None
+    if cmp_rows is not None:
+        first_block, blocks = packed_blocks(cu_seqlens_q, cu_seqlens_k, q.shape[1], select_block_size,
+                                            packed_sizes[3])
+        block_indices = torch.where(block_indices >= 0, block_indices + first_block[None, :, None, None], -1)
     # -- 3. selected branch over those blocks: per key block for small groups, else tiles of queries --
     G, no_tiles = q.shape[2] // k.shape[2], tuple(block_indices.new_empty(0) for _ in range(3))
     if key_block_centric(G):
-        o_slc, lse_slc, index = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal)
+        o_slc, lse_slc, index = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal,
+                                                      blocks)
         tiles = (*index, no_tiles[0])                 # the reverse index: queries, chunks
     else:
         Q, tiles = query_tiles(block_indices, G)
         o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
-                                                tiles)
+                                                tiles, blocks)
         tiles = tiles if Q > 1 else no_tiles          # with Q = 1 the tiles are block_indices itself
     # -- 4. sliding-window branch --
-    o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal))
+    o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal), key_rows)
     # -- 5. the gates --
     o = gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices, *tiles
@@ -100,15 +143,16 @@ def sparse_attention_forward(
 
 @sparse_attention_forward.register_fake
 def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_stride, select_block_size,
-      num_selected_blocks, num_initial_blocks, num_local_blocks, window_size, causal, scale, mem_kv_len):
+      num_selected_blocks, num_initial_blocks, num_local_blocks, window_size, causal, scale, mem_kv_len,
+      cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes):
     B, Nq, Hq, _ = q.shape
     H, Dv = v.shape[2], v.shape[3]
     output = lambda: q.new_empty(B, Nq, Hq, Dv)
     lse = lambda: q.new_empty(B, Nq, Hq, dtype=torch.float32)
     Q = default_queries_per_tile(Hq // H)
     if key_block_centric(Hq // H):
-        shapes = reverse_index_shapes(B, Nq, H, num_selected_blocks,
-                                      num_selection_blocks(k.shape[1], select_block_size), q.is_cuda)
+        num_blocks = packed_sizes[3] if packed_sizes else num_selection_blocks(k.shape[1], select_block_size)
+        shapes = reverse_index_shapes(B, Nq, H, num_selected_blocks, num_blocks, q.is_cuda)
         tiles = (*(q.new_empty(shape, dtype=torch.int32) for shape in shapes), q.new_empty(0, dtype=torch.int32))
     elif Q > 1:
         T, E = -(-Nq // Q), Q * num_selected_blocks
@@ -127,12 +171,13 @@ def sparse_attention_backward(
     lse_win: Tensor, block_indices: Tensor, plan_1: Tensor, plan_2: Tensor, plan_3: Tensor,
     compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
     num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
-    mem_kv_len: int,
+    mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the eight inputs of `sparse_attention_forward`: (dq, dk, dv, dk_cmp, dv_cmp,
     dg_cmp, dg_slc, dg_win). The branches scale their P by their gate, write its gradient
     rowsum(do * o_branch) and add their dq into one buffer. plan_*: the forward's plan of the
-    selected branch."""
+    selected branch; packed sequences as the forward took them."""
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do = (
         x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do))
     Nk = k.shape[1]
@@ -140,20 +185,25 @@ def sparse_attention_backward(
     Q = default_queries_per_tile(G)
     tiles = (plan_1, plan_2, plan_3) if Q > 1 else (block_indices,) * 3
     d_cmp, d_slc, d_win = (torch.empty_like(g) for g in (g_cmp, g_slc, g_win))
+    cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
+    blocks = None if cmp_rows is None else packed_blocks(cu_seqlens_q, cu_seqlens_k, q.shape[1],
+                                                         select_block_size, packed_sizes[3])[1]
     # -- compressed branch: writes dq --
-    band_cmp = compressed_band(k_cmp.shape[1] - mem_kv_len, compress_block_size, compress_stride, mem_kv_len,
-                               causal)
+    num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
+    band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
     dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk, band_cmp,
-                                                 gate=g_cmp, d_gate=d_cmp)
+                                                 gate=g_cmp, d_gate=d_cmp, packed=cmp_rows)
     # -- selected and window branches: add into dq --
     if key_block_centric(G):
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
-                                          causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2))
+                                          causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
+                                          packed=blocks)
     else:
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
-                                           scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq)
+                                           scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq, packed=blocks)
     _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
-                                                window_band(window_size, causal), gate=g_win, d_gate=d_win, dq=dq)
+                                                window_band(window_size, causal), gate=g_win, d_gate=d_win, dq=dq,
+                                                packed=key_rows)
     return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
 
 
@@ -163,14 +213,15 @@ def _(do, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *saved_and_config):
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *config = inputs
-    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *output[1:])
-    ctx.config = config
+    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *config, cu_q, cu_k, cu_cmp, packed_sizes = inputs
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *output[1:], cu_q, cu_k, cu_cmp)
+    ctx.config = (*config, packed_sizes)
 
 
 def _backward(ctx, do, *unused):
-    grads = sparse_attention_backward(do, *ctx.saved_tensors, *ctx.config)
-    return (*grads, *(None for _ in ctx.config))
+    *saved, cu_q, cu_k, cu_cmp = ctx.saved_tensors
+    grads = sparse_attention_backward(do, *saved, *ctx.config[:-1], cu_q, cu_k, cu_cmp, ctx.config[-1])
+    return (*grads, *(None for _ in ctx.config), None, None, None)
 
 
 sparse_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
@@ -202,7 +253,20 @@ def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     block index, NaN in and NaN out, nothing read back to the host.
     """
     return torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
-                                                  *config_fields(config), scale, mem_kv_len)[0]
+                                                  *config_fields(config), scale, mem_kv_len, None, None, None, [])[0]
 
 
-register_backend("triton", triton_sparse_attention, triton_unsupported)
+def triton_packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len,
+                                   packing):
+    """The "triton" backend on packed sequences (`packing`: an `nsa.varlen.Packing`): every
+    kernel launched once for all of them, each program finding its sequence."""
+    longest = [max(end - start for start, end in bounds) for bounds in (packing.queries, packing.keys,
+                                                                        packing.rows_cmp)]
+    l_sel = config.select_block_size
+    num_blocks = sum(-(-(end - start) // l_sel) for start, end in packing.keys)
+    return torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
+                                                  *config_fields(config), scale, mem_kv_len, packing.cu_q,
+                                                  packing.cu_k, packing.cu_cmp, [*longest, num_blocks])[0]
+
+
+register_backend("triton", triton_sparse_attention, triton_unsupported, packed=triton_packed_sparse_attention)

@@ -9,8 +9,8 @@ import triton.language as tl
 
 from nsa.checks import (check_compressed_qkv, check_config, check_mem_kv_len, resolve_scale,
                         resolve_seq_len_k)
-from nsa.kernels.common import (LOG2E, check_kernel_inputs, group_rows, head_dim_block,
-                                launch_fitting, load_rows)
+from nsa.kernels.common import (LOG2E, PackedRows, check_kernel_inputs, group_rows, head_dim_block,
+                                launch_fitting, load_rows, packed_launch, sequence_span)
 
 
 @triton.jit
@@ -115,6 +115,7 @@ def select_blocks_kernel(
     Q, K_CMP,            # (B, Nq, Hq, Dqk), (B, mem + N_c, H, Dqk): the real compressed rows start at mem
     LSE,                 # (B, Nq, Hq) float32: the compressed branch's lse (memory included)
     BLOCK_INDICES,       # output (B, Nq, H, n) int32: ascending, -1 (empty) last
+    CU_Q, CU_K, CU_CMP,  # PACKED: int32 cu_seqlens of the queries, keys and compressed rows (chapter 10)
     scale_log2, seq_len_q, seq_len_k,
     mem_kv_len, num_cmp, num_sel,   # memory rows, real compressed blocks N_c, selection blocks ceil(Nk/l')
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -124,14 +125,23 @@ def select_blocks_kernel(
     NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of the shift's tl.dot)
     BLOCK_S: tl.constexpr,   # selection blocks per step (>= 16)
+    PACKED: tl.constexpr,    # program_id(1) is a sequence of CU_*, else a batch row (chapter 10)
 ):
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE               # compressed blocks starting in one l' block
     first_query = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest rows first
-    batch, head_kv = tl.program_id(1), tl.program_id(2)
+    seq, head_kv = tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
+    q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
+    cmp_start, cmp_rows = sequence_span(CU_CMP, seq, mem_kv_len + num_cmp, PACKED)
+    if PACKED:   # this sequence's keys, blocks and selection blocks
+        seq_len_k = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
+        num_cmp = cmp_rows - mem_kv_len
+        num_sel = (seq_len_k + SEL_BLOCK - 1) // SEL_BLOCK
+    if first_query >= seq_len_q:
+        return
 
     # -- the rows: BLOCK_M positions x the group's heads, as in the attention kernels --
-    q_rows, row_ok, i_row, pos_row = group_rows(first_query, batch, head_kv, seq_len_q, seq_len_k, HEADS_Q,
+    q_rows, row_ok, i_row, pos_row = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
                                                 GROUP, GROUP_PAD, BLOCK_M)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
@@ -157,7 +167,7 @@ def select_blocks_kernel(
     shift = tl.where(offs_s[:, None] + 1 == offs_s[None, :], 1.0, 0.0)   # (BLOCK_S, BLOCK_S): j-1 -> j
     first = tl.where(offs_s == 0, 1.0, 0.0)
     last = tl.where(offs_s == BLOCK_S - 1, 1.0, 0.0)
-    k_base = batch.to(tl.int64) * (mem_kv_len + num_cmp) * heads_kv + head_kv
+    k_base = cmp_start.to(tl.int64) * heads_kv + head_kv
 
     # -- the first step: when n equals the step's blocks, its candidates are the running top (no
     #    merge rounds); else they enter an empty top. Empty slots hold distinct keys below every
@@ -185,7 +195,7 @@ def select_blocks_kernel(
     index = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
     order = tl.sort(tl.where((top > EMPTY) & (slot[None, :] < NUM_SELECT), index, 2147483647), dim=1)
     chosen = tl.where(order == 2147483647, -1, order)
-    out_rows = (batch * seq_len_q + i_pos).to(tl.int64) * heads_kv + head_kv
+    out_rows = (q_start + i_pos).to(tl.int64) * heads_kv + head_kv
     tl.store(BLOCK_INDICES + out_rows[:, None] * NUM_SELECT + slot[None, :], chosen,
              mask=(i_pos[:, None] < seq_len_q) & (slot[None, :] < NUM_SELECT))
 
@@ -238,21 +248,31 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
                          f"{(dims.batch, dims.seq_len_q, dims.heads_q)}, got {getattr(lse, 'shape', lse)}")
     scale = resolve_scale(scale, dims.dim_qk)
     mem_kv_len = check_mem_kv_len(mem_kv_len, dims.seq_len_k)
-    l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
     num_cmp = dims.seq_len_k - mem_kv_len
-    seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_cmp, l, d, config.causal)
-    B, Nq, Hq, H, n = dims.batch, dims.seq_len_q, dims.heads_q, dims.heads_kv, config.num_selected_blocks
-    group_pad = triton.next_power_of_2(dims.group_size)
+    seq_len_k = resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_cmp, config.compress_block_size,
+                                  config.compress_stride, config.causal)
+    return select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len)
+
+
+def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, packed: PackedRows | None = None):
+    """Launch the selection kernel on checked inputs: (B, Nq, H, n) int32 block indices; with
+    `packed` (its rows: the compressed keys'), each packed sequence's own block indices."""
+    B, Nq, Hq, Dqk = q.shape
+    H, n = k_cmp.shape[2], config.num_selected_blocks
+    l_sel = config.select_block_size
+    num_cmp = k_cmp.shape[1] - mem_kv_len
+    sequences, longest, cu = packed_launch(packed, B, Nq)
+    group_pad = triton.next_power_of_2(Hq // H)
     block_m = max(16, 128 // group_pad) if q.is_cuda else 16
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
-    meta = dict(HEADS_Q=Hq, GROUP=dims.group_size, GROUP_PAD=group_pad,
-                DIM_QK=dims.dim_qk, BLOCK_DQK=head_dim_block(dims.dim_qk),
-                CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
+    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, GROUP_PAD=group_pad, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
+                CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
+                NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP)
+                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP, PACKED=packed is not None)
     with torch.no_grad():
-        launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B, H),
-                       (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out,
+        launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
+                       (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out, *cu,
                         scale * LOG2E.value, Nq, seq_len_k, mem_kv_len, num_cmp, triton.cdiv(seq_len_k, l_sel)),
                        meta, num_warps=4, num_stages=3, shrink=(("BLOCK_M", 16),))
     return out

@@ -24,11 +24,15 @@ class Backend:
     inputs already checked by `check_sparse_inputs`. unsupported(tensors, dims, config) -> None,
     or the reason (a str) why this implementation cannot take these inputs; tensors are the eight
     of `native_sparse_attention`, (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win).
+    packed: None (packed sequences run one `forward` per sequence), or a forward over all the
+    packed sequences at once: packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
+    mem_kv_len, packing) -> o, packing an `nsa.varlen.Packing` (Chapter 10's kernels).
     """
 
     name: str
     forward: Callable
     unsupported: Callable
+    packed: Callable | None = None
 
 
 _registry: dict[str, Backend] = {}
@@ -40,11 +44,13 @@ def _supports_everything(tensors, dims, config):
     return None
 
 
-def register_backend(name: str, forward: Callable, unsupported: Callable | None = None) -> Backend:
-    """Make `forward` the implementation of `backend=name` (a name of `BACKENDS`, not "auto")."""
+def register_backend(name: str, forward: Callable, unsupported: Callable | None = None,
+                     packed: Callable | None = None) -> Backend:
+    """Make `forward` the implementation of `backend=name` (a name of `BACKENDS`, not "auto"),
+    and `packed` its forward over packed sequences (None: one `forward` per sequence)."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
-    _registry[name] = Backend(name, forward, unsupported or _supports_everything)
+    _registry[name] = Backend(name, forward, unsupported or _supports_everything, packed)
     _unavailable.pop(name, None)
     return _registry[name]
 

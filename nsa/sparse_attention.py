@@ -13,7 +13,7 @@ from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, 
                        sliding_window_mod)
 from nsa.selection import (dot_in_order, eq9_by_place, select_blocks, selected_attention,
                            selection_candidate_mask, selection_scores)
-from nsa.varlen import compressed_cu_seqlens, packed_pairs, sequence_bounds
+from nsa.varlen import Packing, compressed_cu_seqlens, packed_pairs, sequence_bounds
 from nsa.window import sliding_window_attention
 
 
@@ -77,7 +77,8 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     pairs = packed_pairs(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     if pairs is not None:                                          # packed: one problem per sequence
         return packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend,
-                                       mem_kv_len, pairs, cu_seqlens if cu_seqlens is not None else cu_seqlens_k)
+                                       mem_kv_len, pairs, *((cu_seqlens,) * 2 if cu_seqlens is not None else
+                                                            (cu_seqlens_q, cu_seqlens_k)))
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)
     tensors = (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win)
@@ -140,17 +141,24 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
 
 
 def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend, mem_kv_len,
-                            pairs, cu_seqlens_k):
+                            pairs, cu_seqlens_q, cu_seqlens_k):
     """`native_sparse_attention` of packed sequences: `pairs` from `packed_pairs`; the compressed
-    keys packed as `compressed_cu_seqlens(cu_seqlens_k, l, d, mem_kv_len)` says."""
+    keys packed as `compressed_cu_seqlens(cu_seqlens_k, l, d, mem_kv_len)` says. A backend with a
+    packed forward (Chapter 10's kernels) takes all sequences at once; any other, one at a time."""
     cu_cmp = compressed_cu_seqlens(cu_seqlens_k, config.compress_block_size, config.compress_stride, mem_kv_len)
     rows = sequence_bounds(cu_cmp, k_cmp, "k_cmp", "the compressed cu_seqlens")
     sequences = []
     for ((q0, q1), (k0, k1)), (c0, c1) in zip(pairs, rows):      # -- every problem checked first --
         problem = (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], k_cmp[:, c0:c1], v_cmp[:, c0:c1], g_cmp[:, q0:q1],
                    g_slc[:, q0:q1], g_win[:, q0:q1])
-        check_sparse_inputs(*problem, config, scale, mem_kv_len)
+        dims, scale_of_problem = check_sparse_inputs(*problem, config, scale, mem_kv_len)
         sequences.append(problem)
+    if sequences and q.shape[1] * dims.dim_v:                     # -- all at once, where a backend can --
+        implementation = select_backend(check_backend(backend), sequences[0], dims, config)
+        if implementation.packed is not None:
+            packing = Packing(cu_seqlens_q, cu_seqlens_k, cu_cmp, *zip(*pairs), rows)
+            return implementation.packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale_of_problem,
+                                         mem_kv_len, packing)
     outputs = [native_sparse_attention(*problem, config, scale, backend, mem_kv_len=mem_kv_len)
-               for problem in sequences]                          # -- then each sequence alone --
+               for problem in sequences]                          # -- else each sequence alone --
     return torch.cat(outputs, dim=1)                              # (1, total_q, Hq, Dv)

@@ -4,11 +4,24 @@ end in one row, (1, total, heads, dim), with int32 cu_seqlens (num_seqs + 1,) sa
 starts; every sequence is its own problem."""
 
 import itertools
+from typing import NamedTuple
 
 import torch
 
 from nsa.checks import check_cu_seqlens, check_int
 from nsa.geometry import num_compressed_blocks
+
+
+class Packing(NamedTuple):
+    """Packed sequences, checked: the int32 cu_seqlens of the queries, the keys and the compressed
+    rows (on the inputs' device), and each sequence's (start, end) of them, read on the host."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    cu_cmp: torch.Tensor
+    queries: tuple[tuple[int, int], ...]
+    keys: tuple[tuple[int, int], ...]
+    rows_cmp: list[tuple[int, int]]
 
 
 def sequence_bounds(cu_seqlens, x, name: str = "x", cu_name: str = "cu_seqlens") -> list[tuple[int, int]]:

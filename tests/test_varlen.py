@@ -72,13 +72,35 @@ def test_packed_equals_each_sequence_alone_torch_float64(case):
                 torch.testing.assert_close(grad[:, where], want, rtol=1e-12, atol=1e-12)
 
 
-def test_packed_on_the_triton_kernels_equals_the_reference():
-    inputs, cu_q, cu_k = packed_problem([1, 17, 5, 70], 4, 2, 16, 16, 1, torch.float32, seed=3)
+TRITON_PACKINGS = [  # lengths, query lengths, Hq, H, mem, causal: groups 1, 2, 3, 4, 16
+    ([1, 17, 5, 70], None, 4, 2, 1, True),
+    ([40, 3, 33], None, 2, 2, 0, True),
+    ([0, 70, 0, 9], None, 3, 1, 2, True),              # empty sequences
+    ([50, 3, 77], [7, 3, 20], 4, 1, 0, True),          # chunked prefill
+    ([20, 90], [20, 13], 16, 1, 1, True),
+    ([30, 45], None, 4, 4, 1, False),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_PACKINGS, ids=["g2", "g1", "g3-empty", "g4-chunked", "g16", "noncausal"])
+def test_packed_on_the_triton_kernels_equals_the_reference(case, monkeypatch):
+    """One launch of each kernel for all the sequences (chapter 10), equal to the float64
+    reference of each sequence, outputs and gradients."""
+    import nsa.kernels.nsa as triton_nsa
+    lengths, query_lengths, Hq, H, mem, causal = case
+    config = NSAConfig(8, 4, 16, 3, 1, 1, 24, causal=causal)
+    inputs, cu_q, cu_k = packed_problem(lengths, Hq, H, 16, 16, mem, torch.float32, seed=3,
+                                        query_lengths=query_lengths)
+    packed_args = dict(cu_seqlens=cu_k) if query_lengths is None else dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    band_launches = []
+    launch = triton_nsa.band_attention_forward
+    monkeypatch.setattr(triton_nsa, "band_attention_forward", lambda *a: band_launches.append(1) or launch(*a))
     inputs = [x.requires_grad_() for x in inputs]
-    out = native_sparse_attention(*inputs, CONFIG, mem_kv_len=1, backend="triton", cu_seqlens=cu_k)
+    out = native_sparse_attention(*inputs, config, mem_kv_len=mem, backend="triton", **packed_args)
+    assert len(band_launches) == 2                 # the compressed branch and the window, once each
     grads = torch.autograd.grad(out.square().sum(), inputs)
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    ref = native_sparse_attention(*ref_inputs, CONFIG, mem_kv_len=1, backend="torch", cu_seqlens=cu_k)
+    ref = native_sparse_attention(*ref_inputs, config, mem_kv_len=mem, backend="torch", **packed_args)
     ref_grads = torch.autograd.grad(ref.square().sum(), ref_inputs)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
     for grad, want in zip(grads, ref_grads):
