@@ -2,15 +2,19 @@
 
     python benchmarks/gpu_packed.py --out book/data          # writes packed_<gpu>.csv and .json
 
-Documents of long-tailed lengths (log-uniform in 1k..32k tokens, a fixed seed) are packed into
-64k tokens (the last one cut to fit), 64/4 and 32/8 heads of 128, bf16, the paper's geometry.
+Two mixes of documents packed into 64k tokens, 64/4 and 32/8 heads of 128, bf16, the paper's
+geometry: `long`, long-tailed lengths (log-uniform in 1k..32k tokens, a fixed seed, the last one
+cut to fit), and `short`, 128 documents of 512 tokens (where launches, not arithmetic, cost).
 
 1. Correctness: NSA's Triton backend on packed documents of 1, 17, 1000, 2048, 5000 and 20000
    tokens against the float64 reference (`backend="torch"`) on each document alone, output and
    the gradients of all eight inputs (the last 2048 queries of a longer document; bf16: <= 1e-2
    of each tensor's largest entry).
 2. Time (`triton.testing.do_bench`, median), forward and forward + backward, in one run:
-   * `nsa_packed`   `native_sparse_attention(..., cu_seqlens=cu)` on the packed documents;
+   * `nsa_packed`   `native_sparse_attention(..., cu_seqlens=cu)` on the packed documents: one
+                    launch of each kernel for all of them (chapter 10);
+   * `nsa_per_sequence` the same documents one `native_sparse_attention` call each, on slices
+                    of the packed tensors (the design the packed kernels replaced);
    * `nsa_single`   one sequence of the same 64k tokens (the goal: packed <= 1.1x of it);
    * `nsa_padded`   the documents padded to a (num_docs, longest) rectangle, no mask (what
                     packing saves);
@@ -119,10 +123,58 @@ def timer(fn, inputs=None):
     return do_bench(run, warmup=20, rep=100, return_mode="median")
 
 
+def time_mix(lengths, Hq, H, D, config, flex, create_block_mask):
+    """The timed rows of one document mix: every candidate, forward and forward + backward."""
+    rows, total = [], sum(lengths)
+    print(f"{len(lengths)} documents, {total} tokens: {lengths}")
+    packed, cu = packed_inputs(lengths, Hq, H, D, config)
+    single, _ = packed_inputs([total], Hq, H, D, config)
+    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, config.compress_block_size, config.compress_stride)
+    slices = [(slice(s, e), slice(c0, c1)) for s, e, c0, c1 in zip(cu[:-1].tolist(), cu[1:].tolist(),
+                                                                  cmp_cu[:-1].tolist(), cmp_cu[1:].tolist())]
+
+    def per_sequence():
+        q, k, v, k_cmp, v_cmp, *gates = packed
+        return torch.cat([native_sparse_attention(q[:, t], k[:, t], v[:, t], k_cmp[:, c], v_cmp[:, c],
+                                                  *(g[:, t] for g in gates), config, backend="triton")
+                          for t, c in slices], dim=1)
+    longest, docs = max(lengths), len(lengths)
+    padded = [torch.zeros(docs, longest, *x.shape[2:], device="cuda", dtype=x.dtype) for x in single]
+    padded[3:5] = [compress(p, None, config.compress_block_size, config.compress_stride) for p in padded[1:3]]
+    doc_id = torch.repeat_interleave(torch.arange(docs, device="cuda"), torch.tensor(lengths, device="cuda"))
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc_id[q_idx] == doc_id[kv_idx]) & (kv_idx <= q_idx)
+
+    block_mask = create_block_mask(document_causal, None, None, total, total, device="cuda", _compile=True)
+    group = Hq // H                                # dense baselines: kv heads expanded once, untimed
+    q_t = single[0].detach().transpose(1, 2).contiguous()
+    k_t, v_t = (x.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous() for x in single[1:3])
+    candidates = {
+        "nsa_packed": (lambda: native_sparse_attention(*packed, config, backend="triton", cu_seqlens=cu), packed),
+        "nsa_per_sequence": (per_sequence, packed),
+        "nsa_single": (lambda: native_sparse_attention(*single, config, backend="triton"), single),
+        "nsa_padded": (lambda: native_sparse_attention(*padded, config, backend="triton"), padded),
+        "flex_document": (lambda: flex(q_t, k_t, v_t, block_mask=block_mask), [q_t, k_t, v_t]),
+        "sdpa_flash": (sdpa_flash(q_t, k_t, v_t), [q_t, k_t, v_t]),
+    }
+    for name, (fn, inputs) in candidates.items():
+        inputs = [x.requires_grad_() for x in inputs]
+        key = [name, total, docs, Hq, H, D]
+        try:
+            rows.append([*key, "fwd", f"{timer(fn):.3f}"])
+            rows.append([*key, "fwd_bwd", f"{timer(fn, inputs):.3f}"])
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            print(f"{name}: {type(error).__name__}: {str(error)[:160]}")
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for packed_<gpu>.csv and .json")
     parser.add_argument("--heads", default="64/4,32/8")
+    parser.add_argument("--mixes", default="long,short", help="document mixes: long, short")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu_packed.py needs a CUDA GPU.")
@@ -130,9 +182,7 @@ def main(argv=None) -> int:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     config, D = NSAConfig(), 128
-    lengths = document_lengths()
-    total = sum(lengths)
-    print(f"{len(lengths)} documents, {total} tokens: {lengths}")
+    mixes = {"long": document_lengths(), "short": [512] * 128}
     rows, errors = [], {}
     flex = torch.compile(flex_attention)
     for heads in args.heads.split(","):
@@ -140,36 +190,9 @@ def main(argv=None) -> int:
         errors[heads] = check(CHECK_LENGTHS, Hq, H, D, config)
         print(f"{heads}: worst relative error, packed Triton vs float64 per document: {errors[heads]:.2e}")
         assert errors[heads] <= 1e-2, errors[heads]
-        packed, cu = packed_inputs(lengths, Hq, H, D, config)
-        single, _ = packed_inputs([total], Hq, H, D, config)
-        longest, docs = max(lengths), len(lengths)
-        padded = [torch.zeros(docs, longest, *x.shape[2:], device="cuda", dtype=x.dtype) for x in single]
-        padded[3:5] = [compress(p, None, config.compress_block_size, config.compress_stride) for p in padded[1:3]]
-        doc_id = torch.repeat_interleave(torch.arange(docs, device="cuda"), torch.tensor(lengths, device="cuda"))
-
-        def document_causal(b, h, q_idx, kv_idx):
-            return (doc_id[q_idx] == doc_id[kv_idx]) & (kv_idx <= q_idx)
-
-        block_mask = create_block_mask(document_causal, None, None, total, total, device="cuda", _compile=True)
-        group = Hq // H                                # dense baselines: kv heads expanded once, untimed
-        q_t = single[0].detach().transpose(1, 2).contiguous()
-        k_t, v_t = (x.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous() for x in single[1:3])
-        candidates = {
-            "nsa_packed": (lambda: native_sparse_attention(*packed, config, backend="triton", cu_seqlens=cu), packed),
-            "nsa_single": (lambda: native_sparse_attention(*single, config, backend="triton"), single),
-            "nsa_padded": (lambda: native_sparse_attention(*padded, config, backend="triton"), padded),
-            "flex_document": (lambda: flex(q_t, k_t, v_t, block_mask=block_mask), [q_t, k_t, v_t]),
-            "sdpa_flash": (sdpa_flash(q_t, k_t, v_t), [q_t, k_t, v_t]),
-        }
-        for name, (fn, inputs) in candidates.items():
-            inputs = [x.requires_grad_() for x in inputs]
-            key = [name, total, docs, Hq, H, D]
-            try:
-                rows.append([*key, "fwd", f"{timer(fn):.3f}"])
-                rows.append([*key, "fwd_bwd", f"{timer(fn, inputs):.3f}"])
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
-                print(f"{name}: {type(error).__name__}: {str(error)[:160]}")
-            torch.cuda.empty_cache()
+        for mix in args.mixes.split(","):
+            rows += time_mix(mixes[mix], Hq, H, D, config, flex, create_block_mask)
+    lengths = mixes["long"]
     if args.out is not None:
         gpu = gpu_tag()
         args.out.mkdir(parents=True, exist_ok=True)
@@ -179,9 +202,9 @@ def main(argv=None) -> int:
             {"command": "python benchmarks/gpu_packed.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "lengths": lengths,
              "worst_relative_error": errors}, indent=1) + "\n")
-    print(f"{'impl':<16}{'heads':>7}{'pass':>9}{'ms':>10}")
-    for name, _, _, hq, hkv, _, p, ms in rows:
-        print(f"{name:<16}{f'{hq}/{hkv}':>7}{p:>9}{float(ms):>10.2f}")
+    print(f"{'impl':<18}{'docs':>5}{'heads':>7}{'pass':>9}{'ms':>10}")
+    for name, _, docs, hq, hkv, _, p, ms in rows:
+        print(f"{name:<18}{docs:>5}{f'{hq}/{hkv}':>7}{p:>9}{float(ms):>10.2f}")
     return 0
 
 

@@ -64,16 +64,23 @@ def main() -> int:
                          SLOTS=triton.next_power_of_2(config.num_selected_blocks),
                          NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks, CAUSAL=True,
                          BLOCK_M=max(16, 128 // group_pad), BLOCK_S=topk.SELECT_STEP)
-        signature = {"Q": "*bf16", "K_CMP": "*bf16", "LSE": "*fp32", "BLOCK_INDICES": "*i32", "scale_log2": "fp32",
-                     **{name: "i32" for name in ("seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel")},
-                     **{name: "constexpr" for name in constants}}
-        pointers_aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants,
-                                            attrs=pointers_aligned),
-                                  target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=4, num_stages=3))
-        fields = resource_usage(compiled)
-        print(f"{heads_q}/{heads_kv} heads, {constants['BLOCK_M']} positions: {fields['REG']} registers, "
-              f"{fields['STACK']} bytes of stack")
+        types = {"Q": "*bf16", "K_CMP": "*bf16", "LSE": "*fp32", "BLOCK_INDICES": "*i32", "scale_log2": "fp32",
+                 **{name: "i32" for name in ("seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel")},
+                 **{name: "*i32" for name in ("CU_Q", "CU_K", "CU_CMP")}}
+        # -- a build with packed sequences (chapter 10) compiles both ways; without (CU_None), one --
+        for packed in ((False, True) if "PACKED" in kernel.arg_names else (None,)):
+            extra = {} if packed is None else {"PACKED": packed}
+            if packed is False:
+                extra.update(CU_Q=None, CU_K=None, CU_CMP=None)
+            signature = {name: "constexpr" if name in {**constants, **extra} else types[name]
+                         for name in kernel.arg_names}
+            pointers_aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs={**constants, **extra},
+                                                attrs=pointers_aligned),
+                                      target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=4, num_stages=3))
+            fields = resource_usage(compiled)
+            print(f"{heads_q}/{heads_kv} heads, {constants['BLOCK_M']} positions{' (packed)' if packed else ''}: "
+                  f"{fields['REG']} registers, {fields['STACK']} bytes of stack")
     return 0
 
 

@@ -122,8 +122,9 @@ def band_attention_forward_kernel(
     q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
     _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
     row_start, num_rows = sequence_span(CU_ROWS, seq, num_rows, PACKED)
-    if first_query >= seq_len_q:   # a tile past a short packed sequence's end
-        return
+    if PACKED:
+        if first_query >= seq_len_q:   # a tile past a short packed sequence's end
+            return
     heads_kv = HEADS_Q // GROUP
     q_rows, row_ok, i, pos = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
                                         GROUP, GROUP_PAD, BLOCK_M)
@@ -260,8 +261,9 @@ def band_attention_backward_dq_kernel(
     q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
     _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
     row_start, num_rows = sequence_span(CU_ROWS, seq, num_rows, PACKED)
-    if first_query >= seq_len_q:
-        return
+    if PACKED:
+        if first_query >= seq_len_q:
+            return
     heads_kv = HEADS_Q // GROUP
     q_rows, row_ok, i, pos = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
                                         GROUP, GROUP_PAD, BLOCK_M)
@@ -314,8 +316,9 @@ def band_attention_backward_dkdv_kernel(
     q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
     _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
     row_start, num_rows = sequence_span(CU_ROWS, seq, num_rows, PACKED)
-    if pid_n * BLOCK_N >= num_rows:   # a tile past a short packed sequence's end
-        return
+    if PACKED:
+        if pid_n * BLOCK_N >= num_rows:   # a tile past a short packed sequence's end
+            return
     key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)

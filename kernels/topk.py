@@ -137,8 +137,9 @@ def select_blocks_kernel(
         seq_len_k = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
         num_cmp = cmp_rows - mem_kv_len
         num_sel = (seq_len_k + SEL_BLOCK - 1) // SEL_BLOCK
-    if first_query >= seq_len_q:
-        return
+    if PACKED:
+        if first_query >= seq_len_q:
+            return
 
     # -- the rows: BLOCK_M positions x the group's heads, as in the attention kernels --
     q_rows, row_ok, i_row, pos_row = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
