@@ -147,18 +147,26 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     packed forward (Chapter 10's kernels) takes all sequences at once; any other, one at a time."""
     cu_cmp = compressed_cu_seqlens(cu_seqlens_k, config.compress_block_size, config.compress_stride, mem_kv_len)
     rows = sequence_bounds(cu_cmp, k_cmp, "k_cmp", "the compressed cu_seqlens")
-    sequences = []
-    for ((q0, q1), (k0, k1)), (c0, c1) in zip(pairs, rows):      # -- every problem checked first --
-        problem = (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], k_cmp[:, c0:c1], v_cmp[:, c0:c1], g_cmp[:, q0:q1],
-                   g_slc[:, q0:q1], g_win[:, q0:q1])
-        dims, scale_of_problem = check_sparse_inputs(*problem, config, scale, mem_kv_len)
-        sequences.append(problem)
-    if sequences and q.shape[1] * dims.dim_v:                     # -- all at once, where a backend can --
-        implementation = select_backend(check_backend(backend), sequences[0], dims, config)
-        if implementation.packed is not None:
-            packing = Packing(cu_seqlens_q, cu_seqlens_k, cu_cmp, *zip(*pairs), rows)
-            return implementation.packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale_of_problem,
-                                         mem_kv_len, packing)
-    outputs = [native_sparse_attention(*problem, config, scale, backend, mem_kv_len=mem_kv_len)
-               for problem in sequences]                          # -- else each sequence alone --
+
+    def problem(i):
+        (q0, q1), (k0, k1), (c0, c1) = *pairs[i], rows[i]
+        return (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], k_cmp[:, c0:c1], v_cmp[:, c0:c1], g_cmp[:, q0:q1],
+                g_slc[:, q0:q1], g_win[:, q0:q1])
+
+    # -- checked before anything runs: the packed lengths agree, and the first sequence's problem
+    #    (dtypes, devices, heads, dims, config); the others differ only in lengths, which the
+    #    cu_seqlens fix: no check per sequence, whatever their number --
+    for name, x, like, like_name in (("v", v, k, "k"), ("v_cmp", v_cmp, k_cmp, "k_cmp"), ("g_cmp", g_cmp, q, "q"),
+                                     ("g_slc", g_slc, q, "q"), ("g_win", g_win, q, "q")):
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or tuple(x.shape[:2]) != tuple(like.shape[:2]):
+            raise ValueError(f"{name} holds packed sequences like {like_name}: its shape must start with "
+                             f"{tuple(like.shape[:2])}, got {tuple(getattr(x, 'shape', ()))}")
+    dims, scale_of_problem = check_sparse_inputs(*problem(0), config, scale, mem_kv_len)
+    implementation = select_backend(check_backend(backend), problem(0), dims, config)
+    if implementation.packed is not None and q.shape[1] * dims.dim_v:   # -- all at once --
+        packing = Packing(cu_seqlens_q, cu_seqlens_k, cu_cmp, *zip(*pairs), rows)
+        return implementation.packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale_of_problem,
+                                     mem_kv_len, packing)
+    outputs = [native_sparse_attention(*problem(i), config, scale, backend, mem_kv_len=mem_kv_len)
+               for i in range(len(pairs))]                        # -- else each sequence alone --
     return torch.cat(outputs, dim=1)                              # (1, total_q, Hq, Dv)

@@ -209,3 +209,11 @@ def test_bad_cu_seqlens_name_the_argument(index):
     name, call, error, words = _bad_calls()[index]
     with pytest.raises(error, match=words):
         call()
+
+
+@pytest.mark.parametrize("index, name", [(2, "v"), (4, "v_cmp"), (6, "g_slc")])
+def test_packed_tensors_of_other_lengths_are_rejected(index, name):
+    inputs, _, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 0, torch.float64)
+    inputs[index] = inputs[index][:, :-1]                        # one token (row) short
+    with pytest.raises(ValueError, match=name):
+        native_sparse_attention(*inputs, CONFIG, backend="torch", cu_seqlens=cu_k)
