@@ -60,11 +60,12 @@ def main():
             meta = dict(HEADS_Q=Hq, GROUP=G, GROUP_PAD=gpad, DIM_QK=D, BLOCK_DQK=head_dim_block(D),
                         CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n,
                         SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
-                        NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=positions, BLOCK_S=step)
+                        NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=positions, BLOCK_S=step,
+                        PACKED=False)
 
             def launch():
                 topk.select_blocks_kernel[(triton.cdiv(N, positions), 1, H)](
-                    q, k_cmp, lse, out, scale * LOG2E.value, N, N, 0, num_cmp, num_sel, **meta,
+                    q, k_cmp, lse, out, None, None, None, scale * LOG2E.value, N, N, 0, num_cmp, num_sel, **meta,
                     num_warps=warps, num_stages=stages)
             try:
                 launch()

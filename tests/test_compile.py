@@ -53,9 +53,18 @@ def test_triton_ops_have_fake_implementations(Hq, H):
         Nc = (N - 8) // 4 + 1
         return (r(B, N, Hq, D), r(B, N, H, D), r(B, N, H, D), r(B, Nc, H, D), r(B, Nc, H, D),
                 *(torch.rand(B, N, Hq, generator=g) for _ in range(3)))
-    real = torch.ops.nsa.sparse_attention_forward(*inputs(), *fields, 0.25, 0)
+    real = torch.ops.nsa.sparse_attention_forward(*inputs(), *fields, 0.25, 0, None, None, None, [])
     with FakeTensorMode() as mode:
-        fake = torch.ops.nsa.sparse_attention_forward(*(mode.from_tensor(x) for x in inputs()), *fields, 0.25, 0)
+        fake = torch.ops.nsa.sparse_attention_forward(*(mode.from_tensor(x) for x in inputs()), *fields, 0.25, 0,
+                                                      None, None, None, [])
     assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
     assert [x.dtype for x in fake] == [x.dtype for x in real]
+    # -- packed: documents of 15 and 25 tokens (2 and 5 compressed blocks, 1 and 2 selection blocks) --
+    cu, cu_cmp = torch.tensor([0, 15, 40], dtype=torch.int32), torch.tensor([0, 2, 7], dtype=torch.int32)
+    packed = [x[:, :7] if i in (3, 4) else x for i, x in enumerate(inputs())]
+    real = torch.ops.nsa.sparse_attention_forward(*packed, *fields, 0.25, 0, cu, cu, cu_cmp, [25, 25, 5, 3])
+    with FakeTensorMode() as mode:
+        fake = torch.ops.nsa.sparse_attention_forward(*(mode.from_tensor(x) for x in packed), *fields, 0.25, 0,
+                                                      *(mode.from_tensor(x) for x in (cu, cu, cu_cmp)), [25, 25, 5, 3])
+    assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
     assert config.num_selected_blocks == real[7].shape[-1]
