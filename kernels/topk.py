@@ -132,9 +132,9 @@ def select_blocks_kernel(
     seq, head_kv = tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
     q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
+    _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
     cmp_start, cmp_rows = sequence_span(CU_CMP, seq, mem_kv_len + num_cmp, PACKED)
-    if PACKED:   # this sequence's keys, blocks and selection blocks
-        seq_len_k = tl.load(CU_K + seq + 1) - tl.load(CU_K + seq)
+    if PACKED:   # this sequence's compressed blocks and selection blocks
         num_cmp = cmp_rows - mem_kv_len
         num_sel = (seq_len_k + SEL_BLOCK - 1) // SEL_BLOCK
     if PACKED:

@@ -161,8 +161,9 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or tuple(x.shape[:2]) != tuple(like.shape[:2]):
             raise ValueError(f"{name} holds packed sequences like {like_name}: its shape must start with "
                              f"{tuple(like.shape[:2])}, got {tuple(getattr(x, 'shape', ()))}")
-    dims, scale_of_problem = check_sparse_inputs(*problem(0), config, scale, mem_kv_len)
-    implementation = select_backend(check_backend(backend), problem(0), dims, config)
+    first = problem(0)
+    dims, scale_of_problem = check_sparse_inputs(*first, config, scale, mem_kv_len)
+    implementation = select_backend(check_backend(backend), first, dims, config)
     if implementation.packed is not None and q.shape[1] * dims.dim_v:   # -- all at once --
         packing = Packing(cu_seqlens_q, cu_seqlens_k, cu_cmp, *zip(*pairs), rows)
         return implementation.packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale_of_problem,
