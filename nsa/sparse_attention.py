@@ -168,6 +168,11 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
         packing = Packing(cu_seqlens_q, cu_seqlens_k, cu_cmp, *zip(*pairs), rows)
         return implementation.packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale_of_problem,
                                      mem_kv_len, packing)
-    outputs = [native_sparse_attention(*problem(i), config, scale, backend, mem_kv_len=mem_kv_len)
-               for i in range(len(pairs))]                        # -- else each sequence alone --
-    return torch.cat(outputs, dim=1)                              # (1, total_q, Hq, Dv)
+
+    def alone(sequence):                                          # -- else each sequence alone --
+        Nq = sequence[0].shape[1]
+        if Nq * dims.dim_v == 0:
+            return empty_output((1, Nq, dims.heads_q, dims.dim_v), *sequence)
+        return implementation.forward(*sequence, config, scale_of_problem, mem_kv_len)
+
+    return torch.cat([alone(problem(i)) for i in range(len(pairs))], dim=1)   # (1, total_q, Hq, Dv)
