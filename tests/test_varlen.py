@@ -217,3 +217,18 @@ def test_packed_tensors_of_other_lengths_are_rejected(index, name):
     inputs[index] = inputs[index][:, :-1]                        # one token (row) short
     with pytest.raises(ValueError, match=name):
         native_sparse_attention(*inputs, CONFIG, backend="torch", cu_seqlens=cu_k)
+
+
+def test_layer_with_a_padding_mask_on_the_triton_kernels_equals_each_row_alone():
+    """A key padding mask runs as packed sequences: on the Triton backend, one launch per kernel
+    for all rows (chapter 10), equal to each row's unpadded tokens alone."""
+    torch.manual_seed(6)
+    layer = SparseAttention(32, heads=4, kv_heads=2, **{**GEOMETRY, "backend": "triton"}, num_mem_kv=1)
+    rows = torch.randn(3, 40, 32)
+    keep = torch.ones(3, 40, dtype=torch.bool)
+    keep[0, 25:], keep[1, :9], keep[2, 10:14] = False, False, False
+    with torch.no_grad():
+        padded = layer(rows, mask=keep)
+        for b in range(3):
+            torch.testing.assert_close(padded[b][keep[b]], layer(rows[b:b + 1, keep[b]])[0], rtol=1e-4, atol=1e-5)
+            assert torch.all(padded[b][~keep[b]] == 0)
