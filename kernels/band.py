@@ -322,7 +322,7 @@ def band_attention_backward_dkdv_kernel(
     key = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_rows = (row_start + key).to(tl.int64) * heads_kv + head_kv
+    kv_rows = row_start.to(tl.int64) * heads_kv + head_kv + key.to(tl.int64) * heads_kv
     key_ok = key < num_rows
     k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
     v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
