@@ -13,29 +13,16 @@ builds compiled by the same one.
 """
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from offline_compile import resource_usage  # benchmarks/, this script's folder
+
 HEADS = ((32, 32), (32, 8), (64, 4))
-
-
-def resource_usage(compiled) -> dict:
-    """A compiled kernel's resources as cuobjdump (shipped with Triton) reads its binary:
-    {"REG": registers per thread, "STACK": bytes of stack, "SHARED": ..., ...} as strings."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                           text=True, check=True).stdout
-    os.unlink(f.name)
-    return dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
 
 
 def main() -> int:

@@ -68,3 +68,14 @@ def test_decode_kernels_compile_for_a_gpu_offline():
     lines = [line for line in done.stdout.splitlines() if "compiled in" in line]
     assert len(lines) == 5 * 4, done.stdout
     assert all(float(line.split("compiled in ")[1].split()[0]) < 60 for line in lines), done.stdout
+
+
+def test_band_registers_compiles_the_band_kernels_for_a_gpu_offline():
+    """No GPU needed: the band kernels' recorded launches compile for sm_90 (one head config)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "band_registers.py"), "--heads", "64/4"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    launchers = [line for line in done.stdout.splitlines() if line.endswith("(launcher)")]
+    assert len(launchers) == 6, done.stdout                  # forward, dq, dk dv of two bands
+    assert all(0 < int(line.split(": ")[1].split()[0]) <= 255 for line in launchers), done.stdout

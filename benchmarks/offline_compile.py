@@ -1,0 +1,88 @@
+"""Compile the book's Triton kernels for a GPU on a machine without one: what the offline scripts
+(`select_registers.py`, `decode_compile.py`, `band_registers.py`) share.
+
+A launcher runs on empty CPU tensors posing as CUDA ones, with its kernels replaced by recorders
+(`recorded`): each `kernel[grid](*args, **meta)` is kept instead of made. `compile_launch` then
+compiles a recorded launch for `sm_<arch>` with the launcher's own meta-parameters, and
+`resource_usage` reads the binary's registers and stack (spills) with `cuobjdump`. Import triton
+before nsa (these scripts do), so that the kernels are compiled, not interpreted.
+"""
+
+import contextlib
+import inspect
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+           torch.int64: "*i64"}
+
+
+def resource_usage(compiled) -> dict:
+    """A compiled kernel's resources as cuobjdump (shipped with Triton) reads its binary:
+    {"REG": registers per thread, "STACK": bytes of stack, "SHARED": ..., ...} as strings."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
+                           text=True, check=True).stdout
+    os.unlink(f.name)
+    return dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+
+
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **meta)` records (kernel, args, meta)."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((self.kernel, args, dict(meta)))
+
+
+@contextlib.contextmanager
+def recorded(module, names, multiprocessors=None):
+    """Inside: the kernels `names` of `module` record their launches into the yielded list, and
+    every tensor says it is on CUDA (so launchers pick a GPU's tiles); `multiprocessors`, if
+    given, is what `module.multiprocessors` answers."""
+    launches, saved = [], {name: getattr(module, name) for name in names}
+    if multiprocessors is not None:
+        saved["multiprocessors"] = module.multiprocessors
+    is_cuda = torch.Tensor.is_cuda
+    try:
+        for name in names:
+            setattr(module, name, Recorder(saved[name], launches))
+        if multiprocessors is not None:
+            module.multiprocessors = lambda device: multiprocessors
+        torch.Tensor.is_cuda = property(lambda self: True)
+        yield launches
+    finally:
+        torch.Tensor.is_cuda = is_cuda
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def compile_launch(kernel, args, meta, arch: int = 90):
+    """Compile one recorded launch for sm_<arch>: tensors as pointers of their dtype, floats as
+    fp32, ints as i32, None and the meta-parameters as constexprs (num_warps and num_stages as
+    options). Returns Triton's compiled kernel."""
+    meta = dict(meta)
+    options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature, constants = {}, dict(meta)
+    for name, value in zip(params, args):
+        if value is None:
+            signature[name], constants[name] = "constexpr", None
+        elif isinstance(value, torch.Tensor):
+            signature[name] = POINTER[value.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+    signature |= {name: "constexpr" for name in params[len(args):]}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                          target=GPUTarget("cuda", arch, 32), options=options)
