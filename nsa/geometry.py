@@ -14,8 +14,9 @@ def query_positions(seq_len_q: int, seq_len_k: int, device=None) -> torch.Tensor
 
 
 def num_compressed_blocks(seq_len: int, block_size: int, stride: int) -> int:
-    """N_c = (N - l) // d + 1 complete blocks of length l, stride d, in N keys; 0 when N < l."""
-    return (seq_len - block_size) // stride + 1 if seq_len >= block_size else 0
+    """N_c = (N - l) // d + 1 complete blocks of length l, stride d, in N keys; 0 when N < l.
+    N may also be an integer tensor of lengths (elementwise, on its device)."""
+    return ((seq_len - block_size) // stride + 1) * (seq_len >= block_size)
 
 
 def num_selection_blocks(seq_len: int, block_size: int) -> int:

@@ -6,14 +6,14 @@ from torch.nn.attention.flex_attention import and_masks
 
 from nsa.attention import attention, empty_output, softmax_with_lse
 from nsa.backends import check_backend, register_backend, select_backend
-from nsa.checks import check_key_padding_mask, check_sparse_inputs
+from nsa.checks import check_key_padding_mask, check_mem_kv_len, check_sparse_inputs
 from nsa.compression import compressed_attention
 from nsa.config import NSAConfig
 from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, padding_mod,
                        sliding_window_mod)
 from nsa.selection import (dot_in_order, eq9_by_place, select_blocks, selected_attention,
                            selection_candidate_mask, selection_scores)
-from nsa.varlen import Packing, compressed_cu_seqlens, packed_pairs, sequence_bounds
+from nsa.varlen import Packing, compressed_bounds, compressed_offsets, packed_pairs
 from nsa.window import sliding_window_attention
 
 
@@ -145,8 +145,15 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     """`native_sparse_attention` of packed sequences: `pairs` from `packed_pairs`; the compressed
     keys packed as `compressed_cu_seqlens(cu_seqlens_k, l, d, mem_kv_len)` says. A backend with a
     packed forward (Chapter 10's kernels) takes all sequences at once; any other, one at a time."""
-    cu_cmp = compressed_cu_seqlens(cu_seqlens_k, config.compress_block_size, config.compress_stride, mem_kv_len)
-    rows = sequence_bounds(cu_cmp, k_cmp, "k_cmp", "the compressed cu_seqlens")
+    # -- the compressed rows' offsets: on the device from cu_seqlens_k, on the host from its bounds --
+    check_mem_kv_len(mem_kv_len)
+    l, d = config.compress_block_size, config.compress_stride
+    rows = compressed_bounds([keys for _, keys in pairs], l, d, mem_kv_len)
+    if not isinstance(k_cmp, torch.Tensor) or k_cmp.ndim < 2 or tuple(k_cmp.shape[:2]) != (1, rows[-1][1]):
+        raise ValueError(f"k_cmp holds packed compressed keys: its shape must start with (1, {rows[-1][1]}), "
+                         f"each sequence's {mem_kv_len} memory rows and blocks (nsa.varlen.compressed_cu_seqlens), "
+                         f"got {tuple(getattr(k_cmp, 'shape', ()))}")
+    cu_cmp = compressed_offsets(cu_seqlens_k, l, d, mem_kv_len)
 
     def problem(i):
         (q0, q1), (k0, k1), (c0, c1) = *pairs[i], rows[i]

@@ -41,7 +41,9 @@ def packed_pairs(q, k, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None):
         if cu_seqlens_q is not None or cu_seqlens_k is not None:
             raise ValueError("pass cu_seqlens, or cu_seqlens_q and cu_seqlens_k, not both")
         queries = sequence_bounds(cu_seqlens, q, "q")
-        keys = sequence_bounds(cu_seqlens, k, "k")
+        # -- the same offsets for the keys: read again only to say what is wrong with them --
+        same_rows = isinstance(k, torch.Tensor) and k.ndim >= 2 and tuple(k.shape[:2]) == (1, q.shape[1])
+        keys = queries if same_rows else sequence_bounds(cu_seqlens, k, "k")
     elif cu_seqlens_q is None and cu_seqlens_k is None:
         return None
     elif cu_seqlens_q is None or cu_seqlens_k is None:
@@ -61,11 +63,25 @@ def packed_pairs(q, k, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None):
 def compressed_cu_seqlens(cu_seqlens_k, block_size: int = 32, stride: int = 16, mem_kv_len: int = 0) -> torch.Tensor:
     """The cu_seqlens of packed compressed keys: sequence i's mem_kv_len memory rows, then the
     N_c(N_i) blocks of its own keys (no block crosses a boundary). int32, on cu_seqlens_k's device."""
-    offsets = check_cu_seqlens(cu_seqlens_k, None, cu_seqlens_k.device if isinstance(cu_seqlens_k, torch.Tensor)
-                               else "cpu", "cu_seqlens_k")
+    check_cu_seqlens(cu_seqlens_k, None, cu_seqlens_k.device if isinstance(cu_seqlens_k, torch.Tensor) else "cpu",
+                     "cu_seqlens_k")
     check_int("mem_kv_len", mem_kv_len, 0)
-    rows = [mem_kv_len + num_compressed_blocks(e - s, block_size, stride) for s, e in zip(offsets, offsets[1:])]
-    return torch.tensor([0, *itertools.accumulate(rows)], dtype=torch.int32, device=cu_seqlens_k.device)
+    return compressed_offsets(cu_seqlens_k, block_size, stride, mem_kv_len)
+
+
+def compressed_offsets(cu_seqlens_k, block_size: int, stride: int, mem_kv_len: int) -> torch.Tensor:
+    """`compressed_cu_seqlens` of checked arguments, computed where cu_seqlens_k lives: nothing
+    read back to the host."""
+    rows = mem_kv_len + num_compressed_blocks(cu_seqlens_k.diff(), block_size, stride)
+    return torch.nn.functional.pad(rows.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def compressed_bounds(key_bounds, block_size: int, stride: int, mem_kv_len: int) -> list[tuple[int, int]]:
+    """`compressed_offsets` as each sequence's (start, end) rows, from its keys' (start, end) on the
+    host."""
+    ends = list(itertools.accumulate(mem_kv_len + num_compressed_blocks(e - s, block_size, stride)
+                                     for s, e in key_bounds))
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def pack(x, keep):

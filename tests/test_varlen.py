@@ -211,7 +211,7 @@ def test_bad_cu_seqlens_name_the_argument(index):
         call()
 
 
-@pytest.mark.parametrize("index, name", [(2, "v"), (4, "v_cmp"), (6, "g_slc")])
+@pytest.mark.parametrize("index, name", [(2, "v"), (3, "k_cmp"), (4, "v_cmp"), (6, "g_slc")])
 def test_packed_tensors_of_other_lengths_are_rejected(index, name):
     inputs, _, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 0, torch.float64)
     inputs[index] = inputs[index][:, :-1]                        # one token (row) short
@@ -232,3 +232,18 @@ def test_layer_with_a_padding_mask_on_the_triton_kernels_equals_each_row_alone()
         for b in range(3):
             torch.testing.assert_close(padded[b][keep[b]], layer(rows[b:b + 1, keep[b]])[0], rtol=1e-4, atol=1e-5)
             assert torch.all(padded[b][~keep[b]] == 0)
+
+
+def test_packed_call_reads_cu_seqlens_back_once(monkeypatch):
+    """cu_seqlens is read back to the host once per call (once per tensor with cu_seqlens_q and
+    cu_seqlens_k): each read waits for the GPU."""
+    import nsa.varlen
+    reads = []
+    check = nsa.varlen.check_cu_seqlens
+    monkeypatch.setattr(nsa.varlen, "check_cu_seqlens", lambda *a, **kw: reads.append(1) or check(*a, **kw))
+    inputs, cu_q, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 1, torch.float64)
+    native_sparse_attention(*inputs, CONFIG, mem_kv_len=1, backend="torch", cu_seqlens=cu_k)
+    assert len(reads) == 1
+    inputs, cu_q, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 0, torch.float64, query_lengths=[2, 9, 1])
+    native_sparse_attention(*inputs, CONFIG, backend="torch", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert len(reads) == 3
