@@ -13,7 +13,7 @@ from nsa.compression import CompressionMLP, compress
 from nsa.config import NSAConfig
 from nsa.distributed import context_parallel_forward
 from nsa.sparse_attention import native_sparse_attention
-from nsa.varlen import pack, sequence_bounds, unpack
+from nsa.varlen import compressed_offsets, pack, sequence_bounds, unpack
 from nsa.window import sliding_window_attention
 
 
@@ -120,17 +120,30 @@ class SparseAttention(nn.Module):
 
     def compressed(self, keys, values, cu_seqlens=None):
         """The compressed keys and values of the branch "cmp" (by the layer's phi), the memory rows
-        first: (B, mem + N_c, H, D); with cu_seqlens, of each packed sequence, packed alike."""
+        first: (B, mem + N_c, H, D); with cu_seqlens, of each packed sequence, packed alike (every
+        sequence's memory rows, then its blocks), all sequences compressed at once."""
         k, v = keys[self.branch("cmp")], values[self.branch("cmp")]
         l, d = self.config.compress_block_size, self.config.compress_stride
-        bounds = [(0, k.shape[1])] if cu_seqlens is None else sequence_bounds(cu_seqlens, k, "k")
-        k_parts, v_parts = [], []
-        for start, end in bounds:
-            k_cmp, v_cmp = compress(k[:, start:end], self.phi_k, l, d), compress(v[:, start:end], self.phi_v, l, d)
-            mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
-            k_parts += [mem_k, k_cmp] if mem_k is not None else [k_cmp]
-            v_parts += [mem_v, v_cmp] if mem_v is not None else [v_cmp]
-        return torch.cat(k_parts, dim=1), torch.cat(v_parts, dim=1)
+        k_cmp = compress(k, self.phi_k, l, d, cu_seqlens=cu_seqlens)               # (B, N_c, H, D)
+        v_cmp = compress(v, self.phi_v, l, d, cu_seqlens=cu_seqlens)
+        mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
+        if mem_k is None:
+            return k_cmp, v_cmp
+        if cu_seqlens is None:
+            return torch.cat([mem_k, k_cmp], dim=1), torch.cat([mem_v, v_cmp], dim=1)
+        # -- packed: each sequence's memory rows before its blocks, placed by index on the device --
+        sequences, mem = cu_seqlens.numel() - 1, self.num_mem_kv
+        rows_cmp = compressed_offsets(cu_seqlens, l, d, mem)                       # (S + 1,)
+        sequence = torch.repeat_interleave(torch.arange(sequences, device=k.device), rows_cmp.diff() - mem,
+                                           output_size=k_cmp.shape[1])             # each block's sequence
+        block_rows = torch.arange(k_cmp.shape[1], device=k.device) + mem * (sequence + 1)
+        memory_rows = (rows_cmp[:-1, None] + torch.arange(mem, device=k.device)).flatten()
+
+        def place(blocks, memory):
+            out = blocks.new_zeros(1, blocks.shape[1] + sequences * mem, *blocks.shape[2:])
+            return out.index_copy(1, block_rows, blocks).index_copy(1, memory_rows, memory.repeat(1, sequences, 1, 1))
+
+        return place(k_cmp, mem_k), place(v_cmp, mem_v)
 
     def output(self, o, o_win, g_win):
         """(B, Nq, dim) from the fused op's o (B, Nq, Hq, Dv), plus with kv_per_branch the window
