@@ -66,7 +66,9 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     (num_seqs + 1,), 0 first and total last; q, k, v, gates packed as (1, total, heads, dim),
     k_cmp, v_cmp as `nsa.varlen.compressed_cu_seqlens(cu_seqlens, l, d, mem_kv_len)` says (each
     sequence's memory rows, then its blocks). Every sequence is its own problem. cu_seqlens_q and
-    cu_seqlens_k instead when a sequence has fewer queries than keys (its last ones).
+    cu_seqlens_k instead when a sequence has fewer queries than keys (its last ones). Each
+    cu_seqlens tensor is read back to the host once per call (the checks, the kernels' grid): a
+    wait for the GPU, and under torch.compile a graph break.
 
     The same on every backend, at the edges: an empty problem (B, Nq or Dv is 0) gives an empty
     output and launches nothing; zero heads or Dqk = 0 raise ValueError. No value is checked (no
