@@ -235,7 +235,8 @@ class SparseAttention(nn.Module):
         config, (g_cmp, g_slc, g_win) = self.config, gates
         k_cmp, v_cmp = self.compressed(keys, values, cu_seqlens_k)
         g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
-        packed = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k) if cu_seqlens_k is not None else {}
+        packed = ({} if cu_seqlens_k is None else dict(cu_seqlens=cu_seqlens_k) if cu_seqlens_q is cu_seqlens_k
+                  else dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))   # one tensor: read back once
         o = native_sparse_attention(queries, keys[self.branch("slc")], values[self.branch("slc")], k_cmp, v_cmp,
                                     g_cmp, g_slc, g_win_fused, config, self.scale, self.backend,
                                     mem_kv_len=self.num_mem_kv, **packed)
