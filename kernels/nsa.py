@@ -82,7 +82,7 @@ def packed_blocks(cu_seqlens_q, cu_seqlens_k, total_q: int, block_size: int, num
     cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
     len_q, len_k = cu_q.diff(), cu_k.diff()                                  # (S,)
     sequence = torch.arange(len_q.numel(), device=device)
-    blocks = (len_k + block_size - 1) // block_size                          # (S,) blocks per sequence
+    blocks = num_selection_blocks(len_k, block_size)                         # (S,) blocks per sequence
     base = blocks.cumsum(0) - blocks
     # -- each query: its sequence, and the packed key row it sits at (queries end-aligned) --
     seq_q = torch.repeat_interleave(sequence, len_q, output_size=total_q)     # (total_q,)
@@ -262,8 +262,7 @@ def triton_packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, c
     kernel launched once for all of them, each program finding its sequence."""
     longest = [max(end - start for start, end in bounds) for bounds in (packing.queries, packing.keys,
                                                                         packing.rows_cmp)]
-    l_sel = config.select_block_size
-    num_blocks = sum(-(-(end - start) // l_sel) for start, end in packing.keys)
+    num_blocks = sum(num_selection_blocks(end - start, config.select_block_size) for start, end in packing.keys)
     return torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
                                                   *config_fields(config), scale, mem_kv_len, packing.cu_q,
                                                   packing.cu_k, packing.cu_cmp, [*longest, num_blocks])[0]
