@@ -163,16 +163,30 @@ def band_attention_forward_kernel(
     tl.store(LSE + q_rows, lse, mask=row_ok)
 
 
-def band_tiles(group: int, dim_qk: int, dim_v: int, on_gpu: bool, rows: int = 128):
-    """Compile-time tile sizes and warps for the band kernels: `rows` query rows per tile."""
+# (query rows, keys per step, warps, stages) of each band kernel on a GPU, head dims <= 128:
+# (prefix band, window band), the fastest at 64k on an H200 (book/data/band_tiles_h200.csv)
+BAND_TILES = {
+    "forward": ((256, 64, 8, 2), (64, 32, 4, 3)),
+    "dq": ((128, 64, 8, 3), (64, 32, 4, 3)),
+    "dkdv": ((64, 64, 4, 2), (64, 64, 4, 2)),    # rows: the query rows of each step of the loop
+}
+
+
+def band_tiles(kernel: str, band: Band, group: int, dim_qk: int, dim_v: int, on_gpu: bool):
+    """(meta, num_warps, num_stages) of the band kernel `kernel` ("forward", "dq", "dkdv")."""
     group_pad = triton.next_power_of_2(group)
-    rows = rows if on_gpu else 64
     block_dqk, block_dv = head_dim_block(dim_qk), head_dim_block(dim_v)
+    if not on_gpu:                                  # the interpreter: few, large steps
+        rows, keys, num_warps, num_stages = 64, 32, 4, 2
+    elif max(block_dqk, block_dv) > 128:            # shared memory: half the rows, 2 stages
+        rows, keys, num_warps, num_stages = 64 if kernel == "dkdv" else 128, 64, 8, 2
+    else:
+        rows, keys, num_warps, num_stages = BAND_TILES[kernel][0 if band.is_prefix else 1]
+        if kernel == "forward" and band.is_prefix and group_pad == 1:
+            rows, num_stages = 128, 3
     meta = dict(GROUP=group, GROUP_PAD=group_pad, DIM_QK=dim_qk, DIM_V=dim_v,
-                BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                BLOCK_M=max(1, rows // group_pad), BLOCK_N=64 if on_gpu else 32)
-    num_warps = 8 if rows * max(block_dqk, block_dv) >= 128 * 128 else 4
-    return meta, num_warps
+                BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=max(1, rows // group_pad), BLOCK_N=keys)
+    return meta, num_warps, num_stages
 
 
 def band_shrink(meta):
@@ -188,17 +202,7 @@ def band_attention_forward(q, k, v, scale, seq_len_k, band: Band, packed: Packed
     sequences, longest, cu = packed_launch(packed, B, Nq)
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
-    # tiles measured on an H100 at 64k: prefix bands (compression) like 256 rows, the short
-    # window band 64 rows x 32 keys, 3 stages
-    small_dims = max(head_dim_block(Dqk), head_dim_block(Dv)) <= 128
-    if band.is_prefix:
-        meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda, rows=256 if small_dims else 128)
-        num_warps, num_stages = 8, 2
-    else:
-        meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda, rows=64 if small_dims else 128)
-        num_stages = 3 if small_dims else 2
-        if small_dims and q.is_cuda:
-            meta["BLOCK_N"], num_warps = 32, 4
+    meta, num_warps, num_stages = band_tiles("forward", band, Hq // H, Dqk, Dv, q.is_cuda)
     launch_fitting(band_attention_forward_kernel,
                    lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                    (q, k, v, o, lse, *cu, scale * LOG2E.value, Nq, seq_len_k, num_rows, *band.kernel_args()),
@@ -387,10 +391,8 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     if not add_to_dq:
         dq = torch.empty_like(q)
     do_branch = torch.empty_like(do) if gated else do      # gate * dO, written by the dq kernel
-    # -- dq: a prefix band masks only its edges and pipelines 3 deep (2 above head dim 128) --
-    small_dims = max(head_dim_block(Dqk), head_dim_block(Dv)) <= 128
-    num_stages = 3 if band.is_prefix and small_dims else 2
-    meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda)
+    # -- dq: a prefix band masks only its edges --
+    meta, num_warps, num_stages = band_tiles("dq", band, Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E.value, scale, Nq, seq_len_k, num_rows, *band.kernel_args())
     launch_fitting(band_attention_backward_dq_kernel,
                    lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
@@ -401,7 +403,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     if num_rows == 0:
         return dq, torch.empty_like(k), torch.empty_like(v)
     # -- dk, dv: 64 query rows per step; a prefix band's queries in chunks, summed after --
-    meta, num_warps = band_tiles(Hq // H, Dqk, Dv, q.is_cuda, rows=64)
+    meta, num_warps, num_stages = band_tiles("dkdv", band, Hq // H, Dqk, Dv, q.is_cuda)
     chunk = DKDV_CHUNK if q.is_cuda else 32
     chunk = triton.cdiv(chunk, meta["BLOCK_M"]) * meta["BLOCK_M"]
     num_chunks = triton.cdiv(longest, chunk) if band.is_prefix else 1
@@ -415,7 +417,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
                    lambda tiles: (triton.cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
                    (q, k, v, do_branch, lse, delta, dk, dv, *cu, *common, chunk, k.shape[:3].numel()),
                    dict(HEADS_Q=Hq, PACKED=packed is not None, **meta),
-                   num_warps, num_stages=2, shrink=band_shrink(meta)[::-1])   # chunk stays a multiple of BLOCK_M
+                   num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys
     if num_chunks > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv

@@ -79,3 +79,13 @@ def test_band_registers_compiles_the_band_kernels_for_a_gpu_offline():
     launchers = [line for line in done.stdout.splitlines() if line.endswith("(launcher)")]
     assert len(launchers) == 6, done.stdout                  # forward, dq, dk dv of two bands
     assert all(0 < int(line.split(": ")[1].split()[0]) <= 255 for line in launchers), done.stdout
+
+
+def test_band_tiles_sweep_checks_every_variant(tmp_path):
+    """The tile sweep re-makes each recorded band launch with another tile and finds it equal."""
+    run_script("gpu_band_tiles.py", "--out", str(tmp_path))
+    with (tmp_path / "band_tiles_tiny.csv").open() as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert len(rows) == 12, rows                   # 3 kernels x 2 bands x (launcher + 1 variant)
+    assert sum(row["shipped"] == "True" for row in rows) == 6
+    assert all(float(row["difference"]) < 1e-5 for row in rows), rows
