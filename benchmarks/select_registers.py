@@ -57,6 +57,8 @@ def main() -> int:
         # -- a build with packed sequences (chapter 10) compiles both ways; without (CU_None), one --
         for packed in ((False, True) if "PACKED" in kernel.arg_names else (None,)):
             extra = {} if packed is None else {"PACKED": packed}
+            if "FIRST_IN_LOOP" in kernel.arg_names:   # as the launcher sets it
+                extra["FIRST_IN_LOOP"] = group_pad > 1
             if packed is False:
                 extra.update(CU_Q=None, CU_K=None, CU_CMP=None)
             signature = {name: "constexpr" if name in {**constants, **extra} else types[name]

@@ -126,6 +126,7 @@ def select_blocks_kernel(
     BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of the shift's tl.dot)
     BLOCK_S: tl.constexpr,   # selection blocks per step (>= 16)
     PACKED: tl.constexpr,    # program_id(1) is a sequence of CU_*, else a batch row (chapter 10)
+    FIRST_IN_LOOP: tl.constexpr,   # the first step inside the loop (groups >= 2) or before it (group 1)
 ):
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE               # compressed blocks starting in one l' block
     first_query = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M   # longest rows first
@@ -170,26 +171,32 @@ def select_blocks_kernel(
     last = tl.where(offs_s == BLOCK_S - 1, 1.0, 0.0)
     k_base = cmp_start.to(tl.int64) * heads_kv + head_kv
 
-    # -- the first step: when n equals the step's blocks, its candidates are the running top (no
-    #    merge rounds); else they enter an empty top. Empty slots hold distinct keys below every
-    #    real one, the padding slots (n < SLOTS) the largest int64, never the worst kept --
+    # -- an empty top: distinct keys below every real one in the n slots, the largest int64 in
+    #    the padding slots (n < SLOTS), never the worst kept --
     slot = tl.arange(0, SLOTS)
-    cand, carry = step_candidates(0, tl.zeros([BLOCK_M], dtype=tl.float32), q, K_CMP, k_base, heads_kv,
-                                  mem_kv_len, num_cmp, num_sel, scale_log2, lse2, cmp_end, row_ok, own,
-                                  w_home, w_spill, shift, first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL,
-                                  NUM_INITIAL, NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
-    if NUM_SELECT == BLOCK_S:
-        top = first_top(cand, SLOTS)
-    else:
-        top = merge_top(tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + no_blocks(SLOTS, NUM_SELECT)[None, :],
-                        cand, GONE)
+    top = tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64) + no_blocks(SLOTS, NUM_SELECT)[None, :]
+    carry = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # -- the first step: when n equals the step's blocks, its candidates are the running top (no
+    #    merge rounds); else they enter the empty top. At group 1, before the loop; at larger
+    #    groups inside it, by a tl.where on the step, with one copy of steps 1-4 (fewer registers) --
+    loop_from = 0
+    if not FIRST_IN_LOOP:
+        cand, carry = step_candidates(0, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel,
+                                      scale_log2, lse2, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
+                                      DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL, NUM_INITIAL, NUM_LOCAL, CAUSAL,
+                                      BLOCK_M, BLOCK_S)
+        top = first_top(cand, SLOTS) if NUM_SELECT == BLOCK_S else merge_top(top, cand, GONE)
+        loop_from = BLOCK_S
 
-    # -- every further step: steps 1-4, then 5. merge into the running top --
-    for sel_start in range(BLOCK_S, last_sel + 1, BLOCK_S):
+    # -- every (further) step: steps 1-4, then 5. merge into the running top --
+    for sel_start in range(loop_from, last_sel + 1, BLOCK_S):
         cand, carry = step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp,
                                       num_sel, scale_log2, lse2, cmp_end, row_ok, own, w_home, w_spill, shift,
                                       first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL, NUM_INITIAL,
                                       NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
+        if FIRST_IN_LOOP and NUM_SELECT == BLOCK_S:
+            top = tl.where(sel_start == 0, first_top(cand, SLOTS), top)
+            cand = tl.where(sel_start == 0, GONE, cand)            # so the merge counts no rounds
         top = merge_top(top, cand, GONE)
 
     # -- the chosen blocks (low 32 bits) in ascending order, empty slots (-1) last --
@@ -270,7 +277,8 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
                 CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
                 NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP, PACKED=packed is not None)
+                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP, PACKED=packed is not None,
+                FIRST_IN_LOOP=group_pad > 1)
     with torch.no_grad():
         launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                        (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out, *cu,

@@ -91,12 +91,13 @@ def test_fused_selection_equals_reference(dtype, config, B, Nq, Nk, Hq, H, D, me
     assert torch.equal(chosen, expected)
 
 
+@pytest.mark.parametrize("heads_kv", [2, 1], ids=["group 1: first step before the loop", "group 2: in the loop"])
 @pytest.mark.parametrize("n, causal", [(8, True), (16, True), (16, False)])
-def test_fused_selection_first_step_is_the_top(n, causal):
+def test_fused_selection_first_step_is_the_top(n, causal, heads_kv):
     # n = 16, the step's blocks: the kernel takes the first step's candidates as its running top;
     # n = 8: they are merged into an empty top; then the later steps; 300 keys = 19 blocks
     config = NSAConfig(16, 8, 16, n, 1, 2, 32, causal=causal)
-    q, k_cmp, v_cmp = make(1, 300, 300, 2, 1, 16, 16, 16, 8, 0, torch.float16, seed=n)
+    q, k_cmp, v_cmp = make(1, 300, 300, 2, heads_kv, 16, 16, 16, 8, 0, torch.float16, seed=n)
     _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8, causal=causal)
     chosen = select_blocks_triton(q, k_cmp, lse, 300, config)
     expected = select_blocks(selection_scores(q.float(), k_cmp.float(), lse, 300, config), 300, config)
