@@ -38,13 +38,20 @@ def compress(x, phi=None, block_size=32, stride=16, *, cu_seqlens=None):
         raise TypeError(f"phi must be None (mean pooling) or a callable such as CompressionMLP, "
                         f"got {type(phi).__name__}")
     if cu_seqlens is None:
-        blocks = _blocks(x, block_size, stride)                    # (B, Nc, H, l, D)
-    else:                                                          # each sequence's blocks, gathered
-        starts = [s + i * stride for s, e in sequence_bounds(cu_seqlens, x, "x")
-                  for i in range(num_compressed_blocks(e - s, block_size, stride))]
-        index = torch.tensor(starts, dtype=torch.long, device=x.device)[:, None] + \
-            torch.arange(block_size, device=x.device)              # (sum Nc, l)
-        blocks = x[0, index].transpose(1, 2)[None]                 # (1, sum Nc, H, l, D)
+        return pool_blocks(_blocks(x, block_size, stride), phi)
+    rows = packed_block_rows(sequence_bounds(cu_seqlens, x, "x"), block_size, stride, x.device)
+    return pool_blocks(x[0, rows].transpose(1, 2)[None], phi)
+
+
+def packed_block_rows(bounds, block_size: int, stride: int, device) -> torch.Tensor:
+    """The token rows of every block of packed sequences, (sum of N_c, l) on `device`, from each
+    sequence's (start, end) on the host; x[0, rows] gathers them (no block crosses a boundary)."""
+    starts = [s + i * stride for s, e in bounds for i in range(num_compressed_blocks(e - s, block_size, stride))]
+    return torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(block_size, device=device)
+
+
+def pool_blocks(blocks, phi):
+    """Blocks (B, N_c, H, l, D) to one vector each by phi (None: their mean), (B, N_c, H, D_out)."""
     if phi is None:
         return blocks.mean(dim=3)                                  # (B, Nc, H, D)
     out = phi(blocks)                                              # (B, Nc, H, D_out)

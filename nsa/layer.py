@@ -9,11 +9,11 @@ from nsa.backends import check_backend
 from nsa.cache import KVCache, forward_with_cache
 from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_positive_int,
                         check_tensor, resolve_scale)
-from nsa.compression import CompressionMLP, compress
+from nsa.compression import CompressionMLP, compress, packed_block_rows, pool_blocks
 from nsa.config import NSAConfig
 from nsa.distributed import context_parallel_forward
-from nsa.sparse_attention import native_sparse_attention
-from nsa.varlen import compressed_offsets, pack, sequence_bounds, unpack
+from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention
+from nsa.varlen import compressed_offsets, pack, packed_pairs, token_packing, unpack
 from nsa.window import sliding_window_attention
 
 
@@ -118,14 +118,19 @@ class SparseAttention(nn.Module):
             return None, None
         return (self.mem_k.expand(batch, -1, -1, -1).to(dtype), self.mem_v.expand(batch, -1, -1, -1).to(dtype))
 
-    def compressed(self, keys, values, cu_seqlens=None):
+    def compressed(self, keys, values, cu_seqlens=None, key_bounds=None):
         """The compressed keys and values of the branch "cmp" (by the layer's phi), the memory rows
-        first: (B, mem + N_c, H, D); with cu_seqlens, of each packed sequence, packed alike (every
-        sequence's memory rows, then its blocks), all sequences compressed at once."""
+        first: (B, mem + N_c, H, D); with cu_seqlens (and its sequences' (start, end) on the host,
+        `key_bounds`), of each packed sequence, packed alike (every sequence's memory rows, then its
+        blocks), all sequences compressed at once."""
         k, v = keys[self.branch("cmp")], values[self.branch("cmp")]
         l, d = self.config.compress_block_size, self.config.compress_stride
-        k_cmp = compress(k, self.phi_k, l, d, cu_seqlens=cu_seqlens)               # (B, N_c, H, D)
-        v_cmp = compress(v, self.phi_v, l, d, cu_seqlens=cu_seqlens)
+        if cu_seqlens is None:
+            k_cmp, v_cmp = compress(k, self.phi_k, l, d), compress(v, self.phi_v, l, d)   # (B, N_c, H, D)
+        else:                                   # the blocks' token rows once, for keys and values
+            rows = packed_block_rows(key_bounds, l, d, k.device)                        # (sum N_c, l)
+            k_cmp = pool_blocks(k[0, rows].transpose(1, 2)[None], self.phi_k)           # (1, sum N_c, H, D)
+            v_cmp = pool_blocks(v[0, rows].transpose(1, 2)[None], self.phi_v)
         mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
         if mem_k is None:
             return k_cmp, v_cmp
@@ -166,8 +171,9 @@ class SparseAttention(nn.Module):
         padded queries get 0. -> (B, Nq, dim)
         cu_seqlens: packed sequences (Chapter 5), q (1, total, dim) of self-attention (k = v = mask
         = None), int32 cumulative lengths (num_seqs + 1,): each sequence is its own problem.
-        A mask or cu_seqlens is read back to the host once (the sequences' bounds): under
-        torch.compile that is a graph break, which fullgraph=True refuses.
+        A mask or cu_seqlens is read back to the host once per call (the sequences' bounds; with
+        kv_per_branch, cu_seqlens once more for the window): under torch.compile that is a graph
+        break, which fullgraph=True refuses.
         cache: an `nsa.KVCache` from `new_cache` (Chapter 13): q holds the next T tokens of
         self-attention (k = v = mask = None); they are appended to the cache and their outputs
         returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
@@ -202,8 +208,7 @@ class SparseAttention(nn.Module):
             if k is not None or v is not None or mask is not None:
                 raise ValueError("with cu_seqlens, q holds packed sequences of self-attention: pass k = v = mask = None")
             self._check_input("q", q)
-            sequence_bounds(cu_seqlens, q, "q")
-            return self.attend(q, q, q, cu_seqlens, cu_seqlens)
+            return self.attend(q, q, q, cu_seqlens, cu_seqlens, packed_pairs(q, q, cu_seqlens))
         k = q if k is None else k
         v = k if v is None else v
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -218,28 +223,40 @@ class SparseAttention(nn.Module):
         if mask is None:
             return self.attend(q, k, v)
         check_key_padding_mask(mask, B, Nk, "mask")
-        if bool(mask.all()):            # nothing padded: one batched call (packing reads the mask too)
+        keep = mask.cpu()               # read back once: the packing is built on the host
+        if bool(keep.all()):            # nothing padded: one batched call
             return self.attend(q, k, v)
         # -- a padded batch: each row's tokens as one packed sequence; the queries are its last --
-        keep_q = mask[:, Nk - Nq:]
-        q_packed, cu_q = pack(q, keep_q)
-        (k_packed, cu_k), (v_packed, _) = pack(k, mask), pack(v, mask)
-        return unpack(self.attend(q_packed, k_packed, v_packed, cu_q, cu_k), keep_q)
+        rows_q, rows_k = token_packing(keep[:, Nk - Nq:], q.device), token_packing(keep, q.device)
+        out = self.attend(pack(q, rows_q), pack(k, rows_k), pack(v, rows_k), rows_q.cu_seqlens, rows_k.cu_seqlens,
+                          list(zip(rows_q.bounds, rows_k.bounds)))
+        return unpack(out, rows_q)
 
-    def attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
+    def attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, pairs=None):
         """The layer on checked inputs: project, compress, NSA, the window of kv_per_branch, out."""
-        return self.attend_projected(*self.project(q, k, v), cu_seqlens_q, cu_seqlens_k)
+        return self.attend_projected(*self.project(q, k, v), cu_seqlens_q, cu_seqlens_k, pairs)
 
-    def attend_projected(self, queries, keys, values, gates, cu_seqlens_q=None, cu_seqlens_k=None):
-        """`attend` after the projections (`project`'s four results): compress, NSA, window, out."""
+    def attend_projected(self, queries, keys, values, gates, cu_seqlens_q=None, cu_seqlens_k=None, pairs=None):
+        """`attend` after the projections (`project`'s four results): compress, NSA, window, out.
+        Packed sequences: cu_seqlens_q and cu_seqlens_k, and `pairs`, each sequence's (start, end)
+        of queries and keys on the host (`nsa.varlen.packed_pairs`; read back here if None)."""
         config, (g_cmp, g_slc, g_win) = self.config, gates
-        k_cmp, v_cmp = self.compressed(keys, values, cu_seqlens_k)
-        g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
-        packed = ({} if cu_seqlens_k is None else dict(cu_seqlens=cu_seqlens_k) if cu_seqlens_q is cu_seqlens_k
+        k_slc, v_slc = keys[self.branch("slc")], values[self.branch("slc")]
+        same = cu_seqlens_q is cu_seqlens_k
+        packed = ({} if cu_seqlens_k is None else dict(cu_seqlens=cu_seqlens_k) if same
                   else dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))   # one tensor: read back once
-        o = native_sparse_attention(queries, keys[self.branch("slc")], values[self.branch("slc")], k_cmp, v_cmp,
-                                    g_cmp, g_slc, g_win_fused, config, self.scale, self.backend,
-                                    mem_kv_len=self.num_mem_kv, **packed)
+        if cu_seqlens_k is not None and pairs is None:
+            pairs = packed_pairs(queries, k_slc, **packed)
+        key_bounds = None if pairs is None else [bounds for _, bounds in pairs]
+        k_cmp, v_cmp = self.compressed(keys, values, cu_seqlens_k, key_bounds)
+        g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
+        if pairs is None:
+            o = native_sparse_attention(queries, k_slc, v_slc, k_cmp, v_cmp, g_cmp, g_slc, g_win_fused, config,
+                                        self.scale, self.backend, mem_kv_len=self.num_mem_kv)
+        else:                                                   # the bounds known: no second read
+            o = packed_sparse_attention(queries, k_slc, v_slc, k_cmp, v_cmp, g_cmp, g_slc, g_win_fused, config,
+                                        self.scale, self.backend, self.num_mem_kv, pairs, cu_seqlens_q,
+                                        cu_seqlens_k)
         o_win = None
         if self.kv_per_branch:                                  # the window on its own keys and values
             o_win = sliding_window_attention(queries, keys["win"], values["win"], config.window_size, self.scale,

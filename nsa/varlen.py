@@ -84,16 +84,32 @@ def compressed_bounds(key_bounds, block_size: int, stride: int, mem_kv_len: int)
     return list(zip([0, *ends[:-1]], ends))
 
 
-def pack(x, keep):
-    """The kept tokens of x (B, N, ...), row after row, as (1, total, ...), and their cu_seqlens
-    (keep: (B, N) bool, True = a token)."""
-    lengths = keep.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return x[keep][None], cu_seqlens
+class TokenPacking(NamedTuple):
+    """The tokens of a padded batch as packed sequences, one per row: `index` (total,) the kept
+    rows of x.flatten(0, 1) and `cu_seqlens` int32, both on the batch's device; `bounds` each
+    sequence's (start, end) on the host; `shape` the batch's (B, N)."""
+
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    bounds: list[tuple[int, int]]
+    shape: tuple[int, int]
 
 
-def unpack(packed, keep):
-    """The inverse of `pack`: (1, total, ...) back to (B, N, ...), zeros where keep is False."""
-    out = packed.new_zeros(*keep.shape, *packed.shape[2:])
-    out[keep] = packed[0]
-    return out
+def token_packing(keep, device) -> TokenPacking:
+    """A key padding mask `keep` (B, N) bool, True = a token, held on the host, as packed
+    sequences on `device`: nothing read back from the device."""
+    offsets = list(itertools.accumulate(keep.sum(dim=1).tolist(), initial=0))
+    index = keep.flatten().nonzero().flatten().to(device)
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return TokenPacking(index, cu_seqlens, list(zip(offsets[:-1], offsets[1:])), tuple(keep.shape))
+
+
+def pack(x, packing: TokenPacking):
+    """The kept tokens of x (B, N, ...), row after row, as (1, total, ...)."""
+    return x.flatten(0, 1).index_select(0, packing.index)[None]
+
+
+def unpack(packed, packing: TokenPacking):
+    """The inverse of `pack`: (1, total, ...) back to (B, N, ...), zeros at the padding."""
+    out = packed.new_zeros(packing.shape[0] * packing.shape[1], *packed.shape[2:])
+    return out.index_copy(0, packing.index, packed[0]).view(*packing.shape, *packed.shape[2:])

@@ -11,7 +11,7 @@ import torch
 
 from nsa import NSAConfig, SparseAttention, compress, native_sparse_attention, sliding_window_attention
 from nsa.compression import CompressionMLP
-from nsa.varlen import compressed_cu_seqlens, pack, unpack
+from nsa.varlen import compressed_cu_seqlens, pack, token_packing, unpack
 
 CONFIG = NSAConfig(8, 4, 16, 3, 1, 1, 24)          # l = 8, d = 4, l' = 16, n = 3, w = 24
 
@@ -170,10 +170,14 @@ def test_layer_packed_and_padded_equal_each_row_alone(options):
 def test_pack_and_unpack_are_inverse():
     x = torch.randn(3, 7, 5)
     keep = torch.rand(3, 7) > 0.4
-    packed, cu = pack(x, keep)
-    assert packed.shape == (1, int(keep.sum()), 5) and cu.dtype == torch.int32
-    assert cu.tolist() == [0, *itertools.accumulate(keep.sum(1).tolist())]
-    torch.testing.assert_close(unpack(packed, keep), x * keep[..., None])
+    keep[1] = False                                     # a row without tokens: an empty sequence
+    packing = token_packing(keep, x.device)
+    packed = pack(x, packing)
+    assert packed.shape == (1, int(keep.sum()), 5) and packing.cu_seqlens.dtype == torch.int32
+    offsets = [0, *itertools.accumulate(keep.sum(1).tolist())]
+    assert packing.cu_seqlens.tolist() == offsets and packing.bounds == list(zip(offsets[:-1], offsets[1:]))
+    torch.testing.assert_close(packed[0], x[keep])
+    torch.testing.assert_close(unpack(packed, packing), x * keep[..., None])
 
 
 def _bad_calls():
@@ -247,3 +251,35 @@ def test_packed_call_reads_cu_seqlens_back_once(monkeypatch):
     inputs, cu_q, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 0, torch.float64, query_lengths=[2, 9, 1])
     native_sparse_attention(*inputs, CONFIG, backend="torch", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert len(reads) == 3
+
+
+@pytest.mark.parametrize("num_mem_kv", [0, 2])
+def test_layer_reads_cu_seqlens_back_once_and_a_mask_never(monkeypatch, num_mem_kv):
+    """The layer reads cu_seqlens back once per call, for the compression and the operator alike;
+    with a key padding mask it reads the mask once and builds the packing on the host (no
+    cu_seqlens read at all). Same outputs as each sequence alone."""
+    import nsa.varlen
+    reads = []
+    check = nsa.varlen.check_cu_seqlens
+    monkeypatch.setattr(nsa.varlen, "check_cu_seqlens", lambda *a, **kw: reads.append(1) or check(*a, **kw))
+    torch.manual_seed(0)
+    layer = SparseAttention(32, heads=4, kv_heads=2, compress_block_size=CONFIG.compress_block_size,
+                            compress_stride=CONFIG.compress_stride, select_block_size=CONFIG.select_block_size,
+                            num_selected_blocks=CONFIG.num_selected_blocks, window_size=CONFIG.window_size,
+                            num_mem_kv=num_mem_kv, backend="torch").double()
+    lengths = [5, 17, 40]
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    out = layer(x, cu_seqlens=cu)
+    assert len(reads) == 1
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(out[:, s:e], layer(x[:, s:e]))
+    padded = torch.zeros(3, 40, 32, dtype=torch.float64)
+    keep = torch.zeros(3, 40, dtype=torch.bool)
+    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        padded[b, :e - s], keep[b, :e - s] = x[0, s:e], True
+    reads.clear()
+    out = layer(padded, mask=keep)
+    assert not reads
+    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        torch.testing.assert_close(out[b, :e - s], layer(x[:, s:e])[0])
