@@ -39,8 +39,7 @@ def compress(x, phi=None, block_size=32, stride=16, *, cu_seqlens=None):
                         f"got {type(phi).__name__}")
     if cu_seqlens is None:
         return pool_blocks(_blocks(x, block_size, stride), phi)
-    rows = packed_block_rows(sequence_bounds(cu_seqlens, x, "x"), block_size, stride, x.device)
-    return pool_blocks(x[0, rows].transpose(1, 2)[None], phi)
+    return compress_rows(x, packed_block_rows(sequence_bounds(cu_seqlens, x, "x"), block_size, stride, x.device), phi)
 
 
 def packed_block_rows(bounds, block_size: int, stride: int, device) -> torch.Tensor:
@@ -48,6 +47,12 @@ def packed_block_rows(bounds, block_size: int, stride: int, device) -> torch.Ten
     sequence's (start, end) on the host; x[0, rows] gathers them (no block crosses a boundary)."""
     starts = [s + i * stride for s, e in bounds for i in range(num_compressed_blocks(e - s, block_size, stride))]
     return torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.arange(block_size, device=device)
+
+
+def compress_rows(x, rows, phi):
+    """The blocks of packed x (1, total, H, D) whose token rows are `rows` (`packed_block_rows`),
+    each to one vector by phi: (1, sum of N_c, H, D_out)."""
+    return pool_blocks(x[0, rows].transpose(1, 2)[None], phi)
 
 
 def pool_blocks(blocks, phi):

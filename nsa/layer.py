@@ -9,7 +9,7 @@ from nsa.backends import check_backend
 from nsa.cache import KVCache, forward_with_cache
 from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_positive_int,
                         check_tensor, resolve_scale)
-from nsa.compression import CompressionMLP, compress, packed_block_rows, pool_blocks
+from nsa.compression import CompressionMLP, compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
 from nsa.distributed import context_parallel_forward
 from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention
@@ -129,8 +129,7 @@ class SparseAttention(nn.Module):
             k_cmp, v_cmp = compress(k, self.phi_k, l, d), compress(v, self.phi_v, l, d)   # (B, N_c, H, D)
         else:                                   # the blocks' token rows once, for keys and values
             rows = packed_block_rows(key_bounds, l, d, k.device)                        # (sum N_c, l)
-            k_cmp = pool_blocks(k[0, rows].transpose(1, 2)[None], self.phi_k)           # (1, sum N_c, H, D)
-            v_cmp = pool_blocks(v[0, rows].transpose(1, 2)[None], self.phi_v)
+            k_cmp, v_cmp = compress_rows(k, rows, self.phi_k), compress_rows(v, rows, self.phi_v)
         mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
         if mem_k is None:
             return k_cmp, v_cmp
