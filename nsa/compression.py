@@ -34,9 +34,6 @@ def compress(x, phi=None, block_size=32, stride=16, *, cu_seqlens=None):
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     check_compress_geometry(block_size, stride)
-    if phi is not None and not callable(phi):
-        raise TypeError(f"phi must be None (mean pooling) or a callable such as CompressionMLP, "
-                        f"got {type(phi).__name__}")
     if cu_seqlens is None:
         return pool_blocks(_blocks(x, block_size, stride), phi)
     return compress_rows(x, packed_block_rows(sequence_bounds(cu_seqlens, x, "x"), block_size, stride, x.device), phi)
@@ -57,6 +54,9 @@ def compress_rows(x, rows, phi):
 
 def pool_blocks(blocks, phi):
     """Blocks (B, N_c, H, l, D) to one vector each by phi (None: their mean), (B, N_c, H, D_out)."""
+    if phi is not None and not callable(phi):
+        raise TypeError(f"phi must be None (mean pooling) or a callable such as CompressionMLP, "
+                        f"got {type(phi).__name__}")
     if phi is None:
         return blocks.mean(dim=3)                                  # (B, Nc, H, D)
     out = phi(blocks)                                              # (B, Nc, H, D_out)

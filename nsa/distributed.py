@@ -14,9 +14,9 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 
 from nsa.checks import check_config, check_cu_seqlens, check_int, check_like, check_tensor
-from nsa.compression import compress
+from nsa.compression import compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
-from nsa.sparse_attention import native_sparse_attention
+from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention
 
 
 def check_group(group, name: str = "group"):
@@ -67,16 +67,20 @@ def local_problem(bounds, rank: int, cu_seqlens=None):
     range [key_start, e) and, with packed sequences (cu_seqlens of the whole sequence), the
     sequences' cu_seqlens_q and cu_seqlens_k in the rank's queries and keys. -> (key_start,
     cu_seqlens_q, cu_seqlens_k), the last two None without cu_seqlens."""
-    s, e = bounds[rank]
     if cu_seqlens is None:
         return 0, None, None                                  # every row: keys [0, e), queries at their end
-    offsets = cu_seqlens.tolist()
-    sequences = [(a, b) for a, b in zip(offsets, offsets[1:]) if a < e and b > s]  # those the shard meets
-    key_start = sequences[0][0]                               # the first one's start: its keys begin there
-    cu_q = [0] + [min(b, e) - s for _, b in sequences]
-    cu_k = [0] + [min(b, e) - key_start for _, b in sequences]
+    key_start, cu_q, cu_k = local_offsets(bounds, rank, cu_seqlens.tolist())
     as_tensor = lambda c: torch.tensor(c, dtype=torch.int32, device=cu_seqlens.device)  # noqa: E731
     return key_start, as_tensor(cu_q), as_tensor(cu_k)
+
+
+def local_offsets(bounds, rank: int, offsets: list[int]):
+    """`local_problem` on the host, from the whole row's cu_seqlens as ints: (key_start,
+    cu_seqlens_q, cu_seqlens_k) with the last two as lists."""
+    s, e = bounds[rank]
+    sequences = [(a, b) for a, b in zip(offsets, offsets[1:]) if a < e and b > s]  # those the shard meets
+    key_start = sequences[0][0]                               # the first one's start: its keys begin there
+    return key_start, [0] + [min(b, e) - s for _, b in sequences], [0] + [min(b, e) - key_start for _, b in sequences]
 
 
 # the differentiable all-gather: all_gather_single_autograd in newer PyTorch (2.13 deprecates the old
@@ -134,17 +138,25 @@ def check_shards(q, k, v, gates, config):
 
 def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group"):
     """Check a rank's arguments (before any message), then the shard lengths: -> (lengths, (s, e),
-    key_start, cu_seqlens_q, cu_seqlens_k) of this rank."""
+    key_start, cu_seqlens_q, cu_seqlens_k, pairs) of this rank, pairs each of its sequences'
+    (start, end) of queries and keys on the host (`nsa.varlen.packed_pairs`); cu_seqlens is read
+    back once."""
     check_group(group, group_name)
+    offsets = None
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"with cu_seqlens the shards hold packed sequences: batch must be 1, got {x.shape[0]}")
-        check_cu_seqlens(cu_seqlens, None, x.device)
+        offsets = check_cu_seqlens(cu_seqlens, None, x.device)
     lengths = resolve_shard_lengths(x, group, shard_lengths)
-    if cu_seqlens is not None and int(cu_seqlens[-1]) != sum(lengths):
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the shards hold {sum(lengths)} tokens")
+    if offsets is not None and offsets[-1] != sum(lengths):
+        raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the shards hold {sum(lengths)} tokens")
     rank, bounds = dist.get_rank(group), shard_bounds(lengths)
-    return (lengths, bounds[rank], *local_problem(bounds, rank, cu_seqlens))
+    if offsets is None:
+        return lengths, bounds[rank], 0, None, None, None
+    key_start, cu_q, cu_k = local_offsets(bounds, rank, offsets)
+    pairs = list(zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])))
+    as_tensor = lambda c: torch.tensor(c, dtype=torch.int32, device=x.device)  # noqa: E731
+    return lengths, bounds[rank], key_start, as_tensor(cu_q), as_tensor(cu_k), pairs
 
 
 def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSAConfig(), scale=None,
@@ -161,22 +173,24 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     shard_lengths: every rank's token count (default: gathered, one small collective).
     """
     check_shards(q, k, v, (g_cmp, g_slc, g_win), config)
-    lengths, (s, e), key_start, cu_q, cu_k = prepare_shards(q, group, cu_seqlens, shard_lengths)
+    lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(q, group, cu_seqlens, shard_lengths)
     k_all = finish_gather(start_gather(k, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dqk)
     v_all = finish_gather(start_gather(v, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dv)
     l, d = config.compress_block_size, config.compress_stride
-    k_cmp = compress(k_all, phi_k, l, d, cu_seqlens=cu_k)                 # the prefix's blocks
-    v_cmp = compress(v_all, phi_v, l, d, cu_seqlens=cu_k)
-    packed = {} if cu_q is None else dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    return native_sparse_attention(q, k_all, v_all, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend,
-                                   **packed)
+    if pairs is None:                                                     # the prefix's blocks, then NSA
+        k_cmp, v_cmp = compress(k_all, phi_k, l, d), compress(v_all, phi_v, l, d)
+        return native_sparse_attention(q, k_all, v_all, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend)
+    rows = packed_block_rows([keys for _, keys in pairs], l, d, k_all.device)   # packed: the bounds known here
+    k_cmp, v_cmp = compress_rows(k_all, rows, phi_k), compress_rows(v_all, rows, phi_v)
+    return packed_sparse_attention(q, k_all, v_all, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, backend, 0,
+                                   pairs, cu_q, cu_k)
 
 
 def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=None):
     """`layer(x, cp_group=group)`: a `SparseAttention` on this rank's shard x (B, n_rank, dim) of
     a sequence sharded over `group` (self-attention); returns the rank's outputs (B, n_rank, dim).
     cu_seqlens: packed sequences (B = 1), those of the whole row."""
-    lengths, (s, e), key_start, cu_q, cu_k = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group")
+    lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group")
     # -- keys and values first: their all-gathers run while the queries and gates are projected --
     keys, values = layer.project_keys_values(x, x)                   # {branch: (B, n_rank, H, D)}
     keys = {b: start_gather(t, group, lengths) for b, t in keys.items()}
@@ -185,7 +199,7 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     # -- the prefix the rank's queries read: keys [key_start, e) --
     keys = {b: finish_gather(t, lengths, e)[:, key_start:] for b, t in keys.items()}
     values = {b: finish_gather(t, lengths, e)[:, key_start:] for b, t in values.items()}
-    return layer.attend_projected(queries, keys, values, gates, cu_q, cu_k)
+    return layer.attend_projected(queries, keys, values, gates, cu_q, cu_k, pairs)
 
 
 def _gloo_worker(rank, fn, world_size, store, results, args):
