@@ -13,7 +13,7 @@ from nsa.compression import CompressionMLP, compress, compress_rows, packed_bloc
 from nsa.config import NSAConfig
 from nsa.distributed import context_parallel_forward
 from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention
-from nsa.varlen import compressed_offsets, pack, packed_pairs, token_packing, unpack
+from nsa.varlen import compressed_bounds, pack, packed_pairs, token_packing, unpack
 from nsa.window import sliding_window_attention
 
 
@@ -118,14 +118,14 @@ class SparseAttention(nn.Module):
             return None, None
         return (self.mem_k.expand(batch, -1, -1, -1).to(dtype), self.mem_v.expand(batch, -1, -1, -1).to(dtype))
 
-    def compressed(self, keys, values, cu_seqlens=None, key_bounds=None):
+    def compressed(self, keys, values, key_bounds=None):
         """The compressed keys and values of the branch "cmp" (by the layer's phi), the memory rows
-        first: (B, mem + N_c, H, D); with cu_seqlens (and its sequences' (start, end) on the host,
-        `key_bounds`), of each packed sequence, packed alike (every sequence's memory rows, then its
+        first: (B, mem + N_c, H, D); with packed sequences (`key_bounds`: each one's (start, end) of
+        keys, on the host), of each sequence, packed alike (every sequence's memory rows, then its
         blocks), all sequences compressed at once."""
         k, v = keys[self.branch("cmp")], values[self.branch("cmp")]
         l, d = self.config.compress_block_size, self.config.compress_stride
-        if cu_seqlens is None:
+        if key_bounds is None:
             k_cmp, v_cmp = compress(k, self.phi_k, l, d), compress(v, self.phi_v, l, d)   # (B, N_c, H, D)
         else:                                   # the blocks' token rows once, for keys and values
             rows = packed_block_rows(key_bounds, l, d, k.device)                        # (sum N_c, l)
@@ -133,19 +133,17 @@ class SparseAttention(nn.Module):
         mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
         if mem_k is None:
             return k_cmp, v_cmp
-        if cu_seqlens is None:
+        if key_bounds is None:
             return torch.cat([mem_k, k_cmp], dim=1), torch.cat([mem_v, v_cmp], dim=1)
-        # -- packed: each sequence's memory rows before its blocks, placed by index on the device --
-        sequences, mem = cu_seqlens.numel() - 1, self.num_mem_kv
-        rows_cmp = compressed_offsets(cu_seqlens, l, d, mem)                       # (S + 1,)
-        sequence = torch.repeat_interleave(torch.arange(sequences, device=k.device), rows_cmp.diff() - mem,
-                                           output_size=k_cmp.shape[1])             # each block's sequence
-        block_rows = torch.arange(k_cmp.shape[1], device=k.device) + mem * (sequence + 1)
-        memory_rows = (rows_cmp[:-1, None] + torch.arange(mem, device=k.device)).flatten()
+        # -- packed: each sequence's memory rows before its blocks, placed by index --
+        mem, rows = self.num_mem_kv, compressed_bounds(key_bounds, l, d, self.num_mem_kv)   # (start, end) each
+        as_index = lambda r: torch.tensor(r, dtype=torch.long, device=k.device)  # noqa: E731
+        memory_rows = as_index([r for c0, _ in rows for r in range(c0, c0 + mem)])
+        block_rows = as_index([r for c0, c1 in rows for r in range(c0 + mem, c1)])
 
         def place(blocks, memory):
-            out = blocks.new_zeros(1, blocks.shape[1] + sequences * mem, *blocks.shape[2:])
-            return out.index_copy(1, block_rows, blocks).index_copy(1, memory_rows, memory.repeat(1, sequences, 1, 1))
+            out = blocks.new_zeros(1, rows[-1][1], *blocks.shape[2:])
+            return out.index_copy(1, block_rows, blocks).index_copy(1, memory_rows, memory.repeat(1, len(rows), 1, 1))
 
         return place(k_cmp, mem_k), place(v_cmp, mem_v)
 
@@ -246,8 +244,7 @@ class SparseAttention(nn.Module):
                   else dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))   # one tensor: read back once
         if cu_seqlens_k is not None and pairs is None:
             pairs = packed_pairs(queries, k_slc, **packed)
-        key_bounds = None if pairs is None else [bounds for _, bounds in pairs]
-        k_cmp, v_cmp = self.compressed(keys, values, cu_seqlens_k, key_bounds)
+        k_cmp, v_cmp = self.compressed(keys, values, None if pairs is None else [bounds for _, bounds in pairs])
         g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
         if pairs is None:
             o = native_sparse_attention(queries, k_slc, v_slc, k_cmp, v_cmp, g_cmp, g_slc, g_win_fused, config,
