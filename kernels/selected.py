@@ -456,13 +456,13 @@ def selected_attention_backward_dkdv_kernel(
                 # -- dq of these rows: dS K, added to what the row's other blocks add --
                 dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
                 tl.atomic_add(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], dq,
-                              mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+                              mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), sem="relaxed")
 
         # -- add this chunk's share into dk and dv --
         tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk * scale,
-                      mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK))
+                      mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), sem="relaxed")
         tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv,
-                      mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V))
+                      mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
 
 
 def gathered_launch(block_indices, group_size, seq_len_k, block_size, dims, is_cuda, index=None, packed=None):
@@ -591,14 +591,14 @@ def selected_by_block_forward_kernel(
             s = tl.where(visible, s, float("-inf"))
             if MAX_PASS:
                 # -- pass 1: the row's maximum over this block, kept if larger --
-                tl.atomic_max(ROW_MAX + rows, tl.max(s, 1), mask=row_ok)
+                tl.atomic_max(ROW_MAX + rows, tl.max(s, 1), mask=row_ok, sem="relaxed")
             else:
                 # -- pass 2: p against the row's final maximum; add sum(p) and p v --
                 m = tl.load(ROW_MAX + rows, mask=row_ok, other=0.0)
                 p = tl.exp2(s - m[:, None])
-                tl.atomic_add(ROW_SUM + rows, tl.sum(p, 1), mask=row_ok)
+                tl.atomic_add(ROW_SUM + rows, tl.sum(p, 1), mask=row_ok, sem="relaxed")
                 tl.atomic_add(ACC + rows[:, None] * DIM_V + offs_dv[None, :], tl.dot(p.to(v.dtype), v),
-                              mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V))
+                              mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["num_rows"])
