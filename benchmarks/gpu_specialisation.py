@@ -89,7 +89,8 @@ def launcher(name, p):
     if name == "selected_attention_backward_dq_kernel":
         return lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, indices, l_sel, scale, True, Q, tiles)
     delta = (o.float() * do.float()).sum(-1)
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if sel.key_block_centric(G) else None
+    by_block = sel.key_block_centric(G, q.shape[0] * q.shape[1])
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if by_block else None
     return lambda: sel.selected_attention_dkdv(q, k, v, do, lse, delta, indices, l_sel, scale, True, dq=dq)
 
 

@@ -125,7 +125,7 @@ def sparse_attention_forward(
         block_indices = torch.where(block_indices >= 0, block_indices + first_block[None, :, None, None], -1)
     # -- 3. selected branch over those blocks: per key block for small groups, else tiles of queries --
     G, no_tiles = q.shape[2] // k.shape[2], tuple(block_indices.new_empty(0) for _ in range(3))
-    if key_block_centric(G):
+    if key_block_centric(G, q.shape[0] * q.shape[1]):
         o_slc, lse_slc, index = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal,
                                                       blocks)
         tiles = (*index, no_tiles[0])                 # the reverse index: queries, chunks
@@ -150,7 +150,7 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
     output = lambda: q.new_empty(B, Nq, Hq, Dv)
     lse = lambda: q.new_empty(B, Nq, Hq, dtype=torch.float32)
     Q = default_queries_per_tile(Hq // H)
-    if key_block_centric(Hq // H):
+    if key_block_centric(Hq // H, B * Nq):
         num_blocks = packed_sizes[3] if packed_sizes else num_selection_blocks(k.shape[1], select_block_size)
         shapes = reverse_index_shapes(B, Nq, H, num_selected_blocks, num_blocks, q.is_cuda)
         tiles = (*(q.new_empty(shape, dtype=torch.int32) for shape in shapes), q.new_empty(0, dtype=torch.int32))
@@ -194,7 +194,7 @@ def sparse_attention_backward(
     dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk, band_cmp,
                                                  gate=g_cmp, d_gate=d_cmp, packed=cmp_rows)
     # -- selected and window branches: add into dq --
-    if key_block_centric(G):
+    if key_block_centric(G, q.shape[0] * q.shape[1]):
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
                                           causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
                                           packed=blocks)

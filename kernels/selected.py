@@ -692,14 +692,15 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
-KEY_BLOCK_CENTRIC_MAX_GROUP = 2   # measured on an H200 (chapter 8b): the inverted loop wins up to here
+KEY_BLOCK_CENTRIC = ((4, 0), (8, 16384))   # (largest group, from this many query tokens): measured on an H200
 
 
-def key_block_centric(group_size: int) -> bool:
+def key_block_centric(group_size: int, num_queries: int) -> bool:
     """Whether the selected branch runs key-block-centric (chapter 8b) rather than query-centric
-    (chapter 8) for GQA groups of `group_size`: the crossover measured on an H200, forward +
-    backward, 16k-64k tokens, the paper's geometry."""
-    return group_size <= KEY_BLOCK_CENTRIC_MAX_GROUP
+    (chapter 8) for GQA groups of `group_size` and `num_queries` query tokens (batch times
+    queries): the crossovers of `KEY_BLOCK_CENTRIC`, measured on an H200 in forward + backward,
+    batch 1, 4k-64k tokens, the paper's geometry."""
+    return any(group_size <= largest and num_queries >= tokens for largest, tokens in KEY_BLOCK_CENTRIC)
 
 
 MAX_BLOCK_SIZE = 256
@@ -709,7 +710,7 @@ class SelectedAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_size, scale, causal, queries_per_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if queries_per_tile is None and key_block_centric(q.shape[2] // k.shape[2]):
+        if queries_per_tile is None and key_block_centric(q.shape[2] // k.shape[2], q.shape[0] * q.shape[1]):
             Q = None
             o, lse, tiles = selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal)  # the index
         else:
@@ -767,10 +768,10 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     Returns o: (B, Nq, Hq, Dv) in q's dtype; with `return_lse` also lse: (B, Nq, Hq) float32
     (no gradient; -inf for a query that sees no key, whose o is 0).
 
-    Design: for GQA groups G <= KEY_BLOCK_CENTRIC_MAX_GROUP (`key_block_centric`, the crossover
-    measured on an H200) a program per key block gathers the queries that chose it (Chapter 8b);
-    for larger groups, or when `queries_per_tile` is given, a program per tile of queries loops
-    over their blocks (Chapter 8). The result does not depend on the design.
+    Design: for GQA groups G <= 4, and G <= 8 from 16k query tokens (`key_block_centric`, the
+    crossovers measured on an H200), a program per key block gathers the queries that chose it
+    (Chapter 8b); otherwise, or when `queries_per_tile` is given, a program per tile of queries
+    loops over their blocks (Chapter 8). The result does not depend on the design.
     queries_per_tile: Q consecutive queries per program of Chapter 8's forward and dq kernels,
     looping over the union of their blocks (a power of two <= 16). None = the design above, with
     Q = 16 / G for groups under 16 (the rows tl.dot pads to anyway), else 1. A larger Q pays when

@@ -119,8 +119,9 @@ def test_key_block_centric_gated_backward_equals_query_centric(Hq, H):
 
 
 def test_design_by_group_size():
-    assert key_block_centric(1) and key_block_centric(2)
-    assert not any(key_block_centric(G) for G in (3, 4, 8, 16))
+    assert all(key_block_centric(G, N) for G in (1, 2, 3, 4) for N in (1, 4096, 65536))
+    assert key_block_centric(8, 16384) and not key_block_centric(8, 16383)
+    assert not any(key_block_centric(16, N) for N in (1, 65536))
 
 
 def test_tiles_noncausal_fp16():
