@@ -227,6 +227,55 @@ def _backward(ctx, do, *unused):
 sparse_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
+@torch.library.custom_op("nsa::window_attention_forward", mutates_args=())
+def window_attention_forward(q: Tensor, k: Tensor, v: Tensor, window_size: int, causal: bool, scale: float,
+                             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                             packed_sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """(o, lse) of the sliding window over k, v. Packed sequences: both cu_seqlens and
+    `packed_sizes`, the longest sequence's queries and keys; else None, None and []."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    key_rows = None if cu_seqlens_q is None else PackedRows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, *packed_sizes)
+    return band_attention_forward(q, k, v, scale, k.shape[1], window_band(window_size, causal), key_rows)
+
+
+@window_attention_forward.register_fake
+def _(q, k, v, window_size, causal, scale, cu_seqlens_q, cu_seqlens_k, packed_sizes):
+    return q.new_empty(*q.shape[:3], v.shape[3]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::window_attention_backward", mutates_args=())
+def window_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                              window_size: int, causal: bool, scale: float, cu_seqlens_q: Optional[Tensor],
+                              cu_seqlens_k: Optional[Tensor], packed_sizes: list[int]
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `window_attention_forward`."""
+    do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
+    key_rows = None if cu_seqlens_q is None else PackedRows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, *packed_sizes)
+    return band_attention_backward(do, q, k, v, o, lse, scale, k.shape[1], window_band(window_size, causal),
+                                   packed=key_rows)
+
+
+@window_attention_backward.register_fake
+def _(do, q, k, v, o, lse, *config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_window(ctx, inputs, output):
+    q, k, v, *config, cu_q, cu_k, packed_sizes = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
+    ctx.config = (*config, packed_sizes)
+
+
+def _window_backward(ctx, do, unused):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    window_size, causal, scale, packed_sizes = ctx.config
+    grads = window_attention_backward(do, q, k, v, o, lse, window_size, causal, scale, cu_q, cu_k, packed_sizes)
+    return (*grads, None, None, None, None, None, None)
+
+
+window_attention_forward.register_autograd(_window_backward, setup_context=_save_window)
+
+
 def triton_unsupported(tensors, dims, config):
     """Why the kernels cannot take these inputs (None: they can): their limits, checked before
     any launch."""
@@ -268,4 +317,14 @@ def triton_packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, c
                                                   packing.cu_k, packing.cu_cmp, [*longest, num_blocks])[0]
 
 
-register_backend("triton", triton_sparse_attention, triton_unsupported, packed=triton_packed_sparse_attention)
+def triton_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """The "triton" backend's window branch alone (chapter 5's `window_branch`): the window band
+    of chapter 9's kernels; packed sequences (`pairs` on the host) in one launch."""
+    sizes = [] if pairs is None else [max(end - start for start, end in bounds)
+                                      for bounds in zip(*pairs)]       # longest queries, keys
+    return torch.ops.nsa.window_attention_forward(q, k, v, window_size, causal, scale, cu_seqlens_q, cu_seqlens_k,
+                                                  sizes)[0]
+
+
+register_backend("triton", triton_sparse_attention, triton_unsupported, packed=triton_packed_sparse_attention,
+                 window=triton_window)

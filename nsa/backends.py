@@ -27,12 +27,16 @@ class Backend:
     packed: None (packed sequences run one `forward` per sequence), or a forward over all the
     packed sequences at once: packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
     mem_kv_len, packing) -> o, packing an `nsa.varlen.Packing` (Chapter 10's kernels).
+    window: None (Chapter 4's `sliding_window_attention`), or the sliding-window branch alone, on
+    keys and values of its own (the layer's `kv_per_branch`): window(q, k, v, window_size, scale,
+    causal, pairs, cu_seqlens_q, cu_seqlens_k) -> o, the last three None unless packed.
     """
 
     name: str
     forward: Callable
     unsupported: Callable
     packed: Callable | None = None
+    window: Callable | None = None
 
 
 _registry: dict[str, Backend] = {}
@@ -45,12 +49,13 @@ def _supports_everything(tensors, dims, config):
 
 
 def register_backend(name: str, forward: Callable, unsupported: Callable | None = None,
-                     packed: Callable | None = None) -> Backend:
+                     packed: Callable | None = None, window: Callable | None = None) -> Backend:
     """Make `forward` the implementation of `backend=name` (a name of `BACKENDS`, not "auto"),
-    and `packed` its forward over packed sequences (None: one `forward` per sequence)."""
+    `packed` its forward over packed sequences (None: one `forward` per sequence) and `window`
+    its sliding-window branch alone (None: the reference's)."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
-    _registry[name] = Backend(name, forward, unsupported or _supports_everything, packed)
+    _registry[name] = Backend(name, forward, unsupported or _supports_everything, packed, window)
     _unavailable.pop(name, None)
     return _registry[name]
 

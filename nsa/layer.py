@@ -12,9 +12,8 @@ from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_pos
 from nsa.compression import CompressionMLP, compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
 from nsa.distributed import context_parallel_forward
-from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention
+from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention, window_branch
 from nsa.varlen import compressed_bounds, pack, packed_pairs, token_packing, unpack
-from nsa.window import sliding_window_attention
 
 
 class SparseAttention(nn.Module):
@@ -168,9 +167,8 @@ class SparseAttention(nn.Module):
         padded queries get 0. -> (B, Nq, dim)
         cu_seqlens: packed sequences (Chapter 5), q (1, total, dim) of self-attention (k = v = mask
         = None), int32 cumulative lengths (num_seqs + 1,): each sequence is its own problem.
-        A mask or cu_seqlens is read back to the host once per call (the sequences' bounds; with
-        kv_per_branch, cu_seqlens once more for the window): under torch.compile that is a graph
-        break, which fullgraph=True refuses.
+        A mask or cu_seqlens is read back to the host once per call (the sequences' bounds):
+        under torch.compile that is a graph break, which fullgraph=True refuses.
         cache: an `nsa.KVCache` from `new_cache` (Chapter 13): q holds the next T tokens of
         self-attention (k = v = mask = None); they are appended to the cache and their outputs
         returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
@@ -255,8 +253,8 @@ class SparseAttention(nn.Module):
                                         cu_seqlens_k)
         o_win = None
         if self.kv_per_branch:                                  # the window on its own keys and values
-            o_win = sliding_window_attention(queries, keys["win"], values["win"], config.window_size, self.scale,
-                                             causal=config.causal, **packed)
+            o_win = window_branch(queries, keys["win"], values["win"], config, self.scale, self.backend, pairs,
+                                  cu_seqlens_q, cu_seqlens_k)
         return self.output(o, o_win, g_win)                                                # (B, Nq, dim)
 
     def extra_repr(self) -> str:

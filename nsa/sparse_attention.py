@@ -6,7 +6,8 @@ from torch.nn.attention.flex_attention import and_masks
 
 from nsa.attention import attention, empty_output, softmax_with_lse
 from nsa.backends import check_backend, register_backend, select_backend
-from nsa.checks import check_key_padding_mask, check_mem_kv_len, check_sparse_inputs
+from nsa.checks import (check_key_padding_mask, check_mem_kv_len, check_qkv, check_sparse_inputs,
+                        resolve_scale)
 from nsa.compression import compressed_attention
 from nsa.config import NSAConfig
 from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, padding_mod,
@@ -185,3 +186,20 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
         return implementation.forward(*sequence, config, scale_of_problem, mem_kv_len)
 
     return torch.cat([alone(problem(i)) for i in range(len(pairs))], dim=1)   # (1, total_q, Hq, Dv)
+
+
+def window_branch(q, k, v, config, scale, backend, pairs=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """NSA's sliding-window branch alone, `sliding_window_attention(q, k, v, config.window_size,
+    scale, causal=config.causal)`, by the implementation `backend` picks for these inputs (its
+    `window`, else the reference). Packed sequences: `pairs` (`nsa.varlen.packed_pairs`) and
+    both cu_seqlens, as `packed_sparse_attention` takes them; nothing is read back."""
+    dims = check_qkv(q, k, v)
+    scale = resolve_scale(scale, dims.dim_qk)
+    implementation = select_backend(check_backend(backend), (q, k, v), dims, config)
+    if implementation.window is not None and q.shape[1] * dims.dim_v:
+        return implementation.window(q, k, v, config.window_size, scale, config.causal, pairs, cu_seqlens_q,
+                                     cu_seqlens_k)
+    if pairs is None:
+        return sliding_window_attention(q, k, v, config.window_size, scale, causal=config.causal)
+    return torch.cat([sliding_window_attention(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], config.window_size, scale,
+                                               causal=config.causal) for (q0, q1), (k0, k1) in pairs], dim=1)

@@ -14,15 +14,15 @@ SMALL = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num
              window_size=8)
 
 
-def _model(backend, dtype=torch.float32):
+def _model(backend, dtype=torch.float32, kv_per_branch=False):
     torch.manual_seed(0)
-    layer = SparseAttention(32, heads=4, kv_heads=2, backend=backend, **SMALL)
+    layer = SparseAttention(32, heads=4, kv_heads=2, backend=backend, kv_per_branch=kv_per_branch, **SMALL)
     return torch.nn.Sequential(torch.nn.Linear(32, 32), layer, torch.nn.Linear(32, 32)).to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fullgraph_compile_matches_eager_forward_and_backward(backend):
-    model = _model(backend)
+@pytest.mark.parametrize("backend, kv_per_branch", [("torch", False), ("triton", False), ("triton", True)])
+def test_fullgraph_compile_matches_eager_forward_and_backward(backend, kv_per_branch):
+    model = _model(backend, kv_per_branch=kv_per_branch)   # kv_per_branch: the window's own operator too
     x = torch.randn(2, 37, 32, requires_grad=True)
     eager = model(x)
     (grad_eager,) = torch.autograd.grad(eager.sum(), x)
@@ -36,6 +36,19 @@ def test_fullgraph_compile_matches_eager_forward_and_backward(backend):
         (grad,) = torch.autograd.grad(out.sum(), x)             # and, on first use, the backward's
     torch.testing.assert_close(out, eager, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grad, grad_eager, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_window_operator_passes_opcheck(packed):
+    """The window's custom operator (a layer's kv_per_branch window on the Triton backend): its
+    fake implementation, schema and autograd registration as torch.library.opcheck tests them."""
+    g = torch.Generator().manual_seed(2)
+    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)
+    q, k, v = (r(1, 21, 4, 16), r(1, 21, 2, 16), r(1, 21, 2, 8)) if packed else (r(2, 11, 4, 16), r(2, 13, 2, 16),
+                                                                               r(2, 13, 2, 8))
+    cu = torch.tensor([0, 6, 21], dtype=torch.int32) if packed else None
+    torch.library.opcheck(torch.ops.nsa.window_attention_forward,
+                          (q, k, v, 8, True, 0.25, cu, cu, [15, 15] if packed else []))
 
 
 @pytest.mark.parametrize("Hq, H", [(4, 2), (8, 2), (16, 1)])   # plans: reverse index, tiles, none

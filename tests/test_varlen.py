@@ -238,6 +238,28 @@ def test_layer_with_a_padding_mask_on_the_triton_kernels_equals_each_row_alone()
             assert torch.all(padded[b][~keep[b]] == 0)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_layer_kv_per_branch_window_on_the_triton_kernels_equals_torch(packed):
+    """A layer with kv_per_branch runs its own window through the backend's window (chapter 10's
+    band kernel, a custom op): the same outputs and gradients as the reference layer, batched and
+    packed (one launch for all sequences)."""
+    torch.manual_seed(7)
+    layers = {backend: SparseAttention(32, heads=4, kv_heads=2, **{**GEOMETRY, "backend": backend},
+                                       kv_per_branch=True, num_mem_kv=1) for backend in ("torch", "triton")}
+    layers["triton"].load_state_dict(layers["torch"].state_dict())
+    lengths = [5, 17, 40]
+    x = torch.randn(1, sum(lengths), 32) if packed else torch.randn(2, 37, 32)
+    call = dict(cu_seqlens=cumulative(lengths)) if packed else {}
+    results = {}
+    for backend, layer in layers.items():
+        xi = x.clone().requires_grad_()
+        out = layer(xi, **call)
+        grads = torch.autograd.grad(out.square().sum(), (xi, *layer.parameters()))
+        results[backend] = (out, *grads)
+    for name, a, b in zip(["out", "dx", *(n for n, _ in layers["torch"].named_parameters())], *results.values()):
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_packed_call_reads_cu_seqlens_back_once(monkeypatch):
     """cu_seqlens is read back to the host once per call (once per tensor with cu_seqlens_q and
     cu_seqlens_k): each read waits for the GPU."""
@@ -253,8 +275,8 @@ def test_packed_call_reads_cu_seqlens_back_once(monkeypatch):
     assert len(reads) == 3
 
 
-@pytest.mark.parametrize("num_mem_kv", [0, 2])
-def test_layer_reads_cu_seqlens_back_once_and_a_mask_never(monkeypatch, num_mem_kv):
+@pytest.mark.parametrize("num_mem_kv, kv_per_branch", [(0, False), (2, False), (1, True)])
+def test_layer_reads_cu_seqlens_back_once_and_a_mask_never(monkeypatch, num_mem_kv, kv_per_branch):
     """The layer reads cu_seqlens back once per call, for the compression and the operator alike;
     with a key padding mask it reads the mask once and builds the packing on the host (no
     cu_seqlens read at all). Same outputs as each sequence alone."""
@@ -266,7 +288,7 @@ def test_layer_reads_cu_seqlens_back_once_and_a_mask_never(monkeypatch, num_mem_
     layer = SparseAttention(32, heads=4, kv_heads=2, compress_block_size=CONFIG.compress_block_size,
                             compress_stride=CONFIG.compress_stride, select_block_size=CONFIG.select_block_size,
                             num_selected_blocks=CONFIG.num_selected_blocks, window_size=CONFIG.window_size,
-                            num_mem_kv=num_mem_kv, backend="torch").double()
+                            num_mem_kv=num_mem_kv, kv_per_branch=kv_per_branch, backend="torch").double()
     lengths = [5, 17, 40]
     x = torch.randn(1, sum(lengths), 32, dtype=torch.float64)
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
