@@ -1,8 +1,9 @@
 """torch.compile(fullgraph=True) on a model with SparseAttention: no graph break, same numbers.
 
-The torch backend traces into one graph (no host reads on its path); the Triton backend is two
-`torch.library` custom operators with fake implementations, opaque to the compiler (on the CPU
-their kernels run in Triton's interpreter)."""
+The torch backend traces into one graph (no host reads on its path); the Triton backend is
+`torch.library` custom operators with fake implementations (NSA's forward and backward, and the
+window's for a layer with kv_per_branch), opaque to the compiler (on the CPU their kernels run in
+Triton's interpreter)."""
 
 import pytest
 import torch
