@@ -15,6 +15,7 @@ from nsa.geometry import num_compressed_blocks, num_selection_blocks
 from nsa.masks import (causal_mod, compressed_mod, selected_block_table, selected_blocks_mod,
                        sliding_window_mod)
 from nsa.selection import select_blocks, selection_scores
+from nsa.window import sliding_window_attention
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: 128 queries x 128 keys
 
@@ -247,4 +248,19 @@ def flex_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, sc
     return o.to(q.dtype)                                      # (B, Nq, Hq, Dv)
 
 
-register_backend("flex", flex_sparse_attention, flex_unsupported)
+def flex_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """The "flex" backend's window branch alone, on keys of its own (chapter 5's `window_branch`,
+    a layer's `kv_per_branch`): FlexAttention with the sliding mask; packed sequences (`pairs` on
+    the host) one at a time, a mask each."""
+    if pairs is not None:
+        return torch.cat([flex_window(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], window_size, scale, causal)
+                          for (q0, q1), (k0, k1) in pairs], dim=1)
+    if q.shape[1] * v.shape[3] == 0:                          # nothing to attend: the reference's empty output
+        return sliding_window_attention(q, k, v, window_size, scale, causal=causal)
+    if not torch.is_grad_enabled():
+        q, k, v = (x.detach() for x in (q, k, v))
+    mask = create_sliding_mask(q.shape[1], window_size, causal, seq_len_k=k.shape[1], device=q.device)
+    return _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
+
+
+register_backend("flex", flex_sparse_attention, flex_unsupported, window=flex_window)

@@ -237,3 +237,22 @@ def test_bad_input_names_the_argument(name):
     call, error = BAD_CALLS[name]
     with pytest.raises(error, match=name.strip()):
         call()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_layer_kv_per_branch_window_through_flex_equals_torch(packed):
+    """A layer with kv_per_branch on the flex backend runs its own window through FlexAttention
+    (the backend's window): the same outputs as the reference layer (CPU: forward only)."""
+    from nsa import SparseAttention
+
+    torch.manual_seed(3)
+    geometry = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3,
+                    window_size=24, kv_per_branch=True, num_mem_kv=1)
+    layers = {backend: SparseAttention(32, heads=4, kv_heads=2, backend=backend, **geometry).double()
+              for backend in ("torch", "flex")}
+    layers["flex"].load_state_dict(layers["torch"].state_dict())
+    lengths = [5, 17, 40]
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64) if packed else torch.randn(2, 37, 32, dtype=torch.float64)
+    call = dict(cu_seqlens=torch.tensor([0, 5, 22, 62], dtype=torch.int32)) if packed else {}
+    with torch.no_grad():
+        torch.testing.assert_close(layers["flex"](x, **call), layers["torch"](x, **call))
