@@ -15,19 +15,14 @@ ordering (no kernel reads what another program adds during the same launch) and 
 none. Counts are static (instructions in the binary, not executions).
 """
 
-import argparse
 import re
-import subprocess
 import sys
-import tempfile
-import warnings
 from collections import Counter
-from pathlib import Path
 
-import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
+import triton  # noqa: F401 (before nsa: a machine without CUDA would switch on the interpreter otherwise)
 
 import torch
-from offline_compile import compile_launch, recorded  # benchmarks/, this script's folder
+from offline_compile import compile_launch, cuobjdump, heads_and_arch, recorded  # benchmarks/, this script's folder
 
 KERNELS = ("selected_by_block_forward_kernel", "selected_attention_backward_dkdv_kernel")   # they add atomically
 ROW_KERNELS = ("softmax_finish_kernel", "gate_and_delta_kernel")   # launched too, recorded and left out
@@ -36,11 +31,7 @@ ORDERING = ("MEMBAR.ALL.GPU", "CCTL.IVALL")
 
 def sass_counts(compiled) -> Counter:
     """{opcode (with its modifiers): how many times it appears} in a compiled kernel's SASS."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    sass = cuobjdump(compiled, "-sass")
     return Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
 
 
@@ -61,23 +52,17 @@ def recorded_launches(heads_q, heads_kv, seq_len=4096, dim=128):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default="32/32")
-    parser.add_argument("--arch", type=int, default=90)
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    print(f"triton {triton.__version__}, sm_{args.arch}")
-    for heads in args.heads.split(","):
-        heads_q, heads_kv = map(int, heads.split("/"))
+    arch, head_pairs = heads_and_arch(__doc__.splitlines()[0], "32/32")
+    for heads, heads_q, heads_kv in head_pairs:
         for kernel, launch_args, meta in recorded_launches(heads_q, heads_kv):
-            counts = sass_counts(compile_launch(kernel, launch_args, meta, args.arch))
+            counts = sass_counts(compile_launch(kernel, launch_args, meta, arch))
             atomics = sum(n for op, n in counts.items() if op.startswith(("REDG", "ATOMG")))
             ordering = sum(counts[op] for op in ORDERING)
             variant = ", ".join(f"{key}={meta[key]}" for key in ("MAX_PASS", "ATOMIC_DQ") if key in meta)
+            shown = ", ".join(f"{op} {n}" for op, n in sorted(counts.items())
+                              if op.startswith(("REDG", "ATOMG")) or op in ORDERING)
             print(f"{heads:>5} {kernel.fn.__name__} ({variant}): {atomics} atomic instructions, "
-                  f"{ordering} ordering instructions "
-                  f"({', '.join(f'{op} {n}' for op, n in sorted(counts.items()) if op.startswith(('REDG', 'ATOMG')) or op in ORDERING)})",
-                  flush=True)
+                  f"{ordering} ordering instructions ({shown})", flush=True)
     return 0
 
 

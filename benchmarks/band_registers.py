@@ -11,14 +11,13 @@ other warp count (4 or 8), and `cuobjdump` reads the registers per thread and th
 the tiles that run fastest there are what a GPU measures.
 """
 
-import argparse
 import sys
-import warnings
 
-import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
+import triton  # noqa: F401 (before nsa: a machine without CUDA would switch on the interpreter otherwise)
 
 import torch
-from offline_compile import compile_launch, recorded, resource_usage  # benchmarks/, this script's folder
+from offline_compile import (compile_launch, heads_and_arch, recorded,  # benchmarks/, this script's folder
+                             resource_usage)
 
 KERNELS = ("band_attention_forward_kernel", "band_attention_backward_dq_kernel", "band_attention_backward_dkdv_kernel")
 
@@ -47,20 +46,14 @@ def recorded_launches(heads_q, heads_kv, seq_len=65536, dim=128):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default="32/32,32/8,64/4")
-    parser.add_argument("--arch", type=int, default=90)
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    print(f"triton {triton.__version__}, sm_{args.arch}")
-    for heads in args.heads.split(","):
-        heads_q, heads_kv = map(int, heads.split("/"))
+    arch, head_pairs = heads_and_arch(__doc__.splitlines()[0], "32/32,32/8,64/4")
+    for heads, heads_q, heads_kv in head_pairs:
         for branch, (kernel, launch_args, meta) in recorded_launches(heads_q, heads_kv):
             group_pad, launcher = meta["GROUP_PAD"], (meta["BLOCK_M"], meta["num_warps"])
             for block_m, warps in (launcher, (max(1, launcher[0] // 2), launcher[1]),
                                    (launcher[0], 12 - launcher[1])):
                 fields = resource_usage(compile_launch(kernel, launch_args,
-                                                       {**meta, "BLOCK_M": block_m, "num_warps": warps}, args.arch))
+                                                       {**meta, "BLOCK_M": block_m, "num_warps": warps}, arch))
                 label = " (launcher)" if (block_m, warps) == launcher else ""
                 print(f"{heads:>5} {branch:10s} {kernel.fn.__name__:36s} {block_m * group_pad:3d} rows x "
                       f"{meta['BLOCK_N']} keys, {warps} warps, {meta['num_stages']} stages: {fields['REG']} registers, "

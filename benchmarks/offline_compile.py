@@ -8,11 +8,12 @@ compiles a recorded launch for `sm_<arch>` with the launcher's own meta-paramete
 before nsa (these scripts do), so that the kernels are compiled, not interpreted.
 """
 
+import argparse
 import contextlib
 import inspect
-import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,15 +25,19 @@ POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
            torch.int64: "*i64"}
 
 
-def resource_usage(compiled) -> dict:
-    """A compiled kernel's resources as cuobjdump (shipped with Triton) reads its binary:
-    {"REG": registers per thread, "STACK": bytes of stack, "SHARED": ..., ...} as strings."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+def cuobjdump(compiled, *flags) -> str:
+    """What cuobjdump (shipped with Triton) prints for a compiled kernel's binary with `flags`."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
-    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                           text=True, check=True).stdout
-    os.unlink(f.name)
+        f.flush()
+        return subprocess.run([str(tool), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled) -> dict:
+    """A compiled kernel's resources as cuobjdump reads its binary: {"REG": registers per thread,
+    "STACK": bytes of stack, "SHARED": ..., ...} as strings."""
+    usage = cuobjdump(compiled, "--dump-resource-usage")
     return dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
 
 
@@ -86,3 +91,16 @@ def compile_launch(kernel, args, meta, arch: int = 90):
     signature |= {name: "constexpr" for name in params[len(args):]}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                           target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def heads_and_arch(description: str, default_heads: str):
+    """The command line the head-sweeping offline scripts share: --heads (comma-separated
+    query/kv pairs) and --arch. Silences warnings and prints Triton's version and the target;
+    returns (arch, [(label, heads_q, heads_kv), ...])."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--heads", default=default_heads)
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    return args.arch, [(heads, *map(int, heads.split("/"))) for heads in args.heads.split(",")]
