@@ -11,8 +11,7 @@ from nsa.checks import (check_config, check_int, check_keys, check_like, check_m
                         check_sparse_inputs, check_tensor)
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks
-from nsa.sparse_attention import native_sparse_attention
-from nsa.window import sliding_window_attention
+from nsa.sparse_attention import native_sparse_attention, window_branch
 
 
 def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new: int, phi, block_size: int,
@@ -260,9 +259,9 @@ def forward_with_cache(layer, x, cache: KVCache, lengths=None):
             g_cmp[at, :c], g_slc[at, :c], g_win_fused[at, :c], config, layer.scale, mem_kv_len=mem,
             backend=layer.backend)
         if layer.kv_per_branch:                       # the window over its own keys, per row length
-            for b in rows:
+            for b in rows:                            # (the backend's window: it reads the window's keys only)
                 n = after[b]
-                o_win[b:b + 1, :c] = sliding_window_attention(
-                    queries[b:b + 1, :c], cache.keys["win"][b:b + 1, :n], cache.values["win"][b:b + 1, :n],
-                    config.window_size, layer.scale, causal=config.causal)
+                o_win[b:b + 1, :c] = window_branch(queries[b:b + 1, :c], cache.keys["win"][b:b + 1, :n],
+                                                   cache.values["win"][b:b + 1, :n], config, layer.scale,
+                                                   layer.backend)
     return layer.output(o, o_win, g_win)

@@ -148,9 +148,10 @@ def test_layer_rows_of_different_lengths_with_lengths_argument():
             torch.testing.assert_close(torch.cat(outputs[b], 1), layer(seq), rtol=1e-10, atol=1e-10)
 
 
-def test_layer_with_cache_on_triton_backend_under_interpreter():
+@pytest.mark.parametrize("kwargs", [dict(), dict(kv_per_branch=True, num_mem_kv=1)], ids=["shared", "kv-per-branch"])
+def test_layer_with_cache_on_triton_backend_under_interpreter(kwargs):
     torch.manual_seed(5)
-    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}).eval()
+    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
     x = torch.randn(1, 45, 32)
     with torch.no_grad():
         expected = layer(x)
