@@ -102,11 +102,13 @@ def sparse_attention_forward(
     num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
     mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor]:
     """NSA's five steps: (o, then for the backward o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
-    block_indices, and the selected branch's plan: (tile_blocks, tile_members, tile_counts) or
-    (queries, chunks, empty)). Inputs checked by the caller. Packed sequences: the three
-    cu_seqlens and `packed_sizes` (see `packed_rows`); else None and []."""
+    block_indices, the selected branch's plan: (tile_blocks, tile_members, tile_counts) or
+    (queries, chunks, empty), and the packed blocks' tables (`PackedBlocks`; empty unless packed)).
+    Inputs checked by the caller. Packed sequences: the three cu_seqlens and `packed_sizes` (see
+    `packed_rows`); else None and []."""
     config = NSAConfig(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                        num_initial_blocks, num_local_blocks, window_size, causal)
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
@@ -118,7 +120,7 @@ def sparse_attention_forward(
     o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp, cmp_rows)
     # -- 2. pass 2: importance scores and top-n, fused; integer indices (packed: numbered across) --
     block_indices = select_blocks_launch(q, k_cmp, lse_cmp, Nk, config, scale, mem_kv_len, cmp_rows)
-    blocks = None
+    blocks = None                                     # (packed: its tables are outputs, for the backward)
     if cmp_rows is not None:
         first_block, blocks = packed_blocks(cu_seqlens_q, cu_seqlens_k, q.shape[1], select_block_size,
                                             packed_sizes[3])
@@ -138,7 +140,8 @@ def sparse_attention_forward(
     o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal), key_rows)
     # -- 5. the gates --
     o = gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
-    return o, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices, *tiles
+    tables = tuple(blocks) if blocks is not None else tuple(block_indices.new_empty(0) for _ in range(3))
+    return o, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices, *tiles, *tables
 
 
 @sparse_attention_forward.register_fake
@@ -160,8 +163,10 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
                  q.new_empty(B, T, H, dtype=torch.int32))
     else:
         tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
+    sizes = (Nq, packed_sizes[3], packed_sizes[3]) if packed_sizes else (0, 0, 0)   # PackedBlocks' tables
     return (output(), output(), lse(), output(), lse(), output(), lse(),
-            q.new_empty(B, Nq, H, num_selected_blocks, dtype=torch.int32), *tiles)
+            q.new_empty(B, Nq, H, num_selected_blocks, dtype=torch.int32), *tiles,
+            *(q.new_empty(size, dtype=torch.int32) for size in sizes))
 
 
 @torch.library.custom_op("nsa::sparse_attention_backward", mutates_args=())
@@ -169,7 +174,7 @@ def sparse_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
     g_win: Tensor, o_cmp: Tensor, lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor,
     lse_win: Tensor, block_indices: Tensor, plan_1: Tensor, plan_2: Tensor, plan_3: Tensor,
-    compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
+    positions: Tensor, block_start: Tensor, block_end: Tensor, compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
     num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
     mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
@@ -177,7 +182,7 @@ def sparse_attention_backward(
     """Gradients of the eight inputs of `sparse_attention_forward`: (dq, dk, dv, dk_cmp, dv_cmp,
     dg_cmp, dg_slc, dg_win). The branches scale their P by their gate, write its gradient
     rowsum(do * o_branch) and add their dq into one buffer. plan_*: the forward's plan of the
-    selected branch; packed sequences as the forward took them."""
+    selected branch; packed sequences as the forward took them, with its PackedBlocks tables."""
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do = (
         x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do))
     Nk = k.shape[1]
@@ -186,8 +191,7 @@ def sparse_attention_backward(
     tiles = (plan_1, plan_2, plan_3) if Q > 1 else (block_indices,) * 3
     d_cmp, d_slc, d_win = (torch.empty_like(g) for g in (g_cmp, g_slc, g_win))
     cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
-    blocks = None if cmp_rows is None else packed_blocks(cu_seqlens_q, cu_seqlens_k, q.shape[1],
-                                                         select_block_size, packed_sizes[3])[1]
+    blocks = None if cmp_rows is None else PackedBlocks(positions, block_start, block_end)
     # -- compressed branch: writes dq --
     num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
     band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
