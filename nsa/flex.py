@@ -15,6 +15,7 @@ from nsa.geometry import num_compressed_blocks, num_selection_blocks
 from nsa.masks import (causal_mod, compressed_mod, selected_block_table, selected_blocks_mod,
                        sliding_window_mod)
 from nsa.selection import select_blocks, selection_scores
+from nsa.varlen import each_sequence
 from nsa.window import sliding_window_attention
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: 128 queries x 128 keys
@@ -253,8 +254,7 @@ def flex_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=No
     a layer's `kv_per_branch`): FlexAttention with the sliding mask; packed sequences (`pairs` on
     the host) one at a time, a mask each."""
     if pairs is not None:
-        return torch.cat([flex_window(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], window_size, scale, causal)
-                          for (q0, q1), (k0, k1) in pairs], dim=1)
+        return each_sequence(lambda q, k, v: flex_window(q, k, v, window_size, scale, causal), pairs, q, k, v)
     if q.shape[1] * v.shape[3] == 0:                          # nothing to attend: the reference's empty output
         return sliding_window_attention(q, k, v, window_size, scale, causal=causal)
     if not torch.is_grad_enabled():

@@ -60,6 +60,12 @@ def packed_pairs(q, k, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None):
     return list(zip(queries, keys))
 
 
+def each_sequence(attend, pairs, q, k, v):
+    """`attend(q_i, k_i, v_i)` on each packed sequence of `pairs` (`packed_pairs`), alone; the
+    outputs concatenated along the tokens: (1, total_q, ...)."""
+    return torch.cat([attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]) for (q0, q1), (k0, k1) in pairs], dim=1)
+
+
 def compressed_cu_seqlens(cu_seqlens_k, block_size: int = 32, stride: int = 16, mem_kv_len: int = 0) -> torch.Tensor:
     """The cu_seqlens of packed compressed keys: sequence i's mem_kv_len memory rows, then the
     N_c(N_i) blocks of its own keys (no block crosses a boundary). int32, on cu_seqlens_k's device."""

@@ -7,7 +7,7 @@ from einops import einsum, rearrange
 from nsa.attention import empty_output, softmax_with_lse
 from nsa.checks import check_bool, check_positive_int, check_qkv, resolve_scale
 from nsa.masks import sliding_window_mod
-from nsa.varlen import packed_pairs
+from nsa.varlen import each_sequence, packed_pairs
 
 
 def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=True, cu_seqlens=None,
@@ -25,8 +25,8 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
     """
     pairs = packed_pairs(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     if pairs is not None:
-        return torch.cat([sliding_window_attention(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], window_size, scale,
-                                                   causal=causal) for (q0, q1), (k0, k1) in pairs], dim=1)
+        return each_sequence(lambda q, k, v: sliding_window_attention(q, k, v, window_size, scale, causal=causal),
+                             pairs, q, k, v)
     dims = check_qkv(q, k, v)
     check_positive_int("window_size", window_size)
     scale = resolve_scale(scale, dims.dim_qk)
