@@ -270,7 +270,7 @@ def main():
                         help="accuracy only, short problems over dtypes x head dims x groups: every launch "
                              "configuration within the documented limits must run")
     parser.add_argument("--quick", action="store_true",
-                        help="accuracy only, six problems (1k-64k, groups 1-16): a check after a kernel change")
+                        help="accuracy only, eight problems (1k-64k, groups 1-16): a check after a kernel change")
     args = parser.parse_args()
     global DEVICE
     import triton
@@ -303,7 +303,11 @@ def main():
                                    ("paper 64/4 d128", 1, 65536, 65536, 64, 4, 128, 128, paper, 0,
                                     [(65536 - R // 2, R // 2)]),
                                    ("group 1, 8/8 d128", 1, 16384, 16384, 8, 8, 128, 128, paper, 0,
-                                    [(0, R), (16384 - R, R)])]
+                                    [(0, R), (16384 - R, R)]),
+                                   ("group 4, 32/8 d128", 1, 16389, 16389, 32, 8, 128, 128, paper, 0,
+                                    [(0, R), (16389 - R, R)]),
+                                   ("group 8, 32/4 d128", 1, 16389, 16389, 32, 4, 128, 128, paper, 0,
+                                    [(0, R), (16389 - R, R)])]
     if args.limits and not args.tiny:
         args.skip_timing = True
         problems = []

@@ -12,7 +12,8 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
 2. Timing (triton.testing.do_bench, median): the paper's geometry (d = 128, n = 16, l' = 64, bf16,
    batch 1, random valid selections with block 0 and the query's own block forced) at each
    --seq-lens, heads 32/32, 32/16, 32/8, 32/4 and 64/4: each design's forward (index preparation
-   included) and forward + backward, SDPA flash over the same tokens (kv heads expanded), and,
+   included), forward + backward, and the backward alone building its own plan (as after the other
+   design's forward), SDPA flash over the same tokens (kv heads expanded), and,
    with --peers DIR holding XunhaoLai's `native_sparse_attention` package and FSA's `fsa` and
    `nsa_ref` packages (their public repositories, XunhaoLai/native-sparse-attention-triton and
    Relaxed-System-Lab/Flash-Sparse-Attention: benchmark-only dependencies), their
@@ -49,7 +50,8 @@ HEADS = [(32, 32), (32, 16), (32, 8), (32, 4), (64, 4)]
 
 
 def design_fns(design, q, k, v, do, indices, block_size, scale):
-    """(forward, forward + backward) closures of one design's launchers, index preparation included."""
+    """(forward, forward + backward, backward alone) closures of one design's launchers, index preparation
+    included."""
     def forward():
         prepared = sel.prepare_block_indices(indices, block_size, k.shape[1], True)
         if design == "key_block_centric":
@@ -64,7 +66,21 @@ def design_fns(design, q, k, v, do, indices, block_size, scale):
             return o, lse, *sel.selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True,
                                                       index=tiles)
         return o, lse, *sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True, Q, tiles)
-    return forward, forward_backward
+
+    saved = []
+
+    def backward():
+        """The backward alone, building its own plan (the reverse index or the query tiles), as
+        when the forward ran the other design."""
+        if not saved:
+            prepared, _, _, (o, lse) = forward()
+            saved.extend((prepared, o, lse))
+        prepared, o, lse = saved
+        if design == "key_block_centric":
+            return sel.selected_by_block_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True)
+        Q, tiles = sel.query_tiles(prepared, q.shape[2] // k.shape[2])
+        return sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, block_size, scale, True, Q, tiles)
+    return forward, forward_backward, backward
 
 
 def inputs(N, Hq, H, D=128, n=16, block_size=64, seed=0, dtype=torch.bfloat16):
@@ -83,8 +99,11 @@ def correctness(errors_csv):
         prepared = sel.prepare_block_indices(indices, 64, N, True)
         ref = reference_fp64(q, k, v, do, prepared, 64, scale, True)
         for design in ("query_centric", "key_block_centric"):
-            got = design_fns(design, q, k, v, do, indices, 64, scale)[1]()
+            forward, forward_backward, backward = design_fns(design, q, k, v, do, indices, 64, scale)
+            got = forward_backward()
             errs = [rel(x, r) for x, r in zip(got, ref)]
+            alone = [rel(x, r) for x, r in zip(backward(), ref[2:])]     # the backward with its own plan
+            worst = max([worst] + alone)
             worst = max([worst] + errs)
             rows.append(dict(design=design, seq_len=N, heads_q=Hq, heads_kv=H,
                              **{c: f"{e:.2e}" for c, e in zip(("o", "lse", "dq", "dk", "dv"), errs)}))
@@ -149,9 +168,10 @@ def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
             record = lambda impl, pass_, ms: rows.append(dict(impl=impl, seq_len=N, heads_q=Hq, heads_kv=H,
                                                               head_dim=128, pass_=pass_, ms=f"{ms:.3f}"))
             for design in [d for d in ("query_centric", "key_block_centric") if d in impls]:
-                fwd, both = design_fns(design, q, k, v, do, indices, 64, scale)
+                fwd, both, bwd = design_fns(design, q, k, v, do, indices, 64, scale)
                 record(design, "fwd", do_bench(fwd))
                 record(design, "fwd_bwd", do_bench(both))
+                record(design, "bwd", do_bench(bwd))
             if "sdpa_flash" in impls:
                 qd, kd, vd = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in
                               (q, k.repeat_interleave(Hq // H, 2), v.repeat_interleave(Hq // H, 2)))
@@ -176,7 +196,7 @@ def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
                     except Exception as failure:       # a peer that fails is reported, not fatal
                         print(f"{name} {N} {Hq}/{H}: {type(failure).__name__}: {failure}"[:300])
             torch.cuda.empty_cache()
-            for r in rows[-10:]:
+            for r in rows[-12:]:
                 if int(r["seq_len"]) == N and (r["heads_q"], r["heads_kv"]) == (Hq, H):
                     print(f"{r['impl']:20s} {N:6d} {Hq:3d}/{H:<3d} {r['pass_']:8s} {r['ms']:>10s}", flush=True)
     with open(times_csv, "w", newline="") as f:
@@ -211,7 +231,7 @@ def main():
     ms = {(r["impl"], r["seq_len"], r["heads_q"], r["heads_kv"], r["pass_"]): r["ms"] for r in rows}
     for N in lengths:
         for Hq, H in heads:
-            for pass_ in ("fwd", "fwd_bwd"):
+            for pass_ in ("fwd", "fwd_bwd", "bwd"):
                 print(f"{N:6d} {Hq:3d}/{H:<2d} {pass_:>8s}" + "".join(
                     f"{ms.get((i, N, Hq, H, pass_), '-'):>14s}" for i in
                     IMPLS))
