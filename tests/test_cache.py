@@ -255,20 +255,35 @@ DECODER_CASES = [  # B, lengths, T, Hq, H, Dqk, Dv, mem, capacity
 def test_triton_decoder_equals_the_torch_step_and_ignores_what_lies_past_each_row(case):
     """The decoding kernels (interpreter, float32) against the reference step in float64; the
     caches hold NaN past each row's tokens and blocks, which neither may read."""
+    check_decoder(case, NSAConfig(8, 4, 16, 4, 1, 2, 32))
+
+
+@pytest.mark.parametrize("config", [NSAConfig(16, 4, 16, 4, 1, 2, 32), NSAConfig(8, 8, 16, 4, 1, 2, 32)],
+                         ids=["three-spill", "no-spill"])
+@pytest.mark.parametrize("case", DECODER_CASES[1:3], ids=["group3", "group16"])
+def test_triton_decoder_at_other_overlaps_of_compressed_and_selection_blocks(case, config):
+    """Compressed blocks that spill three stride-steps into the next selection block (l = 4d), and
+    none (l = d): the decoding kernels' selection reads only the spilling blocks of a neighbour."""
+    check_decoder(case, config, sharpness=4.0)
+
+
+def check_decoder(case, config, sharpness=1.0):
+    """The test above for one step shape and geometry; `sharpness` scales the queries, so that a
+    few compressed blocks hold most of the probability and Eq. 9's weights decide the selection."""
     B, lengths, T, Hq, H, Dqk, Dv, mem, capacity = case
-    config = NSAConfig(8, 4, 16, 4, 1, 2, 32)
+    l, d = config.compress_block_size, config.compress_stride
     g = torch.Generator().manual_seed(7)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     k_cache, v_cache = r(B, capacity, H, Dqk), r(B, capacity, H, Dv)
-    rows = mem + num_compressed_blocks(capacity, 8, 4)
+    rows = mem + num_compressed_blocks(capacity, l, d)
     k_cmp, v_cmp = (torch.full((B, rows, H, D), float("nan"), dtype=torch.float64) for D in (Dqk, Dv))
     k_cmp[:, :mem], v_cmp[:, :mem] = r(B, mem, H, Dqk), r(B, mem, H, Dv)
     for b, n in enumerate(lengths):
         k_cache[b, n + T:], v_cache[b, n + T:] = float("nan"), float("nan")
-        c = num_compressed_blocks(n + T, 8, 4)
-        k_cmp[b, mem:mem + c] = compress(k_cache[b:b + 1, :n + T], None, 8, 4)[0]
-        v_cmp[b, mem:mem + c] = compress(v_cache[b:b + 1, :n + T], None, 8, 4)[0]
-    q, gates = r(B, T, Hq, Dqk), [torch.rand(B, T, Hq, generator=g, dtype=torch.float64) for _ in range(3)]
+        c = num_compressed_blocks(n + T, l, d)
+        k_cmp[b, mem:mem + c] = compress(k_cache[b:b + 1, :n + T], None, l, d)[0]
+        v_cmp[b, mem:mem + c] = compress(v_cache[b:b + 1, :n + T], None, l, d)[0]
+    q, gates = sharpness * r(B, T, Hq, Dqk), [torch.rand(B, T, Hq, generator=g, dtype=torch.float64) for _ in range(3)]
     args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, config)
     expected = sparse_attention_with_kvcache(*args, mem_kv_len=mem, backend="torch")
     assert not expected.isnan().any()
