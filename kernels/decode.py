@@ -412,6 +412,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
     splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
     splits = split_count(B * H * T, n, target)
+    window = config.window_size if g_win is not None else 0   # g_win None: a window of no key, o_win = 0
+    g_win = g_slc if g_win is None else g_win
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
         x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win))
     seqlens = lengths.to(torch.int32)
@@ -441,7 +443,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_sparse_kernel[(B, H, T * splits)](
         q, k_cache, v_cache, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
-        BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=config.window_size,
+        BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
         TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel), PDL=pdl, launch_pdl=pdl)
     # -- 4. merge the splits, gate, sum --
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)

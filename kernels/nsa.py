@@ -26,7 +26,7 @@ from nsa.kernels.topk import check_select_config, select_blocks_launch
 @triton.jit(do_not_specialize=["num_rows"])
 def gated_sum_forward_kernel(
     O_CMP, O_SLC, O_WIN,      # branch outputs (R, Dv), R = B * Nq * Hq rows, contiguous
-    G_CMP, G_SLC, G_WIN,      # gates (R,)
+    G_CMP, G_SLC, G_WIN,      # gates (R,); G_WIN None: no window branch (O_WIN unused)
     O,                        # output (R, Dv) in the branches' dtype
     num_rows,                 # R
     DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -38,13 +38,15 @@ def gated_sum_forward_kernel(
         load_rows(O_CMP, at, row_ok, offs_d, DIM_V).to(tl.float32)
     o += tl.load(G_SLC + at, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
         load_rows(O_SLC, at, row_ok, offs_d, DIM_V).to(tl.float32)
-    o += tl.load(G_WIN + at, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
-        load_rows(O_WIN, at, row_ok, offs_d, DIM_V).to(tl.float32)
+    if G_WIN is not None:
+        o += tl.load(G_WIN + at, mask=row_ok, other=0.0).to(tl.float32)[:, None] * \
+            load_rows(O_WIN, at, row_ok, offs_d, DIM_V).to(tl.float32)
     store_rows(O, o, at, row_ok, offs_d, DIM_V)
 
 
 def gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
-    """`combine_branches` of contiguous branch outputs (B, Nq, Hq, Dv) and gates (B, Nq, Hq)."""
+    """`combine_branches` of contiguous branch outputs (B, Nq, Hq, Dv) and gates (B, Nq, Hq);
+    g_win None leaves the window out."""
     o = torch.empty_like(o_cmp)
     num_rows = o_cmp.shape[:-1].numel()
     gated_sum_forward_kernel[(triton.cdiv(num_rows, ROWS_PER_PROGRAM),)](
@@ -97,21 +99,22 @@ def packed_blocks(cu_seqlens_q, cu_seqlens_k, total_q: int, block_size: int, num
 
 @torch.library.custom_op("nsa::sparse_attention_forward", mutates_args=())
 def sparse_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor,
-    compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
-    num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
-    mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
+    g_win: Optional[Tensor], compress_block_size: int, compress_stride: int, select_block_size: int,
+    num_selected_blocks: int, num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool,
+    scale: float, mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor]:
     """NSA's five steps: (o, then for the backward o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
     block_indices, the selected branch's plan: (tile_blocks, tile_members, tile_counts) or
     (queries, chunks, empty), and the packed blocks' tables (`PackedBlocks`; empty unless packed)).
-    Inputs checked by the caller. Packed sequences: the three cu_seqlens and `packed_sizes` (see
-    `packed_rows`); else None and []."""
+    Inputs checked by the caller; g_win None leaves the window out (o_win, lse_win empty).
+    Packed sequences: the three cu_seqlens and `packed_sizes` (see `packed_rows`); else None and []."""
     config = NSAConfig(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                        num_initial_blocks, num_local_blocks, window_size, causal)
-    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
+    q, k, v, k_cmp, v_cmp, g_cmp, g_slc = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc))
+    g_win = None if g_win is None else g_win.contiguous()
     Nk = k.shape[1]
     cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
     # -- 1. compressed branch, pass 1: o_cmp and the lse --
@@ -136,8 +139,9 @@ def sparse_attention_forward(
         o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
                                                 tiles, blocks)
         tiles = tiles if Q > 1 else no_tiles          # with Q = 1 the tiles are block_indices itself
-    # -- 4. sliding-window branch --
-    o_win, lse_win = band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal), key_rows)
+    # -- 4. sliding-window branch, unless left out --
+    o_win, lse_win = (q.new_empty(0), q.new_empty(0, dtype=torch.float32)) if g_win is None else \
+        band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal), key_rows)
     # -- 5. the gates --
     o = gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
     tables = tuple(blocks) if blocks is not None else tuple(block_indices.new_empty(0) for _ in range(3))
@@ -164,7 +168,8 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
     else:
         tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
     sizes = (Nq, packed_sizes[3], packed_sizes[3]) if packed_sizes else (0, 0, 0)   # PackedBlocks' tables
-    return (output(), output(), lse(), output(), lse(), output(), lse(),
+    window = (output(), lse()) if g_win is not None else (q.new_empty(0), q.new_empty(0, dtype=torch.float32))
+    return (output(), output(), lse(), output(), lse(), *window,
             q.new_empty(B, Nq, H, num_selected_blocks, dtype=torch.int32), *tiles,
             *(q.new_empty(size, dtype=torch.int32) for size in sizes))
 
@@ -172,24 +177,26 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
 @torch.library.custom_op("nsa::sparse_attention_backward", mutates_args=())
 def sparse_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
-    g_win: Tensor, o_cmp: Tensor, lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor,
+    g_win: Optional[Tensor], o_cmp: Tensor, lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor,
     lse_win: Tensor, block_indices: Tensor, plan_1: Tensor, plan_2: Tensor, plan_3: Tensor,
-    positions: Tensor, block_start: Tensor, block_end: Tensor, compress_block_size: int, compress_stride: int, select_block_size: int, num_selected_blocks: int,
-    num_initial_blocks: int, num_local_blocks: int, window_size: int, causal: bool, scale: float,
-    mem_kv_len: int, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-    cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
+    positions: Tensor, block_start: Tensor, block_end: Tensor, compress_block_size: int, compress_stride: int,
+    select_block_size: int, num_selected_blocks: int, num_initial_blocks: int, num_local_blocks: int,
+    window_size: int, causal: bool, scale: float, mem_kv_len: int, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], cu_seqlens_cmp: Optional[Tensor], packed_sizes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the eight inputs of `sparse_attention_forward`: (dq, dk, dv, dk_cmp, dv_cmp,
     dg_cmp, dg_slc, dg_win). The branches scale their P by their gate, write its gradient
     rowsum(do * o_branch) and add their dq into one buffer. plan_*: the forward's plan of the
-    selected branch; packed sequences as the forward took them, with its PackedBlocks tables."""
-    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do = (
-        x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, do))
+    selected branch; packed sequences as the forward took them, with its PackedBlocks tables.
+    g_win None (the window left out): no window backward, and dg_win empty."""
+    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, do = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, do))
+    g_win = None if g_win is None else g_win.contiguous()
     Nk = k.shape[1]
     G = q.shape[2] // k.shape[2]
     Q = default_queries_per_tile(G)
     tiles = (plan_1, plan_2, plan_3) if Q > 1 else (block_indices,) * 3
-    d_cmp, d_slc, d_win = (torch.empty_like(g) for g in (g_cmp, g_slc, g_win))
+    d_cmp, d_slc = torch.empty_like(g_cmp), torch.empty_like(g_slc)
+    d_win = q.new_empty(0) if g_win is None else torch.empty_like(g_win)
     cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
     blocks = None if cmp_rows is None else PackedBlocks(positions, block_start, block_end)
     # -- compressed branch: writes dq --
@@ -205,15 +212,18 @@ def sparse_attention_backward(
     else:
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
                                            scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq, packed=blocks)
-    _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
-                                                window_band(window_size, causal), gate=g_win, d_gate=d_win, dq=dq,
-                                                packed=key_rows)
-    return dq, dk + dk_win, dv + dv_win, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
+    if g_win is not None:
+        _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
+                                                    window_band(window_size, causal), gate=g_win, d_gate=d_win,
+                                                    dq=dq, packed=key_rows)
+        dk, dv = dk + dk_win, dv + dv_win
+    return dq, dk, dv, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
 
 
 @sparse_attention_backward.register_fake
 def _(do, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *saved_and_config):
-    return tuple(torch.empty_like(x) for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win))
+    return tuple(torch.empty_like(x) for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc,
+                                                g_win if g_win is not None else q.new_empty(0)))
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -225,7 +235,8 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, do, *unused):
     *saved, cu_q, cu_k, cu_cmp = ctx.saved_tensors
     grads = sparse_attention_backward(do, *saved, *ctx.config[:-1], cu_q, cu_k, cu_cmp, ctx.config[-1])
-    return (*grads, *(None for _ in ctx.config), None, None, None)
+    d_win = grads[7] if saved[7] is not None else None             # g_win None: the window was left out
+    return (*grads[:7], d_win, *(None for _ in ctx.config), None, None, None)
 
 
 sparse_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)

@@ -76,8 +76,8 @@ def attention(q, k, v, mask=None, scale=None, return_lse=False):
 def empty_output(shape, *inputs):
     """The output of an empty problem (a size in `shape` is 0) in the dtype and on the device of
     inputs[0] (q): computed from nothing, yet in the autograd graph of every input, whose
-    gradients are then zeros, as with SDPA."""
+    gradients are then zeros, as with SDPA. An input that is None (a branch left out) is skipped."""
     o = inputs[0].new_zeros(shape)
-    for x in inputs:
+    for x in (x for x in inputs if x is not None):
         o = o + x.narrow(0, 0, 0).sum().to(o.dtype)   # an empty slice: reads no element
     return o

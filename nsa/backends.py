@@ -21,8 +21,8 @@ class Backend:
     """One implementation of NSA.
 
     forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o, with
-    inputs already checked by `check_sparse_inputs`. unsupported(tensors, dims, config) -> None,
-    or the reason (a str) why this implementation cannot take these inputs; tensors are the eight
+    inputs already checked by `check_sparse_inputs` (g_win None: the window left out).
+    unsupported(tensors, dims, config) -> None, or the reason (a str) why this implementation cannot take these inputs; tensors are the eight
     of `native_sparse_attention`, (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win).
     packed: None (packed sequences run one `forward` per sequence), or a forward over all the
     packed sequences at once: packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
@@ -107,9 +107,9 @@ _decoders: dict[str, Backend] = {}
 
 def register_decoder(name: str, forward: Callable, unsupported: Callable) -> Backend:
     """Make `forward` the decoding kernel of `backend=name`: forward(q, k_cache, v_cache,
-    k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o, for the
-    steps that unsupported((q, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, config) accepts
-    (returns None)."""
+    k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o (g_win
+    None: no window branch), for the steps that unsupported((q, k_cache, v_cache, k_cmp_cache,
+    v_cmp_cache), dims, config) accepts (returns None)."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
     _decoders[name] = Backend(name, forward, unsupported)

@@ -139,8 +139,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
         visible = mem_kv_len + num_compressed_blocks(length, l, d)
         o[at] = native_sparse_attention(
             q[at], k_cache[at, :length], v_cache[at, :length], k_cmp_cache[at, :visible],
-            v_cmp_cache[at, :visible], g_cmp[at], g_slc[at], g_win[at], config, scale, backend,
-            mem_kv_len=mem_kv_len)
+            v_cmp_cache[at, :visible], g_cmp[at], g_slc[at], None if g_win is None else g_win[at], config, scale,
+            backend, mem_kv_len=mem_kv_len)
     return o
 
 
@@ -245,7 +245,7 @@ def forward_with_cache(layer, x, cache: KVCache, lengths=None):
     cache.lengths = after
     # -- attend: rows taking all T tokens together, the others one by one --
     g_cmp, g_slc, g_win = gates
-    g_win_fused = torch.zeros_like(g_win) if layer.kv_per_branch else g_win
+    g_win_fused = None if layer.kv_per_branch else g_win     # kv_per_branch: the window on its own keys, below
     o = queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
     o_win = torch.zeros_like(o) if layer.kv_per_branch else None
     T = x.shape[1]
@@ -256,8 +256,8 @@ def forward_with_cache(layer, x, cache: KVCache, lengths=None):
         k_slc, v_slc = cache.keys[layer.branch("slc")][at], cache.values[layer.branch("slc")][at]
         o[at, :c] = sparse_attention_with_kvcache(
             queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], [before[b] for b in rows],
-            g_cmp[at, :c], g_slc[at, :c], g_win_fused[at, :c], config, layer.scale, mem_kv_len=mem,
-            backend=layer.backend)
+            g_cmp[at, :c], g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config,
+            layer.scale, mem_kv_len=mem, backend=layer.backend)
         if layer.kv_per_branch:                       # the window over its own keys, per row length
             for b in rows:                            # (the backend's window: it reads the window's keys only)
                 n = after[b]

@@ -246,6 +246,8 @@ def check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scal
                 f"{config.compress_block_size}, stride {config.compress_stride}), then {dims.heads_kv} "
                 f"kv heads of {dim_name} {dim}")
     for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
+        if name == "g_win" and g is None:             # the window branch left out
+            continue
         check_tensor(name, g, 3, "(batch, seq_len_q, heads_q)")
         check_like(name, g, q)
         if tuple(g.shape) != (dims.batch, dims.seq_len_q, dims.heads_q):

@@ -237,15 +237,17 @@ def flex_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, sc
         heads_first(block_indices), Hq // H, check_indices=False)   # select_blocks' own: no host sync
     o_slc = _flex(q_f, k_f, v_f, fine_mask, scale)            # (B, Hq, Nq, Dv)
 
-    # -- sliding-window branch --
-    window_mask = create_sliding_mask(Nq, config.window_size, config.causal, seq_len_k=Nk,
-                                      device=q.device)
-    o_win = _flex(q_f, k_f, v_f, window_mask, scale)          # (B, Hq, Nq, Dv)
+    # -- sliding-window branch, unless left out (g_win None) --
+    o_win = None
+    if g_win is not None:
+        window_mask = create_sliding_mask(Nq, config.window_size, config.causal, seq_len_k=Nk,
+                                          device=q.device)
+        o_win = _flex(q_f, k_f, v_f, window_mask, scale)      # (B, Hq, Nq, Dv)
 
     # -- gated combination, in float32 (float64 for float64 inputs) --
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = sum(gate.to(compute)[..., None] * heads_first(branch).to(compute)
-            for gate, branch in ((g_cmp, o_cmp), (g_slc, o_slc), (g_win, o_win)))
+            for gate, branch in ((g_cmp, o_cmp), (g_slc, o_slc), (g_win, o_win)) if gate is not None)
     return o.to(q.dtype)                                      # (B, Nq, Hq, Dv)
 
 

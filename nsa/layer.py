@@ -243,7 +243,7 @@ class SparseAttention(nn.Module):
         if cu_seqlens_k is not None and pairs is None:
             pairs = packed_pairs(queries, k_slc, **packed)
         k_cmp, v_cmp = self.compressed(keys, values, None if pairs is None else [bounds for _, bounds in pairs])
-        g_win_fused = torch.zeros_like(g_win) if self.kv_per_branch else g_win
+        g_win_fused = None if self.kv_per_branch else g_win          # kv_per_branch: the window on its own keys
         if pairs is None:
             o = native_sparse_attention(queries, k_slc, v_slc, k_cmp, v_cmp, g_cmp, g_slc, g_win_fused, config,
                                         self.scale, self.backend, mem_kv_len=self.num_mem_kv)

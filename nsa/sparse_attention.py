@@ -23,10 +23,11 @@ from nsa.window import sliding_window_attention
 def combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
     """The gated sum of the paper's Eq. 5: o = g_cmp o_cmp + g_slc o_slc + g_win o_win.
 
-    Branch outputs (B, Nq, Hq, Dv), gates (B, Nq, Hq); summed in float32 (float64 stays float64)."""
+    Branch outputs (B, Nq, Hq, Dv), gates (B, Nq, Hq); summed in float32 (float64 stays float64).
+    g_win None: the window branch is left out (o_win unused)."""
     compute = torch.float64 if o_cmp.dtype == torch.float64 else torch.float32
     o = sum(g.to(compute)[..., None] * o.to(compute)
-            for g, o in ((g_cmp, o_cmp), (g_slc, o_slc), (g_win, o_win)))
+            for g, o in ((g_cmp, o_cmp), (g_slc, o_slc), (g_win, o_win)) if g is not None)
     return o.to(o_cmp.dtype)                                           # (B, Nq, Hq, Dv)
 
 
@@ -40,7 +41,8 @@ def torch_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, s
     block_indices = select_blocks(scores, Nk, config)                      # (B, Nq, H, n) int32
     o_slc = selected_attention(q, k, v, block_indices, config.select_block_size, scale,
                                causal=config.causal, check_indices=False)  # (B, Nq, Hq, Dv)
-    o_win = sliding_window_attention(q, k, v, config.window_size, scale, causal=config.causal)
+    o_win = None if g_win is None else sliding_window_attention(q, k, v, config.window_size, scale,
+                                                                 causal=config.causal)
     return combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
 
 
@@ -59,6 +61,8 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     and values (`nsa.compress`), N_c = (Nk - l) // d + 1 (0 when Nk < l), the first `mem_kv_len`
     rows learned memory (always visible, never selected).
     g_cmp, g_slc, g_win: (B, Nq, Hq) gates in [0, 1] (apply the sigmoid before), q's dtype.
+    g_win None leaves the sliding-window branch out: for a layer whose window attends keys of its
+    own (`kv_per_branch`, computed by `window_branch`), nothing is spent on a window gated by 0.
     config: NSAConfig (l, d, l', n, forced blocks, w, causal). scale: None = Dqk ** -0.5.
     backend: "torch" (reference), "flex" (FlexAttention), "triton" (kernels), "auto" ("triton"
     on CUDA when installed and it supports the inputs, else "torch"). A backend named explicitly
@@ -140,8 +144,10 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     o_slc = attention(q, k, v, slc_visible & keep[:, None, None, :], scale)        # (B, Nq, Hq, Dv)
 
     # -- sliding window, padded keys hidden --
-    window = and_masks(sliding_window_mod(config.window_size, causal, Nk - Nq), padding_mod(keep))
-    o_win = attention(q, k, v, dense_mask(window, Nq, Nk, batch=B, heads=1, device=device), scale)
+    o_win = None
+    if g_win is not None:
+        window = and_masks(sliding_window_mod(config.window_size, causal, Nk - Nq), padding_mod(keep))
+        o_win = attention(q, k, v, dense_mask(window, Nq, Nk, batch=B, heads=1, device=device), scale)
     return combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
 
 
@@ -163,13 +169,15 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     def problem(i):
         (q0, q1), (k0, k1), (c0, c1) = *pairs[i], rows[i]
         return (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], k_cmp[:, c0:c1], v_cmp[:, c0:c1], g_cmp[:, q0:q1],
-                g_slc[:, q0:q1], g_win[:, q0:q1])
+                g_slc[:, q0:q1], None if g_win is None else g_win[:, q0:q1])
 
     # -- checked before anything runs: the packed lengths agree, and the first sequence's problem
     #    (dtypes, devices, heads, dims, config); the others differ only in lengths, which the
     #    cu_seqlens fix: no check per sequence, whatever their number --
     for name, x, like, like_name in (("v", v, k, "k"), ("v_cmp", v_cmp, k_cmp, "k_cmp"), ("g_cmp", g_cmp, q, "q"),
                                      ("g_slc", g_slc, q, "q"), ("g_win", g_win, q, "q")):
+        if name == "g_win" and x is None:                                   # no window branch
+            continue
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or tuple(x.shape[:2]) != tuple(like.shape[:2]):
             raise ValueError(f"{name} holds packed sequences like {like_name}: its shape must start with "
                              f"{tuple(like.shape[:2])}, got {tuple(getattr(x, 'shape', ()))}")

@@ -354,3 +354,25 @@ def test_triton_decoder_breaks_exact_ties_like_the_reference(num_selected):
     got = sparse_attention_with_kvcache(*(x.float() if isinstance(x, torch.Tensor) else x for x in args),
                                         backend="triton")
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decoding_step_without_window_equals_a_window_gated_by_zero(backend):
+    """g_win=None (a kv_per_branch layer's step: its window attends its own keys) gives the step
+    with a window gate of 0, through the reference and through the decoding kernels."""
+    config = NSAConfig(8, 4, 16, 4, 1, 2, 32)
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)
+    B, T, Hq, H, D, capacity, lengths = 2, 2, 4, 2, 16, 90, [30, 61]
+    k_cache, v_cache = r(B, capacity, H, D), r(B, capacity, H, D)
+    rows = num_compressed_blocks(capacity, 8, 4)
+    k_cmp, v_cmp = torch.zeros(B, rows, H, D), torch.zeros(B, rows, H, D)
+    for b, n in enumerate(lengths):
+        c = num_compressed_blocks(n + T, 8, 4)
+        k_cmp[b, :c] = compress(k_cache[b:b + 1, :n + T], None, 8, 4)[0]
+        v_cmp[b, :c] = compress(v_cache[b:b + 1, :n + T], None, 8, 4)[0]
+    q, g_cmp, g_slc = r(B, T, Hq, D), torch.rand(B, T, Hq, generator=g), torch.rand(B, T, Hq, generator=g)
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, g_cmp, g_slc)
+    expected = sparse_attention_with_kvcache(*args, torch.zeros_like(g_cmp), config, backend=backend)
+    got = sparse_attention_with_kvcache(*args, None, config, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

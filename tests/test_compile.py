@@ -52,6 +52,19 @@ def test_window_operator_passes_opcheck(packed):
                           (q, k, v, 8, True, 0.25, cu, cu, [15, 15] if packed else []))
 
 
+def test_nsa_operator_without_window_passes_opcheck():
+    """The fused operator with g_win None (the window left out, a kv_per_branch layer's call): its
+    optional gate through the schema, the fake implementation and the autograd registration."""
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)
+    B, N, Hq, H, D = 1, 30, 4, 2, 16
+    Nc = (N - 8) // 4 + 1
+    gates = [torch.rand(B, N, Hq, generator=g, requires_grad=True) for _ in range(2)]
+    torch.library.opcheck(torch.ops.nsa.sparse_attention_forward,
+                          (r(B, N, Hq, D), r(B, N, H, D), r(B, N, H, D), r(B, Nc, H, D), r(B, Nc, H, D), *gates,
+                           None, 8, 4, 16, 3, 1, 2, 8, True, 0.25, 0, None, None, None, []))
+
+
 @pytest.mark.parametrize("Hq, H", [(4, 2), (8, 2), (16, 1)])   # plans: reverse index, tiles, none
 def test_triton_ops_have_fake_implementations(Hq, H):
     """The operators' fake implementations give the shapes the real ones do (what tracing needs),

@@ -299,7 +299,8 @@ BAD = [
     ("g_cmp", _replace(5, lambda g: g[..., :2]), ValueError),
     ("g_slc", _replace(6, lambda g: g[None]), ValueError),
     ("g_win", _replace(7, lambda g: g.double()), TypeError),
-    ("g_win", _replace(7, None), TypeError),
+    ("g_win", _replace(7, lambda g: g.tolist()), TypeError),
+    ("g_cmp", _replace(5, None), TypeError),              # only the window (g_win None) may be left out
     ("config", lambda: native_sparse_attention(*_args(), {"window_size": 8}), TypeError),
     ("backend", lambda: native_sparse_attention(*_args(), SMALL, backend="cuda"), ValueError),
     ("backend", lambda: native_sparse_attention(*_args(), SMALL, backend=None), ValueError),

@@ -105,3 +105,39 @@ def test_gated_backward_equals_backward_of_scaled_do(branch):
     torch.testing.assert_close(gated[0], dq_before + plain[0], atol=1e-4, rtol=1e-4)
     for x, y in zip(gated[1:], plain[1:]):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+WINDOW_OF = {"torch": ("nsa.sparse_attention", "sliding_window_attention"),
+             "triton": ("nsa.kernels.nsa", "window_band"), "flex": ("nsa.flex", "create_sliding_mask")}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "flex"])
+def test_window_left_out_equals_a_window_gated_by_zero(monkeypatch, backend, packed):
+    """g_win=None leaves the sliding window out (what a layer with kv_per_branch passes: its window
+    attends keys of its own): the output and the other seven inputs' gradients equal those with a
+    gate of 0, and the window is not computed at all. Flex on a CPU: forward only."""
+    import importlib
+
+    B, N, cu = (1, 45, torch.tensor([0, 17, 45], dtype=torch.int32)) if packed else (2, 37, None)
+    inputs = make_inputs(B, N, N, 4, 2, 16, 16, SMALL, 0, torch.float32, seed=5)
+    if packed:                                  # each sequence's compressed blocks (no memory rows)
+        from nsa.varlen import compressed_cu_seqlens
+        rows = int(compressed_cu_seqlens(cu, 16, 8, 0)[-1])
+        inputs[3], inputs[4] = inputs[3][:, :rows], inputs[4][:, :rows]
+    grad = backend != "flex" or DEVICE.type == "cuda"
+    inputs = [x.requires_grad_(grad) for x in inputs]
+    with_zero = native_sparse_attention(*inputs[:7], torch.zeros_like(inputs[7]), SMALL, backend=backend,
+                                        cu_seqlens=cu)
+    do = torch.randn_like(with_zero)
+    expected_grads = torch.autograd.grad(with_zero, inputs[:7], do) if grad else ()
+    module, name = WINDOW_OF[backend]
+
+    def no_window(*args, **kwargs):
+        raise AssertionError("the window was computed")
+    monkeypatch.setattr(importlib.import_module(module), name, no_window)
+    without = native_sparse_attention(*inputs[:7], None, SMALL, backend=backend, cu_seqlens=cu)
+    torch.testing.assert_close(without, with_zero, **TOL[torch.float32])
+    if grad:
+        for got, expected in zip(torch.autograd.grad(without, inputs[:7], do), expected_grads):
+            torch.testing.assert_close(got, expected, **TOL[torch.float32])
