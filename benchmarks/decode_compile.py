@@ -4,7 +4,7 @@
 
 For each step shape below, `sparse_attention_decode_triton` runs on empty CPU tensors with its
 kernel launches recorded instead of made (the tensors pose as CUDA ones, 132 multiprocessors, so
-the launcher picks a GPU's splits and tiles, and a Hopper GPU's overlapping launches); Triton then compiles each recorded launch for
+the launcher picks a GPU's splits and tiles); Triton then compiles each recorded launch for
 `sm_<arch>` with the launcher's own meta-parameters, and `cuobjdump` reads its registers. A
 kernel that Triton cannot finish compiling shows here as a hang (the CI test runs this with a
 timeout): stage 3 once sent Triton 3.6 and 3.7 into an endless layout pass, found only when a
@@ -16,7 +16,6 @@ import argparse
 import sys
 import time
 import warnings
-from unittest import mock
 
 import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
 
@@ -41,8 +40,7 @@ def recorded_launches(heads_q, heads_kv, tokens, batch, context):
     q, gate = torch.empty(batch, tokens, heads_q, 128, **bf16), torch.empty(batch, tokens, heads_q, **bf16)
     cache, compressed = torch.empty(batch, context, heads_kv, 128, **bf16), torch.empty(batch, rows, heads_kv, 128, **bf16)
     lengths = torch.full((batch,), context - tokens, dtype=torch.int32)
-    with recorded(decode, names, multiprocessors=132) as launches, \
-            mock.patch.object(decode, "programmatic_launch", lambda device: True):      # a Hopper GPU
+    with recorded(decode, names, multiprocessors=132) as launches:
         decode.sparse_attention_decode_triton(q, cache, cache, compressed, compressed, lengths, gate, gate, gate,
                                               config, 128 ** -0.5, 0)
     return launches

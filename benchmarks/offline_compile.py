@@ -75,10 +75,10 @@ def recorded(module, names, multiprocessors=None):
 
 def compile_launch(kernel, args, meta, arch: int = 90):
     """Compile one recorded launch for sm_<arch>: tensors as pointers of their dtype, floats as
-    fp32, ints as i32, None and the meta-parameters as constexprs (num_warps, num_stages and
-    launch_pdl as options). Returns Triton's compiled kernel."""
+    fp32, ints as i32, None and the meta-parameters as constexprs (num_warps and num_stages as
+    options). Returns Triton's compiled kernel."""
     meta = dict(meta)
-    options = {key: meta.pop(key) for key in ("num_warps", "num_stages", "launch_pdl") if key in meta}
+    options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
     params = list(inspect.signature(kernel.fn).parameters)
     signature, constants = {}, dict(meta)
     for name, value in zip(params, args):

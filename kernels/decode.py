@@ -2,13 +2,11 @@
 """NSA's decoding step in Triton: T new tokens per row over a KV cache, in four launches with
 no host synchronisation (so a step captures in a CUDA graph): the compressed branch split over
 the compressed keys, the selection from its stored scores, the selected blocks and the window
-split over their keys, and a merge of the partial softmaxes with the gates. On Hopper GPUs each
-stage starts while the one before it ends (programmatic dependent launch)."""
+split over their keys, and a merge of the partial softmaxes with the gates."""
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
@@ -37,22 +35,6 @@ def compressed_rows_seen(pos, mem_kv_len, num_rows, CMP_BLOCK: tl.constexpr, CMP
 
 
 @triton.jit
-def next_stage_may_start(PDL: tl.constexpr):
-    """With programmatic dependent launch (PDL), let the next stage's programs start now: they do
-    what needs nothing from this stage, then wait for it in `previous_stage_done`."""
-    if PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def previous_stage_done(PDL: tl.constexpr):
-    """With PDL, wait until the previous stage has finished and its writes are visible (without
-    PDL, the launch itself waited)."""
-    if PDL:
-        gdc_wait()
-
-
-@triton.jit
 def decode_compressed_kernel(
     Q, K_CMP, V_CMP,      # (B, T, Hq, Dqk); (B, R, H, Dqk), (B, R, H, Dv): R = mem + N_c(max_seq_len)
     SEQLENS,              # (B,) int32: the tokens each row held before the step
@@ -62,12 +44,10 @@ def decode_compressed_kernel(
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SPLITS_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr,    # programmatic dependent launch: stage 2 may start early
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
-    next_stage_may_start(PDL)
     # -- the rows, their positions, and the compressed rows each sees --
     q_rows, row_ok, t = decode_rows(batch, head_kv, T, HEADS_Q, GROUP, GROUP_PAD, TOKENS_PAD)
     length = tl.load(SEQLENS + batch)
@@ -177,21 +157,17 @@ def decode_select_kernel(
     SPILL: tl.constexpr,        # a selection block's last compressed blocks that may spill into the next
     SLOTS: tl.constexpr,        # n padded to a power of two: a step's blocks, and the running top's size
     NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, SPLITS_C: tl.constexpr, SPLITS_S: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD                  # stage 1's first rows: the same tokens
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = tl.num_programs(1)
-    next_stage_may_start(PDL)
-    # -- each row's lse, merged from stage 1's splits (once it has finished), and the compressed
-    # blocks it sees --
+    # -- each row's lse, merged from stage 1's splits, and the compressed blocks it sees --
     r = tl.arange(0, ROWS)
     row_ok = (r // GROUP_PAD < T) & (r % GROUP_PAD < GROUP)
-    length = tl.load(SEQLENS + batch)
-    previous_stage_done(PDL)
     first = (batch * heads_kv + head_kv) * SPLITS_C * SCORE_ROWS + r
     lse2 = merged_lse(M, L, first, SPLITS_C, SCORE_ROWS)
+    length = tl.load(SEQLENS + batch)
     cmp_end = compressed_rows_seen(length + r // GROUP_PAD, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE) - mem_kv_len
     score_rows = ((batch * heads_kv + head_kv) * SCORE_ROWS + r).to(tl.int64) * num_rows + mem_kv_len
     # -- the tokens, once each: their own selection block --
@@ -251,12 +227,10 @@ def decode_sparse_kernel(
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SEL_BLOCK: tl.constexpr, NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr, WINDOW: tl.constexpr,
     TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     batch, head_kv = tl.program_id(0), tl.program_id(1)
     t, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
     heads_kv = tl.num_programs(1)
-    next_stage_may_start(PDL)
     # -- the rows: token t's query heads of kv head `head_kv`, padded to GROUP_ROWS >= 16 --
     g = tl.arange(0, GROUP_ROWS)
     row_ok = g < GROUP
@@ -268,28 +242,7 @@ def decode_sparse_kernel(
     q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
     kv_base = batch.to(tl.int64) * capacity * heads_kv + head_kv
     part = ((batch * heads_kv + head_kv) * T + t) * SPLITS + split
-    # -- 1. window branch (it needs nothing from stage 2): this split's share of [pos - w + 1, pos] --
-    lo = tl.maximum(pos - WINDOW + 1, 0)
-    chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, pos + 1)
-    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
-    acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        key = start_n + offs_n
-        seen = key < end
-        k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
-        v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
-        s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
-    win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
-    tl.store(M + win, m_i)
-    tl.store(L + win, l_i)
-    store_rows(ACC, acc, win.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)          # padding rows too: stage 4 reads them
-    # -- 2. selected branch, once stage 2 has finished: this split's blocks j = split, split + SPLITS,
-    # ... of the token's n --
-    previous_stage_done(PDL)
+    # -- 1. selected branch: this split's blocks j = split, split + SPLITS, ... of the token's n --
     m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
@@ -308,7 +261,26 @@ def decode_sparse_kernel(
     slc = part * GROUP_ROWS + g
     tl.store(M + slc, m_i)
     tl.store(L + slc, l_i)
-    store_rows(ACC, acc, slc.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)
+    store_rows(ACC, acc, slc.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)          # padding rows too: stage 4 reads them
+    # -- 2. window branch: this split's share of the keys [pos - w + 1, pos] --
+    lo = tl.maximum(pos - WINDOW + 1, 0)
+    chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, pos + 1)
+    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        key = start_n + offs_n
+        seen = key < end
+        k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
+        v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
+        s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
+    win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
+    tl.store(M + win, m_i)
+    tl.store(L + win, l_i)
+    store_rows(ACC, acc, win.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)
 
 
 @triton.jit
@@ -320,16 +292,12 @@ def decode_merge_kernel(
     T,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
     GROUP_ROWS: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLITS_C: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+    SPLITS_C: tl.constexpr, SPLITS: tl.constexpr,
 ):
     batch, t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
     head_kv, g = head // GROUP, head % GROUP
-    row = (batch * T + t).to(tl.int64) * HEADS_Q + head
-    gates = tl.load(G_CMP + row).to(tl.float32), tl.load(G_SLC + row).to(tl.float32), \
-        tl.load(G_WIN + row).to(tl.float32)
     # -- each branch's output, its splits merged (stage 1's rows are token x padded group) --
-    previous_stage_done(PDL)
     cmp_first = (batch * heads_kv + head_kv) * SPLITS_C * TOKENS_PAD * GROUP_PAD + t * GROUP_PAD + g
     o_cmp = merged_row(CMP_ACC, CMP_M, CMP_L, cmp_first, SPLITS_C, TOKENS_PAD * GROUP_PAD, BLOCK_DV)
     first = ((batch * heads_kv + head_kv) * T + t) * SPLITS * GROUP_ROWS + g
@@ -337,7 +305,9 @@ def decode_merge_kernel(
     window_half = tl.num_programs(0) * heads_kv * T * SPLITS * GROUP_ROWS
     o_win = merged_row(ACC, M, L, window_half + first, SPLITS, GROUP_ROWS, BLOCK_DV)
     # -- Eq. 5: the gated sum --
-    o = gates[0] * o_cmp + gates[1] * o_slc + gates[2] * o_win
+    row = (batch * T + t).to(tl.int64) * HEADS_Q + head
+    o = tl.load(G_CMP + row).to(tl.float32) * o_cmp + tl.load(G_SLC + row).to(tl.float32) * o_slc + \
+        tl.load(G_WIN + row).to(tl.float32) * o_win
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(O + row * DIM_V + offs_dv, o.to(O.dtype.element_ty), mask=offs_dv < DIM_V)
 
@@ -383,12 +353,6 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-def programmatic_launch(device: torch.device) -> bool:
-    """Whether a stage may start while the one before it ends (programmatic dependent launch):
-    CUDA GPUs from Hopper (compute capability 9) on."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win,
                                    config, scale, mem_kv_len):
     """The "triton" decoder of `sparse_attention_with_kvcache`: its arguments, checked there, with
@@ -407,7 +371,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         config.num_selected_blocks
     block_n = DECODE_BLOCK_N if q.is_cuda else 16
     slots = triton.next_power_of_2(n)                # a selection step's candidates fill a top-n
-    sms, pdl = multiprocessors(q.device), programmatic_launch(q.device)
+    sms = multiprocessors(q.device)
     target = PROGRAMS_PER_SM * sms
     splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
     splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
@@ -427,7 +391,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         q, k_cmp_cache, v_cmp_cache, seqlens, scores, cmp_acc, cmp_m, cmp_l, T, R, mem_kv_len, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, DIM_QK=Dqk, DIM_V=Dv,
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c, BLOCK_N=block_n,
-        PDL=pdl, num_warps=warps)                       # it waits for the cache's writes: launched as usual
+        num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
     tops = torch.empty(B, H, splits_s, tokens, slots, device=q.device, dtype=torch.int64)
     decode_select_kernel[(B, H, splits_s)](
@@ -435,7 +399,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, SCORE_ROWS=rows, CMP_BLOCK=l, CMP_STRIDE=d,
         SEL_BLOCK=l_sel, SPILL=triton.next_power_of_2(max(l // d - 1, 1)), SLOTS=slots,
         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-        SPLITS_C=splits_c, SPLITS_S=splits_s, PDL=pdl, launch_pdl=pdl,
+        SPLITS_C=splits_c, SPLITS_S=splits_s,
         num_warps=max(1, tokens * group_pad // 16))   # small tiles: one warp's shuffles reduce them, no barrier
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
@@ -444,13 +408,13 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
         q, k_cache, v_cache, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
         BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
-        TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel), PDL=pdl, launch_pdl=pdl)
+        TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel))
     # -- 4. merge the splits, gate, sum --
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
     decode_merge_kernel[(B, T, Hq)](
         cmp_acc, cmp_m, cmp_l, acc, m, l_sum, g_cmp, g_slc, g_win, o, T,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, GROUP_ROWS=group_rows, DIM_V=Dv,
-        BLOCK_DV=block_dv, SPLITS_C=splits_c, SPLITS=splits, PDL=pdl, launch_pdl=pdl)
+        BLOCK_DV=block_dv, SPLITS_C=splits_c, SPLITS=splits)
     return o
 
 
