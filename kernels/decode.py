@@ -177,8 +177,8 @@ def decode_select_kernel(
     # -- Eq. 9's weights by place, as in chapter 9's kernel --
     offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE
     w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
-    offs_u = (PER_SEL - SPILL + tl.arange(0, SPILL)) * CMP_STRIDE                 # 0 for those that do not
-    w_spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
+    offs_spill = (PER_SEL - SPILL + tl.arange(0, SPILL)) * CMP_STRIDE     # the last SPILL: 0 for those that do not
+    w_spill = (tl.maximum(offs_spill + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
     # -- this split's share of the selection blocks, in whole steps of SLOTS blocks --
     chunk = tl.cdiv(tl.cdiv(last_sel + 1, SPLITS_S), SLOTS) * SLOTS
     lo = split * chunk
