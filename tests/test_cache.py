@@ -267,6 +267,14 @@ def test_triton_decoder_at_other_overlaps_of_compressed_and_selection_blocks(cas
     check_decoder(case, config, sharpness=4.0)
 
 
+def test_triton_decoder_merges_more_selection_lists_than_it_chooses_blocks():
+    """50 selection blocks, n = 4: the selection runs in 8 splits (CPU: 2 "multiprocessors"), so
+    stage 3 takes the best 4 of 8 lists of 4 keys; the step still equals the reference."""
+    from nsa.kernels import decode
+    assert decode.split_count(1, 13, decode.SELECT_PROGRAMS_PER_SM * 2) == 8
+    check_decoder((1, [700], 1, 4, 1, 16, 16, 0, 800), NSAConfig(8, 4, 16, 4, 1, 2, 32), sharpness=4.0)
+
+
 def check_decoder(case, config, sharpness=1.0):
     """The test above for one step shape and geometry; `sharpness` scales the queries, so that a
     few compressed blocks hold most of the probability and Eq. 9's weights decide the selection."""
