@@ -1,41 +1,97 @@
-"""Per-kernel GPU time of one `nsa_triton` forward + backward at 64k (torch.profiler; mean of 5
-after 3 warm-up steps), paper geometry, bf16, 64/4 and 32/8 heads. Run from the repository root
-with `nsa` importable:
+"""Per-kernel GPU time of `nsa_triton` on a GPU (torch.profiler, after 3 warm-up steps), the paper's
+geometry, bf16, d = 128, batch 1:
 
-    python benchmarks/gpu_profile_nsa.py
+    python benchmarks/gpu_profile_nsa.py [--heads 64/4,32/8,32/32] [--seq-len 64k]
 
-Kernels of the same name are added (the compressed and window branches share the band kernels).
-The output of one H100 run is book/data/profile_fwd_bwd_h100.txt (chapter 11).
+For each head configuration: the forward's launches in order, each one's mean device time over 5
+forwards (PyTorch's own kernels between two Triton launches - the reverse index's sort, fills -
+added into one line); then one forward + backward with the kernels of the same name added (the
+compressed and window branches share the band kernels, the key-block-centric forward's two passes
+one kernel), mean of 5. An H100 run of the second part is book/data/profile_fwd_bwd_h100.txt.
 """
+import argparse
 import collections
-import torch
+import sys
+from pathlib import Path
 
-from nsa import native_sparse_attention
-from nsa.bench import make_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def profile(N, Hq, H):
-    (q, k, v, k_cmp, v_cmp, gc, gs, gw), config = make_inputs(N, Hq, H, 128)
-    ts = [q, k, v, k_cmp, v_cmp, gc, gs, gw]
-    def step():
-        for t in ts: t.grad = None
-        o = native_sparse_attention(q, k, v, k_cmp, v_cmp, gc, gs, gw, config, backend="triton")
-        o.backward(torch.ones_like(o))
-    for _ in range(3): step()
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from nsa import native_sparse_attention  # noqa: E402
+from nsa.bench import _parse_heads, _parse_lengths, make_inputs  # noqa: E402
+
+REPEATS = 5
+
+
+def kernel_events(step):
+    """The device kernels of REPEATS calls of `step` (after 3 warm-up calls): [(name, ms)]."""
+    for _ in range(3):
+        step()
     torch.cuda.synchronize()
-    from torch.profiler import profile as prof, ProfilerActivity
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(5): step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPEATS):
+            step()
         torch.cuda.synchronize()
-    agg = collections.defaultdict(float); cnt = collections.Counter()
-    for e in p.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            agg[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            cnt[e.name] += 1
-    total = sum(agg.values()) / 5 / 1000
-    print(f"== {N} {Hq}/{H}: kernel time per fwd+bwd {total:.2f} ms")
-    for name, us in sorted(agg.items(), key=lambda x: -x[1])[:14]:
-        print(f"  {us / 5 / 1000:8.3f} ms  x{cnt[name] // 5}  {name[:90]}")
+    return [(e.name, e.time_range.elapsed_us() / 1e3) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
 
-for N, Hq, H in ((65536, 64, 4), (65536, 32, 8)):
-    profile(N, Hq, H)
 
+def is_triton(name):
+    return not (name.startswith(("void ", "Memcpy", "Memset")) or "::" in name)
+
+
+def forward_in_order(events):
+    """One forward's launches in order, each the mean of REPEATS; PyTorch's kernels between two
+    Triton launches in one line."""
+    per = len(events) // REPEATS
+    mean = [(events[i][0], sum(events[r * per + i][1] for r in range(REPEATS)) / REPEATS) for i in range(per)]
+    lines = []
+    for name, ms in mean:
+        if not is_triton(name) and lines and lines[-1][0].startswith("PyTorch"):
+            count = int(lines[-1][0].split("(")[1].split()[0]) + 1
+            lines[-1] = (f"PyTorch's kernels ({count} launches)", lines[-1][1] + ms)
+        else:
+            lines.append((name if is_triton(name) else "PyTorch's kernels (1 launches)", ms))
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8,32/32"))
+    parser.add_argument("--seq-len", type=_parse_lengths, default=_parse_lengths("64k"))
+    args = parser.parse_args()
+    for N in args.seq_len:
+        for Hq, H in args.heads:
+            (q, k, v, k_cmp, v_cmp, gc, gs, gw), config = make_inputs(N, Hq, H, 128)
+            inputs = [q, k, v, k_cmp, v_cmp, gc, gs, gw]
+
+            def forward():
+                return native_sparse_attention(*inputs, config, backend="triton")
+
+            def forward_backward():
+                for t in inputs:
+                    t.grad = None
+                o = forward()
+                o.backward(torch.ones_like(o))
+
+            with torch.no_grad():
+                lines = forward_in_order(kernel_events(forward))
+            print(f"== {N} tokens, heads {Hq}/{H}: forward, kernel time {sum(ms for _, ms in lines):.2f} ms, launches in order")
+            for name, ms in lines:
+                print(f"  {ms:8.3f} ms  {name[:90]}")
+            total, count = collections.defaultdict(float), collections.Counter()
+            for name, ms in kernel_events(forward_backward):
+                total[name] += ms / REPEATS
+                count[name] += 1
+            print(f"== {N} tokens, heads {Hq}/{H}: forward + backward, kernel time {sum(total.values()):.2f} ms")
+            for name, ms in sorted(total.items(), key=lambda x: -x[1])[:14]:
+                print(f"  {ms:8.3f} ms  x{count[name] // REPEATS}  {name[:90]}")
+            del inputs, q, k, v, k_cmp, v_cmp
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
