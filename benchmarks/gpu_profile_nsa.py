@@ -47,14 +47,13 @@ def forward_in_order(events):
     Triton launches in one line."""
     per = len(events) // REPEATS
     mean = [(events[i][0], sum(events[r * per + i][1] for r in range(REPEATS)) / REPEATS) for i in range(per)]
-    lines = []
+    runs = []                                       # [Triton kernel name or None for PyTorch's, ms, launches]
     for name, ms in mean:
-        if not is_triton(name) and lines and lines[-1][0].startswith("PyTorch"):
-            count = int(lines[-1][0].split("(")[1].split()[0]) + 1
-            lines[-1] = (f"PyTorch's kernels ({count} launches)", lines[-1][1] + ms)
+        if not is_triton(name) and runs and runs[-1][0] is None:
+            runs[-1][1:] = runs[-1][1] + ms, runs[-1][2] + 1
         else:
-            lines.append((name if is_triton(name) else "PyTorch's kernels (1 launches)", ms))
-    return lines
+            runs.append([name if is_triton(name) else None, ms, 1])
+    return [(name or f"PyTorch's kernels ({launches} launches)", ms) for name, ms, launches in runs]
 
 
 def main() -> int:
