@@ -15,6 +15,7 @@ from nsa.geometry import num_compressed_blocks, num_selection_blocks
 from nsa.masks import (causal_mod, compressed_mod, selected_block_table, selected_blocks_mod,
                        sliding_window_mod)
 from nsa.selection import select_blocks, selection_scores
+from nsa.sparse_attention import combine_branches
 from nsa.varlen import each_sequence
 from nsa.window import sliding_window_attention
 
@@ -244,10 +245,9 @@ def flex_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, sc
                                           device=q.device)
         o_win = _flex(q_f, k_f, v_f, window_mask, scale)      # (B, Hq, Nq, Dv)
 
-    # -- gated combination, in float32 (float64 for float64 inputs) --
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    o = sum(gate.to(compute)[..., None] * heads_first(branch).to(compute)
-            for gate, branch in ((g_cmp, o_cmp), (g_slc, o_slc), (g_win, o_win)) if gate is not None)
+    # -- gated combination: chapter 5's Eq. 5, in float32 (float64 for float64 inputs) --
+    o = combine_branches(heads_first(o_cmp), heads_first(o_slc), None if o_win is None else heads_first(o_win),
+                         g_cmp, g_slc, g_win)
     return o.to(q.dtype)                                      # (B, Nq, Hq, Dv)
 
 
