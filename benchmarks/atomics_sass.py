@@ -4,7 +4,8 @@
 
 The key-block-centric launchers (`selected_by_block_fwd`, `selected_by_block_bwd`: 4k tokens,
 bf16, d = 128, the paper's geometry) run with their launches recorded
-(`offline_compile.recorded`); each recorded launch of a kernel that adds atomically is compiled
+(`offline_compile.recorded`); each recorded launch of the kernel that adds atomically (the
+backward's gather kernel: dk, dv and dq; the forward stores its partial results) is compiled
 for `sm_<arch>` with the launcher's meta-parameters, and its machine code (SASS, disassembled by
 `cuobjdump`, shipped with Triton) is counted: the atomic instructions (`REDG`: an add whose
 result is not read; `ATOMG`: one whose result is) and the memory-ordering instructions around
@@ -24,8 +25,9 @@ import triton  # noqa: F401 (before nsa: a machine without CUDA would switch on 
 import torch
 from offline_compile import compile_launch, cuobjdump, heads_and_arch, recorded  # benchmarks/, this script's folder
 
-KERNELS = ("selected_by_block_forward_kernel", "selected_attention_backward_dkdv_kernel")   # they add atomically
-ROW_KERNELS = ("softmax_finish_kernel", "gate_and_delta_kernel")   # launched too, recorded and left out
+KERNELS = ("selected_attention_backward_dkdv_kernel",)   # it adds atomically
+OTHER_KERNELS = ("selected_by_block_forward_kernel", "merge_partials_kernel",   # launched too, recorded and
+                 "gate_and_delta_kernel")                                        # left out: no atomics
 ORDERING = ("MEMBAR.ALL.GPU", "CCTL.IVALL")
 
 
@@ -45,7 +47,7 @@ def recorded_launches(heads_q, heads_kv, seq_len=4096, dim=128):
     k = torch.empty(1, seq_len, heads_kv, dim, **bf16)
     blocks = torch.zeros(1, seq_len, heads_kv, config.num_selected_blocks, dtype=torch.int32)
     lse = torch.empty(1, seq_len, heads_q)
-    with recorded(selected, KERNELS + ROW_KERNELS) as launches:
+    with recorded(selected, KERNELS + OTHER_KERNELS) as launches:
         _, _, index = selected.selected_by_block_fwd(q, k, k, blocks, config.select_block_size, 0.1, True)
         selected.selected_by_block_bwd(q, q, k, k, q, lse, blocks, config.select_block_size, 0.1, True, index=index)
     return [launch for launch in launches if launch[0].fn.__name__ in KERNELS]
@@ -58,7 +60,7 @@ def main() -> int:
             counts = sass_counts(compile_launch(kernel, launch_args, meta, arch))
             atomics = sum(n for op, n in counts.items() if op.startswith(("REDG", "ATOMG")))
             ordering = sum(counts[op] for op in ORDERING)
-            variant = ", ".join(f"{key}={meta[key]}" for key in ("MAX_PASS", "ATOMIC_DQ") if key in meta)
+            variant = ", ".join(f"{key}={meta[key]}" for key in ("ATOMIC_DQ",) if key in meta)
             shown = ", ".join(f"{op} {n}" for op, n in sorted(counts.items())
                               if op.startswith(("REDG", "ATOMG")) or op in ORDERING)
             print(f"{heads:>5} {kernel.fn.__name__} ({variant}): {atomics} atomic instructions, "

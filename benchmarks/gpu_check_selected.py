@@ -270,22 +270,16 @@ def timing(times_csv, configs):
                 lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True, Q, tiles)))
             delta = torch.empty(1, N, Hq, device=DEV)
             dq = torch.empty_like(q)
-            dkb = torch.zeros(1, N, H, D, device=DEV)
-            dvb = torch.zeros(1, N, H, D, device=DEV)
             meta, warps, stages = sel.tile_launch(Hq // H, Q, D, D, l, q.element_size())
             num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
             record("backward_dq_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dq_kernel[(num_tiles, H)](
-                q, k, v, o, do, None, None, lse, *tiles, dq, delta, None, scale, N, N, num_tiles, num_entries,
-                HEADS_KV=H, CAUSAL=True, GATED=False, ADD_TO_DQ=False, **meta, num_warps=warps, num_stages=stages)))
-            queries, (cb, cbeg, cend) = sel.reverse_block_index(prepared, nb, 1024)
-            U, block_gq = cb.shape[1], triton.next_power_of_2(Hq // H)
-            record("backward_dkdv_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dkdv_kernel[(U, H)](
-                q, k, v, do, lse, delta, queries, cb, cbeg, cend, dkb, dvb, scale, N, N, U,
-                HEADS_KV=H, GROUP_SIZE=Hq // H, DIM_QK=D, DIM_V=D, BLOCK_DQK=meta["BLOCK_DQK"],
-                BLOCK_DV=meta["BLOCK_DV"], BLOCK_GQ=block_gq, BLOCK_Q=max(64 if DEV.type == "cuda" else 16,
-                                                                        block_gq) // block_gq,
-                BLOCK_SIZE=l, CAUSAL=True, num_warps=4, num_stages=2)))
-            del q, k, v, do, o, lse, dq, dkb, dvb
+                q, k, v, o, do, None, None, lse, *tiles, dq, delta, None, None, None, None, scale, N, N, num_tiles,
+                num_entries, HEADS_KV=H, CAUSAL=True, GATED=False, ADD_TO_DQ=False, PACKED=False, **meta,
+                num_warps=warps, num_stages=stages)))
+            index = sel.reverse_block_index(prepared, nb, 1024)
+            record("backward_dkdv_kernel", "bwd", bench(
+                lambda: sel.selected_attention_dkdv(q, k, v, do, lse, delta, prepared, l, scale, True, index=index)))
+            del q, k, v, do, o, lse, dq
             torch.cuda.empty_cache()
         except Exception:
             traceback.print_exc()

@@ -9,7 +9,7 @@ import triton.language as tl
 from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
                         check_positive_int, check_qkv, resolve_scale)
 from nsa.geometry import num_selection_blocks, query_positions
-from nsa.kernels.common import (LOG2E, ROWS_PER_PROGRAM, check_kernel_inputs, gate_and_delta,
+from nsa.kernels.common import (LN2, LOG2E, ROWS_PER_PROGRAM, check_kernel_inputs, gate_and_delta,
                                 group_rows, head_dim_block, launch_fitting, load_rows, row_tile,
                                 softmax_finish, softmax_update, store_dq, store_rows)
 
@@ -266,11 +266,12 @@ def reverse_block_index(block_indices, num_blocks, chunk):
     """Group the (query, slot) entries of prepared `block_indices` by key block.
 
     block_indices: (B, Nq, H, n) int32, -1 = skip. Returns
-      queries: (B*H*Nq*n,) int32, the query index of each entry, sorted by (batch*kv head, block)
-               (entries with -1 sort last in their (batch, kv head) segment and are never read);
+      entries: (B*H*Nq*n,) int32, each entry as i * n + slot (its query i = entry // n),
+               sorted by (batch*kv head, block) (entries with -1 sort last in their
+               (batch, kv head) segment and are never read);
       chunks: (3, B*H, U) int32, U = num_blocks + ceil(Nq*n / chunk), the rows chunk_block,
                chunk_begin, chunk_end: for program u of (batch, kv head), its key block and its
-               [begin, end) range of `queries`, at most `chunk` long; chunk_block == -1 marks a
+               [begin, end) range of `entries`, at most `chunk` long; chunk_block == -1 marks a
                program with no work.
     """
     B, Nq, H, n = block_indices.shape
@@ -281,7 +282,7 @@ def reverse_block_index(block_indices, num_blocks, chunk):
     key = torch.where(per_head >= 0, per_head, num_blocks).to(dtype)     # -1 -> sentinel block
     key = key + torch.arange(B * H, device=device, dtype=dtype)[:, None] * (num_blocks + 1)
     sorted_key, order = torch.sort(key.flatten(), stable=True)            # (B*H*Nq*n,)
-    queries = ((order % (Nq * n)) // n).to(torch.int32)
+    entries = (order % (Nq * n)).to(torch.int32)                          # i * n + slot
     # -- where each key's run starts in the sorted list: one binary search per key --
     edges = torch.searchsorted(sorted_key, torch.arange(num_keys + 1, device=device, dtype=dtype))
     starts = edges[:-1].view(B * H, num_blocks + 1)[:, :num_blocks]     # (B*H, NB) per block
@@ -299,7 +300,7 @@ def reverse_block_index(block_indices, num_blocks, chunk):
     chunk_block = torch.where(has_work, block, -1)
     chunk_begin = torch.where(has_work, begin, 0)
     chunk_end = torch.where(has_work, end, 0)
-    return queries, torch.stack((chunk_block, chunk_begin, chunk_end)).to(torch.int32)
+    return entries, torch.stack((chunk_block, chunk_begin, chunk_end)).to(torch.int32)
 
 
 def gather_chunk(is_cuda: bool) -> int:
@@ -309,7 +310,7 @@ def gather_chunk(is_cuda: bool) -> int:
 
 
 def reverse_index_shapes(batch, seq_len_q, heads_kv, num_slots, num_blocks, is_cuda):
-    """The shapes of `reverse_block_index`'s (queries, chunks), known without building it."""
+    """The shapes of `reverse_block_index`'s (entries, chunks), known without building it."""
     U = num_blocks + -(-(seq_len_q * num_slots) // gather_chunk(is_cuda))
     return (batch * heads_kv * seq_len_q * num_slots,), (3, batch * heads_kv, U)
 
@@ -376,20 +377,22 @@ def selected_attention_backward_dq_kernel(
 
 
 @triton.jit
-def gathered_rows(QUERIES, first, end, batch, head_kv, seq_len_q, seq_len_k, POSITIONS, HEADS_Q: tl.constexpr,
-                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ENTRIES: tl.constexpr, PACKED: tl.constexpr):
-    """The rows of a gathered tile: entries [first, first + ENTRIES) of QUERIES (those before
-    `end`), each a query index, times the GROUP query heads of `head_kv` (padded to GROUP_PAD);
-    row r is entry r // GROUP_PAD, head r % GROUP_PAD. Returns (rows, row_ok, t) like
-    `group_rows`: offsets in a (B, Nq, Hq) tensor (int64), real or padding, positions
-    (`key_position`)."""
-    r = tl.arange(0, ENTRIES * GROUP_PAD)
-    entry = first + r // GROUP_PAD
+def gathered_rows(ENTRIES, first, end, batch, head_kv, seq_len_q, seq_len_k, POSITIONS, HEADS_Q: tl.constexpr,
+                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, STEP: tl.constexpr, NUM_SLOTS: tl.constexpr,
+                  PACKED: tl.constexpr):
+    """The rows of a gathered tile: entries [first, first + STEP) of ENTRIES (those before
+    `end`), each i * NUM_SLOTS + slot, times the GROUP query heads of `head_kv` (padded to
+    GROUP_PAD); row r is entry r // GROUP_PAD, head r % GROUP_PAD. Returns (rows, row_ok, t, slot)
+    like `group_rows`: offsets in a (B, Nq, Hq) tensor (int64), real or padding, positions
+    (`key_position`), and the slot each row's block holds in its query's list."""
+    r = tl.arange(0, STEP * GROUP_PAD)
+    at = first + r // GROUP_PAD
     g = r % GROUP_PAD
-    row_ok = (entry < end) & (g < GROUP)
-    i = tl.load(QUERIES + entry, mask=row_ok, other=0)
+    row_ok = (at < end) & (g < GROUP)
+    entry = tl.load(ENTRIES + at, mask=row_ok, other=0)
+    i = entry // NUM_SLOTS
     rows = (batch * seq_len_q + i).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
-    return rows, row_ok, key_position(seq_len_k - seq_len_q + i, i, row_ok, POSITIONS, PACKED)
+    return rows, row_ok, key_position(seq_len_k - seq_len_q + i, i, row_ok, POSITIONS, PACKED), entry % NUM_SLOTS
 
 
 @triton.jit
@@ -406,7 +409,7 @@ def program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV: t
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
 def selected_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
-    QUERIES,                   # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
+    ENTRIES,                   # (B*H*Nq*n,) int32: entries i * n + slot grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
     DK, DV,                    # outputs, float32 (B, Nk, H, Dqk|Dv), zero-filled, added into
     DQ,                        # output when ATOMIC_DQ, float32 (B, Nq, Hq, Dqk), zero-filled, added into
@@ -416,7 +419,7 @@ def selected_attention_backward_dkdv_kernel(
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two (not to 16: the tile has many entries)
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
-    BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SLOTS: tl.constexpr, CAUSAL: tl.constexpr,   # l', n
     ATOMIC_DQ: tl.constexpr,    # also add each row's dq = dS K into DQ (chapter 8b)
     PACKED: tl.constexpr,       # as in the forward
 ):
@@ -435,8 +438,9 @@ def selected_attention_backward_dkdv_kernel(
 
         for start in range(begin, end, BLOCK_Q):
             # -- gather BLOCK_Q queries x G heads: rows (BLOCK_Q * BLOCK_GQ,) --
-            rows, row_ok, t = gathered_rows(QUERIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
-                                            HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q, PACKED)
+            rows, row_ok, t, _ = gathered_rows(ENTRIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
+                                               HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
+                                               PACKED)
             q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
             do = load_rows(DO, rows, row_ok, offs_dv, DIM_V)
             lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * LOG2E
@@ -466,7 +470,7 @@ def selected_attention_backward_dkdv_kernel(
 
 
 def gathered_launch(block_indices, group_size, seq_len_k, block_size, dims, is_cuda, index=None, packed=None):
-    """What a key-block-centric kernel is launched with: (reverse index (queries, chunks), built
+    """What a key-block-centric kernel is launched with: (reverse index (entries, chunks), built
     unless `index` is given, programs U per (batch, kv head), meta-parameters). A program takes a
     chunk of one block's entries (`gather_chunk`), 64 rows per gathered tile (16 in the
     interpreter). `packed`: the PackedBlocks of packed sequences (their blocks, all of them)."""
@@ -477,7 +481,7 @@ def gathered_launch(block_indices, group_size, seq_len_k, block_size, dims, is_c
     rows = max(64 if is_cuda else 16, block_gq)
     meta = dict(GROUP_SIZE=group_size, DIM_QK=dims[0], DIM_V=dims[1], BLOCK_DQK=head_dim_block(dims[0]),
                 BLOCK_DV=head_dim_block(dims[1]), BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
-                BLOCK_SIZE=block_size)
+                BLOCK_SIZE=block_size, NUM_SLOTS=block_indices.shape[-1])
     return index, index[1].shape[-1], meta
 
 
@@ -545,12 +549,10 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
 def selected_by_block_forward_kernel(
     Q, K, V,                # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
-    QUERIES,                # (B*H*Nq*n,) int32: query indices grouped by (batch*kv head, block)
+    ENTRIES,                # (B*H*Nq*n,) int32: entries i * n + slot grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
-    ROW_MAX,                # (B, Nq, Hq) float32, -inf-filled: pass 1 stores each row's max score (base 2),
-                            #   pass 2 reads it
-    ROW_SUM,                # (B, Nq, Hq) float32, zero-filled: pass 2 adds sum(p)
-    ACC,                    # (B, Nq, Hq, Dv) float32, zero-filled: pass 2 adds p v
+    PART_O,                 # output (B, Nq, Hq, n, Dv) in q's dtype: each row's output over one block
+    PART_LSE,               # output (B, Nq, Hq, n) float32: that block's log-sum-exp (base 2)
     POSITIONS, BLOCK_START, BLOCK_END,   # PACKED: PackedBlocks (chapter 10); else unused
     scale,                  # softmax scale (natural base)
     seq_len_q, seq_len_k,   # Nq, Nk: query i sits at t = Nk - Nq + i
@@ -561,8 +563,8 @@ def selected_by_block_forward_kernel(
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
     BLOCK_SIZE: tl.constexpr,   # l'
+    NUM_SLOTS: tl.constexpr,    # n: slots per row of the index and of the partials
     CAUSAL: tl.constexpr,       # hide keys after the query's position
-    MAX_PASS: tl.constexpr,     # True: pass 1, the row maxima; False: pass 2, sums and outputs
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END
 ):
     # -- this program's key block and its chunk of the reverse index --
@@ -572,16 +574,16 @@ def selected_by_block_forward_kernel(
         offs_dv = tl.arange(0, BLOCK_DV)
         qk_scale = scale * LOG2E
 
-        # -- load the key block once: k (l', Dqk), and for pass 2 v (l', Dv) --
+        # -- load the key block once: k (l', Dqk), v (l', Dv) --
         keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, BLOCK_SIZE, PACKED)
         k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
-        if not MAX_PASS:
-            v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
+        v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
 
         for start in range(begin, end, BLOCK_Q):
-            # -- gather BLOCK_Q queries x G heads: rows (BLOCK_Q * BLOCK_GQ,) --
-            rows, row_ok, t = gathered_rows(QUERIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
-                                            HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q, PACKED)
+            # -- gather BLOCK_Q entries x G heads: rows (BLOCK_Q * BLOCK_GQ,), and their slots --
+            rows, row_ok, t, slot = gathered_rows(ENTRIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
+                                                  HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
+                                                  PACKED)
             q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
             # -- scores s (rows, l'), base 2, -inf where hidden --
             s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -589,63 +591,81 @@ def selected_by_block_forward_kernel(
             if CAUSAL:
                 visible = visible & (keys[None, :] <= t[:, None])
             s = tl.where(visible, s, float("-inf"))
-            if MAX_PASS:
-                # -- pass 1: the row's maximum over this block, kept if larger --
-                tl.atomic_max(ROW_MAX + rows, tl.max(s, 1), mask=row_ok, sem="relaxed")
-            else:
-                # -- pass 2: p against the row's final maximum; add sum(p) and p v --
-                m = tl.load(ROW_MAX + rows, mask=row_ok, other=0.0)
-                p = tl.exp2(s - m[:, None])
-                tl.atomic_add(ROW_SUM + rows, tl.sum(p, 1), mask=row_ok, sem="relaxed")
-                tl.atomic_add(ACC + rows[:, None] * DIM_V + offs_dv[None, :], tl.dot(p.to(v.dtype), v),
-                              mask=row_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
+            # -- this block's softmax alone: max m, sum l, output o / l (a padding row: 0, -inf) --
+            m = tl.max(s, 1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(s - m_safe[:, None])
+            l = tl.sum(p, 1)
+            l_safe = tl.where(l > 0, l, 1.0)
+            o = tl.dot(p.to(v.dtype), v) / l_safe[:, None]
+            # -- store into the row's slot --
+            part = rows * NUM_SLOTS + slot
+            store_rows(PART_O, o, part, row_ok, offs_dv, DIM_V)
+            tl.store(PART_LSE + part, tl.where(l > 0, m_safe + tl.log2(l_safe), float("-inf")), mask=row_ok)
+
+
+MERGE_ROWS = 8   # rows per merge program: one (8, n, Dv) tile (8 measured faster than 4 on an H200)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def softmax_finish_kernel(
-    ROW_MAX, ROW_SUM,       # (R,) float32: each row's maximum score (base 2) and sum of p
-    ACC,                    # (R, Dv) float32: each row's sum of p v
+def merge_partials_kernel(
+    PART_O, PART_LSE,       # (R, n, Dv) in q's dtype, (R, n) float32: each row's per-block results
+    BLOCK_INDICES,          # (B, Nq, H, n) int32, prepared: slot j holds a result iff its block >= 0
     O,                      # output (R, Dv) in q's dtype
     LSE,                    # output (R,) float32, natural log; -inf for a row that saw no key
     num_rows,               # R = B * Nq * Hq
+    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,           # Hq, G
+    NUM_SLOTS: tl.constexpr, SLOTS: tl.constexpr,         # n, and n padded to a power of two
     DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     at, row_ok = row_tile(num_rows, BLOCK_ROWS)
+    slot = tl.arange(0, SLOTS)
     offs_dv = tl.arange(0, BLOCK_DV)
-    acc = load_rows(ACC, at, row_ok, offs_dv, DIM_V)
-    m_i = tl.load(ROW_MAX + at, mask=row_ok, other=float("-inf"))
-    l_i = tl.load(ROW_SUM + at, mask=row_ok, other=0.0)
-    o, lse = softmax_finish(acc, m_i, l_i)
+    # -- which slots hold a result: the row's (b, i, kv head) entry of the block indices --
+    kv_row = (at // HEADS_Q) * (HEADS_Q // GROUP) + (at % HEADS_Q) // GROUP
+    filled = row_ok[:, None] & (slot[None, :] < NUM_SLOTS)
+    filled &= tl.load(BLOCK_INDICES + kv_row[:, None] * NUM_SLOTS + slot[None, :], mask=filled, other=-1) >= 0
+    # -- the weights 2^(lse_j - M) of the merge --
+    part = at[:, None] * NUM_SLOTS + slot[None, :]                           # (BLOCK_ROWS, SLOTS)
+    lse = tl.load(PART_LSE + part, mask=filled, other=float("-inf"))
+    m = tl.max(lse, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.exp2(lse - m_safe[:, None])
+    total = tl.sum(weight, 1)
+    # -- o = sum_j weight_j o_j / sum_j weight_j, lse = M + log2 sum_j weight_j --
+    o_part = tl.load(PART_O + part[:, :, None] * DIM_V + offs_dv[None, None, :],
+                     mask=filled[:, :, None] & (offs_dv[None, None, :] < DIM_V), other=0.0)
+    seen = total > 0
+    total_safe = tl.where(seen, total, 1.0)
+    o = tl.sum(o_part.to(tl.float32) * weight[:, :, None], 1) / total_safe[:, None]
     store_rows(O, o, at, row_ok, offs_dv, DIM_V)
-    tl.store(LSE + at, lse, mask=row_ok)
+    tl.store(LSE + at, tl.where(seen, (m_safe + tl.log2(total_safe)) * LN2, float("-inf")), mask=row_ok)
 
 
 def selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal, packed: PackedBlocks | None = None):
     """Launch the key-block-centric forward: (o, lse, index) like `selected_attention_fwd`, and
     the reverse index for `selected_by_block_bwd`. Inputs contiguous and checked, indices prepared
     (`packed`: as chapter 8's launchers take it). One pipeline stage, the fastest launch measured
-    on an H200 (appendix, "Engineering notes")."""
+    on an H200 (appendix, "Engineering notes"). Holds, until the merge, a buffer of n partial
+    outputs per row in q's dtype: n times the output's size."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
-    # -- the reverse index, and the float32 buffers the passes fill --
+    n = block_indices.shape[-1]
+    # -- the reverse index, and each row's n partial results --
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda, packed=packed)
-    row_max = torch.full((B, Nq, Hq), float("-inf"), device=q.device, dtype=torch.float32)
-    row_sum = torch.zeros(B, Nq, Hq, device=q.device, dtype=torch.float32)
-    acc = torch.zeros(B, Nq, Hq, Dv, device=q.device, dtype=torch.float32)
-    # -- pass 1: row maxima; pass 2: sum p and p v --
-    for max_pass in (True, False):
-        launch_fitting(selected_by_block_forward_kernel, lambda _: (U, B * H),
-                       (q, k, v, index[0], *index[1], row_max, row_sum, acc, *packed_tables(packed), scale,
-                        Nq, Nk, U),
-                       dict(HEADS_KV=H, CAUSAL=causal, MAX_PASS=max_pass, PACKED=packed is not None, **meta),
-                       num_warps=4, num_stages=1, shrink=gathered_shrink(meta))
-    # -- finish: o = acc / sum p, lse --
+    part_o = torch.empty(B, Nq, Hq, n, Dv, device=q.device, dtype=q.dtype)
+    part_lse = torch.empty(B, Nq, Hq, n, device=q.device, dtype=torch.float32)
+    launch_fitting(selected_by_block_forward_kernel, lambda _: (U, B * H),
+                   (q, k, v, index[0], *index[1], part_o, part_lse, *packed_tables(packed), scale, Nq, Nk, U),
+                   dict(HEADS_KV=H, CAUSAL=causal, PACKED=packed is not None, **meta),
+                   num_warps=4, num_stages=1, shrink=gathered_shrink(meta))
+    # -- merge each row's slots: o, lse --
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     if o.numel():
-        softmax_finish_kernel[(triton.cdiv(B * Nq * Hq, ROWS_PER_PROGRAM),)](
-            row_max, row_sum, acc, o, lse, B * Nq * Hq, DIM_V=Dv, BLOCK_DV=head_dim_block(Dv),
-            BLOCK_ROWS=ROWS_PER_PROGRAM)
+        merge_partials_kernel[(triton.cdiv(B * Nq * Hq, MERGE_ROWS),)](
+            part_o, part_lse, block_indices, o, lse, B * Nq * Hq, HEADS_Q=Hq, GROUP=Hq // H, NUM_SLOTS=n,
+            SLOTS=triton.next_power_of_2(n), DIM_V=Dv, BLOCK_DV=head_dim_block(Dv), BLOCK_ROWS=MERGE_ROWS)
     return o, lse, index
 
 

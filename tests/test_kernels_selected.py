@@ -204,7 +204,7 @@ def test_reverse_block_index_against_brute_force():
     gen = torch.Generator().manual_seed(0)
     B, Nq, H, n, num_blocks, chunk = 2, 30, 3, 4, 5, 4
     indices = torch.randint(-1, num_blocks, (B, Nq, H, n), generator=gen, dtype=torch.int32)
-    queries, (chunk_block, begin, end) = reverse_block_index(indices, num_blocks, chunk)
+    entries, (chunk_block, begin, end) = reverse_block_index(indices, num_blocks, chunk)
     for b in range(B):
         for h in range(H):
             got = {j: [] for j in range(num_blocks)}
@@ -212,9 +212,9 @@ def test_reverse_block_index_against_brute_force():
             for u in range(row.shape[0]):
                 if row[u] >= 0:
                     assert 0 < end[b * H + h, u] - begin[b * H + h, u] <= chunk
-                    got[row[u].item()] += queries[begin[b * H + h, u]:end[b * H + h, u]].tolist()
-            for j in range(num_blocks):
-                want = [i for i in range(Nq) for s in range(n) if indices[b, i, h, s] == j]
+                    got[row[u].item()] += entries[begin[b * H + h, u]:end[b * H + h, u]].tolist()
+            for j in range(num_blocks):     # entries i * n + slot, in (query, slot) order
+                want = [i * n + s for i in range(Nq) for s in range(n) if indices[b, i, h, s] == j]
                 assert got[j] == want, (b, h, j)
 
 
