@@ -712,7 +712,7 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
 
-KEY_BLOCK_CENTRIC = ((4, 0), (8, 16384))   # (largest group, from this many query tokens): measured on an H200
+KEY_BLOCK_CENTRIC = ((4, 0), (8, 8192))   # (largest group, from this many query tokens): measured on an H200
 
 
 def key_block_centric(group_size: int, num_queries: int) -> bool:
@@ -788,7 +788,7 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     Returns o: (B, Nq, Hq, Dv) in q's dtype; with `return_lse` also lse: (B, Nq, Hq) float32
     (no gradient; -inf for a query that sees no key, whose o is 0).
 
-    Design: for GQA groups G <= 4, and G <= 8 from 16k query tokens (`key_block_centric`, the
+    Design: for GQA groups G <= 4, and G <= 8 from 8k query tokens (`key_block_centric`, the
     crossovers measured on an H200), a program per key block gathers the queries that chose it
     (Chapter 8b); otherwise, or when `queries_per_tile` is given, a program per tile of queries
     loops over their blocks (Chapter 8). The result does not depend on the design.
