@@ -6,8 +6,7 @@ geometry, bf16, d = 128, batch 1:
 For each head configuration: the forward's launches in order, each one's mean device time over 5
 forwards (PyTorch's own kernels between two Triton launches - the reverse index's sort, fills -
 added into one line); then one forward + backward with the kernels of the same name added (the
-compressed and window branches share the band kernels, the key-block-centric forward's two passes
-one kernel), mean of 5. An H100 run of the second part is book/data/profile_fwd_bwd_h100.txt.
+compressed and window branches share the band kernels), mean of 5. An H100 run of the second part is book/data/profile_fwd_bwd_h100.txt.
 """
 import argparse
 import collections
