@@ -9,7 +9,7 @@ import triton.language as tl
 from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
                         check_positive_int, check_qkv, resolve_scale)
 from nsa.geometry import num_selection_blocks, query_positions
-from nsa.kernels.common import (LN2, LOG2E, ROWS_PER_PROGRAM, check_kernel_inputs, gate_and_delta,
+from nsa.kernels.common import (LOG2E, ROWS_PER_PROGRAM, check_kernel_inputs, gate_and_delta,
                                 group_rows, head_dim_block, launch_fitting, load_rows, row_tile,
                                 softmax_finish, softmax_update, store_dq, store_rows)
 
@@ -632,14 +632,12 @@ def merge_partials_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     weight = tl.exp2(lse - m_safe[:, None])
     total = tl.sum(weight, 1)
-    # -- o = sum_j weight_j o_j / sum_j weight_j, lse = M + log2 sum_j weight_j --
+    # -- o = sum_j weight_j o_j / sum_j weight_j, lse = M + log2 sum_j weight_j: chapter 7's finish --
     o_part = tl.load(PART_O + part[:, :, None] * DIM_V + offs_dv[None, None, :],
                      mask=filled[:, :, None] & (offs_dv[None, None, :] < DIM_V), other=0.0)
-    seen = total > 0
-    total_safe = tl.where(seen, total, 1.0)
-    o = tl.sum(o_part.to(tl.float32) * weight[:, :, None], 1) / total_safe[:, None]
+    o, lse = softmax_finish(tl.sum(o_part.to(tl.float32) * weight[:, :, None], 1), m_safe, total)
     store_rows(O, o, at, row_ok, offs_dv, DIM_V)
-    tl.store(LSE + at, tl.where(seen, (m_safe + tl.log2(total_safe)) * LN2, float("-inf")), mask=row_ok)
+    tl.store(LSE + at, lse, mask=row_ok)
 
 
 def selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal, packed: PackedBlocks | None = None):
