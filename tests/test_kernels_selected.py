@@ -9,8 +9,8 @@ import torch
 import nsa  # first: switches Triton to its interpreter on a machine without CUDA
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
-from nsa.kernels.selected import (key_block_centric, prepare_block_indices, prepare_query_tiles,
-                                  query_tiles, reverse_block_index, selected_attention_bwd,
+from nsa.kernels.selected import (MERGE_ROWS, key_block_centric, merge_partials_kernel, prepare_block_indices,
+                                  prepare_query_tiles, query_tiles, reverse_block_index, selected_attention_bwd,
                                   selected_attention_fwd, selected_attention_triton, selected_by_block_bwd,
                                   selected_by_block_fwd)
 
@@ -96,6 +96,32 @@ def test_key_block_centric_design_at_every_group(shape, causal):
     grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
     for name, x, ref in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), (o_ref, lse_ref, *grads_ref)):
         torch.testing.assert_close(x, ref.float(), atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_merge_reads_only_the_slots_that_hold_a_block():
+    """Chapter 8b's merge weighs a row's slots by their lse and never reads a slot whose block is
+    -1 (the forward never writes it, and the buffer is not filled): NaN there changes nothing, a
+    row with no block gets 0 and -inf."""
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    B, Nq, Hq, H, n, Dv = 1, 5, 4, 2, 3, 16
+    block_indices = torch.tensor([[0, 1, 2], [0, -1, 2], [-1, -1, -1], [1, -1, -1], [0, 1, 2]],
+                                 dtype=torch.int32, device=DEVICE)[None, :, None].expand(B, Nq, H, n).contiguous()
+    part_o = torch.randn(B, Nq, Hq, n, Dv, generator=gen, device=DEVICE)
+    part_lse = torch.randn(B, Nq, Hq, n, generator=gen, device=DEVICE) * 3       # base 2
+    empty = (block_indices < 0).repeat_interleave(Hq // H, dim=2)                  # (B, Nq, Hq, n)
+    part_o[empty], part_lse[empty] = float("nan"), float("nan")
+    o = torch.empty(B, Nq, Hq, Dv, device=DEVICE)
+    lse = torch.empty(B, Nq, Hq, device=DEVICE)
+    merge_partials_kernel[(-(-B * Nq * Hq // MERGE_ROWS),)](
+        part_o, part_lse, block_indices, o, lse, B * Nq * Hq, HEADS_Q=Hq, GROUP=Hq // H, NUM_SLOTS=n,
+        SLOTS=4, DIM_V=Dv, BLOCK_DV=Dv, BLOCK_ROWS=MERGE_ROWS)
+    weight = torch.where(empty, 0.0, torch.exp2(torch.nan_to_num(part_lse, nan=0.0)))  # each slot's softmax mass
+    total = weight.sum(-1)
+    want_o = (weight[..., None] * torch.nan_to_num(part_o, nan=0.0)).sum(-2) / total.clamp_min(1e-30)[..., None]
+    want_lse = torch.where(total > 0, torch.log(total), float("-inf"))
+    torch.testing.assert_close(o, want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert (o[0, 2] == 0).all() and (lse[0, 2] == float("-inf")).all()       # the query with no block
 
 
 @pytest.mark.parametrize("Hq, H", [(2, 2), (6, 3), (8, 1)])
