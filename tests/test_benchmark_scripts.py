@@ -96,6 +96,17 @@ def test_key_block_kernels_add_atomically_without_fences():
         assert atomics > 0 and ordering == 0, line
 
 
+def test_key_block_tiles_sweep_checks_every_variant(tmp_path):
+    """The key-block-centric tile sweep re-makes each recorded launch (partials, merge, gather)
+    with another tile and finds it equal."""
+    run_script("gpu_key_block_tiles.py", "--out", str(tmp_path))
+    with (tmp_path / "key_block_tiles_tiny.csv").open() as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert [row["kernel"] for row in rows] == ["partials"] * 2 + ["merge"] * 2 + ["gather"] * 2, rows
+    assert [row["shipped"] for row in rows] == ["True", "False"] * 3
+    assert all(float(row["difference"]) < 1e-5 for row in rows), rows
+
+
 def test_band_tiles_sweep_checks_every_variant(tmp_path):
     """The tile sweep re-makes each recorded band launch with another tile and finds it equal."""
     run_script("gpu_band_tiles.py", "--out", str(tmp_path))
