@@ -87,6 +87,17 @@ def difference(x, ref):
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
 
 
+def run_variant(launch, launch_args, outputs, compare=difference, timed=True):
+    """One variant of a recorded launch: its outputs restored to what they held before, launched
+    once, compared with the shipped launch's outputs (`compare`, the largest over the outputs),
+    then timed unless not `timed` (NaN). Returns (difference, ms); raises what the launch raises."""
+    for i, (before, _) in outputs.items():
+        launch_args[i].copy_(before)
+    launch()
+    diff = max((compare(launch_args[i], after) for i, (_, after) in outputs.items()), default=0.0)
+    return diff, (do_bench(launch, warmup=10, rep=60) if timed else float("nan"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", default="32/32,32/8,64/4")
@@ -125,12 +136,7 @@ def main() -> int:
                     meta = {**tiles, row_key: rows // group_pad, col_key: keys}
                     launch = lambda: kernel[grid(meta)](*launch_args, **meta, num_warps=w, num_stages=s)
                     try:
-                        for i, (before, _) in outputs.items():
-                            launch_args[i].copy_(before)
-                        launch()
-                        diff = max((difference(launch_args[i], after) for i, (_, after) in outputs.items()),
-                                   default=0.0)
-                        ms = float("nan") if args.tiny else do_bench(launch, warmup=10, rep=60)
+                        diff, ms = run_variant(launch, launch_args, outputs, timed=not args.tiny)
                     except Exception as error:   # a variant that does not fit: say so, go on
                         print(f"{heads} {branch} {SHORT[name]} {variant}: {type(error).__name__}", flush=True)
                         continue

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
+from gpu_band_tiles import run_variant   # benchmarks/, this script's folder
 from nsa.device import gpu_tag
 from nsa.kernels import selected
 
@@ -176,12 +176,7 @@ def main() -> int:
                     meta, w, s = variant_meta(name, tiles, variant)
                     launch = lambda: kernel[grid(meta)](*launch_args, **meta, num_warps=w, num_stages=s)
                     try:
-                        for i, (before, _) in outputs.items():
-                            launch_args[i].copy_(before)
-                        launch()
-                        diff = max((difference(launch_args[i], after) for i, (_, after) in outputs.items()),
-                                   default=0.0)
-                        ms = float("nan") if args.tiny else do_bench(launch, warmup=10, rep=60)
+                        diff, ms = run_variant(launch, launch_args, outputs, difference, timed=not args.tiny)
                     except Exception as error:   # a variant that does not fit: say so, go on
                         print(f"{heads} {SHORT[name]} {variant}: {type(error).__name__}", flush=True)
                         continue
