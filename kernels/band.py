@@ -247,7 +247,8 @@ def band_attention_backward_dq_kernel(
     LSE,
     DELTA,                    # output (B, Nq, Hq) float32: rowsum(dO * O) (GATED: times the gate)
     DO_B,                     # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
-    DQ,                       # output (B, Nq, Hq, Dqk) in q's dtype (ADD_TO_DQ: added into)
+    DQ_IN,                    # (B, Nq, Hq, Dqk) when ADD_TO_DQ: added to this branch's dq (may be DQ)
+    DQ,                       # output (B, Nq, Hq, Dqk), its dtype
     CU_Q, CU_K, CU_ROWS,      # as in the forward
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
@@ -255,7 +256,7 @@ def band_attention_backward_dq_kernel(
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MASKS: tl.constexpr,
     GATED: tl.constexpr,       # NSA's fused backward: the branch's dO = GATE * DO, DGATE written
-    ADD_TO_DQ: tl.constexpr,   # NSA's fused backward: DQ += this branch's dq
+    ADD_TO_DQ: tl.constexpr,   # NSA's fused backward: DQ = DQ_IN + this branch's dq
     PACKED: tl.constexpr,
 ):
     # -- the forward's rows: BLOCK_M positions x the group, longest tiles first --
@@ -296,7 +297,7 @@ def band_attention_backward_dq_kernel(
     else:
         dq = band_dq_steps(dq, q, do, lse2, delta, gate, K, V, kv_base, heads_kv, start, end, lo, hi, num_rows,
                            scale_log2, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASKED=True, GATED=GATED)
-    store_dq(DQ, dq * scale, q_rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
+    store_dq(DQ_IN, DQ, dq * scale, q_rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows", "chunk_len", "chunk_rows"])
@@ -372,14 +373,16 @@ DKDV_CHUNK = 2048   # query positions per dk, dv program of a prefix band (GPU)
 
 
 def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, gate=None, d_gate=None,
-                            dq=None, packed: PackedRows | None = None):
+                            dq=None, packed: PackedRows | None = None, dq_out=None):
     """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse), of the same
     `packed` sequences.
 
     NSA's fused backward (Chapter 10) passes gate: (B, Nq, Hq) contiguous: `do` is the gated
     sum's, the branch's dO is do * gate, and the gate's gradient rowsum(do * o) is written into
-    `d_gate` (like gate); and dq: a (B, Nq, Hq, Dqk) buffer this branch's dq is added into (and
-    returned).
+    `d_gate` (like gate); dq: a (B, Nq, Hq, Dqk) buffer this branch's dq is added to; and dq_out:
+    where the returned dq is written, in its dtype (by default `dq` itself, or a new tensor in q's
+    dtype) — a float32 `dq` may be summed into `dq_out` in q's dtype, and a float32 `dq_out` may
+    start a float32 sum.
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -388,20 +391,21 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     do = do.contiguous()
     gated, add_to_dq = gate is not None, dq is not None
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)   # rowsum(dO * O)
-    if not add_to_dq:
-        dq = torch.empty_like(q)
+    dq_in = dq if add_to_dq else q.new_empty(0)
+    if dq_out is None:
+        dq_out = dq if add_to_dq else torch.empty_like(q)
     do_branch = torch.empty_like(do) if gated else do      # gate * dO, written by the dq kernel
     # -- dq: a prefix band masks only its edges --
     meta, num_warps, num_stages = band_tiles("dq", band, Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E.value, scale, Nq, seq_len_k, num_rows, *band.kernel_args())
     launch_fitting(band_attention_backward_dq_kernel,
                    lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
-                   (q, k, v, o, do, gate, d_gate, lse, delta, do_branch, dq, *cu, *common),
+                   (q, k, v, o, do, gate, d_gate, lse, delta, do_branch, dq_in, dq_out, *cu, *common),
                    dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, GATED=gated, ADD_TO_DQ=add_to_dq,
                         PACKED=packed is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
-        return dq, torch.empty_like(k), torch.empty_like(v)
+        return dq_out, torch.empty_like(k), torch.empty_like(v)
     # -- dk, dv: 64 query rows per step; a prefix band's queries in chunks, summed after --
     meta, num_warps, num_stages = band_tiles("dkdv", band, Hq // H, Dqk, Dv, q.is_cuda)
     chunk = DKDV_CHUNK if q.is_cuda else 32
@@ -420,7 +424,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
                    num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys
     if num_chunks > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
-    return dq, dk, dv
+    return dq_out, dk, dv
 
 
 class BandAttention(torch.autograd.Function):

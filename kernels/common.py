@@ -200,8 +200,9 @@ def gate_and_delta(do, O, GATE, DGATE, DELTA, DO_B, rows, row_ok, offs_dv, DIM_V
 
 
 @triton.jit
-def store_dq(DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO_DQ: tl.constexpr):
-    """Store dQ (float32, scaled) at `rows` in DQ's dtype, or add it to what DQ holds (ADD_TO_DQ)."""
+def store_dq(DQ_IN, DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO_DQ: tl.constexpr):
+    """Store dQ (float32, scaled) at `rows` in DQ's dtype; with ADD_TO_DQ, plus what DQ_IN holds
+    there (DQ_IN may be DQ, or a float32 buffer whose sum is stored in DQ's dtype)."""
     if ADD_TO_DQ:
-        dq += load_rows(DQ, rows, row_ok, offs_dqk, DIM_QK).to(tl.float32)
+        dq += load_rows(DQ_IN, rows, row_ok, offs_dqk, DIM_QK).to(tl.float32)
     store_rows(DQ, dq, rows, row_ok, offs_dqk, DIM_QK)

@@ -199,13 +199,15 @@ def sparse_attention_backward(
     d_win = q.new_empty(0) if g_win is None else torch.empty_like(g_win)
     cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
     blocks = None if cmp_rows is None else PackedBlocks(positions, block_start, block_end)
-    # -- compressed branch: writes dq --
+    # -- compressed branch: writes dq; in float32 when the selected branch adds by atomics --
+    by_block = key_block_centric(G, q.shape[0] * q.shape[1])
     num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
     band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
+    dq_out = torch.empty(q.shape, device=q.device, dtype=torch.float32) if by_block else None
     dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk, band_cmp,
-                                                 gate=g_cmp, d_gate=d_cmp, packed=cmp_rows)
-    # -- selected and window branches: add into dq --
-    if key_block_centric(G, q.shape[0] * q.shape[1]):
+                                                 gate=g_cmp, d_gate=d_cmp, packed=cmp_rows, dq_out=dq_out)
+    # -- selected and window branches: add into dq (the window's sum in q's dtype) --
+    if by_block:
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
                                           causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
                                           packed=blocks)
@@ -213,11 +215,12 @@ def sparse_attention_backward(
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
                                            scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq, packed=blocks)
     if g_win is not None:
-        _, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
-                                                    window_band(window_size, causal), gate=g_win, d_gate=d_win,
-                                                    dq=dq, packed=key_rows)
+        dq, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
+                                                     window_band(window_size, causal), gate=g_win, d_gate=d_win,
+                                                     dq=dq, packed=key_rows,
+                                                     dq_out=torch.empty_like(q) if dq.dtype != q.dtype else None)
         dk, dv = dk + dk_win, dv + dv_win
-    return dq, dk, dv, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
+    return dq.to(q.dtype), dk, dv, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
 
 
 @sparse_attention_backward.register_fake

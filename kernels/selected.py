@@ -373,7 +373,7 @@ def selected_attention_backward_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
 
-    store_dq(DQ, dq * scale, rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
+    store_dq(DQ, DQ, dq * scale, rows, row_ok, offs_dqk, DIM_QK, ADD_TO_DQ)
 
 
 @triton.jit
@@ -469,16 +469,17 @@ def selected_attention_backward_dkdv_kernel(
                       mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
 
 
-def gathered_launch(block_indices, group_size, seq_len_k, block_size, dims, is_cuda, index=None, packed=None):
+def gathered_launch(block_indices, group_size, seq_len_k, block_size, dims, is_cuda, index=None, packed=None,
+                    rows=64):
     """What a key-block-centric kernel is launched with: (reverse index (entries, chunks), built
     unless `index` is given, programs U per (batch, kv head), meta-parameters). A program takes a
-    chunk of one block's entries (`gather_chunk`), 64 rows per gathered tile (16 in the
+    chunk of one block's entries (`gather_chunk`), `rows` rows per gathered tile (16 in the
     interpreter). `packed`: the PackedBlocks of packed sequences (their blocks, all of them)."""
     if index is None:
         num_blocks = num_selection_blocks(seq_len_k, block_size) if packed is None else packed.block_start.numel()
         index = reverse_block_index(block_indices, num_blocks, gather_chunk(is_cuda))
     block_gq = triton.next_power_of_2(group_size)
-    rows = max(64 if is_cuda else 16, block_gq)
+    rows = max(rows if is_cuda else 16, block_gq)
     meta = dict(GROUP_SIZE=group_size, DIM_QK=dims[0], DIM_V=dims[1], BLOCK_DQK=head_dim_block(dims[0]),
                 BLOCK_DV=head_dim_block(dims[1]), BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
                 BLOCK_SIZE=block_size, NUM_SLOTS=block_indices.shape[-1])
@@ -493,21 +494,22 @@ def gathered_shrink(meta):
 def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size, scale, causal,
                             dq=None, index=None, packed: PackedBlocks | None = None):
     """Launch the gather kernel: (dk, dv) in float32. `do_branch` and `delta` are the branch's own
-    dO and rowsum(o * dO); with dq (a zero-filled float32 (B, Nq, Hq, Dqk) buffer) the kernel also
-    adds each row's dq into it (ATOMIC_DQ, chapter 8b), with one pipeline stage: the fastest launch
-    measured on an H200 (appendix, "Engineering notes"). `index`: the reverse index of
+    dO and rowsum(o * dO); with dq (a float32 (B, Nq, Hq, Dqk) buffer) the kernel also adds each
+    row's dq into it (ATOMIC_DQ, chapter 8b), gathering 32 rows per step in three pipeline stages:
+    the fastest launch measured on an H200 (appendix, "Engineering notes"). `index`: the reverse index of
     `block_indices` if the caller kept it (chapter 8b's forward builds it too). `packed`: as in
     the forward."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
-    index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda, index, packed)
+    index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda, index, packed,
+                                     rows=32 if dq is not None else 64)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
                    (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq, *packed_tables(packed),
                     scale, Nq, Nk, U),
                    dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, PACKED=packed is not None, **meta),
-                   num_warps=4, num_stages=1 if dq is not None else 2, shrink=gathered_shrink(meta))
+                   num_warps=4, num_stages=3 if dq is not None else 2, shrink=gathered_shrink(meta))
     return dk, dv
 
 
@@ -686,8 +688,9 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
                           d_gate=None, dq=None, index=None, packed: PackedBlocks | None = None):
     """Launch the key-block-centric backward: (dq, dk, dv) in q's dtype, with the arguments of
     `selected_attention_bwd` (no tiles): with `gate`, `do` is the gated sum's and the gate's
-    gradient goes into `d_gate`; with `dq` this branch's dq is added into it. `index`: the reverse
-    index `selected_by_block_fwd` returned (None: built again)."""
+    gradient goes into `d_gate`; with `dq` this branch's dq is added into it — by the gather kernel's
+    atomic adds themselves when `dq` is float32 (NSA's fused backward), else after. `index`: the
+    reverse index `selected_by_block_fwd` returned (None: built again)."""
     B, Nq, Hq, Dv = o.shape
     do, o = do.contiguous(), o.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -698,14 +701,15 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
         gate_and_delta_kernel[(triton.cdiv(B * Nq * Hq, ROWS_PER_PROGRAM),)](
             do, o, gate, d_gate, delta, do_branch, B * Nq * Hq, DIM_V=Dv, BLOCK_DV=head_dim_block(Dv),
             BLOCK_ROWS=ROWS_PER_PROGRAM, GATED=gate is not None)
-    # -- the gather kernel: dk, dv, and dq by atomic adds --
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    # -- the gather kernel: dk, dv, and dq by atomic adds into a float32 buffer --
+    into_dq = dq is not None and dq.dtype == torch.float32
+    dq_acc = dq if into_dq else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
                                      scale, causal, dq=dq_acc, index=index, packed=packed)
     # -- dq in q's dtype, or added into the caller's --
     if dq is None:
         dq = dq_acc.to(q.dtype)
-    else:
+    elif not into_dq:
         dq += dq_acc
     return dq, dk.to(q.dtype), dv.to(q.dtype)
 
