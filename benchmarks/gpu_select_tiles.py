@@ -1,6 +1,7 @@
 """Launch sweep of the fused selection kernel (chapter 9's `select_blocks_kernel`) on a GPU.
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_select_tiles.py [--seq-len 64k] [--heads 32/32,32/8,64/4]
+        [--warps 4,8] [--stages 2,3]
 
 For each head configuration: random bf16 q and compressed keys (mean pooling of random keys, the
 paper's geometry, d = 128), the compressed branch's lse, then `select_blocks_kernel` launched with
@@ -31,6 +32,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=lambda text: _parse_lengths(text)[0], default=65536)
     parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("32/32,32/8,64/4"))
+    parser.add_argument("--warps", default="4,8", help="warp counts to sweep, comma-separated")
+    parser.add_argument("--stages", default="2,3", help="pipeline stages to sweep, comma-separated")
     args = parser.parse_args()
     N = args.seq_len
     config, D = NSAConfig(), 128
@@ -52,7 +55,8 @@ def main():
         print(f"== {Hq}/{H}: select_blocks_triton as shipped {default_ms:8.2f} ms")
         gpad = triton.next_power_of_2(G)
         num_cmp, num_sel = k_cmp.shape[1], triton.cdiv(N, l_sel)
-        for positions, step, warps, stages in itertools.product((16, 32, 64, 128), (16, 32), (4, 8), (2, 3)):
+        warp_counts, stage_counts = (tuple(int(x) for x in text.split(",")) for text in (args.warps, args.stages))
+        for positions, step, warps, stages in itertools.product((16, 32, 64, 128), (16, 32), warp_counts, stage_counts):
             rows = positions * gpad
             if rows < 16 or rows > 512:
                 continue
@@ -61,7 +65,7 @@ def main():
                         CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n,
                         SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
                         NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=positions, BLOCK_S=step,
-                        PACKED=False)
+                        PACKED=False, FIRST_IN_LOOP=gpad > 1)
 
             def launch():
                 topk.select_blocks_kernel[(triton.cdiv(N, positions), 1, H)](

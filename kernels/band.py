@@ -304,6 +304,7 @@ def band_attention_backward_dq_kernel(
 def band_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
+    DK_IN, DV_IN,             # (B, R, H, Dqk), (B, R, H, Dv) when ADD_TO_DKDV (one chunk): added to this branch's
     CU_Q, CU_K, CU_ROWS,      # as in the forward
     scale_log2, scale, seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
@@ -312,6 +313,7 @@ def band_attention_backward_dkdv_kernel(
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    ADD_TO_DKDV: tl.constexpr,   # NSA's fused backward: DK, DV = DK_IN, DV_IN + this branch's
 ):
     # -- this program: BLOCK_N key rows of kv head `head_kv`, held for the whole loop, against
     #    the query positions of chunk `chunk` --
@@ -363,9 +365,13 @@ def band_attention_backward_dkdv_kernel(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
-    # -- this chunk's slice of dK, dV --
+    # -- this chunk's slice of dK, dV (ADD_TO_DKDV: plus another branch's) --
+    dk = dk * scale
+    if ADD_TO_DKDV:
+        dk += load_rows(DK_IN, kv_rows, key_ok, offs_dqk, DIM_QK).to(tl.float32)
+        dv += load_rows(DV_IN, kv_rows, key_ok, offs_dv, DIM_V).to(tl.float32)
     out_rows = kv_rows + chunk.to(tl.int64) * chunk_rows
-    store_rows(DK, dk * scale, out_rows, key_ok, offs_dqk, DIM_QK)
+    store_rows(DK, dk, out_rows, key_ok, offs_dqk, DIM_QK)
     store_rows(DV, dv, out_rows, key_ok, offs_dv, DIM_V)
 
 
@@ -373,7 +379,7 @@ DKDV_CHUNK = 2048   # query positions per dk, dv program of a prefix band (GPU)
 
 
 def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, gate=None, d_gate=None,
-                            dq=None, packed: PackedRows | None = None, dq_out=None):
+                            dq=None, packed: PackedRows | None = None, dq_out=None, dkdv=None):
     """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse), of the same
     `packed` sequences.
 
@@ -382,7 +388,8 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     `d_gate` (like gate); dq: a (B, Nq, Hq, Dqk) buffer this branch's dq is added to; and dq_out:
     where the returned dq is written, in its dtype (by default `dq` itself, or a new tensor in q's
     dtype) — a float32 `dq` may be summed into `dq_out` in q's dtype, and a float32 `dq_out` may
-    start a float32 sum.
+    start a float32 sum; dkdv: another branch's (dk, dv) over the same keys (float32: the selected
+    branch's), added into this branch's.
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -417,13 +424,18 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     else:
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
+    add_in_kernel = dkdv is not None and num_chunks == 1
+    dk_in, dv_in = dkdv if add_in_kernel else (k.new_empty(0), v.new_empty(0))
     launch_fitting(band_attention_backward_dkdv_kernel,
                    lambda tiles: (triton.cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
-                   (q, k, v, do_branch, lse, delta, dk, dv, *cu, *common, chunk, k.shape[:3].numel()),
-                   dict(HEADS_Q=Hq, PACKED=packed is not None, **meta),
+                   (q, k, v, do_branch, lse, delta, dk, dv, dk_in, dv_in, *cu, *common, chunk, k.shape[:3].numel()),
+                   dict(HEADS_Q=Hq, PACKED=packed is not None, ADD_TO_DKDV=add_in_kernel, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys
     if num_chunks > 1:
-        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        dk, dv = dk.sum(0), dv.sum(0)
+        if dkdv is not None:
+            dk, dv = dk + dkdv[0], dv + dkdv[1]
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq_out, dk, dv
 
 

@@ -210,17 +210,16 @@ def sparse_attention_backward(
     if by_block:
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
                                           causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
-                                          packed=blocks)
+                                          packed=blocks, dkdv_dtype=torch.float32)
     else:
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
-                                           scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq, packed=blocks)
+                                           scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq, packed=blocks,
+                                           dkdv_dtype=torch.float32)
     if g_win is not None:
-        dq, dk_win, dv_win = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk,
-                                                     window_band(window_size, causal), gate=g_win, d_gate=d_win,
-                                                     dq=dq, packed=key_rows,
-                                                     dq_out=torch.empty_like(q) if dq.dtype != q.dtype else None)
-        dk, dv = dk + dk_win, dv + dv_win
-    return dq.to(q.dtype), dk, dv, dk_cmp, dv_cmp, d_cmp, d_slc, d_win
+        dq, dk, dv = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk, window_band(window_size, causal),
+                                             gate=g_win, d_gate=d_win, dq=dq, packed=key_rows, dkdv=(dk, dv),
+                                             dq_out=torch.empty_like(q) if dq.dtype != q.dtype else None)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dk_cmp, dv_cmp, d_cmp, d_slc, d_win
 
 
 @sparse_attention_backward.register_fake

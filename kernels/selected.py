@@ -515,8 +515,9 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
                            queries_per_tile, tiles, gate=None, d_gate=None, dq=None,
-                           packed: PackedBlocks | None = None):
-    """Launch the backward kernels: (dq, dk, dv) in q's dtype.
+                           packed: PackedBlocks | None = None, dkdv_dtype=None):
+    """Launch the backward kernels: (dq, dk, dv) in q's dtype (dk, dv in `dkdv_dtype` if given:
+    NSA's fused backward keeps the gather kernel's float32).
 
     Inputs contiguous and checked, `block_indices` prepared, `lse` from the forward, and
     `queries_per_tile, tiles` as given to the forward. NSA's fused backward (Chapter 10) passes
@@ -545,7 +546,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     # -- dk, dv: the reverse index, then one program per chunk of a block's queries --
     dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size, scale, causal,
                                      packed=packed)
-    return dq, dk.to(q.dtype), dv.to(q.dtype)
+    return dq, dk.to(dkdv_dtype or q.dtype), dv.to(dkdv_dtype or q.dtype)
 
 
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
@@ -685,12 +686,13 @@ def gate_and_delta_kernel(
 
 
 def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal, gate=None,
-                          d_gate=None, dq=None, index=None, packed: PackedBlocks | None = None):
+                          d_gate=None, dq=None, index=None, packed: PackedBlocks | None = None, dkdv_dtype=None):
     """Launch the key-block-centric backward: (dq, dk, dv) in q's dtype, with the arguments of
     `selected_attention_bwd` (no tiles): with `gate`, `do` is the gated sum's and the gate's
     gradient goes into `d_gate`; with `dq` this branch's dq is added into it — by the gather kernel's
     atomic adds themselves when `dq` is float32 (NSA's fused backward), else after. `index`: the
-    reverse index `selected_by_block_fwd` returned (None: built again)."""
+    reverse index `selected_by_block_fwd` returned (None: built again). dk, dv in `dkdv_dtype` if
+    given (NSA's fused backward keeps the gather kernel's float32)."""
     B, Nq, Hq, Dv = o.shape
     do, o = do.contiguous(), o.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -711,7 +713,7 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
         dq = dq_acc.to(q.dtype)
     elif not into_dq:
         dq += dq_acc
-    return dq, dk.to(q.dtype), dv.to(q.dtype)
+    return dq, dk.to(dkdv_dtype or q.dtype), dv.to(dkdv_dtype or q.dtype)
 
 
 KEY_BLOCK_CENTRIC = ((4, 0), (8, 8192))   # (largest group, from this many query tokens): measured on an H200
