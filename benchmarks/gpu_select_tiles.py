@@ -1,7 +1,7 @@
 """Launch sweep of the fused selection kernel (chapter 9's `select_blocks_kernel`) on a GPU.
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_select_tiles.py [--seq-len 64k] [--heads 32/32,32/8,64/4]
-        [--warps 4,8] [--stages 2,3]
+        [--warps 4,8] [--stages 2,3] [--positions 16,32,64,128] [--steps 16,32]
 
 For each head configuration: random bf16 q and compressed keys (mean pooling of random keys, the
 paper's geometry, d = 128), the compressed branch's lse, then `select_blocks_kernel` launched with
@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("32/32,32/8,64/4"))
     parser.add_argument("--warps", default="4,8", help="warp counts to sweep, comma-separated")
     parser.add_argument("--stages", default="2,3", help="pipeline stages to sweep, comma-separated")
+    parser.add_argument("--positions", default="16,32,64,128", help="positions per program to sweep")
+    parser.add_argument("--steps", default="16,32", help="selection blocks per step to sweep")
     args = parser.parse_args()
     N = args.seq_len
     config, D = NSAConfig(), 128
@@ -55,8 +57,8 @@ def main():
         print(f"== {Hq}/{H}: select_blocks_triton as shipped {default_ms:8.2f} ms")
         gpad = triton.next_power_of_2(G)
         num_cmp, num_sel = k_cmp.shape[1], triton.cdiv(N, l_sel)
-        warp_counts, stage_counts = (tuple(int(x) for x in text.split(",")) for text in (args.warps, args.stages))
-        for positions, step, warps, stages in itertools.product((16, 32, 64, 128), (16, 32), warp_counts, stage_counts):
+        sweep = (tuple(int(x) for x in text.split(",")) for text in (args.positions, args.steps, args.warps, args.stages))
+        for positions, step, warps, stages in itertools.product(*sweep):
             rows = positions * gpad
             if rows < 16 or rows > 512:
                 continue

@@ -208,7 +208,7 @@ def select_blocks_kernel(
              mask=(i_pos[:, None] < seq_len_q) & (slot[None, :] < NUM_SELECT))
 
 
-SELECT_STEP = 16       # selection blocks per step (BLOCK_S)
+SELECT_STEP = 16       # selection blocks per step (BLOCK_S); twice that at groups of 16 where it fits
 MAX_STEP_CMP = 256     # compressed blocks per step, 16 * l' / d
 MAX_SELECTED = 1024    # n: a running top's empty slots EMPTY - slot stay above GONE
 
@@ -271,14 +271,16 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     num_cmp = k_cmp.shape[1] - mem_kv_len
     sequences, longest, cu = packed_launch(packed, B, Nq)
     group_pad = triton.next_power_of_2(Hq // H)
-    block_m = max(16, 128 // group_pad) if q.is_cuda else 16
+    rows = 128 if group_pad == 1 else 256                  # rows per program (measured on an H200)
+    block_m = max(16, rows // group_pad) if q.is_cuda else 16
+    long_step = group_pad == 16 and 2 * SELECT_STEP * l_sel // config.compress_stride <= MAX_STEP_CMP
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
     meta = dict(HEADS_Q=Hq, GROUP=Hq // H, GROUP_PAD=group_pad, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
                 CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
                 NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=SELECT_STEP, PACKED=packed is not None,
-                FIRST_IN_LOOP=group_pad > 1)
+                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=2 * SELECT_STEP if long_step else SELECT_STEP,
+                PACKED=packed is not None, FIRST_IN_LOOP=group_pad > 1)
     with torch.no_grad():
         launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                        (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out, *cu,

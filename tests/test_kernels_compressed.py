@@ -104,6 +104,18 @@ def test_fused_selection_first_step_is_the_top(n, causal, heads_kv):
     assert torch.equal(chosen, expected)
 
 
+@pytest.mark.parametrize("n", [16, 5])
+def test_fused_selection_long_step_at_group_16(n):
+    # groups of 16 walk 32 selection blocks per step (the first merged into an empty top, as n is
+    # not the step's blocks); 700 keys = 44 blocks: a full step and a partial one
+    config = NSAConfig(16, 8, 16, n, 1, 2, 32)
+    q, k_cmp, v_cmp = make(1, 700, 700, 16, 1, 16, 16, 16, 8, 0, torch.float16, seed=n)
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)
+    chosen = select_blocks_triton(q, k_cmp, lse, 700, config)
+    expected = select_blocks(selection_scores(q.float(), k_cmp.float(), lse, 700, config), 700, config)
+    assert torch.equal(chosen, expected)
+
+
 @triton.jit
 def _merge_top_kernel(TOP, CAND, OUT, M: tl.constexpr, SLOTS: tl.constexpr, C: tl.constexpr):
     rows = tl.arange(0, M)[:, None]
