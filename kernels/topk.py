@@ -209,6 +209,7 @@ def select_blocks_kernel(
 
 
 SELECT_STEP = 16       # selection blocks per step (BLOCK_S); twice that at groups of 16 where it fits
+SELECT_ROWS = {1: 128, 2: 64}   # rows per program by (padded) group, else 256: measured on an H200
 MAX_STEP_CMP = 256     # compressed blocks per step, 16 * l' / d
 MAX_SELECTED = 1024    # n: a running top's empty slots EMPTY - slot stay above GONE
 
@@ -271,8 +272,7 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     num_cmp = k_cmp.shape[1] - mem_kv_len
     sequences, longest, cu = packed_launch(packed, B, Nq)
     group_pad = triton.next_power_of_2(Hq // H)
-    rows = 128 if group_pad == 1 else 256                  # rows per program (measured on an H200)
-    block_m = max(16, rows // group_pad) if q.is_cuda else 16
+    block_m = max(16, SELECT_ROWS.get(group_pad, 256) // group_pad) if q.is_cuda else 16
     long_step = group_pad == 16 and 2 * SELECT_STEP * l_sel // config.compress_stride <= MAX_STEP_CMP
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
     meta = dict(HEADS_Q=Hq, GROUP=Hq // H, GROUP_PAD=group_pad, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
