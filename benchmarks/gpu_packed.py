@@ -1,6 +1,7 @@
 """Packed sequences on a GPU: checked, then timed beside one sequence and a dense document mask.
 
     python benchmarks/gpu_packed.py --out book/data          # writes packed_<gpu>.csv and .json
+    python benchmarks/gpu_packed.py --tiny                   # CPU, Triton's interpreter: the check alone
 
 Two mixes of documents packed into 64k tokens, 64/4 and 32/8 heads of 128, bf16, the paper's
 geometry: `long`, long-tailed lengths (log-uniform in 1k..32k tokens, a fixed seed, the last one
@@ -9,7 +10,9 @@ cut to fit), and `short`, 128 documents of 512 tokens (where launches, not arith
 1. Correctness: NSA's Triton backend on packed documents of 1, 17, 1000, 2048, 5000 and 20000
    tokens against the float64 reference (`backend="torch"`) on each document alone, output and
    the gradients of all eight inputs (the last 2048 queries of a longer document; bf16: <= 1e-2
-   of each tensor's largest entry).
+   of each tensor's largest entry), printed per tensor, with the share of checked rows whose
+   Triton selection equals float64's own (a near-tie broken the other way moves a row by more
+   than rounding).
 2. Time (`triton.testing.do_bench`, median), forward and forward + backward, in one run:
    * `nsa_packed`   `native_sparse_attention(..., cu_seqlens=cu)` on the packed documents: one
                     launch of each kernel for all of them (chapter 10);
@@ -72,14 +75,39 @@ def relative_error(got, want, scale):
     return ((got.double() - want).abs().max() / max(scale, 1e-30)).item()
 
 
+GRADIENTS = ["dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_win"]
+
+
+def selection_agreement(q, k_cmp, v_cmp, seq_len_k, config):
+    """Of the query rows `q` (the last rows of a document of `seq_len_k` tokens), the fraction
+    whose blocks the Triton selection (on the kernels' own lse) and the float64 reference's
+    (`selection_scores` + `select_blocks` on float64 inputs) choose alike: a near-tie in bf16
+    breaks either way, and a row that selects another block differs by much more than rounding."""
+    from nsa.kernels.band import compressed_attention_triton
+    from nsa.kernels.topk import select_blocks_triton
+    from nsa.compression import compressed_attention
+    from nsa.selection import select_blocks, selection_scores
+
+    l, d = config.compress_block_size, config.compress_stride
+    with torch.no_grad():
+        _, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, seq_len_k=seq_len_k)
+        mine = select_blocks_triton(q, k_cmp, lse.float().contiguous(), seq_len_k, config)
+        q64, k64, v64 = (x.double() for x in (q, k_cmp, v_cmp))
+        _, lse64 = compressed_attention(q64, k64, v64, l, d, seq_len_k=seq_len_k)
+        theirs = select_blocks(selection_scores(q64, k64, lse64, seq_len_k, config), seq_len_k, config)
+    return (mine.sort(-1).values == theirs.sort(-1).values).all(-1).float().mean().item()
+
+
 def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
-    """Packed Triton against the float64 reference per document (outputs, all gradients)."""
+    """Packed Triton against the float64 reference per document (outputs, all gradients): the
+    worst error of each tensor over the documents, and each document's selection agreement."""
     inputs, cu = packed_inputs(lengths, Hq, H, D, config, dtype, device)
     inputs = [x.requires_grad_() for x in inputs]
     out = native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, do)
-    worst = 0.0
+    worst = dict.fromkeys(["o", *GRADIENTS], 0.0)
+    agreement = {}
     bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
     cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, config.compress_block_size, config.compress_stride)
     for (s, e), (c0, c1) in zip(bounds, zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist())):
@@ -88,15 +116,29 @@ def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
         alone = [q[:, rows], k[:, s:e], v[:, s:e], k_cmp[:, c0:c1], v_cmp[:, c0:c1], *(g[:, rows] for g in gates)]
         alone = [x.requires_grad_() for x in alone]
         ref = native_sparse_attention(*alone, config, backend="torch")
-        worst = max(worst, relative_error(out[:, rows], ref, out.abs().max().item()))
+        worst["o"] = max(worst["o"], relative_error(out[:, rows], ref, out.abs().max().item()))
         ref_grads = torch.autograd.grad(ref, alone, do[:, rows].double())
         # the queries' and gates' gradients of these rows; keys get gradients from all queries,
         # so they are compared only where every query is checked (documents up to 2048 tokens)
-        for i in (0, 5, 6, 7):
-            worst = max(worst, relative_error(grads[i][:, rows], ref_grads[i], grads[i].abs().max().item()))
+        compared = [(0, rows), (5, rows), (6, rows), (7, rows)]
         if e - s <= 2048:
-            for i, at in ((1, slice(s, e)), (2, slice(s, e)), (3, slice(c0, c1)), (4, slice(c0, c1))):
-                worst = max(worst, relative_error(grads[i][:, at], ref_grads[i], grads[i].abs().max().item()))
+            compared += [(1, slice(s, e)), (2, slice(s, e)), (3, slice(c0, c1)), (4, slice(c0, c1))]
+        for i, at in compared:
+            error = relative_error(grads[i][:, at], ref_grads[i], grads[i].abs().max().item())
+            worst[GRADIENTS[i]] = max(worst[GRADIENTS[i]], error)
+        x = inputs
+        agreement[e - s] = selection_agreement(x[0][:, rows].detach(), x[3][:, c0:c1].detach(),
+                                               x[4][:, c0:c1].detach(), e - s, config)
+    return worst, agreement
+
+
+def report(heads, by_tensor, agreement):
+    """Print one head configuration's check; return its worst error."""
+    worst = max(by_tensor.values())
+    print(f"{heads}: worst relative error, packed Triton vs float64 per document: {worst:.2e} ("
+          + ", ".join(f"{name} {error:.1e}" for name, error in by_tensor.items()) + "); rows selecting "
+          "as float64 does, by document length: "
+          + ", ".join(f"{length}: {share:.4f}" for length, share in agreement.items()))
     return worst
 
 
@@ -175,7 +217,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for packed_<gpu>.csv and .json")
     parser.add_argument("--heads", default="64/4,32/8")
     parser.add_argument("--mixes", default="long,short", help="document mixes: long, short")
+    parser.add_argument("--tiny", action="store_true", help="the check alone, on the CPU (Triton's "
+                        "interpreter): float16, documents of 1, 17, 100 and 257 tokens, 4/2 heads of 16")
     args = parser.parse_args(argv)
+    if args.tiny:
+        config = NSAConfig(16, 8, 16, 4, 1, 2, 32)
+        worst = report("4/2", *check([1, 17, 100, 257], 4, 2, 16, config, torch.float16, "cpu"))
+        return 0 if worst <= 1e-2 else 1
     if not torch.cuda.is_available():
         print("benchmarks/gpu_packed.py needs a CUDA GPU.")
         return 2
@@ -187,8 +235,7 @@ def main(argv=None) -> int:
     flex = torch.compile(flex_attention)
     for heads in args.heads.split(","):
         Hq, H = map(int, heads.split("/"))
-        errors[heads] = check(CHECK_LENGTHS, Hq, H, D, config)
-        print(f"{heads}: worst relative error, packed Triton vs float64 per document: {errors[heads]:.2e}")
+        errors[heads] = report(heads, *check(CHECK_LENGTHS, Hq, H, D, config))
         assert errors[heads] <= 1e-2, errors[heads]
         for mix in args.mixes.split(","):
             rows += time_mix(mixes[mix], Hq, H, D, config, flex, create_block_mask)

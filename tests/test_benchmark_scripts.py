@@ -3,6 +3,7 @@ the package is found here, not after a GPU machine has started for it."""
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,14 @@ def test_band_tiles_sweep_checks_every_variant(tmp_path):
     assert len(rows) == 12, rows                   # 3 kernels x 2 bands x (launcher + 1 variant)
     assert sum(row["shipped"] == "True" for row in rows) == 6
     assert all(float(row["difference"]) < 1e-5 for row in rows), rows
+
+
+def test_packed_check_reports_each_tensor_and_the_selections():
+    """gpu_packed.py's check, on the CPU: every tensor's worst error and, per document, the rows
+    whose Triton selection equals float64's own."""
+    out = run_script("gpu_packed.py")
+    line = next(line for line in out.splitlines() if line.startswith("4/2: worst relative error"))
+    for name in ("o", "dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_win"):
+        assert re.search(rf"[( ]{name} [0-9.]+e", line), line
+    assert "257: " in line, line
+    assert float(line.split("per document: ")[1].split()[0]) < 1e-2, line
