@@ -3,7 +3,7 @@
     python benchmarks/select_registers.py [--build DIR] [--arch 90]
 
 Triton compiles `select_blocks_kernel` for `sm_<arch>` (bf16, d = 128, the paper's geometry, the
-launcher's tiles and 4 warps, 3 stages) at 32/32, 32/8 and 64/4 heads, and `cuobjdump` (shipped
+launcher's tiles, `select_tiles`, and 4 warps, 3 stages) at 32/32, 32/8 and 64/4 heads, and `cuobjdump` (shipped
 with Triton) reads each binary's registers per thread and stack bytes (spills) — what a timing
 cannot show, and a hint where a change moved the time. `--build DIR` compiles the package found
 in DIR instead of the installed one (a copy of `nsa/` and `kernels/`, e.g. `git archive REV nsa
@@ -49,8 +49,11 @@ def main() -> int:
                          CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
                          SEL_BLOCK=config.select_block_size, NUM_SELECT=config.num_selected_blocks,
                          SLOTS=triton.next_power_of_2(config.num_selected_blocks),
-                         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks, CAUSAL=True,
-                         BLOCK_M=max(16, 128 // group_pad), BLOCK_S=topk.SELECT_STEP)
+                         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks, CAUSAL=True)
+        if hasattr(topk, "select_tiles"):    # the launcher's tiles; an older build's rule otherwise
+            constants["BLOCK_M"], constants["BLOCK_S"] = topk.select_tiles(group_pad, config, True)
+        else:
+            constants["BLOCK_M"], constants["BLOCK_S"] = max(16, 128 // group_pad), topk.SELECT_STEP
         types = {"Q": "*bf16", "K_CMP": "*bf16", "LSE": "*fp32", "BLOCK_INDICES": "*i32", "scale_log2": "fp32",
                  **{name: "i32" for name in ("seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel")},
                  **{name: "*i32" for name in ("CU_Q", "CU_K", "CU_CMP")}}

@@ -263,6 +263,15 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     return select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len)
 
 
+def select_tiles(group_pad, config, is_cuda):
+    """(positions per program BLOCK_M, selection blocks per step BLOCK_S) of the selection kernel
+    for a group padded to `group_pad`: SELECT_ROWS rows (16 positions in the interpreter), steps
+    of SELECT_STEP blocks, twice that at groups of 16 where a step's compressed blocks fit."""
+    block_m = max(16, SELECT_ROWS.get(group_pad, 256) // group_pad) if is_cuda else 16
+    long_step = group_pad == 16 and 2 * SELECT_STEP * config.select_block_size // config.compress_stride <= MAX_STEP_CMP
+    return block_m, 2 * SELECT_STEP if long_step else SELECT_STEP
+
+
 def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, packed: PackedRows | None = None):
     """Launch the selection kernel on checked inputs: (B, Nq, H, n) int32 block indices; with
     `packed` (its rows: the compressed keys'), each packed sequence's own block indices."""
@@ -272,15 +281,14 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     num_cmp = k_cmp.shape[1] - mem_kv_len
     sequences, longest, cu = packed_launch(packed, B, Nq)
     group_pad = triton.next_power_of_2(Hq // H)
-    block_m = max(16, SELECT_ROWS.get(group_pad, 256) // group_pad) if q.is_cuda else 16
-    long_step = group_pad == 16 and 2 * SELECT_STEP * l_sel // config.compress_stride <= MAX_STEP_CMP
+    block_m, block_s = select_tiles(group_pad, config, q.is_cuda)
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
     meta = dict(HEADS_Q=Hq, GROUP=Hq // H, GROUP_PAD=group_pad, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
                 CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
                 NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
-                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=2 * SELECT_STEP if long_step else SELECT_STEP,
-                PACKED=packed is not None, FIRST_IN_LOOP=group_pad > 1)
+                CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=block_s, PACKED=packed is not None,
+                FIRST_IN_LOOP=group_pad > 1)
     with torch.no_grad():
         launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                        (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out, *cu,
