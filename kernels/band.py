@@ -389,7 +389,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     where the returned dq is written, in its dtype (by default `dq` itself, or a new tensor in q's
     dtype) — a float32 `dq` may be summed into `dq_out` in q's dtype, and a float32 `dq_out` may
     start a float32 sum; dkdv: another branch's (dk, dv) over the same keys (float32: the selected
-    branch's), added into this branch's.
+    branch's), added into this branch's by its kernel (a band of one query chunk: the window's).
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -424,18 +424,17 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     else:
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
-    add_in_kernel = dkdv is not None and num_chunks == 1
-    dk_in, dv_in = dkdv if add_in_kernel else (k.new_empty(0), v.new_empty(0))
+    if dkdv is not None and num_chunks > 1:
+        raise ValueError("dkdv is added by the dk, dv kernel of a band of one query chunk (the window's), "
+                         f"not by a prefix band's {num_chunks} chunks")
+    dk_in, dv_in = dkdv if dkdv is not None else (k.new_empty(0), v.new_empty(0))
     launch_fitting(band_attention_backward_dkdv_kernel,
                    lambda tiles: (triton.cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
                    (q, k, v, do_branch, lse, delta, dk, dv, dk_in, dv_in, *cu, *common, chunk, k.shape[:3].numel()),
-                   dict(HEADS_Q=Hq, PACKED=packed is not None, ADD_TO_DKDV=add_in_kernel, **meta),
+                   dict(HEADS_Q=Hq, PACKED=packed is not None, ADD_TO_DKDV=dkdv is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys
     if num_chunks > 1:
-        dk, dv = dk.sum(0), dv.sum(0)
-        if dkdv is not None:
-            dk, dv = dk + dkdv[0], dv + dkdv[1]
-        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq_out, dk, dv
 
 
