@@ -78,13 +78,25 @@ def record_launches(heads_q, heads_kv, seq_len, dim=128, device="cuda", dtype=to
     return [(b, *launch) for b, launch in zip(branch, launches)]
 
 
-def difference(x, ref):
-    """Largest |x - ref| over the largest |ref| (finite entries); inf if the infinities differ."""
-    finite = torch.isfinite(ref)
-    if not torch.equal(finite, torch.isfinite(x)) or not torch.equal(x[~finite], ref[~finite]):
-        return float("inf")
-    x, ref = x[finite].float(), ref[finite].float()
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
+def difference(x, ref, chunk=1 << 26, nan_where_ref=False):
+    """Largest |x - ref| over the largest |ref| (finite entries); inf unless the infinities are in
+    the same places, and any NaN at all (with `nan_where_ref`: unless NaN is where ref holds NaN,
+    a buffer's entries no launch writes). In chunks of the flattened tensors: chapter 8b's partials
+    buffer is n outputs (8.6 GB at 64k tokens, 32 heads), and a float32 copy of it whole does not
+    fit beside the rest."""
+    x, ref = x.reshape(-1), ref.reshape(-1)
+    largest_error, largest = 0.0, 0.0
+    for start in range(0, ref.numel(), chunk):
+        a, b = x[start:start + chunk], ref[start:start + chunk]
+        finite, infinite = torch.isfinite(b), torch.isinf(b)
+        nan_ok = torch.equal(torch.isnan(a), torch.isnan(b)) and (nan_where_ref or not torch.isnan(b).any())
+        if not (nan_ok and torch.equal(finite, torch.isfinite(a)) and torch.equal(a[infinite], b[infinite])):
+            return float("inf")
+        a, b = a[finite].float(), b[finite].float()
+        if b.numel():
+            largest_error = max(largest_error, (a - b).abs().max().item())
+            largest = max(largest, b.abs().max().item())
+    return largest_error / max(largest, 1e-30)
 
 
 def run_variant(launch, launch_args, outputs, compare=difference, timed=True):
@@ -98,28 +110,42 @@ def run_variant(launch, launch_args, outputs, compare=difference, timed=True):
     return diff, (do_bench(launch, warmup=10, rep=60) if timed else float("nan"))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default="32/32,32/8,64/4")
+def sweep_arguments(description, default_heads, tiny_help):
+    """A tile sweep's command line: --heads, --seq-len, --out, and --tiny (4/2 heads, 200 tokens)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--heads", default=default_heads)
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--tiny", action="store_true", help="200 tokens, 4/2 heads of 16, float32, on the CPU: "
-                        "the launches and checks of two variants per kernel, not timed")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
     args = parser.parse_args()
     if args.tiny:
         args.heads, args.seq_len = "4/2", 200
-    setup = dict(dim=16, device="cpu", dtype=torch.float32) if args.tiny else {}
-    path = args.out / f"band_tiles_{'tiny' if args.tiny else gpu_tag()}.csv"
+    return args
+
+
+def open_sweep(args, script, stem, columns, note):
+    """The sweep's CSV `<out>/<stem>_<gpu or tiny>.csv`, opened to append; a new one starts with
+    the command, the machine and `note`, then the column names. Returns (file, csv writer)."""
+    path = args.out / f"{stem}_{'tiny' if args.tiny else gpu_tag()}.csv"
     fresh = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if fresh:
-            device = "CPU interpreter" if args.tiny else torch.cuda.get_device_name()
-            f.write(f"# python benchmarks/gpu_band_tiles.py --heads {args.heads} --seq-len {args.seq_len} "
-                    f"({device}, triton {triton.__version__}, torch {torch.__version__}); "
-                    "shipped: the launcher's tiles when it ran\n")
-            writer.writerow(["heads", "tokens", "branch", "kernel", "rows", "keys", "warps", "stages", "shipped",
-                             "difference", "ms"])
+    f = path.open("a", newline="")
+    writer = csv.writer(f)
+    if fresh:
+        device = "CPU interpreter" if args.tiny else torch.cuda.get_device_name()
+        f.write(f"# python benchmarks/{script} --heads {args.heads} --seq-len {args.seq_len} "
+                f"({device}, triton {triton.__version__}, torch {torch.__version__}); {note}\n")
+        writer.writerow(columns)
+    return f, writer
+
+
+def main() -> int:
+    args = sweep_arguments(__doc__.splitlines()[0], "32/32,32/8,64/4", "200 tokens, 4/2 heads of 16, float32, "
+                           "on the CPU: the launches and checks of two variants per kernel, not timed")
+    setup = dict(dim=16, device="cpu", dtype=torch.float32) if args.tiny else {}
+    f, writer = open_sweep(args, "gpu_band_tiles.py", "band_tiles",
+                           ["heads", "tokens", "branch", "kernel", "rows", "keys", "warps", "stages", "shipped",
+                            "difference", "ms"], "shipped: the launcher's tiles when it ran")
+    with f:
         for heads in args.heads.split(","):
             heads_q, heads_kv = map(int, heads.split("/"))
             for branch, kernel, grid, launch_args, tiles, warps, stages, outputs in record_launches(

@@ -22,16 +22,12 @@ or 16 gathered rows spill least there (232 and 88 bytes). On the H200 every 8-wa
 slower; the gather kernel's launch became 32 rows in 3 stages (book/data/key_block_tiles_h200.csv).
 """
 
-import argparse
-import csv
 import sys
-from pathlib import Path
 
 import torch
 import triton
 
-from gpu_band_tiles import run_variant   # benchmarks/, this script's folder
-from nsa.device import gpu_tag
+from gpu_band_tiles import difference, open_sweep, run_variant, sweep_arguments   # benchmarks/, this script's folder
 from nsa.kernels import selected
 
 # (gathered rows per step, warps, stages) of the partials and gather kernels; (rows, warps) of the merge
@@ -117,23 +113,10 @@ def same(a, b):
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == b.dtype else False
 
 
-def difference(x, ref, chunk=1 << 26):
-    """Largest |x - ref| over the largest |ref| (finite entries); inf unless NaN and infinities
-    are in the same places. In chunks of the flattened tensors: the partials' buffer is n outputs
-    (8.6 GB at 64k tokens, 32 heads), and a float32 copy of it whole does not fit beside the rest."""
-    x, ref = x.reshape(-1), ref.reshape(-1)
-    largest_error, largest = 0.0, 0.0
-    for start in range(0, ref.numel(), chunk):
-        a, b = x[start:start + chunk], ref[start:start + chunk]
-        finite, infinite = torch.isfinite(b), torch.isinf(b)
-        if not (torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(finite, torch.isfinite(a))
-                and torch.equal(a[infinite], b[infinite])):
-            return float("inf")
-        a, b = a[finite].float(), b[finite].float()
-        if b.numel():
-            largest_error = max(largest_error, (a - b).abs().max().item())
-            largest = max(largest, b.abs().max().item())
-    return largest_error / max(largest, 1e-30)
+def unwritten_is_nan(x, ref):
+    """`difference`, with NaN allowed where the shipped launch left NaN: the forward's partials
+    buffer is not filled, and its unwritten slots hold what they held."""
+    return difference(x, ref, nan_where_ref=True)
 
 
 def variant_meta(name, tiles, variant):
@@ -152,27 +135,14 @@ def shipped_variant(name, tiles, warps, stages):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default="32/32,32/8,32/4")
-    parser.add_argument("--seq-len", type=int, default=65536)
-    parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--tiny", action="store_true", help="200 tokens, 4/2 heads of 16, 4 blocks of 16, "
-                        "float32, on the CPU: the launches and checks of two variants per kernel, not timed")
-    args = parser.parse_args()
-    if args.tiny:
-        args.heads, args.seq_len = "4/2", 200
+    args = sweep_arguments(__doc__.splitlines()[0], "32/32,32/8,32/4", "200 tokens, 4/2 heads of 16, 4 blocks of "
+                           "16, float32, on the CPU: the launches and checks of two variants per kernel, not timed")
     setup = dict(dim=16, n=4, block_size=16, device="cpu", dtype=torch.float32) if args.tiny else {}
-    path = args.out / f"key_block_tiles_{'tiny' if args.tiny else gpu_tag()}.csv"
-    fresh = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if fresh:
-            device = "CPU interpreter" if args.tiny else torch.cuda.get_device_name()
-            f.write(f"# python benchmarks/gpu_key_block_tiles.py --heads {args.heads} --seq-len {args.seq_len} "
-                    f"({device}, triton {triton.__version__}, torch {torch.__version__}); "
-                    "shipped: the launcher's tiles when it ran; rows: gathered rows per step (merge: rows per "
-                    "program)\n")
-            writer.writerow(["heads", "tokens", "kernel", "rows", "warps", "stages", "shipped", "difference", "ms"])
+    f, writer = open_sweep(args, "gpu_key_block_tiles.py", "key_block_tiles",
+                           ["heads", "tokens", "kernel", "rows", "warps", "stages", "shipped", "difference", "ms"],
+                           "shipped: the launcher's tiles when it ran; rows: gathered rows per step (merge: rows "
+                           "per program)")
+    with f:
         for heads in args.heads.split(","):
             heads_q, heads_kv = map(int, heads.split("/"))
             for kernel, grid, launch_args, tiles, warps, stages, outputs in record_launches(
@@ -184,7 +154,7 @@ def main() -> int:
                     meta, w, s = variant_meta(name, tiles, variant)
                     launch = lambda: kernel[grid(meta)](*launch_args, **meta, num_warps=w, num_stages=s)
                     try:
-                        diff, ms = run_variant(launch, launch_args, outputs, difference, timed=not args.tiny)
+                        diff, ms = run_variant(launch, launch_args, outputs, unwritten_is_nan, timed=not args.tiny)
                     except Exception as error:   # a variant that does not fit: say so, go on
                         print(f"{heads} {SHORT[name]} {variant}: {type(error).__name__}", flush=True)
                         continue
