@@ -10,9 +10,10 @@ cut to fit), and `short`, 128 documents of 512 tokens (where launches, not arith
 1. Correctness: NSA's Triton backend on packed documents of 1, 17, 1000, 2048, 5000 and 20000
    tokens against the float64 reference (`backend="torch"`) on each document alone, output and
    the gradients of all eight inputs (the last 2048 queries of a longer document; bf16: <= 1e-2
-   of each tensor's largest entry), printed per tensor, with the share of checked rows whose
-   Triton selection equals float64's own (a near-tie broken the other way moves a row by more
-   than rounding).
+   of each tensor's largest entry), printed per tensor. The reference attends the blocks the
+   packed op selected (selection is a discrete choice: a bf16 near-tie broken the other way
+   moves a row by more than rounding); the share of checked rows whose selection equals
+   float64's own is printed per document.
 2. Time (`triton.testing.do_bench`, median), forward and forward + backward, in one run:
    * `nsa_packed`   `native_sparse_attention(..., cu_seqlens=cu)` on the packed documents: one
                     launch of each kernel for all of them (chapter 10);
@@ -78,44 +79,70 @@ def relative_error(got, want, scale):
 GRADIENTS = ["dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_win"]
 
 
-def selection_agreement(q, k_cmp, v_cmp, seq_len_k, config):
-    """Of the query rows `q` (the last rows of a document of `seq_len_k` tokens), the fraction
-    whose blocks the Triton selection (on the kernels' own lse) and the float64 reference's
-    (`selection_scores` + `select_blocks` on float64 inputs) choose alike: a near-tie in bf16
-    breaks either way, and a row that selects another block differs by much more than rounding."""
-    from nsa.kernels.band import compressed_attention_triton
-    from nsa.kernels.topk import select_blocks_triton
+def float64_selection(q, k_cmp, v_cmp, seq_len_k, config):
+    """The blocks float64 itself selects for the query rows `q` (the last rows of a document of
+    `seq_len_k` tokens): the reference's own choice, for the agreement column."""
     from nsa.compression import compressed_attention
     from nsa.selection import select_blocks, selection_scores
 
     l, d = config.compress_block_size, config.compress_stride
     with torch.no_grad():
-        _, lse = compressed_attention_triton(q, k_cmp, v_cmp, l, d, seq_len_k=seq_len_k)
-        mine = select_blocks_triton(q, k_cmp, lse.float().contiguous(), seq_len_k, config)
-        q64, k64, v64 = (x.double() for x in (q, k_cmp, v_cmp))
-        _, lse64 = compressed_attention(q64, k64, v64, l, d, seq_len_k=seq_len_k)
-        theirs = select_blocks(selection_scores(q64, k64, lse64, seq_len_k, config), seq_len_k, config)
-    return (mine.sort(-1).values == theirs.sort(-1).values).all(-1).float().mean().item()
+        _, lse = compressed_attention(q, k_cmp, v_cmp, l, d, seq_len_k=seq_len_k)
+        return select_blocks(selection_scores(q, k_cmp, lse, seq_len_k, config), seq_len_k, config)
+
+
+def packed_selection(inputs, cu, config):
+    """The blocks the packed Triton op selects (its own forward's `block_indices`, numbered
+    across the packed documents) and the first block of each document."""
+    from nsa.kernels.nsa import config_fields
+
+    lengths = cu.diff().tolist()
+    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, config.compress_block_size, config.compress_stride)
+    blocks = [-(-n // config.select_block_size) for n in lengths]
+    sizes = [max(lengths), max(lengths), max(cmp_cu.diff().tolist()), sum(blocks)]
+    with torch.no_grad():
+        indices = torch.ops.nsa.sparse_attention_forward(
+            *(x.detach() for x in inputs), *config_fields(config), inputs[0].shape[-1] ** -0.5, 0,
+            cu, cu, cmp_cu, sizes)[7]
+    return indices, [sum(blocks[:i]) for i in range(len(blocks))]
 
 
 def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
-    """Packed Triton against the float64 reference per document (outputs, all gradients): the
-    worst error of each tensor over the documents, and each document's selection agreement."""
+    """Packed Triton against float64 per document, outputs and all gradients: the worst error of
+    each tensor over the documents, and each document's selection agreement.
+
+    The float64 reference attends the blocks that the packed op selected (as
+    gpu_check_nsa.py does): selection is a discrete choice, and a bf16 near-tie broken the other
+    way moves a row by far more than rounding. How often the choices agree with float64's own is
+    the second number, per document."""
+    from nsa.compression import compressed_attention
+    from nsa.selection import selected_attention
+    from nsa.sparse_attention import combine_branches
+    from nsa.window import sliding_window_attention
+
     inputs, cu = packed_inputs(lengths, Hq, H, D, config, dtype, device)
     inputs = [x.requires_grad_() for x in inputs]
     out = native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, do)
+    indices, first_block = packed_selection(inputs, cu, config)
     worst = dict.fromkeys(["o", *GRADIENTS], 0.0)
     agreement = {}
+    l, d = config.compress_block_size, config.compress_stride
     bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, config.compress_block_size, config.compress_stride)
-    for (s, e), (c0, c1) in zip(bounds, zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist())):
+    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, l, d)
+    for (s, e), (c0, c1), base in zip(bounds, zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist()), first_block):
         rows = slice(e - min(e - s, 2048), e)           # the last 2048 queries of each document
         q, k, v, k_cmp, v_cmp, *gates = (x.detach().double() for x in inputs)
         alone = [q[:, rows], k[:, s:e], v[:, s:e], k_cmp[:, c0:c1], v_cmp[:, c0:c1], *(g[:, rows] for g in gates)]
         alone = [x.requires_grad_() for x in alone]
-        ref = native_sparse_attention(*alone, config, backend="torch")
+        chosen = indices[:, rows]
+        chosen = torch.where(chosen >= 0, chosen - base, -1)    # the document's own block numbers
+        q_, k_, v_, kc_, vc_, g_cmp, g_slc, g_win = alone
+        o_cmp, _ = compressed_attention(q_, kc_, vc_, l, d, seq_len_k=e - s)
+        o_slc = selected_attention(q_, k_, v_, chosen, config.select_block_size)
+        o_win = sliding_window_attention(q_, k_, v_, config.window_size)
+        ref = combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
         worst["o"] = max(worst["o"], relative_error(out[:, rows], ref, out.abs().max().item()))
         ref_grads = torch.autograd.grad(ref, alone, do[:, rows].double())
         # the queries' and gates' gradients of these rows; keys get gradients from all queries,
@@ -126,9 +153,8 @@ def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
         for i, at in compared:
             error = relative_error(grads[i][:, at], ref_grads[i], grads[i].abs().max().item())
             worst[GRADIENTS[i]] = max(worst[GRADIENTS[i]], error)
-        x = inputs
-        agreement[e - s] = selection_agreement(x[0][:, rows].detach(), x[3][:, c0:c1].detach(),
-                                               x[4][:, c0:c1].detach(), e - s, config)
+        own = float64_selection(q_.detach(), kc_.detach(), vc_.detach(), e - s, config)
+        agreement[e - s] = (chosen.sort(-1).values == own.sort(-1).values).all(-1).float().mean().item()
     return worst, agreement
 
 
