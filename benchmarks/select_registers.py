@@ -45,11 +45,13 @@ def main() -> int:
     for heads_q, heads_kv in HEADS:
         group = heads_q // heads_kv
         group_pad = triton.next_power_of_2(group)
-        constants = dict(HEADS_Q=heads_q, GROUP=group, GROUP_PAD=group_pad, DIM_QK=128, BLOCK_DQK=head_dim_block(128),
+        constants = dict(HEADS_Q=heads_q, GROUP=group, DIM_QK=128, BLOCK_DQK=head_dim_block(128),
                          CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride,
                          SEL_BLOCK=config.select_block_size, NUM_SELECT=config.num_selected_blocks,
                          SLOTS=triton.next_power_of_2(config.num_selected_blocks),
                          NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks, CAUSAL=True)
+        if "GROUP_PAD" in kernel.arg_names:   # an older build: the group's heads as rows of one tile
+            constants["GROUP_PAD"] = group_pad
         if hasattr(topk, "select_tiles"):    # the launcher's tiles; an older build's rule otherwise
             constants["BLOCK_M"], constants["BLOCK_S"] = topk.select_tiles(group_pad, config, True)
         else:

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from nsa.checks import (check_compressed_qkv, check_config, check_mem_kv_len, resolve_scale,
                         resolve_seq_len_k)
-from nsa.kernels.common import (LOG2E, PackedRows, check_kernel_inputs, group_rows, head_dim_block,
+from nsa.kernels.common import (LOG2E, PackedRows, check_kernel_inputs, head_dim_block,
                                 launch_fitting, load_rows, packed_launch, sequence_span)
 
 
@@ -77,25 +77,27 @@ def first_top(cand, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel, scale_log2,
-                    lse2, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
-                    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUP_PAD: tl.constexpr,
+def step_candidates(sel_start, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel, scale_log2,
+                    lse2s, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
+                    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUP: tl.constexpr,
                     PER_SEL: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Steps 1-4 for the selection blocks sel_start + [0, BLOCK_S) of the kernel's rows: their rank
-    keys (BLOCK_M, BLOCK_S), GONE where a block may not enter, and this step's last spill."""
+    """Steps 1-4 for the selection blocks sel_start + [0, BLOCK_S) of the kernel's positions: their
+    rank keys (BLOCK_M, BLOCK_S), GONE where a block may not enter, and this step's last spill.
+    qs, lse2s: the GROUP heads' q tiles (BLOCK_M, BLOCK_DQK) and base-2 lse (BLOCK_M,)."""
     BLOCK_C: tl.constexpr = BLOCK_S * PER_SEL                     # compressed blocks per step
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dqk = tl.arange(0, BLOCK_DQK)
-    # -- 1. probabilities of this step's compressed blocks (pass 2: lse known) --
+    # -- 1. probabilities of this step's compressed blocks (pass 2: lse known), one head at a
+    #    time, and 2. their sum over the group: tiles of one layout added elementwise --
     cmp = sel_start * PER_SEL + offs_c                                        # (BLOCK_C,)
     k = load_rows(K_CMP, k_base + (mem_kv_len + cmp).to(tl.int64) * heads_kv, cmp < num_cmp, offs_dqk, DIM_QK)
-    s = tl.dot(q, tl.trans(k)) * scale_log2                                   # (BLOCK_R, BLOCK_C)
     visible = (cmp[None, :] < cmp_end[:, None]) & row_ok[:, None]
-    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-    # -- 2. sum over the group --
-    p_group = tl.sum(tl.reshape(p, (BLOCK_M, GROUP_PAD, BLOCK_C)), axis=1)    # (BLOCK_M, BLOCK_C)
+    p_group = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for g in tl.static_range(GROUP):
+        s = tl.dot(qs[g], tl.trans(k)) * scale_log2                          # (BLOCK_M, BLOCK_C)
+        p_group += tl.where(visible, tl.exp2(s - lse2s[g][:, None]), 0.0)
     # -- 3. Eq. 9: a block's own compressed blocks, plus what its left neighbour spills --
     score, carry = eq9_step(p_group, carry, w_home, w_spill, shift, first, last, BLOCK_M, BLOCK_S, PER_SEL)
     # -- 4. blocks a query may not take, or scored NaN: never enter; blocks it must take: +inf --
@@ -118,12 +120,12 @@ def select_blocks_kernel(
     CU_Q, CU_K, CU_CMP,  # PACKED: int32 cu_seqlens of the queries, keys and compressed rows (chapter 10)
     scale_log2, seq_len_q, seq_len_k,
     mem_kv_len, num_cmp, num_sel,   # memory rows, real compressed blocks N_c, selection blocks ceil(Nk/l')
-    HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,
     DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,   # l, d, l'
     NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr,   # n, and n padded to a power of two
     NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of the shift's tl.dot)
+    BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of every tl.dot)
     BLOCK_S: tl.constexpr,   # selection blocks per step (>= 16)
     PACKED: tl.constexpr,    # program_id(1) is a sequence of CU_*, else a batch row (chapter 10)
     FIRST_IN_LOOP: tl.constexpr,   # the first step inside the loop (groups >= 2) or before it (group 1)
@@ -142,20 +144,22 @@ def select_blocks_kernel(
         if first_query >= seq_len_q:
             return
 
-    # -- the rows: BLOCK_M positions x the group's heads, as in the attention kernels --
-    q_rows, row_ok, i_row, pos_row = group_rows(first_query, q_start, head_kv, seq_len_q, seq_len_k, HEADS_Q,
-                                                GROUP, GROUP_PAD, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
-    lse2 = tl.load(LSE + q_rows, mask=row_ok, other=0.0) * LOG2E
-    if CAUSAL:   # the real compressed blocks each row sees: c*d + l - 1 <= t
-        cmp_end = tl.minimum(tl.maximum(pos_row - CMP_BLOCK + 1 + CMP_STRIDE, 0) // CMP_STRIDE, num_cmp)
-    else:
-        cmp_end = tl.zeros([BLOCK_M * GROUP_PAD], dtype=tl.int32) + num_cmp
-
-    # -- the positions once each: the rows of the scores --
+    # -- the rows: BLOCK_M positions; of each of the group's heads, a q tile and its lse --
     i_pos = first_query + tl.arange(0, BLOCK_M)
-    own = (seq_len_k - seq_len_q + i_pos) // SEL_BLOCK              # each query's own block
+    row_ok = i_pos < seq_len_q
+    pos = seq_len_k - seq_len_q + i_pos
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    qs = ()
+    lse2s = ()
+    for g in tl.static_range(GROUP):
+        q_rows = (q_start + i_pos).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
+        qs = qs + (load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK),)
+        lse2s = lse2s + (tl.load(LSE + q_rows, mask=row_ok, other=0.0) * LOG2E,)
+    if CAUSAL:   # the real compressed blocks each position sees: c*d + l - 1 <= t
+        cmp_end = tl.minimum(tl.maximum(pos - CMP_BLOCK + 1 + CMP_STRIDE, 0) // CMP_STRIDE, num_cmp)
+    else:
+        cmp_end = tl.zeros([BLOCK_M], dtype=tl.int32) + num_cmp
+    own = pos // SEL_BLOCK                                          # each query's own block
     if CAUSAL:
         last_sel = (seq_len_k - seq_len_q + tl.minimum(first_query + BLOCK_M, seq_len_q) - 1) // SEL_BLOCK
     else:
@@ -181,18 +185,18 @@ def select_blocks_kernel(
     #    groups inside it, by a tl.where on the step, with one copy of steps 1-4 (fewer registers) --
     loop_from = 0
     if not FIRST_IN_LOOP:
-        cand, carry = step_candidates(0, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel,
-                                      scale_log2, lse2, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
-                                      DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL, NUM_INITIAL, NUM_LOCAL, CAUSAL,
+        cand, carry = step_candidates(0, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel,
+                                      scale_log2, lse2s, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
+                                      DIM_QK, BLOCK_DQK, GROUP, PER_SEL, NUM_INITIAL, NUM_LOCAL, CAUSAL,
                                       BLOCK_M, BLOCK_S)
         top = first_top(cand, SLOTS) if NUM_SELECT == BLOCK_S else merge_top(top, cand, GONE)
         loop_from = BLOCK_S
 
     # -- every (further) step: steps 1-4, then 5. merge into the running top --
     for sel_start in range(loop_from, last_sel + 1, BLOCK_S):
-        cand, carry = step_candidates(sel_start, carry, q, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp,
-                                      num_sel, scale_log2, lse2, cmp_end, row_ok, own, w_home, w_spill, shift,
-                                      first, last, DIM_QK, BLOCK_DQK, GROUP_PAD, PER_SEL, NUM_INITIAL,
+        cand, carry = step_candidates(sel_start, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp,
+                                      num_sel, scale_log2, lse2s, cmp_end, row_ok, own, w_home, w_spill, shift,
+                                      first, last, DIM_QK, BLOCK_DQK, GROUP, PER_SEL, NUM_INITIAL,
                                       NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
         if FIRST_IN_LOOP and NUM_SELECT == BLOCK_S:
             top = tl.where(sel_start == 0, first_top(cand, SLOTS), top)
@@ -209,7 +213,7 @@ def select_blocks_kernel(
 
 
 SELECT_STEP = 16       # selection blocks per step (BLOCK_S); twice that at groups of 16 where it fits
-SELECT_ROWS = {1: 128, 2: 64}   # rows per program by (padded) group, else 256: measured on an H200
+SELECT_ROWS = {1: 128}   # positions x padded group per program, else 256: measured on an H200
 MAX_STEP_CMP = 256     # compressed blocks per step, 16 * l' / d
 MAX_SELECTED = 1024    # n: a running top's empty slots EMPTY - slot stay above GONE
 
@@ -265,8 +269,9 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
 
 def select_tiles(group_pad, config, is_cuda):
     """(positions per program BLOCK_M, selection blocks per step BLOCK_S) of the selection kernel
-    for a group padded to `group_pad`: SELECT_ROWS rows (16 positions in the interpreter), steps
-    of SELECT_STEP blocks, twice that at groups of 16 where a step's compressed blocks fit."""
+    for a group padded to `group_pad`: SELECT_ROWS // group_pad positions, so that the group's q
+    tiles hold SELECT_ROWS rows (16 positions in the interpreter); steps of SELECT_STEP blocks,
+    twice that at groups of 16 where a step's compressed blocks fit."""
     block_m = max(16, SELECT_ROWS.get(group_pad, 256) // group_pad) if is_cuda else 16
     long_step = group_pad == 16 and 2 * SELECT_STEP * config.select_block_size // config.compress_stride <= MAX_STEP_CMP
     return block_m, 2 * SELECT_STEP if long_step else SELECT_STEP
@@ -283,7 +288,7 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     group_pad = triton.next_power_of_2(Hq // H)
     block_m, block_s = select_tiles(group_pad, config, q.is_cuda)
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
-    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, GROUP_PAD=group_pad, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
+    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
                 CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
                 NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
