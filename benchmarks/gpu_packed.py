@@ -91,19 +91,18 @@ def float64_selection(q, k_cmp, v_cmp, seq_len_k, config):
         return select_blocks(selection_scores(q, k_cmp, lse, seq_len_k, config), seq_len_k, config)
 
 
-def packed_selection(inputs, cu, config):
-    """The blocks the packed Triton op selects (its own forward's `block_indices`, numbered
-    across the packed documents) and the first block of each document."""
-    from nsa.kernels.nsa import config_fields
+def packed_selection(inputs, packing, config):
+    """The blocks the packed Triton op selects for `packing` (an `nsa.varlen.Packing`): its own
+    forward's `block_indices`, numbered across the packed documents, and the first block of each
+    document."""
+    from nsa.geometry import num_selection_blocks
+    from nsa.kernels.nsa import config_fields, packed_sizes
 
-    lengths = cu.diff().tolist()
-    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, config.compress_block_size, config.compress_stride)
-    blocks = [-(-n // config.select_block_size) for n in lengths]
-    sizes = [max(lengths), max(lengths), max(cmp_cu.diff().tolist()), sum(blocks)]
     with torch.no_grad():
         indices = torch.ops.nsa.sparse_attention_forward(
-            *(x.detach() for x in inputs), *config_fields(config), inputs[0].shape[-1] ** -0.5, 0,
-            cu, cu, cmp_cu, sizes)[7]
+            *(x.detach() for x in inputs), *config_fields(config), inputs[0].shape[-1] ** -0.5, 0, packing.cu_q,
+            packing.cu_k, packing.cu_cmp, packed_sizes(packing, config.select_block_size))[7]
+    blocks = [num_selection_blocks(end - start, config.select_block_size) for start, end in packing.keys]
     return indices, [sum(blocks[:i]) for i in range(len(blocks))]
 
 
@@ -125,13 +124,14 @@ def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
     out = native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, do)
-    indices, first_block = packed_selection(inputs, cu, config)
+    l, d = config.compress_block_size, config.compress_stride
+    bounds = tuple(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, l, d)
+    rows_cmp = list(zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist()))
+    indices, first_block = packed_selection(inputs, nsa.varlen.Packing(cu, cu, cmp_cu, bounds, bounds, rows_cmp), config)
     worst = dict.fromkeys(["o", *GRADIENTS], 0.0)
     agreement = {}
-    l, d = config.compress_block_size, config.compress_stride
-    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-    cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, l, d)
-    for (s, e), (c0, c1), base in zip(bounds, zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist()), first_block):
+    for (s, e), (c0, c1), base in zip(bounds, rows_cmp, first_block):
         rows = slice(e - min(e - s, 2048), e)           # the last 2048 queries of each document
         q, k, v, k_cmp, v_cmp, *gates = (x.detach().double() for x in inputs)
         alone = [q[:, rows], k[:, s:e], v[:, s:e], k_cmp[:, c0:c1], v_cmp[:, c0:c1], *(g[:, rows] for g in gates)]
