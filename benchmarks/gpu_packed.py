@@ -79,15 +79,13 @@ def relative_error(got, want, scale):
 GRADIENTS = ["dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_win"]
 
 
-def float64_selection(q, k_cmp, v_cmp, seq_len_k, config):
+def float64_selection(q, k_cmp, lse, seq_len_k, config):
     """The blocks float64 itself selects for the query rows `q` (the last rows of a document of
-    `seq_len_k` tokens): the reference's own choice, for the agreement column."""
-    from nsa.compression import compressed_attention
+    `seq_len_k` tokens, `lse` their compressed attention's): the reference's own choice, for the
+    agreement column."""
     from nsa.selection import select_blocks, selection_scores
 
-    l, d = config.compress_block_size, config.compress_stride
     with torch.no_grad():
-        _, lse = compressed_attention(q, k_cmp, v_cmp, l, d, seq_len_k=seq_len_k)
         return select_blocks(selection_scores(q, k_cmp, lse, seq_len_k, config), seq_len_k, config)
 
 
@@ -131,15 +129,15 @@ def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
     indices, first_block = packed_selection(inputs, nsa.varlen.Packing(cu, cu, cmp_cu, bounds, bounds, rows_cmp), config)
     worst = dict.fromkeys(["o", *GRADIENTS], 0.0)
     agreement = {}
+    q, k, v, k_cmp, v_cmp, *gates = (x.detach().double() for x in inputs)
     for (s, e), (c0, c1), base in zip(bounds, rows_cmp, first_block):
         rows = slice(e - min(e - s, 2048), e)           # the last 2048 queries of each document
-        q, k, v, k_cmp, v_cmp, *gates = (x.detach().double() for x in inputs)
         alone = [q[:, rows], k[:, s:e], v[:, s:e], k_cmp[:, c0:c1], v_cmp[:, c0:c1], *(g[:, rows] for g in gates)]
         alone = [x.requires_grad_() for x in alone]
         chosen = indices[:, rows]
         chosen = torch.where(chosen >= 0, chosen - base, -1)    # the document's own block numbers
         q_, k_, v_, kc_, vc_, g_cmp, g_slc, g_win = alone
-        o_cmp, _ = compressed_attention(q_, kc_, vc_, l, d, seq_len_k=e - s)
+        o_cmp, lse = compressed_attention(q_, kc_, vc_, l, d, seq_len_k=e - s)
         o_slc = selected_attention(q_, k_, v_, chosen, config.select_block_size)
         o_win = sliding_window_attention(q_, k_, v_, config.window_size)
         ref = combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
@@ -153,7 +151,7 @@ def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
         for i, at in compared:
             error = relative_error(grads[i][:, at], ref_grads[i], grads[i].abs().max().item())
             worst[GRADIENTS[i]] = max(worst[GRADIENTS[i]], error)
-        own = float64_selection(q_.detach(), kc_.detach(), vc_.detach(), e - s, config)
+        own = float64_selection(q_.detach(), kc_.detach(), lse.detach(), e - s, config)
         agreement[e - s] = (chosen.sort(-1).values == own.sort(-1).values).all(-1).float().mean().item()
     return worst, agreement
 
