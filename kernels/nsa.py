@@ -232,6 +232,7 @@ def _save_for_backward(ctx, inputs, output):
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *config, cu_q, cu_k, cu_cmp, packed_sizes = inputs
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *output[1:], cu_q, cu_k, cu_cmp)
     ctx.config = (*config, packed_sizes)
+    ctx.set_materialize_grads(False)    # the saved outputs get no gradient: no zero tensors for them
 
 
 def _backward(ctx, do, *unused):
@@ -281,6 +282,7 @@ def _save_window(ctx, inputs, output):
     q, k, v, *config, cu_q, cu_k, packed_sizes = inputs
     ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
     ctx.config = (*config, packed_sizes)
+    ctx.set_materialize_grads(False)    # lse gets no gradient: no zero tensor for it
 
 
 def _window_backward(ctx, do, unused):
