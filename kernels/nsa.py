@@ -236,6 +236,8 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _backward(ctx, do, *unused):
+    if do is None:        # a loss without o (its saved outputs only): nothing flows back, as before
+        return (None,) * (8 + len(ctx.config) + 3)
     *saved, cu_q, cu_k, cu_cmp = ctx.saved_tensors
     grads = sparse_attention_backward(do, *saved, *ctx.config[:-1], cu_q, cu_k, cu_cmp, ctx.config[-1])
     d_win = grads[7] if saved[7] is not None else None             # g_win None: the window was left out

@@ -141,3 +141,24 @@ def test_window_left_out_equals_a_window_gated_by_zero(monkeypatch, backend, pac
     if grad:
         for got, expected in zip(torch.autograd.grad(without, inputs[:7], do), expected_grads):
             torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+def test_operator_backward_with_a_loss_that_leaves_o_out():
+    """The fused operator's saved outputs get no materialised gradient: a loss on one of them only
+    (not o) sends nothing back, and a loss on o still does."""
+    from nsa.kernels.nsa import config_fields
+
+    torch.manual_seed(0)
+    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4,
+                       window_size=16)
+    q = torch.randn(1, 40, 4, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    k_cmp, v_cmp = (torch.randn(1, num_compressed_blocks(40, 8, 4), 2, 16, device=DEVICE, requires_grad=True)
+                    for _ in range(2))
+    gates = [torch.rand(1, 40, 4, device=DEVICE, requires_grad=True) for _ in range(3)]
+    run = lambda: torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, *gates, *config_fields(config),
+                                                         0.25, 0, None, None, None, [])
+    run()[1].sum().backward()                     # the compressed branch's output, saved for the backward
+    assert q.grad is None and k.grad is None
+    run()[0].sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
