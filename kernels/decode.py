@@ -414,7 +414,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_merge_kernel[(B, T, Hq)](
         cmp_acc, cmp_m, cmp_l, acc, m, l_sum, g_cmp, g_slc, g_win, o, T,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, GROUP_ROWS=group_rows, DIM_V=Dv,
-        BLOCK_DV=block_dv, SPLITS_C=splits_c, SPLITS=splits)
+        BLOCK_DV=block_dv, SPLITS_C=splits_c, SPLITS=splits,
+        num_warps=1)        # a (splits, Dv) tile per branch: one warp's shuffles reduce it, no barrier
     return o
 
 
