@@ -236,10 +236,11 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _backward(ctx, do, *unused):
-    if do is None:        # a loss without o (its saved outputs only): nothing flows back, as before
-        return (None,) * (8 + len(ctx.config) + 3)
     *saved, cu_q, cu_k, cu_cmp = ctx.saved_tensors
-    grads = sparse_attention_backward(do, *saved, *ctx.config[:-1], cu_q, cu_k, cu_cmp, ctx.config[-1])
+    if do is None:        # a loss without o (its saved outputs only): nothing flows back, as before
+        grads = (None,) * 8
+    else:
+        grads = sparse_attention_backward(do, *saved, *ctx.config[:-1], cu_q, cu_k, cu_cmp, ctx.config[-1])
     d_win = grads[7] if saved[7] is not None else None             # g_win None: the window was left out
     return (*grads[:7], d_win, *(None for _ in ctx.config), None, None, None)
 
@@ -290,7 +291,11 @@ def _save_window(ctx, inputs, output):
 def _window_backward(ctx, do, unused):
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
     window_size, causal, scale, packed_sizes = ctx.config
-    grads = window_attention_backward(do, q, k, v, o, lse, window_size, causal, scale, cu_q, cu_k, packed_sizes)
+    if do is None:        # a loss on lse alone: nothing flows back, as before (lse gets no gradient)
+        grads = (None,) * 3
+    else:
+        grads = window_attention_backward(do, q, k, v, o, lse, window_size, causal, scale, cu_q, cu_k,
+                                          packed_sizes)
     return (*grads, None, None, None, None, None, None)
 
 

@@ -144,8 +144,8 @@ def test_window_left_out_equals_a_window_gated_by_zero(monkeypatch, backend, pac
 
 
 def test_operator_backward_with_a_loss_that_leaves_o_out():
-    """The fused operator's saved outputs get no materialised gradient: a loss on one of them only
-    (not o) sends nothing back, and a loss on o still does."""
+    """The fused and the window operators' saved outputs get no materialised gradient: a loss on
+    one of them only (not o) sends nothing back, and a loss on o still does."""
     from nsa.kernels.nsa import config_fields
 
     torch.manual_seed(0)
@@ -161,4 +161,10 @@ def test_operator_backward_with_a_loss_that_leaves_o_out():
     run()[1].sum().backward()                     # the compressed branch's output, saved for the backward
     assert q.grad is None and k.grad is None
     run()[0].sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    q.grad = k.grad = v.grad = None
+    window = lambda: torch.ops.nsa.window_attention_forward(q, k, v, 16, True, 0.25, None, None, [])
+    window()[1].sum().backward()                  # the window operator's lse alone
+    assert q.grad is None and k.grad is None
+    window()[0].sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
