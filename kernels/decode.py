@@ -11,7 +11,7 @@ import triton.language as tl
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
                                 softmax_update, store_rows)
-from nsa.kernels.topk import EMPTY, GONE, check_select_config, first_top, merge_top, rank_keys
+from nsa.kernels.topk import EMPTY, GONE, check_select_config, first_top, rank_keys
 
 
 @triton.jit
@@ -187,15 +187,24 @@ def decode_select_kernel(
     cand = selection_step(lo, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
                           TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, SPILL, NUM_INITIAL, NUM_LOCAL)
     slot = tl.arange(0, SLOTS)
-    top = first_top(cand, SLOTS)
+    top = tl.sort(first_top(cand, SLOTS))                 # ascending: each merge below is bitonic
     # -- each further step's candidates merged into it --
     for sel_start in range(lo + SLOTS, hi, SLOTS):
         cand = selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
                               TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, SPILL, NUM_INITIAL, NUM_LOCAL)
-        top = merge_top(top, cand, GONE)
+        top = bitonic_top(top, cand)
     # -- this split's best SLOTS per token; stage 3 merges the splits' lists --
     tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
     tl.store(TOPS + tops[:, None] * SLOTS + slot[None, :], top)
+
+
+@triton.jit
+def bitonic_top(top, cand):
+    """The best SLOTS keys per row of a running top (ROWS, SLOTS), ascending, and a step's SLOTS
+    candidates, ascending too: against the candidates sorted the other way, the elementwise maximum
+    holds the best SLOTS of both (Batcher's bitonic merge); one more sort orders them. A fixed depth
+    of compare-exchanges, where chapter 9's `merge_top` waits on one round per key that enters."""
+    return tl.sort(tl.maximum(top, tl.sort(cand, descending=True)))
 
 
 @triton.jit
@@ -229,7 +238,8 @@ def decode_sparse_kernel(
     TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch, head_kv = tl.program_id(0), tl.program_id(1)
-    t, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
+    branch = tl.program_id(2) // (T * SPLITS)                    # 0: the selected blocks, 1: the window
+    t, split = (tl.program_id(2) % (T * SPLITS)) // SPLITS, tl.program_id(2) % SPLITS
     heads_kv = tl.num_programs(1)
     # -- the rows: token t's query heads of kv head `head_kv`, padded to GROUP_ROWS >= 16 --
     g = tl.arange(0, GROUP_ROWS)
@@ -242,45 +252,47 @@ def decode_sparse_kernel(
     q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
     kv_base = batch.to(tl.int64) * capacity * heads_kv + head_kv
     part = ((batch * heads_kv + head_kv) * T + t) * SPLITS + split
-    # -- 1. selected branch: this split's blocks j = split, split + SPLITS, ... of the token's n --
-    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
-    acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
-    blocks = chosen_blocks(TOPS, ((batch * heads_kv + head_kv) * SPLITS_S * TOKENS_PAD + t) * SLOTS,
-                           SLOTS, NUM_SELECT, SPLITS_S, TOKENS_PAD * SLOTS)
-    slot = tl.arange(0, SLOTS)[None, :]
-    for j in range(split, NUM_SELECT, SPLITS):
-        block = tl.sum(tl.where(slot == j, blocks, 0))
-        for start_n in range(0, SEL_BLOCK, BLOCK_N):
-            key = block * SEL_BLOCK + start_n + offs_n
-            seen = (key <= pos) & (block >= 0)
+    if branch == 0:
+        # -- 1. selected blocks: this split's blocks j = split, split + SPLITS, ... of the token's n --
+        m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+        acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
+        blocks = chosen_blocks(TOPS, ((batch * heads_kv + head_kv) * SPLITS_S * TOKENS_PAD + t) * SLOTS,
+                               SLOTS, NUM_SELECT, SPLITS_S, TOKENS_PAD * SLOTS)
+        slot = tl.arange(0, SLOTS)[None, :]
+        for j in range(split, NUM_SELECT, SPLITS):
+            block = tl.sum(tl.where(slot == j, blocks, 0))
+            for start_n in range(0, SEL_BLOCK, BLOCK_N):
+                key = block * SEL_BLOCK + start_n + offs_n
+                seen = (key <= pos) & (block >= 0)
+                k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
+                v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
+                s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+                acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
+        slc = part * GROUP_ROWS + g
+        tl.store(M + slc, m_i)
+        tl.store(L + slc, l_i)
+        store_rows(ACC, acc, slc.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)      # padding rows too: stage 4 reads them
+    else:
+        # -- 2. window: this split's share of the keys [pos - w + 1, pos] --
+        lo = tl.maximum(pos - WINDOW + 1, 0)
+        chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + split * chunk
+        end = tl.minimum(start + chunk, pos + 1)
+        m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+        acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            key = start_n + offs_n
+            seen = key < end
             k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
             v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
             s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
             acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
-    slc = part * GROUP_ROWS + g
-    tl.store(M + slc, m_i)
-    tl.store(L + slc, l_i)
-    store_rows(ACC, acc, slc.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)          # padding rows too: stage 4 reads them
-    # -- 2. window branch: this split's share of the keys [pos - w + 1, pos] --
-    lo = tl.maximum(pos - WINDOW + 1, 0)
-    chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, pos + 1)
-    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
-    acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        key = start_n + offs_n
-        seen = key < end
-        k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
-        v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
-        s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
-    win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
-    tl.store(M + win, m_i)
-    tl.store(L + win, l_i)
-    store_rows(ACC, acc, win.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)
+        win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
+        tl.store(M + win, m_i)
+        tl.store(L + win, l_i)
+        store_rows(ACC, acc, win.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)
 
 
 @triton.jit
@@ -404,7 +416,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
-    decode_sparse_kernel[(B, H, T * splits)](
+    decode_sparse_kernel[(B, H, 2 * T * splits)](                 # the selected blocks' programs, then the window's
         q, k_cache, v_cache, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
         BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
