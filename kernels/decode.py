@@ -145,6 +145,15 @@ def selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_
 
 
 @triton.jit
+def bitonic_top(top, cand):
+    """The best SLOTS keys per row of a running top (ROWS, SLOTS), ascending, and a step's SLOTS
+    candidates, ascending too: against the candidates sorted the other way, the elementwise maximum
+    holds the best SLOTS of both (Batcher's bitonic merge); one more sort orders them. A fixed depth
+    of compare-exchanges, where chapter 9's `merge_top` waits on one round per key that enters."""
+    return tl.sort(tl.maximum(top, tl.sort(cand, descending=True)))
+
+
+@triton.jit
 def decode_select_kernel(
     SCORES, M, L,         # stage 1's scores and its partial softmaxes' maxima and sums
     SEQLENS,              # (B,) int32
@@ -196,15 +205,6 @@ def decode_select_kernel(
     # -- this split's best SLOTS per token; stage 3 merges the splits' lists --
     tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
     tl.store(TOPS + tops[:, None] * SLOTS + slot[None, :], top)
-
-
-@triton.jit
-def bitonic_top(top, cand):
-    """The best SLOTS keys per row of a running top (ROWS, SLOTS), ascending, and a step's SLOTS
-    candidates, ascending too: against the candidates sorted the other way, the elementwise maximum
-    holds the best SLOTS of both (Batcher's bitonic merge); one more sort orders them. A fixed depth
-    of compare-exchanges, where chapter 9's `merge_top` waits on one round per key that enters."""
-    return tl.sort(tl.maximum(top, tl.sort(cand, descending=True)))
 
 
 @triton.jit
