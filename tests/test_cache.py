@@ -275,6 +275,18 @@ def test_triton_decoder_merges_more_selection_lists_than_it_chooses_blocks():
     check_decoder((1, [700], 1, 4, 1, 16, 16, 0, 800), NSAConfig(8, 4, 16, 4, 1, 2, 32), sharpness=4.0)
 
 
+@pytest.mark.parametrize("num_selected", [4, 3])
+def test_triton_decoder_merges_many_steps_in_one_selection_split(monkeypatch, num_selected):
+    """Two selection splits for 50 selection blocks: each merges six or seven steps into its running
+    top (stage 2's bitonic merge, many times over), with n = 3 a superset of 4 slots; two rows of
+    three new tokens each (stage 2's rows: tokens, each its own top)."""
+    from nsa.kernels import decode
+    monkeypatch.setattr(decode, "MAX_SPLITS", 2)
+    assert decode.split_count(2, 13, decode.SELECT_PROGRAMS_PER_SM * 2) == 2
+    config = NSAConfig(8, 4, 16, num_selected, 1, 2, 32)
+    check_decoder((2, [700, 513], 3, 8, 2, 16, 16, 0, 800), config, sharpness=4.0)
+
+
 def check_decoder(case, config, sharpness=1.0):
     """The test above for one step shape and geometry; `sharpness` scales the queries, so that a
     few compressed blocks hold most of the probability and Eq. 9's weights decide the selection."""
