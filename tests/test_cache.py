@@ -277,12 +277,13 @@ def test_triton_decoder_merges_more_selection_lists_than_it_chooses_blocks():
 
 @pytest.mark.parametrize("num_selected", [4, 3])
 def test_triton_decoder_merges_many_steps_in_one_selection_split(monkeypatch, num_selected):
-    """Two selection splits for 50 selection blocks: each merges six or seven steps into its running
-    top (stage 2's bitonic merge, many times over), with n = 3 a superset of 4 slots; two rows of
-    three new tokens each (stage 2's rows: tokens, each its own top)."""
+    """Two selection splits where each row's tokens see 44 and 33 selection blocks of 4 slots a
+    step: a split takes four to six steps and merges the later ones into its running top (stage 2's
+    bitonic merge, up to five times), with n = 3 a superset of 4 slots; two rows of three new
+    tokens each (stage 2's rows: tokens, each its own top)."""
     from nsa.kernels import decode
     monkeypatch.setattr(decode, "MAX_SPLITS", 2)
-    assert decode.split_count(2, 13, decode.SELECT_PROGRAMS_PER_SM * 2) == 2
+    assert decode.split_count(2 * 2, 13, decode.SELECT_PROGRAMS_PER_SM * 2) == 2     # B x H programs, 13 steps
     config = NSAConfig(8, 4, 16, num_selected, 1, 2, 32)
     check_decoder((2, [700, 513], 3, 8, 2, 16, 16, 0, 800), config, sharpness=4.0)
 
