@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
-
-POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
-           torch.int64: "*i64"}
-
+from triton.runtime.jit import native_specialize_impl
 
 def cuobjdump(compiled, *flags) -> str:
     """What cuobjdump (shipped with Triton) prints for a compiled kernel's binary with `flags`."""
@@ -74,22 +72,23 @@ def recorded(module, names, multiprocessors=None):
 
 
 def compile_launch(kernel, args, meta, arch: int = 90):
-    """Compile one recorded launch for sm_<arch>: tensors as pointers of their dtype, floats as
-    fp32, ints as i32, None and the meta-parameters as constexprs (num_warps and num_stages as
-    options). Returns Triton's compiled kernel."""
+    """Compile one recorded launch for sm_<arch> as Triton's JIT would on a GPU: each argument
+    specialised by Triton's own rule (pointers and integers divisible by 16 marked so, an integer
+    1 made a constant, floats as fp32, None a constexpr), the meta-parameters as constexprs and
+    num_warps and num_stages as options. Returns Triton's compiled kernel."""
     meta = dict(meta)
     options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
     params = list(inspect.signature(kernel.fn).parameters)
-    signature, constants = {}, dict(meta)
-    for name, value in zip(params, args):
-        if value is None:
-            signature[name], constants[name] = "constexpr", None
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER[value.dtype]
-        else:
-            signature[name] = "fp32" if isinstance(value, float) else "i32"
+    signature, constants, attrs = {}, dict(meta), {}
+    for index, (name, value) in enumerate(zip(params, args)):
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constants[name] = value
+        elif isinstance(key, str) and CUDABackend.parse_attr(key):
+            attrs[(index,)] = CUDABackend.parse_attr(key)
     signature |= {name: "constexpr" for name in params[len(args):]}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 

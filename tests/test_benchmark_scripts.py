@@ -59,6 +59,41 @@ def test_select_registers_compiles_the_selection_for_a_gpu_offline():
         assert 0 < registers <= 255, line
 
 
+OFFLINE_COPY = """
+import sys
+import torch
+import triton
+import triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from offline_compile import compile_launch
+
+
+@triton.jit
+def copy_rows(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+
+x = torch.empty(1024, dtype=torch.bfloat16)
+print(compile_launch(copy_rows, (x, x, 1024), {"BLOCK": 1024, "num_warps": 4}).asm["ptx"])
+"""
+
+
+def test_offline_compile_specialises_arguments_as_the_jit_does(tmp_path):
+    """No GPU needed: a recorded launch compiles as Triton's JIT would compile it on a GPU, with its
+    16-byte-aligned pointers and its n (a multiple of 16) known to be so, hence 16-byte loads and
+    stores (eight bf16 each). Without that, every load is one element wide, no copy is pipelined,
+    and the registers and spills the offline scripts report are not the GPU's."""
+    script = tmp_path / "copy_rows.py"
+    script.write_text(OFFLINE_COPY)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), str(ROOT / "benchmarks")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", done.stdout), done.stdout[-3000:]
+    assert re.search(r"st\.global(\.\w+)*\.v4\.b32", done.stdout), done.stdout[-3000:]
+
+
 def test_decode_kernels_compile_for_a_gpu_offline():
     """No GPU needed: every decoding kernel compiles for sm_90, with the launcher's meta-parameters,
     in bounded time (stage 3 once never finished compiling: Triton's layout pass looped)."""
