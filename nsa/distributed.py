@@ -97,6 +97,8 @@ def start_gather(x, group, lengths):
     if pad:
         x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
     gathered = all_gather_autograd(x.movedim(1, 0).contiguous(), gather_dim=0, group=group)
+    if gathered.requires_grad:          # the reduce-scatter of its backward takes a contiguous gradient
+        gathered.register_hook(torch.Tensor.contiguous)               # (PyTorch 2.11 raises otherwise)
     return gathered.movedim(0, 1)                                     # (B, world * max(lengths), ...)
 
 
