@@ -12,6 +12,8 @@ output) into --out and prints a table last; exits 1 when a chapter fails.
 """
 
 import argparse
+import contextlib
+import importlib.util
 import csv
 import json
 import linecache
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +35,26 @@ def chapters_in_order() -> list[Path]:
     toc = (BOOK / "_toc.yml").read_text()
     return [ROOT / f"{name}.ipynb" for name in re.findall(r"file:\s*(book/\S+)", toc)
             if (ROOT / f"{name}.ipynb").exists()]
+
+
+@contextlib.contextmanager
+def ipython_display_stand_in(source: str):
+    """While a cell that imports IPython runs where IPython is missing (the GPU image has no Jupyter):
+    a stand-in for `IPython.display`, which chapters use to put a table they build on the page
+    (`Markdown(text)` keeps the text, `display` prints it). Only for that cell: libraries that
+    find an IPython module ask it for more (matplotlib: `get_ipython`, `version_info`)."""
+    if "IPython" not in source or importlib.util.find_spec("IPython") is not None:
+        yield
+        return
+    display = types.ModuleType("IPython.display")
+    display.Markdown, display.display = type("Markdown", (str,), {}), print
+    ipython = types.ModuleType("IPython")
+    ipython.display = display
+    sys.modules.update({"IPython": ipython, "IPython.display": display})
+    try:
+        yield
+    finally:
+        del sys.modules["IPython"], sys.modules["IPython.display"]
 
 
 def run_one(notebook: Path, report: Path) -> None:
@@ -52,7 +75,8 @@ def run_one(notebook: Path, report: Path) -> None:
         # as IPython does: inspect.getsource (which @triton.jit reads) finds the cell's lines here
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         try:
-            exec(compile(source, filename, "exec"), namespace)
+            with ipython_display_stand_in(source):
+                exec(compile(source, filename, "exec"), namespace)
         except BaseException as error:                     # report it and stop, as a notebook would
             result.update(status="failed", failed_cell=str(index),
                           error=f"{type(error).__name__}: {str(error)[:300]}")
