@@ -34,7 +34,7 @@ ORDERING = ("MEMBAR.ALL.GPU", "CCTL.IVALL")
 def sass_counts(compiled) -> Counter:
     """{opcode (with its modifiers): how many times it appears} in a compiled kernel's SASS."""
     sass = cuobjdump(compiled, "-sass")
-    return Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    return Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]+)", sass))
 
 
 def recorded_launches(heads_q, heads_kv, seq_len=4096, dim=128):

@@ -10,7 +10,6 @@ before nsa (these scripts do), so that the kernels are compiled, not interpreted
 
 import argparse
 import contextlib
-import inspect
 import subprocess
 import tempfile
 import warnings
@@ -19,9 +18,8 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
-from triton.compiler import ASTSource
-from triton.runtime.jit import native_specialize_impl
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 def cuobjdump(compiled, *flags) -> str:
     """What cuobjdump (shipped with Triton) prints for a compiled kernel's binary with `flags`."""
@@ -72,24 +70,17 @@ def recorded(module, names, multiprocessors=None):
 
 
 def compile_launch(kernel, args, meta, arch: int = 90):
-    """Compile one recorded launch for sm_<arch> as Triton's JIT would on a GPU: each argument
-    specialised by Triton's own rule (pointers and integers divisible by 16 marked so, an integer
-    1 made a constant, floats as fp32, None a constexpr), the meta-parameters as constexprs and
-    num_warps and num_stages as options. Returns Triton's compiled kernel."""
-    meta = dict(meta)
-    options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
-    params = list(inspect.signature(kernel.fn).parameters)
-    signature, constants, attrs = {}, dict(meta), {}
-    for index, (name, value) in enumerate(zip(params, args)):
-        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)
-        signature[name] = kind
-        if kind == "constexpr":
-            constants[name] = value
-        elif isinstance(key, str) and CUDABackend.parse_attr(key):
-            attrs[(index,)] = CUDABackend.parse_attr(key)
-    signature |= {name: "constexpr" for name in params[len(args):]}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options=options)
+    """Compile one recorded launch for sm_<arch> as Triton's JIT compiles it at launch on a GPU:
+    its arguments bound by Triton's own binder (`JITFunction.run`'s path: pointers and integers
+    divisible by 16 marked so, an integer 1 made a constant, the kernel's `do_not_specialize`
+    honoured, None a constexpr), the meta-parameters as constexprs, num_warps and num_stages as
+    options. Returns Triton's compiled kernel."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(meta), bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def heads_and_arch(description: str, default_heads: str):
