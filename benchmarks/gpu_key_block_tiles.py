@@ -15,11 +15,11 @@ its outputs restored to what they held before, launched once and compared with t
 launch's outputs (largest difference over the largest entry; NaN and infinities in the same
 places), then timed (`triton.testing.do_bench`, median, ms). A line per variant is printed and
 appended to `DIR/key_block_tiles_<gpu>.csv` as it is measured, so a run cut short keeps what it
-measured. The shipped kernels at 4 warps spill registers (`benchmarks/offline_compile.py`'s
-resource usage, Triton 3.7.1 for sm_90: 320 bytes of stack at 32/32 for the partials, 2736 for
-the gather kernel, which holds dk and dv in float32), which the variants probe: 8 warps and 32
-or 16 gathered rows spill least there (232 and 88 bytes). On the H200 every 8-warp variant was
-slower; the gather kernel's launch became 32 rows in 3 stages (book/data/key_block_tiles_h200.csv).
+measured. Compiled offline as the JIT compiles them (`benchmarks/offline_compile.py`, Triton 3.7.1
+for sm_90), the partials kernel at its launch of 64 gathered rows and 4 warps spills nothing and
+the gather kernel, which holds dk and dv in float32, 360-400 bytes of stack; with 8 warps and 32
+gathered rows it spills nothing. On the H200 every 8-warp variant was slower; the gather kernel's
+launch became 32 rows in 3 stages (book/data/key_block_tiles_h200.csv).
 """
 
 import sys
