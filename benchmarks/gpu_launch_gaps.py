@@ -23,6 +23,7 @@ import triton.language as tl  # noqa: E402
 
 from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
 from nsa.bench_decode import _parse_batches, graphed, make_step  # noqa: E402
+from offline_compile import recorded  # noqa: E402  (benchmarks/, this script's folder)
 
 
 @triton.jit
@@ -36,23 +37,10 @@ def step_launches(step):
     from nsa.kernels import decode
 
     names = [n for n in vars(decode) if n.startswith("decode_") and n.endswith("_kernel")]
-    saved, launches = {n: getattr(decode, n) for n in names}, []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append((self.name, tuple(grid), meta.get("num_warps", 4)))
-
-    try:
-        for n in names:
-            setattr(decode, n, Recorder(n))
+    grids = []
+    with recorded(decode, names, grids=grids) as launches:
         step()
-    finally:
-        for n, kernel in saved.items():
-            setattr(decode, n, kernel)
-    return launches
+    return [(kernel.fn.__name__, grid, meta.get("num_warps", 4)) for (kernel, _, meta), grid in zip(launches, grids)]
 
 
 def replay_us(fn):

@@ -38,27 +38,32 @@ def resource_usage(compiled) -> dict:
 
 
 class Recorder:
-    """Stands in for a kernel: `kernel[grid](*args, **meta)` records (kernel, args, meta)."""
+    """Stands in for a kernel: `kernel[grid](*args, **meta)` records (kernel, args, meta), and the
+    grid into `grids` if given."""
 
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
+    def __init__(self, kernel, launches, grids=None):
+        self.kernel, self.launches, self.grids = kernel, launches, grids
 
     def __getitem__(self, grid):
-        return lambda *args, **meta: self.launches.append((self.kernel, args, dict(meta)))
+        def launch(*args, **meta):
+            self.launches.append((self.kernel, args, dict(meta)))
+            if self.grids is not None:
+                self.grids.append(tuple(grid))
+        return launch
 
 
 @contextlib.contextmanager
-def recorded(module, names, multiprocessors=None):
-    """Inside: the kernels `names` of `module` record their launches into the yielded list, and
-    every tensor says it is on CUDA (so launchers pick a GPU's tiles); `multiprocessors`, if
-    given, is what `module.multiprocessors` answers."""
+def recorded(module, names, multiprocessors=None, grids=None):
+    """Inside: the kernels `names` of `module` record their launches into the yielded list (and
+    their grids into `grids`, a list, if given), and every tensor says it is on CUDA (so launchers
+    pick a GPU's tiles); `multiprocessors`, if given, is what `module.multiprocessors` answers."""
     launches, saved = [], {name: getattr(module, name) for name in names}
     if multiprocessors is not None:
         saved["multiprocessors"] = module.multiprocessors
     is_cuda = torch.Tensor.is_cuda
     try:
         for name in names:
-            setattr(module, name, Recorder(saved[name], launches))
+            setattr(module, name, Recorder(saved[name], launches, grids))
         if multiprocessors is not None:
             module.multiprocessors = lambda device: multiprocessors
         torch.Tensor.is_cuda = property(lambda self: True)
