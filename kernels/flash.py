@@ -94,6 +94,7 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
     check_kernel_inputs(dims, q)
     scale = resolve_scale(scale, dims.dim_qk)
     check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         raise ValueError("flash_attention is forward-only (no autograd); call it under "
                          "torch.no_grad() or use nsa.attention for gradients")

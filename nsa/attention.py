@@ -3,7 +3,7 @@
 import torch
 from einops import einsum, rearrange
 
-from nsa.checks import check_qkv, resolve_scale
+from nsa.checks import check_bool, check_qkv, resolve_scale
 
 
 def softmax_with_lse(scores: torch.Tensor, visible: torch.Tensor | None):
@@ -23,10 +23,13 @@ def softmax_with_lse(scores: torch.Tensor, visible: torch.Tensor | None):
     return probs, lse.squeeze(-1).masked_fill(~any_visible.squeeze(-1), float("-inf"))
 
 
-def _group_mask(mask: torch.Tensor, dims) -> torch.Tensor:
-    """A bool mask of shape (Nq, Nk) or (B|1, Hq|H|1, Nq, Nk) as (B|1, H|1, G|1, Nq, Nk)."""
+def _group_mask(mask: torch.Tensor, dims, device) -> torch.Tensor:
+    """A bool mask of shape (Nq, Nk) or (B|1, Hq|H|1, Nq, Nk), on q's `device`, as (B|1, H|1, G|1, Nq, Nk)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = visible), got {getattr(mask, 'dtype', type(mask))}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but q on {device}; make it there "
+                         "(e.g. causal_mask(..., device=q.device))")
     shape = tuple(mask.shape)
     if mask.ndim == 2:
         mask = mask[None, None]
@@ -68,7 +71,8 @@ def attention(q, k, v, mask=None, scale=None, return_lse=False):
     """
     dims = check_qkv(q, k, v)
     scale = resolve_scale(scale, dims.dim_qk)
-    visible = None if mask is None else _group_mask(mask, dims)
+    check_bool("return_lse", return_lse)
+    visible = None if mask is None else _group_mask(mask, dims, q.device)
     o, lse = grouped_attention(q, k, v, visible, scale)
     return (o, lse) if return_lse else o
 

@@ -121,6 +121,9 @@ BAD = [
     ("scale", lambda q, k, v: attention(q, k, v, scale="big"), TypeError),
     ("mask", lambda q, k, v: attention(q, k, v, mask=torch.ones(3, 3, dtype=torch.bool)), ValueError),
     ("mask", lambda q, k, v: attention(q, k, v, mask=torch.ones(5, 8)), TypeError),
+    # a mask made on another device than q (meta stands in for a CPU mask beside CUDA inputs)
+    ("mask", lambda q, k, v: attention(q, k, v, mask=torch.ones(5, 8, dtype=torch.bool, device="meta")), ValueError),
+    ("return_lse", lambda q, k, v: attention(q, k, v, return_lse=1), TypeError),
     ("window_size", lambda q, k, v: sliding_window_mask(4, 4, 0), ValueError),
     ("block_size", lambda q, k, v: block_selection_mask(torch.zeros(1, 2, 1, 1, dtype=torch.long), 0, 4), ValueError),
     ("block_indices", lambda q, k, v: block_selection_mask(torch.zeros(1, 2, 1, 1), 2, 4), TypeError),
