@@ -202,6 +202,9 @@ class SparseAttention(nn.Module):
         if cu_seqlens is not None:
             if k is not None or v is not None or mask is not None:
                 raise ValueError("with cu_seqlens, q holds packed sequences of self-attention: pass k = v = mask = None")
+            if self.mask is not None:
+                raise ValueError("the layer has a key padding mask (self.mask); with cu_seqlens the packing says "
+                                 "which tokens are real: set layer.mask = None")
             self._check_input("q", q)
             return self.attend(q, q, q, cu_seqlens, cu_seqlens, packed_pairs(q, q, cu_seqlens))
         k = q if k is None else k

@@ -8,8 +8,8 @@ from torch.nn.attention.flex_attention import and_masks
 
 from nsa.attention import attention, empty_output, softmax_with_lse
 from nsa.backends import check_backend, register_backend, select_backend
-from nsa.checks import (check_key_padding_mask, check_mem_kv_len, check_qkv, check_sparse_inputs,
-                        resolve_scale)
+from nsa.checks import (check_config, check_key_padding_mask, check_mem_kv_len, check_qkv,
+                        check_sparse_inputs, resolve_scale)
 from nsa.compression import compressed_attention
 from nsa.config import NSAConfig
 from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, padding_mod,
@@ -157,6 +157,7 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     keys packed as `compressed_cu_seqlens(cu_seqlens_k, l, d, mem_kv_len)` says. A backend with a
     packed forward (Chapter 10's kernels) takes all sequences at once; any other, one at a time."""
     # -- the compressed rows' offsets: on the device from cu_seqlens_k, on the host from its bounds --
+    check_config(config)
     check_mem_kv_len(mem_kv_len)
     l, d = config.compress_block_size, config.compress_stride
     rows = compressed_bounds([keys for _, keys in pairs], l, d, mem_kv_len)

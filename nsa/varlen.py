@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from nsa.checks import check_cu_seqlens, check_int
+from nsa.checks import check_compress_geometry, check_cu_seqlens, check_int
 from nsa.geometry import num_compressed_blocks
 
 
@@ -71,6 +71,7 @@ def compressed_cu_seqlens(cu_seqlens_k, block_size: int = 32, stride: int = 16, 
     N_c(N_i) blocks of its own keys (no block crosses a boundary). int32, on cu_seqlens_k's device."""
     check_cu_seqlens(cu_seqlens_k, None, cu_seqlens_k.device if isinstance(cu_seqlens_k, torch.Tensor) else "cpu",
                      "cu_seqlens_k")
+    check_compress_geometry(block_size, stride)
     check_int("mem_kv_len", mem_kv_len, 0)
     return compressed_offsets(cu_seqlens_k, block_size, stride, mem_kv_len)
 

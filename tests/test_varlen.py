@@ -205,10 +205,16 @@ def _bad_calls():
          "self-attention"),
         ("layer cu", lambda: layer(x, cu_seqlens=torch.tensor([0, 31], dtype=torch.int32)), ValueError,
          "hold 30 tokens"),
+        ("layer mask", lambda: SparseAttention(16, 2, mask=torch.ones(1, 30, dtype=torch.bool), **GEOMETRY)(
+            x, cu_seqlens=torch.tensor([0, 30], dtype=torch.int32)), ValueError, "self.mask"),
+        ("config", lambda: native_sparse_attention(*inputs, None, cu_seqlens=cu), TypeError, "NSAConfig"),
+        ("stride 0", lambda: compressed_cu_seqlens(cu, 16, 0), ValueError, "stride"),
+        ("stride > block", lambda: compressed_cu_seqlens(cu, 8, 16), ValueError, "stride"),
+        ("block float", lambda: compressed_cu_seqlens(cu, 16.0, 8), TypeError, "block_size"),
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(18))
 def test_bad_cu_seqlens_name_the_argument(index):
     name, call, error, words = _bad_calls()[index]
     with pytest.raises(error, match=words):
