@@ -125,3 +125,13 @@ def select_decoder(backend: str, tensors, dims, config) -> Callable | None:
     if decoder is None or decoder.unsupported(tensors, dims, config) is not None:
         return None
     return decoder.forward
+
+
+def select_step(backend: str, tensors, dims, config) -> Callable | None:
+    """`select_decoder` for a cached step's eight tensors (q, k_cache, v_cache, k_cmp_cache,
+    v_cmp_cache, g_cmp, g_slc, g_win); where no decoder takes the step, the backend's own check
+    (`select_backend`, which raises what it cannot take) runs now, before the caches change."""
+    decoder = select_decoder(backend, tensors[:5], dims, config)
+    if decoder is None:
+        select_backend(backend, tensors, dims, config)
+    return decoder

@@ -2,13 +2,14 @@
 """Decoding with a KV cache: what NSA keeps between steps, how a compressed block is computed
 once when its last token arrives, and the attention of new tokens over everything cached."""
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
-from nsa.backends import check_backend, select_decoder
+from nsa.backends import check_backend, select_step
 from nsa.checks import (check_config, check_int, check_keys, check_like, check_mem_kv_len,
-                        check_sparse_inputs, check_tensor)
+                        check_sparse_inputs, check_tensor, resolve_device)
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks
 from nsa.sparse_attention import native_sparse_attention, window_branch
@@ -94,8 +95,19 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
                                  "the new tokens' keys or values")
     if (k is None) != (v is None):
         raise ValueError("pass the new tokens' k and v together, or neither (already in the cache)")
+    if k is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        raise ValueError("k and v require grad: writing them into the caches would put the caches in autograd's "
+                         "graph, which every later step writes in place; decode under torch.no_grad() or "
+                         "torch.inference_mode()")
     lengths = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
     return dims, scale, lengths
+
+
+def check_phi(name: str, phi) -> None:
+    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`."""
+    if phi is not None and not callable(phi):
+        raise TypeError(f"{name} must be None (mean pooling) or a callable such as nsa.CompressionMLP, "
+                        f"got {type(phi).__name__}")
 
 
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
@@ -121,7 +133,10 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     """
     dims, scale, lengths = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len)
-    decoder = select_decoder(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, config)
+    check_phi("phi_k", phi_k)
+    check_phi("phi_v", phi_v)
+    decoder = select_step(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
+                                                   g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
         at = (torch.arange(dims.batch, device=q.device)[:, None], lengths[:, None] + torch.arange(T, device=q.device))
@@ -156,6 +171,7 @@ class KVCache:
     v_cmp: torch.Tensor   # (B, mem_kv_len + Nc(max_seq_len), H, Dv)
     lengths: list         # tokens held by each row (host ints: checking a step reads no device)
     mem_kv_len: int
+    owner: weakref.ref | None = field(default=None, repr=False, compare=False)   # the layer that made it
 
     @property
     def batch_size(self) -> int:
@@ -175,7 +191,7 @@ class KVCache:
             raise ValueError("a KV cache needs a causal layer (config.causal=True): with causal=False "
                              "every token sees the tokens after it, which a cache does not hold yet")
         weight = layer.to_q.weight
-        device = weight.device if device is None else torch.device(device)
+        device = resolve_device(device, weight.device)
         dtype = weight.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -186,7 +202,7 @@ class KVCache:
         cache = cls({b: zeros(batch_size, max_seq_len, H, Dqk) for b in layer.to_k},
                     {b: zeros(batch_size, max_seq_len, H, Dv) for b in layer.to_v},
                     zeros(batch_size, blocks, H, Dqk), zeros(batch_size, blocks, H, Dv),
-                    [0] * batch_size, mem)
+                    [0] * batch_size, mem, weakref.ref(layer))
         if mem:
             with torch.no_grad():
                 mem_k, mem_v = layer.memory(batch_size, dtype)
@@ -199,6 +215,12 @@ def check_new_tokens(layer, x, cache, lengths) -> list[int]:
     the cache before anything is written."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be an nsa.KVCache from layer.new_cache, got {type(cache).__name__}")
+    if cache.owner is None or cache.owner() is not layer:
+        raise ValueError("the cache was made by another layer's new_cache: a cache holds one layer's keys and "
+                         "values, so each layer needs its own (e.g. [layer.new_cache(...) for layer in layers])")
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
+        raise ValueError("decoding with a cache runs without autograd (each step writes the cache in place): "
+                         "call the layer under torch.no_grad() or torch.inference_mode()")
     B, T, _ = x.shape
     if B != cache.batch_size:
         raise ValueError(f"x has batch {B} but the cache holds {cache.batch_size} rows")
@@ -229,6 +251,13 @@ def forward_with_cache(layer, x, cache: KVCache, lengths=None):
     counts = check_new_tokens(layer, x, cache, lengths)
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)
+    g_cmp, g_slc, g_win = gates
+    g_win_fused = None if layer.kv_per_branch else g_win     # kv_per_branch: the window on its own keys, below
+    # -- the backend's check of the step, before the cache changes --
+    k_slc, v_slc = cache.keys[layer.branch("slc")], cache.values[layer.branch("slc")]
+    dims = check_keys(queries, k_slc, v_slc, "k_cache", "v_cache", rows="max_seq_len")
+    select_step(check_backend(layer.backend), (queries, k_slc, v_slc, cache.k_cmp, cache.v_cmp, g_cmp, g_slc,
+                                               g_win_fused), dims, config)
     before = list(cache.lengths)
     after = [n + c for n, c in zip(before, counts)]
     # -- append each row's new keys and values (every branch), then compress what they complete --
@@ -244,8 +273,6 @@ def forward_with_cache(layer, x, cache: KVCache, lengths=None):
     compress_new_blocks(cache.values[cmp], cache.v_cmp, old, new, max(counts), layer.phi_v, l, d, mem)
     cache.lengths = after
     # -- attend: rows taking all T tokens together, the others one by one --
-    g_cmp, g_slc, g_win = gates
-    g_win_fused = None if layer.kv_per_branch else g_win     # kv_per_branch: the window on its own keys, below
     o = queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
     o_win = torch.zeros_like(o) if layer.kv_per_branch else None
     T = x.shape[1]

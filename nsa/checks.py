@@ -256,6 +256,21 @@ def check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scal
     return dims, resolve_scale(scale, dims.dim_qk)
 
 
+def resolve_device(device, default: torch.device) -> torch.device:
+    """`device` (None: `default`) as a torch.device this machine has."""
+    if device is None:
+        return default
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"device must be None, a str, an int or a torch.device, got {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device={device!r} is not a device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but this machine has no CUDA device")
+    return device
+
+
 def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name: str = "key_padding_mask"):
     """A (batch, seq_len_k) bool tensor, True = keep (any shape of that rank when batch is None)."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 2:

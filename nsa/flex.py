@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import (BlockMask, and_masks, create_bloc
 
 from nsa.backends import register_backend
 from nsa.checks import (check_bool, check_int, check_positive_int, check_seq_len_k, check_tensor,
-                        resolve_scale)
+                        resolve_device, resolve_scale)
 from nsa.device import DEVICE
 from nsa.geometry import num_compressed_blocks, num_selection_blocks
 from nsa.masks import (causal_mod, compressed_mod, selected_block_table, selected_blocks_mod,
@@ -25,16 +25,6 @@ FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: 128 queries x 128 keys
 def _resolve_seq_len_k(seq_len_k, seq_len: int) -> int:
     """The number of keys; None means as many as queries (training / prefill)."""
     return seq_len if seq_len_k is None else check_seq_len_k(seq_len_k, seq_len)
-
-
-def _resolve_device(device) -> torch.device:
-    """None -> nsa's DEVICE (cuda when there is a GPU, else cpu)."""
-    if device is None:
-        return DEVICE
-    try:
-        return torch.device(device)
-    except (TypeError, RuntimeError) as error:
-        raise TypeError(f"device must be None, a str or a torch.device, got {device!r}") from error
 
 
 def _block_mask(mask_mod, batch, heads, seq_len_q, seq_len_kv, device, flex_block_size):
@@ -59,7 +49,7 @@ def create_sliding_mask(seq_len: int, window_size: int, causal: bool = True, *,
     seq_len_k = _resolve_seq_len_k(seq_len_k, seq_len)
     check_positive_int("flex_block_size", flex_block_size)
     mask_mod = sliding_window_mod(window_size, causal, offset=seq_len_k - seq_len)
-    return _block_mask(mask_mod, None, None, seq_len, seq_len_k, _resolve_device(device), flex_block_size)
+    return _block_mask(mask_mod, None, None, seq_len, seq_len_k, resolve_device(device, DEVICE), flex_block_size)
 
 
 def create_compress_mask(seq_len: int, kv_seq_len: int, compress_stride: int, mem_kv_len: int = 0,
@@ -96,7 +86,7 @@ def create_compress_mask(seq_len: int, kv_seq_len: int, compress_stride: int, me
         raise ValueError("mem_kv_len + kv_seq_len is 0: there is no compressed key to attend to")
     check_positive_int("flex_block_size", flex_block_size)
     mask_mod = compressed_mod(block_size, compress_stride, mem_kv_len, causal, seq_len_k - seq_len)
-    return _block_mask(mask_mod, None, None, seq_len, mem_kv_len + kv_seq_len, _resolve_device(device),
+    return _block_mask(mask_mod, None, None, seq_len, mem_kv_len + kv_seq_len, resolve_device(device, DEVICE),
                        flex_block_size)
 
 

@@ -155,7 +155,8 @@ class SparseAttention(nn.Module):
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> KVCache:
         """An empty `nsa.KVCache` for decoding `batch_size` rows of up to `max_seq_len` tokens
-        (device and dtype default to the layer's parameters'); pass it as `forward(x, cache=...)`."""
+        (device and dtype default to the layer's parameters'); pass it as `forward(x, cache=...)`
+        to this layer only (each layer of a model keeps its own)."""
         return KVCache.for_layer(self, batch_size, max_seq_len, device=device, dtype=dtype)
 
     def forward(self, q, k=None, v=None, mask=None, *, cache=None, lengths=None, cu_seqlens=None,
@@ -169,9 +170,10 @@ class SparseAttention(nn.Module):
         = None), int32 cumulative lengths (num_seqs + 1,): each sequence is its own problem.
         A mask or cu_seqlens is read back to the host once per call (the sequences' bounds):
         under torch.compile that is a graph break, which fullgraph=True refuses.
-        cache: an `nsa.KVCache` from `new_cache` (Chapter 13): q holds the next T tokens of
-        self-attention (k = v = mask = None); they are appended to the cache and their outputs
-        returned, equal to the last T rows of the layer on the whole sequence. lengths: with a
+        cache: an `nsa.KVCache` from this layer's `new_cache` (Chapter 13; one per layer), under
+        torch.no_grad() or torch.inference_mode(): q holds the next T tokens of self-attention
+        (k = v = mask = None); they are appended to the cache and their outputs returned, equal to
+        the last T rows of the layer on the whole sequence. lengths: with a
         cache, (B,) ints <= T, how many of the T tokens each row holds (q right-padded; the
         padding's outputs are 0); None = all T.
         cp_group: context parallelism (Chapter 14), a torch.distributed process group whose ranks

@@ -184,6 +184,10 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("lengths-neg", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1, -1]), ValueError, "lengths[1]"),
     ("not-a-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), cache={"k": 1}), TypeError, "nsa.KVCache"),
     ("lengths-no-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), lengths=[1, 1]), ValueError, "lengths"),
+    ("grad", lambda layer, cache: torch.enable_grad()(layer)(torch.randn(2, 1, 32), cache=cache), ValueError,
+     "torch.no_grad()"),
+    ("other-layer", lambda layer, cache: SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()(
+        torch.randn(2, 1, 32), cache=cache), ValueError, "another layer"),
 ]
 
 
@@ -214,8 +218,25 @@ def test_new_cache_arguments_are_checked():
     masked = SparseAttention(32, heads=4, mask=torch.ones(1, 4, dtype=torch.bool), **LAYER_GEOMETRY)
     with pytest.raises(ValueError, match="lengths="):
         masked(torch.randn(1, 1, 32), cache=masked.new_cache(1, 4))
+    with pytest.raises(ValueError, match="device='gpu'"):
+        layer.new_cache(1, 10, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            layer.new_cache(1, 10, device="cuda")
     half = layer.new_cache(2, 10, dtype=torch.float16)
     assert half.k_cmp.dtype == torch.float16 and half.keys["shared"].shape == (2, 10, 4, 8)
+
+
+def test_a_step_the_backend_refuses_leaves_the_cache_unchanged():
+    """The layer's backend checks the step before the cache changes (the Triton kernels need l a
+    power of two)."""
+    layer = SparseAttention(32, heads=4, compress_block_size=24, compress_stride=8, select_block_size=24,
+                            num_selected_blocks=3, window_size=8, backend="triton").eval()
+    cache = layer.new_cache(1, 40)
+    before = snapshot(cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="triton: config.compress_block_size = 24"):
+        layer(torch.randn(1, 4, 32), cache=cache)
+    assert_unchanged(cache, before)
 
 
 def test_functional_bad_arguments_leave_the_caches_unchanged():
@@ -233,6 +254,10 @@ def test_functional_bad_arguments_leave_the_caches_unchanged():
         (dict(v=None), ValueError, "together"),
         (dict(k=torch.randn(B, 3, H, D)), ValueError, "new tokens' keys"),
         (dict(config=NSAConfig(8, 4, 16, 4, 1, 2, 32, causal=False)), ValueError, "causal"),
+        (dict(phi_k=3), TypeError, "phi_k"),
+        (dict(k=torch.randn(B, 2, H, D, requires_grad=True)), ValueError, "no_grad"),
+        # the Triton kernels need l' a power of two: refused by the backend, before the write
+        (dict(config=NSAConfig(8, 4, 12, 4, 1, 2, 32), backend="triton"), ValueError, "triton"),
     ]
     for change, error, words in cases:
         args = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_cmp_cache=k_cmp, v_cmp_cache=v_cmp, cache_seqlens=[0],
