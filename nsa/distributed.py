@@ -13,7 +13,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 
-from nsa.checks import check_config, check_cu_seqlens, check_int, check_like, check_tensor
+from nsa.backends import check_backend
+from nsa.checks import (check_config, check_cu_seqlens, check_int, check_keys, check_like,
+                        check_tensor, resolve_scale)
 from nsa.compression import compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
 from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention
@@ -120,16 +122,19 @@ def gather_sequence(x, group, lengths=None):
     return finish_gather(start_gather(x, group, lengths), lengths)
 
 
-def check_shards(q, k, v, gates, config):
+def check_shards(q, k, v, gates, config, scale, backend):
     """q (B, n, Hq, Dqk), k (B, n, H, Dqk), v (B, n, H, Dv), gates 3 x (B, n, Hq): shards of the
-    same tokens, in q's dtype and on its device; config an NSAConfig."""
+    same tokens, in q's dtype and on its device (GQA's heads); config an NSAConfig; the scale and
+    backend as `native_sparse_attention` takes them. All before any message between the ranks."""
     check_config(config)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 4, "(batch, shard_len, heads, head_dim)")
-        check_like(name, x, q)
     if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k, v must be shards of the same tokens (batch, shard_len): got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    dims = check_keys(q, k, v, rows="shard_len")
+    resolve_scale(scale, dims.dim_qk)
+    check_backend(backend)
     for name, g in zip(("g_cmp", "g_slc", "g_win"), gates):
         if name == "g_win" and g is None:                   # the window branch left out
             continue
@@ -176,7 +181,7 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     sequences (B = 1), the cumulative lengths of the WHOLE packed row, the same on every rank.
     shard_lengths: every rank's token count (default: gathered, one small collective).
     """
-    check_shards(q, k, v, (g_cmp, g_slc, g_win), config)
+    check_shards(q, k, v, (g_cmp, g_slc, g_win), config, scale, backend)
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(q, group, cu_seqlens, shard_lengths)
     k_all = finish_gather(start_gather(k, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dqk)
     v_all = finish_gather(start_gather(v, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dv)

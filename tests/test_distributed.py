@@ -109,6 +109,14 @@ def _check_errors(group):
         context_parallel_sparse_attention(q, k[:, :4], v, *gates, group=group)
     with pytest.raises(TypeError, match="config"):
         context_parallel_sparse_attention(q, k, v, *gates, config={"window_size": 16}, group=group)
+    with pytest.raises(ValueError, match="not a multiple"):
+        context_parallel_sparse_attention(q[:, :, :3], k, v, *(g[..., :3] for g in gates), group=group)
+    with pytest.raises(TypeError, match="q must be a floating-point"):
+        context_parallel_sparse_attention(q.long(), k.long(), v.long(), *gates, group=group)
+    with pytest.raises(ValueError, match="scale"):
+        context_parallel_sparse_attention(q, k, v, *gates, scale=float("nan"), group=group)
+    with pytest.raises(ValueError, match="backend"):
+        context_parallel_sparse_attention(q, k, v, *gates, backend="cuda", group=group)
     with pytest.raises(TypeError, match="group"):
         context_parallel_sparse_attention(q, k, v, *gates, group=None)
 
