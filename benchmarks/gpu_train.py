@@ -9,7 +9,9 @@ trained and evaluated one after the other; writes the results that the chapter p
         --eval-batch-size 1                            # the script's logic, on a CPU
 
 Writes training_gpu.csv (accuracy against distance), training_gpu_curves.csv (loss, accuracy per
-step) and training_gpu.json (experiment, device, wall time, tokens/s) into --out, after each model
+step) and training_gpu.json (experiment, device, wall time, tokens/s, and for the NSA models
+chapter 12's selection probe: how often each layer's kv heads select the stored pair's block for
+the queries that need a free slot, beside chance) into --out, after each model
 (so a run cut short keeps what it finished). Not collected by pytest (no test_ prefix).
 """
 
@@ -22,8 +24,8 @@ import warnings
 import torch
 
 import nsa
-from nsa.training import (GPU_EXPERIMENT, MODELS, accuracy_by_distance, model_variant,
-                          train_recall, write_results)
+from nsa.training import (GPU_EXPERIMENT, MODELS, accuracy_by_distance, make_recall_batch, model_variant,
+                          needle_selection, print_selection, selection_summary, train_recall, write_results)
 
 
 def nsa_backend_in_use(experiment, device) -> str:
@@ -96,6 +98,11 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         histories[name] = train_recall(model, variant, desc=name)
         accuracy[name] = accuracy_by_distance(model, variant)
+        if name.startswith("nsa"):   # chapter 12's probe: does the selection hold the stored pair's block?
+            probe = [t.to(device) for t in make_recall_batch(variant.task, variant.eval_batch_size, seed=777)]
+            found = needle_selection(model, *probe)
+            print_selection(name, found)
+            extra.setdefault("selection", {})[name] = selection_summary(found)
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**30
             extra.setdefault("peak_memory_gib", {})[name] = round(peak, 2)

@@ -416,6 +416,40 @@ def nsa_block_selection(model: RecallTransformer, tokens, layer_index: int):
     return scores, select_blocks(scores, N, config)
 
 
+def needle_selection(model, tokens, targets, distances):
+    """For each query: the stored value's selection block, whether it is forced, and for every
+    (layer, kv head) whether the trained NSA layer selected it. Also the chance of a free slot."""
+    config = model.blocks[0].attn.config
+    l_sel = config.select_block_size
+    n_free = config.num_selected_blocks - config.num_initial_blocks - config.num_local_blocks
+    b, q = (targets != IGNORE_INDEX).nonzero(as_tuple=True)                     # the queries
+    needle = (q - distances[b, q] + 1) // l_sel                                 # block of the stored value
+    own = q // l_sel
+    forced = (needle < config.num_initial_blocks) | (needle > own - config.num_local_blocks)
+    hits = torch.stack([(nsa_block_selection(model, tokens, i)[1][b, q] == needle[:, None, None]).any(-1)
+                        for i in range(len(model.blocks))])                     # (layers, queries, H)
+    free_candidates = (own + 1 - config.num_initial_blocks - config.num_local_blocks).clamp(min=1)
+    chance = (n_free / free_candidates[~forced].float()).clamp(max=1).mean().item()
+    return dict(b=b, q=q, needle=needle, forced=forced, hits=hits, chance=chance)
+
+
+def print_selection(name, found):
+    free = ~found["forced"]
+    print(f"{name}: {len(free)} queries, {free.float().mean():.0%} need a free slot; stored block "
+          f"selected (per kv head) vs {found['chance']:.0%} by chance:")
+    for layer_index, hits in enumerate(found["hits"]):
+        print(f"  layer {layer_index}: " + "  ".join(f"{rate:.0%}" for rate in hits[free].float().mean(0).tolist()))
+
+
+def selection_summary(found) -> dict:
+    """`needle_selection`'s result as numbers to store: the chance of a free slot, the share of
+    queries that need one, and per layer and kv head the rate at which the stored block is selected
+    for them."""
+    free = ~found["forced"]
+    return {"chance": round(found["chance"], 4), "free_share": round(free.float().mean().item(), 4),
+            "selected": [[round(rate, 4) for rate in hits[free].float().mean(0).tolist()] for hits in found["hits"]]}
+
+
 GPU_RESULTS = ("training_gpu.csv", "training_gpu_curves.csv", "training_gpu.json")
 
 
