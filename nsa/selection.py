@@ -177,7 +177,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     if causal:
         attended &= positions <= query_positions(Nq, Nk, q.device)[None, :, None, None]  # t: (1, Nq, 1, 1)
     positions = positions.clamp(0, Nk - 1)
-    # -- gather keys and values: (B, Nq, H, n*l', D) --
+    # -- gather keys and values: (B, Nq, H, S = n*span, D) --
     batch = torch.arange(B, device=q.device)[:, None, None, None]
     head = torch.arange(H, device=q.device)[None, None, :, None]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
