@@ -464,7 +464,8 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size=32, stride=16, scale
     q: (B, Nq, Hq, Dqk); k_cmp: (B, mem_kv_len + N_c, H, Dqk), v_cmp: (B, mem_kv_len + N_c, H, Dv);
     the first `mem_kv_len` rows are memory, visible to every query. Query i sits at
     t = seq_len_k - Nq + i and sees compressed block j iff j*stride + block_size - 1 <= t (all of
-    them when not `causal`); seq_len_k may be None when Nq == seq_len_k or Nq == 1.
+    them when not `causal`); seq_len_k may be None when Nq == seq_len_k, Nq == 1 or not `causal`
+    (`resolve_seq_len_k`).
     Returns o: (B, Nq, Hq, Dv) in q's dtype and lse: (B, Nq, Hq) float32 (no gradient); a query
     that sees nothing gets o = 0 and lse = -inf.
 

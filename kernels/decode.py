@@ -362,6 +362,8 @@ def decode_unsupported(tensors, dims, config):
 
 
 def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors, which the splits of a step are sized to fill; 2 in the CPU's
+    interpreter, so that its small problems still split (and the tests cover the merges)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 

@@ -350,8 +350,8 @@ def triton_packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, c
 
 
 def triton_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=None, cu_seqlens_k=None):
-    """The "triton" backend's window branch alone (chapter 5's `window_branch`): the window band
-    of chapter 9's kernels; packed sequences (`pairs` on the host) in one launch."""
+    """The "triton" backend's window branch alone (chapter 5's `window_branch`): chapter 10's
+    window band; packed sequences (`pairs` on the host) in one launch."""
     sizes = [] if pairs is None else [max(end - start for start, end in bounds)
                                       for bounds in zip(*pairs)]       # longest queries, keys
     return torch.ops.nsa.window_attention_forward(q, k, v, window_size, causal, scale, cu_seqlens_q, cu_seqlens_k,

@@ -73,8 +73,10 @@ def query_tiles_kernel(
 
 
 def prepare_query_tiles(block_indices, queries_per_tile):
-    """`query_tiles_by_sorting`, by one program (one warp) per tile and kv head: (tile_blocks
-    (B, T, H, E), tile_members (B, T, H, E), tile_counts (B, T, H)), int32."""
+    """The query tiles of `block_indices`, `queries_per_tile` consecutive queries each: for every
+    tile and kv head, the distinct blocks its queries chose and, per entry, which of them chose it,
+    built by one program (one warp) per tile and kv head: (tile_blocks (B, T, H, E), tile_members
+    (B, T, H, E), tile_counts (B, T, H)), int32."""
     B, Nq, H, n = block_indices.shape
     Q, device = queries_per_tile, block_indices.device
     T, E = -(-Nq // Q), Q * n

@@ -22,8 +22,10 @@ class Backend:
 
     forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o, with
     inputs already checked by `check_sparse_inputs` (g_win None: the window left out).
-    unsupported(tensors, dims, config) -> None, or the reason (a str) why this implementation cannot take these inputs; tensors are the eight
-    of `native_sparse_attention`, (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win).
+    unsupported(tensors, dims, config) -> None, or the reason (a str) why this implementation
+    cannot take these inputs; tensors are the eight of `native_sparse_attention`, (q, k, v, k_cmp,
+    v_cmp, g_cmp, g_slc, g_win), or for the window branch alone (`window_branch`) its three,
+    (q, k, v).
     packed: None (packed sequences run one `forward` per sequence), or a forward over all the
     packed sequences at once: packed(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
     mem_kv_len, packing) -> o, packing an `nsa.varlen.Packing` (Chapter 10's kernels).
@@ -66,6 +68,7 @@ def backend_unavailable(name: str, reason: str) -> None:
 
 
 def check_backend(backend) -> str:
+    """`backend`, one of BACKENDS ("auto" included)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return backend

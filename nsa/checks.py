@@ -31,6 +31,7 @@ class Dims(NamedTuple):
 
 
 def check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    """`x` must be a tensor of `ndim` dims (`layout` names them in the error)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.ndim != ndim:
@@ -110,10 +111,12 @@ def check_int(name: str, value, minimum: int = 1) -> int:
 
 
 def check_positive_int(name: str, value) -> int:
+    """`value` as an int >= 1: a size."""
     return check_int(name, value, 1)
 
 
 def check_bool(name: str, value) -> bool:
+    """`value`, which must be a bool (a flag: no truthy stand-ins)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value

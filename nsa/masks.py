@@ -9,7 +9,8 @@ masks of the reference, the FlexAttention block masks of the flex backend and th
 import torch
 from torch.nn.attention.flex_attention import and_masks
 
-from nsa.checks import check_bool, check_positive_int, check_tensor
+from nsa.checks import (check_bool, check_compress_geometry, check_int, check_positive_int,
+                        check_tensor)
 from nsa.geometry import num_compressed_blocks
 
 
@@ -72,6 +73,8 @@ def dense_mask(mask_mod, seq_len_q: int, seq_len_k: int, *, batch: int | None = 
 
 def causal_mask(seq_len_q: int, seq_len_k: int, device=None) -> torch.Tensor:
     """(Nq, Nk) bool: query at t = Nk - Nq + i sees keys s <= t."""
+    check_int("seq_len_q", seq_len_q, 0)
+    check_int("seq_len_k", seq_len_k, 0)
     return dense_mask(causal_mod(seq_len_k - seq_len_q), seq_len_q, seq_len_k, device=device)
 
 
@@ -79,6 +82,8 @@ def sliding_window_mask(seq_len_q: int, seq_len_k: int, window_size: int, device
                         causal: bool = True) -> torch.Tensor:
     """(Nq, Nk) bool: query at t sees the `window_size` keys t - w < s <= t (not `causal`:
     t - w < s < t + w)."""
+    check_int("seq_len_q", seq_len_q, 0)
+    check_int("seq_len_k", seq_len_k, 0)
     check_positive_int("window_size", window_size)
     mask_mod = sliding_window_mod(window_size, check_bool("causal", causal), seq_len_k - seq_len_q)
     return dense_mask(mask_mod, seq_len_q, seq_len_k, device=device)
@@ -95,6 +100,7 @@ def block_selection_mask(block_indices: torch.Tensor, block_size: int, seq_len_k
     if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
         raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
     check_positive_int("block_size", block_size)
+    check_int("seq_len_k", seq_len_k, 0)
     B, Nq, H, n = block_indices.shape
     selected = selected_block_table(block_indices, -(-seq_len_k // block_size))
     mask_mod = selected_blocks_mod(selected, block_size)
@@ -123,6 +129,11 @@ def compressed_mod(block_size: int, stride: int, mem_kv_len: int = 0, causal: bo
 def compressed_block_mask(seq_len_q: int, seq_len_k: int, block_size: int = 32, stride: int = 16,
                           *, mem_kv_len: int = 0, causal: bool = True, device=None) -> torch.Tensor:
     """(Nq, mem_kv_len + N_c) bool: which rows of `k_cmp` each query sees (`compressed_mod`)."""
+    check_int("seq_len_q", seq_len_q, 0)
+    check_int("seq_len_k", seq_len_k, 0)
+    check_compress_geometry(block_size, stride)
+    check_int("mem_kv_len", mem_kv_len, 0)
+    check_bool("causal", causal)
     rows = mem_kv_len + num_compressed_blocks(seq_len_k, block_size, stride)
     mask_mod = compressed_mod(block_size, stride, mem_kv_len, causal, seq_len_k - seq_len_q)
     return dense_mask(mask_mod, seq_len_q, rows, device=device)

@@ -46,7 +46,8 @@ def eq9_by_place(p_cmp: torch.Tensor, seq_len_k: int, compress_block_size: int =
 
 def selection_candidate_mask(seq_len_q: int, seq_len_k: int, select_block_size: int = 64, *,
                              causal: bool = True, device=None) -> torch.Tensor:
-    """(Nq, ceil(Nk/l')) bool: the selection blocks query i may choose, j <= t // l' (all if not causal)."""
+    """The selection blocks query i may choose, j <= t // l': (Nq, ceil(Nk/l')) bool; not causal:
+    every block, as (1, ceil(Nk/l')) (broadcasting over the queries)."""
     blocks = torch.arange(num_selection_blocks(seq_len_k, select_block_size), device=device)[None]
     if not causal:
         return blocks >= 0 if seq_len_q else blocks[:0]
@@ -74,6 +75,8 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
                          f"got {tuple(lse.shape)}")
     if not lse.is_floating_point():
         raise TypeError(f"lse must be a floating-point tensor, got dtype {lse.dtype}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}; they must match")
     seq_len_k = check_seq_len_k(seq_len_k, dims.seq_len_q)
     config = check_config(config)
     scale = resolve_scale(scale, dims.dim_qk)

@@ -124,6 +124,11 @@ BAD = [
     # a mask made on another device than q (meta stands in for a CPU mask beside CUDA inputs)
     ("mask", lambda q, k, v: attention(q, k, v, mask=torch.ones(5, 8, dtype=torch.bool, device="meta")), ValueError),
     ("return_lse", lambda q, k, v: attention(q, k, v, return_lse=1), TypeError),
+    ("seq_len_q", lambda q, k, v: causal_mask("a", 3), TypeError),
+    ("seq_len_k", lambda q, k, v: sliding_window_mask(4, -1, 2), ValueError),
+    ("seq_len_k", lambda q, k, v: block_selection_mask(torch.zeros(1, 2, 1, 1, dtype=torch.long), 16, -5), ValueError),
+    ("stride", lambda q, k, v: nsa.compressed_block_mask(4, 40, 2, 0), ValueError),
+    ("mem_kv_len", lambda q, k, v: nsa.compressed_block_mask(4, 40, 2, 2, mem_kv_len=-1), ValueError),
     ("window_size", lambda q, k, v: sliding_window_mask(4, 4, 0), ValueError),
     ("block_size", lambda q, k, v: block_selection_mask(torch.zeros(1, 2, 1, 1, dtype=torch.long), 0, 4), ValueError),
     ("block_indices", lambda q, k, v: block_selection_mask(torch.zeros(1, 2, 1, 1), 2, 4), TypeError),

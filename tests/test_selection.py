@@ -322,6 +322,7 @@ _blocks = select_blocks(_scores, 20, _config)
     (lambda: selection_scores(_q, _kc, _lse[:, :5], 20, _config), ValueError, "lse"),
     (lambda: selection_scores(_q, _kc, _lse.long(), 20, _config), TypeError, "lse"),
     (lambda: selection_scores(_q, _kc, None, 20, _config), TypeError, "lse"),
+    (lambda: selection_scores(_q, _kc, _lse.to("meta"), 20, _config), ValueError, "lse is on meta"),
     (lambda: selection_scores(_q, _kc, _lse, 40, _config), ValueError, "seq_len_k"),
     (lambda: selection_scores(_q, _kc, _lse, 10, _config), ValueError, "seq_len_k"),
     (lambda: selection_scores(_q, _kc, _lse, 20.0, _config), TypeError, "seq_len_k"),
@@ -343,7 +344,7 @@ _blocks = select_blocks(_scores, 20, _config)
     (lambda: selected_attention(_q, _k.float(), _v, _blocks, 16), TypeError, "k"),
     (lambda: selected_attention(_q, _k, _v[:, :5], _blocks, 16), ValueError, "v"),
     (lambda: selected_attention(_q, _k, _v, _blocks.tolist(), 16), TypeError, "block_indices"),
-], ids=range(26))
+], ids=range(27))
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call()
