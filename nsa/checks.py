@@ -248,15 +248,21 @@ def check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scal
                 f"(mem_kv_len) + {num_blocks} compressed blocks of {dims.seq_len_k} keys (block size "
                 f"{config.compress_block_size}, stride {config.compress_stride}), then {dims.heads_kv} "
                 f"kv heads of {dim_name} {dim}")
-    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
-        if name == "g_win" and g is None:             # the window branch left out
-            continue
-        check_tensor(name, g, 3, "(batch, seq_len_q, heads_q)")
-        check_like(name, g, q)
-        if tuple(g.shape) != (dims.batch, dims.seq_len_q, dims.heads_q):
-            raise ValueError(f"{name} has shape {tuple(g.shape)}; expected (batch, seq_len_q, heads_q) "
-                             f"= {(dims.batch, dims.seq_len_q, dims.heads_q)}")
+    check_gates(q, (g_cmp, g_slc, g_win))
     return dims, resolve_scale(scale, dims.dim_qk)
+
+
+def check_gates(q, gates, rows: str = "seq_len_q") -> None:
+    """The three gates (g_cmp, g_slc, g_win), each (B, Nq, Hq) like q's first three dims, in q's
+    dtype and on its device; g_win may be None (the window branch left out)."""
+    for name, g in zip(("g_cmp", "g_slc", "g_win"), gates):
+        if name == "g_win" and g is None:
+            continue
+        check_tensor(name, g, 3, f"(batch, {rows}, heads_q)")
+        check_like(name, g, q)
+        if tuple(g.shape) != tuple(q.shape[:3]):
+            raise ValueError(f"{name} has shape {tuple(g.shape)}; expected q's (batch, {rows}, heads_q) = "
+                             f"{tuple(q.shape[:3])}")
 
 
 def resolve_device(device, default: torch.device) -> torch.device:

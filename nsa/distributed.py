@@ -14,7 +14,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 
 from nsa.backends import check_backend
-from nsa.checks import (check_config, check_cu_seqlens, check_int, check_keys, check_like,
+from nsa.checks import (check_config, check_cu_seqlens, check_gates, check_int, check_keys,
                         check_tensor, resolve_scale)
 from nsa.compression import compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
@@ -135,14 +135,7 @@ def check_shards(q, k, v, gates, config, scale, backend):
     dims = check_keys(q, k, v, rows="shard_len")
     resolve_scale(scale, dims.dim_qk)
     check_backend(backend)
-    for name, g in zip(("g_cmp", "g_slc", "g_win"), gates):
-        if name == "g_win" and g is None:                   # the window branch left out
-            continue
-        check_tensor(name, g, 3, "(batch, shard_len, heads_q)")
-        check_like(name, g, q)
-        if g.shape != q.shape[:3]:
-            raise ValueError(f"{name} has shape {tuple(g.shape)}; expected q's (batch, shard_len, heads_q) = "
-                             f"{tuple(q.shape[:3])}")
+    check_gates(q, gates, rows="shard_len")
 
 
 def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group"):
