@@ -733,30 +733,35 @@ MAX_BLOCK_SIZE = 256
 
 
 class SelectedAttentionTriton(torch.autograd.Function):
+    """The selected branch, (o, lse) with lse non-differentiable: chapter 8b's key-block-centric
+    kernels where `key_block_centric` picks them (and no tile size is asked for), else chapter 8's
+    query tiles; the forward's plan (reverse index or tiles) is kept for the backward."""
+
     @staticmethod
     def forward(ctx, q, k, v, block_indices, block_size, scale, causal, queries_per_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # -- the plan, kept for the backward: chapter 8b's reverse index, or chapter 8's query tiles --
         if queries_per_tile is None and key_block_centric(q.shape[2] // k.shape[2], q.shape[0] * q.shape[1]):
             Q = None
-            o, lse, tiles = selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal)  # the index
+            o, lse, plan = selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal)
         else:
-            Q, tiles = query_tiles(block_indices, q.shape[2] // k.shape[2], queries_per_tile)  # kept for backward
-            o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, Q, tiles)
-        ctx.save_for_backward(q, k, v, o, lse, block_indices, *tiles)
-        ctx.config = (block_size, scale, causal, Q)
+            Q, plan = query_tiles(block_indices, q.shape[2] // k.shape[2], queries_per_tile)
+            o, lse = selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, Q, plan)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, *plan)
+        ctx.args = (block_size, scale, causal, Q)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, block_indices, *tiles = ctx.saved_tensors
-        block_size, scale, causal, Q = ctx.config
+        q, k, v, o, lse, block_indices, *plan = ctx.saved_tensors
+        block_size, scale, causal, Q = ctx.args
         if Q is None:
             dq, dk, dv = selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
-                                               index=tiles)
+                                               index=plan)
         else:
             dq, dk, dv = selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal,
-                                                Q, tiles)
+                                                Q, plan)
         return dq, dk, dv, None, None, None, None, None
 
 
