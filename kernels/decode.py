@@ -40,10 +40,16 @@ def decode_compressed_kernel(
     SEQLENS,              # (B,) int32: the tokens each row held before the step
     SCORES,               # out (B, H, ROWS, R) float32: base-2 scores, -inf where hidden (real rows only)
     ACC, M, L,            # out partial softmaxes: (B, H, SPLITS_C, ROWS, BLOCK_DV), (B, H, SPLITS_C, ROWS)
-    T, num_rows, mem_kv_len, scale_log2,
-    HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
-    DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SPLITS_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    T,                    # new tokens per row in this step
+    num_rows,             # R: the compressed cache's rows, memory included
+    mem_kv_len,           # memory rows at the start of K_CMP, V_CMP (seen by every token)
+    scale_log2,           # softmax scale * log2(e): scores in base 2
+    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,   # Hq; G = Hq // H
+    GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,   # G and T padded: ROWS = TOKENS_PAD * GROUP_PAD >= 16
+    DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,   # dims, padded
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,   # l, d
+    SPLITS_C: tl.constexpr,   # programs per (row, kv head), each a contiguous share of the compressed rows
+    BLOCK_N: tl.constexpr,    # compressed rows per step
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -158,14 +164,16 @@ def decode_select_kernel(
     SCORES, M, L,         # stage 1's scores and its partial softmaxes' maxima and sums
     SEQLENS,              # (B,) int32
     TOPS,                 # out (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64: each split's best rank keys
-    T, num_rows, mem_kv_len,
+    T, num_rows, mem_kv_len,    # as in stage 1
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     TOKENS_PAD: tl.constexpr,   # T padded to a power of two (no tl.dot here: no padding to 16 rows)
     SCORE_ROWS: tl.constexpr,   # stage 1's rows per program, its buffers' layout
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     SPILL: tl.constexpr,        # a selection block's last compressed blocks that may spill into the next
     SLOTS: tl.constexpr,        # n padded to a power of two: a step's blocks, and the running top's size
-    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, SPLITS_C: tl.constexpr, SPLITS_S: tl.constexpr,
+    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,   # the forced blocks
+    SPLITS_C: tl.constexpr,     # stage 1's splits (its partials' layout)
+    SPLITS_S: tl.constexpr,     # programs per (row, kv head) here, each a share of the selection blocks
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD                  # stage 1's first rows: the same tokens
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
@@ -231,11 +239,15 @@ def decode_sparse_kernel(
     Q, K, V,              # (B, T, Hq, Dqk); (B, max_seq_len, H, Dqk), (B, max_seq_len, H, Dv)
     SEQLENS, TOPS,        # (B,) int32; stage 2's lists (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64
     ACC, M, L,            # out partials, selected then window: (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
-    T, capacity, scale_log2,
-    HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    T, capacity, scale_log2,    # new tokens; max_seq_len (the caches' rows); scale * log2(e)
+    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,   # one token's G query heads padded to >= 16 rows (a tl.dot's rows)
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SEL_BLOCK: tl.constexpr, NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr, WINDOW: tl.constexpr,
-    TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEL_BLOCK: tl.constexpr, NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr,   # l', n, n padded
+    WINDOW: tl.constexpr,       # w
+    TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr,    # stage 2's layout of TOPS
+    SPLITS: tl.constexpr,       # programs per (token, kv head) and branch, each a share of its keys
+    BLOCK_N: tl.constexpr,      # keys per step
 ):
     batch, head_kv = tl.program_id(0), tl.program_id(1)
     branch = tl.program_id(2) // (T * SPLITS)                    # 0: the selected blocks, 1: the window
@@ -301,10 +313,10 @@ def decode_merge_kernel(
     ACC, M, L,                # stage 3's (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
     G_CMP, G_SLC, G_WIN,      # gates (B, T, Hq)
     O,                        # out (B, T, Hq, Dv) in q's dtype
-    T,
+    T,                        # new tokens per row
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
-    GROUP_ROWS: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLITS_C: tl.constexpr, SPLITS: tl.constexpr,
+    GROUP_ROWS: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,   # the layouts of stages 1 and 3
+    SPLITS_C: tl.constexpr, SPLITS: tl.constexpr,                          # their splits, merged here
 ):
     batch, t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP

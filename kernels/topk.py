@@ -118,13 +118,15 @@ def select_blocks_kernel(
     LSE,                 # (B, Nq, Hq) float32: the compressed branch's lse (memory included)
     BLOCK_INDICES,       # output (B, Nq, H, n) int32: ascending, -1 (empty) last
     CU_Q, CU_K, CU_CMP,  # PACKED: int32 cu_seqlens of the queries, keys and compressed rows (chapter 10)
-    scale_log2, seq_len_q, seq_len_k,
+    scale_log2,          # softmax scale * log2(e): the compressed branch's lse is turned to base 2 too
+    seq_len_q, seq_len_k,   # Nq, Nk (queries end-aligned); PACKED: each sequence's, read from CU_*
     mem_kv_len, num_cmp, num_sel,   # memory rows, real compressed blocks N_c, selection blocks ceil(Nk/l')
-    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,
-    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,   # Hq; G = Hq // H
+    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr,   # the head dim, padded to a power of two >= 16
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,   # l, d, l'
     NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr,   # n, and n padded to a power of two
-    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,   # the forced blocks: first ones, and up to the own
+    CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,   # query positions per program (>= 16: the rows of every tl.dot)
     BLOCK_S: tl.constexpr,   # selection blocks per step (>= 16)
     PACKED: tl.constexpr,    # program_id(1) is a sequence of CU_*, else a batch row (chapter 10)
