@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from nsa.compression import compress, compressed_attention
+from nsa.compression import compressed_attention
 from nsa.layer import SparseAttention
 from nsa.masks import block_selection_mask, sliding_window_mask
 from nsa.selection import select_blocks, selection_scores
@@ -400,16 +400,10 @@ def nsa_block_selection(model: RecallTransformer, tokens, layer_index: int):
         x = block(x)
     block = model.blocks[layer_index]
     layer, h = block.attn, block.norm_attn(x)                                    # h: (B, N, dim)
-    config, branch = layer.config, "cmp" if layer.kv_per_branch else "shared"
+    config = layer.config
     l, d, N = config.compress_block_size, config.compress_stride, tokens.shape[1]
-    q = rearrange(layer.to_q(h), "b n (h d) -> b n h d", h=layer.heads)             # (B, N, Hq, Dqk)
-    k = rearrange(layer.to_k[branch](h), "b n (h d) -> b n h d", h=layer.kv_heads)  # (B, N, H, Dqk)
-    v = rearrange(layer.to_v[branch](h), "b n (h d) -> b n h d", h=layer.kv_heads)  # (B, N, H, Dv)
-    k_cmp, v_cmp = compress(k, layer.phi_k, l, d), compress(v, layer.phi_v, l, d)   # (B, Nc, H, D)
-    if layer.num_mem_kv:
-        B = tokens.shape[0]
-        k_cmp = torch.cat([layer.mem_k.expand(B, -1, -1, -1).to(k_cmp.dtype), k_cmp], dim=1)
-        v_cmp = torch.cat([layer.mem_v.expand(B, -1, -1, -1).to(v_cmp.dtype), v_cmp], dim=1)
+    q, _ = layer.project_queries(h)                                              # (B, N, Hq, Dqk)
+    k_cmp, v_cmp = layer.compressed(*layer.project_keys_values(h, h))            # (B, mem + Nc, H, D)
     _, lse = compressed_attention(q, k_cmp, v_cmp, l, d, layer.scale, causal=config.causal,
                                   mem_kv_len=layer.num_mem_kv, seq_len_k=N)     # lse: (B, N, Hq)
     scores = selection_scores(q, k_cmp, lse, N, config, layer.scale, mem_kv_len=layer.num_mem_kv)
