@@ -162,3 +162,19 @@ def test_packed_check_reports_each_tensor_and_the_selections():
         assert re.search(rf"[( ]{name} [0-9.]+e", line), line
     assert "257: " in line, line
     assert float(line.split("per document: ")[1].split()[0]) < 1e-2, line
+
+
+def test_training_variants_smoke_run_writes_the_chapters_columns(tmp_path):
+    """Chapter 12's variants script, two variants for two steps: one row each, every measure a rate."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_training_variants.py"), "--out",
+                           str(tmp_path), "--only", "0", "3", "--steps", "2"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with (tmp_path / "training_variants_cpu.csv").open() as f:
+        assert f.readline().startswith("# python benchmarks/cpu_training_variants.py")
+        rows = list(csv.DictReader(f))
+    assert [row["steps"] for row in rows] == ["2", "2"] and "gate" in rows[1]["variant"]
+    for row in rows:
+        assert all(0 <= float(row[key]) <= 1 for key in ("accuracy_beyond_window", "accuracy_free_slot",
+                                                         "selection_min", "selection_max", "chance")), row
