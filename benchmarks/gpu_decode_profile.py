@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nsa.bench import _parse_heads, _parse_lengths
+from nsa.bench import parse_heads, parse_lengths
 from nsa.bench_decode import _parse_batches, graphed, make_step
 
 
@@ -50,9 +50,9 @@ def host_profile(step, repeats=200):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", type=_parse_lengths, default=_parse_lengths("64k,128k"))
+    parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("64k,128k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--max-splits", default=None, help="comma-separated caps, e.g. 8,16,32,64")
     args = parser.parse_args()
     from nsa.kernels import decode

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths  # noqa: E402
 
 
 def child(seq_len, heads_q, heads_kv, tiny):
@@ -75,8 +75,8 @@ def cache_entries(folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("32/32,64/4"))
-    parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("16k,16385,64k,65000"))
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("32/32,64/4"))
+    parser.add_argument("--seq-lens", type=parse_lengths, default=parse_lengths("16k,16385,64k,65000"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--build", default="shipped", help="the label of these rows in the CSV")
     parser.add_argument("--tiny", action="store_true")

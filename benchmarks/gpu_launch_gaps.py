@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths  # noqa: E402
 from nsa.bench_decode import _parse_batches, graphed, make_step  # noqa: E402
 from offline_compile import recorded  # noqa: E402  (benchmarks/, this script's folder)
 
@@ -50,9 +50,9 @@ def replay_us(fn):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", type=_parse_lengths, default=_parse_lengths("64k"))
+    parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("64k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/gpu_launch_gaps.py needs a CUDA GPU")

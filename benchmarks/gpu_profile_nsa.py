@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from nsa import native_sparse_attention  # noqa: E402
-from nsa.bench import _parse_heads, _parse_lengths, make_inputs  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths, make_inputs  # noqa: E402
 
 REPEATS = 5
 
@@ -57,8 +57,8 @@ def forward_in_order(events):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8,32/32"))
-    parser.add_argument("--seq-len", type=_parse_lengths, default=_parse_lengths("64k"))
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8,32/32"))
+    parser.add_argument("--seq-len", type=parse_lengths, default=parse_lengths("64k"))
     args = parser.parse_args()
     for N in args.seq_len:
         for Hq, H in args.heads:

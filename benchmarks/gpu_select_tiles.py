@@ -23,15 +23,15 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from nsa import NSAConfig, compress  # noqa: E402
-from nsa.bench import _parse_heads, _parse_lengths, selection_of  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths, selection_of  # noqa: E402
 from nsa.kernels import topk  # noqa: E402
 from nsa.kernels.common import LOG2E, head_dim_block  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=lambda text: _parse_lengths(text)[0], default=65536)
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("32/32,32/8,64/4"))
+    parser.add_argument("--seq-len", type=lambda text: parse_lengths(text)[0], default=65536)
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("32/32,32/8,64/4"))
     parser.add_argument("--warps", default="4,8", help="warp counts to sweep, comma-separated")
     parser.add_argument("--stages", default="2,3", help="pipeline stages to sweep, comma-separated")
     parser.add_argument("--positions", default="16,32,64,128", help="positions per program to sweep")

@@ -39,7 +39,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
-from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 
@@ -211,11 +211,11 @@ def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "book" / "data")
-    parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("16k,64k"))
+    parser.add_argument("--seq-lens", type=parse_lengths, default=parse_lengths("16k,64k"))
     parser.add_argument("--peers", type=Path, default=None,
                         help="folder holding native_sparse_attention, fsa and nsa_ref")
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--heads", type=_parse_heads, default=HEADS)
+    parser.add_argument("--heads", type=parse_heads, default=HEADS)
     parser.add_argument("--impls", default=",".join(IMPLS))
     args = parser.parse_args()
     if args.peers:

@@ -33,7 +33,7 @@ from triton.testing import do_bench  # noqa: E402
 
 import nsa  # noqa: E402,F401
 from nsa import NSAConfig, compress  # noqa: E402
-from nsa.bench import _parse_lengths, make_inputs, selection_of  # noqa: E402
+from nsa.bench import parse_lengths, make_inputs, selection_of  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
 from nsa.kernels import topk  # noqa: E402
 
@@ -102,7 +102,7 @@ CASES = [("select_blocks_kernel", (32, 32)), ("select_blocks_kernel", (32, 8)), 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=lambda text: _parse_lengths(text)[0], default=65536)
+    parser.add_argument("--seq-len", type=lambda text: parse_lengths(text)[0], default=65536)
     parser.add_argument("--tiny", action="store_true", help="the CPU interpreter, small sizes: checks the script")
     args = parser.parse_args()
     N = 100 if args.tiny else args.seq_len

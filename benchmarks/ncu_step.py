@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from nsa.bench import _parse_heads, _parse_lengths  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths  # noqa: E402
 
 
 def profiled(fn, warm_up=3):
@@ -34,9 +34,9 @@ def profiled(fn, warm_up=3):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["decode", "train"])
-    parser.add_argument("--context", "--seq-len", dest="length", type=_parse_lengths, default=_parse_lengths("64k"))
+    parser.add_argument("--context", "--seq-len", dest="length", type=parse_lengths, default=parse_lengths("64k"))
     parser.add_argument("--batch", type=int, default=1, help="decode only; training runs batch 1")
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4"))
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/ncu_step.py needs a CUDA GPU")

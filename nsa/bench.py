@@ -31,7 +31,7 @@ COLUMNS = ["impl", "seq_len", "heads_q", "heads_kv", "head_dim", "pass", "ms"]
 MEMORY_COLUMNS = ["impl", "seq_len", "heads_q", "heads_kv", "head_dim", "peak_gib"]
 
 
-def _parse_heads(text: str) -> list[tuple[int, int]]:
+def parse_heads(text: str) -> list[tuple[int, int]]:
     pairs = []
     for item in text.split(","):
         hq, _, hkv = item.partition("/")
@@ -41,7 +41,7 @@ def _parse_heads(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def _parse_lengths(text: str) -> list[int]:
+def parse_lengths(text: str) -> list[int]:
     lengths = []
     for item in text.split(","):
         item = item.strip().lower()
@@ -194,8 +194,8 @@ def machine_info(argv) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nsa.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-lens", type=_parse_lengths, default=_parse_lengths("4k,8k,16k,32k,64k,128k"))
-    parser.add_argument("--heads", type=_parse_heads, default=_parse_heads("64/4,32/8"))
+    parser.add_argument("--seq-lens", type=parse_lengths, default=parse_lengths("4k,8k,16k,32k,64k,128k"))
+    parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None, help="default: book/data/bench_<gpu>.csv")
     parser.add_argument("--only", default=None, help="comma-separated implementation names")
