@@ -11,7 +11,8 @@ import triton.language as tl
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
                                 softmax_update, store_rows)
-from nsa.kernels.topk import EMPTY, GONE, check_select_config, first_top, rank_keys
+from nsa.kernels.topk import (EMPTY, GONE, check_select_config, compressed_rows_seen, eq9_weights,
+                              first_top, rank_candidates)
 
 
 @triton.jit
@@ -26,12 +27,6 @@ def decode_rows(batch, head_kv, T, HEADS_Q: tl.constexpr, GROUP: tl.constexpr, G
     row_ok = (t < T) & (g < GROUP)
     rows = (batch * T + t).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
     return rows, row_ok, t
-
-
-@triton.jit
-def compressed_rows_seen(pos, mem_kv_len, num_rows, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
-    """Compressed rows a query at `pos` sees: the memory rows, then block c iff c*d + l - 1 <= pos."""
-    return tl.minimum(mem_kv_len + tl.maximum(pos + CMP_STRIDE - CMP_BLOCK + 1, 0) // CMP_STRIDE, num_rows)
 
 
 @triton.jit
@@ -143,11 +138,7 @@ def selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_
     # -- 2. summed over the group: one score per token and block --
     score = tl.sum(tl.reshape(score, (TOKENS_PAD, GROUP_PAD, BLOCK_S)), axis=1)
     # -- 3. blocks a token may not take, or scored NaN, never enter; forced ones enter at +inf --
-    allowed = sel[None, :] <= own[:, None]
-    forced = allowed & ((sel[None, :] < NUM_INITIAL)
-                        | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
-    cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
-    return tl.where(allowed & (forced | (score == score)), cand, GONE)
+    return rank_candidates(score, sel, own, sel[None, :] <= own[:, None], NUM_INITIAL, NUM_LOCAL)
 
 
 @triton.jit
@@ -191,11 +182,10 @@ def decode_select_kernel(
     t = tl.arange(0, TOKENS_PAD)
     own = (length + t) // SEL_BLOCK
     last_sel = (length + T - 1) // SEL_BLOCK
-    # -- Eq. 9's weights by place, as in chapter 9's kernel --
-    offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE
-    w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
-    offs_spill = (PER_SEL - SPILL + tl.arange(0, SPILL)) * CMP_STRIDE     # the last SPILL: 0 for those that do not
-    w_spill = (tl.maximum(offs_spill + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
+    # -- Eq. 9's weights by place (chapter 9's): every place's at home, the last SPILL's spilling --
+    w_home, _ = eq9_weights(tl.arange(0, PER_SEL) * CMP_STRIDE, CMP_BLOCK, SEL_BLOCK, CMP_STRIDE)
+    _, w_spill = eq9_weights((PER_SEL - SPILL + tl.arange(0, SPILL)) * CMP_STRIDE, CMP_BLOCK, SEL_BLOCK,
+                             CMP_STRIDE)                           # 0 for those that do not reach the next
     # -- this split's share of the selection blocks, in whole steps of SLOTS blocks --
     chunk = tl.cdiv(tl.cdiv(last_sel + 1, SPLITS_S), SLOTS) * SLOTS
     lo = split * chunk

@@ -62,6 +62,32 @@ GONE = tl.constexpr(-(1 << 62) - 1024)   # a candidate that may not enter: below
 
 
 @triton.jit
+def compressed_rows_seen(pos, mem_kv_len, num_rows, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Compressed rows a query at `pos` sees: the memory rows, then block c iff c*d + l - 1 <= pos."""
+    return tl.minimum(mem_kv_len + tl.maximum(pos + CMP_STRIDE - CMP_BLOCK + 1, 0) // CMP_STRIDE, num_rows)
+
+
+@triton.jit
+def eq9_weights(offs_u, CMP_BLOCK: tl.constexpr, SEL_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Eq. 9's weights by place of the compressed blocks that start `offs_u` tokens into a selection
+    block: (their overlap with it, with the next one), in units of d (float32)."""
+    home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
+    spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
+    return home, spill
+
+
+@triton.jit
+def rank_candidates(score, sel, own, allowed, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """The rank keys of selection blocks `sel` (S,) for rows whose own blocks are `own` (R,), from
+    their scores (R, S): GONE where a block is not `allowed` or scored NaN; a forced block (the first
+    NUM_INITIAL, the NUM_LOCAL ending at the own block) at +inf."""
+    forced = allowed & ((sel[None, :] < NUM_INITIAL)
+                        | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
+    cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
+    return tl.where(allowed & (forced | (score == score)), cand, GONE)
+
+
+@triton.jit
 def no_blocks(SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr):
     """A top-n that holds nothing yet: distinct keys below every real one in the n slots, and the
     largest int64 in the padding slots, which no candidate displaces."""
@@ -106,10 +132,7 @@ def step_candidates(sel_start, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, n
         allowed = (sel[None, :] <= own[:, None]) & (sel[None, :] < num_sel)
     else:
         allowed = (sel[None, :] < num_sel) & (own[:, None] >= 0)
-    forced = allowed & ((sel[None, :] < NUM_INITIAL)
-                        | ((sel[None, :] > own[:, None] - NUM_LOCAL) & (sel[None, :] <= own[:, None])))
-    cand = rank_keys(tl.where(forced, float("inf"), score), sel[None, :] + tl.zeros_like(own)[:, None])
-    return tl.where(allowed & (forced | (score == score)), cand, GONE), carry
+    return rank_candidates(score, sel, own, allowed, NUM_INITIAL, NUM_LOCAL), carry
 
 
 @triton.jit(do_not_specialize=["mem_kv_len", "num_cmp", "num_sel"])   # seq_len_q, seq_len_k kept: chapter 7
@@ -158,7 +181,7 @@ def select_blocks_kernel(
         qs = qs + (load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK),)
         lse2s = lse2s + (tl.load(LSE + q_rows, mask=row_ok, other=0.0) * LOG2E,)
     if CAUSAL:   # the real compressed blocks each position sees: c*d + l - 1 <= t
-        cmp_end = tl.minimum(tl.maximum(pos - CMP_BLOCK + 1 + CMP_STRIDE, 0) // CMP_STRIDE, num_cmp)
+        cmp_end = compressed_rows_seen(pos, 0, num_cmp, CMP_BLOCK, CMP_STRIDE)
     else:
         cmp_end = tl.zeros([BLOCK_M], dtype=tl.int32) + num_cmp
     own = pos // SEL_BLOCK                                          # each query's own block
@@ -170,8 +193,7 @@ def select_blocks_kernel(
     # -- Eq. 9's weights by place, the one-block shift, the first and last block of a step --
     offs_s = tl.arange(0, BLOCK_S)
     offs_u = tl.arange(0, PER_SEL) * CMP_STRIDE                 # token offset of u in its block
-    w_home = ((tl.minimum(offs_u + CMP_BLOCK, SEL_BLOCK) - offs_u) // CMP_STRIDE).to(tl.float32)
-    w_spill = (tl.maximum(offs_u + CMP_BLOCK - SEL_BLOCK, 0) // CMP_STRIDE).to(tl.float32)
+    w_home, w_spill = eq9_weights(offs_u, CMP_BLOCK, SEL_BLOCK, CMP_STRIDE)
     shift = tl.where(offs_s[:, None] + 1 == offs_s[None, :], 1.0, 0.0)   # (BLOCK_S, BLOCK_S): j-1 -> j
     first = tl.where(offs_s == 0, 1.0, 0.0)
     last = tl.where(offs_s == BLOCK_S - 1, 1.0, 0.0)
