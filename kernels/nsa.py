@@ -17,9 +17,9 @@ from nsa.kernels.band import (band_attention_backward, band_attention_forward, c
 from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, check_kernel_inputs, load_rows,
                                 row_tile, store_rows)
 from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_block_centric,
-                                  query_tiles, reverse_index_shapes, selected_attention_bwd,
-                                  selected_attention_fwd, selected_by_block_bwd,
-                                  selected_by_block_fwd)
+                                  query_tiles, query_tiles_shapes, reverse_index_shapes,
+                                  selected_attention_bwd, selected_attention_fwd,
+                                  selected_by_block_bwd, selected_by_block_fwd)
 from nsa.kernels.topk import check_select_config, select_blocks_launch
 
 
@@ -162,9 +162,8 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
         shapes = reverse_index_shapes(B, Nq, H, num_selected_blocks, num_blocks, q.is_cuda)
         tiles = (*(q.new_empty(shape, dtype=torch.int32) for shape in shapes), q.new_empty(0, dtype=torch.int32))
     elif Q > 1:
-        T, E = -(-Nq // Q), Q * num_selected_blocks
-        tiles = (q.new_empty(B, T, H, E, dtype=torch.int32), q.new_empty(B, T, H, E, dtype=torch.int32),
-                 q.new_empty(B, T, H, dtype=torch.int32))
+        shapes = query_tiles_shapes(B, Nq, H, num_selected_blocks, Q)
+        tiles = tuple(q.new_empty(shape, dtype=torch.int32) for shape in shapes)
     else:
         tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
     sizes = (Nq, packed_sizes[3], packed_sizes[3]) if packed_sizes else (0, 0, 0)   # PackedBlocks' tables

@@ -72,6 +72,13 @@ def query_tiles_kernel(
     tl.store(TILE_COUNTS + (b * num_tiles + tile) * HEADS_KV + h, count)
 
 
+def query_tiles_shapes(batch, seq_len_q, heads_kv, num_slots, queries_per_tile):
+    """The shapes of `prepare_query_tiles`' (tile_blocks, tile_members, tile_counts), known
+    without building them: T = ceil(Nq / Q) tiles of E = Q n entries."""
+    tiles, entries = -(-seq_len_q // queries_per_tile), queries_per_tile * num_slots
+    return (batch, tiles, heads_kv, entries), (batch, tiles, heads_kv, entries), (batch, tiles, heads_kv)
+
+
 def prepare_query_tiles(block_indices, queries_per_tile):
     """The query tiles of `block_indices`, `queries_per_tile` consecutive queries each: for every
     tile and kv head, the distinct blocks its queries chose and, per entry, which of them chose it,
@@ -79,10 +86,9 @@ def prepare_query_tiles(block_indices, queries_per_tile):
     (B, T, H, E), tile_counts (B, T, H)), int32."""
     B, Nq, H, n = block_indices.shape
     Q, device = queries_per_tile, block_indices.device
-    T, E = -(-Nq // Q), Q * n
-    tile_blocks = torch.empty((B, T, H, E), dtype=torch.int32, device=device)
-    tile_members = torch.empty((B, T, H, E), dtype=torch.int32, device=device)
-    tile_counts = torch.empty((B, T, H), dtype=torch.int32, device=device)
+    tile_blocks, tile_members, tile_counts = (torch.empty(shape, dtype=torch.int32, device=device)
+                                              for shape in query_tiles_shapes(B, Nq, H, n, Q))
+    T, E = tile_counts.shape[1], Q * n
     if T * B * H:
         query_tiles_kernel[(T, B * H)](block_indices, tile_blocks, tile_members, tile_counts, Nq, T,
                                        HEADS_KV=H, NUM_SLOTS=n, QUERIES_PER_TILE=Q,
