@@ -9,24 +9,10 @@ import triton
 import triton.language as tl
 
 from nsa.backends import register_decoder
-from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, load_rows,
+from nsa.kernels.common import (LOG2E, check_kernel_inputs, group_rows, head_dim_block, load_rows,
                                 softmax_update, store_rows)
 from nsa.kernels.topk import (EMPTY, GONE, check_select_config, compressed_rows_seen, eq9_weights,
                               first_top, rank_candidates)
-
-
-@triton.jit
-def decode_rows(batch, head_kv, T, HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                TOKENS_PAD: tl.constexpr):
-    """The rows of a (batch row, kv head) program: the T new tokens (padded to TOKENS_PAD) times
-    the group's query heads (padded to GROUP_PAD); row r is token r // GROUP_PAD, head
-    r % GROUP_PAD. Returns (each row's offset in a (B, T, Hq) tensor (int64), row_ok, token)."""
-    r = tl.arange(0, TOKENS_PAD * GROUP_PAD)
-    t = r // GROUP_PAD
-    g = r % GROUP_PAD
-    row_ok = (t < T) & (g < GROUP)
-    rows = (batch * T + t).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
-    return rows, row_ok, t
 
 
 @triton.jit
@@ -50,7 +36,7 @@ def decode_compressed_kernel(
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads_kv = HEADS_Q // GROUP
     # -- the rows, their positions, and the compressed rows each sees --
-    q_rows, row_ok, t = decode_rows(batch, head_kv, T, HEADS_Q, GROUP, GROUP_PAD, TOKENS_PAD)
+    q_rows, row_ok, t, _ = group_rows(0, batch * T, head_kv, T, T, HEADS_Q, GROUP, GROUP_PAD, TOKENS_PAD)
     length = tl.load(SEQLENS + batch)
     hi = compressed_rows_seen(length + t, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE)
     # -- this split's share of what the last token sees, in whole BLOCK_N steps --
