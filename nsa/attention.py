@@ -46,12 +46,17 @@ def _group_mask(mask: torch.Tensor, dims, device) -> torch.Tensor:
     return mask[:, :, None]  # one mask per kv head, shared by its group (or one for all)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def grouped_attention(q, k, v, visible, scale: float):
     """The arithmetic of `attention`, on checked inputs: query head h against kv head
     h // (Hq // H) where `visible` (broadcastable to (B, H, G, Nq, Nk); None = all) -> o (B, Nq, Hq, Dv)
     in q's dtype and lse (B, Nq, Hq) in the compute dtype (float64 for float64, else float32)."""
     group_size = q.shape[2] // k.shape[2]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     q_grouped = rearrange(q.to(compute), "b i (h g) d -> b h g i d", g=group_size)
     scores = einsum(q_grouped, k.to(compute), "b h g i d, b j h d -> b h g i j") * scale
     probs, lse = softmax_with_lse(scores, visible)                 # (B, H, G, Nq, Nk)

@@ -38,6 +38,12 @@ def check_tensor(name: str, x, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(x.shape)}")
 
 
+def check_integer_tensor(name: str, x: torch.Tensor) -> None:
+    """`x` (a tensor) must hold integers: not floating point, complex or bool."""
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+
+
 def check_like(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
     """`x` must have q's dtype and device."""
     if x.dtype != q.dtype:
@@ -210,8 +216,7 @@ def check_config(config):
 def check_block_indices(block_indices, dims, device) -> None:
     """Shape (B, Nq, H, n), integer dtype and q's device; the values are not read (no host sync)."""
     check_tensor("block_indices", block_indices, 4, "(batch, seq_len_q, heads_kv, n)")
-    if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
-        raise TypeError(f"block_indices must be an integer tensor, got dtype {block_indices.dtype}")
+    check_integer_tensor("block_indices", block_indices)
     expected = (dims.batch, dims.seq_len_q, dims.heads_kv)
     if tuple(block_indices.shape[:3]) != expected:
         raise ValueError(f"block_indices must have shape (B, Nq, H, n) with (B, Nq, H) = {expected}, "

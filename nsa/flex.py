@@ -7,6 +7,7 @@ import torch
 from torch.nn.attention.flex_attention import (BlockMask, and_masks, create_block_mask,
                                                flex_attention)
 
+from nsa.attention import compute_dtype
 from nsa.backends import register_backend
 from nsa.checks import (check_bool, check_int, check_positive_int, check_seq_len_k, check_tensor,
                         resolve_device, resolve_scale)
@@ -209,7 +210,7 @@ def flex_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, sc
     if k_cmp.shape[1] == 0:                                   # no block and no memory: nothing to see
         o_cmp = q.new_zeros(B, Hq, Nq, Dv)
         lse_cmp = torch.full((B, Hq, Nq), float("-inf"), device=q.device,
-                             dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                             dtype=compute_dtype(q.dtype))
     else:
         cmp_mask = create_compress_mask(
             Nq, num_compressed, config.compress_stride, mem_kv_len, config.causal,

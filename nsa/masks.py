@@ -9,8 +9,8 @@ masks of the reference, the FlexAttention block masks of the flex backend and th
 import torch
 from torch.nn.attention.flex_attention import and_masks
 
-from nsa.checks import (check_bool, check_compress_geometry, check_int, check_positive_int,
-                        check_tensor)
+from nsa.checks import (check_bool, check_compress_geometry, check_int, check_integer_tensor,
+                        check_positive_int, check_tensor)
 from nsa.geometry import num_compressed_blocks
 
 
@@ -97,8 +97,7 @@ def block_selection_mask(block_indices: torch.Tensor, block_size: int, seq_len_k
     -1 marks an empty slot. With `causal`, keys after the query's position are hidden too.
     """
     check_tensor("block_indices", block_indices, 4, "(batch, seq_len_q, heads_kv, n)")
-    if block_indices.is_floating_point() or block_indices.is_complex() or block_indices.dtype == torch.bool:
-        raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+    check_integer_tensor("block_indices", block_indices)
     check_positive_int("block_size", block_size)
     check_int("seq_len_k", seq_len_k, 0)
     B, Nq, H, n = block_indices.shape

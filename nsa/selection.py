@@ -3,7 +3,7 @@
 import torch
 from einops import einsum, rearrange
 
-from nsa.attention import softmax_with_lse
+from nsa.attention import compute_dtype, softmax_with_lse
 from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
                         check_compressed_qkv, check_config, check_mem_kv_len, check_positive_int,
                         check_qkv, check_seq_len_k, check_tensor, resolve_scale, resolve_seq_len_k)
@@ -84,7 +84,7 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
     resolve_seq_len_k(seq_len_k, dims.seq_len_q, dims.seq_len_k - mem_kv_len, l, d, config.causal)
 
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     with torch.no_grad():
         # -- p_cmp over the real compressed blocks, rebuilt from lse (Eq. 8) --
         q_grouped = rearrange(q.to(compute), "b i (h g) d -> b i h g 1 d", g=dims.group_size)
@@ -183,7 +183,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     # -- gather keys and values: (B, Nq, H, S = n*span, D) --
     batch = torch.arange(B, device=q.device)[:, None, None, None]
     head = torch.arange(H, device=q.device)[None, None, :, None]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     k_selected = k[batch, positions, head].to(compute)                               # (B, Nq, H, S, Dqk)
     v_selected = v[batch, positions, head].to(compute)                               # (B, Nq, H, S, Dv)
     # -- attention of each group's query heads over their kv head's selected keys --

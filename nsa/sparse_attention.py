@@ -6,7 +6,7 @@ import torch
 from einops import einsum, rearrange
 from torch.nn.attention.flex_attention import and_masks
 
-from nsa.attention import attention, empty_output, softmax_with_lse
+from nsa.attention import attention, compute_dtype, empty_output, softmax_with_lse
 from nsa.backends import check_backend, register_backend, select_backend
 from nsa.checks import (check_config, check_key_padding_mask, check_mem_kv_len, check_qkv,
                         check_sparse_inputs, resolve_scale)
@@ -25,7 +25,7 @@ def combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
 
     Branch outputs (B, Nq, Hq, Dv), gates (B, Nq, Hq); summed in float32 (float64 stays float64).
     g_win None: the window branch is left out (o_win unused)."""
-    compute = torch.float64 if o_cmp.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(o_cmp.dtype)
     o = sum(g.to(compute)[..., None] * o.to(compute)
             for g, o in ((g_cmp, o_cmp), (g_slc, o_slc), (g_win, o_win)) if g is not None)
     return o.to(o_cmp.dtype)                                           # (B, Nq, Hq, Dv)
@@ -114,7 +114,7 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     device = q.device
     keep = torch.ones(B, Nk, dtype=torch.bool, device=device) if key_padding_mask is None \
         else check_key_padding_mask(key_padding_mask, B, Nk)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
 
     # -- compressed branch: visible rows (memory and blocks), blocks with padding hidden --
     num_blocks = k_cmp.shape[1] - mem_kv_len

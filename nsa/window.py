@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from nsa.attention import empty_output, softmax_with_lse
+from nsa.attention import compute_dtype, empty_output, softmax_with_lse
 from nsa.checks import check_bool, check_positive_int, check_qkv, resolve_scale
 from nsa.masks import sliding_window_mod
 from nsa.varlen import each_sequence, packed_pairs
@@ -40,7 +40,7 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
     before, after = w - 1, (0 if causal else w - 1)
     span = chunk + before + after                   # S keys per tile
 
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     # Queries, padded to whole chunks: (B, num_chunks, C, H, G, Dqk).
     q_chunks = F.pad(q.to(compute), (0, 0, 0, 0, 0, num_chunks * chunk - Nq))
     q_chunks = rearrange(q_chunks, "b (c i) (h g) d -> b c i h g d", i=chunk, g=G)
