@@ -94,12 +94,12 @@ def packed_selection(inputs, packing, config):
     forward's `block_indices`, numbered across the packed documents, and the first block of each
     document."""
     from nsa.geometry import num_selection_blocks
-    from nsa.kernels.nsa import config_fields, packed_sizes
+    from nsa.kernels.nsa import config_fields, packed_sizes_of
 
     with torch.no_grad():
         indices = torch.ops.nsa.sparse_attention_forward(
             *(x.detach() for x in inputs), *config_fields(config), inputs[0].shape[-1] ** -0.5, 0, packing.cu_q,
-            packing.cu_k, packing.cu_cmp, packed_sizes(packing, config.select_block_size))[7]
+            packing.cu_k, packing.cu_cmp, packed_sizes_of(packing, config.select_block_size))[7]
     blocks = [num_selection_blocks(end - start, config.select_block_size) for start, end in packing.keys]
     return indices, [sum(blocks[:i]) for i in range(len(blocks))]
 

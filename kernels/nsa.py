@@ -330,7 +330,7 @@ def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
                                                   *config_fields(config), scale, mem_kv_len, None, None, None, [])[0]
 
 
-def packed_sizes(packing, select_block_size: int) -> list[int]:
+def packed_sizes_of(packing, select_block_size: int) -> list[int]:
     """The operators' `packed_sizes` of an `nsa.varlen.Packing`: the longest sequence's queries,
     keys and compressed rows, and the selection blocks of all sequences."""
     longest = [max(end - start for start, end in bounds) for bounds in (packing.queries, packing.keys,
@@ -345,7 +345,7 @@ def triton_packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, c
     return torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
                                                   *config_fields(config), scale, mem_kv_len, packing.cu_q,
                                                   packing.cu_k, packing.cu_cmp,
-                                                  packed_sizes(packing, config.select_block_size))[0]
+                                                  packed_sizes_of(packing, config.select_block_size))[0]
 
 
 def triton_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=None, cu_seqlens_k=None):
