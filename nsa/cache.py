@@ -9,7 +9,8 @@ import torch
 
 from nsa.backends import check_backend, select_step
 from nsa.checks import (check_config, check_int, check_keys, check_like, check_mem_kv_len,
-                        check_sparse_inputs, check_tensor, resolve_device)
+                        check_phi, check_sparse_inputs, check_tensor, resolve_device)
+from nsa.compression import pool_blocks
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks
 from nsa.sparse_attention import native_sparse_attention, window_branch
@@ -32,7 +33,7 @@ def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new:
     keys = (block[..., None] * stride + torch.arange(block_size, device=k_cache.device)).clamp(max=capacity - 1)
     row = torch.arange(B, device=k_cache.device)[:, None]
     blocks = k_cache[row[..., None], keys].transpose(2, 3)                            # (B, K, H, l, D)
-    summary = blocks.mean(dim=3) if phi is None else phi(blocks)                      # (B, K, H, D_out)
+    summary = pool_blocks(blocks, phi)                                               # (B, K, H, D_out)
     at = (row, mem_kv_len + block)
     k_cmp_cache[at] = torch.where(done[..., None, None], summary.to(k_cmp_cache.dtype), k_cmp_cache[at])
 
@@ -101,13 +102,6 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
                          "torch.inference_mode()")
     lengths = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
     return dims, scale, lengths
-
-
-def check_phi(name: str, phi) -> None:
-    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`."""
-    if phi is not None and not callable(phi):
-        raise TypeError(f"{name} must be None (mean pooling) or a callable such as nsa.CompressionMLP, "
-                        f"got {type(phi).__name__}")
 
 
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,

@@ -137,6 +137,13 @@ def check_compress_geometry(block_size, stride) -> None:
                          "blocks may overlap but not leave keys between them")
 
 
+def check_phi(name: str, phi) -> None:
+    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`."""
+    if phi is not None and not callable(phi):
+        raise TypeError(f"{name} must be None (mean pooling) or a callable such as nsa.CompressionMLP, "
+                        f"got {type(phi).__name__}")
+
+
 def check_compressed_qkv(q, k_cmp, v_cmp=None) -> Dims:
     """Validate q (B, Nq, Hq, Dqk) and compressed k_cmp (B, M, H, Dqk), v_cmp (B, M, H, Dv).
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from nsa.attention import grouped_attention
-from nsa.checks import (check_compress_geometry, check_compressed_args, check_positive_int,
-                        check_tensor)
+from nsa.checks import (check_compress_geometry, check_compressed_args, check_phi,
+                        check_positive_int, check_tensor)
 from nsa.geometry import num_compressed_blocks
 from nsa.masks import compressed_block_mask
 from nsa.varlen import sequence_bounds
@@ -54,9 +54,7 @@ def compress_rows(x, rows, phi):
 
 def pool_blocks(blocks, phi):
     """Blocks (B, N_c, H, l, D) to one vector each by phi (None: their mean), (B, N_c, H, D_out)."""
-    if phi is not None and not callable(phi):
-        raise TypeError(f"phi must be None (mean pooling) or a callable such as CompressionMLP, "
-                        f"got {type(phi).__name__}")
+    check_phi("phi", phi)
     if phi is None:
         return blocks.mean(dim=3)                                  # (B, Nc, H, D)
     out = phi(blocks)                                              # (B, Nc, H, D_out)
