@@ -428,6 +428,8 @@ def needle_selection(model, tokens, targets, distances):
 
 
 def print_selection(name, found):
+    """Print `needle_selection`'s result: the share of queries that need a free slot, and per layer
+    and kv head how often the stored block is selected for them, beside chance."""
     free = ~found["forced"]
     print(f"{name}: {len(free)} queries, {free.float().mean():.0%} need a free slot; stored block "
           f"selected (per kv head) vs {found['chance']:.0%} by chance:")
