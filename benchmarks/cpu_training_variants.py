@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from nsa.training import (CPU_EXPERIMENT, IGNORE_INDEX, accuracy_by_distance, make_recall_batch,
-                          needle_selection, train_recall)
+from nsa.training import (CPU_EXPERIMENT, accuracy_by_distance, accuracy_without, fix_gate, inside_and_beyond,
+                          make_recall_batch, needle_selection, train_recall)
 
 VARIANTS = [   # (label, changes to CPU_EXPERIMENT, the compressed gate's starting bias or None)
     ("none (the paper's MLP phi)", {}, None),
@@ -42,29 +42,16 @@ VARIANTS = [   # (label, changes to CPU_EXPERIMENT, the compressed gate's starti
 PROBE_SEED = 777       # chapter 12's held-out probe batch
 
 
-def open_compressed_gate(model, bias: float) -> None:
-    """Start every layer's compressed-branch gate at sigmoid(bias) (gate outputs: (head, branch))."""
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.to_gates.weight[0::3] = 0
-            block.attn.to_gates.bias[0::3] = bias
-
-
 def measure(model, experiment) -> dict:
     """The chapter's three columns for a trained NSA model, and the chance of a free slot."""
-    result = accuracy_by_distance(model, experiment)
-    beyond = [(a * n, n) for d, a, n in zip(result["distance"], result["accuracy"], result["queries"])
-              if d > experiment.window_size]
+    _, beyond = inside_and_beyond(accuracy_by_distance(model, experiment), experiment.window_size)
     tokens, targets, distances = make_recall_batch(experiment.task, experiment.eval_batch_size, seed=PROBE_SEED)
     model.eval()
-    with torch.no_grad():
-        found = needle_selection(model, tokens, targets, distances)
-        correct = model(tokens).argmax(-1)[found["b"], found["q"]] == targets[found["b"], found["q"]]
+    found = needle_selection(model, tokens, targets, distances)
     free = ~found["forced"]
     rates = found["hits"][0][free].float().mean(0)              # first layer, per kv head
-    assert (targets[found["b"], found["q"]] != IGNORE_INDEX).all()
-    return {"accuracy_beyond_window": sum(p for p, _ in beyond) / sum(n for _, n in beyond),
-            "accuracy_free_slot": correct[free].float().mean().item(),
+    return {"accuracy_beyond_window": beyond,
+            "accuracy_free_slot": accuracy_without(model, None, tokens, targets, found)[1],
             "selection_min": rates.min().item(), "selection_max": rates.max().item(),
             "chance": found["chance"], "free_share": free.float().mean().item()}
 
@@ -94,7 +81,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             model = experiment.make_model("nsa")
             if gate_bias is not None:
-                open_compressed_gate(model, gate_bias)
+                fix_gate(model, "cmp", gate_bias)          # the compressed gate's start: weights 0, this bias
             train_recall(model, experiment, desc=label[:24])
             row = {"variant": label, "steps": experiment.steps, **measure(model, experiment),
                    "seconds": time.perf_counter() - start}

@@ -385,6 +385,14 @@ GPU_EXPERIMENT = RecallExperiment(
     eval_batch_size=32)
 
 
+def inside_and_beyond(result, window_size):
+    """Accuracy over the queries whose stored value is inside the window (distance <= w) and beyond it."""
+    def mean(keep):
+        pairs = [(a * n, n) for d, a, n in zip(result["distance"], result["accuracy"], result["queries"]) if keep(d)]
+        return sum(p for p, _ in pairs) / sum(n for _, n in pairs)
+    return mean(lambda d: d <= window_size), mean(lambda d: d > window_size)
+
+
 @torch.no_grad()
 def nsa_block_selection(model: RecallTransformer, tokens, layer_index: int):
     """The selection of the NSA layer in block `layer_index` of a trained RecallTransformer.
@@ -444,6 +452,26 @@ def selection_summary(found) -> dict:
     free = ~found["forced"]
     return {"chance": round(found["chance"], 4), "free_share": round(free.float().mean().item(), 4),
             "selected": [[round(rate, 4) for rate in hits[free].float().mean(0).tolist()] for hits in found["hits"]]}
+
+
+@torch.no_grad()
+def fix_gate(model: RecallTransformer, branch: str, bias: float) -> None:
+    """Make every layer's gate of `branch` ("cmp", "slc" or "win") a constant sigmoid(bias): its
+    weights 0, its bias `bias` (gate outputs are laid out (head, branch))."""
+    channel = ("cmp", "slc", "win").index(branch)
+    for block in model.blocks:
+        block.attn.to_gates.weight[channel::3] = 0
+        block.attn.to_gates.bias[channel::3] = bias
+
+
+@torch.no_grad()
+def accuracy_without(model, branch, tokens, targets, found):
+    """Accuracy on (forced, free) queries of `needle_selection`'s `found` with the gate of `branch`
+    ("cmp", "slc", "win", or None) at 0. Changes the model's gate weights: restore them after."""
+    if branch is not None:
+        fix_gate(model, branch, -1e4)                           # sigmoid(-1e4) = 0
+    correct = model(tokens).argmax(-1)[found["b"], found["q"]] == targets[found["b"], found["q"]]
+    return correct[found["forced"]].float().mean().item(), correct[~found["forced"]].float().mean().item()
 
 
 GPU_RESULTS = ("training_gpu.csv", "training_gpu_curves.csv", "training_gpu.json")
