@@ -94,7 +94,7 @@ def check_accuracy(label, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, chunks, dtype)
     """One problem: rows per chunk (a, R); returns rows for the errors CSV."""
     from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
     from nsa.kernels.selected import selected_attention_triton
-    from nsa.kernels.topk import select_blocks_triton
+    from nsa.kernels.selection import select_blocks_triton
 
     inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
     scale = Dqk ** -0.5
@@ -180,7 +180,7 @@ def timing(N=65536, B=1, Hq=64, H=4, D=128):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
     from nsa.kernels.selected import selected_attention_triton
-    from nsa.kernels.topk import select_blocks_triton
+    from nsa.kernels.selection import select_blocks_triton
 
     config = NSAConfig()
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size

@@ -24,7 +24,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from nsa import NSAConfig, compress  # noqa: E402
 from nsa.bench import parse_heads, parse_lengths, selection_of  # noqa: E402
-from nsa.kernels import topk  # noqa: E402
+from nsa.kernels import selection  # noqa: E402
 from nsa.kernels.common import LOG2E, head_dim_block  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main():
         k_cmp = compress(k, block_size=l, stride=d).contiguous()
         v_cmp = compress(v, block_size=l, stride=d).contiguous()
         lse, want = selection_of(q, k_cmp, v_cmp, N, config, scale)
-        default_ms = do_bench(lambda: topk.select_blocks_triton(q, k_cmp, lse, N, config, scale),
+        default_ms = do_bench(lambda: selection.select_blocks_triton(q, k_cmp, lse, N, config, scale),
                               warmup=20, rep=100, return_mode="median")
         print(f"== {Hq}/{H}: select_blocks_triton as shipped {default_ms:8.2f} ms")
         gpad = triton.next_power_of_2(G)
@@ -70,7 +70,7 @@ def main():
                         PACKED=False, FIRST_IN_LOOP=gpad > 1)
 
             def launch():
-                topk.select_blocks_kernel[(triton.cdiv(N, positions), 1, H)](
+                selection.select_blocks_kernel[(triton.cdiv(N, positions), 1, H)](
                     q, k_cmp, lse, out, None, None, None, scale * LOG2E.value, N, N, 0, num_cmp, num_sel, **meta,
                     num_warps=warps, num_stages=stages)
             try:

@@ -35,10 +35,10 @@ import nsa  # noqa: E402,F401
 from nsa import NSAConfig, compress  # noqa: E402
 from nsa.bench import parse_lengths, make_inputs, selection_of  # noqa: E402
 from nsa.kernels import selected as sel  # noqa: E402
-from nsa.kernels import topk  # noqa: E402
+from nsa.kernels import selection  # noqa: E402
 
 KERNELS = {   # kernel name -> (module, its length arguments)
-    "select_blocks_kernel": (topk, ["seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel"]),
+    "select_blocks_kernel": (selection, ["seq_len_q", "seq_len_k", "mem_kv_len", "num_cmp", "num_sel"]),
     "selected_attention_forward_kernel": (sel, ["seq_len_q", "seq_len_k", "num_tiles", "num_entries"]),
     "selected_attention_backward_dq_kernel": (sel, ["seq_len_q", "seq_len_k", "num_tiles", "num_entries"]),
     "selected_attention_backward_dkdv_kernel": (sel, ["seq_len_q", "seq_len_k", "num_programs"]),
@@ -81,7 +81,7 @@ def launcher(name, p):
     l_sel, N = config.select_block_size, q.shape[1]
     G = q.shape[2] // k.shape[2]
     if name == "select_blocks_kernel":
-        return lambda: (topk.select_blocks_triton(q, p["k_cmp"], p["lse_cmp"], N, config, scale),)
+        return lambda: (selection.select_blocks_triton(q, p["k_cmp"], p["lse_cmp"], N, config, scale),)
     Q, tiles = sel.query_tiles(indices, G)
     o, lse = sel.selected_attention_fwd(q, k, v, indices, l_sel, scale, True, Q, tiles)
     if name == "selected_attention_forward_kernel":

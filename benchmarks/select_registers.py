@@ -29,7 +29,7 @@ HEADS = ((32, 32), (32, 8), (64, 4))
 SEQ_LEN = 65536
 
 
-def recorded_selections(topk, heads_q, heads_kv, config):
+def recorded_selections(selection, heads_q, heads_kv, config):
     """The launcher's kernel launches at these heads: (packed?, (kernel, args, meta)) for a batch of
     one sequence, and, where the build packs sequences, for that sequence packed."""
     from nsa.geometry import num_compressed_blocks
@@ -38,16 +38,16 @@ def recorded_selections(topk, heads_q, heads_kv, config):
     q = torch.empty(1, SEQ_LEN, heads_q, 128, dtype=torch.bfloat16)
     k_cmp = torch.empty(1, rows, heads_kv, 128, dtype=torch.bfloat16)
     lse = torch.empty(1, SEQ_LEN, heads_q)
-    topk.check_kernel_inputs = lambda *args, **kwargs: None        # CPU tensors posing as CUDA ones
+    selection.check_kernel_inputs = lambda *args, **kwargs: None        # CPU tensors posing as CUDA ones
     found = []
-    with recorded(topk, ["select_blocks_kernel"]) as launches:
-        topk.select_blocks_triton(q, k_cmp, lse, SEQ_LEN, config)
+    with recorded(selection, ["select_blocks_kernel"]) as launches:
+        selection.select_blocks_triton(q, k_cmp, lse, SEQ_LEN, config)
     found.append((False, launches[-1]))
-    if hasattr(topk, "PackedRows"):
+    if hasattr(selection, "PackedRows"):
         cu = lambda n: torch.tensor([0, n], dtype=torch.int32)
-        packed = topk.PackedRows(cu(SEQ_LEN), cu(SEQ_LEN), cu(rows), SEQ_LEN, rows)
-        with recorded(topk, ["select_blocks_kernel"]) as launches:
-            topk.select_blocks_launch(q, k_cmp, lse, SEQ_LEN, config, 128 ** -0.5, 0, packed)
+        packed = selection.PackedRows(cu(SEQ_LEN), cu(SEQ_LEN), cu(rows), SEQ_LEN, rows)
+        with recorded(selection, ["select_blocks_kernel"]) as launches:
+            selection.select_blocks_launch(q, k_cmp, lse, SEQ_LEN, config, 128 ** -0.5, 0, packed)
         found.append((True, launches[-1]))
     return found
 
@@ -64,11 +64,11 @@ def main() -> int:
         sys.path.insert(0, str(args.build.resolve()))
     warnings.simplefilter("ignore")
     import nsa
-    from nsa.kernels import topk
+    from nsa.kernels import selection
 
-    print(f"{topk.__file__}: triton {triton.__version__}, sm_{args.arch}")
+    print(f"{selection.__file__}: triton {triton.__version__}, sm_{args.arch}")
     for heads_q, heads_kv in HEADS:
-        for packed, (kernel, launch_args, meta) in recorded_selections(topk, heads_q, heads_kv, nsa.NSAConfig()):
+        for packed, (kernel, launch_args, meta) in recorded_selections(selection, heads_q, heads_kv, nsa.NSAConfig()):
             fields = resource_usage(compile_launch(kernel, launch_args, meta, args.arch))
             print(f"{heads_q}/{heads_kv} heads, {meta['BLOCK_M']} positions{' (packed)' if packed else ''}: "
                   f"{fields['REG']} registers, {fields['STACK']} bytes of stack", flush=True)

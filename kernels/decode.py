@@ -11,8 +11,8 @@ import triton.language as tl
 from nsa.backends import register_decoder
 from nsa.kernels.common import (LOG2E, check_kernel_inputs, group_rows, head_dim_block, load_rows,
                                 softmax_update, store_rows)
-from nsa.kernels.topk import (EMPTY, GONE, check_select_config, compressed_rows_seen, eq9_weights,
-                              first_top, rank_candidates)
+from nsa.kernels.selection import (EMPTY, GONE, check_select_config, compressed_rows_seen,
+                                   eq9_weights, first_top, rank_candidates)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_bl
                                   query_tiles, query_tiles_shapes, reverse_index_shapes,
                                   selected_attention_bwd, selected_attention_fwd,
                                   selected_by_block_bwd, selected_by_block_fwd)
-from nsa.kernels.topk import check_select_config, select_blocks_launch
+from nsa.kernels.selection import check_select_config, select_blocks_launch
 
 
 @triton.jit(do_not_specialize=["num_rows"])

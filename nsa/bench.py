@@ -90,7 +90,7 @@ def selection_of(q, k_cmp, v_cmp, seq_len_k, config, scale):
     """What the selected branch is timed with: the compressed branch's lse (float32, contiguous)
     and the block indices the fused selection picks with it, by the Triton kernels, no gradient."""
     from nsa.kernels.band import compressed_attention_triton
-    from nsa.kernels.topk import select_blocks_triton
+    from nsa.kernels.selection import select_blocks_triton
 
     with torch.no_grad():
         _, lse = compressed_attention_triton(q, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
@@ -103,7 +103,7 @@ def branch_impls(q, k, v, k_cmp, v_cmp, config):
     """The stages of `nsa_triton`, each timed alone (`select` has no backward: no gradient)."""
     from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
     from nsa.kernels.selected import selected_attention_triton
-    from nsa.kernels.topk import select_blocks_triton
+    from nsa.kernels.selection import select_blocks_triton
 
     l, d, l_sel, N = config.compress_block_size, config.compress_stride, config.select_block_size, k.shape[1]
     scale = q.shape[-1] ** -0.5

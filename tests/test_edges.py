@@ -17,7 +17,7 @@ from nsa.compression import compress, compressed_attention
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks, overlap_weights
 from nsa.kernels.band import compressed_attention_triton
-from nsa.kernels.topk import select_blocks_triton
+from nsa.kernels.selection import select_blocks_triton
 from nsa.layer import SparseAttention
 from nsa.selection import (dot_in_order, eq9_by_place, select_blocks, selected_attention,
                            selection_scores)

@@ -12,7 +12,7 @@ from nsa.geometry import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
 from nsa.kernels.band import compressed_attention_triton
-from nsa.kernels.topk import EMPTY, GONE, merge_top, select_blocks_triton
+from nsa.kernels.selection import EMPTY, GONE, merge_top, select_blocks_triton
 from nsa.selection import select_blocks, selection_scores
 
 import triton  # noqa: E402  (after nsa: the interpreter switch)
