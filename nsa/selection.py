@@ -54,12 +54,14 @@ def selection_candidate_mask(seq_len_q: int, seq_len_k: int, select_block_size: 
     return blocks <= query_positions(seq_len_q, seq_len_k, device)[:, None] // select_block_size
 
 
-def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len=0):
+def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len=0, blocks_kept=None):
     """Importance of every selection block for every query, shared by each GQA group (Eqs. 8-10).
 
     q: (B, Nq, Hq, Dqk); k_cmp: (B, mem_kv_len + N_c, H, Dqk) and lse: (B, Nq, Hq) as given to and
     returned by `compressed_attention` for `seq_len_k` keys. p_cmp = exp(q.k_cmp*scale - lse) over
-    the compressed blocks each query sees (memory rows get no score); block j's score is
+    the compressed blocks each query sees (memory rows get no score); `blocks_kept` (B, N_c) bool,
+    if given, hides the blocks marked False too (chapter 5's padded keys: lse must be the one
+    computed with them hidden). Block j's score is
     sum_i overlap(i, j) / d * p_cmp[i] summed over the group's query heads.
     Every block's score is the same operations in the same order (`dot_in_order`, the group's
     heads one by one, `eq9_by_place`): blocks whose inputs are equal place by place get equal
@@ -81,8 +83,16 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
     config = check_config(config)
     scale = resolve_scale(scale, dims.dim_qk)
     mem_kv_len = check_mem_kv_len(mem_kv_len, dims.seq_len_k)
+    num_blocks = dims.seq_len_k - mem_kv_len
+    if blocks_kept is not None:
+        check_tensor("blocks_kept", blocks_kept, 2, "(batch, num_compressed_blocks)")
+        if blocks_kept.dtype != torch.bool or tuple(blocks_kept.shape) != (dims.batch, num_blocks):
+            raise ValueError(f"blocks_kept must be a bool tensor of shape (B, N_c) = {(dims.batch, num_blocks)}, "
+                             f"got {blocks_kept.dtype} {tuple(blocks_kept.shape)}")
+        if blocks_kept.device != q.device:
+            raise ValueError(f"blocks_kept is on {blocks_kept.device} but q is on {q.device}; they must match")
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
-    resolve_seq_len_k(seq_len_k, dims.seq_len_q, dims.seq_len_k - mem_kv_len, l, d, config.causal)
+    resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_blocks, l, d, config.causal)
 
     compute = compute_dtype(q.dtype)
     with torch.no_grad():
@@ -91,10 +101,12 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
         k_blocks = rearrange(k_cmp[:, mem_kv_len:].to(compute), "b c h d -> b 1 h 1 c d")
         s = dot_in_order(q_grouped, k_blocks) * scale                            # (B, Nq, H, G, Nc)
         visible = compressed_block_mask(dims.seq_len_q, seq_len_k, l, d, causal=config.causal,
-                                        device=q.device)                          # (Nq, Nc)
+                                        device=q.device)[None]                    # (1, Nq, Nc)
+        if blocks_kept is not None:
+            visible = visible & blocks_kept[:, None]                              # (B, Nq, Nc)
         lse_grouped = rearrange(lse.to(compute), "b i (h g) -> b i h g 1", g=dims.group_size)
         lse_grouped = lse_grouped.masked_fill(lse_grouped == float("-inf"), 0.0)  # sees nothing: p = 0
-        p_cmp = torch.exp(s.masked_fill(~visible[:, None, None, :], float("-inf")) - lse_grouped)
+        p_cmp = torch.exp(s.masked_fill(~visible[:, :, None, None], float("-inf")) - lse_grouped)
         # -- share across the GQA group (Eq. 10), one head at a time; Eq. 9 (corrected) by place --
         p_group = p_cmp[:, :, :, 0]
         for g in range(1, dims.group_size):

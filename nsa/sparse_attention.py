@@ -14,8 +14,7 @@ from nsa.compression import compressed_attention
 from nsa.config import NSAConfig
 from nsa.masks import (block_selection_mask, compressed_block_mask, dense_mask, padding_mod,
                        sliding_window_mod)
-from nsa.selection import (dot_in_order, eq9_by_place, select_blocks, selected_attention,
-                           selection_candidate_mask, selection_scores)
+from nsa.selection import select_blocks, selected_attention, selection_scores
 from nsa.varlen import Packing, compressed_bounds, compressed_offsets, each_sequence, packed_pairs
 from nsa.window import sliding_window_attention
 
@@ -124,22 +123,14 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
                                         device=device)[None] & rows_kept[:, None]   # (B, Nq, M)
     q_grouped = rearrange(q.to(compute), "b i (h g) d -> b h g i d", g=G)
     cmp_scores = einsum(q_grouped, k_cmp.to(compute), "b h g i d, b j h d -> b h g i j") * scale
-    p_cmp, _ = softmax_with_lse(cmp_scores, cmp_visible[:, None, None])            # (B, H, G, Nq, M)
+    p_cmp, lse = softmax_with_lse(cmp_scores, cmp_visible[:, None, None])          # (B, H, G, Nq, M)
     o_cmp = rearrange(einsum(p_cmp, v_cmp.to(compute), "b h g i j, b j h d -> b i h g d"),
                       "b i h g d -> b i (h g) d").to(q.dtype)                      # (B, Nq, Hq, Dv)
 
-    # -- selection, without gradient: p_cmp again with every entry by the same operations
-    #    (chapter 3's dot_in_order), the group's sum head by head, Eq. 9 by place; non-candidates -inf --
-    with torch.no_grad():
-        k_rows = rearrange(k_cmp.to(compute), "b j h d -> b h 1 1 j d")
-        s_in_order = dot_in_order(q_grouped[..., None, :], k_rows) * scale          # (B, H, G, Nq, M)
-        p_in_order, _ = softmax_with_lse(s_in_order, cmp_visible[:, None, None])
-        p_group = p_in_order[:, :, 0, :, mem_kv_len:]
-        for g in range(1, G):
-            p_group = p_group + p_in_order[:, :, g, :, mem_kv_len:]                # (B, H, Nq, N_c)
-        scores = rearrange(eq9_by_place(p_group, Nk, l, d, l_sel), "b h i j -> b i h j")  # (B, Nq, H, n_blocks)
-    candidate = selection_candidate_mask(Nq, Nk, l_sel, causal=causal, device=device)
-    block_indices = select_blocks(scores.masked_fill(~candidate[:, None], float("-inf")), Nk, config)
+    # -- selection (chapter 3) from this lse, the blocks holding padding given no score --
+    lse = rearrange(lse, "b h g i -> b i (h g)")
+    scores = selection_scores(q, k_cmp, lse, Nk, config, scale, mem_kv_len=mem_kv_len, blocks_kept=block_kept)
+    block_indices = select_blocks(scores, Nk, config)
     slc_visible = block_selection_mask(block_indices, l_sel, Nk, causal=causal)    # (B, H, Nq, Nk)
     o_slc = attention(q, k, v, slc_visible & keep[:, None, None, :], scale)        # (B, Nq, Hq, Dv)
 

@@ -329,6 +329,10 @@ _blocks = select_blocks(_scores, 20, _config)
     (lambda: selection_scores(_q, _kc, _lse, 20, {"select_block_size": 16}), TypeError, "config"),
     (lambda: selection_scores(_q, _kc, _lse, 20, _config, scale=0), ValueError, "scale"),
     (lambda: selection_scores(_q, _kc, _lse, 20, _config, mem_kv_len=9), ValueError, "mem_kv_len"),
+    (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=[True] * 4), TypeError, "blocks_kept"),
+    (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=torch.ones(1, 3, dtype=torch.bool)),
+     ValueError, "blocks_kept"),
+    (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=torch.ones(1, 4)), ValueError, "bool"),
     (lambda: select_blocks(_scores[0], 20, _config), ValueError, "scores"),
     (lambda: select_blocks(_scores.long(), 20, _config), TypeError, "scores"),
     (lambda: select_blocks(_scores, 40, _config), ValueError, "seq_len_k"),
@@ -344,7 +348,7 @@ _blocks = select_blocks(_scores, 20, _config)
     (lambda: selected_attention(_q, _k.float(), _v, _blocks, 16), TypeError, "k"),
     (lambda: selected_attention(_q, _k, _v[:, :5], _blocks, 16), ValueError, "v"),
     (lambda: selected_attention(_q, _k, _v, _blocks.tolist(), 16), TypeError, "block_indices"),
-], ids=range(27))
+], ids=range(30))
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call()
@@ -361,3 +365,16 @@ def test_nan_scores_are_never_selected():
     scores = torch.full((1, 3, 1, 5), float("nan"))
     chosen = select_blocks(scores, 40, config)                      # queries at 37, 38, 39: own block 4
     assert chosen.tolist() == [[[[0, 4, -1, -1]]] * 3]
+
+
+def test_blocks_kept_removes_the_hidden_blocks_share():
+    """Hiding compressed block 1 takes its Eq. 9 share, p[1] * W[1, :], out of every score."""
+    kept = torch.tensor([[True, False, True, True]])
+    scores = selection_scores(_q, _kc, _lse, 20, _config)
+    hidden = selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=kept)
+    seen = nsa.masks.compressed_block_mask(20, 20, 8, 4)[None, :, 1, None]              # (1, Nq, 1)
+    p1 = torch.exp(torch.einsum("bihd,bhd->bih", _q, _kc[:, 1]) * 8 ** -0.5 - _lse)      # (B, Nq, Hq)
+    p1 = torch.where(seen, p1, 0.0)                      # (lse is -inf where a query sees nothing)
+    share = p1[..., None] * overlap_weights(20, 8, 4, 16, dtype=p1.dtype)[1]             # group of 1
+    assert (share > 0).any()
+    torch.testing.assert_close(hidden, scores - share)
