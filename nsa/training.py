@@ -129,15 +129,14 @@ def shared_projection_attention(layer: SparseAttention, x, window_size: int | No
         raise ValueError("layer has kv_per_branch=True: it has no single set of keys and values "
                          "for dense attention; build it with kv_per_branch=False")
     N = x.shape[1]
-    q = rearrange(layer.to_q(x), "b n (h d) -> b h n d", h=layer.heads)                 # (B, Hq, N, Dqk)
-    k = rearrange(layer.to_k["shared"](x), "b n (h d) -> b h n d", h=layer.kv_heads)    # (B, H, N, Dqk)
-    v = rearrange(layer.to_v["shared"](x), "b n (h d) -> b h n d", h=layer.kv_heads)    # (B, H, N, Dv)
+    q = rearrange(layer.to_q(x), "b n (h d) -> b h n d", h=layer.heads)  # (B, Hq, N, Dqk); no gates
+    keys, values = layer.project_keys_values(x, x)                       # {"shared": (B, N, H, D)}
+    k, v = (rearrange(t["shared"], "b n h d -> b h n d") for t in (keys, values))
     if window_size is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale,
                                            enable_gqa=True)
     else:
-        t = torch.arange(N, device=x.device)
-        visible = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window_size)  # (N, N)
+        visible = sliding_window_mask(N, N, window_size, x.device)                        # (N, N)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=layer.scale,
                                            enable_gqa=True)
     o = layer.dropout(rearrange(o, "b h n d -> b n (h d)"))                             # (B, N, Hq * Dv)
