@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node P benchmarks/gpu_context_parallel.py [--out book/data] [--quick]
 
-1. Correctness, NCCL: `nsa.distributed.check_against_single_process` on every rank's GPU: the
+1. Correctness, NCCL: `nsa.testing.compare_with_single_process` on every rank's GPU: the
    layer on its shard with `cp_group` against the layer on the whole sequence on the same GPU
    (outputs, input gradients, parameter gradients summed over the ranks), float32 and bf16, on
    the Triton kernels; even shards, uneven shards (one shorter than a compression block) and
@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 import nsa
 from nsa.device import gpu_tag
-from nsa.distributed import check_against_single_process, gather_sequence, split_evenly
+from nsa.distributed import gather_sequence, split_evenly
+from nsa.testing import compare_with_single_process
 
 SMALL = dict(dim=256, heads=8, kv_heads=2, dim_head=64, compress_block_size=32, compress_stride=16,
              select_block_size=64, num_selected_blocks=4, window_size=128)
@@ -46,7 +47,7 @@ def check(group, world, device):
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
         for name, (lengths, cu) in cases.items():
-            errors = check_against_single_process(group, SMALL, lengths, 1, cu, dtype=dtype, device=device)
+            errors = compare_with_single_process(group, SMALL, lengths, 1, cu, dtype=dtype, device=device)
             worst = torch.tensor(list(errors.values()), device=device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
             if dtype == torch.float32:

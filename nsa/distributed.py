@@ -4,14 +4,11 @@ group. Each rank holds a contiguous shard of the tokens, in rank order, and comp
 of its own queries; the keys and values are all-gathered in the forward and their gradients
 reduce-scattered in the backward (torch.distributed's autograd-aware functional collectives)."""
 
-import datetime
 import itertools
-import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.multiprocessing as mp
 
 from nsa.backends import check_backend
 from nsa.checks import (check_config, check_cu_seqlens, check_gates, check_int, check_keys,
@@ -202,71 +199,3 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     keys = {b: finish_gather(t, lengths, e)[:, key_start:] for b, t in keys.items()}
     values = {b: finish_gather(t, lengths, e)[:, key_start:] for b, t in values.items()}
     return layer.attend_projected(queries, keys, values, gates, cu_q, cu_k, pairs)
-
-
-def _gloo_worker(rank, fn, world_size, store, results, args):
-    torch.set_num_threads(1)                                 # the processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(fn(dist.group.WORLD, *args), f"{results}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_cpus(fn, world_size: int, *args):
-    """fn(group, *args) in `world_size` new CPU processes joined by gloo; their results, rank
-    order. fn must be importable (a module's function, not a notebook's or a lambda)."""
-    check_int("world_size", world_size, 1)
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_gloo_worker, args=(fn, world_size, f"{folder}/store", folder, args), nprocs=world_size)
-        return [torch.load(f"{folder}/{rank}.pt") for rank in range(world_size)]
-
-
-def check_against_single_process(group, layer_kwargs, lengths, batch=1, cu_seqlens=None, fsdp=False,
-                                 seed=0, dtype=torch.float64, device="cpu"):
-    """`SparseAttention(**layer_kwargs)` on a sequence sharded over `group` (shard lengths `lengths`)
-    and on the whole sequence in this process: the largest differences of this rank's outputs, its
-    input gradients and the parameter gradients (summed over the ranks), each over the largest
-    entry of what it is compared with (of all the parameters' gradients together) -> dict.
-    fsdp: the layer under FSDP2 (`fully_shard` over the group) with activation checkpointing."""
-    from torch.distributed.device_mesh import DeviceMesh   # here: FSDP takes a second to import
-    from torch.distributed.fsdp import fully_shard
-    from torch.utils.checkpoint import checkpoint
-
-    from nsa.layer import SparseAttention                   # the layer imports this module
-    rank, (s, e) = dist.get_rank(group), shard_bounds(lengths)[dist.get_rank(group)]
-    torch.manual_seed(seed)
-    layer = SparseAttention(**layer_kwargs).to(device, dtype)
-    generator = torch.Generator(device).manual_seed(seed + 1)
-    x = torch.randn(batch, sum(lengths), layer.dim, dtype=dtype, device=device, generator=generator)
-    weight = torch.randn(x.shape, dtype=dtype, device=device, generator=generator)
-    # -- the whole sequence, in this process --
-    x_whole = x.clone().requires_grad_()
-    y_whole = layer(x_whole, cu_seqlens=cu_seqlens)
-    (y_whole * weight).sum().backward()
-    expected = {name: p.grad.clone() for name, p in layer.named_parameters()}
-    layer.zero_grad()
-    # -- this rank's shard --
-    x_shard = x[:, s:e].clone().requires_grad_()
-    if fsdp:                                    # FSDP averages over the ranks: a rank's loss counts P times
-        world = dist.get_world_size(group)
-        fully_shard(layer, mesh=DeviceMesh.from_group(group, torch.device(device).type))
-        y_shard = checkpoint(layer, x_shard, cp_group=group, cu_seqlens=cu_seqlens, use_reentrant=False)
-        (y_shard * weight[:, s:e] * world).sum().backward()
-        grads = {name: p.grad.full_tensor() for name, p in layer.named_parameters()}
-        x_shard.grad /= world
-    else:                                       # each rank holds part of a parameter's gradient: their sum
-        y_shard = layer(x_shard, cp_group=group, cu_seqlens=cu_seqlens)
-        (y_shard * weight[:, s:e]).sum().backward()
-        grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
-        for g in grads.values():
-            dist.all_reduce(g, group=group)
-    def error(pairs):                          # the largest difference over the largest entry
-        pairs = [(a.detach().double(), b.detach().double()) for a, b in pairs if b.numel()]
-        largest = max((b.abs().max() for _, b in pairs), default=torch.tensor(0.0)).clamp_min(1e-30)
-        return (max((a - b).abs().max() for a, b in pairs) / largest).item() if pairs else 0.0
-
-    return {"output": error([(y_shard, y_whole[:, s:e])]),
-            "input grad": error([(x_shard.grad, x_whole.grad[:, s:e])]),
-            "parameter grads": error([(grads[name], expected[name]) for name in expected])}
