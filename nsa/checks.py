@@ -213,7 +213,7 @@ def check_compressed_args(q, k_cmp, v_cmp, block_size, stride, scale, causal, me
 
 def check_config(config):
     """An `nsa.NSAConfig` (which validated its own sizes when it was made)."""
-    from nsa.config import NSAConfig
+    from nsa.config import NSAConfig   # here, not above: nsa.config checks its sizes with this module
 
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
