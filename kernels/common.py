@@ -2,13 +2,14 @@
 """What every Triton kernel of the book shares: constants, the limits of the inputs they take,
 tile sizes that fit the GPU's shared memory, and the online-softmax step and finish."""
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from nsa.device import INTERPRET
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E); scores in base 2
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2): a base-2 log-sum-exp times LN2 is the natural one
@@ -64,7 +65,7 @@ def check_kernel_inputs(dims, q) -> None:
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"q.dtype is {q.dtype}; the Triton kernels take float16, bfloat16 or float32")
     if q.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not INTERPRET:        # nsa.device's one reading of TRITON_INTERPRET, as triton saw it
             raise ValueError("q is on the CPU but TRITON_INTERPRET is not 1: import nsa before "
                              "triton (it switches the interpreter on) or move the tensors to CUDA")
         if q.dtype == torch.bfloat16:
