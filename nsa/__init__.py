@@ -7,7 +7,7 @@ imports the three backends of `native_sparse_attention` so that they register th
 
 from nsa import device  # first: switches on Triton's interpreter on a machine without CUDA
 from nsa.attention import attention
-from nsa.backends import backend_unavailable
+from nsa.backends import available_backends, backend_unavailable
 from nsa.cache import KVCache, sparse_attention_with_kvcache
 from nsa.compression import CompressionMLP, compress, compressed_attention
 from nsa.config import NSAConfig

@@ -62,6 +62,12 @@ def register_backend(name: str, forward: Callable, unsupported: Callable | None 
     return _registry[name]
 
 
+def available_backends() -> dict[str, str | None]:
+    """Every backend name but "auto": None where it is registered, else why it is not."""
+    return {name: None if name in _registry else _unavailable.get(name, "its module was not imported")
+            for name in BACKENDS if name != "auto"}
+
+
 def backend_unavailable(name: str, reason: str) -> None:
     """Record why `name` could not be registered (e.g. its dependency is not installed)."""
     _unavailable[name] = reason
@@ -89,8 +95,7 @@ def select_backend(backend: str, tensors, dims, config) -> Backend:
     if backend != "auto":
         if backend not in _registry:
             raise ImportError(f"backend={backend!r} is not available: "
-                              f"{_unavailable.get(backend, 'its module was not imported')}; "
-                              "use backend='torch'")
+                              f"{available_backends()[backend]}; use backend='torch'")
         reason = _registry[backend].unsupported(tensors, dims, config)
         if reason is not None:
             raise ValueError(f"{backend}: {reason}")

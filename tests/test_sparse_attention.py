@@ -163,9 +163,16 @@ def test_auto_backend_on_cpu_is_torch_and_missing_backends_say_so():
     args = problem(1, 30, 30, 2, 1, 8, 8, SMALL)
     torch.testing.assert_close(native_sparse_attention(*args, SMALL),
                                native_sparse_attention(*args, SMALL, backend="torch"))
-    if "triton" not in nsa.backends._registry:
+    if nsa.backends.available_backends()["triton"] is not None:
         with pytest.raises(ImportError, match="backend='triton' is not available"):
             native_sparse_attention(*args, SMALL, backend="triton")
+
+
+def test_available_backends_names_every_backend():
+    available = nsa.backends.available_backends()
+    assert set(available) == set(nsa.backends.BACKENDS) - {"auto"}
+    assert available["torch"] is None and available["flex"] is None
+    assert all(reason is None or isinstance(reason, str) for reason in available.values())
 
 
 # ---------------------------------------------------------------- the module
