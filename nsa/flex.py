@@ -23,7 +23,7 @@ from nsa.window import sliding_window_attention
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: 128 queries x 128 keys
 
 
-def _resolve_seq_len_k(seq_len_k, seq_len: int) -> int:
+def _keys_or_queries(seq_len_k, seq_len: int) -> int:
     """The number of keys; None means as many as queries (training / prefill)."""
     return seq_len if seq_len_k is None else check_seq_len_k(seq_len_k, seq_len)
 
@@ -47,7 +47,7 @@ def create_sliding_mask(seq_len: int, window_size: int, causal: bool = True, *,
     check_positive_int("seq_len", seq_len)
     check_positive_int("window_size", window_size)
     check_bool("causal", causal)
-    seq_len_k = _resolve_seq_len_k(seq_len_k, seq_len)
+    seq_len_k = _keys_or_queries(seq_len_k, seq_len)
     check_positive_int("flex_block_size", flex_block_size)
     mask_mod = sliding_window_mod(window_size, causal, offset=seq_len_k - seq_len)
     return _block_mask(mask_mod, None, None, seq_len, seq_len_k, resolve_device(device, DEVICE), flex_block_size)
@@ -76,7 +76,7 @@ def create_compress_mask(seq_len: int, kv_seq_len: int, compress_stride: int, me
     if block_size < compress_stride:
         raise ValueError(f"compress_block_size ({block_size}) must be >= compress_stride "
                          f"({compress_stride}): blocks may overlap but not leave gaps")
-    seq_len_k = _resolve_seq_len_k(seq_len_k, seq_len)
+    seq_len_k = _keys_or_queries(seq_len_k, seq_len)
     expected = num_compressed_blocks(seq_len_k, block_size, compress_stride)
     if kv_seq_len != expected:
         raise ValueError(
@@ -109,7 +109,7 @@ def create_fine_mask(seq_len: int, fine_block_size: int, causal: bool = True, *,
     check_positive_int("seq_len", seq_len)
     check_positive_int("fine_block_size", fine_block_size)
     check_bool("causal", causal)
-    seq_len_k = _resolve_seq_len_k(seq_len_k, seq_len)
+    seq_len_k = _keys_or_queries(seq_len_k, seq_len)
     check_positive_int("flex_block_size", flex_block_size)
     num_blocks = num_selection_blocks(seq_len_k, fine_block_size)       # ceil(Nk / l')
 
@@ -146,7 +146,9 @@ def create_fine_mask(seq_len: int, fine_block_size: int, causal: bool = True, *,
     return fine_mask
 
 
-USE_COMPILE = True               # on CUDA, run FlexAttention's fused kernel (False: eager, for debugging)
+# On CUDA, run FlexAttention's compiled kernel. False runs it eagerly there too: a switch for
+# debugging, and for benchmarks/gpu_flex_check.py, which checks the two against each other.
+USE_COMPILE = True
 _compiled_flex_attention = None
 
 
