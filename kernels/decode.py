@@ -355,10 +355,10 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win,
-                                   config, scale, mem_kv_len):
+def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
+                                   g_win, config, scale, mem_kv_len):
     """The "triton" decoder of `sparse_attention_with_kvcache`: its arguments, checked there, with
-    the new tokens already in the caches and lengths a (B,) integer tensor on q's device.
+    the new tokens already in the caches and cache_seqlens a (B,) integer tensor on q's device.
     Returns o: (B, T, Hq, Dv) in q's dtype."""
     B, T, Hq, Dqk = q.shape
     capacity, H, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
@@ -382,7 +382,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     g_win = g_slc if g_win is None else g_win
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
         x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win))
-    seqlens = lengths.to(torch.int32)
+    seqlens = cache_seqlens.to(torch.int32)
     scale_log2 = scale * LOG2E.value
     f32 = dict(device=q.device, dtype=torch.float32)
     # -- 1. compressed branch, split over the compressed keys; every score kept --

@@ -115,7 +115,7 @@ _decoders: dict[str, Backend] = {}
 
 def register_decoder(name: str, forward: Callable, unsupported: Callable) -> Backend:
     """Make `forward` the decoding kernel of `backend=name`: forward(q, k_cache, v_cache,
-    k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o (g_win
+    k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o (g_win
     None: no window branch), for the steps that unsupported((q, k_cache, v_cache, k_cmp_cache,
     v_cmp_cache), dims, config) accepts (returns None)."""
     if name not in BACKENDS or name == "auto":

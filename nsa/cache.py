@@ -100,8 +100,8 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
         raise ValueError("k and v require grad: writing them into the caches would put the caches in autograd's "
                          "graph, which every later step writes in place; decode under torch.no_grad() or "
                          "torch.inference_mode()")
-    lengths = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
-    return dims, scale, lengths
+    seqlens = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
+    return dims, scale, seqlens
 
 
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
@@ -126,7 +126,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     row's whole sequence. The caches change only after every check passed; cache_seqlens is not
     advanced.
     """
-    dims, scale, lengths = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
+    dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len)
     check_phi("phi_k", phi_k)
     check_phi("phi_v", phi_v)
@@ -134,15 +134,15 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
                                                    g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
-        at = (torch.arange(dims.batch, device=q.device)[:, None], lengths[:, None] + torch.arange(T, device=q.device))
+        at = (torch.arange(dims.batch, device=q.device)[:, None], seqlens[:, None] + torch.arange(T, device=q.device))
         k_cache[at], v_cache[at] = k, v
-        compress_new_blocks(k_cache, k_cmp_cache, lengths, lengths + T, T, phi_k, l, d, mem_kv_len)
-        compress_new_blocks(v_cache, v_cmp_cache, lengths, lengths + T, T, phi_v, l, d, mem_kv_len)
+        compress_new_blocks(k_cache, k_cmp_cache, seqlens, seqlens + T, T, phi_k, l, d, mem_kv_len)
+        compress_new_blocks(v_cache, v_cmp_cache, seqlens, seqlens + T, T, phi_v, l, d, mem_kv_len)
     if decoder is not None:                               # -- attend: the decoding kernels --
-        return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, lengths, g_cmp, g_slc, g_win, config, scale,
+        return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config, scale,
                        mem_kv_len)
     o = q.new_empty(dims.batch, T, dims.heads_q, dims.dim_v)
-    new_lengths = (lengths + T).tolist()
+    new_lengths = (seqlens + T).tolist()
     for length in sorted(set(new_lengths)):               # -- or rows of one length together --
         rows = [b for b, n in enumerate(new_lengths) if n == length]
         at = torch.tensor(rows, device=q.device) if len(rows) < dims.batch else slice(None)
@@ -205,8 +205,8 @@ class KVCache:
         return cache
 
 
-def check_new_tokens(layer, x, cache, lengths) -> list[int]:
-    """How many of x's T tokens each row appends (all T unless `lengths` says), checked against
+def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
+    """How many of x's T tokens each row appends (all T unless `new_tokens` says), checked against
     the cache before anything is written."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be an nsa.KVCache from layer.new_cache, got {type(cache).__name__}")
@@ -224,26 +224,27 @@ def check_new_tokens(layer, x, cache, lengths) -> list[int]:
                         f"{cache.k_cmp.device}; they must match")
     if T < 1:
         raise ValueError(f"x holds no new token (shape {tuple(x.shape)}); a step takes T >= 1")
-    if lengths is None:
-        lengths = [T] * B
-    if isinstance(lengths, torch.Tensor):
-        lengths = lengths.tolist()
-    if not isinstance(lengths, (list, tuple)) or len(lengths) != B:
-        raise ValueError(f"lengths must hold one count per batch row ({B}), got {lengths!r}")
-    for b, count in enumerate(lengths):
-        check_int(f"lengths[{b}]", count, 0)
+    if new_tokens is None:
+        new_tokens = [T] * B
+    if isinstance(new_tokens, torch.Tensor):
+        new_tokens = new_tokens.tolist()
+    if not isinstance(new_tokens, (list, tuple)) or len(new_tokens) != B:
+        raise ValueError(f"new_tokens must hold one count per batch row ({B}), got {new_tokens!r}")
+    for b, count in enumerate(new_tokens):
+        check_int(f"new_tokens[{b}]", count, 0)
         if count > T:
-            raise ValueError(f"lengths[{b}] = {count} but x holds only T = {T} new tokens")
+            raise ValueError(f"new_tokens[{b}] = {count} but x holds only T = {T} new tokens")
         if cache.lengths[b] + count > cache.max_seq_len:
             raise ValueError(f"cache row {b} holds {cache.lengths[b]} tokens; {count} more do not fit its "
                              f"max_seq_len {cache.max_seq_len}")
-    return list(lengths)
+    return list(new_tokens)
 
 
-def forward_with_cache(layer, x, cache: KVCache, lengths=None):
-    """`layer(x, cache=cache, lengths=lengths)`: x (B, T, dim), the next tokens' inputs, appended to
-    the cache; returns their outputs (B, T, dim) (0 where `lengths` leaves a row's token out)."""
-    counts = check_new_tokens(layer, x, cache, lengths)
+def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
+    """`layer(x, cache=cache, new_tokens=new_tokens)`: x (B, T, dim), the next tokens' inputs,
+    appended to the cache; returns their outputs (B, T, dim) (0 where `new_tokens` leaves a row's
+    token out)."""
+    counts = check_new_tokens(layer, x, cache, new_tokens)
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)
     g_cmp, g_slc, g_win = gates

@@ -113,9 +113,10 @@ def finish_gather(gathered, lengths, end=None):
     return torch.cat(parts, dim=1)
 
 
-def gather_sequence(x, group, lengths=None):
-    """All ranks' shards x (B, n_rank, ...) as one sequence (B, N, ...) on every rank; autograd-aware."""
-    lengths = resolve_shard_lengths(x, group, lengths)
+def gather_sequence(x, group, shard_lengths=None):
+    """All ranks' shards x (B, n_rank, ...) as one sequence (B, N, ...) on every rank; autograd-aware.
+    shard_lengths: every rank's token count (default: gathered, as `resolve_shard_lengths` says)."""
+    lengths = resolve_shard_lengths(x, group, shard_lengths)
     return finish_gather(start_gather(x, group, lengths), lengths)
 
 

@@ -121,8 +121,8 @@ def test_layer_with_cache_equals_layer_on_whole_sequence(kwargs, sizes):
     torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_layer_rows_of_different_lengths_with_lengths_argument():
-    """Right-padded chunks: row b appends lengths[b] of the T tokens; its padding's outputs are 0,
+def test_layer_rows_of_different_lengths_with_new_tokens_argument():
+    """Right-padded chunks: row b appends new_tokens[b] of the T tokens; its padding's outputs are 0,
     and each row's outputs equal the layer on that row's own sequence."""
     torch.manual_seed(4)
     layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).double().eval()
@@ -139,7 +139,7 @@ def test_layer_rows_of_different_lengths_with_lengths_argument():
             for b, c in enumerate(counts):
                 done = sum(o.shape[1] for o in outputs[b])
                 x[b, :c] = sequences[b][0, done:done + c]
-            y = layer(x, cache=cache, lengths=counts)
+            y = layer(x, cache=cache, new_tokens=counts)
             for b, c in enumerate(counts):
                 assert torch.all(y[b, c:] == 0)
                 outputs[b].append(y[b:b + 1, :c])
@@ -179,11 +179,17 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("empty", lambda layer, cache: layer(torch.randn(2, 0, 32), cache=cache), ValueError, "T >= 1"),
     ("dim", lambda layer, cache: layer(torch.randn(2, 1, 31), cache=cache), ValueError, "dim = 32"),
     ("k", lambda layer, cache: layer(torch.randn(2, 1, 32), torch.randn(2, 1, 32), cache=cache), ValueError, "k = v = mask = "),
-    ("lengths-long", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[3, 1]), ValueError, "lengths[0]"),
-    ("lengths-count", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1]), ValueError, "one count per batch row"),
-    ("lengths-neg", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, lengths=[1, -1]), ValueError, "lengths[1]"),
+    ("new-tokens-long", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, new_tokens=[3, 1]), ValueError,
+     "new_tokens[0]"),
+    ("new-tokens-count", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, new_tokens=[1]), ValueError,
+     "one count per batch row"),
+    ("new-tokens-neg", lambda layer, cache: layer(torch.randn(2, 2, 32), cache=cache, new_tokens=[1, -1]), ValueError,
+     "new_tokens[1]"),
+    ("both-names", lambda layer, cache: layer(torch.randn(2, 1, 32), cache=cache, new_tokens=[1, 1], lengths=[1, 1]),
+     TypeError, "new_tokens= only"),
     ("not-a-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), cache={"k": 1}), TypeError, "nsa.KVCache"),
-    ("lengths-no-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), lengths=[1, 1]), ValueError, "lengths"),
+    ("new-tokens-no-cache", lambda layer, cache: layer(torch.randn(2, 1, 32), new_tokens=[1, 1]), ValueError,
+     "new_tokens"),
     ("grad", lambda layer, cache: torch.enable_grad()(layer)(torch.randn(2, 1, 32), cache=cache), ValueError,
      "torch.no_grad()"),
     ("other-layer", lambda layer, cache: SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()(
@@ -216,7 +222,7 @@ def test_new_cache_arguments_are_checked():
     with pytest.raises(ValueError, match="causal"):
         noncausal.new_cache(1, 10)
     masked = SparseAttention(32, heads=4, mask=torch.ones(1, 4, dtype=torch.bool), **LAYER_GEOMETRY)
-    with pytest.raises(ValueError, match="lengths="):
+    with pytest.raises(ValueError, match="new_tokens="):
         masked(torch.randn(1, 1, 32), cache=masked.new_cache(1, 4))
     with pytest.raises(ValueError, match="device='gpu'"):
         layer.new_cache(1, 10, device="gpu")
@@ -268,7 +274,7 @@ def test_functional_bad_arguments_leave_the_caches_unchanged():
         assert not k_cache.any() and not k_cmp.any() and not v_cache.any() and not v_cmp.any()
 
 
-DECODER_CASES = [  # B, lengths, T, Hq, H, Dqk, Dv, mem, capacity
+DECODER_CASES = [  # B, cache_seqlens, T, Hq, H, Dqk, Dv, mem, capacity
     (1, [0], 1, 1, 1, 16, 16, 0, 40),              # group 1, the first token
     (2, [37, 100], 1, 6, 2, 16, 8, 2, 150),        # group 3 (padded to 4), memory, rows apart, Dqk != Dv
     (1, [150], 3, 16, 1, 16, 16, 1, 200),          # group 16, 3 new tokens
@@ -422,3 +428,15 @@ def test_decoding_step_without_window_equals_a_window_gated_by_zero(backend):
     expected = sparse_attention_with_kvcache(*args, torch.zeros_like(g_cmp), config, backend=backend)
     got = sparse_attention_with_kvcache(*args, None, config, backend=backend)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lengths_is_new_tokens_former_name():
+    """`lengths=` still works, with a FutureWarning, and gives new_tokens='s result."""
+    torch.manual_seed(5)
+    layer = SparseAttention(32, heads=4, kv_heads=2, **LAYER_GEOMETRY).double()
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x, cache=layer.new_cache(2, 8), new_tokens=[3, 2])
+        with pytest.warns(FutureWarning, match="new_tokens="):
+            got = layer(x, cache=layer.new_cache(2, 8), lengths=[3, 2])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
