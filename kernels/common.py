@@ -73,6 +73,11 @@ def check_kernel_inputs(dims, q) -> None:
                             "wrongly; use float32 or float16 there (bf16 on a GPU)")
     elif q.device.type != "cuda":
         raise ValueError(f"q is on {q.device}; the Triton kernels run on CUDA (or the CPU interpreter)")
+    check_kernel_sizes(dims)
+
+
+def check_kernel_sizes(dims) -> None:
+    """The kernels' limits on head dims and the GQA group size (known when a layer is built)."""
     for name, dim in (("Dqk", dims.dim_qk), ("Dv", dims.dim_v)):
         if dim > MAX_HEAD_DIM:
             raise ValueError(f"head dim {name} = {dim}; the Triton kernels allow at most {MAX_HEAD_DIM}")

@@ -14,8 +14,8 @@ from nsa.config import NSAConfig
 from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
-from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, check_kernel_inputs, load_rows,
-                                row_tile, store_rows)
+from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, check_kernel_inputs,
+                                check_kernel_sizes, load_rows, row_tile, store_rows)
 from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_block_centric,
                                   query_tiles, query_tiles_shapes, reverse_index_shapes,
                                   selected_attention_bwd, selected_attention_fwd,
@@ -312,6 +312,17 @@ def triton_unsupported(tensors, dims, config):
     return None
 
 
+def triton_layer_unsupported(config, dims):
+    """The limits a layer's sizes alone can break (geometry, head dims, group size), asked when
+    a layer is built: None, or why the kernels cannot run it."""
+    try:
+        check_kernel_sizes(dims)
+        check_select_config(config)
+    except ValueError as limit:
+        return str(limit)
+    return None
+
+
 def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len):
     """The "triton" backend of `nsa.native_sparse_attention`: NSA from Chapters 8-10's kernels.
 
@@ -358,4 +369,4 @@ def triton_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=
 
 
 register_backend("triton", triton_sparse_attention, triton_unsupported, packed=triton_packed_sparse_attention,
-                 window=triton_window)
+                 window=triton_window, layer_unsupported=triton_layer_unsupported)

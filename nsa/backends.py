@@ -32,6 +32,9 @@ class Backend:
     window: None (Chapter 4's `sliding_window_attention`), or the sliding-window branch alone, on
     keys and values of its own (the layer's `kv_per_branch`): window(q, k, v, window_size, scale,
     causal, pairs, cu_seqlens_q, cu_seqlens_k) -> o, the last three None unless packed.
+    layer_unsupported: None (it takes every layer), or layer_unsupported(config, dims) -> None or
+    why it cannot run a layer of this config and these heads and head dims (dims' batch and
+    lengths 0), whatever its inputs: `SparseAttention` asks when it is built.
     """
 
     name: str
@@ -39,6 +42,7 @@ class Backend:
     unsupported: Callable
     packed: Callable | None = None
     window: Callable | None = None
+    layer_unsupported: Callable | None = None
 
 
 _registry: dict[str, Backend] = {}
@@ -51,13 +55,16 @@ def _supports_everything(tensors, dims, config):
 
 
 def register_backend(name: str, forward: Callable, unsupported: Callable | None = None,
-                     packed: Callable | None = None, window: Callable | None = None) -> Backend:
+                     packed: Callable | None = None, window: Callable | None = None,
+                     layer_unsupported: Callable | None = None) -> Backend:
     """Make `forward` the implementation of `backend=name` (a name of `BACKENDS`, not "auto"),
-    `packed` its forward over packed sequences (None: one `forward` per sequence) and `window`
-    its sliding-window branch alone (None: the reference's)."""
+    `packed` its forward over packed sequences (None: one `forward` per sequence), `window`
+    its sliding-window branch alone (None: the reference's) and `layer_unsupported` its check of
+    a layer's sizes (as `Backend` says)."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
-    _registry[name] = Backend(name, forward, unsupported or _supports_everything, packed, window)
+    _registry[name] = Backend(name, forward, unsupported or _supports_everything, packed, window,
+                              layer_unsupported)
     _unavailable.pop(name, None)
     return _registry[name]
 
@@ -78,6 +85,17 @@ def check_backend(backend) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return backend
+
+
+def check_layer_backend(backend: str, config, dims) -> None:
+    """A layer built for `backend` (named, and registered here) must be one it can run: its
+    `layer_unsupported` reason as a ValueError. "auto" falls back instead, and a backend not
+    registered on this machine says so at the first call."""
+    implementation = _registry.get(backend)
+    if implementation is not None and implementation.layer_unsupported is not None:
+        reason = implementation.layer_unsupported(config, dims)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run this layer: {reason}")
 
 
 def _warn_once(message: str) -> None:

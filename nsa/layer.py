@@ -7,9 +7,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from nsa.backends import check_backend
+from nsa.backends import check_backend, check_layer_backend
 from nsa.cache import KVCache, forward_with_cache
-from nsa.checks import (check_bool, check_int, check_key_padding_mask, check_positive_int,
+from nsa.checks import (Dims, check_bool, check_int, check_key_padding_mask, check_positive_int,
                         check_tensor, resolve_scale)
 from nsa.compression import CompressionMLP, compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
@@ -58,6 +58,7 @@ class SparseAttention(nn.Module):
         except (TypeError, ValueError) as error:
             raise type(error)(f"qk_scale: {error}") from None
         self.backend = check_backend(backend)
+        check_layer_backend(self.backend, self.config, Dims(0, 0, 0, heads, kv_heads, dim_head, dim_head_v))
         self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
         self.dim_head, self.dim_head_v, self.num_mem_kv = dim_head, dim_head_v, num_mem_kv
         self.kv_per_branch = kv_per_branch

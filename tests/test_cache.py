@@ -234,14 +234,13 @@ def test_new_cache_arguments_are_checked():
 
 
 def test_a_step_the_backend_refuses_leaves_the_cache_unchanged():
-    """The layer's backend checks the step before the cache changes (the Triton kernels need l a
-    power of two)."""
-    layer = SparseAttention(32, heads=4, compress_block_size=24, compress_stride=8, select_block_size=24,
-                            num_selected_blocks=3, window_size=8, backend="triton").eval()
+    """The layer's backend checks the step before the cache changes (the Triton kernels take no
+    float64)."""
+    layer = SparseAttention(32, heads=4, **{**LAYER_GEOMETRY, "backend": "triton"}).double().eval()
     cache = layer.new_cache(1, 40)
     before = snapshot(cache)
-    with torch.no_grad(), pytest.raises(ValueError, match="triton: config.compress_block_size = 24"):
-        layer(torch.randn(1, 4, 32), cache=cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="triton: q.dtype is torch.float64"):
+        layer(torch.randn(1, 4, 32, dtype=torch.float64), cache=cache)
     assert_unchanged(cache, before)
 
 

@@ -72,6 +72,20 @@ def test_unsupported_inputs_raise_value_error_and_auto_falls_back():
     torch.testing.assert_close(o_auto, o_triton, **TOL[torch.float32])
 
 
+def test_a_layer_the_kernels_cannot_run_is_refused_when_built():
+    """Geometry, head dims and group size are known at construction: backend="triton" refuses
+    there what the kernels cannot take; "auto" and "torch" build (auto falls back per call)."""
+    geometry = dict(compress_block_size=24, compress_stride=8, select_block_size=48)
+    for kwargs, words in [(geometry, "compress_block_size = 24; the Triton kernels need a power of two"),
+                          (dict(heads=34, kv_heads=2), "group size Hq // H = 17"),
+                          (dict(dim_head=320), "head dim Dqk = 320")]:
+        with pytest.raises(ValueError, match=f"backend='triton' cannot run this layer: .*{words}"):
+            nsa.SparseAttention(68, **{"heads": 4, **kwargs}, backend="triton")
+        for backend in ("auto", "torch"):
+            nsa.SparseAttention(68, **{"heads": 4, **kwargs}, backend=backend)
+    nsa.SparseAttention(64, heads=32, kv_heads=2, dim_head=256, backend="triton")  # at the limits
+
+
 @pytest.mark.parametrize("branch", ["window", "compressed", "selected"])
 def test_gated_backward_equals_backward_of_scaled_do(branch):
     """Chapter 8's GATED / ADD_TO_DQ switches: a branch's backward fed the op's dO and its gate
