@@ -241,7 +241,8 @@ def band_dq_steps(
 
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows"])
 def band_attention_backward_dq_kernel(
-    Q, K, V, O, DO,
+    Q, K, V,                  # as in the forward
+    O, DO,                    # (B, Nq, Hq, Dv): the branch's output and the gradient of NSA's output
     GATE,                     # (B, Nq, Hq): the branch's gate, P's row factor when GATED (Chapter 8)
     DGATE,                    # output (B, Nq, Hq) like GATE when GATED: the gate's gradient
     LSE,
@@ -250,7 +251,9 @@ def band_attention_backward_dq_kernel(
     DQ_IN,                    # (B, Nq, Hq, Dqk) when ADD_TO_DQ: added to this branch's dq (may be DQ)
     DQ,                       # output (B, Nq, Hq, Dqk), its dtype
     CU_Q, CU_K, CU_ROWS,      # as in the forward
-    scale_log2, scale, seq_len_q, seq_len_k, num_rows,
+    scale_log2,               # as in the forward: P is recomputed in base 2
+    scale,                    # the softmax scale: dq = scale * dS K, dS = P (dP - delta)
+    seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -302,11 +305,12 @@ def band_attention_backward_dq_kernel(
 
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows", "chunk_len", "chunk_rows"])
 def band_attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,
+    Q, K, V, DO, LSE, DELTA,  # as in the dq kernel (DELTA its output)
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
     DK_IN, DV_IN,             # (B, R, H, Dqk), (B, R, H, Dv) when ADD_TO_DKDV (one chunk): added to this branch's
     CU_Q, CU_K, CU_ROWS,      # as in the forward
-    scale_log2, scale, seq_len_q, seq_len_k, num_rows,
+    scale_log2, scale,        # as in the dq kernel (dk = scale * dS^T Q)
+    seq_len_q, seq_len_k, num_rows,
     lo_back, hi_base, hi_offset, hi_div,
     chunk_len,                # query positions per chunk (a multiple of BLOCK_M)
     chunk_rows,               # B * R * H: the rows of one chunk's slice of DK, DV

@@ -74,7 +74,9 @@ def decode_compressed_kernel(
 def merged_lse(M, L, first, SPLITS: tl.constexpr, STRIDE: tl.constexpr):
     """The base-2 log-sum-exp of the rows at `first` (a (ROWS,) tile of offsets) over SPLITS
     partial softmaxes (max m, sum l; split s at first + s * STRIDE), loaded as one (SPLITS, ROWS)
-    tile: m = max_s m_s, l = sum_s l_s 2^(m_s - m); -inf for a row that saw nothing."""
+    tile: m = max_s m_s, l = sum_s l_s 2^(m_s - m); -inf for a row that saw nothing. (Partials
+    that other programs stored, merged at once: not the online step, which folds one program's
+    key tiles into its running state.)"""
     at = first[None, :] + tl.arange(0, SPLITS)[:, None] * STRIDE
     m = tl.load(M + at)
     m_all = tl.max(m, axis=0)

@@ -602,7 +602,8 @@ def selected_by_block_forward_kernel(
             if CAUSAL:
                 visible = visible & (keys[None, :] <= t[:, None])
             s = tl.where(visible, s, float("-inf"))
-            # -- this block's softmax alone: max m, sum l, output o / l (a padding row: 0, -inf) --
+            # -- this block's softmax alone: max m, sum l, output o / l (a padding row: 0, -inf);
+            #    not softmax_update/finish: one block has no running state, and the merge takes base 2 --
             m = tl.max(s, 1)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             p = tl.exp2(s - m_safe[:, None])
