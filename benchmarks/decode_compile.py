@@ -39,9 +39,9 @@ def recorded_launches(heads_q, heads_kv, tokens, batch, context):
     bf16 = dict(dtype=torch.bfloat16)
     q, gate = torch.empty(batch, tokens, heads_q, 128, **bf16), torch.empty(batch, tokens, heads_q, **bf16)
     cache, compressed = torch.empty(batch, context, heads_kv, 128, **bf16), torch.empty(batch, rows, heads_kv, 128, **bf16)
-    lengths = torch.full((batch,), context - tokens, dtype=torch.int32)
+    cache_seqlens = torch.full((batch,), context - tokens, dtype=torch.int32)
     with recorded(decode, names, multiprocessors=132) as launches:
-        decode.sparse_attention_decode_triton(q, cache, cache, compressed, compressed, lengths, gate, gate, gate,
+        decode.sparse_attention_decode_triton(q, cache, cache, compressed, compressed, cache_seqlens, gate, gate, gate,
                                               config, 128 ** -0.5, 0)
     return launches
 

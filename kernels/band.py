@@ -242,7 +242,7 @@ def band_dq_steps(
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows"])
 def band_attention_backward_dq_kernel(
     Q, K, V,                  # as in the forward
-    O, DO,                    # (B, Nq, Hq, Dv): the branch's output and the gradient of NSA's output
+    O, DO,                    # (B, Nq, Hq, Dv): the branch's output; dO (of NSA's output when GATED)
     GATE,                     # (B, Nq, Hq): the branch's gate, P's row factor when GATED (Chapter 8)
     DGATE,                    # output (B, Nq, Hq) like GATE when GATED: the gate's gradient
     LSE,
@@ -305,7 +305,10 @@ def band_attention_backward_dq_kernel(
 
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_rows", "chunk_len", "chunk_rows"])
 def band_attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,  # as in the dq kernel (DELTA its output)
+    Q, K, V,                  # as in the dq kernel
+    DO,                       # the branch's dO: the dq kernel's DO_B when GATED, else its DO
+    LSE,                      # as in the dq kernel
+    DELTA,                    # the dq kernel's output
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
     DK_IN, DV_IN,             # (B, R, H, Dqk), (B, R, H, Dv) when ADD_TO_DKDV (one chunk): added to this branch's
     CU_Q, CU_K, CU_ROWS,      # as in the forward

@@ -9,10 +9,11 @@ import triton
 import triton.language as tl
 
 from nsa.backends import register_decoder
-from nsa.kernels.common import (LOG2E, check_kernel_inputs, group_rows, head_dim_block, load_rows,
-                                softmax_update, store_rows)
-from nsa.kernels.selection import (EMPTY, GONE, check_select_config, compressed_rows_seen,
-                                   eq9_weights, first_top, rank_candidates)
+from nsa.kernels.common import (LOG2E, group_rows, head_dim_block, load_rows, softmax_update,
+                                store_rows)
+from nsa.kernels.nsa import triton_unsupported
+from nsa.kernels.selection import (EMPTY, GONE, compressed_rows_seen, eq9_weights, first_top,
+                                   rank_candidates)
 
 
 @triton.jit
@@ -336,13 +337,12 @@ def decode_tokens_pad(tokens: int, group: int) -> int:
 
 
 def decode_unsupported(tensors, dims, config):
-    """Why the decoding kernels cannot take this step (None: they can): the kernels' limits, and at
-    most DECODE_MAX_ROWS rows of new tokens x group heads (a longer step is a prefill)."""
-    try:
-        check_kernel_inputs(dims, tensors[0])
-        check_select_config(config)
-    except (TypeError, ValueError) as limit:
-        return str(limit)
+    """Why the decoding kernels cannot take this step (None: they can): the kernels' limits
+    (chapter 10's `triton_unsupported`), and at most DECODE_MAX_ROWS rows of new tokens x group
+    heads (a longer step is a prefill)."""
+    reason = triton_unsupported(tensors, dims, config)
+    if reason is not None:
+        return reason
     rows = decode_tokens_pad(dims.seq_len_q, dims.group_size) * triton.next_power_of_2(dims.group_size)
     if rows > DECODE_MAX_ROWS:
         return (f"{dims.seq_len_q} new tokens x group {dims.group_size}, each padded to a power of two "

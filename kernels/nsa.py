@@ -301,26 +301,25 @@ def _window_backward(ctx, do, unused):
 window_attention_forward.register_autograd(_window_backward, setup_context=_save_window)
 
 
-def triton_unsupported(tensors, dims, config):
-    """Why the kernels cannot take these inputs (None: they can): their limits, checked before
-    any launch."""
-    try:
-        check_kernel_inputs(dims, tensors[0])
-        check_select_config(config)
-    except (TypeError, ValueError) as limit:
-        return str(limit)
-    return None
-
-
 def triton_layer_unsupported(config, dims):
     """The limits a layer's sizes alone can break (geometry, head dims, group size), asked when
     a layer is built: None, or why the kernels cannot run it."""
     try:
         check_kernel_sizes(dims)
         check_select_config(config)
-    except ValueError as limit:
+    except (TypeError, ValueError) as limit:
         return str(limit)
     return None
+
+
+def triton_unsupported(tensors, dims, config):
+    """Why the kernels cannot take these inputs (None: they can): their limits, checked before
+    any launch: the inputs' dtype and device, then the sizes' limits."""
+    try:
+        check_kernel_inputs(dims, tensors[0])
+    except (TypeError, ValueError) as limit:
+        return str(limit)
+    return triton_layer_unsupported(config, dims)
 
 
 def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale, mem_kv_len):

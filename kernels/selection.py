@@ -162,7 +162,7 @@ def select_blocks_kernel(
     q_start, seq_len_q = sequence_span(CU_Q, seq, seq_len_q, PACKED)
     _, seq_len_k = sequence_span(CU_K, seq, seq_len_k, PACKED)
     cmp_start, cmp_rows = sequence_span(CU_CMP, seq, mem_kv_len + num_cmp, PACKED)
-    if PACKED:   # this sequence's compressed blocks and selection blocks; its queries may end before
+    if PACKED:   # this sequence's compressed and selection blocks; its queries may end before ours begin
         num_cmp = cmp_rows - mem_kv_len
         num_sel = (seq_len_k + SEL_BLOCK - 1) // SEL_BLOCK
         if first_query >= seq_len_q:

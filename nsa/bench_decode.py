@@ -71,8 +71,8 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
     v_cmp = compress(v_cache, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
     q = randn(batch, 1, heads_q, head_dim)
     gates = [torch.sigmoid(randn(batch, 1, heads_q)) for _ in range(3)]
-    lengths = torch.full((batch,), context - 1, device=device, dtype=torch.int32)   # tokens before the new one
-    args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, config)
+    cache_seqlens = torch.full((batch,), context - 1, device=device, dtype=torch.int32)   # before the new one
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, cache_seqlens, *gates, config)
 
     def nsa_step():
         return sparse_attention_with_kvcache(*args, backend="triton")

@@ -38,7 +38,7 @@ def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new:
     k_cmp_cache[at] = torch.where(done[..., None, None], summary.to(k_cmp_cache.dtype), k_cmp_cache[at])
 
 
-def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: int, device) -> torch.Tensor:
+def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: int, device) -> torch.Tensor:
     """The tokens each row holds before the new ones: a (B,) int32 tensor on `device` (as
     flash-attn's `cache_seqlens`; an int32 CUDA tensor is used as it is, no copy). From a list
     of ints or a CPU tensor, each length is checked to leave room for the new tokens; a CUDA
@@ -58,8 +58,8 @@ def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: in
         raise ValueError(f"cache_seqlens must hold one length per batch row ({batch}), got {cache_seqlens!r}")
     for b, length in enumerate(cache_seqlens):
         check_int(f"cache_seqlens[{b}]", length, 0)
-        if length + new_tokens > capacity:
-            raise ValueError(f"cache row {b} holds {length} tokens; {new_tokens} more do not fit its "
+        if length + step_tokens > capacity:
+            raise ValueError(f"cache row {b} holds {length} tokens; {step_tokens} more do not fit its "
                              f"{capacity} (max_seq_len)")
     return torch.tensor(cache_seqlens, dtype=torch.int32, device=device)
 
@@ -67,7 +67,7 @@ def check_cache_lengths(cache_seqlens, batch: int, new_tokens: int, capacity: in
 def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, k, v,
                      config, scale, mem_kv_len):
     """The arguments of `sparse_attention_with_kvcache`: (dims of q against the cache, the
-    scale as a float, the lengths before the step as a tensor on the cache's device)."""
+    scale as a float, cache_seqlens as a tensor on the cache's device)."""
     dims = check_keys(q, k_cache, v_cache, "k_cache", "v_cache", rows="max_seq_len")
     check_config(config)
     if not config.causal:

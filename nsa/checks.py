@@ -7,6 +7,9 @@ allowed.
 """
 
 import math
+import os
+import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -275,6 +278,16 @@ def check_gates(q, gates, rows: str = "seq_len_q") -> None:
         if tuple(g.shape) != tuple(q.shape[:3]):
             raise ValueError(f"{name} has shape {tuple(g.shape)}; expected q's (batch, {rows}, heads_q) = "
                              f"{tuple(q.shape[:3])}")
+
+
+def warn_renamed(where: str, old: str, new: str) -> None:
+    """A FutureWarning that `where`'s argument `old=` is now `new=`, shown at the caller's line:
+    the first frame outside nsa and torch (nn.Module's call, hooks and wrappers sit between)."""
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(f"{where}({old}=) is now {new}=; {old}= will be removed", FutureWarning, stacklevel=level)
 
 
 def resolve_device(device, default: torch.device) -> torch.device:

@@ -84,15 +84,17 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
     scale = resolve_scale(scale, dims.dim_qk)
     mem_kv_len = check_mem_kv_len(mem_kv_len, dims.seq_len_k)
     num_blocks = dims.seq_len_k - mem_kv_len
-    if blocks_kept is not None:
-        check_tensor("blocks_kept", blocks_kept, 2, "(batch, num_compressed_blocks)")
-        if blocks_kept.dtype != torch.bool or tuple(blocks_kept.shape) != (dims.batch, num_blocks):
-            raise ValueError(f"blocks_kept must be a bool tensor of shape (B, N_c) = {(dims.batch, num_blocks)}, "
-                             f"got {blocks_kept.dtype} {tuple(blocks_kept.shape)}")
-        if blocks_kept.device != q.device:
-            raise ValueError(f"blocks_kept is on {blocks_kept.device} but q is on {q.device}; they must match")
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
     resolve_seq_len_k(seq_len_k, dims.seq_len_q, num_blocks, l, d, config.causal)
+    if blocks_kept is not None:
+        check_tensor("blocks_kept", blocks_kept, 2, "(batch, num_compressed_blocks)")
+        if blocks_kept.dtype != torch.bool:
+            raise TypeError(f"blocks_kept must be a bool tensor, got dtype {blocks_kept.dtype}")
+        if tuple(blocks_kept.shape) != (dims.batch, num_blocks):
+            raise ValueError(f"blocks_kept must have shape (B, N_c) = {(dims.batch, num_blocks)}, "
+                             f"got {tuple(blocks_kept.shape)}")
+        if blocks_kept.device != q.device:
+            raise ValueError(f"blocks_kept is on {blocks_kept.device} but q is on {q.device}; they must match")
 
     compute = compute_dtype(q.dtype)
     with torch.no_grad():

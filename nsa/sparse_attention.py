@@ -100,8 +100,9 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
                            scale=None, *, mem_kv_len=0, key_padding_mask=None):
     """NSA with every branch as dense attention under a (query, key) bool mask: O(Nq Nk) memory.
 
-    Same arguments as `native_sparse_attention`, plus `key_padding_mask`: (B, Nk) bool, True = keep;
-    padded keys are invisible in every branch (a compressed block with any padded key too).
+    The arguments of `native_sparse_attention` but `backend` and the packed ones (`cu_seqlens`...),
+    plus `key_padding_mask`: (B, Nk) bool, True = keep; padded keys are invisible in every branch
+    (a compressed block with any padded key too).
     """
     dims, scale = check_sparse_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale,
                                       mem_kv_len)

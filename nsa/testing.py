@@ -34,9 +34,9 @@ def run_on_cpus(fn, world_size: int, *args):
         return [torch.load(f"{folder}/{rank}.pt") for rank in range(world_size)]
 
 
-def compare_with_single_process(group, layer_kwargs, lengths, batch=1, cu_seqlens=None, fsdp=False,
+def compare_with_single_process(group, layer_kwargs, shard_lengths, batch=1, cu_seqlens=None, fsdp=False,
                                 seed=0, dtype=torch.float64, device="cpu"):
-    """`SparseAttention(**layer_kwargs)` on a sequence sharded over `group` (shard lengths `lengths`)
+    """`SparseAttention(**layer_kwargs)` on a sequence sharded over `group` (`shard_lengths` tokens each)
     and on the whole sequence in this process: the largest differences of this rank's outputs, its
     input gradients and the parameter gradients (summed over the ranks), each over the largest
     entry of what it is compared with (of all the parameters' gradients together) -> dict.
@@ -45,11 +45,11 @@ def compare_with_single_process(group, layer_kwargs, lengths, batch=1, cu_seqlen
     from torch.distributed.fsdp import fully_shard
     from torch.utils.checkpoint import checkpoint
 
-    rank, (s, e) = dist.get_rank(group), shard_bounds(lengths)[dist.get_rank(group)]
+    rank, (s, e) = dist.get_rank(group), shard_bounds(shard_lengths)[dist.get_rank(group)]
     torch.manual_seed(seed)
     layer = SparseAttention(**layer_kwargs).to(device, dtype)
     generator = torch.Generator(device).manual_seed(seed + 1)
-    x = torch.randn(batch, sum(lengths), layer.dim, dtype=dtype, device=device, generator=generator)
+    x = torch.randn(batch, sum(shard_lengths), layer.dim, dtype=dtype, device=device, generator=generator)
     weight = torch.randn(x.shape, dtype=dtype, device=device, generator=generator)
     # -- the whole sequence, in this process --
     x_whole = x.clone().requires_grad_()

@@ -10,11 +10,13 @@ starts; every sequence is its own problem.
 - `TokenPacking`, `token_packing`, `pack`, `unpack` (here): a padded batch's real tokens as packed
   sequences and back: how the layer runs a key padding mask.
 - `PackedRows` (nsa.kernels.common): what a band or selection kernel launch needs: three
-  cu_seqlens and the longest sequence (the grid); `packed_rows` (nsa.kernels.nsa) makes them.
+  cu_seqlens and the longest sequence's queries and rows (the grid); `packed_rows`
+  (nsa.kernels.nsa) makes them.
 - `PackedBlocks` (nsa.kernels.selected): selection blocks numbered across the sequences, for the
-  selected kernels; `packed_blocks` (nsa.kernels.nsa) makes them, `packed_tables` unpacks them.
+  selected kernels; `packed_blocks` (nsa.kernels.nsa) makes them, `packed_tables` (beside them)
+  passes them to a launch.
 - `packed_sizes` (nsa.kernels.nsa's custom ops): the host ints those need (longest sequences,
-  blocks in all), `packed_sizes_of(packing)` computing them."""
+  blocks in all), `packed_sizes_of(packing, select_block_size)` computing them."""
 
 import itertools
 from typing import NamedTuple

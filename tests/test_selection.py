@@ -332,7 +332,7 @@ _blocks = select_blocks(_scores, 20, _config)
     (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=[True] * 4), TypeError, "blocks_kept"),
     (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=torch.ones(1, 3, dtype=torch.bool)),
      ValueError, "blocks_kept"),
-    (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=torch.ones(1, 4)), ValueError, "bool"),
+    (lambda: selection_scores(_q, _kc, _lse, 20, _config, blocks_kept=torch.ones(1, 4)), TypeError, "bool"),
     (lambda: select_blocks(_scores[0], 20, _config), ValueError, "scores"),
     (lambda: select_blocks(_scores.long(), 20, _config), TypeError, "scores"),
     (lambda: select_blocks(_scores, 40, _config), ValueError, "seq_len_k"),
