@@ -138,14 +138,26 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
         k_cache[at], v_cache[at] = k, v
         compress_new_blocks(k_cache, k_cmp_cache, seqlens, seqlens + T, T, phi_k, l, d, mem_kv_len)
         compress_new_blocks(v_cache, v_cmp_cache, seqlens, seqlens + T, T, phi_v, l, d, mem_kv_len)
-    if decoder is not None:                               # -- attend: the decoding kernels --
+    return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
+                         config, scale, mem_kv_len, backend)
+
+
+def attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config,
+                  scale, mem_kv_len, backend):
+    """The attention of a step whose arguments are checked and whose tokens are in the caches:
+    `decoder` from `select_step` (None: `native_sparse_attention` over each row's cached keys),
+    seqlens the (B,) integer tensor of tokens before the step. The layer calls it directly, having
+    checked its own step once."""
+    if decoder is not None:                               # -- the decoding kernels --
         return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config, scale,
                        mem_kv_len)
-    o = q.new_empty(dims.batch, T, dims.heads_q, dims.dim_v)
+    B, T, Hq, _ = q.shape
+    l, d = config.compress_block_size, config.compress_stride
+    o = q.new_empty(B, T, Hq, v_cache.shape[-1])
     new_lengths = (seqlens + T).tolist()
     for length in sorted(set(new_lengths)):               # -- or rows of one length together --
         rows = [b for b, n in enumerate(new_lengths) if n == length]
-        at = torch.tensor(rows, device=q.device) if len(rows) < dims.batch else slice(None)
+        at = torch.tensor(rows, device=q.device) if len(rows) < B else slice(None)
         visible = mem_kv_len + num_compressed_blocks(length, l, d)
         o[at] = native_sparse_attention(
             q[at], k_cache[at, :length], v_cache[at, :length], k_cmp_cache[at, :visible],
@@ -252,8 +264,8 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     # -- the backend's check of the step, before the cache changes --
     k_slc, v_slc = cache.keys[layer.branch("slc")], cache.values[layer.branch("slc")]
     dims = check_keys(queries, k_slc, v_slc, "k_cache", "v_cache", rows="max_seq_len")
-    select_step(check_backend(layer.backend), (queries, k_slc, v_slc, cache.k_cmp, cache.v_cmp, g_cmp, g_slc,
-                                               g_win_fused), dims, config)
+    decoder = select_step(check_backend(layer.backend), (queries, k_slc, v_slc, cache.k_cmp, cache.v_cmp, g_cmp,
+                                                         g_slc, g_win_fused), dims, config)
     before = list(cache.lengths)
     after = [n + c for n, c in zip(before, counts)]
     # -- append each row's new keys and values (every branch), then compress what they complete --
@@ -277,10 +289,11 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
         c = counts[rows[0]]
         at = slice(None) if len(rows) == len(counts) else torch.tensor(rows, device=x.device)  # no copy
         k_slc, v_slc = cache.keys[layer.branch("slc")][at], cache.values[layer.branch("slc")][at]
-        o[at, :c] = sparse_attention_with_kvcache(
-            queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], [before[b] for b in rows],
-            g_cmp[at, :c], g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config,
-            layer.scale, mem_kv_len=mem, backend=layer.backend)
+        seqlens = torch.tensor([before[b] for b in rows], dtype=torch.int32, device=x.device)
+        o[at, :c] = attend_cached(     # checked above, for every row and all T tokens: c <= T fits too
+            decoder, queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], seqlens, g_cmp[at, :c],
+            g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config, layer.scale, mem,
+            layer.backend)
         if layer.kv_per_branch:                       # the window over its own keys, per row length
             for b in rows:                            # (the backend's window: it reads the window's keys only)
                 n = after[b]

@@ -160,6 +160,23 @@ def test_layer_with_cache_on_triton_backend_under_interpreter(kwargs):
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
 
 
+def test_layer_on_triton_with_rows_appending_different_counts():
+    """One step whose rows append 3 and 1 tokens, on the decoding kernels (chosen once for the
+    step): each row equals the layer on its own sequence, the padding's outputs are 0."""
+    torch.manual_seed(6)
+    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}).eval()
+    sequences = [torch.randn(1, 43, 32), torch.randn(1, 41, 32)]
+    with torch.no_grad():
+        cache = layer.new_cache(2, 48)
+        layer(torch.cat([s[:, :40] for s in sequences]), cache=cache)
+        x = torch.zeros(2, 3, 32)
+        x[0], x[1, :1] = sequences[0][0, 40:], sequences[1][0, 40:]
+        y = layer(x, cache=cache, new_tokens=[3, 1])
+        for b, s in enumerate(sequences):
+            torch.testing.assert_close(y[b, :s.shape[1] - 40], layer(s)[0, 40:], rtol=2e-5, atol=2e-5)
+    assert torch.all(y[1, 1:] == 0) and cache.lengths == [43, 41]
+
+
 def snapshot(cache):
     return (list(cache.lengths), cache.k_cmp.clone(), cache.v_cmp.clone(),
             {b: t.clone() for b, t in cache.keys.items()}, {b: t.clone() for b, t in cache.values.items()})
