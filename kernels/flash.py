@@ -18,7 +18,7 @@ def flash_attention_forward_kernel(
     seq_len_q,                     # Nq: query rows; row i sits at position Nk - Nq + i
     seq_len_k,                     # Nk: keys
     HEADS_Q: tl.constexpr,         # Hq
-    GROUP_SIZE: tl.constexpr,      # G = Hq // H: query heads per kv head
+    GROUP: tl.constexpr,           # G = Hq // H: query heads per kv head
     DIM_QK: tl.constexpr,          # Dqk, the true head dim of q and k
     DIM_V: tl.constexpr,           # Dv, the true head dim of v
     BLOCK_DQK: tl.constexpr,       # Dqk padded to a power of two >= 16
@@ -31,8 +31,8 @@ def flash_attention_forward_kernel(
     tile_m = tl.program_id(0)
     batch = tl.program_id(1) // HEADS_Q
     head_q = tl.program_id(1) % HEADS_Q
-    head_kv = head_q // GROUP_SIZE
-    heads_kv = HEADS_Q // GROUP_SIZE
+    head_kv = head_q // GROUP
+    heads_kv = HEADS_Q // GROUP
 
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)            # query rows (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)                                # key offsets within a tile (BLOCK_N,)
@@ -103,7 +103,7 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
     o = torch.empty(B, Nq, Hq, dims.dim_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     BLOCK_M, BLOCK_N = (64, 64) if q.is_cuda else (32, 32)
-    meta = dict(HEADS_Q=Hq, GROUP_SIZE=dims.group_size, DIM_QK=dims.dim_qk, DIM_V=dims.dim_v,
+    meta = dict(HEADS_Q=Hq, GROUP=dims.group_size, DIM_QK=dims.dim_qk, DIM_V=dims.dim_v,
                 BLOCK_DQK=head_dim_block(dims.dim_qk), BLOCK_DV=head_dim_block(dims.dim_v),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal)
     launch_fitting(flash_attention_forward_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B * Hq),

@@ -230,7 +230,7 @@ def _(do, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *saved_and_config):
 def _save_for_backward(ctx, inputs, output):
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *config, cu_q, cu_k, cu_cmp, packed_sizes = inputs
     ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, *output[1:], cu_q, cu_k, cu_cmp)
-    ctx.config = (*config, packed_sizes)
+    ctx.args = (*config, packed_sizes)           # the op's non-tensor arguments, as band.py's ops keep them
     ctx.set_materialize_grads(False)    # the saved outputs get no gradient: no zero tensors for them
 
 
@@ -239,9 +239,9 @@ def _backward(ctx, do, *unused):
     if do is None:        # a loss without o (its saved outputs only): nothing flows back, as before
         grads = (None,) * 8
     else:
-        grads = sparse_attention_backward(do, *saved, *ctx.config[:-1], cu_q, cu_k, cu_cmp, ctx.config[-1])
+        grads = sparse_attention_backward(do, *saved, *ctx.args[:-1], cu_q, cu_k, cu_cmp, ctx.args[-1])
     d_win = grads[7] if saved[7] is not None else None             # g_win None: the window was left out
-    return (*grads[:7], d_win, *(None for _ in ctx.config), None, None, None)
+    return (*grads[:7], d_win, *(None for _ in ctx.args), None, None, None)
 
 
 sparse_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
@@ -283,13 +283,13 @@ def _(do, q, k, v, o, lse, *config):
 def _save_window(ctx, inputs, output):
     q, k, v, *config, cu_q, cu_k, packed_sizes = inputs
     ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
-    ctx.config = (*config, packed_sizes)
+    ctx.args = (*config, packed_sizes)
     ctx.set_materialize_grads(False)    # lse gets no gradient: no zero tensor for it
 
 
 def _window_backward(ctx, do, unused):
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
-    window_size, causal, scale, packed_sizes = ctx.config
+    window_size, causal, scale, packed_sizes = ctx.args
     if do is None:        # a loss on lse alone: nothing flows back, as before (lse gets no gradient)
         grads = (None,) * 3
     else:

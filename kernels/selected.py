@@ -118,16 +118,16 @@ def tile_entry(TILE_BLOCKS, TILE_MEMBERS, at, QUERIES_PER_TILE: tl.constexpr):
 
 @triton.jit
 def block_keys(block, batch, head_kv, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr, PACKED: tl.constexpr):
+               SEL_BLOCK: tl.constexpr, PACKED: tl.constexpr):
     """The key positions of selection block `block` (-1: none), their rows in a (B, Nk, H) tensor
     (int64), and which of them exist (past Nk, or for block -1, none). PACKED (chapter 10): blocks
     are numbered across the packed sequences, and a block's keys are packed rows from
     BLOCK_START[block] that exist before its sequence's end, BLOCK_END[block]."""
     if PACKED:
-        keys = tl.load(BLOCK_START + tl.maximum(block, 0)) + tl.arange(0, BLOCK_SIZE)
+        keys = tl.load(BLOCK_START + tl.maximum(block, 0)) + tl.arange(0, SEL_BLOCK)
         exist = keys < tl.load(BLOCK_END + tl.maximum(block, 0))
     else:
-        keys = tl.maximum(block, 0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        keys = tl.maximum(block, 0) * SEL_BLOCK + tl.arange(0, SEL_BLOCK)
         exist = keys < seq_len_k
     kv_rows = (batch * seq_len_k + keys).to(tl.int64) * HEADS_KV + head_kv   # batch 0 when PACKED
     return keys, kv_rows, exist & (block >= 0)
@@ -173,14 +173,14 @@ def selected_attention_forward_kernel(
     num_tiles,              # T = ceil(Nq / QUERIES_PER_TILE)
     num_entries,            # E: entries per tile (n when Q = 1, Q * n otherwise)
     HEADS_KV: tl.constexpr,     # H
-    GROUP_SIZE: tl.constexpr,   # G = Hq // H, query heads sharing a kv head (and its blocks)
+    GROUP: tl.constexpr,        # G = Hq // H, query heads sharing a kv head (and its blocks)
     DIM_QK: tl.constexpr,       # Dqk (true size)
     DIM_V: tl.constexpr,        # Dv (true size)
     BLOCK_DQK: tl.constexpr,    # Dqk padded to a power of two >= 16
     BLOCK_DV: tl.constexpr,     # Dv padded to a power of two >= 16
     BLOCK_GQ: tl.constexpr,     # rows per query: G padded to a power of two, QUERIES_PER_TILE * BLOCK_GQ >= 16
     QUERIES_PER_TILE: tl.constexpr,  # Q consecutive queries per program (a power of two <= 16)
-    BLOCK_SIZE: tl.constexpr,   # l', keys per selected block (power of two >= 16)
+    SEL_BLOCK: tl.constexpr,    # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END
 ):
@@ -189,7 +189,7 @@ def selected_attention_forward_kernel(
     b = tl.program_id(1) // HEADS_KV
     h = tl.program_id(1) % HEADS_KV
     rows, row_ok, i, t = group_rows(tile * QUERIES_PER_TILE, b * seq_len_q, h, seq_len_q, seq_len_k,
-                                    HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, QUERIES_PER_TILE)
+                                    HEADS_KV * GROUP, GROUP, BLOCK_GQ, QUERIES_PER_TILE)
     t = key_position(t, i, row_ok, POSITIONS, PACKED)
     j = i - tile * QUERIES_PER_TILE                                 # each row's query in the tile
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -207,7 +207,7 @@ def selected_attention_forward_kernel(
         # -- the block, its keys and values; a -1 slot reads nothing (all-false mask) --
         block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
                                     QUERIES_PER_TILE)
-        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, BLOCK_SIZE, PACKED)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, SEL_BLOCK, PACKED)
         k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
         v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
         # -- scores, masked to the rows whose query chose the block, the keys that exist, <= t --
@@ -244,9 +244,9 @@ def query_tiles(block_indices, group_size, queries_per_tile=None):
 def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsize):
     """(meta-parameters, num_warps, num_stages) of the forward and dq kernels."""
     block_gq = max(triton.next_power_of_2(group_size), 16 // queries_per_tile)
-    meta = dict(GROUP_SIZE=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
+    meta = dict(GROUP=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
                 BLOCK_DV=head_dim_block(dim_v), BLOCK_GQ=block_gq, QUERIES_PER_TILE=queries_per_tile,
-                BLOCK_SIZE=block_size)
+                SEL_BLOCK=block_size)
     num_warps = 2 if queries_per_tile * block_gq <= 16 else 4
     stage_bytes = block_size * (meta["BLOCK_DQK"] + meta["BLOCK_DV"]) * itemsize
     num_stages = 3 if stage_bytes <= 32 * 1024 else 2
@@ -335,9 +335,9 @@ def selected_attention_backward_dq_kernel(
     DO_B,                   # (B, Nq, Hq, Dv): output when GATED, the branch's dO = GATE * DO
     POSITIONS, BLOCK_START, BLOCK_END,   # as in the forward
     scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
-    HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     GATED: tl.constexpr,         # NSA's fused backward: the branch's dO = GATE * DO, DGATE written
     ADD_TO_DQ: tl.constexpr,     # NSA's fused backward: DQ += this branch's dq
@@ -348,7 +348,7 @@ def selected_attention_backward_dq_kernel(
     b = tl.program_id(1) // HEADS_KV
     h = tl.program_id(1) % HEADS_KV
     rows, row_ok, i, t = group_rows(tile * QUERIES_PER_TILE, b * seq_len_q, h, seq_len_q, seq_len_k,
-                                    HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, QUERIES_PER_TILE)
+                                    HEADS_KV * GROUP, GROUP, BLOCK_GQ, QUERIES_PER_TILE)
     t = key_position(t, i, row_ok, POSITIONS, PACKED)
     j = i - tile * QUERIES_PER_TILE
     offs_dqk = tl.arange(0, BLOCK_DQK)
@@ -366,10 +366,10 @@ def selected_attention_backward_dq_kernel(
     for e in range(tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE)):
         block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
                                     QUERIES_PER_TILE)
-        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, BLOCK_SIZE, PACKED)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, SEL_BLOCK, PACKED)
         k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
         v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
-        # -- recompute p = exp(s - lse): (rows, BLOCK_SIZE); g P when GATED --
+        # -- recompute p = exp(s - lse): (rows, SEL_BLOCK); g P when GATED --
         visible = (((members >> j) & 1) != 0)[:, None] & key_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             visible = visible & (keys[None, :] <= t[:, None])
@@ -423,11 +423,11 @@ def selected_attention_backward_dkdv_kernel(
     DQ,                        # output when ATOMIC_DQ, float32 (B, Nq, Hq, Dqk), zero-filled, added into
     POSITIONS, BLOCK_START, BLOCK_END,   # PACKED: PackedBlocks (chapter 10); else unused
     scale, seq_len_q, seq_len_k, num_programs,   # num_programs: U
-    HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two (not to 16: the tile has many entries)
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
-    BLOCK_SIZE: tl.constexpr, NUM_SLOTS: tl.constexpr, CAUSAL: tl.constexpr,   # l', n
+    SEL_BLOCK: tl.constexpr, NUM_SLOTS: tl.constexpr, CAUSAL: tl.constexpr,   # l', n
     ATOMIC_DQ: tl.constexpr,    # also add each row's dq = dS K into DQ (chapter 8b)
     PACKED: tl.constexpr,       # as in the forward
 ):
@@ -437,17 +437,17 @@ def selected_attention_backward_dkdv_kernel(
         offs_dv = tl.arange(0, BLOCK_DV)
 
         # -- load the key block once: k (l', Dqk), v (l', Dv) --
-        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, BLOCK_SIZE, PACKED)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, SEL_BLOCK, PACKED)
         k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
         v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
-        dk = tl.zeros([BLOCK_SIZE, BLOCK_DQK], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_SIZE, BLOCK_DV], dtype=tl.float32)
+        dk = tl.zeros([SEL_BLOCK, BLOCK_DQK], dtype=tl.float32)
+        dv = tl.zeros([SEL_BLOCK, BLOCK_DV], dtype=tl.float32)
         qk_scale = scale * LOG2E
 
         for start in range(begin, end, BLOCK_Q):
             # -- gather BLOCK_Q queries x G heads: rows (BLOCK_Q * BLOCK_GQ,) --
             rows, row_ok, t, _ = gathered_rows(ENTRIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
-                                               HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
+                                               HEADS_KV * GROUP, GROUP, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
                                                PACKED)
             q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
             do = load_rows(DO, rows, row_ok, offs_dv, DIM_V)
@@ -477,20 +477,22 @@ def selected_attention_backward_dkdv_kernel(
                       mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
 
 
-def gathered_launch(block_indices, group_size, seq_len_k, block_size, dims, is_cuda, index=None, packed=None,
+def gathered_launch(block_indices, group_size, seq_len_k, block_size, head_dims, is_cuda, index=None, packed=None,
                     rows=64):
     """What a key-block-centric kernel is launched with: (reverse index (entries, chunks), built
     unless `index` is given, programs U per (batch, kv head), meta-parameters). A program takes a
     chunk of one block's entries (`gather_chunk`), `rows` rows per gathered tile (16 in the
-    interpreter). `packed`: the PackedBlocks of packed sequences (their blocks, all of them)."""
+    interpreter). head_dims: (Dqk, Dv). `packed`: the PackedBlocks of packed sequences (their blocks,
+    all of them)."""
     if index is None:
         num_blocks = num_selection_blocks(seq_len_k, block_size) if packed is None else packed.block_start.numel()
         index = reverse_block_index(block_indices, num_blocks, gather_chunk(is_cuda))
     block_gq = triton.next_power_of_2(group_size)
     rows = max(rows if is_cuda else 16, block_gq)
-    meta = dict(GROUP_SIZE=group_size, DIM_QK=dims[0], DIM_V=dims[1], BLOCK_DQK=head_dim_block(dims[0]),
-                BLOCK_DV=head_dim_block(dims[1]), BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
-                BLOCK_SIZE=block_size, NUM_SLOTS=block_indices.shape[-1])
+    dim_qk, dim_v = head_dims
+    meta = dict(GROUP=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
+                BLOCK_DV=head_dim_block(dim_v), BLOCK_GQ=block_gq, BLOCK_Q=rows // block_gq,
+                SEL_BLOCK=block_size, NUM_SLOTS=block_indices.shape[-1])
     return index, index[1].shape[-1], meta
 
 
@@ -568,12 +570,12 @@ def selected_by_block_forward_kernel(
     scale,                  # softmax scale (natural base)
     seq_len_q, seq_len_k,   # Nq, Nk: query i sits at t = Nk - Nq + i
     num_programs,           # U: programs per (batch, kv head)
-    HEADS_KV: tl.constexpr, GROUP_SIZE: tl.constexpr,     # H, G = Hq // H
+    HEADS_KV: tl.constexpr, GROUP: tl.constexpr,          # H, G = Hq // H
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr,            # Dqk, Dv
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,      # Dqk, Dv padded to powers of two >= 16
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
-    BLOCK_SIZE: tl.constexpr,   # l'
+    SEL_BLOCK: tl.constexpr,    # l'
     NUM_SLOTS: tl.constexpr,    # n: slots per row of the index and of the partials
     CAUSAL: tl.constexpr,       # hide keys after the query's position
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END
@@ -586,14 +588,14 @@ def selected_by_block_forward_kernel(
         qk_scale = scale * LOG2E
 
         # -- load the key block once: k (l', Dqk), v (l', Dv) --
-        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, BLOCK_SIZE, PACKED)
+        keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, SEL_BLOCK, PACKED)
         k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
         v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
 
         for start in range(begin, end, BLOCK_Q):
             # -- gather BLOCK_Q entries x G heads: rows (BLOCK_Q * BLOCK_GQ,), and their slots --
             rows, row_ok, t, slot = gathered_rows(ENTRIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
-                                                  HEADS_KV * GROUP_SIZE, GROUP_SIZE, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
+                                                  HEADS_KV * GROUP, GROUP, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
                                                   PACKED)
             q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
             # -- scores s (rows, l'), base 2, -inf where hidden --
