@@ -45,7 +45,7 @@ def compare_with_single_process(group, layer_kwargs, shard_lengths, batch=1, cu_
     from torch.distributed.fsdp import fully_shard
     from torch.utils.checkpoint import checkpoint
 
-    rank, (s, e) = dist.get_rank(group), shard_bounds(shard_lengths)[dist.get_rank(group)]
+    s, e = shard_bounds(shard_lengths)[dist.get_rank(group)]                  # this rank's tokens
     torch.manual_seed(seed)
     layer = SparseAttention(**layer_kwargs).to(device, dtype)
     generator = torch.Generator(device).manual_seed(seed + 1)
