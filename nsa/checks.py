@@ -283,7 +283,7 @@ def check_gates(q, gates, rows: str = "seq_len_q") -> None:
 def warn_renamed(where: str, old: str, new: str) -> None:
     """A FutureWarning that `where`'s argument `old=` is now `new=`, shown at the caller's line:
     the first frame outside nsa and torch (nn.Module's call, hooks and wrappers sit between)."""
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    inside = tuple(os.path.join(os.path.dirname(f), "") for f in (__file__, torch.__file__))   # ".../nsa/"
     level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         level, frame = level + 1, frame.f_back

@@ -453,6 +453,7 @@ def test_lengths_is_new_tokens_former_name():
     x = torch.randn(2, 3, 32, dtype=torch.float64)
     with torch.no_grad():
         expected = layer(x, cache=layer.new_cache(2, 8), new_tokens=[3, 2])
-        with pytest.warns(FutureWarning, match="new_tokens="):
+        with pytest.warns(FutureWarning, match="new_tokens=") as warned:
             got = layer(x, cache=layer.new_cache(2, 8), lengths=[3, 2])
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert warned[0].filename == __file__                   # shown at the caller's line, not in torch
