@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", type=int, nargs="*", default=None, help="variant indices (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="every variant's steps (a smoke run; default: theirs)")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     path = args.out / "training_variants_cpu.csv"

@@ -126,6 +126,7 @@ def sweep_arguments(description, default_heads, tiny_help):
 def open_sweep(args, script, stem, columns, note):
     """The sweep's CSV `<out>/<stem>_<gpu or tiny>.csv`, opened to append; a new one starts with
     the command, the machine and `note`, then the column names. Returns (file, csv writer)."""
+    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}_{'tiny' if args.tiny else gpu_tag()}.csv"
     fresh = not path.exists()
     f = path.open("a", newline="")

@@ -99,6 +99,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="correctness only")
     parser.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072])
     args = parser.parse_args()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)      # before the runs: a missing folder must not lose them
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -58,7 +58,7 @@ def dense_bytes(context, batch, heads_kv, head_dim, itemsize=2) -> int:
 
 def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
     """The inputs of one step: caches holding `context` tokens per row (the new token's included),
-    the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference)."""
+    the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference, config)."""
     import torch.nn.functional as F
 
     from nsa import NSAConfig, compress, sparse_attention_with_kvcache
