@@ -13,6 +13,7 @@
    a near-tie of the top-n selection on random weights, so they are timed, not compared.
 """
 
+import argparse
 import sys
 
 import torch
@@ -81,6 +82,7 @@ def block_timing():
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, no options
     if not torch.cuda.is_available():
         sys.exit("gpu_compile_check.py needs a CUDA GPU")
     worst = op_check()

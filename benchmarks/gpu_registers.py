@@ -9,6 +9,7 @@ offline one). The stack is the kernel's local memory (Triton's `n_spills` counts
 words): spilled registers. The inputs are those of `python -m nsa.bench_decode` and
 `python -m nsa.bench` (random, bf16, head dim 128, the paper's geometry). Needs a CUDA GPU.
 """
+import argparse
 import importlib
 import pkgutil
 import sys
@@ -49,6 +50,7 @@ def report(label):
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, no options
     if not torch.cuda.is_available():
         print("benchmarks/gpu_registers.py needs a CUDA GPU")
         return 2

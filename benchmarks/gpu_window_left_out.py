@@ -9,6 +9,7 @@ seven other inputs' gradients, then the forward and forward + backward times
 (triton.testing.do_bench, median). Prints one line per shape.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from nsa.geometry import num_compressed_blocks  # noqa: E402
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, no options
+    if not torch.cuda.is_available():
+        sys.exit("gpu_window_left_out.py needs a CUDA GPU")
     dev, bf = "cuda", torch.bfloat16
     for N, Hq, H in ((16389, 32, 8), (65536, 32, 8), (65536, 64, 4)):
         g = torch.Generator(dev).manual_seed(N)
