@@ -7,7 +7,9 @@ For each head configuration: random bf16 q and compressed keys (mean pooling of 
 paper's geometry, d = 128), the compressed branch's lse, then `select_blocks_kernel` launched with
 each (positions per program BLOCK_M, selection blocks per step BLOCK_S, warps, stages) of the
 sweep. Every variant's block indices must equal the default launch's (`select_blocks_triton`);
-each is timed with triton.testing.do_bench (median). Prints one line per variant.
+each is timed with triton.testing.do_bench (median). Prints one line per variant. `--tiny`: 200
+tokens, 4/2 heads, float32, one variant, in Triton's interpreter on the CPU, untimed: checks that
+the script's hand-written launch still matches the kernel (a failing launch is an error there).
 """
 
 import argparse
@@ -36,24 +38,31 @@ def main():
     parser.add_argument("--stages", default="2,3", help="pipeline stages to sweep, comma-separated")
     parser.add_argument("--positions", default="16,32,64,128", help="positions per program to sweep")
     parser.add_argument("--steps", default="16,32", help="selection blocks per step to sweep")
+    parser.add_argument("--tiny", action="store_true", help="the CPU check described above")
     args = parser.parse_args()
+    if args.tiny:
+        args.seq_len, args.heads, args.positions, args.steps, args.warps, args.stages = (
+            200, parse_heads("4/2"), "16", "16", "4", "2")
+    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    timed = (lambda fn: float("nan")) if args.tiny else (
+        lambda fn: do_bench(fn, warmup=20, rep=100, return_mode="median"))
     N = args.seq_len
     config, D = NSAConfig(), 128
     l, d, l_sel, n = (config.compress_block_size, config.compress_stride, config.select_block_size,
                       config.num_selected_blocks)
     scale = D ** -0.5
-    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, N = {N}")
+    print(f"{'CPU interpreter' if args.tiny else torch.cuda.get_device_name()}, triton {triton.__version__}, N = {N}")
+    different = 0
     for Hq, H in args.heads:
         G = Hq // H
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, N, Hq, D, device=device, dtype=dtype, generator=g)
+        k = torch.randn(1, N, H, D, device=device, dtype=dtype, generator=g)
+        v = torch.randn(1, N, H, D, device=device, dtype=dtype, generator=g)
         k_cmp = compress(k, block_size=l, stride=d).contiguous()
         v_cmp = compress(v, block_size=l, stride=d).contiguous()
         lse, want = selection_of(q, k_cmp, v_cmp, N, config, scale)
-        default_ms = do_bench(lambda: selection.select_blocks_triton(q, k_cmp, lse, N, config, scale),
-                              warmup=20, rep=100, return_mode="median")
+        default_ms = timed(lambda: selection.select_blocks_triton(q, k_cmp, lse, N, config, scale))
         print(f"== {Hq}/{H}: select_blocks_triton as shipped {default_ms:8.2f} ms")
         gpad = triton.next_power_of_2(G)
         num_cmp, num_sel = k_cmp.shape[1], triton.cdiv(N, l_sel)
@@ -62,7 +71,7 @@ def main():
             rows = positions * gpad
             if rows < 16 or rows > 512:
                 continue
-            out = torch.empty(1, N, H, n, device="cuda", dtype=torch.int32)
+            out = torch.empty(1, N, H, n, device=device, dtype=torch.int32)
             meta = dict(HEADS_Q=Hq, GROUP=G, DIM_QK=D, BLOCK_DQK=head_dim_block(D),
                         CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n,
                         SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
@@ -75,18 +84,24 @@ def main():
                     num_warps=warps, num_stages=stages)
             try:
                 launch()
-                torch.cuda.synchronize()
+                if not args.tiny:
+                    torch.cuda.synchronize()
             except Exception as error:                       # noqa: BLE001 - a variant that does not fit
+                if args.tiny:                                # there, the launch itself is under test
+                    raise
                 print(f"  positions {positions:3d} step {step:2d} warps {warps} stages {stages}: "
                       f"{type(error).__name__}: {str(error)[:80]}")
                 continue
             same = torch.equal(out, want)
-            ms = do_bench(launch, warmup=20, rep=100, return_mode="median")
+            different += not same
+            ms = timed(launch)
             print(f"  positions {positions:3d} (rows {rows:3d}) step {step:2d} warps {warps} stages {stages}: "
                   f"{ms:8.2f} ms  {'same' if same else 'DIFFERENT'}")
         del q, k, v, k_cmp, v_cmp, lse, want
-        torch.cuda.empty_cache()
+        if not args.tiny:
+            torch.cuda.empty_cache()
+    return 1 if different else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

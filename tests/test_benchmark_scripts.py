@@ -178,3 +178,9 @@ def test_training_variants_smoke_run_writes_the_chapters_columns(tmp_path):
     for row in rows:
         assert all(0 <= float(row[key]) <= 1 for key in ("accuracy_beyond_window", "accuracy_free_slot",
                                                          "selection_min", "selection_max", "chance")), row
+
+
+def test_select_tiles_tiny_launches_the_selection_kernel_by_hand():
+    """The one script that writes a package kernel's launch by hand (its meta-parameters by name)."""
+    out = run_script("gpu_select_tiles.py")
+    assert re.search(r"positions\s+16 \(rows\s+32\) step 16 warps 4 stages 2: .* same$", out, re.M), out
