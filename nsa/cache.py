@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nsa.backends import check_backend, select_step
-from nsa.checks import (check_config, check_int, check_keys, check_like, check_mem_kv_len,
-                        check_phi, check_sparse_inputs, check_tensor, resolve_device)
+from nsa.checks import (check_config, check_int, check_integer_tensor, check_keys, check_like,
+                        check_mem_kv_len, check_phi, check_sparse_inputs, check_tensor,
+                        resolve_device)
 from nsa.compression import pool_blocks
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks
@@ -215,6 +216,55 @@ class KVCache:
                 mem_k, mem_v = layer.memory(batch_size, dtype)
                 cache.k_cmp[:, :mem], cache.v_cmp[:, :mem] = mem_k, mem_v
         return cache
+
+    def truncate_(self, lengths) -> "KVCache":
+        """Keep each row's first `lengths[b]` tokens (an int: the same for every row), forgetting
+        the rest — the drafts that speculative decoding rejected. Nothing is cleared or recomputed:
+        a step sees only the keys and compressed blocks that its row's length reaches, and the
+        row's next tokens overwrite what lay past it (the blocks they complete are compressed anew).
+        Checked before anything changes. Returns the cache."""
+        B = self.batch_size
+        if isinstance(lengths, torch.Tensor):
+            check_integer_tensor("lengths", lengths)
+            lengths = lengths.tolist()
+        if isinstance(lengths, int) and not isinstance(lengths, bool):
+            lengths = [lengths] * B
+        if not isinstance(lengths, (list, tuple)) or len(lengths) != B:
+            raise ValueError(f"lengths must be an int or hold one length per batch row ({B}), got {lengths!r}")
+        for b, n in enumerate(lengths):
+            check_int(f"lengths[{b}]", n, 0)
+            if n > self.lengths[b]:
+                raise ValueError(f"lengths[{b}] = {n} but cache row {b} holds {self.lengths[b]} tokens: "
+                                 "truncate_ only shortens rows")
+        self.lengths = list(lengths)
+        return self
+
+    def reorder_(self, rows) -> "KVCache":
+        """Make row i a copy of row `rows[i]` (a sequence or 1-D integer tensor of row indices;
+        repeats allowed, and its length is the new batch size): beam search keeping the beams it
+        extends, or a prompt's cache copied into k beams. Every tensor is gathered anew (a copy).
+        Checked before anything changes. Returns the cache."""
+        B = self.batch_size
+        index = rows if isinstance(rows, torch.Tensor) else None
+        if index is None:
+            if not isinstance(rows, (list, tuple)):
+                raise TypeError(f"rows must be a list, tuple or 1-D integer tensor of row indices, got {rows!r}")
+            for i, row in enumerate(rows):
+                check_int(f"rows[{i}]", row, 0)
+            index = torch.tensor(rows, dtype=torch.long)
+        check_integer_tensor("rows", index)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"rows must be 1-D and hold at least one row index, got shape {tuple(index.shape)}")
+        picked = index.tolist()
+        if min(picked) < 0 or max(picked) >= B:
+            raise ValueError(f"rows must index the cache's {B} rows (0 to {B - 1}), got {picked}")
+        index = index.to(device=self.k_cmp.device, dtype=torch.long)
+        gather = lambda x: x.index_select(0, index)
+        self.keys = {branch: gather(x) for branch, x in self.keys.items()}
+        self.values = {branch: gather(x) for branch, x in self.values.items()}
+        self.k_cmp, self.v_cmp = gather(self.k_cmp), gather(self.v_cmp)
+        self.lengths = [self.lengths[row] for row in picked]
+        return self
 
 
 def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:

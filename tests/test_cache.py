@@ -177,6 +177,61 @@ def test_layer_on_triton_with_rows_appending_different_counts():
     assert torch.all(y[1, 1:] == 0) and cache.lengths == [43, 41]
 
 
+@pytest.mark.parametrize("kwargs", [LAYERS[0][0], LAYERS[1][0], LAYERS[3][0]], ids=["gqa", "memory-mlp", "kv-per-branch"])
+def test_truncate_rolls_back_rejected_drafts(kwargs):
+    """Speculative decoding: drafts that complete compressed blocks, rejected by different amounts
+    per row, then the right tokens: the layer on the whole sequence kept."""
+    torch.manual_seed(4)
+    layer = SparseAttention(32, **kwargs, **LAYER_GEOMETRY).double().eval()
+    x = torch.randn(2, 60, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(2, 64)
+        layer(x[:, :29], cache=cache)
+        drafts = torch.randn(2, 7, 32, dtype=torch.float64)       # 29..35: blocks ending at 32 and 36
+        drafts[0, :3] = x[0, 29:32]                               # row 0 accepts three, row 1 none
+        layer(drafts, cache=cache)
+        cache.truncate_(torch.tensor([32, 29]))
+        caught_up = layer(x[:, 29:32], cache=cache, new_tokens=[0, 3])
+        rest = [layer(x[:, 32:45], cache=cache), layer(x[:, 45:46], cache=cache), layer(x[:, 46:60], cache=cache)]
+    torch.testing.assert_close(caught_up[1], expected[1, 29:32], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(rest, 1), expected[:, 32:], rtol=1e-10, atol=1e-10)
+    assert cache.lengths == [60, 60]
+
+
+def test_truncate_to_one_length_and_to_nothing():
+    torch.manual_seed(5)
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).double().eval()
+    x, y = torch.randn(2, 30, 32, dtype=torch.float64), torch.randn(2, 30, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cache = layer.new_cache(2, 30)
+        layer(x, cache=cache)
+        assert cache.truncate_(0) is cache and cache.lengths == [0, 0]
+        torch.testing.assert_close(layer(y, cache=cache), layer(y), rtol=1e-10, atol=1e-10)   # a fresh start
+        cache.truncate_(11)
+        torch.testing.assert_close(layer(x[:, 11:], cache=cache), layer(torch.cat([y[:, :11], x[:, 11:]], 1))[:, 11:],
+                                   rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [[1, 0], [1, 1, 0], [0], torch.tensor([0, 0, 0, 1])], ids=["swap", "beams", "one", "tensor"])
+def test_reorder_keeps_the_rows_asked_for(rows):
+    """Beam search: row i continues old row rows[i]; the batch may grow (beams) or shrink."""
+    torch.manual_seed(6)
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, kv_per_branch=True, **LAYER_GEOMETRY).double().eval()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    picked = torch.as_tensor(rows)
+    with torch.no_grad():
+        cache = layer.new_cache(2, 50)
+        layer(x[:, :33], cache=cache, new_tokens=[33, 30])           # rows of different lengths
+        assert cache.reorder_(rows) is cache
+        assert cache.batch_size == len(picked) and cache.lengths == [[33, 30][r] for r in picked.tolist()]
+        y = torch.randn(len(picked), 4, 32, dtype=torch.float64)
+        got = layer(y, cache=cache)
+        for i, r in enumerate(picked.tolist()):
+            kept = x[r:r + 1, :cache.lengths[i] - 4]
+            torch.testing.assert_close(got[i], layer(torch.cat([kept, y[i:i + 1]], 1))[0, -4:], rtol=1e-10, atol=1e-10)
+
+
 def snapshot(cache):
     return (list(cache.lengths), cache.k_cmp.clone(), cache.v_cmp.clone(),
             {b: t.clone() for b, t in cache.keys.items()}, {b: t.clone() for b, t in cache.values.items()})
@@ -211,6 +266,15 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
      "torch.no_grad()"),
     ("other-layer", lambda layer, cache: SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()(
         torch.randn(2, 1, 32), cache=cache), ValueError, "another layer"),
+    ("truncate-longer", lambda layer, cache: cache.truncate_([16, 17]), ValueError, "lengths[1] = 17"),
+    ("truncate-count", lambda layer, cache: cache.truncate_([3]), ValueError, "one length per batch row"),
+    ("truncate-negative", lambda layer, cache: cache.truncate_(-1), ValueError, "lengths[0]"),
+    ("truncate-float", lambda layer, cache: cache.truncate_(torch.tensor([1.0, 2.0])), TypeError, "integer tensor"),
+    ("reorder-range", lambda layer, cache: cache.reorder_([0, 2]), ValueError, "0 to 1"),
+    ("reorder-empty", lambda layer, cache: cache.reorder_([]), ValueError, "at least one"),
+    ("reorder-2d", lambda layer, cache: cache.reorder_(torch.zeros(2, 2, dtype=torch.long)), ValueError, "1-D"),
+    ("reorder-type", lambda layer, cache: cache.reorder_(0), TypeError, "list, tuple"),
+    ("reorder-negative", lambda layer, cache: cache.reorder_([1, -1]), ValueError, "rows[1]"),
 ]
 
 
