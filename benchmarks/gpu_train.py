@@ -20,6 +20,7 @@ import dataclasses
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -45,7 +46,8 @@ def nsa_backend_in_use(experiment, device) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="book/data", help="directory for the three result files")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "book" / "data"),
+                        help="directory for the three result files (default: the repository's book/data)")
     parser.add_argument("--steps", type=int, default=None, help=f"default {GPU_EXPERIMENT.steps}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {GPU_EXPERIMENT.batch_size}")
     parser.add_argument("--eval-batch-size", type=int, default=None,
