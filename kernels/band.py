@@ -310,7 +310,7 @@ def band_attention_backward_dkdv_kernel(
     LSE,                      # as in the dq kernel
     DELTA,                    # the dq kernel's output
     DK, DV,                   # outputs (C, B, R, H, Dqk), (C, B, R, H, Dv): one slice per query chunk
-    DK_IN, DV_IN,             # (B, R, H, Dqk), (B, R, H, Dv) when ADD_TO_DKDV (one chunk): added to this branch's
+    DK_IN, DV_IN,             # (B, R, H, Dqk), (B, R, H, Dv) when ADD_TO_DKDV (one chunk): the sums start from them
     CU_Q, CU_K, CU_ROWS,      # as in the forward
     scale_log2, scale,        # as in the dq kernel (dk = scale * dS^T Q)
     seq_len_q, seq_len_k, num_rows,
@@ -340,8 +340,12 @@ def band_attention_backward_dkdv_kernel(
     key_ok = key < num_rows
     k = load_rows(K, kv_rows, key_ok, offs_dqk, DIM_QK)
     v = load_rows(V, kv_rows, key_ok, offs_dv, DIM_V)
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if ADD_TO_DKDV:   # another branch's dk, dv: the sums start from them (dk is scaled at the end)
+        dk = load_rows(DK_IN, kv_rows, key_ok, offs_dqk, DIM_QK).to(tl.float32) / scale
+        dv = load_rows(DV_IN, kv_rows, key_ok, offs_dv, DIM_V).to(tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # -- the positions that see a row of this tile (hi(t) > first row and lo(t) <= last row),
     #    cut to this program's chunk --
@@ -372,11 +376,8 @@ def band_attention_backward_dkdv_kernel(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
 
-    # -- this chunk's slice of dK, dV (ADD_TO_DKDV: plus another branch's) --
+    # -- this chunk's slice of dK, dV (ADD_TO_DKDV: with another branch's) --
     dk = dk * scale
-    if ADD_TO_DKDV:
-        dk += load_rows(DK_IN, kv_rows, key_ok, offs_dqk, DIM_QK).to(tl.float32)
-        dv += load_rows(DV_IN, kv_rows, key_ok, offs_dv, DIM_V).to(tl.float32)
     out_rows = kv_rows + chunk.to(tl.int64) * chunk_rows
     store_rows(DK, dk, out_rows, key_ok, offs_dqk, DIM_QK)
     store_rows(DV, dv, out_rows, key_ok, offs_dv, DIM_V)
