@@ -233,7 +233,7 @@ def main():
             setattr(torch._dynamo.config, limit, 256)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"{device_name()}, torch {torch.__version__}"]
+    lines = [f"{device_name()}, torch {torch.__version__}: python benchmarks/gpu_flex_check.py " + " ".join(sys.argv[1:])]
     cases = SMOKE_CASES if args.cpu_smoke else CASES
     if args.cases:
         cases = [cases[int(i)] for i in args.cases.split(",")]
