@@ -39,6 +39,18 @@ def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new:
     k_cmp_cache[at] = torch.where(done[..., None, None], summary.to(k_cmp_cache.dtype), k_cmp_cache[at])
 
 
+def check_row_counts(name: str, counts, batch: int) -> list[int]:
+    """`counts`, one int >= 0 per batch row (a list, tuple or integer tensor), as a list."""
+    if isinstance(counts, torch.Tensor):
+        check_integer_tensor(name, counts)
+        counts = counts.tolist()
+    if not isinstance(counts, (list, tuple)) or len(counts) != batch:
+        raise ValueError(f"{name} must hold one count per batch row ({batch}), got {counts!r}")
+    for b, count in enumerate(counts):
+        check_int(f"{name}[{b}]", count, 0)
+    return list(counts)
+
+
 def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: int, device) -> torch.Tensor:
     """The tokens each row holds before the new ones: a (B,) int32 tensor on `device` (as
     flash-attn's `cache_seqlens`; an int32 CUDA tensor is used as it is, no copy). From a list
@@ -55,10 +67,8 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
                 raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but the cache on {device}")
             return cache_seqlens.to(torch.int32)
         cache_seqlens = cache_seqlens.tolist()
-    if not isinstance(cache_seqlens, (list, tuple)) or len(cache_seqlens) != batch:
-        raise ValueError(f"cache_seqlens must hold one length per batch row ({batch}), got {cache_seqlens!r}")
+    cache_seqlens = check_row_counts("cache_seqlens", cache_seqlens, batch)
     for b, length in enumerate(cache_seqlens):
-        check_int(f"cache_seqlens[{b}]", length, 0)
         if length + step_tokens > capacity:
             raise ValueError(f"cache row {b} holds {length} tokens; {step_tokens} more do not fit its "
                              f"{capacity} (max_seq_len)")
@@ -223,20 +233,14 @@ class KVCache:
         a step sees only the keys and compressed blocks that its row's length reaches, and the
         row's next tokens overwrite what lay past it (the blocks they complete are compressed anew).
         Checked before anything changes. Returns the cache."""
-        B = self.batch_size
-        if isinstance(lengths, torch.Tensor):
-            check_integer_tensor("lengths", lengths)
-            lengths = lengths.tolist()
         if isinstance(lengths, int) and not isinstance(lengths, bool):
-            lengths = [lengths] * B
-        if not isinstance(lengths, (list, tuple)) or len(lengths) != B:
-            raise ValueError(f"lengths must be an int or hold one length per batch row ({B}), got {lengths!r}")
+            lengths = [lengths] * self.batch_size
+        lengths = check_row_counts("lengths", lengths, self.batch_size)
         for b, n in enumerate(lengths):
-            check_int(f"lengths[{b}]", n, 0)
             if n > self.lengths[b]:
                 raise ValueError(f"lengths[{b}] = {n} but cache row {b} holds {self.lengths[b]} tokens: "
                                  "truncate_ only shortens rows")
-        self.lengths = list(lengths)
+        self.lengths = lengths
         return self
 
     def reorder_(self, rows) -> "KVCache":
@@ -286,20 +290,14 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
                         f"{cache.k_cmp.device}; they must match")
     if T < 1:
         raise ValueError(f"x holds no new token (shape {tuple(x.shape)}); a step takes T >= 1")
-    if new_tokens is None:
-        new_tokens = [T] * B
-    if isinstance(new_tokens, torch.Tensor):
-        new_tokens = new_tokens.tolist()
-    if not isinstance(new_tokens, (list, tuple)) or len(new_tokens) != B:
-        raise ValueError(f"new_tokens must hold one count per batch row ({B}), got {new_tokens!r}")
+    new_tokens = [T] * B if new_tokens is None else check_row_counts("new_tokens", new_tokens, B)
     for b, count in enumerate(new_tokens):
-        check_int(f"new_tokens[{b}]", count, 0)
         if count > T:
             raise ValueError(f"new_tokens[{b}] = {count} but x holds only T = {T} new tokens")
         if cache.lengths[b] + count > cache.max_seq_len:
             raise ValueError(f"cache row {b} holds {cache.lengths[b]} tokens; {count} more do not fit its "
                              f"max_seq_len {cache.max_seq_len}")
-    return list(new_tokens)
+    return new_tokens
 
 
 def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):

@@ -267,7 +267,7 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("other-layer", lambda layer, cache: SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()(
         torch.randn(2, 1, 32), cache=cache), ValueError, "another layer"),
     ("truncate-longer", lambda layer, cache: cache.truncate_([16, 17]), ValueError, "lengths[1] = 17"),
-    ("truncate-count", lambda layer, cache: cache.truncate_([3]), ValueError, "one length per batch row"),
+    ("truncate-count", lambda layer, cache: cache.truncate_([3]), ValueError, "one count per batch row"),
     ("truncate-negative", lambda layer, cache: cache.truncate_(-1), ValueError, "lengths[0]"),
     ("truncate-float", lambda layer, cache: cache.truncate_(torch.tensor([1.0, 2.0])), TypeError, "integer tensor"),
     ("reorder-range", lambda layer, cache: cache.reorder_([0, 2]), ValueError, "0 to 1"),
@@ -334,7 +334,7 @@ def test_functional_bad_arguments_leave_the_caches_unchanged():
     gates = [torch.rand(B, 2, 2) for _ in range(3)]
     cases = [
         (dict(cache_seqlens=[15]), ValueError, "do not fit"),
-        (dict(cache_seqlens=[1, 2]), ValueError, "one length per batch row"),
+        (dict(cache_seqlens=[1, 2]), ValueError, "one count per batch row"),
         (dict(cache_seqlens=torch.tensor([1.0])), TypeError, "integer"),
         (dict(k_cmp_cache=torch.zeros(B, blocks + 1, H, D)), ValueError, "k_cmp_cache"),
         (dict(v=None), ValueError, "together"),
