@@ -135,7 +135,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     caches in place (a non-contiguous cache, a view into a larger buffer, is copied at every step).
     Returns o: (B, T, Hq, Dv), equal to the last T rows of `native_sparse_attention` over each
     row's whole sequence. The caches change only after every check passed; cache_seqlens is not
-    advanced.
+    advanced. To roll back rejected drafts, pass a smaller cache_seqlens: nothing past a row's
+    length is read, and the compressed blocks the next tokens complete are computed anew.
     """
     dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len)
