@@ -200,6 +200,12 @@ class KVCache:
     def max_seq_len(self) -> int:
         return next(iter(self.keys.values())).shape[1]
 
+    def __repr__(self) -> str:          # the sizes, not the tensors
+        k = next(iter(self.keys.values()))
+        return (f"KVCache(batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, lengths={self.lengths}, "
+                f"branches={list(self.keys)}, heads_kv={k.shape[2]}, dim_qk={k.shape[3]}, "
+                f"dim_v={self.v_cmp.shape[3]}, mem_kv_len={self.mem_kv_len}, dtype={k.dtype}, device={k.device})")
+
     @classmethod
     def for_layer(cls, layer, batch_size: int, max_seq_len: int, *, device=None, dtype=None) -> "KVCache":
         """An empty cache for `layer` (an `nsa.SparseAttention`); device and dtype default to its

@@ -521,3 +521,12 @@ def test_lengths_is_new_tokens_former_name():
             got = layer(x, cache=layer.new_cache(2, 8), lengths=[3, 2])
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert warned[0].filename == __file__                   # shown at the caller's line, not in torch
+
+
+def test_cache_repr_names_sizes_not_tensors():
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()
+    cache = layer.new_cache(2, 20)
+    with torch.no_grad():
+        layer(torch.randn(2, 5, 32), cache=cache, new_tokens=[5, 3])
+    text = repr(cache)
+    assert "tensor(" not in text and "lengths=[5, 3]" in text and "max_seq_len=20" in text and "mem_kv_len=1" in text
