@@ -191,6 +191,7 @@ class KVCache:
     lengths: list         # tokens held by each row (host ints: checking a step reads no device)
     mem_kv_len: int
     owner: weakref.ref | None = field(default=None, repr=False, compare=False)   # the layer that made it
+    _on_device: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (lengths, their tensor)
 
     @property
     def batch_size(self) -> int:
@@ -233,6 +234,15 @@ class KVCache:
                 mem_k, mem_v = layer.memory(batch_size, dtype)
                 cache.k_cmp[:, :mem], cache.v_cmp[:, :mem] = mem_k, mem_v
         return cache
+
+    def device_lengths(self) -> torch.Tensor:
+        """`lengths` as a (B,) int64 tensor on the cache's device. A step leaves its new lengths
+        here, computed on the device, so the next step copies nothing from the host; the list is
+        copied anew only when it changed since (truncate_, reorder_, an assignment)."""
+        if self._on_device is None or self._on_device[0] != self.lengths:
+            self._on_device = (list(self.lengths),
+                               torch.tensor(self.lengths, dtype=torch.long, device=self.k_cmp.device))
+        return self._on_device[1]
 
     def truncate_(self, lengths) -> "KVCache":
         """Keep each row's first `lengths[b]` tokens (an int: the same for every row), forgetting
@@ -323,28 +333,37 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
                                                          g_slc, g_win_fused), dims, config)
     before = list(cache.lengths)
     after = [n + c for n, c in zip(before, counts)]
+    # -- the (row, token) pairs kept, on the device: from device lengths when every row takes all T
+    #    (a tensor made from a Python list is a blocking copy: the host waits for the GPU's queue) --
+    B, T = x.shape[:2]
+    old = cache.device_lengths()
+    if all(c == T for c in counts):
+        row = torch.arange(B, device=x.device).repeat_interleave(T)
+        token = torch.arange(T, device=x.device).repeat(B)
+        new = old + T
+    else:
+        pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]
+        row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))
+        new = old + torch.tensor(counts, dtype=torch.long, device=x.device)
+    position = old[row] + token
     # -- append each row's new keys and values (every branch), then compress what they complete --
-    pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]            # the (row, token) pairs kept
-    row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))
-    position = torch.tensor(before, dtype=torch.long, device=x.device)[row] + token
     for branch in cache.keys:
         cache.keys[branch][row, position] = keys[branch][row, token]
         cache.values[branch][row, position] = values[branch][row, token]
     cmp, l, d = layer.branch("cmp"), config.compress_block_size, config.compress_stride
-    old, new = (torch.tensor(n, dtype=torch.long, device=x.device) for n in (before, after))
     compress_new_blocks(cache.keys[cmp], cache.k_cmp, old, new, max(counts), layer.phi_k, l, d, mem)
     compress_new_blocks(cache.values[cmp], cache.v_cmp, old, new, max(counts), layer.phi_v, l, d, mem)
     cache.lengths = after
+    cache._on_device = (list(after), new)
     # -- attend: rows taking all T tokens together, the others one by one --
     o = queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
     o_win = torch.zeros_like(o) if layer.kv_per_branch else None
-    T = x.shape[1]
     groups = [[b for b in range(len(counts)) if counts[b] == T]] + [[b] for b, c in enumerate(counts) if 0 < c < T]
     for rows in (group for group in groups if group):
         c = counts[rows[0]]
         at = slice(None) if len(rows) == len(counts) else torch.tensor(rows, device=x.device)  # no copy
         k_slc, v_slc = cache.keys[layer.branch("slc")][at], cache.values[layer.branch("slc")][at]
-        seqlens = torch.tensor([before[b] for b in rows], dtype=torch.int32, device=x.device)
+        seqlens = old[at].to(torch.int32)
         o[at, :c] = attend_cached(     # checked above, for every row and all T tokens: c <= T fits too
             decoder, queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], seqlens, g_cmp[at, :c],
             g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config, layer.scale, mem,

@@ -530,3 +530,25 @@ def test_cache_repr_names_sizes_not_tensors():
         layer(torch.randn(2, 5, 32), cache=cache, new_tokens=[5, 3])
     text = repr(cache)
     assert "tensor(" not in text and "lengths=[5, 3]" in text and "max_seq_len=20" in text and "mem_kv_len=1" in text
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(kv_per_branch=True, num_mem_kv=1)], ids=["shared", "kv-per-branch"])
+def test_a_step_appending_to_every_row_makes_no_tensor_from_host_lists(monkeypatch, kwargs):
+    """On a GPU a tensor made from a Python list is a blocking copy (the host waits for the GPU's
+    queue to drain). Once the cache's device lengths exist, a decoding step in which every row
+    takes all T tokens makes none, on the decoding kernels; its outputs stay the layer's."""
+    torch.manual_seed(7)
+    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
+    x = torch.randn(2, 44, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(2, 44)
+        outputs = [layer(x[:, :40], cache=cache, new_tokens=[40, 38])[:, :38]]  # ragged: row 1 takes 38
+        outputs.append(layer(x[:, 38:40], cache=cache, new_tokens=[0, 2]))
+        made, real = [], torch.tensor
+        monkeypatch.setattr(torch, "tensor", lambda *args, **kw: made.append(args) or real(*args, **kw))
+        steps = [layer(x[:, i:i + 1], cache=cache) for i in range(40, 44)]
+        monkeypatch.setattr(torch, "tensor", real)
+    assert made == [] and cache.lengths == [44, 44]
+    torch.testing.assert_close(torch.cat(steps, 1), expected[:, 40:], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(outputs[1][1], expected[1, 38:40], rtol=2e-5, atol=2e-5)
