@@ -136,7 +136,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     Returns o: (B, T, Hq, Dv), equal to the last T rows of `native_sparse_attention` over each
     row's whole sequence. The caches change only after every check passed; cache_seqlens is not
     advanced. To roll back rejected drafts, pass a smaller cache_seqlens: nothing past a row's
-    length is read, and the compressed blocks the next tokens complete are computed anew.
+    length is read, and the compressed blocks the next tokens complete are computed anew (when
+    their k, v are passed; otherwise by the caller, as for any step).
     """
     dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len)
@@ -235,10 +236,11 @@ class KVCache:
                 cache.k_cmp[:, :mem], cache.v_cmp[:, :mem] = mem_k, mem_v
         return cache
 
-    def device_lengths(self) -> torch.Tensor:
-        """`lengths` as a (B,) int64 tensor on the cache's device. A step leaves its new lengths
-        here, computed on the device, so the next step copies nothing from the host; the list is
-        copied anew only when it changed since (truncate_, reorder_, an assignment)."""
+    def _device_lengths(self) -> torch.Tensor:
+        """`lengths` as a (B,) int64 tensor on the cache's device, for a step's own use (not to be
+        changed in place). A step leaves its new lengths here, computed on the device, so the next
+        step copies nothing from the host; the list is copied anew only when it changed since
+        (truncate_, reorder_, an assignment)."""
         if self._on_device is None or self._on_device[0] != self.lengths:
             self._on_device = (list(self.lengths),
                                torch.tensor(self.lengths, dtype=torch.long, device=self.k_cmp.device))
@@ -266,24 +268,24 @@ class KVCache:
         extends, or a prompt's cache copied into k beams. Every tensor is gathered anew (a copy).
         Checked before anything changes. Returns the cache."""
         B = self.batch_size
-        index = rows if isinstance(rows, torch.Tensor) else None
-        if index is None:
-            if not isinstance(rows, (list, tuple)):
-                raise TypeError(f"rows must be a list, tuple or 1-D integer tensor of row indices, got {rows!r}")
-            for i, row in enumerate(rows):
-                check_int(f"rows[{i}]", row, 0)
-            index = torch.tensor(rows, dtype=torch.long)
-        check_integer_tensor("rows", index)
-        if index.dim() != 1 or index.numel() == 0:
-            raise ValueError(f"rows must be 1-D and hold at least one row index, got shape {tuple(index.shape)}")
-        picked = index.tolist()
+        if isinstance(rows, torch.Tensor):
+            check_integer_tensor("rows", rows)
+            if rows.dim() != 1:
+                raise ValueError(f"rows must be 1-D, got shape {tuple(rows.shape)}")
+            picked = rows.tolist()
+        elif isinstance(rows, (list, tuple)):
+            picked = [check_int(f"rows[{i}]", row, 0) for i, row in enumerate(rows)]
+        else:
+            raise TypeError(f"rows must be a list, tuple or 1-D integer tensor of row indices, got {rows!r}")
+        if not picked:
+            raise ValueError("rows must hold at least one row index, got none")
         if min(picked) < 0 or max(picked) >= B:
             raise ValueError(f"rows must index the cache's {B} rows (0 to {B - 1}), got {picked}")
-        index = index.to(device=self.k_cmp.device, dtype=torch.long)
+        index = torch.tensor(picked, dtype=torch.long, device=self.k_cmp.device)
         gather = lambda x: x.index_select(0, index)
-        self.keys = {branch: gather(x) for branch, x in self.keys.items()}
-        self.values = {branch: gather(x) for branch, x in self.values.items()}
-        self.k_cmp, self.v_cmp = gather(self.k_cmp), gather(self.v_cmp)
+        keys, values = {b: gather(x) for b, x in self.keys.items()}, {b: gather(x) for b, x in self.values.items()}
+        k_cmp, v_cmp = gather(self.k_cmp), gather(self.v_cmp)      # all gathered before any is replaced
+        self.keys, self.values, self.k_cmp, self.v_cmp = keys, values, k_cmp, v_cmp
         self.lengths = [self.lengths[row] for row in picked]
         return self
 
@@ -336,7 +338,7 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     # -- the (row, token) pairs kept, on the device: from device lengths when every row takes all T
     #    (a tensor made from a Python list is a blocking copy: the host waits for the GPU's queue) --
     B, T = x.shape[:2]
-    old = cache.device_lengths()
+    old = cache._device_lengths()
     if all(c == T for c in counts):
         row = torch.arange(B, device=x.device).repeat_interleave(T)
         token = torch.arange(T, device=x.device).repeat(B)

@@ -199,6 +199,26 @@ def test_truncate_rolls_back_rejected_drafts(kwargs):
     assert cache.lengths == [60, 60]
 
 
+def test_truncate_on_the_decoding_kernels_under_interpreter():
+    """The same rollback on the decoding kernels (float32, Triton's interpreter): what lies past
+    a row's new length, stale compressed blocks included, is never read."""
+    torch.manual_seed(8)
+    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}).eval()
+    x = torch.randn(2, 44, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(2, 48)
+        layer(x[:, :29], cache=cache)
+        drafts = torch.randn(2, 7, 32)                            # 29..35: blocks ending at 32 and 36
+        drafts[0, :3] = x[0, 29:32]
+        layer(drafts, cache=cache)
+        cache.truncate_([32, 29])
+        caught_up = layer(x[:, 29:32], cache=cache, new_tokens=[0, 3])
+        rest = [layer(x[:, i:i + 1], cache=cache) for i in range(32, 44)]
+    torch.testing.assert_close(caught_up[1], expected[1, 29:32], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(torch.cat(rest, 1), expected[:, 32:], rtol=2e-5, atol=2e-5)
+
+
 def test_truncate_to_one_length_and_to_nothing():
     torch.manual_seed(5)
     layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).double().eval()
