@@ -88,14 +88,17 @@ def compile_launch(kernel, args, meta, arch: int = 90):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def heads_and_arch(description: str, default_heads: str):
+def heads_and_arch(description: str, default_heads: str, parser: argparse.ArgumentParser | None = None):
     """The command line the head-sweeping offline scripts share: --heads (comma-separated
-    query/kv pairs) and --arch. Silences warnings and prints Triton's version and the target;
-    returns (arch, [(label, heads_q, heads_kv), ...])."""
-    parser = argparse.ArgumentParser(description=description)
+    query/kv pairs) and --arch, added to `parser` (a script's own flags) or a new one. Silences
+    warnings and prints Triton's version and the target; returns (arch, [(label, heads_q,
+    heads_kv), ...]), and with `parser` the parsed arguments too."""
+    own = parser
+    parser = parser or argparse.ArgumentParser(description=description)
     parser.add_argument("--heads", default=default_heads)
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     print(f"triton {triton.__version__}, sm_{args.arch}")
-    return args.arch, [(heads, *map(int, heads.split("/"))) for heads in args.heads.split(",")]
+    pairs = [(heads, *map(int, heads.split("/"))) for heads in args.heads.split(",")]
+    return (args.arch, pairs) if own is None else (args.arch, pairs, args)
