@@ -190,7 +190,7 @@ def timings(lines, out, lengths=(2048, 8192, 16384), whole_lengths=(4096, 8192))
         del block_mask
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    command = "python benchmarks/gpu_flex_check.py --out $OUT"
+    command = "python benchmarks/gpu_flex_check.py " + " ".join(sys.argv[1:])
     csv = [f"# {device_name()}, torch {torch.__version__}; made by: {command}",
            f"# fine mask: create_fine_mask(N, {l_sel})(indices (1, {H}, N, {n}), {Hq // H}); attention: "
            f"compiled flex_attention, {str(dtype)[6:]}, Hq={Hq}, H={H}, D={D}; median of 5 after a warm-up",
