@@ -184,3 +184,14 @@ def test_select_tiles_tiny_launches_the_selection_kernel_by_hand():
     """The one script that writes a package kernel's launch by hand (its meta-parameters by name)."""
     out = run_script("gpu_select_tiles.py")
     assert re.search(r"positions\s+16 \(rows\s+32\) step 16 warps 4 stages 2: .* same$", out, re.M), out
+
+
+def test_decode_layers_tiny_keeps_other_builds_rows(tmp_path):
+    run_script("gpu_decode_layers.py", "--out", str(tmp_path), "--build", "first")
+    out = run_script("gpu_decode_layers.py", "--out", str(tmp_path), "--build", "second")
+    assert out.count("ms a token") == 1
+    lines = (tmp_path / "decode_layers_cpu.csv").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("#")] == ["# build first", "# build second"]
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert [r["build"] for r in rows] == ["first", "second"]
+    assert all(float(r["ms_per_token"]) > 0 and float(r["ms_per_token_synced"]) > 0 for r in rows)

@@ -1,0 +1,133 @@
+"""A stack of `SparseAttention` layers decoding with their caches, eagerly, as a model serves (GPU).
+
+    python benchmarks/gpu_decode_layers.py [--layers 8] [--contexts 16k,64k] [--heads 64/4,32/8]
+        [--batch 1] [--steps 32] [--out DIR] [--build LABEL]
+
+For each context and head shape: `--layers` layers (bf16, model width 2048, heads of 128, the
+paper's geometry, the "auto" backend) each get a cache, are prefilled to the context, then take
+`--steps` decoding steps of one token per row, the output of one layer the input of the next
+(`y = layer(x, cache=cache)` under `torch.no_grad()`, nothing else in between). Three numbers per
+shape: the wall time per token when the host only waits at the end (what eager serving gets: the
+host may queue layer after layer ahead of the GPU wherever nothing makes it wait), the same with a
+`torch.cuda.synchronize()` after every layer (the host never ahead), and how many times one step
+of the stack made the host wait for the GPU (`torch.cuda.set_sync_debug_mode("warn")`: each
+blocking copy or read-back warns once). Equal first two numbers and waits > 0 mean the host
+cannot run ahead; the gap between them is what a step without waits gains. Rows go to
+DIR/decode_layers_<gpu>.csv under `--build` (default: "this build"), after the other builds'.
+`--tiny` runs small sizes on the CPU (Triton's interpreter): a check of the script only.
+"""
+
+import argparse
+import csv
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import nsa  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths  # noqa: E402
+from nsa.device import gpu_tag  # noqa: E402
+
+COLUMNS = ["build", "context", "batch", "heads", "layers", "ms_per_token", "ms_per_token_synced",
+           "waits_per_step"]
+
+
+def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
+    """(ms per token, ms per token synchronised after every layer, host waits per step)."""
+    cuda = torch.cuda.is_available() and not tiny
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    width, dim_head = (64, 16) if tiny else (2048, 128)
+    geometry = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=4,
+                    window_size=32, backend="triton") if tiny else {}     # tiny: the kernels, interpreted
+    torch.manual_seed(0)
+    stack = [nsa.SparseAttention(width, heads=heads_q, kv_heads=heads_kv, dim_head=dim_head, **geometry)
+             .to(device, dtype).eval() for _ in range(layers)]
+    caches = [layer.new_cache(batch, context + 2 * steps + 2) for layer in stack]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step(x, synced=False):
+        for layer, cache in zip(stack, caches):
+            x = layer(x, cache=cache)
+            if synced:
+                sync()
+        return x
+
+    with torch.no_grad():
+        prompt = torch.randn(batch, context, width, device=device, dtype=dtype)
+        for layer, cache in zip(stack, caches):            # prefill: each layer's output feeds the next
+            prompt = layer(prompt, cache=cache)
+        x = torch.randn(batch, 1, width, device=device, dtype=dtype)
+        step(x)                                             # warm-up: compiles, first launches
+        waits = None
+        if cuda:                                            # count the step's host waits
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step(x)
+            torch.cuda.set_sync_debug_mode("default")
+            waits = sum("synchroniz" in str(w.message) for w in caught)
+        times = []
+        for synced in (False, True):
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                x = step(x, synced)
+            sync()
+            times.append((time.perf_counter() - start) * 1e3 / steps)
+    return times[0], times[1], waits
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--contexts", default="16k,64k")
+    parser.add_argument("--heads", default="64/4,32/8")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None, help="folder for decode_layers_<gpu>.csv")
+    parser.add_argument("--build", default="this build", help="the label of this run's rows")
+    parser.add_argument("--tiny", action="store_true", help="small sizes on the CPU: a check of the script")
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        print("gpu_decode_layers.py needs a CUDA GPU (or --tiny)")
+        return 2
+    contexts = [37] if args.tiny else parse_lengths(args.contexts)
+    heads = [(4, 2)] if args.tiny else parse_heads(args.heads)
+    layers, steps = (2, 2) if args.tiny else (args.layers, args.steps)
+    rows = []
+    for context in contexts:
+        for heads_q, heads_kv in heads:
+            eager, synced, waits = decode_stack(context, args.batch, heads_q, heads_kv, layers, steps, args.tiny)
+            rows.append({"build": args.build, "context": context, "batch": args.batch, "heads": f"{heads_q}/{heads_kv}",
+                         "layers": layers, "ms_per_token": f"{eager:.3f}", "ms_per_token_synced": f"{synced:.3f}",
+                         "waits_per_step": "" if waits is None else waits})
+            print(f"{context:>7} tokens, {heads_q}/{heads_kv} heads, {layers} layers, batch {args.batch}: "
+                  f"{eager:8.3f} ms a token, {synced:8.3f} synchronised after every layer, "
+                  f"host waits per step: {'-' if waits is None else waits}", flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"decode_layers_{'cpu' if args.tiny else gpu_tag()}.csv"
+        comments, kept = [], []
+        if path.exists():                                   # other builds' rows and commands stay
+            lines = path.read_text().splitlines()
+            comments = [line for line in lines if line.startswith("#") and not line.startswith(f"# build {args.build}:")]
+            kept = [r for r in csv.DictReader(line for line in lines if not line.startswith("#"))
+                    if r["build"] != args.build]
+        with path.open("w", newline="") as f:
+            f.write("".join(line + "\n" for line in comments))
+            f.write(f"# build {args.build}: python benchmarks/gpu_decode_layers.py {' '.join(sys.argv[1:])}; "
+                    f"torch {torch.__version__}\n")
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept + rows)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
