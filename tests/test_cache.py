@@ -148,10 +148,15 @@ def test_layer_rows_of_different_lengths_with_new_tokens_argument():
             torch.testing.assert_close(torch.cat(outputs[b], 1), layer(seq), rtol=1e-10, atol=1e-10)
 
 
+def triton_layer(**kwargs):
+    """A small float32 layer on the decoding kernels (Triton's interpreter on the CPU)."""
+    return SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(kv_per_branch=True, num_mem_kv=1)], ids=["shared", "kv-per-branch"])
 def test_layer_with_cache_on_triton_backend_under_interpreter(kwargs):
     torch.manual_seed(5)
-    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
+    layer = triton_layer(**kwargs)
     x = torch.randn(1, 45, 32)
     with torch.no_grad():
         expected = layer(x)
@@ -164,7 +169,7 @@ def test_layer_on_triton_with_rows_appending_different_counts():
     """One step whose rows append 3 and 1 tokens, on the decoding kernels (chosen once for the
     step): each row equals the layer on its own sequence, the padding's outputs are 0."""
     torch.manual_seed(6)
-    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}).eval()
+    layer = triton_layer()
     sequences = [torch.randn(1, 43, 32), torch.randn(1, 41, 32)]
     with torch.no_grad():
         cache = layer.new_cache(2, 48)
@@ -203,7 +208,7 @@ def test_truncate_on_the_decoding_kernels_under_interpreter():
     """The same rollback on the decoding kernels (float32, Triton's interpreter): what lies past
     a row's new length, stale compressed blocks included, is never read."""
     torch.manual_seed(8)
-    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}).eval()
+    layer = triton_layer()
     x = torch.randn(2, 44, 32)
     with torch.no_grad():
         expected = layer(x)
@@ -558,7 +563,7 @@ def test_a_step_appending_to_every_row_makes_no_tensor_from_host_lists(monkeypat
     queue to drain). Once the cache's device lengths exist, a decoding step in which every row
     takes all T tokens makes none, on the decoding kernels; its outputs stay the layer's."""
     torch.manual_seed(7)
-    layer = SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
+    layer = triton_layer(**kwargs)
     x = torch.randn(2, 44, 32)
     with torch.no_grad():
         expected = layer(x)
