@@ -6,14 +6,17 @@
 For each context and head shape: `--layers` layers (bf16, model width 2048, heads of 128, the
 paper's geometry, the "auto" backend) each get a cache, are prefilled to the context, then take
 `--steps` decoding steps of one token per row, the output of one layer the input of the next
-(`y = layer(x, cache=cache)` under `torch.no_grad()`, nothing else in between). Three numbers per
-shape: the wall time per token when the host only waits at the end (what eager serving gets: the
-host may queue layer after layer ahead of the GPU wherever nothing makes it wait), the same with a
-`torch.cuda.synchronize()` after every layer (the host never ahead), and how many times one step
-of the stack made the host wait for the GPU (`torch.cuda.set_sync_debug_mode("warn")`: each
-blocking copy or read-back warns once). Equal first two numbers and waits > 0 mean the host
-cannot run ahead; the gap between them is what a step without waits gains. Rows go to
-DIR/decode_layers_<gpu>.csv under `--build` (default: "this build"), after the other builds'.
+(`y = layer(x, cache=cache)` under `torch.no_grad()`, nothing else in between). Per shape: the
+wall time per token when the host only waits at the end (what eager serving gets: the host may
+queue layer after layer ahead of the GPU wherever nothing makes it wait), the same with a
+`torch.cuda.synchronize()` after every layer (the host never ahead), how many times one step of
+the stack made the host wait for the GPU (`torch.cuda.set_sync_debug_mode("warn")`: each
+blocking copy or read-back warns once), and the stack's step replayed from one CUDA graph
+(`nsa.DecodeGraph`, where this build has it): its time per token, and whether four replays gave
+exactly the outputs of four eager steps from the same caches (rolled back with `truncate_`).
+Equal first two numbers and waits > 0 mean the host cannot run ahead; the gap between them is
+what a step without waits gains. Rows go to DIR/decode_layers_<gpu>.csv under `--build`
+(default: "this build"), after the other builds'.
 `--tiny` runs small sizes on the CPU (Triton's interpreter): a check of the script only.
 """
 
@@ -34,11 +37,13 @@ from nsa.bench import parse_heads, parse_lengths  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
 
 COLUMNS = ["build", "context", "batch", "heads", "layers", "ms_per_token", "ms_per_token_synced",
-           "waits_per_step"]
+           "waits_per_step", "ms_per_token_graph", "graph_equals_eager"]
 
 
 def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
-    """(ms per token, ms per token synchronised after every layer, host waits per step)."""
+    """(ms per token, ms per token synchronised after every layer, host waits per step, ms per
+    token replayed from a CUDA graph, whether replays equal eager steps); the last two None
+    without a GPU or without `nsa.DecodeGraph`."""
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     width, dim_head = (64, 16) if tiny else (2048, 128)
@@ -47,7 +52,7 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
     torch.manual_seed(0)
     stack = [nsa.SparseAttention(width, heads=heads_q, kv_heads=heads_kv, dim_head=dim_head, **geometry)
              .to(device, dtype).eval() for _ in range(layers)]
-    caches = [layer.new_cache(batch, context + 2 * steps + 2) for layer in stack]
+    caches = [layer.new_cache(batch, context + 3 * steps + 8) for layer in stack]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(x, synced=False):
@@ -79,7 +84,22 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
                 x = step(x, synced)
             sync()
             times.append((time.perf_counter() - start) * 1e3 / steps)
-    return times[0], times[1], waits
+        graph_ms = equal = None
+        if cuda and hasattr(nsa, "DecodeGraph"):            # the stack's step from one graph
+            xs = [torch.randn(batch, 1, width, device=device, dtype=dtype) for _ in range(4)]
+            kept = [list(cache.lengths) for cache in caches]
+            eager = [step(y).clone() for y in xs]
+            for cache, lengths in zip(caches, kept):
+                cache.truncate_(lengths)
+            graph = nsa.DecodeGraph(step, caches, xs[0])
+            equal = all(torch.equal(graph(y), out) for y, out in zip(xs, eager))
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                x = graph(x)
+            sync()
+            graph_ms = (time.perf_counter() - start) * 1e3 / steps
+    return times[0], times[1], waits, graph_ms, equal
 
 
 def main() -> int:
@@ -102,13 +122,18 @@ def main() -> int:
     rows = []
     for context in contexts:
         for heads_q, heads_kv in heads:
-            eager, synced, waits = decode_stack(context, args.batch, heads_q, heads_kv, layers, steps, args.tiny)
+            eager, synced, waits, graph_ms, equal = decode_stack(context, args.batch, heads_q, heads_kv, layers, steps,
+                                                                 args.tiny)
             rows.append({"build": args.build, "context": context, "batch": args.batch, "heads": f"{heads_q}/{heads_kv}",
                          "layers": layers, "ms_per_token": f"{eager:.3f}", "ms_per_token_synced": f"{synced:.3f}",
-                         "waits_per_step": "" if waits is None else waits})
+                         "waits_per_step": "" if waits is None else waits,
+                         "ms_per_token_graph": "" if graph_ms is None else f"{graph_ms:.3f}",
+                         "graph_equals_eager": "" if equal is None else int(equal)})
             print(f"{context:>7} tokens, {heads_q}/{heads_kv} heads, {layers} layers, batch {args.batch}: "
                   f"{eager:8.3f} ms a token, {synced:8.3f} synchronised after every layer, "
-                  f"host waits per step: {'-' if waits is None else waits}", flush=True)
+                  f"host waits per step: {'-' if waits is None else waits}"
+                  + ("" if graph_ms is None else f"; {graph_ms:8.3f} ms a token from a CUDA graph, replays "
+                     f"{'equal to' if equal else 'DIFFERENT from'} eager steps"), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"decode_layers_{'cpu' if args.tiny else gpu_tag()}.csv"

@@ -11,6 +11,7 @@ from nsa.backends import available_backends, backend_unavailable
 from nsa.cache import KVCache, sparse_attention_with_kvcache
 from nsa.compression import CompressionMLP, compress, compressed_attention
 from nsa.config import NSAConfig
+from nsa.decode_graph import DecodeGraph
 from nsa.distributed import context_parallel_sparse_attention
 from nsa.flex import create_compress_mask, create_fine_mask, create_sliding_mask
 from nsa.layer import SparseAttention

@@ -237,13 +237,19 @@ class KVCache:
         return cache
 
     def _device_lengths(self) -> torch.Tensor:
-        """`lengths` as a (B,) int64 tensor on the cache's device, for a step's own use (not to be
-        changed in place). A step leaves its new lengths here, computed on the device, so the next
-        step copies nothing from the host; the list is copied anew only when it changed since
-        (truncate_, reorder_, an assignment)."""
-        if self._on_device is None or self._on_device[0] != self.lengths:
+        """`lengths` as a (B,) int64 tensor on the cache's device: one tensor for as long as the
+        batch size stays, its values changed in place (a CUDA graph of a step reads it where it was
+        captured). A step advances it on the device, so the next step copies nothing from the
+        host; the list is copied into it only when it changed since (truncate_, reorder_, an
+        assignment)."""
+        if self._on_device is not None and len(self._on_device[1]) != len(self.lengths):
+            self._on_device = None                                   # a new batch size: a new tensor
+        if self._on_device is None:
             self._on_device = (list(self.lengths),
                                torch.tensor(self.lengths, dtype=torch.long, device=self.k_cmp.device))
+        elif self._on_device[0] != self.lengths:
+            self._on_device[1].copy_(torch.tensor(self.lengths, dtype=torch.long))
+            self._on_device = (list(self.lengths), self._on_device[1])
         return self._on_device[1]
 
     def truncate_(self, lengths) -> "KVCache":
@@ -266,7 +272,9 @@ class KVCache:
         """Make row i a copy of row `rows[i]` (a sequence or 1-D integer tensor of row indices;
         repeats allowed, and its length is the new batch size): beam search keeping the beams it
         extends, or a prompt's cache copied into k beams. Every tensor is gathered anew (a copy).
-        Checked before anything changes. Returns the cache."""
+        With as many rows as before, each tensor is overwritten in place (a CUDA graph of a step
+        stays valid); otherwise every tensor is new. Checked before anything changes. Returns the
+        cache."""
         B = self.batch_size
         if isinstance(rows, torch.Tensor):
             check_integer_tensor("rows", rows)
@@ -282,10 +290,15 @@ class KVCache:
         if min(picked) < 0 or max(picked) >= B:
             raise ValueError(f"rows must index the cache's {B} rows (0 to {B - 1}), got {picked}")
         index = torch.tensor(picked, dtype=torch.long, device=self.k_cmp.device)
-        gather = lambda x: x.index_select(0, index)
-        keys, values = {b: gather(x) for b, x in self.keys.items()}, {b: gather(x) for b, x in self.values.items()}
-        k_cmp, v_cmp = gather(self.k_cmp), gather(self.v_cmp)      # all gathered before any is replaced
-        self.keys, self.values, self.k_cmp, self.v_cmp = keys, values, k_cmp, v_cmp
+        tensors = [*self.keys.values(), *self.values.values(), self.k_cmp, self.v_cmp]
+        if len(picked) == B:                                     # in place: each from its own copy
+            for x in tensors:
+                x.copy_(x.index_select(0, index))
+        else:
+            gather = lambda x: x.index_select(0, index)
+            keys, values = {b: gather(x) for b, x in self.keys.items()}, {b: gather(x) for b, x in self.values.items()}
+            k_cmp, v_cmp = gather(self.k_cmp), gather(self.v_cmp)      # all gathered before any is replaced
+            self.keys, self.values, self.k_cmp, self.v_cmp = keys, values, k_cmp, v_cmp
         self.lengths = [self.lengths[row] for row in picked]
         return self
 
@@ -340,8 +353,8 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     B, T = x.shape[:2]
     old = cache._device_lengths()
     if all(c == T for c in counts):
-        row = torch.arange(B, device=x.device).repeat_interleave(T)
-        token = torch.arange(T, device=x.device).repeat(B)
+        row = torch.arange(B * T, device=x.device) // T
+        token = torch.arange(B * T, device=x.device) % T
         new = old + T
     else:
         pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]
@@ -355,8 +368,6 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     cmp, l, d = layer.branch("cmp"), config.compress_block_size, config.compress_stride
     compress_new_blocks(cache.keys[cmp], cache.k_cmp, old, new, max(counts), layer.phi_k, l, d, mem)
     compress_new_blocks(cache.values[cmp], cache.v_cmp, old, new, max(counts), layer.phi_v, l, d, mem)
-    cache.lengths = after
-    cache._on_device = (list(after), new)
     # -- attend: rows taking all T tokens together, the others one by one --
     o = queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
     o_win = torch.zeros_like(o) if layer.kv_per_branch else None
@@ -376,4 +387,8 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
                 o_win[b:b + 1, :c] = window_branch(queries[b:b + 1, :c], cache.keys["win"][b:b + 1, :n],
                                                    cache.values["win"][b:b + 1, :n], config, layer.scale,
                                                    layer.backend)
+    # -- the new lengths: on the host, and on the device in place, after every read of the old --
+    cache.lengths = after
+    old.copy_(new)
+    cache._on_device = (list(after), old)
     return layer.output(o, o_win, g_win)

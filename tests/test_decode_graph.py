@@ -1,0 +1,143 @@
+"""Chapter 13: a decoding step replayed from a CUDA graph (`nsa.DecodeGraph`).
+
+On any machine: what a replay relies on (the cache's lengths in one tensor, advanced in place;
+its tensors unmoved by steps, rollbacks and reorders to as many rows) and the refusals that come
+before any capture. On a CUDA GPU: replays equal to eager steps of a twin model, through rows of
+different lengths, T > 1, rollbacks and reorders, and the steps that cannot be replayed refused."""
+
+import pytest
+import torch
+
+import nsa
+from nsa import SparseAttention
+from nsa.decode_graph import cache_pointers
+
+GEOMETRY = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3, window_size=12)
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+
+
+def layer_and_cache(batch=2, capacity=48, prompt=(21, 17), device="cpu", **kwargs):
+    torch.manual_seed(0)
+    layer = SparseAttention(32, heads=4, kv_heads=2, **GEOMETRY, **kwargs).to(device).eval()
+    cache = layer.new_cache(batch, capacity)
+    with torch.no_grad():
+        layer(torch.randn(batch, max(prompt), 32, device=device), cache=cache, new_tokens=list(prompt))
+    return layer, cache
+
+
+def test_lengths_stay_in_one_tensor_advanced_in_place():
+    layer, cache = layer_and_cache()
+    lengths, where = cache._device_lengths(), cache_pointers(cache)
+    with torch.no_grad():
+        for T in (1, 3, 1):
+            layer(torch.randn(2, T, 32), cache=cache)
+            assert cache._device_lengths() is lengths and lengths.tolist() == cache.lengths
+    assert cache.lengths == [26, 22] and cache_pointers(cache) == where
+    cache.truncate_([24, 19])
+    assert cache._device_lengths() is lengths and lengths.tolist() == [24, 19]
+
+
+def test_reorder_to_as_many_rows_is_in_place_and_a_gather():
+    layer, cache = layer_and_cache(batch=3, prompt=(21, 17, 9))
+    tensors = lambda c: [*c.keys.values(), *c.values.values(), c.k_cmp, c.v_cmp]
+    before, where, lengths = [x.clone() for x in tensors(cache)], cache_pointers(cache), cache._device_lengths()
+    cache.reorder_([2, 0, 0])
+    assert cache_pointers(cache) == where and cache.lengths == [9, 21, 21] and lengths.tolist() == [9, 21, 21]
+    for x, old in zip(tensors(cache), before):
+        assert torch.equal(x, old[[2, 0, 0]])
+    cache.reorder_([1, 0])                                        # another batch size: new tensors
+    assert cache_pointers(cache) != where and cache._device_lengths().tolist() == [21, 9]
+
+
+def step_of(layer, cache):
+    return lambda x: layer(x, cache=cache)
+
+
+REFUSED = [
+    ("not callable", lambda layer, cache: nsa.DecodeGraph(None, [cache], torch.zeros(2, 1, 32)), TypeError, "callable"),
+    ("no caches", lambda layer, cache: nsa.DecodeGraph(step_of(layer, cache), [], torch.zeros(2, 1, 32)), TypeError,
+     "non-empty"),
+    ("not a cache", lambda layer, cache: nsa.DecodeGraph(step_of(layer, cache), [cache, {}], torch.zeros(2, 1, 32)),
+     TypeError, r"caches\[1\]"),
+    ("on the CPU", lambda layer, cache: nsa.DecodeGraph(step_of(layer, cache), cache, torch.zeros(2, 1, 32)),
+     ValueError, "CUDA device"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused_before_any_capture(case):
+    _, call, error, match = case
+    layer, cache = layer_and_cache()
+    before = list(cache.lengths)
+    with pytest.raises(error, match=match):
+        call(layer, cache)
+    assert cache.lengths == before
+
+
+def test_kv_per_branch_refused():
+    layer, cache = layer_and_cache(kv_per_branch=True)
+    with pytest.raises(ValueError, match="kv_per_branch"):
+        nsa.DecodeGraph(step_of(layer, cache), cache, torch.zeros(2, 1, 32))
+
+
+# -- on a CUDA GPU: replays against eager steps of a twin layer and cache --
+
+def twins(dtype=torch.float32, **kwargs):
+    """Two caches of one layer, prefilled alike (rows of different lengths)."""
+    torch.manual_seed(0)
+    layer = SparseAttention(32, heads=4, kv_heads=2, **GEOMETRY, **kwargs).to("cuda", dtype).eval()
+    prompt = torch.randn(2, 21, 32, device="cuda", dtype=dtype)
+    caches = [layer.new_cache(2, 96) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            layer(prompt, cache=cache, new_tokens=[21, 17])
+    return layer, caches
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,dtype,kwargs", [(1, torch.float32, {}), (3, torch.float32, dict(num_mem_kv=2)),
+                                            (1, torch.bfloat16, dict(compress_mlp=False))], ids=["T1", "T3-mem", "bf16-mean"])
+def test_replays_equal_eager_steps(T, dtype, kwargs):
+    layer, (eager, graphed) = twins(dtype, **kwargs)
+    x = torch.randn(2, T, 32, device="cuda", dtype=dtype)
+    graph = nsa.DecodeGraph(step_of(layer, graphed), graphed, x)
+    assert graphed.lengths == eager.lengths == [21, 17]            # capture leaves the lengths as they were
+    with torch.no_grad():
+        for i in range(6):
+            x = torch.randn(2, T, 32, device="cuda", dtype=dtype)
+            if i == 3:                                             # a rollback, then beams, between replays
+                for cache in (eager, graphed):
+                    cache.truncate_([n - T for n in cache.lengths]).reorder_([1, 0])
+            expected = layer(x, cache=eager)
+            got = graph(x)
+            assert torch.equal(got, expected), (i, (got - expected).abs().max().item())
+            assert graphed.lengths == eager.lengths
+            assert graphed._device_lengths().tolist() == graphed.lengths
+
+
+@needs_cuda
+def test_steps_that_cannot_be_replayed_are_refused():
+    layer, (cache, other) = twins()
+    x = torch.randn(2, 1, 32, device="cuda")
+    before = list(cache.lengths)
+    layer.backend = "torch"                                          # slices keys by host lengths
+    with pytest.raises(ValueError, match="wait for the GPU"):
+        nsa.DecodeGraph(step_of(layer, cache), cache, x)
+    layer.backend = "auto"
+    with pytest.raises(ValueError, match="wait for the GPU"):     # rows' counts from a host list
+        nsa.DecodeGraph(lambda y: layer(y, cache=cache, new_tokens=[1, 0]), cache, x)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        nsa.DecodeGraph(lambda y: (layer(y, cache=cache), layer(y.repeat(1, 2, 1), cache=other)), [cache, other], x)
+    assert cache.lengths == before and other.lengths == before
+    graph = nsa.DecodeGraph(step_of(layer, cache), cache, x)
+    with pytest.raises(ValueError, match=r"inputs\[0\]"):
+        graph(torch.randn(2, 2, 32, device="cuda"))
+    cache.reorder_([0, 1, 1])
+    with pytest.raises(ValueError, match="capture a new DecodeGraph"):
+        graph(torch.randn(2, 1, 32, device="cuda"))
+    full = nsa.DecodeGraph(step_of(layer, cache), cache, torch.randn(3, 1, 32, device="cuda"))
+    cache.lengths = [96, 95, 95]                                     # (an assignment: copied at the next replay)
+    with pytest.raises(ValueError, match="do not fit"):
+        full(torch.randn(3, 1, 32, device="cuda"))
+    assert cache.lengths == [96, 95, 95]
