@@ -125,7 +125,7 @@ def test_steps_that_cannot_be_replayed_are_refused():
     with pytest.raises(ValueError, match="wait for the GPU"):
         nsa.DecodeGraph(step_of(layer, cache), cache, x)
     layer.backend = "auto"
-    with pytest.raises(ValueError, match="wait for the GPU"):     # rows' counts from a host list
+    with pytest.raises(ValueError, match="wait for the GPU|same number of tokens"):   # rows' own counts
         nsa.DecodeGraph(lambda y: layer(y, cache=cache, new_tokens=[1, 0]), cache, x)
     with pytest.raises(ValueError, match="same number of tokens"):
         nsa.DecodeGraph(lambda y: (layer(y, cache=cache), layer(y.repeat(1, 2, 1), cache=other)), [cache, other], x)
