@@ -290,7 +290,8 @@ def decode_sparse_kernel(
 def decode_merge_kernel(
     CMP_ACC, CMP_M, CMP_L,    # stage 1's partials (B, H, SPLITS_C, ROWS[, BLOCK_DV])
     ACC, M, L,                # stage 3's (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
-    G_CMP, G_SLC, G_WIN,      # gates (B, T, Hq)
+    G_CMP, G_SLC, G_WIN,      # gates (B, T, Hq), in any layout the three share:
+    gate_stride_b, gate_stride_t, gate_stride_h,   # its strides (a layer's gates are views of one tensor)
     O,                        # out (B, T, Hq, Dv) in q's dtype
     T,                        # new tokens per row
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,
@@ -308,9 +309,10 @@ def decode_merge_kernel(
     window_half = tl.num_programs(0) * heads_kv * T * SPLITS * GROUP_ROWS
     o_win = merged_row(ACC, M, L, window_half + first, SPLITS, GROUP_ROWS, BLOCK_DV)
     # -- Eq. 5: the gated sum --
+    gate = batch.to(tl.int64) * gate_stride_b + t * gate_stride_t + head * gate_stride_h
+    o = tl.load(G_CMP + gate).to(tl.float32) * o_cmp + tl.load(G_SLC + gate).to(tl.float32) * o_slc + \
+        tl.load(G_WIN + gate).to(tl.float32) * o_win
     row = (batch * T + t).to(tl.int64) * HEADS_Q + head
-    o = tl.load(G_CMP + row).to(tl.float32) * o_cmp + tl.load(G_SLC + row).to(tl.float32) * o_slc + \
-        tl.load(G_WIN + row).to(tl.float32) * o_win
     offs_dv = tl.arange(0, BLOCK_DV)
     tl.store(O + row * DIM_V + offs_dv, o.to(O.dtype.element_ty), mask=offs_dv < DIM_V)
 
@@ -382,8 +384,10 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     splits = split_count(B * H * T, n, target)
     window = config.window_size if g_win is not None else 0   # g_win None: a window of no key, o_win = 0
     g_win = g_slc if g_win is None else g_win
-    q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win = (
-        x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc, g_win))
+    q, k_cache, v_cache, k_cmp_cache, v_cmp_cache = (x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache,
+                                                                             v_cmp_cache))
+    if not g_cmp.stride() == g_slc.stride() == g_win.stride():       # the gates read in one layout, copied
+        g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))  # only when theirs differ
     seqlens = cache_seqlens.to(torch.int32)
     scale_log2 = scale * LOG2E.value
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -416,7 +420,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     # -- 4. merge the splits, gate, sum --
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
     decode_merge_kernel[(B, T, Hq)](
-        cmp_acc, cmp_m, cmp_l, acc, m, l_sum, g_cmp, g_slc, g_win, o, T,
+        cmp_acc, cmp_m, cmp_l, acc, m, l_sum, g_cmp, g_slc, g_win, *g_cmp.stride(), o, T,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, GROUP_ROWS=group_rows, DIM_V=Dv,
         BLOCK_DV=block_dv, SPLITS_C=splits_c, SPLITS=splits,
         num_warps=1)        # a (splits, Dv) tile per branch: one warp's shuffles reduce it, no barrier

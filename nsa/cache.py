@@ -17,26 +17,29 @@ from nsa.geometry import num_compressed_blocks
 from nsa.sparse_attention import native_sparse_attention, window_branch
 
 
-def compress_new_blocks(k_cache, k_cmp_cache, old_lengths, new_lengths, max_new: int, phi, block_size: int,
+def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                         stride: int, mem_kv_len: int = 0) -> None:
-    """Write, in place, the compressed blocks that row b's tokens old_lengths[b] .. new_lengths[b]
-    complete: blocks Nc(old) .. Nc(new) - 1 of k_cache[b] (block i covers keys
+    """For each cache, its cmp_cache and phi (the keys and the values, say: they share the index
+    work), write in place the compressed blocks that row b's tokens old_lengths[b] .. new_lengths[b]
+    complete: blocks Nc(old) .. Nc(new) - 1 of cache[b] (block i covers positions
     [i*stride, i*stride + block_size)), mapped by phi (as `nsa.compress`; None = mean) into rows
-    mem_kv_len + i of k_cmp_cache[b]. old_lengths, new_lengths: (B,) integer tensors on the
-    cache's device; max_new: an int >= every new - old (it fixes the number of candidates)."""
-    B, capacity = k_cache.shape[:2]
-    candidates = min(-(-max_new // stride), k_cmp_cache.shape[1] - mem_kv_len)
+    mem_kv_len + i of cmp_cache[b]. old_lengths, new_lengths: (B,) integer tensors on the caches'
+    device; max_new: an int >= every new - old (it fixes the number of candidates)."""
+    (B, capacity), device = caches[0].shape[:2], caches[0].device
+    candidates = min(-(-max_new // stride), cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
-    first, last = (((n.long() - block_size) // stride + 1).clamp(min=0) for n in (old_lengths, new_lengths))
-    block = (last - candidates).clamp(min=0)[:, None] + torch.arange(candidates, device=k_cache.device)  # (B, K)
-    done = (block >= first[:, None]) & (block < last[:, None])                      # completed now
-    keys = (block[..., None] * stride + torch.arange(block_size, device=k_cache.device)).clamp(max=capacity - 1)
-    row = torch.arange(B, device=k_cache.device)[:, None]
-    blocks = k_cache[row[..., None], keys].transpose(2, 3)                            # (B, K, H, l, D)
-    summary = pool_blocks(blocks, phi)                                               # (B, K, H, D_out)
-    at = (row, mem_kv_len + block)
-    k_cmp_cache[at] = torch.where(done[..., None, None], summary.to(k_cmp_cache.dtype), k_cmp_cache[at])
+    # -- each row's candidates: the blocks ending at its last complete one; those completed now --
+    first, last = (((n.long() + (stride - block_size)) // stride).clamp(min=0) for n in (old_lengths, new_lengths))
+    block = (last - candidates).clamp(min=0)[:, None] + torch.arange(candidates, device=device)    # (B, K)
+    done = ((block >= first[:, None]) & (block < last[:, None]))[..., None, None]
+    keys = (block[..., None] * stride + torch.arange(block_size, device=device)).clamp(max=capacity - 1)
+    row = torch.arange(B, device=device)[:, None]
+    at = (row, block + mem_kv_len if mem_kv_len else block)
+    # -- gathered, summarised, and written where completed now --
+    for cache, cmp_cache, phi in zip(caches, cmp_caches, phis):
+        summary = pool_blocks(cache[row[..., None], keys].transpose(2, 3), phi)     # (B, K, H, l, D) -> (B, K, H, D')
+        cmp_cache[at] = torch.where(done, summary.to(cmp_cache.dtype), cmp_cache[at])
 
 
 def check_row_counts(name: str, counts, batch: int) -> list[int]:
@@ -149,8 +152,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     if k is not None:                                     # -- append, then compress what completes --
         at = (torch.arange(dims.batch, device=q.device)[:, None], seqlens[:, None] + torch.arange(T, device=q.device))
         k_cache[at], v_cache[at] = k, v
-        compress_new_blocks(k_cache, k_cmp_cache, seqlens, seqlens + T, T, phi_k, l, d, mem_kv_len)
-        compress_new_blocks(v_cache, v_cmp_cache, seqlens, seqlens + T, T, phi_v, l, d, mem_kv_len)
+        compress_new_blocks([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, seqlens + T, T,
+                            l, d, mem_kv_len)
     return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
                          config, scale, mem_kv_len, backend)
 
@@ -352,35 +355,38 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     #    (a tensor made from a Python list is a blocking copy: the host waits for the GPU's queue) --
     B, T = x.shape[:2]
     old = cache._device_lengths()
-    if all(c == T for c in counts):
-        row = torch.arange(B * T, device=x.device) // T
-        token = torch.arange(B * T, device=x.device) % T
-        new = old + T
-    else:
+    uniform = all(c == T for c in counts)
+    if uniform:                                       # (B, T) positions; the new keys as they are
+        row, take = torch.arange(B, device=x.device)[:, None], slice(None)
+        position, new = old[:, None] + torch.arange(T, device=x.device), old + T
+    else:                                             # the (row, token) pairs kept
         pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]
         row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))
-        new = old + torch.tensor(counts, dtype=torch.long, device=x.device)
-    position = old[row] + token
+        position, take, new = old[row] + token, (row, token), old + torch.tensor(counts, device=x.device)
     # -- append each row's new keys and values (every branch), then compress what they complete --
     for branch in cache.keys:
-        cache.keys[branch][row, position] = keys[branch][row, token]
-        cache.values[branch][row, position] = values[branch][row, token]
+        cache.keys[branch][row, position] = keys[branch][take]
+        cache.values[branch][row, position] = values[branch][take]
     cmp, l, d = layer.branch("cmp"), config.compress_block_size, config.compress_stride
-    compress_new_blocks(cache.keys[cmp], cache.k_cmp, old, new, max(counts), layer.phi_k, l, d, mem)
-    compress_new_blocks(cache.values[cmp], cache.v_cmp, old, new, max(counts), layer.phi_v, l, d, mem)
-    # -- attend: rows taking all T tokens together, the others one by one --
-    o = queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
-    o_win = torch.zeros_like(o) if layer.kv_per_branch else None
+    compress_new_blocks([cache.keys[cmp], cache.values[cmp]], [cache.k_cmp, cache.v_cmp], [layer.phi_k, layer.phi_v],
+                        old, new, max(counts), l, d, mem)
+    # -- attend: rows taking all T tokens together (the whole batch: its output as it is), the others one by one --
+    o = None if uniform else queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
+    o_win = queries.new_zeros(*queries.shape[:3], layer.dim_head_v) if layer.kv_per_branch else None
     groups = [[b for b in range(len(counts)) if counts[b] == T]] + [[b] for b, c in enumerate(counts) if 0 < c < T]
     for rows in (group for group in groups if group):
         c = counts[rows[0]]
         at = slice(None) if len(rows) == len(counts) else torch.tensor(rows, device=x.device)  # no copy
         k_slc, v_slc = cache.keys[layer.branch("slc")][at], cache.values[layer.branch("slc")][at]
         seqlens = old[at].to(torch.int32)
-        o[at, :c] = attend_cached(     # checked above, for every row and all T tokens: c <= T fits too
+        out = attend_cached(           # checked above, for every row and all T tokens: c <= T fits too
             decoder, queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], seqlens, g_cmp[at, :c],
             g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config, layer.scale, mem,
             layer.backend)
+        if uniform:
+            o = out
+        else:
+            o[at, :c] = out
         if layer.kv_per_branch:                       # the window over its own keys, per row length
             for b in rows:                            # (the backend's window: it reads the window's keys only)
                 n = after[b]

@@ -478,7 +478,7 @@ def test_compress_new_blocks_with_rows_adding_different_counts():
         for b, n in enumerate(new):
             visible[b, n:] = float("nan")                       # tokens not yet in the cache
         with torch.no_grad():
-            compress_new_blocks(visible, k_cmp, torch.tensor(lengths), torch.tensor(new), max(counts), phi, l, d)
+            compress_new_blocks([visible], [k_cmp], [phi], torch.tensor(lengths), torch.tensor(new), max(counts), l, d)
         for b, n in enumerate(new):
             done = num_compressed_blocks(n, l, d)
             with torch.no_grad():
