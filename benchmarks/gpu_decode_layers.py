@@ -13,7 +13,9 @@ queue layer after layer ahead of the GPU wherever nothing makes it wait), the sa
 the stack made the host wait for the GPU (`torch.cuda.set_sync_debug_mode("warn")`: each
 blocking copy or read-back warns once), and the stack's step replayed from one CUDA graph
 (`nsa.DecodeGraph`, where this build has it): its time per token, and whether four replays gave
-exactly the outputs of four eager steps from the same caches (rolled back with `truncate_`).
+exactly the outputs of four eager steps from the same caches (rolled back with `truncate_`);
+and, under `torch.profiler`, how many kernels (and copies) one eager step of the stack runs on
+the GPU and their device time: a replay costs at least that, plus a launch gap per kernel.
 Equal first two numbers and waits > 0 mean the host cannot run ahead; the gap between them is
 what a step without waits gains. Rows go to DIR/decode_layers_<gpu>.csv under `--build`
 (default: "this build"), after the other builds'.
@@ -37,13 +39,14 @@ from nsa.bench import parse_heads, parse_lengths  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
 
 COLUMNS = ["build", "context", "batch", "heads", "layers", "ms_per_token", "ms_per_token_synced",
-           "waits_per_step", "ms_per_token_graph", "graph_equals_eager"]
+           "waits_per_step", "ms_per_token_graph", "graph_equals_eager", "kernels_per_step", "kernel_ms_per_step"]
 
 
 def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
     """(ms per token, ms per token synchronised after every layer, host waits per step, ms per
-    token replayed from a CUDA graph, whether replays equal eager steps); the last two None
-    without a GPU or without `nsa.DecodeGraph`."""
+    token replayed from a CUDA graph, whether replays equal eager steps, kernels per step, their
+    device ms); the graph's two None without a GPU or without `nsa.DecodeGraph`, the kernels'
+    two None without a GPU."""
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     width, dim_head = (64, 16) if tiny else (2048, 128)
@@ -84,7 +87,13 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
                 x = step(x, synced)
             sync()
             times.append((time.perf_counter() - start) * 1e3 / steps)
-        graph_ms = equal = None
+        graph_ms = equal = kernels = kernel_ms = None
+        if cuda:                                            # one eager step's kernels, on the GPU's clock
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                step(x)
+                sync()
+            ran = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernels, kernel_ms = len(ran), sum(e.time_range.elapsed_us() for e in ran) / 1e3
         if cuda and hasattr(nsa, "DecodeGraph"):            # the stack's step from one graph
             xs = [torch.randn(batch, 1, width, device=device, dtype=dtype) for _ in range(4)]
             kept = [list(cache.lengths) for cache in caches]
@@ -99,7 +108,7 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny):
                 x = graph(x)
             sync()
             graph_ms = (time.perf_counter() - start) * 1e3 / steps
-    return times[0], times[1], waits, graph_ms, equal
+    return times[0], times[1], waits, graph_ms, equal, kernels, kernel_ms
 
 
 def main() -> int:
@@ -122,18 +131,22 @@ def main() -> int:
     rows = []
     for context in contexts:
         for heads_q, heads_kv in heads:
-            eager, synced, waits, graph_ms, equal = decode_stack(context, args.batch, heads_q, heads_kv, layers, steps,
+            eager, synced, waits, graph_ms, equal, kernels, kernel_ms = decode_stack(context, args.batch, heads_q, heads_kv, layers, steps,
                                                                  args.tiny)
             rows.append({"build": args.build, "context": context, "batch": args.batch, "heads": f"{heads_q}/{heads_kv}",
                          "layers": layers, "ms_per_token": f"{eager:.3f}", "ms_per_token_synced": f"{synced:.3f}",
                          "waits_per_step": "" if waits is None else waits,
                          "ms_per_token_graph": "" if graph_ms is None else f"{graph_ms:.3f}",
-                         "graph_equals_eager": "" if equal is None else int(equal)})
+                         "graph_equals_eager": "" if equal is None else int(equal),
+                         "kernels_per_step": "" if kernels is None else kernels,
+                         "kernel_ms_per_step": "" if kernel_ms is None else f"{kernel_ms:.3f}"})
             print(f"{context:>7} tokens, {heads_q}/{heads_kv} heads, {layers} layers, batch {args.batch}: "
                   f"{eager:8.3f} ms a token, {synced:8.3f} synchronised after every layer, "
                   f"host waits per step: {'-' if waits is None else waits}"
                   + ("" if graph_ms is None else f"; {graph_ms:8.3f} ms a token from a CUDA graph, replays "
-                     f"{'equal to' if equal else 'DIFFERENT from'} eager steps"), flush=True)
+                     f"{'equal to' if equal else 'DIFFERENT from'} eager steps")
+                  + ("" if kernels is None else f"; {kernels} kernels a step, {kernel_ms:.3f} ms on the GPU"),
+                  flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"decode_layers_{'cpu' if args.tiny else gpu_tag()}.csv"
