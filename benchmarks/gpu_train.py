@@ -8,8 +8,8 @@ trained and evaluated one after the other; writes the results that the chapter p
     python benchmarks/gpu_train.py --out /tmp/smoke --device cpu --seq-len 256 --steps 2 --batch-size 2
         --eval-batch-size 1                            # the script's logic, on a CPU
 
-Writes training_gpu.csv (accuracy against distance), training_gpu_curves.csv (loss, accuracy per
-step) and training_gpu.json (experiment, device, wall time, tokens/s, and for the NSA models
+Writes training_<gpu>.csv (accuracy against distance), training_<gpu>_curves.csv (loss, accuracy
+per step) and training_<gpu>.json (experiment, device, wall time, tokens/s, and for the NSA models
 chapter 12's selection probe: how often each layer's kv heads select the stored pair's block for
 the queries that need a free slot, beside chance) into --out, after each model
 (so a run cut short keeps what it finished). Not collected by pytest (no test_ prefix).
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import nsa
+from nsa.device import gpu_tag
 from nsa.training import (GPU_EXPERIMENT, MODELS, accuracy_by_distance, make_recall_batch, model_variant,
                           needle_selection, print_selection, selection_summary, train_recall, write_results)
 
@@ -108,7 +109,7 @@ def main(argv=None):
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**30
             extra.setdefault("peak_memory_gib", {})[name] = round(peak, 2)
-        write_results(args.out, experiment, histories, accuracy, extra)
+        write_results(args.out, gpu_tag() if device == "cuda" else "cpu", experiment, histories, accuracy, extra)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -473,16 +473,18 @@ def accuracy_without(model, branch, tokens, targets, found):
     return correct[found["forced"]].float().mean().item(), correct[~found["forced"]].float().mean().item()
 
 
-GPU_RESULTS = ("training_gpu.csv", "training_gpu_curves.csv", "training_gpu.json")
-
-
-def write_results(directory, experiment: RecallExperiment, histories: dict, accuracy: dict,
-                  extra: dict | None = None) -> list:
-    """Write the three result files (see GPU_RESULTS) of a run into `directory`; returns paths."""
+def result_paths(directory, gpu: str) -> list:
+    """The three result files of a run on `gpu` (`nsa.device.gpu_tag()`, e.g. "h200"): accuracy
+    by distance, training curves, summary."""
     from pathlib import Path
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / name for name in GPU_RESULTS]
+    return [Path(directory) / f"training_{gpu}{suffix}" for suffix in (".csv", "_curves.csv", ".json")]
+
+
+def write_results(directory, gpu: str, experiment: RecallExperiment, histories: dict, accuracy: dict,
+                  extra: dict | None = None) -> list:
+    """Write the three result files (`result_paths`) of a run on `gpu` into `directory`; returns paths."""
+    paths = result_paths(directory, gpu)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     with paths[0].open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "distance", "accuracy", "queries"])
@@ -504,10 +506,9 @@ def write_results(directory, experiment: RecallExperiment, histories: dict, accu
     return paths
 
 
-def read_results(directory) -> tuple[dict, dict, dict] | None:
-    """(accuracy, histories, summary) from a directory written by `write_results`, or None."""
-    from pathlib import Path
-    paths = [Path(directory) / name for name in GPU_RESULTS]
+def read_results(directory, gpu: str) -> tuple[dict, dict, dict] | None:
+    """(accuracy, histories, summary) of a run on `gpu` written by `write_results`, or None."""
+    paths = result_paths(directory, gpu)
     if not all(path.exists() for path in paths):
         return None
     accuracy, histories = {}, {}

@@ -168,11 +168,13 @@ def test_train_eval_select_and_results_roundtrip(tmp_path):
     scores, block_indices = nsa_block_selection(model, tokens, layer_index=1)
     assert scores.shape == (2, 40, 2, 3) and block_indices.shape == (2, 40, 2, 3)
     assert block_indices.dtype == torch.int32
-    write_results(tmp_path, TINY, histories, accuracy, {"device": "cpu"})
-    read_accuracy, read_histories, summary = read_results(tmp_path)
+    write_results(tmp_path, "cpu", TINY, histories, accuracy, {"device": "cpu"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["training_cpu.csv", "training_cpu.json",
+                                                          "training_cpu_curves.csv"]
+    read_accuracy, read_histories, summary = read_results(tmp_path, "cpu")
     assert read_accuracy["nsa"]["distance"] == accuracy["nsa"]["distance"]
     assert read_histories["dense"]["step"] == [0, 1] and summary["device"] == "cpu"
-    assert read_results(tmp_path / "missing") is None
+    assert read_results(tmp_path, "h200") is None
 
 
 def test_length_curriculum():
