@@ -23,6 +23,7 @@ from nsa.window import sliding_window_attention
 try:
     import nsa.kernels.nsa  # noqa: F401  (registers backend="triton")
     import nsa.kernels.decode  # noqa: F401  (registers the "triton" decoder of sparse_attention_with_kvcache)
+    import nsa.kernels.cache  # noqa: F401  (the decoder's own cache writes, in Triton)
 except ImportError as missing:  # triton is not installed: "auto" uses "torch"
     backend_unavailable("triton", f"Triton kernels could not be imported ({missing})")
 

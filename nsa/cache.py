@@ -118,6 +118,22 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
     return dims, scale, seqlens
 
 
+def append_tokens(cache, new, lengths) -> None:
+    """Write row b's new tokens new[b, t] ((B, T, H, D)) at cache[b, lengths[b] + t], in place;
+    lengths: a (B,) integer tensor on the cache's device."""
+    B, T = new.shape[:2]
+    cache[torch.arange(B, device=cache.device)[:, None], lengths[:, None] + torch.arange(T, device=cache.device)] = new
+
+
+CACHE_WRITERS: dict = {}      # a decoder -> its own (append_tokens, compress_new_blocks), e.g. in Triton
+
+
+def cache_writers(decoder):
+    """How a step that `decoder` attends (None: `native_sparse_attention`) writes the caches: with
+    the decoder's own kernels where it registered them, else with the two functions above."""
+    return CACHE_WRITERS.get(decoder, (append_tokens, compress_new_blocks))
+
+
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
                                   g_win, config=NSAConfig(), scale=None, *, k=None, v=None, phi_k=None,
                                   phi_v=None, mem_kv_len=0, backend="auto"):
@@ -150,10 +166,11 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
                                                    g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
-        at = (torch.arange(dims.batch, device=q.device)[:, None], seqlens[:, None] + torch.arange(T, device=q.device))
-        k_cache[at], v_cache[at] = k, v
-        compress_new_blocks([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, seqlens + T, T,
-                            l, d, mem_kv_len)
+        append, compress = cache_writers(decoder)
+        append(k_cache, k, seqlens)
+        append(v_cache, v, seqlens)
+        compress([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, seqlens + T, T, l, d,
+                 mem_kv_len)
     return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
                          config, scale, mem_kv_len, backend)
 
@@ -356,20 +373,23 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     B, T = x.shape[:2]
     old = cache._device_lengths()
     uniform = all(c == T for c in counts)
-    if uniform:                                       # (B, T) positions; the new keys as they are
-        row, take = torch.arange(B, device=x.device)[:, None], slice(None)
-        position, new = old[:, None] + torch.arange(T, device=x.device), old + T
+    append, compress = cache_writers(decoder)
+    # -- append each row's new keys and values (every branch), then compress what they complete --
+    if uniform:                                       # every row all T: the new keys as they are
+        new = old + T
+        for branch in cache.keys:
+            append(cache.keys[branch], keys[branch], old)
+            append(cache.values[branch], values[branch], old)
     else:                                             # the (row, token) pairs kept
         pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]
         row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))
-        position, take, new = old[row] + token, (row, token), old + torch.tensor(counts, device=x.device)
-    # -- append each row's new keys and values (every branch), then compress what they complete --
-    for branch in cache.keys:
-        cache.keys[branch][row, position] = keys[branch][take]
-        cache.values[branch][row, position] = values[branch][take]
+        position, new = old[row] + token, old + torch.tensor(counts, device=x.device)
+        for branch in cache.keys:
+            cache.keys[branch][row, position] = keys[branch][row, token]
+            cache.values[branch][row, position] = values[branch][row, token]
     cmp, l, d = layer.branch("cmp"), config.compress_block_size, config.compress_stride
-    compress_new_blocks([cache.keys[cmp], cache.values[cmp]], [cache.k_cmp, cache.v_cmp], [layer.phi_k, layer.phi_v],
-                        old, new, max(counts), l, d, mem)
+    compress([cache.keys[cmp], cache.values[cmp]], [cache.k_cmp, cache.v_cmp], [layer.phi_k, layer.phi_v], old, new,
+             max(counts), l, d, mem)
     # -- attend: rows taking all T tokens together (the whole batch: its output as it is), the others one by one --
     o = None if uniform else queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
     o_win = queries.new_zeros(*queries.shape[:3], layer.dim_head_v) if layer.kv_per_branch else None
