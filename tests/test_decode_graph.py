@@ -141,3 +141,20 @@ def test_steps_that_cannot_be_replayed_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         full(torch.randn(3, 1, 32, device="cuda"))
     assert cache.lengths == [96, 95, 95]
+
+
+@needs_cuda
+@pytest.mark.parametrize("kwargs", [{}, dict(num_mem_kv=2, compress_mlp=False, dim_head_v=8)], ids=["mlp", "mean-mem"])
+def test_steps_on_the_gpu_equal_the_whole_sequence(kwargs):
+    """The decoding kernels with their Triton cache writes, a prefill and then steps of 1 and 3
+    tokens, eager and replayed, against the layer on the whole sequence (float32)."""
+    torch.manual_seed(2)
+    layer = SparseAttention(32, heads=4, kv_heads=2, **GEOMETRY, **kwargs).to("cuda").eval()
+    x = torch.randn(2, 60, 32, device="cuda")
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(2, 60)
+        outputs = [layer(x[:, :23], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(23, 30)]
+        graph = nsa.DecodeGraph(step_of(layer, cache), cache, x[:, 30:33])
+        outputs += [graph(x[:, i:i + 3]).clone() for i in range(30, 60, 3)]
+    torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=2e-4, atol=2e-4)
