@@ -28,6 +28,7 @@ build, context, batch and heads.
 import argparse
 import csv
 import itertools
+import shlex
 import sys
 import time
 import warnings
@@ -47,7 +48,8 @@ COLUMNS = ["build", "context", "batch", "heads", "layers", "ms_per_token", "ms_p
 
 
 class DenseDecodeLayer(torch.nn.Module):
-    """The dense baseline's layer: the same projections (GQA), then SDPA over a KV cache of exactly
+    """The dense baseline's layer: the same query, key, value and output projections (GQA; NSA's
+    gate projection has no counterpart here), then SDPA over a KV cache of exactly
     `context` rows, the step's key and value written into its last row — the cost of a dense
     decoding kernel that reads each row's cached keys and no more (as flash-attn's
     `flash_attn_with_kvcache` does with `cache_seqlens`; PyTorch has none), not a decoder that
@@ -209,7 +211,7 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"decode_layers_{'cpu' if args.tiny else gpu_tag()}.csv"
         comments, kept = [], []
-        command = f"python benchmarks/gpu_decode_layers.py {' '.join(sys.argv[1:])}; torch {torch.__version__}"
+        command = f"python benchmarks/gpu_decode_layers.py {shlex.join(sys.argv[1:])}; torch {torch.__version__}"
         new = {(r["build"], str(r["context"]), str(r["batch"]), r["heads"]) for r in rows}
         if path.exists():                                   # other rows (builds, batches) and commands stay
             lines = path.read_text().splitlines()

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.cache import CACHE_WRITERS, append_tokens, compress_new_blocks
+from nsa.cache import CACHE_WRITERS, append_tokens, compress_new_blocks, num_candidates
 from nsa.compression import pool_blocks
 from nsa.kernels.common import head_dim_block, load_rows, store_rows
 from nsa.kernels.decode import sparse_attention_decode_triton
@@ -80,7 +80,7 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
         return compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new, block_size, stride,
                                    mem_kv_len)
     B, capacity, H = caches[0].shape[:3]
-    candidates = min(-(-max_new // stride), cmp_caches[0].shape[1] - mem_kv_len)
+    candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
     for cache, cmp_cache, phi in zip(caches, cmp_caches, phis):

@@ -2,6 +2,7 @@
 """Decoding with a KV cache: what NSA keeps between steps, how a compressed block is computed
 once when its last token arrives, and the attention of new tokens over everything cached."""
 
+import contextvars
 import weakref
 from dataclasses import dataclass, field
 
@@ -17,6 +18,13 @@ from nsa.geometry import num_compressed_blocks
 from nsa.sparse_attention import native_sparse_attention, window_branch
 
 
+def num_candidates(max_new: int, stride: int, blocks: int) -> int:
+    """How many compressed blocks a step of up to max_new tokens per row may complete: ceil(max_new /
+    stride), at most the `blocks` the compressed cache holds. Every row gets as many candidates, so
+    a step's shapes do not depend on its lengths."""
+    return min(-(-max_new // stride), blocks)
+
+
 def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                         stride: int, mem_kv_len: int = 0) -> None:
     """For each cache, its cmp_cache and phi (the keys and the values, say: they share the index
@@ -26,7 +34,7 @@ def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_
     mem_kv_len + i of cmp_cache[b]. old_lengths, new_lengths: (B,) integer tensors on the caches'
     device; max_new: an int >= every new - old (it fixes the number of candidates)."""
     (B, capacity), device = caches[0].shape[:2], caches[0].device
-    candidates = min(-(-max_new // stride), cmp_caches[0].shape[1] - mem_kv_len)
+    candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
     # -- each row's candidates: the blocks ending at its last complete one; those completed now --
@@ -68,7 +76,7 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
         if cache_seqlens.is_cuda:
             if cache_seqlens.device != torch.device(device):
                 raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but the cache on {device}")
-            return cache_seqlens.to(torch.int32)
+            return cache_seqlens.to(torch.int32).contiguous()     # the kernels index it densely
         cache_seqlens = cache_seqlens.tolist()
     cache_seqlens = check_row_counts("cache_seqlens", cache_seqlens, batch)
     for b, length in enumerate(cache_seqlens):
@@ -292,9 +300,10 @@ class KVCache:
         """Make row i a copy of row `rows[i]` (a sequence or 1-D integer tensor of row indices;
         repeats allowed, and its length is the new batch size): beam search keeping the beams it
         extends, or a prompt's cache copied into k beams. Every tensor is gathered anew (a copy).
-        With as many rows as before, each tensor is overwritten in place (a CUDA graph of a step
-        stays valid); otherwise every tensor is new. Checked before anything changes. Returns the
-        cache."""
+        With as many rows as before, each tensor is overwritten in place from its own gathered
+        copy (a CUDA graph of a step stays valid, and the extra memory is one tensor's; running out
+        of it midway leaves the tensors before it reordered); otherwise every tensor is new.
+        Checked before anything changes. Returns the cache."""
         B = self.batch_size
         if isinstance(rows, torch.Tensor):
             check_integer_tensor("rows", rows)
@@ -321,6 +330,9 @@ class KVCache:
             self.keys, self.values, self.k_cmp, self.v_cmp = keys, values, k_cmp, v_cmp
         self.lengths = [self.lengths[row] for row in picked]
         return self
+
+
+STEPPED_CACHES = contextvars.ContextVar("nsa_stepped_caches", default=None)   # (cache, lengths before) steps
 
 
 def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
@@ -357,6 +369,9 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     appended to the cache; returns their outputs (B, T, dim) (0 where `new_tokens` leaves a row's
     token out)."""
     counts = check_new_tokens(layer, x, cache, new_tokens)
+    watching = STEPPED_CACHES.get()
+    if watching is not None:                      # a DecodeGraph's warm-up: which caches its step uses
+        watching.append((cache, list(cache.lengths)))
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)
     g_cmp, g_slc, g_win = gates

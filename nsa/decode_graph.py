@@ -4,7 +4,7 @@ relaunched by one call, the caches' lengths advanced on the device by the step i
 
 import torch
 
-from nsa.cache import KVCache
+from nsa.cache import STEPPED_CACHES, KVCache
 from nsa.checks import check_int
 
 
@@ -23,8 +23,10 @@ class DecodeGraph:
 
     The step runs `warmup` times before the capture (from the caches' lengths at the time, which
     are restored). Refused (ValueError) when the step cannot be replayed: it waits on the GPU (the
-    torch backend, or anything that reads a tensor back), appends unequal numbers of tokens, or
-    uses a layer with `kv_per_branch`. Before each replay: a row without room for T more tokens,
+    torch backend, a step the decoding kernels turn down, rows taking different numbers of tokens,
+    anything that reads a tensor back), appends unequal numbers of tokens, steps a cache that is not
+    in `caches`, or uses a layer with `kv_per_branch`. A value the step reads on the host (say a
+    position offset from `cache.lengths`) is replayed as captured: pass such values as inputs. Before each replay: a row without room for T more tokens,
     or a cache whose tensors moved (`reorder_` to another batch size), is refused, nothing changed.
     `truncate_` and `reorder_` to as many rows keep the graph valid."""
 
@@ -37,20 +39,23 @@ class DecodeGraph:
         for i, cache in enumerate(caches):
             if not isinstance(cache, KVCache):
                 raise TypeError(f"caches[{i}] must be an nsa.KVCache, got {type(cache).__name__}")
+            if any(other is cache for other in caches[:i]):
+                raise ValueError(f"caches[{i}] is listed twice: give each cache once (a replay advances it once)")
             layer = None if cache.owner is None else cache.owner()
             if layer is not None and layer.kv_per_branch:
                 raise ValueError(f"caches[{i}] belongs to a layer with kv_per_branch=True, whose window slices its "
                                  "keys by each row's length on the host: its step cannot be replayed from a graph")
         device = caches[0].k_cmp.device
         if device.type != "cuda" or any(cache.k_cmp.device != device for cache in caches):
-            raise ValueError(f"a CUDA graph needs every cache on one CUDA device; got "
+            raise ValueError(f"a CUDA graph needs caches on one CUDA device; they are on "
                              f"{sorted({str(cache.k_cmp.device) for cache in caches})}")
         if not inputs:
             raise TypeError("give the step's example inputs (tensors), e.g. DecodeGraph(step, caches, next_token)")
         for i, x in enumerate(inputs):
-            if not isinstance(x, torch.Tensor) or x.device != device:
-                raise ValueError(f"inputs[{i}] must be a tensor on {device}, got "
-                                 f"{x.device if isinstance(x, torch.Tensor) else type(x).__name__}")
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"inputs[{i}] must be a tensor, got {type(x).__name__}")
+            if x.device != device:
+                raise ValueError(f"inputs[{i}] is on {x.device}; the caches are on {device}")
         check_int("warmup", warmup, 1)
         self.step, self.caches = step, list(caches)
         self.inputs = [x.clone() for x in inputs]                 # the graph's inputs: copied into before a replay
@@ -81,19 +86,31 @@ class DecodeGraph:
             cache._device_lengths()                               # copied in place into its tensor
 
     def _run_checked(self) -> None:
-        """One run of the step with any wait on the GPU an error (PyTorch's sync debug mode)."""
-        mode = torch.cuda.get_sync_debug_mode()
+        """One run of the step with any wait on the GPU an error (PyTorch's sync debug mode), and
+        every cache it steps in `caches` (one it is not in: put back as it was, and an error)."""
+        mode, watching = torch.cuda.get_sync_debug_mode(), STEPPED_CACHES.set([])
         torch.cuda.set_sync_debug_mode("error")
         try:
             self.step(*self.inputs)
         except RuntimeError as error:
             if "synchroniz" not in str(error):
                 raise
-            raise ValueError("the step makes the host wait for the GPU, which a CUDA graph cannot replay: "
-                             "decode with a kernel backend (backend='triton', or 'auto' on a GPU that runs "
-                             f"it) and read nothing back inside the step ({error})") from error
+            raise ValueError(
+                f"the step makes the host wait for the GPU ({error}), which a CUDA graph cannot replay. A "
+                "layer's step waits when the decoding kernels do not take it (backend='torch', or more than 128 "
+                "rows of new tokens times the GQA group) or when rows take different numbers of tokens "
+                "(new_tokens); so does anything in the step that reads a tensor back (.item(), .tolist())") from error
         finally:
             torch.cuda.set_sync_debug_mode(mode)
+            stepped = STEPPED_CACHES.get()
+            STEPPED_CACHES.reset(watching)
+            unlisted = [(cache, before) for cache, before in stepped if not any(cache is c for c in self.caches)]
+            for cache, before in reversed(unlisted):          # the earliest lengths last: as they were
+                cache.lengths = before
+                cache._device_lengths()
+        if unlisted:
+            raise ValueError(f"the step appends to {len({id(c) for c, _ in unlisted})} cache(s) not in caches: a replay "
+                             "would advance their lengths on the GPU but not on the host; list every cache the step uses")
 
     def _tokens_taken(self, saved) -> int:
         """The T that one step appended to every row of every cache (one count, or an error)."""

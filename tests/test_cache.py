@@ -617,3 +617,17 @@ def test_triton_cache_writes_take_non_contiguous_caches():
     append_tokens_triton(cache, new, torch.tensor([3, 5]))
     assert torch.equal(buffer[0, 3:5, 1:3], new[0]) and torch.equal(buffer[1, 5:7, 1:3], new[1])
     assert buffer[:, :, 0].abs().sum() == 0 and buffer[:, :, 3].abs().sum() == 0
+
+
+def test_triton_compress_takes_non_contiguous_caches():
+    """Compressed caches that are views into larger buffers are written by the PyTorch function."""
+    from nsa.cache import compress_new_blocks
+    from nsa.kernels.cache import compress_new_blocks_triton
+    torch.manual_seed(10)
+    keys = torch.randn(1, 40, 2, 8)
+    buffers = [torch.zeros(1, 9, 4, 8) for _ in range(2)]
+    views, plain = [b[:, :, 1:3] for b in buffers], torch.zeros(1, 9, 2, 8)      # the views: not contiguous
+    lengths, new = torch.tensor([0]), torch.tensor([40])
+    compress_new_blocks_triton([keys], [views[0]], [None], lengths, new, 40, 8, 4)
+    compress_new_blocks([keys], [plain], [None], lengths, new, 40, 8, 4)
+    assert torch.equal(views[0], plain) and buffers[0][:, :, 0].abs().sum() == 0
