@@ -369,9 +369,6 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     appended to the cache; returns their outputs (B, T, dim) (0 where `new_tokens` leaves a row's
     token out)."""
     counts = check_new_tokens(layer, x, cache, new_tokens)
-    watching = STEPPED_CACHES.get()
-    if watching is not None:                      # a DecodeGraph's warm-up: which caches its step uses
-        watching.append((cache, list(cache.lengths)))
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)
     g_cmp, g_slc, g_win = gates
@@ -383,13 +380,15 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
                                                          g_slc, g_win_fused), dims, config)
     before = list(cache.lengths)
     after = [n + c for n, c in zip(before, counts)]
-    # -- the (row, token) pairs kept, on the device: from device lengths when every row takes all T
-    #    (a tensor made from a Python list is a blocking copy: the host waits for the GPU's queue) --
+    if STEPPED_CACHES.get() is not None:          # a DecodeGraph's warm-up: which caches its step uses
+        STEPPED_CACHES.get().append((cache, before))
+    # -- append each row's new keys and values (every branch), then compress what they complete; when
+    #    every row takes all T, from the device lengths alone (a tensor made from a Python list is a
+    #    blocking copy: the host waits for the GPU's queue) --
     B, T = x.shape[:2]
     old = cache._device_lengths()
     uniform = all(c == T for c in counts)
     append, compress = cache_writers(decoder)
-    # -- append each row's new keys and values (every branch), then compress what they complete --
     if uniform:                                       # every row all T: the new keys as they are
         new = old + T
         for branch in cache.keys:
