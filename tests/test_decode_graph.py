@@ -167,3 +167,22 @@ def test_steps_on_the_gpu_equal_the_whole_sequence(kwargs):
         graph = nsa.DecodeGraph(step_of(layer, cache), cache, x[:, 30:33])
         outputs += [graph(x[:, i:i + 3]).clone() for i in range(30, 60, 3)]
     torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_warm_up_refuses_and_puts_back_a_cache_not_listed(monkeypatch):
+    """DecodeGraph's warm-up bookkeeping, run on the CPU without a capture: a step that appends to a
+    cache missing from `caches` is refused, and that cache's lengths, host and device, are put back;
+    the listed cache advanced (the constructor restores it)."""
+    layer, cache = layer_and_cache()
+    other = layer.new_cache(2, 48)
+    with torch.no_grad():
+        layer(torch.randn(2, 9, 32), cache=other)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)      # (CUDA's, absent on the CPU)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    graph = object.__new__(nsa.DecodeGraph)
+    graph.step = lambda y: (layer(y, cache=cache), layer(y, cache=other), layer(y, cache=other))
+    graph.caches, graph.inputs = [cache], [torch.randn(2, 1, 32)]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"appends to 1 cache\(s\) not in caches"):
+        graph._run_checked()
+    assert other.lengths == [9, 9] and other._device_lengths().tolist() == [9, 9]
+    assert cache.lengths == [22, 18]
