@@ -24,11 +24,20 @@ class DecodeGraph:
     The step runs `warmup` times before the capture (from the caches' lengths at the time, which
     are restored). Refused (ValueError) when the step cannot be replayed: it waits on the GPU (the
     torch backend, a step the decoding kernels turn down, rows taking different numbers of tokens,
-    anything that reads a tensor back), appends unequal numbers of tokens, steps a cache that is not
-    in `caches`, or uses a layer with `kv_per_branch`. A value the step reads on the host (say a
-    position offset from `cache.lengths`) is replayed as captured: pass such values as inputs. Before each replay: a row without room for T more tokens,
-    or a cache whose tensors moved (`reorder_` to another batch size), is refused, nothing changed.
-    `truncate_` and `reorder_` to as many rows keep the graph valid."""
+    anything that reads a tensor back), appends unequal numbers of tokens, steps a cache that is
+    not in `caches`, or uses a layer with `kv_per_branch`. A value the step reads on the host (say
+    a position offset from `cache.lengths`) is replayed as captured: pass such values as inputs.
+    Before each replay, a row without room for T more tokens, or a cache whose tensors moved
+    (`reorder_` to another batch size), is refused, nothing changed. `truncate_` and `reorder_` to
+    as many rows keep the graph valid.
+
+        caches = [block.attn.new_cache(batch, max_len) for block in model.blocks]
+        logits = model(prompt, caches)                    # prefill, eagerly
+        token = logits[:, -1:].argmax(-1)
+        graph = nsa.DecodeGraph(lambda t: model(t, caches), caches, token)
+        for _ in range(steps):
+            token = graph(token)[:, -1:].argmax(-1)       # one replay per token
+    """
 
     def __init__(self, step, caches, *inputs, warmup: int = 2):
         if not callable(step):
