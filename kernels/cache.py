@@ -14,14 +14,24 @@ from nsa.kernels.decode import sparse_attention_decode_triton
 
 
 @triton.jit
-def append_tokens_kernel(NEW, CACHE, LENGTHS, T, capacity, ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (b, t): row b's new token t, its ROW = H * D values, into CACHE[b, LENGTHS[b] + t]."""
-    b, t = tl.program_id(0), tl.program_id(1)
-    source = (b * T + t).to(tl.int64) * ROW
-    target = (b.to(tl.int64) * capacity + tl.load(LENGTHS + b) + t) * ROW
+def copy_row(SOURCE, TARGET, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """TARGET[:ROW] = SOURCE[:ROW], BLOCK values at a time."""
     for start in range(0, ROW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        tl.store(CACHE + target + offs, tl.load(NEW + source + offs, mask=offs < ROW), mask=offs < ROW)
+        tl.store(TARGET + offs, tl.load(SOURCE + offs, mask=offs < ROW), mask=offs < ROW)
+
+
+@triton.jit
+def append_tokens_kernel(NEW_A, CACHE_A, NEW_B, CACHE_B, LENGTHS, T, capacity, ROW_A: tl.constexpr,
+                         ROW_B: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr):
+    """Program (b, t): row b's new token t into CACHE_A[b, LENGTHS[b] + t] (its ROW_A = H * D values)
+    and, with PAIR, the same token of the second cache (the values, say) into CACHE_B."""
+    b, t = tl.program_id(0), tl.program_id(1)
+    token = (b * T + t).to(tl.int64)
+    slot = b.to(tl.int64) * capacity + tl.load(LENGTHS + b) + t
+    copy_row(NEW_A + token * ROW_A, CACHE_A + slot * ROW_A, ROW_A, BLOCK)
+    if PAIR:
+        copy_row(NEW_B + token * ROW_B, CACHE_B + slot * ROW_B, ROW_B, BLOCK)
 
 
 @triton.jit
@@ -32,50 +42,77 @@ def complete_blocks(LENGTHS, b, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def gather_blocks_kernel(CACHE, BLOCKS, NEW_LENGTHS, capacity, K, HEADS: tl.constexpr, DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr):
-    """Program (b, k, h): row b's candidate k — the K blocks ending at its last complete one, from
-    block 0 while it has fewer — for kv head h: its BLOCK_SIZE keys into BLOCKS[b, k, h], a
-    (BLOCK_SIZE, DIM) tile of the (B, K, H, l, D) blocks."""
-    b, k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    block = tl.maximum(complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE) - K, 0) + k
-    token = tl.minimum(block * STRIDE + tl.arange(0, BLOCK_SIZE), capacity - 1)   # an incomplete one: not written
+def copy_tile(SOURCE, source_rows, TARGET, target_rows, DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """TARGET[target_rows] = SOURCE[source_rows], rows of DIM values (row-major tensors); a row
+    index < 0: a row of zeros read, or nothing written."""
     offs_d = tl.arange(0, BLOCK_D)
-    tile = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, token >= 0, offs_d, DIM)
-    rows = ((b * K + k).to(tl.int64) * HEADS + h) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    store_rows(BLOCKS, tile, rows, rows >= 0, offs_d, DIM)
+    tile = load_rows(SOURCE, source_rows, source_rows >= 0, offs_d, DIM)
+    store_rows(TARGET, tile, target_rows, target_rows >= 0, offs_d, DIM)
 
 
 @triton.jit
-def write_blocks_kernel(SUMMARY, CMP, OLD_LENGTHS, NEW_LENGTHS, num_rows, mem_kv_len, K, HEADS: tl.constexpr,
-                        BLOCK_H: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                        STRIDE: tl.constexpr):
-    """Program (b, k): candidate k's summaries SUMMARY[b, k] ((H, D)) into CMP[b, mem_kv_len + block]
-    if this step completed the block (it lies in [Nc(old), Nc(new))); nothing otherwise."""
+def gather_blocks_kernel(CACHE_A, BLOCKS_A, CACHE_B, BLOCKS_B, NEW_LENGTHS, capacity, K, HEADS: tl.constexpr,
+                         DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr, DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr):
+    """Program (b, k, h): row b's candidate k — the K blocks ending at its last complete one, from
+    block 0 while it has fewer — for kv head h: its BLOCK_SIZE keys into BLOCKS_A[b, k, h], a
+    (BLOCK_SIZE, DIM_A) tile of the (B, K, H, l, D) blocks; with PAIR, the same of CACHE_B."""
+    b, k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    block = tl.maximum(complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE) - K, 0) + k
+    token = tl.minimum(block * STRIDE + tl.arange(0, BLOCK_SIZE), capacity - 1)   # an incomplete one: not written
+    source = (b.to(tl.int64) * capacity + token) * HEADS + h
+    target = ((b * K + k).to(tl.int64) * HEADS + h) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    copy_tile(CACHE_A, source, BLOCKS_A, target, DIM_A, BLOCK_DA)
+    if PAIR:
+        copy_tile(CACHE_B, source, BLOCKS_B, target, DIM_B, BLOCK_DB)
+
+
+@triton.jit
+def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LENGTHS, num_rows, mem_kv_len, K,
+                        HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr,
+                        DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr,
+                        PAIR: tl.constexpr):
+    """Program (b, k): candidate k's summaries SUMMARY_A[b, k] ((H, D)) into CMP_A[b, mem_kv_len + block]
+    if this step completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with
+    PAIR, the same of SUMMARY_B into CMP_B."""
     b, k = tl.program_id(0), tl.program_id(1)
     last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
     block = tl.maximum(last - K, 0) + k
     done = (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
     h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    summary = load_rows(SUMMARY, (b * K + k).to(tl.int64) * HEADS + h, h < HEADS, offs_d, DIM)
-    store_rows(CMP, summary, (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h, (h < HEADS) & done,
-               offs_d, DIM)
+    source = tl.where(h < HEADS, (b * K + k).to(tl.int64) * HEADS + h, -1)
+    target = tl.where((h < HEADS) & done, (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h, -1)
+    copy_tile(SUMMARY_A, source, CMP_A, target, DIM_A, BLOCK_DA)
+    if PAIR:
+        copy_tile(SUMMARY_B, source, CMP_B, target, DIM_B, BLOCK_DB)
 
 
-def append_tokens_triton(cache, new, lengths) -> None:
-    """`append_tokens` in one launch (a cache that is not contiguous: `append_tokens` itself)."""
-    if not cache.is_contiguous():
-        return append_tokens(cache, new, lengths)
-    B, T, H, D = new.shape
-    append_tokens_kernel[(B, T)](new.contiguous(), cache, lengths, T, cache.shape[1], ROW=H * D,
-                                 BLOCK=min(triton.next_power_of_2(H * D), 4096))
+def in_pairs(*lists):
+    """Zip lists and take the tuples two at a time — the keys' and the values', say: a launch for
+    each two. Each pair as a list of one or two tuples (the last alone when there is an odd number)."""
+    items = list(zip(*lists))
+    return [items[i:i + 2] for i in range(0, len(items), 2)]
+
+
+def append_tokens_triton(caches, news, lengths) -> None:
+    """`append_tokens` in a launch for each two caches (caches that are not contiguous:
+    `append_tokens` itself)."""
+    if not all(x.is_contiguous() for x in caches):
+        return append_tokens(caches, news, lengths)
+    for pair in in_pairs(caches, news):
+        (cache_a, new_a), (cache_b, new_b) = pair[0], pair[-1]     # no second: the first again, unread
+        B, T, H = new_a.shape[:3]
+        append_tokens_kernel[(B, T)](new_a.contiguous(), cache_a, new_b.contiguous(), cache_b, lengths, T,
+                                     cache_a.shape[1], ROW_A=H * new_a.shape[3], ROW_B=H * new_b.shape[3],
+                                     BLOCK=min(triton.next_power_of_2(H * max(new_a.shape[3], new_b.shape[3])), 4096),
+                                     PAIR=len(pair) == 2)
 
 
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                                stride: int, mem_kv_len: int = 0) -> None:
     """`compress_new_blocks` with the gather and the write in Triton, phi in PyTorch: two launches
-    per cache besides phi's (caches that are not contiguous: `compress_new_blocks` itself)."""
+    for each two caches besides phi's (caches that are not contiguous: `compress_new_blocks`
+    itself)."""
     if not all(x.is_contiguous() for x in (*caches, *cmp_caches)):
         return compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new, block_size, stride,
                                    mem_kv_len)
@@ -83,17 +120,19 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
     candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
-    for cache, cmp_cache, phi in zip(caches, cmp_caches, phis):
-        D = cache.shape[3]
-        blocks = cache.new_empty(B, candidates, H, block_size, D)
-        gather_blocks_kernel[(B, candidates, H)](cache, blocks, new_lengths, capacity, candidates, HEADS=H, DIM=D,
-                                                 BLOCK_D=head_dim_block(D), BLOCK_SIZE=block_size, STRIDE=stride)
-        summary = pool_blocks(blocks, phi).to(cmp_cache.dtype).contiguous()           # (B, K, H, D_out)
-        D_out = summary.shape[3]
-        write_blocks_kernel[(B, candidates)](summary, cmp_cache, old_lengths, new_lengths, cmp_cache.shape[1],
-                                             mem_kv_len, candidates, HEADS=H, BLOCK_H=triton.next_power_of_2(H),
-                                             DIM=D_out, BLOCK_D=head_dim_block(D_out), BLOCK_SIZE=block_size,
-                                             STRIDE=stride)
+    for pair in in_pairs(caches, cmp_caches, phis):
+        (cache_a, cmp_a, _), (cache_b, cmp_b, _) = pair[0], pair[-1]   # no second: the first again, unread
+        blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, _, _ in pair]
+        gather_blocks_kernel[(B, candidates, H)](
+            cache_a, blocks[0], cache_b, blocks[-1], new_lengths, capacity, candidates, HEADS=H,
+            DIM_A=cache_a.shape[3], BLOCK_DA=head_dim_block(cache_a.shape[3]), DIM_B=cache_b.shape[3],
+            BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
+        summary = [pool_blocks(x, phi).to(cmp.dtype).contiguous() for (_, cmp, phi), x in zip(pair, blocks)]
+        write_blocks_kernel[(B, candidates)](
+            summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,
+            HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=summary[0].shape[3],
+            BLOCK_DA=head_dim_block(summary[0].shape[3]), DIM_B=summary[-1].shape[3],
+            BLOCK_DB=head_dim_block(summary[-1].shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
 
 
 CACHE_WRITERS[sparse_attention_decode_triton] = (append_tokens_triton, compress_new_blocks_triton)

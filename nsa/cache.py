@@ -126,11 +126,15 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
     return dims, scale, seqlens
 
 
-def append_tokens(cache, new, lengths) -> None:
-    """Write row b's new tokens new[b, t] ((B, T, H, D)) at cache[b, lengths[b] + t], in place;
-    lengths: a (B,) integer tensor on the cache's device."""
-    B, T = new.shape[:2]
-    cache[torch.arange(B, device=cache.device)[:, None], lengths[:, None] + torch.arange(T, device=cache.device)] = new
+def append_tokens(caches, news, lengths) -> None:
+    """For each cache and its new tokens (the keys and the values, say), write row b's new tokens
+    new[b, t] ((B, T, H, D)) at cache[b, lengths[b] + t], in place; lengths: a (B,) integer
+    tensor on the caches' device."""
+    B, T = news[0].shape[:2]
+    device = caches[0].device
+    at = (torch.arange(B, device=device)[:, None], lengths[:, None] + torch.arange(T, device=device))
+    for cache, new in zip(caches, news):
+        cache[at] = new
 
 
 CACHE_WRITERS: dict = {}      # a decoder -> its own (append_tokens, compress_new_blocks), e.g. in Triton
@@ -175,8 +179,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
         append, compress = cache_writers(decoder)
-        append(k_cache, k, seqlens)
-        append(v_cache, v, seqlens)
+        append([k_cache, v_cache], [k, v], seqlens)
         compress([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, seqlens + T, T, l, d,
                  mem_kv_len)
     return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
@@ -265,7 +268,7 @@ class KVCache:
         return cache
 
     def _device_lengths(self) -> torch.Tensor:
-        """`lengths` as a (B,) int64 tensor on the cache's device: one tensor for as long as the
+        """`lengths` as a (B,) int32 tensor on the cache's device: one tensor for as long as the
         batch size stays, its values changed in place (a CUDA graph of a step reads it where it was
         captured). A step advances it on the device, so the next step copies nothing from the
         host; the list is copied into it only when it changed since (truncate_, reorder_, an
@@ -274,9 +277,9 @@ class KVCache:
             self._on_device = None                                   # a new batch size: a new tensor
         if self._on_device is None:
             self._on_device = (list(self.lengths),
-                               torch.tensor(self.lengths, dtype=torch.long, device=self.k_cmp.device))
+                               torch.tensor(self.lengths, dtype=torch.int32, device=self.k_cmp.device))
         elif self._on_device[0] != self.lengths:
-            self._on_device[1].copy_(torch.tensor(self.lengths, dtype=torch.long))
+            self._on_device[1].copy_(torch.tensor(self.lengths, dtype=torch.int32))
             self._on_device = (list(self.lengths), self._on_device[1])
         return self._on_device[1]
 
@@ -391,13 +394,12 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     append, compress = cache_writers(decoder)
     if uniform:                                       # every row all T: the new keys as they are
         new = old + T
-        for branch in cache.keys:
-            append(cache.keys[branch], keys[branch], old)
-            append(cache.values[branch], values[branch], old)
+        append([x for branch in cache.keys for x in (cache.keys[branch], cache.values[branch])],
+               [x for branch in cache.keys for x in (keys[branch], values[branch])], old)
     else:                                             # the (row, token) pairs kept
         pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]
         row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))
-        position, new = old[row] + token, old + torch.tensor(counts, device=x.device)
+        position, new = old[row] + token, old + torch.tensor(counts, dtype=torch.int32, device=x.device)
         for branch in cache.keys:
             cache.keys[branch][row, position] = keys[branch][row, token]
             cache.values[branch][row, position] = values[branch][row, token]
@@ -412,7 +414,7 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
         c = counts[rows[0]]
         at = slice(None) if len(rows) == len(counts) else torch.tensor(rows, device=x.device)  # no copy
         k_slc, v_slc = cache.keys[layer.branch("slc")][at], cache.values[layer.branch("slc")][at]
-        seqlens = old[at].to(torch.int32)
+        seqlens = old[at]                             # int32, as the kernels read it
         out = attend_cached(           # checked above, for every row and all T tokens: c <= T fits too
             decoder, queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], seqlens, g_cmp[at, :c],
             g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config, layer.scale, mem,

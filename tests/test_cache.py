@@ -583,25 +583,25 @@ def test_a_step_appending_to_every_row_makes_no_tensor_from_host_lists(monkeypat
 def test_triton_cache_writes_equal_pytorch_ones(mlp):
     """The decoding kernels' own cache writes (Triton's interpreter on the CPU) against the
     PyTorch ones: appends at each row's length, compressed blocks after steps that complete none,
-    one or several, rows of different lengths, memory rows, Dqk != Dv, int32 lengths."""
+    one or several, rows of different lengths, memory rows, Dqk != Dv, int32 lengths; three caches
+    (the kernels take two at a time: the third alone)."""
     from nsa.cache import append_tokens, compress_new_blocks
     from nsa.kernels.cache import append_tokens_triton, compress_new_blocks_triton
     torch.manual_seed(9)
-    B, N, H, (Dk, Dv), l, d, mem = 2, 70, 3, (16, 8), 16, 4, 1
-    caches = [torch.randn(B, N, H, Dk), torch.randn(B, N, H, Dv)]
-    cmp_caches = [torch.full((B, mem + num_compressed_blocks(N, l, d), H, D), float("nan")) for D in (Dk, Dv)]
-    phis = [CompressionMLP(Dk, l), CompressionMLP(Dv, l)] if mlp else [None, None]
+    B, N, H, dims, l, d, mem = 2, 70, 3, (16, 8, 32), 16, 4, 1
+    caches = [torch.randn(B, N, H, D) for D in dims]
+    cmp_caches = [torch.full((B, mem + num_compressed_blocks(N, l, d), H, D), float("nan")) for D in dims]
+    phis = [CompressionMLP(D, l) if mlp else None for D in dims]
     mine = [x.clone() for x in caches], [x.clone() for x in cmp_caches]
     lengths = torch.tensor([3, 0], dtype=torch.int32)
     for counts in ([1, 1], [13, 2], [0, 17], [5, 30]):
         new = lengths + torch.tensor(counts, dtype=torch.int32)
-        tokens = [torch.randn(B, max(counts), H, D) for D in (Dk, Dv)]
+        tokens = [torch.randn(B, max(counts), H, D) for D in dims]
         with torch.no_grad():
             for writes, (kv, cmp) in (((append_tokens, compress_new_blocks), (caches, cmp_caches)),
                                       ((append_tokens_triton, compress_new_blocks_triton), mine)):
                 if min(counts) == max(counts):            # appends: every row the same count
-                    for cache, token in zip(kv, tokens):
-                        writes[0](cache, token, lengths)
+                    writes[0](kv, tokens, lengths)
                 writes[1](kv, cmp, phis, lengths, new, max(counts), l, d, mem)
         for got, expected in zip([*mine[0], *mine[1]], [*caches, *cmp_caches]):
             torch.testing.assert_close(got, expected, equal_nan=True)
@@ -614,7 +614,7 @@ def test_triton_cache_writes_take_non_contiguous_caches():
     buffer = torch.zeros(2, 10, 4, 8)
     cache = buffer[:, :, 1:3]                              # not contiguous
     new = torch.randn(2, 2, 2, 8)
-    append_tokens_triton(cache, new, torch.tensor([3, 5]))
+    append_tokens_triton([cache], [new], torch.tensor([3, 5]))
     assert torch.equal(buffer[0, 3:5, 1:3], new[0]) and torch.equal(buffer[1, 5:7, 1:3], new[1])
     assert buffer[:, :, 0].abs().sum() == 0 and buffer[:, :, 3].abs().sum() == 0
 
