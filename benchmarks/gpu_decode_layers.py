@@ -1,7 +1,7 @@
 """A stack of `SparseAttention` layers decoding with their caches, eagerly, as a model serves (GPU).
 
     python benchmarks/gpu_decode_layers.py [--layers 8] [--contexts 16k,64k] [--heads 64/4,32/8]
-        [--batch 1] [--steps 32] [--out DIR] [--build LABEL] [--dense]
+        [--batch 1] [--steps 32] [--out DIR] [--build LABEL] [--dense] [--kv-per-branch]
 
 For each context and head shape: `--layers` layers (bf16, model width 2048, heads of 128, the
 paper's geometry, the "auto" backend) each get a cache, are prefilled to the context, then take
@@ -19,7 +19,8 @@ the GPU and their device time: a replay costs at least that, plus a launch gap p
 Equal first two numbers and waits > 0 mean the host cannot run ahead; the gap between them is
 what a step without waits gains. `--dense` times, after each NSA stack, a dense stack of the
 same projections over a KV cache of exactly the context (`DenseDecodeLayer`: SDPA with GQA, the
-cost of a dense decoding kernel). Rows go to DIR/decode_layers_<gpu>.csv under `--build`
+cost of a dense decoding kernel). `--kv-per-branch`: layers whose window has keys and values of
+its own (label such rows with `--build`). Rows go to DIR/decode_layers_<gpu>.csv under `--build`
 (default: "this build"; the dense rows under "dense baseline"), replacing only rows of the same
 build, context, batch and heads.
 `--tiny` runs small sizes on the CPU (Triton's interpreter): a check of the script only.
@@ -76,11 +77,12 @@ class DenseDecodeLayer(torch.nn.Module):
         return self.to_out(o.transpose(1, 2).reshape(B, 1, -1))
 
 
-def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=False):
+def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=False, kv_per_branch=False):
     """(ms per token, ms per token synchronised after every layer, host waits per step, ms per
     token replayed from a CUDA graph, whether replays equal eager steps, kernels per step, their
     device ms); the graph's two None without a GPU or without `nsa.DecodeGraph`, the kernels'
-    two None without a GPU. dense: the dense baseline's stack (`DenseDecodeLayer`) instead."""
+    two None without a GPU. dense: the dense baseline's stack (`DenseDecodeLayer`) instead;
+    kv_per_branch: the layers' option of that name."""
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     width, dim_head = (64, 16) if tiny else (2048, 128)
@@ -93,8 +95,9 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=F
                  for _ in range(layers)]
         caches = []
     else:
-        stack = [nsa.SparseAttention(width, heads=heads_q, kv_heads=heads_kv, dim_head=dim_head, **geometry)
-                 .to(device, dtype).eval() for _ in range(layers)]
+        stack = [nsa.SparseAttention(width, heads=heads_q, kv_heads=heads_kv, dim_head=dim_head,
+                                     kv_per_branch=kv_per_branch, **geometry).to(device, dtype).eval()
+                 for _ in range(layers)]
         caches = [layer.new_cache(batch, context + 3 * steps + 8) for layer in stack]
 
     def step(x, synced=False):
@@ -179,6 +182,8 @@ def main() -> int:
     parser.add_argument("--build", default="this build", help="the label of this run's rows")
     parser.add_argument("--dense", action="store_true",
                         help="also the dense baseline's stack (rows under build 'dense baseline')")
+    parser.add_argument("--kv-per-branch", action="store_true",
+                        help="layers with kv_per_branch=True (the window's own keys and values)")
     parser.add_argument("--tiny", action="store_true", help="small sizes on the CPU: a check of the script")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
@@ -191,7 +196,7 @@ def main() -> int:
     stacks = (False, True) if args.dense else (False,)                # NSA, then the dense baseline
     for context, (heads_q, heads_kv), dense in itertools.product(contexts, heads, stacks):
         eager, synced, waits, graph_ms, equal, kernels, kernel_ms = decode_stack(
-            context, args.batch, heads_q, heads_kv, layers, steps, args.tiny, dense)
+            context, args.batch, heads_q, heads_kv, layers, steps, args.tiny, dense, args.kv_per_branch)
         build = "dense baseline" if dense else args.build
         rows.append({"build": build, "context": context, "batch": args.batch, "heads": f"{heads_q}/{heads_kv}",
                      "layers": layers, "ms_per_token": f"{eager:.3f}", "ms_per_token_synced": f"{synced:.3f}",

@@ -216,6 +216,7 @@ def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SP
 @triton.jit
 def decode_sparse_kernel(
     Q, K, V,              # (B, T, Hq, Dqk); (B, max_seq_len, H, Dqk), (B, max_seq_len, H, Dv)
+    K_WIN, V_WIN,         # the window's keys and values, laid out as K and V (K and V themselves unless kv_per_branch)
     SEQLENS, TOPS,        # (B,) int32; stage 2's lists (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64
     ACC, M, L,            # out partials, selected then window: (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
     T, capacity, scale_log2,    # new tokens; max_seq_len (the caches' rows); scale * log2(e)
@@ -276,8 +277,8 @@ def decode_sparse_kernel(
         for start_n in range(start, end, BLOCK_N):
             key = start_n + offs_n
             seen = key < end
-            k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
-            v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
+            k = load_rows(K_WIN, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
+            v = load_rows(V_WIN, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
             s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
             acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
         win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
@@ -360,10 +361,11 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
-                                   g_win, config, scale, mem_kv_len):
+                                   g_win, config, scale, mem_kv_len, window_caches=None):
     """The "triton" decoder of `sparse_attention_with_kvcache`: its arguments, checked there, with
-    the new tokens already in the caches and cache_seqlens a (B,) integer tensor on q's device.
-    Returns o: (B, T, Hq, Dv) in q's dtype."""
+    the new tokens already in the caches and cache_seqlens a (B,) integer tensor on q's device;
+    window_caches: the window's own (k_win_cache, v_win_cache), or None (it reads k_cache,
+    v_cache). Returns o: (B, T, Hq, Dv) in q's dtype."""
     B, T, Hq, Dqk = q.shape
     capacity, H, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     R, G = k_cmp_cache.shape[1], Hq // H
@@ -386,6 +388,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     g_win = g_slc if g_win is None else g_win
     q, k_cache, v_cache, k_cmp_cache, v_cmp_cache = (x.contiguous() for x in (q, k_cache, v_cache, k_cmp_cache,
                                                                              v_cmp_cache))
+    k_win, v_win = (k_cache, v_cache) if window_caches is None else (x.contiguous() for x in window_caches)
     if not g_cmp.stride() == g_slc.stride() == g_win.stride():       # the gates read in one layout, copied
         g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))  # only when theirs differ
     seqlens = cache_seqlens.to(torch.int32)
@@ -413,7 +416,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
     decode_sparse_kernel[(B, H, 2 * T * splits)](                 # the selected blocks' programs, then the window's
-        q, k_cache, v_cache, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
+        q, k_cache, v_cache, k_win, v_win, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
         BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
         TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel))

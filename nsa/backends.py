@@ -133,9 +133,11 @@ _decoders: dict[str, Backend] = {}
 
 def register_decoder(name: str, forward: Callable, unsupported: Callable) -> Backend:
     """Make `forward` the decoding kernel of `backend=name`: forward(q, k_cache, v_cache,
-    k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, config, scale, mem_kv_len) -> o (g_win
-    None: no window branch), for the steps that unsupported((q, k_cache, v_cache, k_cmp_cache,
-    v_cmp_cache), dims, config) accepts (returns None)."""
+    k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, config, scale, mem_kv_len,
+    window_caches=None) -> o (g_win None: no window branch; window_caches: the window's own
+    (k_win_cache, v_win_cache), None: it reads k_cache, v_cache), for the steps that
+    unsupported((q, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, config) accepts (returns
+    None)."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
     _decoders[name] = Backend(name, forward, unsupported)

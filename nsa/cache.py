@@ -87,7 +87,7 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
 
 
 def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, k, v,
-                     config, scale, mem_kv_len):
+                     config, scale, mem_kv_len, k_win_cache=None, v_win_cache=None, k_win=None, v_win=None):
     """The arguments of `sparse_attention_with_kvcache`: (dims of q against the cache, the
     scale as a float, cache_seqlens as a tensor on the cache's device)."""
     dims = check_keys(q, k_cache, v_cache, "k_cache", "v_cache", rows="max_seq_len")
@@ -118,12 +118,40 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
                                  "the new tokens' keys or values")
     if (k is None) != (v is None):
         raise ValueError("pass the new tokens' k and v together, or neither (already in the cache)")
-    if k is not None and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-        raise ValueError("k and v require grad: writing them into the caches would put the caches in autograd's "
+    check_window_caches(k_cache, v_cache, k_win_cache, v_win_cache, k, v, k_win, v_win, g_win)
+    if k is not None and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (k, v, k_win, v_win)):
+        raise ValueError("the new keys or values require grad: writing them into the caches would put the caches in autograd's "
                          "graph, which every later step writes in place; decode under torch.no_grad() or "
                          "torch.inference_mode()")
     seqlens = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
     return dims, scale, seqlens
+
+
+def check_window_caches(k_cache, v_cache, k_win_cache, v_win_cache, k, v, k_win, v_win, g_win) -> None:
+    """The window's own caches (a `kv_per_branch` layer's), laid out as k_cache and v_cache, and
+    the new tokens' window keys and values, laid out as k and v: both or neither of each pair,
+    and k_win, v_win exactly when the window caches and k, v are given."""
+    if (k_win_cache is None) != (v_win_cache is None):
+        raise ValueError("pass k_win_cache and v_win_cache together (the window's own keys and values), or neither")
+    if k_win_cache is None:
+        if k_win is not None or v_win is not None:
+            raise ValueError("k_win, v_win are the new tokens' window keys and values: pass them with k_win_cache "
+                             "and v_win_cache, or not at all")
+        return
+    if g_win is None:
+        raise ValueError("k_win_cache, v_win_cache hold the window branch's keys, but g_win is None (no window "
+                         "branch): pass g_win, or no window caches")
+    for name, x, like, like_name in (("k_win_cache", k_win_cache, k_cache, "k_cache"),
+                                     ("v_win_cache", v_win_cache, v_cache, "v_cache"),
+                                     ("k_win", k_win, k, "k"), ("v_win", v_win, v, "v")):
+        if (x is None) != (like is None):
+            raise ValueError("with window caches, pass the new tokens' k, v, k_win and v_win together, or none "
+                             "of them (the caches already hold the new tokens)")
+        if x is not None:
+            check_tensor(name, x, 4, f"laid out as {like_name}, {tuple(like.shape)}")
+            check_like(name, x, like)
+            if x.shape != like.shape:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {like_name}'s, {tuple(like.shape)}")
 
 
 def append_tokens(caches, news, lengths) -> None:
@@ -148,7 +176,8 @@ def cache_writers(decoder):
 
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
                                   g_win, config=NSAConfig(), scale=None, *, k=None, v=None, phi_k=None,
-                                  phi_v=None, mem_kv_len=0, backend="auto"):
+                                  phi_v=None, mem_kv_len=0, backend="auto", k_win_cache=None, v_win_cache=None,
+                                  k_win=None, v_win=None):
     """NSA for T new tokens per row over a KV cache (in the spirit of `flash_attn_with_kvcache`).
 
     q: (B, T, Hq, Dqk), the new tokens' queries; row b's sit at positions cache_seqlens[b] ..
@@ -159,7 +188,10 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     would wait for the GPU). k, v: (B, T, H, D), the new tokens' keys and values: written into the
     caches, and the compressed blocks they complete computed with phi_k, phi_v (as
     `nsa.compress`; None = mean) into the compressed caches. Without them the caches must already
-    hold the new tokens and their blocks. g_*: (B, T, Hq) gates; config (causal), scale, backend
+    hold the new tokens and their blocks. k_win_cache, v_win_cache: the window branch's own keys
+    and values (a model with `kv_per_branch`), laid out as k_cache and v_cache; k_win, v_win: the
+    new tokens' window keys and values, written with k and v. Without them the window reads
+    k_cache and v_cache. g_*: (B, T, Hq) gates; config (causal), scale, backend
     as `native_sparse_attention`: "triton" and "auto" on a GPU use the decoding kernels when the
     step fits them (T and the group, each padded to a power of two, at most 128 rows together),
     with no host synchronisation; they read contiguous
@@ -171,7 +203,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     their k, v are passed; otherwise by the caller, as for any step).
     """
     dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
-                                            g_slc, g_win, k, v, config, scale, mem_kv_len)
+                                            g_slc, g_win, k, v, config, scale, mem_kv_len, k_win_cache, v_win_cache,
+                                            k_win, v_win)
     check_phi("phi_k", phi_k)
     check_phi("phi_v", phi_v)
     decoder = select_step(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
@@ -179,22 +212,27 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
         append, compress = cache_writers(decoder)
-        append([k_cache, v_cache], [k, v], seqlens)
+        caches, news = [k_cache, v_cache], [k, v]
+        if k_win_cache is not None:                       # the window's own keys and values too
+            caches, news = caches + [k_win_cache, v_win_cache], news + [k_win, v_win]
+        append(caches, news, seqlens)
         compress([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, seqlens + T, T, l, d,
                  mem_kv_len)
     return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
-                         config, scale, mem_kv_len, backend)
+                         config, scale, mem_kv_len, backend,
+                         None if k_win_cache is None else (k_win_cache, v_win_cache))
 
 
 def attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config,
-                  scale, mem_kv_len, backend):
+                  scale, mem_kv_len, backend, window_caches=None):
     """The attention of a step whose arguments are checked and whose tokens are in the caches:
     `decoder` from `select_step` (None: `native_sparse_attention` over each row's cached keys),
-    seqlens the (B,) integer tensor of tokens before the step. The layer calls it directly, having
-    checked its own step once."""
+    seqlens the (B,) integer tensor of tokens before the step, window_caches the window's own
+    (k_win_cache, v_win_cache) or None. The layer calls it directly, having checked its own step
+    once."""
     if decoder is not None:                               # -- the decoding kernels --
         return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config, scale,
-                       mem_kv_len)
+                       mem_kv_len, window_caches=window_caches)
     B, T, Hq, _ = q.shape
     l, d = config.compress_block_size, config.compress_stride
     o = q.new_empty(B, T, Hq, v_cache.shape[-1])
@@ -203,10 +241,15 @@ def attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlen
         rows = [b for b, n in enumerate(new_lengths) if n == length]
         at = torch.tensor(rows, device=q.device) if len(rows) < B else slice(None)
         visible = mem_kv_len + num_compressed_blocks(length, l, d)
+        fused_window = None if g_win is None or window_caches is not None else g_win[at]
         o[at] = native_sparse_attention(
             q[at], k_cache[at, :length], v_cache[at, :length], k_cmp_cache[at, :visible],
-            v_cmp_cache[at, :visible], g_cmp[at], g_slc[at], None if g_win is None else g_win[at], config, scale,
-            backend, mem_kv_len=mem_kv_len)
+            v_cmp_cache[at, :visible], g_cmp[at], g_slc[at], fused_window, config, scale, backend,
+            mem_kv_len=mem_kv_len)
+        if window_caches is not None:                     # the window on its own keys, gated in as the layer does
+            o_win = window_branch(q[at], window_caches[0][at, :length], window_caches[1][at, :length], config,
+                                  scale, backend)
+            o[at] = o[at] + (g_win[at][..., None] * o_win).to(o.dtype)
     return o
 
 
@@ -375,12 +418,12 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)
     g_cmp, g_slc, g_win = gates
-    g_win_fused = None if layer.kv_per_branch else g_win     # kv_per_branch: the window on its own keys, below
+    window = (cache.keys["win"], cache.values["win"]) if layer.kv_per_branch else None   # the window's own keys
     # -- the backend's check of the step, before the cache changes --
     k_slc, v_slc = cache.keys[layer.branch("slc")], cache.values[layer.branch("slc")]
     dims = check_keys(queries, k_slc, v_slc, "k_cache", "v_cache", rows="max_seq_len")
     decoder = select_step(check_backend(layer.backend), (queries, k_slc, v_slc, cache.k_cmp, cache.v_cmp, g_cmp,
-                                                         g_slc, g_win_fused), dims, config)
+                                                         g_slc, g_win), dims, config)
     before = list(cache.lengths)
     after = [n + c for n, c in zip(before, counts)]
     if STEPPED_CACHES.get() is not None:          # a DecodeGraph's warm-up: which caches its step uses
@@ -408,7 +451,6 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
              max(counts), l, d, mem)
     # -- attend: rows taking all T tokens together (the whole batch: its output as it is), the others one by one --
     o = None if uniform else queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
-    o_win = queries.new_zeros(*queries.shape[:3], layer.dim_head_v) if layer.kv_per_branch else None
     groups = [[b for b in range(len(counts)) if counts[b] == T]] + [[b] for b, c in enumerate(counts) if 0 < c < T]
     for rows in (group for group in groups if group):
         c = counts[rows[0]]
@@ -417,20 +459,14 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
         seqlens = old[at]                             # int32, as the kernels read it
         out = attend_cached(           # checked above, for every row and all T tokens: c <= T fits too
             decoder, queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], seqlens, g_cmp[at, :c],
-            g_slc[at, :c], None if g_win_fused is None else g_win_fused[at, :c], config, layer.scale, mem,
-            layer.backend)
+            g_slc[at, :c], g_win[at, :c], config, layer.scale, mem, layer.backend,
+            None if window is None else (window[0][at], window[1][at]))
         if uniform:
             o = out
         else:
             o[at, :c] = out
-        if layer.kv_per_branch:                       # the window over its own keys, per row length
-            for b in rows:                            # (the backend's window: it reads the window's keys only)
-                n = after[b]
-                o_win[b:b + 1, :c] = window_branch(queries[b:b + 1, :c], cache.keys["win"][b:b + 1, :n],
-                                                   cache.values["win"][b:b + 1, :n], config, layer.scale,
-                                                   layer.backend)
     # -- the new lengths: on the host, and on the device in place, after every read of the old --
     cache.lengths = after
     old.copy_(new)
     cache._on_device = (list(after), old)
-    return layer.output(o, o_win, g_win)
+    return layer.output(o, None, g_win)                    # the window, of kv_per_branch too, is in o

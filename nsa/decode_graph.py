@@ -25,7 +25,7 @@ class DecodeGraph:
     are restored). Refused (ValueError) when the step cannot be replayed: it waits on the GPU (the
     torch backend, a step the decoding kernels turn down, rows taking different numbers of tokens,
     anything that reads a tensor back), appends unequal numbers of tokens, steps a cache that is
-    not in `caches`, or uses a layer with `kv_per_branch`. A value the step reads on the host (say
+    not in `caches`. A value the step reads on the host (say
     a position offset from `cache.lengths`) is replayed as captured: pass such values as inputs.
     Before each replay, a row without room for T more tokens, or a cache whose tensors moved
     (`reorder_` to another batch size), is refused, nothing changed. `truncate_` and `reorder_` to
@@ -50,10 +50,6 @@ class DecodeGraph:
                 raise TypeError(f"caches[{i}] must be an nsa.KVCache, got {type(cache).__name__}")
             if any(other is cache for other in caches[:i]):
                 raise ValueError(f"caches[{i}] is listed twice: give each cache once (a replay advances it once)")
-            layer = None if cache.owner is None else cache.owner()
-            if layer is not None and layer.kv_per_branch:
-                raise ValueError(f"caches[{i}] belongs to a layer with kv_per_branch=True, whose window slices its "
-                                 "keys by each row's length on the host: its step cannot be replayed from a graph")
         device = caches[0].k_cmp.device
         if device.type != "cuda" or any(cache.k_cmp.device != device for cache in caches):
             raise ValueError(f"a CUDA graph needs caches on one CUDA device; they are on "

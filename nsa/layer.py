@@ -153,8 +153,8 @@ class SparseAttention(nn.Module):
 
     def output(self, o, o_win, g_win):
         """(B, Nq, dim) from the fused op's o (B, Nq, Hq, Dv), plus with kv_per_branch the window
-        branch's o_win on its own keys, gated by g_win."""
-        if self.kv_per_branch:
+        branch's o_win on its own keys, gated by g_win (None: o holds the window already)."""
+        if o_win is not None:
             o = o + (g_win[..., None] * o_win).to(o.dtype)
         return self.to_out(self.dropout(rearrange(o, "b n h d -> b n (h d)")))
 

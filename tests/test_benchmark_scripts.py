@@ -187,12 +187,12 @@ def test_select_tiles_tiny_launches_the_selection_kernel_by_hand():
 
 
 def test_decode_layers_tiny_keeps_other_builds_rows(tmp_path):
-    run_script("gpu_decode_layers.py", "--out", str(tmp_path), "--build", "first")
+    run_script("gpu_decode_layers.py", "--out", str(tmp_path), "--build", "first", "--kv-per-branch")
     out = run_script("gpu_decode_layers.py", "--out", str(tmp_path), "--build", "second", "--dense")
     assert out.count("ms a token") == 2 and "dense baseline:" in out
     lines = (tmp_path / "decode_layers_cpu.csv").read_text().splitlines()
     assert [line.split(";")[0] for line in lines if line.startswith("#")] == [
-        "# python benchmarks/gpu_decode_layers.py --tiny --out " + str(tmp_path) + " --build first",
+        "# python benchmarks/gpu_decode_layers.py --tiny --out " + str(tmp_path) + " --build first --kv-per-branch",
         "# python benchmarks/gpu_decode_layers.py --tiny --out " + str(tmp_path) + " --build second --dense"]
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert [r["build"] for r in rows] == ["first", "second", "dense baseline"]

@@ -631,3 +631,83 @@ def test_triton_compress_takes_non_contiguous_caches():
     compress_new_blocks_triton([keys], [views[0]], [None], lengths, new, 40, 8, 4)
     compress_new_blocks([keys], [plain], [None], lengths, new, 40, 8, 4)
     assert torch.equal(views[0], plain) and buffers[0][:, :, 0].abs().sum() == 0
+
+
+def window_step_inputs(dtype=torch.float64, seed=11):
+    """A step of T = 2 new tokens over caches of rows at different lengths, whose window has keys
+    and values of its own (a kv_per_branch model's): (positional args, keyword args, lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    B, T, Hq, H, Dqk, Dv, capacity, lengths = 2, 2, 4, 2, 16, 8, 90, [30, 61]
+    caches = [torch.zeros(B, capacity, H, D, dtype=dtype) for D in (Dqk, Dv, Dqk, Dv)]
+    for cache in caches:
+        for b, n in enumerate(lengths):
+            cache[b, :n] = r(n, H, cache.shape[3])
+    rows = num_compressed_blocks(capacity, 8, 4)
+    k_cmp, v_cmp = torch.zeros(B, rows, H, Dqk, dtype=dtype), torch.zeros(B, rows, H, Dv, dtype=dtype)
+    for b, n in enumerate(lengths):
+        c = num_compressed_blocks(n, 8, 4)
+        k_cmp[b, :c], v_cmp[b, :c] = (compress(x[b:b + 1, :n], None, 8, 4)[0] for x in caches[:2])
+    q, gates = r(B, T, Hq, Dqk), [torch.rand(B, T, Hq, generator=g, dtype=dtype) for _ in range(3)]
+    k, v, k_win, v_win = (r(B, T, H, D) for D in (Dqk, Dv, Dqk, Dv))
+    args = (q, caches[0], caches[1], k_cmp, v_cmp, lengths, *gates, NSAConfig(8, 4, 16, 4, 1, 2, 24))
+    return args, dict(k=k, v=v, k_win_cache=caches[2], v_win_cache=caches[3], k_win=k_win, v_win=v_win), lengths
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_window_caches_give_the_window_keys_of_its_own(backend):
+    """k_win_cache, v_win_cache (kv_per_branch): the step equals the fused branches without a
+    window plus the gated window over each row's own window keys, as the layer computes them;
+    every new key lands in its cache; the decoding kernels (Triton's interpreter) agree."""
+    from nsa import sliding_window_attention
+    args, kwargs, lengths = window_step_inputs()
+    if backend == "triton":
+        args = tuple(x.float() if isinstance(x, torch.Tensor) else x for x in args)
+        kwargs = {name: x.float() for name, x in kwargs.items()}
+    q, k_cache, v_cache, k_cmp, v_cmp, _, g_cmp, g_slc, g_win, config = args
+    got = sparse_attention_with_kvcache(*args, backend=backend, **kwargs)
+    T = q.shape[1]
+    for b, n in enumerate(lengths):
+        for name, cache in (("k", k_cache), ("v", v_cache), ("k_win", kwargs["k_win_cache"]),
+                            ("v_win", kwargs["v_win_cache"])):
+            assert torch.equal(cache[b, n:n + T], kwargs[name][b])
+        visible = num_compressed_blocks(n + T, 8, 4)
+        fused = native_sparse_attention(q[b:b + 1], k_cache[b:b + 1, :n + T], v_cache[b:b + 1, :n + T],
+                                        k_cmp[b:b + 1, :visible], v_cmp[b:b + 1, :visible], g_cmp[b:b + 1],
+                                        g_slc[b:b + 1], None, config, backend="torch")
+        window = sliding_window_attention(q[b:b + 1], kwargs["k_win_cache"][b:b + 1, :n + T],
+                                          kwargs["v_win_cache"][b:b + 1, :n + T], config.window_size)
+        expected = fused + g_win[b:b + 1, ..., None] * window
+        tolerance = 1e-12 if backend == "torch" else 2e-5
+        torch.testing.assert_close(got[b:b + 1], expected, rtol=tolerance, atol=tolerance)
+
+
+WINDOW_MISUSE = [
+    ("one window cache", dict(v_win_cache=None), ValueError, "k_win_cache and v_win_cache together"),
+    ("new window keys, no caches", dict(k_win_cache=None, v_win_cache=None), ValueError, "pass them with k_win_cache"),
+    ("no window gate", dict(g_win=None), ValueError, "g_win is None"),
+    ("new keys without window keys", dict(k_win=None, v_win=None), ValueError, "k, v, k_win and v_win together"),
+    ("window keys, no new keys", dict(k=None, v=None), ValueError, "k, v, k_win and v_win together"),
+    ("cache of another shape", "short", ValueError, "k_win_cache has shape"),
+    ("cache of another dtype", "float", TypeError, "k_win_cache.dtype"),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_MISUSE, ids=[c[0] for c in WINDOW_MISUSE])
+def test_window_caches_misused_are_refused_and_nothing_changes(case):
+    _, change, error, match = case
+    args, kwargs, _ = window_step_inputs()
+    args = list(args)
+    if change == "short":
+        kwargs["k_win_cache"] = kwargs["k_win_cache"][:, :-1]
+    elif change == "float":
+        kwargs["k_win_cache"] = kwargs["k_win_cache"].float()
+    elif "g_win" in change:
+        args[8] = None
+    else:
+        kwargs.update(change)
+    tensors = [x for x in (*args[1:5], *kwargs.values()) if isinstance(x, torch.Tensor)]
+    before = [x.clone() for x in tensors]
+    with pytest.raises(error, match=match):
+        sparse_attention_with_kvcache(*args, backend="torch", **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(tensors, before))

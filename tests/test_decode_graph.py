@@ -75,12 +75,6 @@ def test_refused_before_any_capture(case):
         call(layer, cache)
 
 
-def test_kv_per_branch_refused():
-    layer, cache = layer_and_cache(kv_per_branch=True)
-    with pytest.raises(ValueError, match="kv_per_branch"):
-        nsa.DecodeGraph(step_of(layer, cache), cache, torch.zeros(2, 1, 32))
-
-
 # -- on a CUDA GPU: replays against eager steps of a twin layer and cache --
 
 def twins(dtype=torch.float32, **kwargs):
@@ -97,7 +91,9 @@ def twins(dtype=torch.float32, **kwargs):
 
 @needs_cuda
 @pytest.mark.parametrize("T,dtype,kwargs", [(1, torch.float32, {}), (3, torch.float32, dict(num_mem_kv=2)),
-                                            (1, torch.bfloat16, dict(compress_mlp=False))], ids=["T1", "T3-mem", "bf16-mean"])
+                                            (1, torch.bfloat16, dict(compress_mlp=False)),
+                                            (1, torch.float32, dict(kv_per_branch=True, num_mem_kv=1))],
+                         ids=["T1", "T3-mem", "bf16-mean", "T1-kv-per-branch"])
 def test_replays_equal_eager_steps(T, dtype, kwargs):
     layer, (eager, graphed) = twins(dtype, **kwargs)
     x = torch.randn(2, T, 32, device="cuda", dtype=dtype)
