@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from nsa.cache import CACHE_WRITERS, append_tokens, compress_new_blocks, num_candidates
-from nsa.compression import pool_blocks
+from nsa.compression import CompressionMLP, pool_blocks
 from nsa.kernels.common import head_dim_block, load_rows, store_rows
 from nsa.kernels.decode import sparse_attention_decode_triton
 
@@ -68,23 +68,79 @@ def gather_blocks_kernel(CACHE_A, BLOCKS_A, CACHE_B, BLOCKS_B, NEW_LENGTHS, capa
 
 
 @triton.jit
+def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, target, source_ok, target_ok,
+                  DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """CMP[target] = the sum over s < SHARES of SUMMARY[s, source] (rows of DIM values; SUMMARY
+    (SHARES, summary_rows, DIM)), added in float32; rows not target_ok: nothing written."""
+    offs_d = tl.arange(0, BLOCK_D)
+    total = load_rows(SUMMARY, source, source_ok, offs_d, DIM).to(tl.float32)
+    for s in range(1, SHARES):
+        total += load_rows(SUMMARY + s * summary_rows * DIM, source, source_ok, offs_d, DIM).to(tl.float32)
+    store_rows(CMP, total, target, target_ok, offs_d, DIM)
+
+
+@triton.jit
 def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LENGTHS, num_rows, mem_kv_len, K,
                         HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr,
-                        DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr,
-                        PAIR: tl.constexpr):
-    """Program (b, k): candidate k's summaries SUMMARY_A[b, k] ((H, D)) into CMP_A[b, mem_kv_len + block]
-    if this step completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with
-    PAIR, the same of SUMMARY_B into CMP_B."""
+                        SHARES_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr, SHARES_B: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr):
+    """Program (b, k): candidate k's summaries — the sum of SUMMARY_A's SHARES_A shares [s, b, k]
+    ((H, D) each; one share when phi ran whole) — into CMP_A[b, mem_kv_len + block] if this step
+    completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with PAIR, the same
+    of SUMMARY_B into CMP_B."""
     b, k = tl.program_id(0), tl.program_id(1)
     last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
     block = tl.maximum(last - K, 0) + k
     done = (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
     h = tl.arange(0, BLOCK_H)
-    source = tl.where(h < HEADS, (b * K + k).to(tl.int64) * HEADS + h, -1)
-    target = tl.where((h < HEADS) & done, (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h, -1)
-    copy_tile(SUMMARY_A, source, CMP_A, target, DIM_A, BLOCK_DA)
+    summary_rows = tl.num_programs(0) * K * HEADS
+    source = (b * K + k).to(tl.int64) * HEADS + h
+    target = (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h
+    write_summary(SUMMARY_A, source, summary_rows, SHARES_A, CMP_A, target, h < HEADS, (h < HEADS) & done, DIM_A,
+                  BLOCK_DA)
     if PAIR:
-        copy_tile(SUMMARY_B, source, CMP_B, target, DIM_B, BLOCK_DB)
+        write_summary(SUMMARY_B, source, summary_rows, SHARES_B, CMP_B, target, h < HEADS, (h < HEADS) & done,
+                      DIM_B, BLOCK_DB)
+
+
+@triton.jit
+def compress_mlp_kernel(CACHE, POSITION, W1, B1, W2, B2, SHARES, NEW_LENGTHS, capacity, K, num_rows,
+                        HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
+                        OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_HID: tl.constexpr):
+    """Program (m, j): `CompressionMLP` on candidate rows m*BLOCK_M .. (row r = (b, k, h): row b's
+    candidate k, kv head h), for its hidden units j*BLOCK_HID ..: the block's l keys plus the
+    position embedding, times W1's rows of those units, plus B1, GELU, times W2's columns of them
+    (plus B2 in share 0) -> SHARES[j, r], a float32 (OUT,) share of the summary that
+    write_blocks_kernel sums. Every unit's input is the whole block: no program waits on another."""
+    m, j = tl.program_id(0), tl.program_id(1)
+    # -- 1. the rows: each one's cache row, first token and kv head --
+    r = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < num_rows
+    b, k, h = r // (K * HEADS), (r // HEADS) % K, r % HEADS
+    last = tl.maximum((tl.load(NEW_LENGTHS + b, mask=row_ok, other=0) + (STRIDE - BLOCK_SIZE)) // STRIDE, 0)
+    first = (tl.maximum(last - K, 0) + k) * STRIDE                       # complete_blocks, for BLOCK_M rows
+    units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
+    unit_ok = units < HIDDEN
+    offs_d = tl.arange(0, BLOCK_D)
+    # -- 2. the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
+    acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
+    for i in range(BLOCK_SIZE):
+        token = tl.minimum(first + i, capacity - 1)                      # an incomplete block: not written
+        x = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, row_ok, offs_d, DIM)
+        x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
+        w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
+                     mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)          # (BLOCK_HID, BLOCK_D)
+        acc += tl.dot(x.to(w1.dtype), tl.trans(w1), input_precision="ieee")
+    # -- 3. bias and GELU (erf, as nn.GELU()), then these units' share of the second layer --
+    hidden = acc + tl.load(B1 + units, mask=unit_ok, other=0.0)[None, :].to(tl.float32)
+    hidden = 0.5 * hidden * (1.0 + tl.erf(hidden * 0.7071067811865476))
+    offs_o = tl.arange(0, BLOCK_OUT)
+    w2 = tl.load(W2 + offs_o[:, None] * HIDDEN + units[None, :], mask=(offs_o[:, None] < OUT) & unit_ok[None, :],
+                 other=0.0)                                                                 # (BLOCK_OUT, BLOCK_HID)
+    share = tl.dot(hidden.to(w2.dtype), tl.trans(w2), input_precision="ieee")            # (BLOCK_M, BLOCK_OUT)
+    share += tl.where(j == 0, tl.load(B2 + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32), 0.0)[None, :]
+    store_rows(SHARES, share, j * num_rows + r.to(tl.int64), row_ok, offs_o, OUT)
 
 
 def in_pairs(*lists):
@@ -108,11 +164,40 @@ def append_tokens_triton(caches, news, lengths) -> None:
                                      PAIR=len(pair) == 2)
 
 
+MLP_UNITS = 16       # hidden units per program of compress_mlp_kernel: 4D = 512 of them make 32 programs
+
+
+def kernel_computes(phi, cache) -> bool:
+    """Whether compress_mlp_kernel computes phi: the book's `CompressionMLP` as built (Linear, exact
+    GELU, Linear, with biases), in the cache's dtype and on its device."""
+    return (type(phi) is CompressionMLP and len(phi.mlp) == 3 and type(phi.mlp[1]) is torch.nn.GELU
+            and phi.mlp[1].approximate == "none" and phi.mlp[0].bias is not None and phi.mlp[2].bias is not None
+            and all(p.dtype == cache.dtype and p.device == cache.device for p in phi.parameters()))
+
+
+def compress_mlp(cache, phi, new_lengths, candidates: int, block_size: int, stride: int):
+    """phi (a `CompressionMLP`) on every row's `candidates` blocks, gathered in the kernel:
+    (shares, B * candidates * H, D_out) float32, whose sum over shares is the summaries."""
+    B, capacity, H, D = cache.shape
+    rows, hidden, out = B * candidates * H, phi.mlp[0].out_features, phi.mlp[2].out_features
+    block_m, shares = min(64, max(16, triton.next_power_of_2(rows))), triton.cdiv(hidden, MLP_UNITS)
+    summary = torch.empty(shares, rows, out, device=cache.device, dtype=torch.float32)
+    first, second = phi.mlp[0], phi.mlp[2]
+    compress_mlp_kernel[(triton.cdiv(rows, block_m), shares)](
+        cache, phi.position.contiguous(), first.weight.contiguous(), first.bias, second.weight.contiguous(),
+        second.bias, summary, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D, BLOCK_D=head_dim_block(D),
+        HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size, STRIDE=stride,
+        BLOCK_M=block_m, BLOCK_HID=MLP_UNITS)
+    return summary
+
+
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                                stride: int, mem_kv_len: int = 0) -> None:
-    """`compress_new_blocks` with the gather and the write in Triton, phi in PyTorch: two launches
-    for each two caches besides phi's (caches that are not contiguous: `compress_new_blocks`
-    itself)."""
+    """`compress_new_blocks` in Triton: with the paper's MLP phi (`CompressionMLP`) for every
+    cache, `compress_mlp_kernel` for each and one write launch for each two caches; with another
+    phi (mean pooling, a callable of the caller's), the gather and the write in Triton for each
+    two caches and phi in PyTorch between them (caches that are not contiguous:
+    `compress_new_blocks` itself)."""
     if not all(x.is_contiguous() for x in (*caches, *cmp_caches)):
         return compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new, block_size, stride,
                                    mem_kv_len)
@@ -120,19 +205,24 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
     candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
+    in_kernel = all(kernel_computes(phi, cache) for cache, phi in zip(caches, phis))
     for pair in in_pairs(caches, cmp_caches, phis):
         (cache_a, cmp_a, _), (cache_b, cmp_b, _) = pair[0], pair[-1]   # no second: the first again, unread
-        blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, _, _ in pair]
-        gather_blocks_kernel[(B, candidates, H)](
-            cache_a, blocks[0], cache_b, blocks[-1], new_lengths, capacity, candidates, HEADS=H,
-            DIM_A=cache_a.shape[3], BLOCK_DA=head_dim_block(cache_a.shape[3]), DIM_B=cache_b.shape[3],
-            BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
-        summary = [pool_blocks(x, phi).to(cmp.dtype).contiguous() for (_, cmp, phi), x in zip(pair, blocks)]
+        if in_kernel:                                 # -- phi in a kernel, from the cache --
+            summary = [compress_mlp(cache, phi, new_lengths, candidates, block_size, stride) for cache, _, phi in pair]
+        else:                                         # -- gathered, then phi in PyTorch --
+            blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, _, _ in pair]
+            gather_blocks_kernel[(B, candidates, H)](
+                cache_a, blocks[0], cache_b, blocks[-1], new_lengths, capacity, candidates, HEADS=H,
+                DIM_A=cache_a.shape[3], BLOCK_DA=head_dim_block(cache_a.shape[3]), DIM_B=cache_b.shape[3],
+                BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
+            summary = [pool_blocks(x, phi).to(cmp.dtype).reshape(1, -1, cmp.shape[3])
+                       for (_, cmp, phi), x in zip(pair, blocks)]                    # one share each
         write_blocks_kernel[(B, candidates)](
             summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,
-            HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=summary[0].shape[3],
-            BLOCK_DA=head_dim_block(summary[0].shape[3]), DIM_B=summary[-1].shape[3],
-            BLOCK_DB=head_dim_block(summary[-1].shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
+            HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=cmp_a.shape[3], BLOCK_DA=head_dim_block(cmp_a.shape[3]),
+            SHARES_A=summary[0].shape[0], DIM_B=cmp_b.shape[3], BLOCK_DB=head_dim_block(cmp_b.shape[3]),
+            SHARES_B=summary[-1].shape[0], BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
 
 
 CACHE_WRITERS[sparse_attention_decode_triton] = (append_tokens_triton, compress_new_blocks_triton)

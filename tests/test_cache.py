@@ -711,3 +711,31 @@ def test_window_caches_misused_are_refused_and_nothing_changes(case):
     with pytest.raises(error, match=match):
         sparse_attention_with_kvcache(*args, backend="torch", **kwargs)
     assert all(torch.equal(x, y) for x, y in zip(tensors, before))
+
+
+def test_compress_mlp_kernel_equals_the_mlp():
+    """`compress_mlp_kernel` (Triton's interpreter) computes `CompressionMLP` from the cache: odd
+    head, hidden and output sizes (padded tiles, a partial last share of hidden units), more
+    candidate rows than one program takes, rows of different lengths, and steps that complete
+    nothing write nothing; a phi of another kind keeps PyTorch's (the kernel declines it)."""
+    from nsa.cache import compress_new_blocks
+    from nsa.kernels.cache import compress_new_blocks_triton, kernel_computes
+    torch.manual_seed(12)
+    B, N, H, D, l, d, mem = 3, 90, 3, 24, 8, 4, 2
+    phis = [CompressionMLP(D, l, hidden_dim=40, out_dim=20), CompressionMLP(D, l)]
+    caches = [torch.randn(B, N, H, D) for _ in phis]
+    rows = mem + num_compressed_blocks(N, l, d)
+    cmp_caches = [torch.full((B, rows, H, phi.mlp[2].out_features), float("nan")) for phi in phis]
+    mine = [x.clone() for x in cmp_caches]
+    assert all(kernel_computes(phi, cache) for phi, cache in zip(phis, caches))
+    assert not kernel_computes(CompressionMLP(D, l).double(), caches[0])          # another dtype: PyTorch
+    assert not kernel_computes(torch.nn.Identity(), caches[0])
+    lengths = torch.tensor([0, 3, 11], dtype=torch.int32)
+    for counts in ([70, 70, 70], [1, 1, 1], [2, 0, 9]):          # 3 x 18 x 3 = 162 candidate rows first
+        new = lengths + torch.tensor(counts, dtype=torch.int32)
+        with torch.no_grad():
+            compress_new_blocks(caches, cmp_caches, phis, lengths, new, max(counts), l, d, mem)
+            compress_new_blocks_triton(caches, mine, phis, lengths, new, max(counts), l, d, mem)
+        for got, expected in zip(mine, cmp_caches):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+        lengths = new
