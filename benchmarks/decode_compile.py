@@ -1,10 +1,12 @@
-"""Compile chapter 13's four decoding kernels for a GPU offline (no GPU needed): time and registers.
+"""Compile chapter 13's decoding kernels for a GPU offline (no GPU needed): time and registers.
 
     python benchmarks/decode_compile.py [--arch 90]
 
-For each step shape below, `sparse_attention_decode_triton` runs on empty CPU tensors with its
-kernel launches recorded instead of made (the tensors pose as CUDA ones, 132 multiprocessors, so
-the launcher picks a GPU's splits and tiles); Triton then compiles each recorded launch for
+For each step shape below, a layer's step — its cache writes with the MLP phi (the new keys and
+values appended, `compress_mlp_kernel` for each, the write) and `sparse_attention_decode_triton`'s
+four kernels — runs on empty CPU tensors with its kernel launches recorded instead of made (the
+tensors pose as CUDA ones, 132 multiprocessors, so the launchers pick a GPU's splits and tiles);
+Triton then compiles each recorded launch for
 `sm_<arch>` with the launcher's own meta-parameters, and `cuobjdump` reads its registers. A
 kernel that Triton cannot finish compiling shows here as a hang (the CI test runs this with a
 timeout): stage 3 once sent Triton 3.6 and 3.7 into an endless layout pass, found only when a
@@ -29,8 +31,9 @@ SHAPES = ((64, 4, 1, 1, 65536), (32, 8, 1, 16, 65536), (32, 32, 1, 1, 65536), (6
 
 
 def recorded_launches(heads_q, heads_kv, tokens, batch, context):
-    from nsa import NSAConfig
+    from nsa import CompressionMLP, NSAConfig
     from nsa.geometry import num_compressed_blocks
+    from nsa.kernels import cache as writes
     from nsa.kernels import decode
 
     names = [n for n in vars(decode) if n.startswith("decode_") and n.endswith("_kernel")]
@@ -40,10 +43,17 @@ def recorded_launches(heads_q, heads_kv, tokens, batch, context):
     q, gate = torch.empty(batch, tokens, heads_q, 128, **bf16), torch.empty(batch, tokens, heads_q, **bf16)
     cache, compressed = torch.empty(batch, context, heads_kv, 128, **bf16), torch.empty(batch, rows, heads_kv, 128, **bf16)
     cache_seqlens = torch.full((batch,), context - tokens, dtype=torch.int32)
-    with recorded(decode, names, multiprocessors=132) as launches:
+    l, d = config.compress_block_size, config.compress_stride
+    phi = CompressionMLP(128, l).to(torch.bfloat16)
+    new = torch.empty(batch, tokens, heads_kv, 128, **bf16)
+    with recorded(writes, ["append_tokens_kernel", "compress_mlp_kernel", "write_blocks_kernel"]) as launches:
+        writes.append_tokens_triton([cache, cache], [new, new], cache_seqlens)
+        writes.compress_new_blocks_triton([cache, cache], [compressed, compressed], [phi, phi], cache_seqlens,
+                                          cache_seqlens + tokens, tokens, l, d)
+    with recorded(decode, names, multiprocessors=132) as attention:
         decode.sparse_attention_decode_triton(q, cache, cache, compressed, compressed, cache_seqlens, gate, gate, gate,
                                               config, 128 ** -0.5, 0)
-    return launches
+    return launches + attention
 
 
 def main() -> int:
