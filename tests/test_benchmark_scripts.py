@@ -197,3 +197,10 @@ def test_decode_layers_tiny_keeps_other_builds_rows(tmp_path):
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert [r["build"] for r in rows] == ["first", "second", "dense baseline"]
     assert all(float(r["ms_per_token"]) > 0 and float(r["ms_per_token_synced"]) > 0 for r in rows)
+
+
+def test_check_layer_cache_tiny_meets_its_goal(tmp_path):
+    out = run_script("gpu_check_layer_cache.py", "--out", str(tmp_path))
+    table = out[out.index(" dtype "):].splitlines()[1:]
+    assert len(table) == 3 and all(line.endswith("ok") for line in table), out
+    assert (tmp_path / "layer_cache_check_cpu.csv").read_text().startswith("# python benchmarks/gpu_check_layer_cache.py")
