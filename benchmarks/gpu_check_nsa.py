@@ -35,18 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import nsa  # noqa: E402,F401
-
-try:                      # installed (pip install -e .): kernels/ is nsa.kernels
-    import nsa.kernels  # noqa: F401
-except ImportError:       # a plain checkout: map kernels/ to nsa.kernels by hand
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("nsa.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nsa.kernels"] = module
-    spec.loader.exec_module(module)
-    nsa.kernels = module
+import nsa  # noqa: E402,F401  (a plain checkout too: nsa finds kernels/ beside it)
 from nsa.compression import compressed_attention  # noqa: E402
 from nsa.config import NSAConfig  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402

@@ -5,6 +5,13 @@ imports the three backends of `native_sparse_attention` so that they register th
 ("torch" in nsa.sparse_attention, "flex" in nsa.flex, "triton" in nsa.kernels.nsa).
 """
 
+import importlib.util
+from pathlib import Path
+
+_checkout = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("nsa.kernels") is None and (_checkout / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_checkout))  # a source checkout, not installed: its kernels/ is nsa.kernels
+
 from nsa import device  # first: switches on Triton's interpreter on a machine without CUDA
 from nsa.attention import attention
 from nsa.backends import available_backends, backend_unavailable
