@@ -37,7 +37,7 @@ def append_tokens_kernel(NEW_A, CACHE_A, NEW_B, CACHE_B, LENGTHS, T, capacity, R
 @triton.jit
 def complete_blocks(LENGTHS, b, STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """How many compressed blocks row b's LENGTHS[b] tokens complete: Nc = (n - l) // d + 1, 0 if n < l
-    (division truncates toward 0 here, and max(., 0) makes that the floor)."""
+    (division truncates toward 0 here, and max(., 0) makes that the floor). b: one row or a tile."""
     return tl.maximum((tl.load(LENGTHS + b) + (STRIDE - BLOCK_SIZE)) // STRIDE, 0)
 
 
@@ -75,7 +75,7 @@ def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, targ
     offs_d = tl.arange(0, BLOCK_D)
     total = load_rows(SUMMARY, source, source_ok, offs_d, DIM).to(tl.float32)
     for s in range(1, SHARES):
-        total += load_rows(SUMMARY + s * summary_rows * DIM, source, source_ok, offs_d, DIM).to(tl.float32)
+        total += load_rows(SUMMARY + s * summary_rows.to(tl.int64) * DIM, source, source_ok, offs_d, DIM).to(tl.float32)
     store_rows(CMP, total, target, target_ok, offs_d, DIM)
 
 
@@ -104,7 +104,7 @@ def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LEN
 
 
 @triton.jit
-def compress_mlp_kernel(CACHE, POSITION, W1, B1, W2, B2, SHARES, NEW_LENGTHS, capacity, K, num_rows,
+def compress_mlp_kernel(CACHE, POSITION, W1, B1, W2, B2, SHARES, OLD_LENGTHS, NEW_LENGTHS, capacity, K, num_rows,
                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
                         OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_HID: tl.constexpr):
@@ -112,35 +112,41 @@ def compress_mlp_kernel(CACHE, POSITION, W1, B1, W2, B2, SHARES, NEW_LENGTHS, ca
     candidate k, kv head h), for its hidden units j*BLOCK_HID ..: the block's l keys plus the
     position embedding, times W1's rows of those units, plus B1, GELU, times W2's columns of them
     (plus B2 in share 0) -> SHARES[j, r], a float32 (OUT,) share of the summary that
-    write_blocks_kernel sums. Every unit's input is the whole block: no program waits on another."""
+    write_blocks_kernel sums. Every unit's input is the whole block: no program waits on another.
+    A program none of whose rows completes its block this step (a decoding step at T = 1: d - 1
+    steps in d) reads no weights and writes nothing: the write skips those rows."""
     m, j = tl.program_id(0), tl.program_id(1)
-    # -- 1. the rows: each one's cache row, first token and kv head --
+    # -- 1. the rows: each one's cache row, block and kv head, and whether its block completed now --
     r = m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < num_rows
-    b, k, h = r // (K * HEADS), (r // HEADS) % K, r % HEADS
-    last = tl.maximum((tl.load(NEW_LENGTHS + b, mask=row_ok, other=0) + (STRIDE - BLOCK_SIZE)) // STRIDE, 0)
-    first = (tl.maximum(last - K, 0) + k) * STRIDE                       # complete_blocks, for BLOCK_M rows
-    units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
-    unit_ok = units < HIDDEN
-    offs_d = tl.arange(0, BLOCK_D)
-    # -- 2. the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
-    acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
-    for i in range(BLOCK_SIZE):
-        token = tl.minimum(first + i, capacity - 1)                      # an incomplete block: not written
-        x = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, row_ok, offs_d, DIM)
-        x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
-        w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
-                     mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)          # (BLOCK_HID, BLOCK_D)
-        acc += tl.dot(x.to(w1.dtype), tl.trans(w1), input_precision="ieee")
-    # -- 3. bias and GELU (erf, as nn.GELU()), then these units' share of the second layer --
-    hidden = acc + tl.load(B1 + units, mask=unit_ok, other=0.0)[None, :].to(tl.float32)
-    hidden = 0.5 * hidden * (1.0 + tl.erf(hidden * 0.7071067811865476))
-    offs_o = tl.arange(0, BLOCK_OUT)
-    w2 = tl.load(W2 + offs_o[:, None] * HIDDEN + units[None, :], mask=(offs_o[:, None] < OUT) & unit_ok[None, :],
-                 other=0.0)                                                                 # (BLOCK_OUT, BLOCK_HID)
-    share = tl.dot(hidden.to(w2.dtype), tl.trans(w2), input_precision="ieee")            # (BLOCK_M, BLOCK_OUT)
-    share += tl.where(j == 0, tl.load(B2 + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32), 0.0)[None, :]
-    store_rows(SHARES, share, j * num_rows + r.to(tl.int64), row_ok, offs_o, OUT)
+    row = tl.minimum(r, num_rows - 1)                   # past the last row: the last one again, never stored
+    b, k, h = row // (K * HEADS), (row // HEADS) % K, row % HEADS
+    last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
+    block = tl.maximum(last - K, 0) + k
+    done = row_ok & (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
+    if tl.max(done.to(tl.int32), axis=0) > 0:                            # some row's block completed now
+        first = block * STRIDE
+        units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
+        unit_ok = units < HIDDEN
+        offs_d = tl.arange(0, BLOCK_D)
+        # -- 2. the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
+        acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
+        for i in range(BLOCK_SIZE):
+            token = tl.minimum(first + i, capacity - 1)                  # an incomplete block: not written
+            x = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, row_ok, offs_d, DIM)
+            x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
+            w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
+                         mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)      # (BLOCK_HID, BLOCK_D)
+            acc += tl.dot(x.to(w1.dtype), tl.trans(w1), input_precision="ieee")
+        # -- 3. bias and GELU (erf, as nn.GELU()), then this share of the second layer --
+        hidden = acc + tl.load(B1 + units, mask=unit_ok, other=0.0)[None, :].to(tl.float32)
+        hidden = 0.5 * hidden * (1.0 + tl.erf(hidden * 0.7071067811865476))
+        offs_o = tl.arange(0, BLOCK_OUT)
+        w2 = tl.load(W2 + offs_o[:, None] * HIDDEN + units[None, :],
+                     mask=(offs_o[:, None] < OUT) & unit_ok[None, :], other=0.0)          # (BLOCK_OUT, BLOCK_HID)
+        share = tl.dot(hidden.to(w2.dtype), tl.trans(w2), input_precision="ieee")        # (BLOCK_M, BLOCK_OUT)
+        share += tl.where(j == 0, tl.load(B2 + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32), 0.0)[None, :]
+        store_rows(SHARES, share, j.to(tl.int64) * num_rows + r, row_ok, offs_o, OUT)
 
 
 def in_pairs(*lists):
@@ -167,15 +173,19 @@ def append_tokens_triton(caches, news, lengths) -> None:
 MLP_UNITS = 16       # hidden units per program of compress_mlp_kernel: 4D = 512 of them make 32 programs
 
 
-def kernel_computes(phi, cache) -> bool:
-    """Whether compress_mlp_kernel computes phi: the book's `CompressionMLP` as built (Linear, exact
-    GELU, Linear, with biases), in the cache's dtype and on its device."""
+def kernel_computes(phi, cache, cmp_cache, block_size: int) -> bool:
+    """Whether compress_mlp_kernel computes phi for these caches: the book's `CompressionMLP` as
+    built (Linear, exact GELU, Linear, with biases), in the cache's dtype and on its device, taking
+    blocks of `block_size` tokens of the cache's head dim to the compressed cache's (another size:
+    PyTorch's phi, which raises)."""
     return (type(phi) is CompressionMLP and len(phi.mlp) == 3 and type(phi.mlp[1]) is torch.nn.GELU
             and phi.mlp[1].approximate == "none" and phi.mlp[0].bias is not None and phi.mlp[2].bias is not None
-            and all(p.dtype == cache.dtype and p.device == cache.device for p in phi.parameters()))
+            and all(p.dtype == cache.dtype and p.device == cache.device for p in phi.parameters())
+            and (phi.block_size, phi.head_dim) == (block_size, cache.shape[3])
+            and phi.mlp[0].in_features == block_size * cache.shape[3] and phi.mlp[2].out_features == cmp_cache.shape[3])
 
 
-def compress_mlp(cache, phi, new_lengths, candidates: int, block_size: int, stride: int):
+def compress_mlp(cache, phi, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
     """phi (a `CompressionMLP`) on every row's `candidates` blocks, gathered in the kernel:
     (shares, B * candidates * H, D_out) float32, whose sum over shares is the summaries."""
     B, capacity, H, D = cache.shape
@@ -185,7 +195,8 @@ def compress_mlp(cache, phi, new_lengths, candidates: int, block_size: int, stri
     first, second = phi.mlp[0], phi.mlp[2]
     compress_mlp_kernel[(triton.cdiv(rows, block_m), shares)](
         cache, phi.position.contiguous(), first.weight.contiguous(), first.bias, second.weight.contiguous(),
-        second.bias, summary, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D, BLOCK_D=head_dim_block(D),
+        second.bias, summary, old_lengths, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D,
+        BLOCK_D=head_dim_block(D),
         HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size, STRIDE=stride,
         BLOCK_M=block_m, BLOCK_HID=MLP_UNITS)
     return summary
@@ -205,19 +216,24 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
     candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
-    in_kernel = all(kernel_computes(phi, cache) for cache, phi in zip(caches, phis))
+    in_kernel = all(kernel_computes(*args, block_size) for args in zip(phis, caches, cmp_caches))
     for pair in in_pairs(caches, cmp_caches, phis):
         (cache_a, cmp_a, _), (cache_b, cmp_b, _) = pair[0], pair[-1]   # no second: the first again, unread
         if in_kernel:                                 # -- phi in a kernel, from the cache --
-            summary = [compress_mlp(cache, phi, new_lengths, candidates, block_size, stride) for cache, _, phi in pair]
+            summary = [compress_mlp(cache, phi, old_lengths, new_lengths, candidates, block_size, stride)
+                       for cache, _, phi in pair]
         else:                                         # -- gathered, then phi in PyTorch --
             blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, _, _ in pair]
             gather_blocks_kernel[(B, candidates, H)](
                 cache_a, blocks[0], cache_b, blocks[-1], new_lengths, capacity, candidates, HEADS=H,
                 DIM_A=cache_a.shape[3], BLOCK_DA=head_dim_block(cache_a.shape[3]), DIM_B=cache_b.shape[3],
                 BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
-            summary = [pool_blocks(x, phi).to(cmp.dtype).reshape(1, -1, cmp.shape[3])
-                       for (_, cmp, phi), x in zip(pair, blocks)]                    # one share each
+            summary = [pool_blocks(x, phi).to(cmp.dtype) for (_, cmp, phi), x in zip(pair, blocks)]
+            for (_, cmp, _), x in zip(pair, summary):
+                if x.shape[3] != cmp.shape[3]:
+                    raise ValueError(f"phi maps blocks to dim {x.shape[3]}, but the compressed cache holds dim "
+                                     f"{cmp.shape[3]}")
+            summary = [x.reshape(1, -1, x.shape[3]) for x in summary]                # one share each
         write_blocks_kernel[(B, candidates)](
             summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,
             HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=cmp_a.shape[3], BLOCK_DA=head_dim_block(cmp_a.shape[3]),

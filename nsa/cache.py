@@ -12,7 +12,7 @@ from nsa.backends import check_backend, select_step
 from nsa.checks import (check_config, check_int, check_integer_tensor, check_keys, check_like,
                         check_mem_kv_len, check_phi, check_sparse_inputs, check_tensor,
                         resolve_device)
-from nsa.compression import pool_blocks
+from nsa.compression import CompressionMLP, pool_blocks
 from nsa.config import NSAConfig
 from nsa.geometry import num_compressed_blocks
 from nsa.sparse_attention import native_sparse_attention, window_branch
@@ -149,9 +149,28 @@ def check_window_caches(k_cache, v_cache, k_win_cache, v_win_cache, k, v, k_win,
                              "of them (the caches already hold the new tokens)")
         if x is not None:
             check_tensor(name, x, 4, f"laid out as {like_name}, {tuple(like.shape)}")
-            check_like(name, x, like)
+            check_like(name, x, like, like_name)
             if x.shape != like.shape:
                 raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {like_name}'s, {tuple(like.shape)}")
+    storage = lambda x: x.untyped_storage().data_ptr()  # noqa: E731
+    for name, x in (("k_win_cache", k_win_cache), ("v_win_cache", v_win_cache)):
+        shared = [other for other, y in (("k_cache", k_cache), ("v_cache", v_cache), ("k_win_cache", k_win_cache),
+                                         ("v_win_cache", v_win_cache)) if other != name and storage(y) == storage(x)]
+        if shared:
+            raise ValueError(f"{name} shares its memory with {shared[0]}: the window's keys and values need caches "
+                             "of their own (with one cache for all branches, pass no window caches)")
+
+
+def check_phi_sizes(name: str, phi, block_size: int, dim_in: int, dim_out: int) -> None:
+    """A `CompressionMLP` phi must take blocks of the config's block_size tokens of the cache's head
+    dim and give the compressed cache's: checked before a step writes anything (another callable
+    is checked by its result, `pool_blocks`)."""
+    if isinstance(phi, CompressionMLP):
+        sizes = (phi.block_size, phi.head_dim, phi.mlp[-1].out_features)
+        if sizes != (block_size, dim_in, dim_out):
+            raise ValueError(f"{name} maps blocks of {sizes[0]} tokens of dim {sizes[1]} to dim {sizes[2]}; this step "
+                             f"needs {block_size} tokens (compress_block_size) of dim {dim_in} to dim {dim_out} (the "
+                             "compressed cache's)")
 
 
 def append_tokens(caches, news, lengths) -> None:
@@ -205,8 +224,9 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len, k_win_cache, v_win_cache,
                                             k_win, v_win)
-    check_phi("phi_k", phi_k)
-    check_phi("phi_v", phi_v)
+    for name, phi, cache, cmp_cache in (("phi_k", phi_k, k_cache, k_cmp_cache), ("phi_v", phi_v, v_cache, v_cmp_cache)):
+        check_phi(name, phi)
+        check_phi_sizes(name, phi, config.compress_block_size, cache.shape[3], cmp_cache.shape[3])
     decoder = select_step(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
                                                    g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
@@ -231,8 +251,9 @@ def attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlen
     (k_win_cache, v_win_cache) or None. The layer calls it directly, having checked its own step
     once."""
     if decoder is not None:                               # -- the decoding kernels --
+        window = {} if window_caches is None else dict(window_caches=window_caches)   # (older decoders: none)
         return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config, scale,
-                       mem_kv_len, window_caches=window_caches)
+                       mem_kv_len, **window)
     B, T, Hq, _ = q.shape
     l, d = config.compress_block_size, config.compress_stride
     o = q.new_empty(B, T, Hq, v_cache.shape[-1])

@@ -47,12 +47,12 @@ def check_integer_tensor(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
 
 
-def check_like(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
-    """`x` must have q's dtype and device."""
+def check_like(name: str, x: torch.Tensor, q: torch.Tensor, q_name: str = "q") -> None:
+    """`x` must have q's dtype and device (q named `q_name` in the errors)."""
     if x.dtype != q.dtype:
-        raise TypeError(f"{name}.dtype is {x.dtype} but q.dtype is {q.dtype}; they must match")
+        raise TypeError(f"{name}.dtype is {x.dtype} but {q_name}.dtype is {q.dtype}; they must match")
     if x.device != q.device:
-        raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
+        raise ValueError(f"{name} is on {x.device} but {q_name} is on {q.device}; they must match")
 
 
 def check_keys(q, k, v, k_name: str = "k", v_name: str = "v", rows: str = "seq_len_k") -> Dims:

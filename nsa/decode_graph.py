@@ -24,8 +24,8 @@ class DecodeGraph:
     The step runs `warmup` times before the capture (from the caches' lengths at the time, which
     are restored). Refused (ValueError) when the step cannot be replayed: it waits on the GPU (the
     torch backend, a step the decoding kernels turn down, rows taking different numbers of tokens,
-    anything that reads a tensor back), appends unequal numbers of tokens, steps a cache that is
-    not in `caches`. A value the step reads on the host (say
+    anything that reads a tensor back), appends unequal numbers of tokens, or steps a cache that
+    is not in `caches`. A value the step reads on the host (say
     a position offset from `cache.lengths`) is replayed as captured: pass such values as inputs.
     Before each replay, a row without room for T more tokens, or a cache whose tensors moved
     (`reorder_` to another batch size), is refused, nothing changed. `truncate_` and `reorder_` to

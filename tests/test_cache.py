@@ -689,7 +689,10 @@ WINDOW_MISUSE = [
     ("new keys without window keys", dict(k_win=None, v_win=None), ValueError, "k, v, k_win and v_win together"),
     ("window keys, no new keys", dict(k=None, v=None), ValueError, "k, v, k_win and v_win together"),
     ("cache of another shape", "short", ValueError, "k_win_cache has shape"),
-    ("cache of another dtype", "float", TypeError, "k_win_cache.dtype"),
+    ("cache of another dtype", "float", TypeError, "k_win_cache.dtype is torch.float32 but k_cache.dtype"),
+    ("the same cache as the keys", "alias", ValueError, "k_win_cache shares its memory with k_cache"),
+    ("phi of another block size", dict(phi_k=CompressionMLP(16, 16)), ValueError, "phi_k maps blocks of 16 tokens"),
+    ("phi of another output", dict(phi_v=CompressionMLP(8, 8, out_dim=4)), ValueError, "phi_v maps .* to dim 4"),
 ]
 
 
@@ -702,10 +705,13 @@ def test_window_caches_misused_are_refused_and_nothing_changes(case):
         kwargs["k_win_cache"] = kwargs["k_win_cache"][:, :-1]
     elif change == "float":
         kwargs["k_win_cache"] = kwargs["k_win_cache"].float()
+    elif change == "alias":
+        kwargs["k_win_cache"] = args[1]
     elif "g_win" in change:
         args[8] = None
     else:
         kwargs.update(change)
+    kwargs = {name: x.double() if isinstance(x, torch.nn.Module) else x for name, x in kwargs.items()}
     tensors = [x for x in (*args[1:5], *kwargs.values()) if isinstance(x, torch.Tensor)]
     before = [x.clone() for x in tensors]
     with pytest.raises(error, match=match):
@@ -727,9 +733,11 @@ def test_compress_mlp_kernel_equals_the_mlp():
     rows = mem + num_compressed_blocks(N, l, d)
     cmp_caches = [torch.full((B, rows, H, phi.mlp[2].out_features), float("nan")) for phi in phis]
     mine = [x.clone() for x in cmp_caches]
-    assert all(kernel_computes(phi, cache) for phi, cache in zip(phis, caches))
-    assert not kernel_computes(CompressionMLP(D, l).double(), caches[0])          # another dtype: PyTorch
-    assert not kernel_computes(torch.nn.Identity(), caches[0])
+    assert all(kernel_computes(phi, cache, cmp, l) for phi, cache, cmp in zip(phis, caches, cmp_caches))
+    declined = [(CompressionMLP(D, l).double(), cmp_caches[1]),                    # another dtype: PyTorch's
+                (torch.nn.Identity(), cmp_caches[1]), (CompressionMLP(D, 2 * l), cmp_caches[1]),
+                (CompressionMLP(D, l, out_dim=8), cmp_caches[1]), (CompressionMLP(16, l), cmp_caches[1])]
+    assert not any(kernel_computes(phi, caches[1], cmp, l) for phi, cmp in declined)
     lengths = torch.tensor([0, 3, 11], dtype=torch.int32)
     for counts in ([70, 70, 70], [1, 1, 1], [2, 0, 9]):          # 3 x 18 x 3 = 162 candidate rows first
         new = lengths + torch.tensor(counts, dtype=torch.int32)
