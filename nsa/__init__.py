@@ -6,13 +6,32 @@ imports the three backends of `native_sparse_attention` so that they register th
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
-_checkout = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec("nsa.kernels") is None and (_checkout / "kernels" / "__init__.py").is_file():
-    __path__.append(str(_checkout))  # a source checkout, not installed: its kernels/ is nsa.kernels
-
 from nsa import device  # first: switches on Triton's interpreter on a machine without CUDA
+
+
+def _checkout_kernels() -> None:
+    """In a source checkout that was never installed, load its kernels/ as nsa.kernels (what
+    pyproject's package-dir maps at install); installed, nsa.kernels is found as it is."""
+    root = Path(__file__).resolve().parent.parent
+    init = root / "kernels" / "__init__.py"
+    if importlib.util.find_spec("nsa.kernels") is not None or not init.is_file() or \
+            not (root / "pyproject.toml").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("nsa.kernels", init, submodule_search_locations=[str(init.parent)])
+    sys.modules["nsa.kernels"] = module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:              # no triton: nsa.kernels stays missing, as installed (below)
+        del sys.modules["nsa.kernels"]
+        return
+    globals()["kernels"] = module    # nsa.kernels, as an import would bind it
+
+
+_checkout_kernels()
+
 from nsa.attention import attention
 from nsa.backends import available_backends, backend_unavailable
 from nsa.cache import KVCache, sparse_attention_with_kvcache

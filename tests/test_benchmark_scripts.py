@@ -207,13 +207,14 @@ def test_check_layer_cache_tiny_meets_its_goal(tmp_path):
 
 
 def test_a_source_checkout_imports_the_kernels_without_installing():
-    """`python benchmarks/...` from a checkout that was never `pip install`ed: nsa finds kernels/
+    """`python benchmarks/...` from a checkout that was never `pip install`ed: nsa loads kernels/
     beside itself as nsa.kernels (pyproject's mapping), so the Triton backend registers."""
     code = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
-            f"sys.path.insert(0, {str(ROOT)!r}); import nsa, nsa.kernels; "
-            "print(nsa.kernels.__file__, sorted(nsa.available_backends()))")
+            f"sys.path.insert(0, {str(ROOT)!r}); import importlib.util, nsa; "
+            "print(nsa.kernels.__file__, sorted(nsa.available_backends()), importlib.util.find_spec('nsa.tests'))")
     done = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TRITON_INTERPRET="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     path, backends = done.stdout.split(" ", 1)
     assert Path(path) == ROOT / "kernels" / "__init__.py" and "'triton'" in backends, done.stdout
+    assert backends.rstrip().endswith("None"), done.stdout          # kernels/ alone: no nsa.tests and the like
