@@ -216,8 +216,9 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     with no host synchronisation; they read contiguous
     caches in place (a non-contiguous cache, a view into a larger buffer, is copied at every step).
     Returns o: (B, T, Hq, Dv), equal to the last T rows of `native_sparse_attention` over each
-    row's whole sequence. The caches change only after every check passed; cache_seqlens is not
-    advanced. To roll back rejected drafts, pass a smaller cache_seqlens: nothing past a row's
+    row's whole sequence. The caches change only after every check passed (a `CompressionMLP`'s
+    sizes included; a phi of your own is checked by what it returns, once the new keys are
+    written); cache_seqlens is not advanced. To roll back rejected drafts, pass a smaller cache_seqlens: nothing past a row's
     length is read, and the compressed blocks the next tokens complete are computed anew (when
     their k, v are passed; otherwise by the caller, as for any step).
     """
