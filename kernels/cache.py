@@ -68,15 +68,16 @@ def gather_blocks_kernel(CACHE_A, BLOCKS_A, CACHE_B, BLOCKS_B, NEW_LENGTHS, capa
 
 
 @triton.jit
-def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, target, source_ok, target_ok,
-                  DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, target, ok, DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     """CMP[target] = the sum over s < SHARES of SUMMARY[s, source] (rows of DIM values; SUMMARY
-    (SHARES, summary_rows, DIM)), added in float32; rows not target_ok: nothing written."""
+    (SHARES, summary_rows, DIM)), added in float32, for the rows that are `ok`; the others are not
+    read (compress_mlp_kernel may have left them unwritten) nor written."""
     offs_d = tl.arange(0, BLOCK_D)
-    total = load_rows(SUMMARY, source, source_ok, offs_d, DIM).to(tl.float32)
+    total = load_rows(SUMMARY, source, ok, offs_d, DIM).to(tl.float32)
     for s in range(1, SHARES):
-        total += load_rows(SUMMARY + s * summary_rows.to(tl.int64) * DIM, source, source_ok, offs_d, DIM).to(tl.float32)
-    store_rows(CMP, total, target, target_ok, offs_d, DIM)
+        total += load_rows(SUMMARY + s * summary_rows.to(tl.int64) * DIM, source, ok, offs_d, DIM).to(tl.float32)
+    store_rows(CMP, total, target, ok, offs_d, DIM)
 
 
 @triton.jit
@@ -96,11 +97,10 @@ def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LEN
     summary_rows = tl.num_programs(0) * K * HEADS
     source = (b * K + k).to(tl.int64) * HEADS + h
     target = (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h
-    write_summary(SUMMARY_A, source, summary_rows, SHARES_A, CMP_A, target, h < HEADS, (h < HEADS) & done, DIM_A,
-                  BLOCK_DA)
+    write_summary(SUMMARY_A, source, summary_rows, SHARES_A, CMP_A, target, (h < HEADS) & done, DIM_A, BLOCK_DA)
     if PAIR:
-        write_summary(SUMMARY_B, source, summary_rows, SHARES_B, CMP_B, target, h < HEADS, (h < HEADS) & done,
-                      DIM_B, BLOCK_DB)
+        write_summary(SUMMARY_B, source, summary_rows, SHARES_B, CMP_B, target, (h < HEADS) & done, DIM_B,
+                      BLOCK_DB)
 
 
 @triton.jit
