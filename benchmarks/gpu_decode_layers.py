@@ -1,7 +1,7 @@
 """A stack of `SparseAttention` layers decoding with their caches, eagerly, as a model serves (GPU).
 
     python benchmarks/gpu_decode_layers.py [--layers 8] [--contexts 16k,64k] [--heads 64/4,32/8]
-        [--batch 1] [--steps 32] [--out DIR] [--build LABEL] [--dense] [--kv-per-branch]
+        [--batch 1] [--steps 32] [--out DIR] [--build LABEL] [--dense] [--kv-per-branch] [--by-kernel]
 
 For each context and head shape: `--layers` layers (bf16, model width 2048, heads of 128, the
 paper's geometry, the "auto" backend) each get a cache, are prefilled to the context, then take
@@ -15,7 +15,8 @@ blocking copy or read-back warns once), and the stack's step replayed from one C
 (`nsa.DecodeGraph`, where this build has it): its time per token, and whether four replays gave
 exactly the outputs of four eager steps from the same caches (rolled back with `truncate_`);
 and, under `torch.profiler`, how many kernels (and copies) one eager step of the stack runs on
-the GPU and their device time: a replay costs at least that, plus a launch gap per kernel.
+the GPU and their device time: a replay costs at least that, plus a launch gap per kernel
+(`--by-kernel` prints them by name: how many a step, and their device time).
 Equal first two numbers and waits > 0 mean the host cannot run ahead; the gap between them is
 what a step without waits gains. `--dense` times, after each NSA stack, a dense stack of the
 same projections over a KV cache of exactly the context (`DenseDecodeLayer`: SDPA with GQA, the
@@ -77,12 +78,15 @@ class DenseDecodeLayer(torch.nn.Module):
         return self.to_out(o.transpose(1, 2).reshape(B, 1, -1))
 
 
-def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=False, kv_per_branch=False):
+def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=False, kv_per_branch=False,
+                 by_kernel=None):
     """(ms per token, ms per token synchronised after every layer, host waits per step, ms per
     token replayed from a CUDA graph, whether replays equal eager steps, kernels per step, their
     device ms); the graph's two None without a GPU or without `nsa.DecodeGraph`, the kernels'
     two None without a GPU. dense: the dense baseline's stack (`DenseDecodeLayer`) instead;
-    kv_per_branch: the layers' option of that name."""
+    kv_per_branch: the layers' option of that name; by_kernel: a dict that receives, on a GPU, one
+    eager step's kernels by name, (how many, device µs)."""
+    by_kernel = {} if by_kernel is None else by_kernel
     cuda = torch.cuda.is_available() and not tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     width, dim_head = (64, 16) if tiny else (2048, 128)
@@ -138,6 +142,9 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=F
                 sync()
             ran = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             kernels, kernel_ms = len(ran), sum(e.time_range.elapsed_us() for e in ran) / 1e3
+            for e in ran:
+                count, us = by_kernel.get(e.name, (0, 0.0))
+                by_kernel[e.name] = (count + 1, us + e.time_range.elapsed_us())
         if cuda and (dense or hasattr(nsa, "DecodeGraph")):  # the stack's step from one graph
             xs = [torch.randn(batch, 1, width, device=device, dtype=dtype) for _ in range(4)]
             kept = [list(cache.lengths) for cache in caches]
@@ -184,6 +191,7 @@ def main() -> int:
                         help="also the dense baseline's stack (rows under build 'dense baseline')")
     parser.add_argument("--kv-per-branch", action="store_true",
                         help="layers with kv_per_branch=True (the window's own keys and values)")
+    parser.add_argument("--by-kernel", action="store_true", help="print each step's kernels by name and time")
     parser.add_argument("--tiny", action="store_true", help="small sizes on the CPU: a check of the script")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
@@ -195,8 +203,9 @@ def main() -> int:
     rows = []
     stacks = (False, True) if args.dense else (False,)                # NSA, then the dense baseline
     for context, (heads_q, heads_kv), dense in itertools.product(contexts, heads, stacks):
+        by_kernel = {}
         eager, synced, waits, graph_ms, equal, kernels, kernel_ms = decode_stack(
-            context, args.batch, heads_q, heads_kv, layers, steps, args.tiny, dense, args.kv_per_branch)
+            context, args.batch, heads_q, heads_kv, layers, steps, args.tiny, dense, args.kv_per_branch, by_kernel)
         build = "dense baseline" if dense else args.build
         rows.append({"build": build, "context": context, "batch": args.batch, "heads": f"{heads_q}/{heads_kv}",
                      "layers": layers, "ms_per_token": f"{eager:.3f}", "ms_per_token_synced": f"{synced:.3f}",
@@ -212,6 +221,9 @@ def main() -> int:
                  f"{'equal to' if equal else 'DIFFERENT from'} eager steps")
               + ("" if kernels is None else f"; {kernels} kernels a step, {kernel_ms:.3f} ms on the GPU"),
               flush=True)
+        if args.by_kernel and by_kernel:
+            for name, (count, us) in sorted(by_kernel.items(), key=lambda item: -item[1][1]):
+                print(f"    {count:>5} x {us / count:7.2f} us = {us:8.1f} us  {name[:100]}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"decode_layers_{'cpu' if args.tiny else gpu_tag()}.csv"
