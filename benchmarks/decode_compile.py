@@ -3,7 +3,8 @@
     python benchmarks/decode_compile.py [--arch 90]
 
 For each step shape below, a layer's step — its cache writes with the MLP phi (the new keys and
-values appended, `compress_mlp_kernel` for each, the write) and `sparse_attention_decode_triton`'s
+values appended, `compress_mlp_kernel` for each, the write; then the write of mean pooling, which
+takes the means itself) and `sparse_attention_decode_triton`'s
 four kernels — runs on empty CPU tensors with its kernel launches recorded instead of made (the
 tensors pose as CUDA ones, 132 multiprocessors, so the launchers pick a GPU's splits and tiles);
 Triton then compiles each recorded launch for
@@ -48,8 +49,9 @@ def recorded_launches(heads_q, heads_kv, tokens, batch, context):
     new = torch.empty(batch, tokens, heads_kv, 128, **bf16)
     with recorded(writes, ["append_tokens_kernel", "compress_mlp_kernel", "write_blocks_kernel"]) as launches:
         writes.append_tokens_triton([cache, cache], [new, new], cache_seqlens)
-        writes.compress_new_blocks_triton([cache, cache], [compressed, compressed], [phi, phi], cache_seqlens,
-                                          cache_seqlens + tokens, tokens, l, d)
+        for phis in ([phi, phi], [None, None]):
+            writes.compress_new_blocks_triton([cache, cache], [compressed, compressed], phis, cache_seqlens,
+                                              cache_seqlens + tokens, tokens, l, d)
     with recorded(decode, names, multiprocessors=132) as attention:
         decode.sparse_attention_decode_triton(q, cache, cache, compressed, compressed, cache_seqlens, gate, gate, gate,
                                               config, 128 ** -0.5, 0)

@@ -81,26 +81,49 @@ def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, targ
 
 
 @triton.jit
+def write_mean(CACHE, b, first, capacity, h, HEADS: tl.constexpr, CMP, target, ok, DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """CMP[target] = the mean of the BLOCK_SIZE keys from position `first` of row b of CACHE
+    ((B, capacity, H, DIM)), kv heads h, added in float32, for the rows that are `ok`."""
+    offs_d = tl.arange(0, BLOCK_D)
+    total = tl.zeros([h.shape[0], BLOCK_D], dtype=tl.float32)
+    for i in range(BLOCK_SIZE):
+        token = tl.minimum(first + i, capacity - 1)                      # an incomplete block: not written
+        total += load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, ok, offs_d, DIM).to(tl.float32)
+    store_rows(CMP, total / BLOCK_SIZE, target, ok, offs_d, DIM)
+
+
+@triton.jit
 def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LENGTHS, num_rows, mem_kv_len, K,
-                        HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr,
-                        SHARES_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr, SHARES_B: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr):
+                        capacity, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM_A: tl.constexpr,
+                        BLOCK_DA: tl.constexpr, SHARES_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr,
+                        SHARES_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr,
+                        MEAN: tl.constexpr):
     """Program (b, k): candidate k's summaries — the sum of SUMMARY_A's SHARES_A shares [s, b, k]
-    ((H, D) each; one share when phi ran whole) — into CMP_A[b, mem_kv_len + block] if this step
-    completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with PAIR, the same
-    of SUMMARY_B into CMP_B."""
+    ((H, D) each; one share when phi ran whole), or with MEAN the mean of the block's keys in
+    SUMMARY_A, the cache itself (mean pooling, computed here) — into CMP_A[b, mem_kv_len + block]
+    if this step completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with
+    PAIR, the same of SUMMARY_B into CMP_B."""
     b, k = tl.program_id(0), tl.program_id(1)
     last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
     block = tl.maximum(last - K, 0) + k
     done = (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
     h = tl.arange(0, BLOCK_H)
-    summary_rows = tl.num_programs(0) * K * HEADS
-    source = (b * K + k).to(tl.int64) * HEADS + h
     target = (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h
-    write_summary(SUMMARY_A, source, summary_rows, SHARES_A, CMP_A, target, (h < HEADS) & done, DIM_A, BLOCK_DA)
-    if PAIR:
-        write_summary(SUMMARY_B, source, summary_rows, SHARES_B, CMP_B, target, (h < HEADS) & done, DIM_B,
-                      BLOCK_DB)
+    if MEAN:
+        write_mean(SUMMARY_A, b, block * STRIDE, capacity, h, HEADS, CMP_A, target, (h < HEADS) & done, DIM_A,
+                   BLOCK_DA, BLOCK_SIZE)
+        if PAIR:
+            write_mean(SUMMARY_B, b, block * STRIDE, capacity, h, HEADS, CMP_B, target, (h < HEADS) & done, DIM_B,
+                       BLOCK_DB, BLOCK_SIZE)
+    else:
+        summary_rows = tl.num_programs(0) * K * HEADS
+        source = (b * K + k).to(tl.int64) * HEADS + h
+        write_summary(SUMMARY_A, source, summary_rows, SHARES_A, CMP_A, target, (h < HEADS) & done, DIM_A,
+                      BLOCK_DA)
+        if PAIR:
+            write_summary(SUMMARY_B, source, summary_rows, SHARES_B, CMP_B, target, (h < HEADS) & done, DIM_B,
+                          BLOCK_DB)
 
 
 @triton.jit
@@ -205,10 +228,10 @@ def compress_mlp(cache, phi, old_lengths, new_lengths, candidates: int, block_si
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                                stride: int, mem_kv_len: int = 0) -> None:
     """`compress_new_blocks` in Triton: with the paper's MLP phi (`CompressionMLP`) for every
-    cache, `compress_mlp_kernel` for each and one write launch for each two caches; with another
-    phi (mean pooling, a callable of the caller's), the gather and the write in Triton for each
-    two caches and phi in PyTorch between them (caches that are not contiguous:
-    `compress_new_blocks` itself)."""
+    cache, `compress_mlp_kernel` for each and one write launch for each two caches; with mean
+    pooling for every cache, the write launches alone (they take the means); with another phi (a
+    callable of the caller's), the gather and the write in Triton for each two caches and phi in
+    PyTorch between them (caches that are not contiguous: `compress_new_blocks` itself)."""
     if not all(x.is_contiguous() for x in (*caches, *cmp_caches)):
         return compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new, block_size, stride,
                                    mem_kv_len)
@@ -217,9 +240,12 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
     if candidates <= 0:
         return
     in_kernel = all(kernel_computes(*args, block_size) for args in zip(phis, caches, cmp_caches))
+    mean = all(phi is None for phi in phis)
     for pair in in_pairs(caches, cmp_caches, phis):
         (cache_a, cmp_a, _), (cache_b, cmp_b, _) = pair[0], pair[-1]   # no second: the first again, unread
-        if in_kernel:                                 # -- phi in a kernel, from the cache --
+        if mean:                                      # -- the means, taken by the write itself --
+            summary = [cache[None] for cache, _, _ in pair]
+        elif in_kernel:                               # -- phi in a kernel, from the cache --
             summary = [compress_mlp(cache, phi, old_lengths, new_lengths, candidates, block_size, stride)
                        for cache, _, phi in pair]
         else:                                         # -- gathered, then phi in PyTorch --
@@ -236,9 +262,10 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
             summary = [x.reshape(1, -1, x.shape[3]) for x in summary]                # one share each
         write_blocks_kernel[(B, candidates)](
             summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,
-            HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=cmp_a.shape[3], BLOCK_DA=head_dim_block(cmp_a.shape[3]),
-            SHARES_A=summary[0].shape[0], DIM_B=cmp_b.shape[3], BLOCK_DB=head_dim_block(cmp_b.shape[3]),
-            SHARES_B=summary[-1].shape[0], BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
+            capacity, HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=cmp_a.shape[3],
+            BLOCK_DA=head_dim_block(cmp_a.shape[3]), SHARES_A=summary[0].shape[0], DIM_B=cmp_b.shape[3],
+            BLOCK_DB=head_dim_block(cmp_b.shape[3]), SHARES_B=summary[-1].shape[0], BLOCK_SIZE=block_size,
+            STRIDE=stride, PAIR=len(pair) == 2, MEAN=mean)
 
 
 CACHE_WRITERS[sparse_attention_decode_triton] = (append_tokens_triton, compress_new_blocks_triton)
