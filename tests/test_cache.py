@@ -579,19 +579,21 @@ def test_a_step_appending_to_every_row_makes_no_tensor_from_host_lists(monkeypat
     torch.testing.assert_close(outputs[1][1], expected[1, 38:40], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("mlp", [True, False], ids=["mlp", "mean"])
-def test_triton_cache_writes_equal_pytorch_ones(mlp):
+@pytest.mark.parametrize("phi", ["mlp", "mean", "callable"])
+def test_triton_cache_writes_equal_pytorch_ones(phi):
     """The decoding kernels' own cache writes (Triton's interpreter on the CPU) against the
     PyTorch ones: appends at each row's length, compressed blocks after steps that complete none,
     one or several, rows of different lengths, memory rows, Dqk != Dv, int32 lengths; three caches
-    (the kernels take two at a time: the third alone)."""
+    (the kernels take two at a time: the third alone). phi: the paper's MLP (compress_mlp_kernel),
+    mean pooling (taken by the write kernel) or a callable of the caller's (gathered for PyTorch)."""
     from nsa.cache import append_tokens, compress_new_blocks
     from nsa.kernels.cache import append_tokens_triton, compress_new_blocks_triton
     torch.manual_seed(9)
     B, N, H, dims, l, d, mem = 2, 70, 3, (16, 8, 32), 16, 4, 1
     caches = [torch.randn(B, N, H, D) for D in dims]
     cmp_caches = [torch.full((B, mem + num_compressed_blocks(N, l, d), H, D), float("nan")) for D in dims]
-    phis = [CompressionMLP(D, l) if mlp else None for D in dims]
+    maximum = lambda blocks: blocks.amax(dim=3)                              # noqa: E731  a phi of one's own
+    phis = [{"mlp": CompressionMLP(D, l), "mean": None, "callable": maximum}[phi] for D in dims]
     mine = [x.clone() for x in caches], [x.clone() for x in cmp_caches]
     lengths = torch.tensor([3, 0], dtype=torch.int32)
     for counts in ([1, 1], [13, 2], [0, 17], [5, 30]):
