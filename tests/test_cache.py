@@ -749,3 +749,20 @@ def test_compress_mlp_kernel_equals_the_mlp():
         for got, expected in zip(mine, cmp_caches):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
         lengths = new
+
+
+def test_a_decoder_of_the_older_contract_still_decodes(monkeypatch):
+    """A decoder registered before window caches existed (no window_caches argument) is called
+    without one for a step whose window reads the shared caches."""
+    from nsa import backends
+    calls = []
+
+    def decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config, scale, mem):
+        calls.append(q.shape)
+        return q.new_zeros(*q.shape[:3], v_cache.shape[-1])
+
+    monkeypatch.setitem(backends._decoders, "triton", backends.Backend("triton", decoder, lambda *args: None))
+    args, kwargs, _ = window_step_inputs(torch.float32)
+    kwargs = {name: kwargs[name] for name in ("k", "v")}
+    out = sparse_attention_with_kvcache(*args, backend="triton", **kwargs)
+    assert calls == [args[0].shape] and out.abs().sum() == 0
