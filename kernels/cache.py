@@ -201,11 +201,15 @@ def kernel_computes(phi, cache, cmp_cache, block_size: int) -> bool:
     built (Linear, exact GELU, Linear, with biases), in the cache's dtype and on its device, taking
     blocks of `block_size` tokens of the cache's head dim to the compressed cache's (another size:
     PyTorch's phi, which raises)."""
-    return (type(phi) is CompressionMLP and len(phi.mlp) == 3 and type(phi.mlp[1]) is torch.nn.GELU
-            and phi.mlp[1].approximate == "none" and phi.mlp[0].bias is not None and phi.mlp[2].bias is not None
-            and all(p.dtype == cache.dtype and p.device == cache.device for p in phi.parameters())
+    if type(phi) is not CompressionMLP or len(phi.mlp) != 3:
+        return False
+    first, gelu, second = phi.mlp
+    weights = (phi.position, first.weight, first.bias, second.weight, second.bias)
+    return (type(first) is type(second) is torch.nn.Linear and type(gelu) is torch.nn.GELU
+            and gelu.approximate == "none" and first.bias is not None and second.bias is not None
+            and all(w.dtype == cache.dtype and w.device == cache.device for w in weights)
             and (phi.block_size, phi.head_dim) == (block_size, cache.shape[3])
-            and phi.mlp[0].in_features == block_size * cache.shape[3] and phi.mlp[2].out_features == cmp_cache.shape[3])
+            and first.in_features == block_size * cache.shape[3] and second.out_features == cmp_cache.shape[3])
 
 
 def compress_mlp(cache, phi, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
