@@ -119,10 +119,11 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
     if (k is None) != (v is None):
         raise ValueError("pass the new tokens' k and v together, or neither (already in the cache)")
     check_window_caches(k_cache, v_cache, k_win_cache, v_win_cache, k, v, k_win, v_win, g_win)
-    if k is not None and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (k, v, k_win, v_win)):
-        raise ValueError("the new keys or values require grad: writing them into the caches would put the caches in autograd's "
-                         "graph, which every later step writes in place; decode under torch.no_grad() or "
-                         "torch.inference_mode()")
+    new = [x for x in (k, v, k_win, v_win) if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in new):
+        raise ValueError("the new keys or values require grad: writing them into the caches would put the caches "
+                         "in autograd's graph, which every later step writes in place; decode under "
+                         "torch.no_grad() or torch.inference_mode()")
     seqlens = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
     return dims, scale, seqlens
 
@@ -218,9 +219,10 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     Returns o: (B, T, Hq, Dv), equal to the last T rows of `native_sparse_attention` over each
     row's whole sequence. The caches change only after every check passed (a `CompressionMLP`'s
     sizes included; a phi of your own is checked by what it returns, once the new keys are
-    written); cache_seqlens is not advanced. To roll back rejected drafts, pass a smaller cache_seqlens: nothing past a row's
-    length is read, and the compressed blocks the next tokens complete are computed anew (when
-    their k, v are passed; otherwise by the caller, as for any step).
+    written); cache_seqlens is not advanced. To roll back rejected drafts, pass a smaller
+    cache_seqlens: nothing past a row's length is read, and the compressed blocks the next tokens
+    complete are computed anew (when their k, v are passed; otherwise by the caller, as for any
+    step).
     """
     dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len, k_win_cache, v_win_cache,
