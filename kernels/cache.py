@@ -24,13 +24,18 @@ def copy_row(SOURCE, TARGET, ROW: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def append_tokens_kernel(NEW_A, CACHE_A, NEW_B, CACHE_B, LENGTHS, T, capacity, ROW_A: tl.constexpr,
-                         ROW_B: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr):
+def append_tokens_kernel(NEW_A, CACHE_A, NEW_B, CACHE_B, LENGTHS, NEW_LENGTHS, T, capacity, ROW_A: tl.constexpr,
+                         ROW_B: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr, ADVANCE: tl.constexpr):
     """Program (b, t): row b's new token t into CACHE_A[b, LENGTHS[b] + t] (its ROW_A = H * D values)
-    and, with PAIR, the same token of the second cache (the values, say) into CACHE_B."""
+    and, with PAIR, the same token of the second cache (the values, say) into CACHE_B; with
+    ADVANCE, program (b, 0) also writes the row's length after the step, NEW_LENGTHS[b]."""
     b, t = tl.program_id(0), tl.program_id(1)
     token = (b * T + t).to(tl.int64)
-    slot = b.to(tl.int64) * capacity + tl.load(LENGTHS + b) + t
+    length = tl.load(LENGTHS + b)
+    if ADVANCE:
+        if t == 0:
+            tl.store(NEW_LENGTHS + b, length + T)
+    slot = b.to(tl.int64) * capacity + length + t
     copy_row(NEW_A + token * ROW_A, CACHE_A + slot * ROW_A, ROW_A, BLOCK)
     if PAIR:
         copy_row(NEW_B + token * ROW_B, CACHE_B + slot * ROW_B, ROW_B, BLOCK)
@@ -181,18 +186,20 @@ def in_pairs(*lists):
     return [items[i:i + 2] for i in range(0, len(items), 2)]
 
 
-def append_tokens_triton(caches, news, lengths) -> None:
-    """`append_tokens` in a launch for each two caches (caches that are not contiguous:
-    `append_tokens` itself)."""
+def append_tokens_triton(caches, news, lengths) -> torch.Tensor:
+    """`append_tokens` in a launch for each two caches, the first of which also writes the lengths
+    after (caches that are not contiguous: `append_tokens` itself)."""
     if not all(x.is_contiguous() for x in caches):
         return append_tokens(caches, news, lengths)
-    for pair in in_pairs(caches, news):
+    new_lengths = torch.empty_like(lengths)
+    for i, pair in enumerate(in_pairs(caches, news)):
         (cache_a, new_a), (cache_b, new_b) = pair[0], pair[-1]     # no second: the first again, unread
         B, T, H = new_a.shape[:3]
-        append_tokens_kernel[(B, T)](new_a.contiguous(), cache_a, new_b.contiguous(), cache_b, lengths, T,
-                                     cache_a.shape[1], ROW_A=H * new_a.shape[3], ROW_B=H * new_b.shape[3],
+        append_tokens_kernel[(B, T)](new_a.contiguous(), cache_a, new_b.contiguous(), cache_b, lengths, new_lengths,
+                                     T, cache_a.shape[1], ROW_A=H * new_a.shape[3], ROW_B=H * new_b.shape[3],
                                      BLOCK=min(triton.next_power_of_2(H * max(new_a.shape[3], new_b.shape[3])), 4096),
-                                     PAIR=len(pair) == 2)
+                                     PAIR=len(pair) == 2, ADVANCE=i == 0)
+    return new_lengths
 
 
 MLP_UNITS = 16       # hidden units per program of compress_mlp_kernel: 4D = 512 of them make 32 programs

@@ -174,15 +174,16 @@ def check_phi_sizes(name: str, phi, block_size: int, dim_in: int, dim_out: int) 
                              "compressed cache's)")
 
 
-def append_tokens(caches, news, lengths) -> None:
+def append_tokens(caches, news, lengths) -> torch.Tensor:
     """For each cache and its new tokens (the keys and the values, say), write row b's new tokens
     new[b, t] ((B, T, H, D)) at cache[b, lengths[b] + t], in place; lengths: a (B,) integer
-    tensor on the caches' device."""
+    tensor on the caches' device. Returns the lengths after, lengths + T (a new tensor)."""
     B, T = news[0].shape[:2]
     device = caches[0].device
     at = (torch.arange(B, device=device)[:, None], lengths[:, None] + torch.arange(T, device=device))
     for cache, new in zip(caches, news):
         cache[at] = new
+    return lengths + T
 
 
 CACHE_WRITERS: dict = {}      # a decoder -> its own (append_tokens, compress_new_blocks), e.g. in Triton
@@ -238,8 +239,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
         caches, news = [k_cache, v_cache], [k, v]
         if k_win_cache is not None:                       # the window's own keys and values too
             caches, news = caches + [k_win_cache, v_win_cache], news + [k_win, v_win]
-        append(caches, news, seqlens)
-        compress([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, seqlens + T, T, l, d,
+        new_lengths = append(caches, news, seqlens)
+        compress([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, new_lengths, T, l, d,
                  mem_kv_len)
     return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
                          config, scale, mem_kv_len, backend,
@@ -460,9 +461,8 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     uniform = all(c == T for c in counts)
     append, compress = cache_writers(decoder)
     if uniform:                                       # every row all T: the new keys as they are
-        new = old + T
-        append([x for branch in cache.keys for x in (cache.keys[branch], cache.values[branch])],
-               [x for branch in cache.keys for x in (keys[branch], values[branch])], old)
+        new = append([x for branch in cache.keys for x in (cache.keys[branch], cache.values[branch])],
+                     [x for branch in cache.keys for x in (keys[branch], values[branch])], old)
     else:                                             # the (row, token) pairs kept
         pairs = [(b, t) for b, c in enumerate(counts) for t in range(c)]
         row, token = (torch.tensor([pair[i] for pair in pairs], dtype=torch.long, device=x.device) for i in (0, 1))

@@ -603,7 +603,7 @@ def test_triton_cache_writes_equal_pytorch_ones(phi):
             for writes, (kv, cmp) in (((append_tokens, compress_new_blocks), (caches, cmp_caches)),
                                       ((append_tokens_triton, compress_new_blocks_triton), mine)):
                 if min(counts) == max(counts):            # appends: every row the same count
-                    writes[0](kv, tokens, lengths)
+                    assert torch.equal(writes[0](kv, tokens, lengths), new)     # and the lengths after
                 writes[1](kv, cmp, phis, lengths, new, max(counts), l, d, mem)
         for got, expected in zip([*mine[0], *mine[1]], [*caches, *cmp_caches]):
             torch.testing.assert_close(got, expected, equal_nan=True)
