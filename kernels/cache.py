@@ -134,18 +134,51 @@ def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LEN
 
 
 @triton.jit
-def compress_mlp_kernel(CACHE, POSITION, W1, B1, W2, B2, SHARES, OLD_LENGTHS, NEW_LENGTHS, capacity, K, num_rows,
+def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, rows, row_ok, j, capacity, num_rows,
+              HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
+              OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_HID: tl.constexpr):
+    """SHARES[j, rows] = hidden units j*BLOCK_HID .. of `CompressionMLP` (weights W1, B1, W2, B2 and
+    POSITION) on the blocks of BLOCK_SIZE keys from position `first` of rows b, kv heads h, of
+    CACHE: that share of the second layer's output, float32, with B2 in share 0."""
+    units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
+    unit_ok = units < HIDDEN
+    offs_d = tl.arange(0, BLOCK_D)
+    # -- the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
+    acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
+    for i in range(BLOCK_SIZE):
+        token = tl.minimum(first + i, capacity - 1)                      # an incomplete block: not written
+        x = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, row_ok, offs_d, DIM)
+        x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
+        w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
+                     mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)          # (BLOCK_HID, BLOCK_D)
+        acc += tl.dot(x.to(w1.dtype), tl.trans(w1), input_precision="ieee")
+    # -- bias and GELU (erf, as nn.GELU()), then these units' share of the second layer --
+    hidden = acc + tl.load(B1 + units, mask=unit_ok, other=0.0)[None, :].to(tl.float32)
+    hidden = 0.5 * hidden * (1.0 + tl.erf(hidden * 0.7071067811865476))
+    offs_o = tl.arange(0, BLOCK_OUT)
+    w2 = tl.load(W2 + offs_o[:, None] * HIDDEN + units[None, :], mask=(offs_o[:, None] < OUT) & unit_ok[None, :],
+                 other=0.0)                                                                 # (BLOCK_OUT, BLOCK_HID)
+    share = tl.dot(hidden.to(w2.dtype), tl.trans(w2), input_precision="ieee")            # (BLOCK_M, BLOCK_OUT)
+    share += tl.where(j == 0, tl.load(B2 + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32), 0.0)[None, :]
+    store_rows(SHARES, share, j.to(tl.int64) * num_rows + rows, row_ok, offs_o, OUT)
+
+
+@triton.jit
+def compress_mlp_kernel(CACHE_A, POSITION_A, W1_A, B1_A, W2_A, B2_A, SHARES_A,
+                        CACHE_B, POSITION_B, W1_B, B1_B, W2_B, B2_B, SHARES_B,
+                        OLD_LENGTHS, NEW_LENGTHS, capacity, K, num_rows,
                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
                         OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_HID: tl.constexpr):
-    """Program (m, j): `CompressionMLP` on candidate rows m*BLOCK_M .. (row r = (b, k, h): row b's
-    candidate k, kv head h), for its hidden units j*BLOCK_HID ..: the block's l keys plus the
-    position embedding, times W1's rows of those units, plus B1, GELU, times W2's columns of them
-    (plus B2 in share 0) -> SHARES[j, r], a float32 (OUT,) share of the summary that
-    write_blocks_kernel sums. Every unit's input is the whole block: no program waits on another.
-    A program none of whose rows completes its block this step (a decoding step at T = 1: d - 1
-    steps in d) reads no weights and writes nothing: the write skips those rows."""
-    m, j = tl.program_id(0), tl.program_id(1)
+    """Program (m, j, p): `CompressionMLP` on candidate rows m*BLOCK_M .. (row r = (b, k, h): row
+    b's candidate k, kv head h), for its hidden units j*BLOCK_HID .. (`mlp_share`), of cache A and
+    its phi (p = 0) or cache B and its phi (p = 1: the values, say, when their sizes are A's) ->
+    SHARES[j, r], a float32 (OUT,) share of the summary that write_blocks_kernel sums. Every
+    unit's input is the whole block: no program waits on another. A program none of whose rows
+    completes its block this step (a decoding step at T = 1: d - 1 steps in d) reads no weights
+    and writes nothing: the write skips those rows."""
+    m, j, p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # -- 1. the rows: each one's cache row, block and kv head, and whether its block completed now --
     r = m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < num_rows
@@ -154,29 +187,14 @@ def compress_mlp_kernel(CACHE, POSITION, W1, B1, W2, B2, SHARES, OLD_LENGTHS, NE
     last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
     block = tl.maximum(last - K, 0) + k
     done = row_ok & (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
-    if tl.max(done.to(tl.int32), axis=0) > 0:                            # some row's block completed now
-        first = block * STRIDE
-        units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
-        unit_ok = units < HIDDEN
-        offs_d = tl.arange(0, BLOCK_D)
-        # -- 2. the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
-        acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
-        for i in range(BLOCK_SIZE):
-            token = tl.minimum(first + i, capacity - 1)                  # an incomplete block: not written
-            x = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, row_ok, offs_d, DIM)
-            x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
-            w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
-                         mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)      # (BLOCK_HID, BLOCK_D)
-            acc += tl.dot(x.to(w1.dtype), tl.trans(w1), input_precision="ieee")
-        # -- 3. bias and GELU (erf, as nn.GELU()), then this share of the second layer --
-        hidden = acc + tl.load(B1 + units, mask=unit_ok, other=0.0)[None, :].to(tl.float32)
-        hidden = 0.5 * hidden * (1.0 + tl.erf(hidden * 0.7071067811865476))
-        offs_o = tl.arange(0, BLOCK_OUT)
-        w2 = tl.load(W2 + offs_o[:, None] * HIDDEN + units[None, :],
-                     mask=(offs_o[:, None] < OUT) & unit_ok[None, :], other=0.0)          # (BLOCK_OUT, BLOCK_HID)
-        share = tl.dot(hidden.to(w2.dtype), tl.trans(w2), input_precision="ieee")        # (BLOCK_M, BLOCK_OUT)
-        share += tl.where(j == 0, tl.load(B2 + offs_o, mask=offs_o < OUT, other=0.0).to(tl.float32), 0.0)[None, :]
-        store_rows(SHARES, share, j.to(tl.int64) * num_rows + r, row_ok, offs_o, OUT)
+    # -- 2. phi on the rows, where some row's block completed now --
+    if tl.max(done.to(tl.int32), axis=0) > 0:
+        if p == 0:
+            mlp_share(CACHE_A, POSITION_A, W1_A, B1_A, W2_A, B2_A, SHARES_A, b, h, block * STRIDE, r, row_ok, j,
+                      capacity, num_rows, HEADS, DIM, BLOCK_D, HIDDEN, OUT, BLOCK_OUT, BLOCK_SIZE, BLOCK_M, BLOCK_HID)
+        else:
+            mlp_share(CACHE_B, POSITION_B, W1_B, B1_B, W2_B, B2_B, SHARES_B, b, h, block * STRIDE, r, row_ok, j,
+                      capacity, num_rows, HEADS, DIM, BLOCK_D, HIDDEN, OUT, BLOCK_OUT, BLOCK_SIZE, BLOCK_M, BLOCK_HID)
 
 
 def in_pairs(*lists):
@@ -221,21 +239,27 @@ def kernel_computes(phi, cache, cmp_cache, block_size: int) -> bool:
             and first.in_features == block_size * cache.shape[3] and second.out_features == cmp_cache.shape[3])
 
 
-def compress_mlp(cache, phi, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
-    """phi (a `CompressionMLP`) on every row's `candidates` blocks, gathered in the kernel:
-    (shares, B * candidates * H, D_out) float32, whose sum over shares is the summaries."""
-    B, capacity, H, D = cache.shape
-    rows, hidden, out = B * candidates * H, phi.mlp[0].out_features, phi.mlp[2].out_features
+def compress_mlp(caches, phis, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
+    """Each phi (a `CompressionMLP`) on its cache's `candidates` blocks of every row, gathered in
+    the kernel: for each, (shares, B * candidates * H, D_out) float32, whose sum over shares is the
+    summaries. One launch for two caches whose phis have the same sizes, else one each."""
+    B, capacity, H, D = caches[0].shape
+    sizes = [(cache.shape[3], phi.mlp[0].out_features, phi.mlp[2].out_features) for cache, phi in zip(caches, phis)]
+    if len(set(sizes)) > 1:                                               # sizes differ: one launch each
+        return [out for cache, phi in zip(caches, phis)
+                for out in compress_mlp([cache], [phi], old_lengths, new_lengths, candidates, block_size, stride)]
+    D, hidden, out = sizes[0]
+    rows = B * candidates * H
     block_m, shares = min(64, max(16, triton.next_power_of_2(rows))), triton.cdiv(hidden, MLP_UNITS)
-    summary = torch.empty(shares, rows, out, device=cache.device, dtype=torch.float32)
-    first, second = phi.mlp[0], phi.mlp[2]
-    compress_mlp_kernel[(triton.cdiv(rows, block_m), shares)](
-        cache, phi.position.contiguous(), first.weight.contiguous(), first.bias, second.weight.contiguous(),
-        second.bias, summary, old_lengths, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D,
-        BLOCK_D=head_dim_block(D),
-        HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size, STRIDE=stride,
-        BLOCK_M=block_m, BLOCK_HID=MLP_UNITS)
-    return summary
+    summaries = [torch.empty(shares, rows, out, device=caches[0].device, dtype=torch.float32) for _ in caches]
+    args = [(cache, phi.position.contiguous(), phi.mlp[0].weight.contiguous(), phi.mlp[0].bias,
+             phi.mlp[2].weight.contiguous(), phi.mlp[2].bias, summary)
+            for cache, phi, summary in zip(caches, phis, summaries)]
+    compress_mlp_kernel[(triton.cdiv(rows, block_m), shares, len(caches))](
+        *args[0], *args[-1], old_lengths, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D,
+        BLOCK_D=head_dim_block(D), HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size,
+        STRIDE=stride, BLOCK_M=block_m, BLOCK_HID=MLP_UNITS)
+    return summaries
 
 
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
@@ -259,8 +283,8 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
         if mean:                                      # -- the means, taken by the write itself --
             summary = [cache[None] for cache, _, _ in pair]
         elif in_kernel:                               # -- phi in a kernel, from the cache --
-            summary = [compress_mlp(cache, phi, old_lengths, new_lengths, candidates, block_size, stride)
-                       for cache, _, phi in pair]
+            summary = compress_mlp([cache for cache, _, _ in pair], [phi for _, _, phi in pair], old_lengths,
+                                   new_lengths, candidates, block_size, stride)
         else:                                         # -- gathered, then phi in PyTorch --
             blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, _, _ in pair]
             gather_blocks_kernel[(B, candidates, H)](
