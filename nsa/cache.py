@@ -351,6 +351,15 @@ class KVCache:
             self._on_device = (list(self.lengths), self._on_device[1])
         return self._on_device[1]
 
+    def _set_lengths(self, lengths, on_device: bool = False) -> None:
+        """Make `lengths` the rows' lengths: copied into the device tensor now, or with `on_device`
+        already there (a step or a graph replay advanced the tensor itself)."""
+        self.lengths = list(lengths)
+        if on_device:
+            self._on_device = (list(lengths), self._on_device[1])
+        else:
+            self._device_lengths()
+
     def truncate_(self, lengths) -> "KVCache":
         """Keep each row's first `lengths[b]` tokens (an int: the same for every row), forgetting
         the rest — the drafts that speculative decoding rejected. Nothing is cleared or recomputed:
@@ -489,8 +498,7 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
             o = out
         else:
             o[at, :c] = out
-    # -- the new lengths: on the host, and on the device in place, after every read of the old --
-    cache.lengths = after
+    # -- the new lengths: on the device in place, after every read of the old, and on the host --
     old.copy_(new)
-    cache._on_device = (list(after), old)
+    cache._set_lengths(after, on_device=True)
     return layer.output(o, None, g_win)                    # the window, of kv_per_branch too, is in o

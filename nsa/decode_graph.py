@@ -87,8 +87,7 @@ class DecodeGraph:
 
     def _restore(self, lengths) -> None:
         for cache, kept in zip(self.caches, lengths):
-            cache.lengths = list(kept)
-            cache._device_lengths()                               # copied in place into its tensor
+            cache._set_lengths(kept)                              # copied in place into its tensor
 
     def _run_checked(self) -> None:
         """One run of the step with any wait on the GPU an error (PyTorch's sync debug mode), and
@@ -111,8 +110,7 @@ class DecodeGraph:
             STEPPED_CACHES.reset(watching)
             unlisted = [(cache, before) for cache, before in stepped if not any(cache is c for c in self.caches)]
             for cache, before in reversed(unlisted):          # the earliest lengths last: as they were
-                cache.lengths = before
-                cache._device_lengths()
+                cache._set_lengths(before)
         if unlisted:
             raise ValueError(f"the step appends to {len({id(c) for c, _ in unlisted})} cache(s) not in caches: a replay "
                              "would advance their lengths on the GPU but not on the host; list every cache the step uses")
@@ -147,6 +145,5 @@ class DecodeGraph:
             static.copy_(x)
         self.graph.replay()
         for cache in self.caches:                                 # the replay advanced the device's
-            cache.lengths = [n + self.tokens for n in cache.lengths]
-            cache._on_device = (list(cache.lengths), cache._on_device[1])
+            cache._set_lengths([n + self.tokens for n in cache.lengths], on_device=True)
         return self.outputs
