@@ -243,7 +243,7 @@ def compress_mlp(caches, phis, old_lengths, new_lengths, candidates: int, block_
     """Each phi (a `CompressionMLP`) on its cache's `candidates` blocks of every row, gathered in
     the kernel: for each, (shares, B * candidates * H, D_out) float32, whose sum over shares is the
     summaries. One launch for two caches whose phis have the same sizes, else one each."""
-    B, capacity, H, D = caches[0].shape
+    B, capacity, H = caches[0].shape[:3]
     sizes = [(cache.shape[3], phi.mlp[0].out_features, phi.mlp[2].out_features) for cache, phi in zip(caches, phis)]
     if len(set(sizes)) > 1:                                               # sizes differ: one launch each
         return [out for cache, phi in zip(caches, phis)
