@@ -11,9 +11,10 @@ import triton.language as tl
 
 from nsa.checks import (check_bool, check_compressed_args, check_positive_int, check_qkv,
                         resolve_scale)
-from nsa.kernels.common import (LOG2E, PackedRows, check_kernel_inputs, gate_and_delta, group_rows,
-                                head_dim_block, launch_fitting, load_rows, packed_launch,
-                                sequence_span, softmax_finish, softmax_update, store_dq, store_rows)
+from nsa.kernels.common import (LOG2E, PackedRows, cdiv, check_kernel_inputs, gate_and_delta,
+                                group_rows, head_dim_block, launch_fitting, load_rows,
+                                next_power_of_2, packed_launch, sequence_span, softmax_finish,
+                                softmax_update, store_dq, store_rows)
 
 
 class Band(NamedTuple):
@@ -174,7 +175,7 @@ BAND_TILES = {
 
 def band_tiles(kernel: str, band: Band, group: int, dim_qk: int, dim_v: int, on_gpu: bool):
     """(meta, num_warps, num_stages) of the band kernel `kernel` ("forward", "dq", "dkdv")."""
-    group_pad = triton.next_power_of_2(group)
+    group_pad = next_power_of_2(group)
     block_dqk, block_dv = head_dim_block(dim_qk), head_dim_block(dim_v)
     if not on_gpu:                                  # the interpreter: few, large steps
         rows, keys, num_warps, num_stages = 64, 32, 4, 2
@@ -204,7 +205,7 @@ def band_attention_forward(q, k, v, scale, seq_len_k, band: Band, packed: Packed
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     meta, num_warps, num_stages = band_tiles("forward", band, Hq // H, Dqk, Dv, q.is_cuda)
     launch_fitting(band_attention_forward_kernel,
-                   lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
+                   lambda tiles: (cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                    (q, k, v, o, lse, *cu, scale * LOG2E.value, Nq, seq_len_k, num_rows, *band.kernel_args()),
                    dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, PACKED=packed is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))
@@ -414,7 +415,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     meta, num_warps, num_stages = band_tiles("dq", band, Hq // H, Dqk, Dv, q.is_cuda)
     common = (scale * LOG2E.value, scale, Nq, seq_len_k, num_rows, *band.kernel_args())
     launch_fitting(band_attention_backward_dq_kernel,
-                   lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
+                   lambda tiles: (cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                    (q, k, v, o, do, gate, d_gate, lse, delta, do_branch, dq_in, dq_out, *cu, *common),
                    dict(HEADS_Q=Hq, EDGE_MASKS=band.is_prefix, GATED=gated, ADD_TO_DQ=add_to_dq,
                         PACKED=packed is not None, **meta),
@@ -424,10 +425,10 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     # -- dk, dv: 64 query rows per step; a prefix band's queries in chunks, summed after --
     meta, num_warps, num_stages = band_tiles("dkdv", band, Hq // H, Dqk, Dv, q.is_cuda)
     chunk = DKDV_CHUNK if q.is_cuda else 32
-    chunk = triton.cdiv(chunk, meta["BLOCK_M"]) * meta["BLOCK_M"]
-    num_chunks = triton.cdiv(longest, chunk) if band.is_prefix else 1
+    chunk = cdiv(chunk, meta["BLOCK_M"]) * meta["BLOCK_M"]
+    num_chunks = cdiv(longest, chunk) if band.is_prefix else 1
     if num_chunks == 1:
-        chunk = triton.cdiv(longest, meta["BLOCK_M"]) * meta["BLOCK_M"]
+        chunk = cdiv(longest, meta["BLOCK_M"]) * meta["BLOCK_M"]
         dk, dv = torch.empty_like(k), torch.empty_like(v)
     else:
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
@@ -437,7 +438,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
                          f"not by a prefix band's {num_chunks} chunks")
     dk_in, dv_in = dkdv if dkdv is not None else (k.new_empty(0), v.new_empty(0))
     launch_fitting(band_attention_backward_dkdv_kernel,
-                   lambda tiles: (triton.cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
+                   lambda tiles: (cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
                    (q, k, v, do_branch, lse, delta, dk, dv, dk_in, dv_in, *cu, *common, chunk, k.shape[:3].numel()),
                    dict(HEADS_Q=Hq, PACKED=packed is not None, ADD_TO_DKDV=dkdv is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys

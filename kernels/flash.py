@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from nsa.checks import check_bool, check_qkv, resolve_scale
-from nsa.kernels.common import (LOG2E, check_kernel_inputs, head_dim_block, launch_fitting,
+from nsa.kernels.common import (LOG2E, cdiv, check_kernel_inputs, head_dim_block, launch_fitting,
                                 load_rows, softmax_finish, softmax_update, store_rows)
 
 
@@ -106,7 +106,7 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
     meta = dict(HEADS_Q=Hq, GROUP=dims.group_size, DIM_QK=dims.dim_qk, DIM_V=dims.dim_v,
                 BLOCK_DQK=head_dim_block(dims.dim_qk), BLOCK_DV=head_dim_block(dims.dim_v),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal)
-    launch_fitting(flash_attention_forward_kernel, lambda tiles: (triton.cdiv(Nq, tiles["BLOCK_M"]), B * Hq),
+    launch_fitting(flash_attention_forward_kernel, lambda tiles: (cdiv(Nq, tiles["BLOCK_M"]), B * Hq),
                    (q, k, v, o, lse, scale, Nq, Nk), meta, num_warps=4, num_stages=2,
                    shrink=(("BLOCK_N", 16), ("BLOCK_M", 16)))
     return (o, lse) if return_lse else o

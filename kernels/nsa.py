@@ -14,8 +14,9 @@ from nsa.config import NSAConfig
 from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
-from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, check_kernel_inputs,
-                                check_kernel_sizes, load_rows, row_tile, store_rows)
+from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, cdiv, check_kernel_inputs,
+                                check_kernel_sizes, load_rows, next_power_of_2, row_tile,
+                                store_rows)
 from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_block_centric,
                                   query_tiles, query_tiles_shapes, reverse_index_shapes,
                                   selected_attention_bwd, selected_attention_fwd,
@@ -49,9 +50,9 @@ def gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
     g_win None leaves the window out."""
     o = torch.empty_like(o_cmp)
     num_rows = o_cmp.shape[:-1].numel()
-    gated_sum_forward_kernel[(triton.cdiv(num_rows, ROWS_PER_PROGRAM),)](
+    gated_sum_forward_kernel[(cdiv(num_rows, ROWS_PER_PROGRAM),)](
         o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, num_rows,
-        DIM_V=o.shape[-1], BLOCK_DV=triton.next_power_of_2(o.shape[-1]), BLOCK_ROWS=ROWS_PER_PROGRAM)
+        DIM_V=o.shape[-1], BLOCK_DV=next_power_of_2(o.shape[-1]), BLOCK_ROWS=ROWS_PER_PROGRAM)
     return o
 
 

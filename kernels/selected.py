@@ -9,9 +9,10 @@ import triton.language as tl
 from nsa.checks import (check_block_index_range, check_block_indices, check_bool,
                         check_positive_int, check_qkv, resolve_scale)
 from nsa.geometry import num_selection_blocks, query_positions
-from nsa.kernels.common import (LOG2E, ROWS_PER_PROGRAM, check_kernel_inputs, gate_and_delta,
-                                group_rows, head_dim_block, launch_fitting, load_rows, row_tile,
-                                softmax_finish, softmax_update, store_dq, store_rows)
+from nsa.kernels.common import (LOG2E, ROWS_PER_PROGRAM, cdiv, check_kernel_inputs, gate_and_delta,
+                                group_rows, head_dim_block, launch_fitting, load_rows,
+                                next_power_of_2, row_tile, softmax_finish, softmax_update, store_dq,
+                                store_rows)
 
 
 def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
@@ -92,7 +93,7 @@ def prepare_query_tiles(block_indices, queries_per_tile):
     if T * B * H:
         query_tiles_kernel[(T, B * H)](block_indices, tile_blocks, tile_members, tile_counts, Nq, T,
                                        HEADS_KV=H, NUM_SLOTS=n, QUERIES_PER_TILE=Q,
-                                       BLOCK_E=triton.next_power_of_2(E), num_warps=1)
+                                       BLOCK_E=next_power_of_2(E), num_warps=1)
     return tile_blocks, tile_members, tile_counts
 
 
@@ -230,7 +231,7 @@ MAX_QUERIES_PER_TILE = 16
 
 def default_queries_per_tile(group_size: int) -> int:
     """Q = 16 / G rounded to a power of two: fill the 16 rows of a tl.dot with whole GQA groups."""
-    return max(1, 16 // triton.next_power_of_2(group_size))
+    return max(1, 16 // next_power_of_2(group_size))
 
 
 def query_tiles(block_indices, group_size, queries_per_tile=None):
@@ -243,7 +244,7 @@ def query_tiles(block_indices, group_size, queries_per_tile=None):
 
 def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsize):
     """(meta-parameters, num_warps, num_stages) of the forward and dq kernels."""
-    block_gq = max(triton.next_power_of_2(group_size), 16 // queries_per_tile)
+    block_gq = max(next_power_of_2(group_size), 16 // queries_per_tile)
     meta = dict(GROUP=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
                 BLOCK_DV=head_dim_block(dim_v), BLOCK_GQ=block_gq, QUERIES_PER_TILE=queries_per_tile,
                 SEL_BLOCK=block_size)
@@ -487,7 +488,7 @@ def gathered_launch(block_indices, group_size, seq_len_k, block_size, head_dims,
     if index is None:
         num_blocks = num_selection_blocks(seq_len_k, block_size) if packed is None else packed.block_start.numel()
         index = reverse_block_index(block_indices, num_blocks, gather_chunk(is_cuda))
-    block_gq = triton.next_power_of_2(group_size)
+    block_gq = next_power_of_2(group_size)
     rows = max(rows if is_cuda else 16, block_gq)
     dim_qk, dim_v = head_dims
     meta = dict(GROUP=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
@@ -675,9 +676,9 @@ def selected_by_block_fwd(q, k, v, block_indices, block_size, scale, causal, pac
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     if o.numel():
-        merge_partials_kernel[(triton.cdiv(B * Nq * Hq, MERGE_ROWS),)](
+        merge_partials_kernel[(cdiv(B * Nq * Hq, MERGE_ROWS),)](
             part_o, part_lse, block_indices, o, lse, B * Nq * Hq, HEADS_Q=Hq, GROUP=Hq // H, NUM_SLOTS=n,
-            SLOTS=triton.next_power_of_2(n), DIM_V=Dv, BLOCK_DV=head_dim_block(Dv), BLOCK_ROWS=MERGE_ROWS)
+            SLOTS=next_power_of_2(n), DIM_V=Dv, BLOCK_DV=head_dim_block(Dv), BLOCK_ROWS=MERGE_ROWS)
     return o, lse, index
 
 
@@ -711,7 +712,7 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     delta = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     do_branch = torch.empty_like(do) if gate is not None else do
     if o.numel():
-        gate_and_delta_kernel[(triton.cdiv(B * Nq * Hq, ROWS_PER_PROGRAM),)](
+        gate_and_delta_kernel[(cdiv(B * Nq * Hq, ROWS_PER_PROGRAM),)](
             do, o, gate, d_gate, delta, do_branch, B * Nq * Hq, DIM_V=Dv, BLOCK_DV=head_dim_block(Dv),
             BLOCK_ROWS=ROWS_PER_PROGRAM, GATED=gate is not None)
     # -- the gather kernel: dk, dv, and dq by atomic adds into a float32 buffer --

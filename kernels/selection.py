@@ -9,8 +9,9 @@ import triton.language as tl
 
 from nsa.checks import (check_compressed_qkv, check_config, check_mem_kv_len, resolve_scale,
                         resolve_seq_len_k)
-from nsa.kernels.common import (LOG2E, PackedRows, check_kernel_inputs, head_dim_block,
-                                launch_fitting, load_rows, packed_launch, sequence_span)
+from nsa.kernels.common import (LOG2E, PackedRows, cdiv, check_kernel_inputs, head_dim_block,
+                                launch_fitting, load_rows, next_power_of_2, packed_launch,
+                                sequence_span)
 
 
 @triton.jit
@@ -308,18 +309,18 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     l_sel = config.select_block_size
     num_cmp = k_cmp.shape[1] - mem_kv_len
     sequences, longest, cu = packed_launch(packed, B, Nq)
-    group_pad = triton.next_power_of_2(Hq // H)
+    group_pad = next_power_of_2(Hq // H)
     block_m, block_s = select_tiles(group_pad, config, q.is_cuda)
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
     meta = dict(HEADS_Q=Hq, GROUP=Hq // H, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
                 CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
-                NUM_SELECT=n, SLOTS=triton.next_power_of_2(n),
+                NUM_SELECT=n, SLOTS=next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
                 CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=block_s, PACKED=packed is not None,
                 FIRST_IN_LOOP=group_pad > 1)
     with torch.no_grad():
-        launch_fitting(select_blocks_kernel, lambda tiles: (triton.cdiv(longest, tiles["BLOCK_M"]), sequences, H),
+        launch_fitting(select_blocks_kernel, lambda tiles: (cdiv(longest, tiles["BLOCK_M"]), sequences, H),
                        (q.contiguous(), k_cmp.contiguous(), lse.float().contiguous(), out, *cu,
-                        scale * LOG2E.value, Nq, seq_len_k, mem_kv_len, num_cmp, triton.cdiv(seq_len_k, l_sel)),
+                        scale * LOG2E.value, Nq, seq_len_k, mem_kv_len, num_cmp, cdiv(seq_len_k, l_sel)),
                        meta, num_warps=4, num_stages=3, shrink=(("BLOCK_M", 16),))
     return out
