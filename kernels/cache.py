@@ -11,7 +11,7 @@ import triton.language as tl
 
 from nsa.cache import CACHE_WRITERS, append_tokens, compress_new_blocks, num_candidates
 from nsa.compression import CompressionMLP, pool_blocks
-from nsa.kernels.common import head_dim_block, load_rows, store_rows
+from nsa.kernels.common import cdiv, head_dim_block, load_rows, next_power_of_2, store_rows
 from nsa.kernels.decode import sparse_attention_decode_triton
 
 
@@ -215,7 +215,7 @@ def append_tokens_triton(caches, news, lengths) -> torch.Tensor:
         B, T, H = new_a.shape[:3]
         append_tokens_kernel[(B, T)](new_a.contiguous(), cache_a, new_b.contiguous(), cache_b, lengths, new_lengths,
                                      T, cache_a.shape[1], ROW_A=H * new_a.shape[3], ROW_B=H * new_b.shape[3],
-                                     BLOCK=min(triton.next_power_of_2(H * max(new_a.shape[3], new_b.shape[3])), 4096),
+                                     BLOCK=min(next_power_of_2(H * max(new_a.shape[3], new_b.shape[3])), 4096),
                                      PAIR=len(pair) == 2, ADVANCE=i == 0)
     return new_lengths
 
@@ -223,39 +223,43 @@ def append_tokens_triton(caches, news, lengths) -> torch.Tensor:
 MLP_UNITS = 16       # hidden units per program of compress_mlp_kernel: 4D = 512 of them make 32 programs
 
 
-def kernel_computes(phi, cache, cmp_cache, block_size: int) -> bool:
-    """Whether compress_mlp_kernel computes phi for these caches: the book's `CompressionMLP` as
-    built (Linear, exact GELU, Linear, with biases), in the cache's dtype and on its device, taking
+def mlp_weights(phi, cache, cmp_cache, block_size: int):
+    """What compress_mlp_kernel reads for phi — its (position, W1, b1, W2, b2), contiguous — or
+    None when the kernel does not compute this phi: it takes the book's `CompressionMLP` as built
+    (Linear, exact GELU, Linear, with biases), in the cache's dtype and on its device, taking
     blocks of `block_size` tokens of the cache's head dim to the compressed cache's (another size:
-    PyTorch's phi, which raises)."""
+    PyTorch's phi, which raises). One pass over phi's attributes: a step reads them once."""
     if type(phi) is not CompressionMLP or len(phi.mlp) != 3:
-        return False
+        return None
     first, gelu, second = phi.mlp
+    if not (type(first) is type(second) is torch.nn.Linear and type(gelu) is torch.nn.GELU
+            and gelu.approximate == "none"):
+        return None
     weights = (phi.position, first.weight, first.bias, second.weight, second.bias)
-    return (type(first) is type(second) is torch.nn.Linear and type(gelu) is torch.nn.GELU
-            and gelu.approximate == "none" and first.bias is not None and second.bias is not None
-            and all(w.dtype == cache.dtype and w.device == cache.device for w in weights)
-            and (phi.block_size, phi.head_dim) == (block_size, cache.shape[3])
-            and first.in_features == block_size * cache.shape[3] and second.out_features == cmp_cache.shape[3])
+    dtype, device, D = cache.dtype, cache.device, cache.shape[3]
+    if not (all(w is not None and w.dtype == dtype and w.device == device for w in weights)
+            and (phi.block_size, phi.head_dim) == (block_size, D)
+            and weights[1].shape[1] == block_size * D and weights[3].shape[0] == cmp_cache.shape[3]):
+        return None
+    return tuple(w.contiguous() for w in weights)
 
 
-def compress_mlp(caches, phis, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
-    """Each phi (a `CompressionMLP`) on its cache's `candidates` blocks of every row, gathered in
-    the kernel: for each, (shares, B * candidates * H, D_out) float32, whose sum over shares is the
-    summaries. One launch for two caches whose phis have the same sizes, else one each."""
+def compress_mlp(caches, weights, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
+    """Each phi (a `CompressionMLP`, by its `mlp_weights`) on its cache's `candidates` blocks of
+    every row, gathered in the kernel: for each, (shares, B * candidates * H, D_out) float32, whose
+    sum over shares is the summaries. One launch for two caches whose phis have the same sizes,
+    else one each."""
     B, capacity, H = caches[0].shape[:3]
-    sizes = [(cache.shape[3], phi.mlp[0].out_features, phi.mlp[2].out_features) for cache, phi in zip(caches, phis)]
+    sizes = [(cache.shape[3], w[1].shape[0], w[3].shape[0]) for cache, w in zip(caches, weights)]  # D, hidden, out
     if len(set(sizes)) > 1:                                               # sizes differ: one launch each
-        return [out for cache, phi in zip(caches, phis)
-                for out in compress_mlp([cache], [phi], old_lengths, new_lengths, candidates, block_size, stride)]
+        return [out for cache, w in zip(caches, weights)
+                for out in compress_mlp([cache], [w], old_lengths, new_lengths, candidates, block_size, stride)]
     D, hidden, out = sizes[0]
     rows = B * candidates * H
-    block_m, shares = min(64, max(16, triton.next_power_of_2(rows))), triton.cdiv(hidden, MLP_UNITS)
+    block_m, shares = min(64, max(16, next_power_of_2(rows))), cdiv(hidden, MLP_UNITS)
     summaries = [torch.empty(shares, rows, out, device=caches[0].device, dtype=torch.float32) for _ in caches]
-    args = [(cache, phi.position.contiguous(), phi.mlp[0].weight.contiguous(), phi.mlp[0].bias,
-             phi.mlp[2].weight.contiguous(), phi.mlp[2].bias, summary)
-            for cache, phi, summary in zip(caches, phis, summaries)]
-    compress_mlp_kernel[(triton.cdiv(rows, block_m), shares, len(caches))](
+    args = [(cache, *w, summary) for cache, w, summary in zip(caches, weights, summaries)]
+    compress_mlp_kernel[(cdiv(rows, block_m), shares, len(caches))](
         *args[0], *args[-1], old_lengths, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D,
         BLOCK_D=head_dim_block(D), HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size,
         STRIDE=stride, BLOCK_M=block_m, BLOCK_HID=MLP_UNITS)
@@ -276,30 +280,31 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
     candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
     if candidates <= 0:
         return
-    in_kernel = all(kernel_computes(*args, block_size) for args in zip(phis, caches, cmp_caches))
+    weights = [mlp_weights(*args, block_size) for args in zip(phis, caches, cmp_caches)]
+    in_kernel = all(w is not None for w in weights)
     mean = all(phi is None for phi in phis)
-    for pair in in_pairs(caches, cmp_caches, phis):
-        (cache_a, cmp_a, _), (cache_b, cmp_b, _) = pair[0], pair[-1]   # no second: the first again, unread
+    for pair in in_pairs(caches, cmp_caches, phis, weights):
+        (cache_a, cmp_a, *_), (cache_b, cmp_b, *_) = pair[0], pair[-1]   # no second: the first again, unread
         if mean:                                      # -- the means, taken by the write itself --
-            summary = [cache[None] for cache, _, _ in pair]
+            summary = [cache[None] for cache, *_ in pair]
         elif in_kernel:                               # -- phi in a kernel, from the cache --
-            summary = compress_mlp([cache for cache, _, _ in pair], [phi for _, _, phi in pair], old_lengths,
-                                   new_lengths, candidates, block_size, stride)
+            summary = compress_mlp([cache for cache, *_ in pair], [w for *_, w in pair], old_lengths, new_lengths,
+                                   candidates, block_size, stride)
         else:                                         # -- gathered, then phi in PyTorch --
-            blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, _, _ in pair]
+            blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, *_ in pair]
             gather_blocks_kernel[(B, candidates, H)](
                 cache_a, blocks[0], cache_b, blocks[-1], new_lengths, capacity, candidates, HEADS=H,
                 DIM_A=cache_a.shape[3], BLOCK_DA=head_dim_block(cache_a.shape[3]), DIM_B=cache_b.shape[3],
                 BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
-            summary = [pool_blocks(x, phi).to(cmp.dtype) for (_, cmp, phi), x in zip(pair, blocks)]
-            for (_, cmp, _), x in zip(pair, summary):
+            summary = [pool_blocks(x, phi).to(cmp.dtype) for (_, cmp, phi, _), x in zip(pair, blocks)]
+            for (_, cmp, *_), x in zip(pair, summary):
                 if x.shape[3] != cmp.shape[3]:
                     raise ValueError(f"phi maps blocks to dim {x.shape[3]}, but the compressed cache holds dim "
                                      f"{cmp.shape[3]}")
             summary = [x.reshape(1, -1, x.shape[3]) for x in summary]                # one share each
         write_blocks_kernel[(B, candidates)](
             summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,
-            capacity, HEADS=H, BLOCK_H=triton.next_power_of_2(H), DIM_A=cmp_a.shape[3],
+            capacity, HEADS=H, BLOCK_H=next_power_of_2(H), DIM_A=cmp_a.shape[3],
             BLOCK_DA=head_dim_block(cmp_a.shape[3]), SHARES_A=summary[0].shape[0], DIM_B=cmp_b.shape[3],
             BLOCK_DB=head_dim_block(cmp_b.shape[3]), SHARES_B=summary[-1].shape[0], BLOCK_SIZE=block_size,
             STRIDE=stride, PAIR=len(pair) == 2, MEAN=mean)

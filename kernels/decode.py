@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from nsa.backends import register_decoder
-from nsa.kernels.common import (LOG2E, group_rows, head_dim_block, load_rows, softmax_update,
-                                store_rows)
+from nsa.kernels.common import (LOG2E, cdiv, group_rows, head_dim_block, load_rows, next_power_of_2,
+                                softmax_update, store_rows)
 from nsa.kernels.nsa import triton_unsupported
 from nsa.kernels.selection import (EMPTY, GONE, compressed_rows_seen, eq9_weights, first_top,
                                    rank_candidates)
@@ -330,13 +330,13 @@ def split_count(programs: int, steps: int, target: int, min_steps: int = 1) -> i
     """How many splits a stage takes when `programs` programs share `steps` steps of work: a power
     of two (2 to MAX_SPLITS), at most about enough for `target` programs and none with fewer than
     `min_steps` steps (a split left empty stores an empty partial)."""
-    wanted = max(1, min(target // programs, triton.cdiv(steps, min_steps), MAX_SPLITS))
+    wanted = max(1, min(target // programs, cdiv(steps, min_steps), MAX_SPLITS))
     return max(2, 1 << (wanted.bit_length() - 1))
 
 
 def decode_tokens_pad(tokens: int, group: int) -> int:
     """The new tokens padded so that tokens x group heads (padded) make >= 16 rows for tl.dot."""
-    return max(triton.next_power_of_2(tokens), 16 // triton.next_power_of_2(group))
+    return max(next_power_of_2(tokens), 16 // next_power_of_2(group))
 
 
 def decode_unsupported(tensors, dims, config):
@@ -346,7 +346,7 @@ def decode_unsupported(tensors, dims, config):
     reason = triton_unsupported(tensors, dims, config)
     if reason is not None:
         return reason
-    rows = decode_tokens_pad(dims.seq_len_q, dims.group_size) * triton.next_power_of_2(dims.group_size)
+    rows = decode_tokens_pad(dims.seq_len_q, dims.group_size) * next_power_of_2(dims.group_size)
     if rows > DECODE_MAX_ROWS:
         return (f"{dims.seq_len_q} new tokens x group {dims.group_size}, each padded to a power of two "
                 f"(and to 16 rows at least), make {rows} rows; the decoding kernels take at most "
@@ -369,20 +369,20 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     B, T, Hq, Dqk = q.shape
     capacity, H, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     R, G = k_cmp_cache.shape[1], Hq // H
-    group_pad = triton.next_power_of_2(G)
+    group_pad = next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)                 # stage 1's tokens: >= 16 rows for tl.dot
-    tokens = triton.next_power_of_2(T)                  # stage 2's: no tl.dot, no padding to 16 rows
+    tokens = next_power_of_2(T)                  # stage 2's: no tl.dot, no padding to 16 rows
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
     warps = 4 if rows <= 64 else 8                      # stage 1 holds rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
     block_n = DECODE_BLOCK_N if q.is_cuda else 16
-    slots = triton.next_power_of_2(n)                # a selection step's candidates fill a top-n
+    slots = next_power_of_2(n)                # a selection step's candidates fill a top-n
     sms = multiprocessors(q.device)
     target = PROGRAMS_PER_SM * sms
-    splits_c = split_count(B * H, triton.cdiv(R, block_n), target, STEPS_PER_SPLIT)
-    splits_s = split_count(B * H, triton.cdiv(triton.cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
+    splits_c = split_count(B * H, cdiv(R, block_n), target, STEPS_PER_SPLIT)
+    splits_s = split_count(B * H, cdiv(cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
     splits = split_count(B * H * T, n, target)
     window = config.window_size if g_win is not None else 0   # g_win None: a window of no key, o_win = 0
     g_win = g_slc if g_win is None else g_win
@@ -408,7 +408,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_select_kernel[(B, H, splits_s)](
         scores, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
         GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, SCORE_ROWS=rows, CMP_BLOCK=l, CMP_STRIDE=d,
-        SEL_BLOCK=l_sel, SPILL=triton.next_power_of_2(max(l // d - 1, 1)), SLOTS=slots,
+        SEL_BLOCK=l_sel, SPILL=next_power_of_2(max(l // d - 1, 1)), SLOTS=slots,
         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
         SPLITS_C=splits_c, SPLITS_S=splits_s,
         num_warps=max(1, tokens * group_pad // 16))   # small tiles: one warp's shuffles reduce them, no barrier
