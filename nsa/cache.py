@@ -482,22 +482,21 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     cmp, l, d = layer.branch("cmp"), config.compress_block_size, config.compress_stride
     compress([cache.keys[cmp], cache.values[cmp]], [cache.k_cmp, cache.v_cmp], [layer.phi_k, layer.phi_v], old, new,
              max(counts), l, d, mem)
-    # -- attend: rows taking all T tokens together (the whole batch: its output as it is), the others one by one --
-    o = None if uniform else queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
-    groups = [[b for b in range(len(counts)) if counts[b] == T]] + [[b] for b, c in enumerate(counts) if 0 < c < T]
-    for rows in (group for group in groups if group):
-        c = counts[rows[0]]
-        at = slice(None) if len(rows) == len(counts) else torch.tensor(rows, device=x.device)  # no copy
-        k_slc, v_slc = cache.keys[layer.branch("slc")][at], cache.values[layer.branch("slc")][at]
-        seqlens = old[at]                             # int32, as the kernels read it
-        out = attend_cached(           # checked above, for every row and all T tokens: c <= T fits too
-            decoder, queries[at, :c], k_slc, v_slc, cache.k_cmp[at], cache.v_cmp[at], seqlens, g_cmp[at, :c],
-            g_slc[at, :c], g_win[at, :c], config, layer.scale, mem, layer.backend,
-            None if window is None else (window[0][at], window[1][at]))
-        if uniform:
-            o = out
-        else:
-            o[at, :c] = out
+    # -- attend (checked above, for every row and all T tokens): when every row takes all T, the whole
+    #    batch at once, its output as it is; else the rows taking all T together and the others one
+    #    by one (c <= T fits too), each into its rows of o --
+    if uniform:
+        o = attend_cached(decoder, queries, k_slc, v_slc, cache.k_cmp, cache.v_cmp, old, g_cmp, g_slc, g_win, config,
+                          layer.scale, mem, layer.backend, window)
+    else:
+        o = queries.new_zeros(*queries.shape[:3], layer.dim_head_v)
+        groups = [[b for b in range(len(counts)) if counts[b] == T]] + [[b] for b, c in enumerate(counts) if 0 < c < T]
+        for rows in (group for group in groups if group):
+            c, at = counts[rows[0]], torch.tensor(rows, device=x.device)
+            o[at, :c] = attend_cached(
+                decoder, queries[at, :c], k_slc[at], v_slc[at], cache.k_cmp[at], cache.v_cmp[at], old[at],
+                g_cmp[at, :c], g_slc[at, :c], g_win[at, :c], config, layer.scale, mem, layer.backend,
+                None if window is None else (window[0][at], window[1][at]))
     # -- the new lengths: on the device in place, after every read of the old, and on the host --
     old.copy_(new)
     cache._set_lengths(after, on_device=True)
