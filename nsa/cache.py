@@ -444,10 +444,14 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
     return new_tokens
 
 
+@torch.compiler.disable
 def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     """`layer(x, cache=cache, new_tokens=new_tokens)`: x (B, T, dim), the next tokens' inputs,
     appended to the cache; returns their outputs (B, T, dim) (0 where `new_tokens` leaves a row's
-    token out)."""
+    token out). torch.compile does not trace it: its checks read the cache's host lengths, which
+    change at every step, and a traced step would be compiled again for every token; a compiled
+    model runs it as it is (a graph break; `fullgraph=True` refuses it), and `DecodeGraph` takes
+    away its launch cost."""
     counts = check_new_tokens(layer, x, cache, new_tokens)
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)

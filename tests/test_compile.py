@@ -3,7 +3,8 @@
 The torch backend traces into one graph (no host reads on its path); the Triton backend is
 `torch.library` custom operators with fake implementations (NSA's forward and backward, and the
 window's for a layer with kv_per_branch), opaque to the compiler (on the CPU their kernels run in
-Triton's interpreter)."""
+Triton's interpreter). A decoding step through a cache is not traced (a graph break): a compiled
+model decodes without recompiling at every token."""
 
 import pytest
 import torch
@@ -95,3 +96,31 @@ def test_triton_ops_have_fake_implementations(Hq, H):
                                                       *(mode.from_tensor(x) for x in (cu, cu, cu_cmp)), [25, 25, 5, 3])
     assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
     assert config.num_selected_blocks == real[7].shape[-1]
+
+
+def test_a_compiled_model_decodes_without_recompiling():
+    """A compiled model decoding through a cache: the cached step is not traced (its checks read
+    the cache's host lengths, new at every step), so the model compiles once, not once a token,
+    and gives the eager model's outputs."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    layer = SparseAttention(32, heads=4, kv_heads=2, backend="torch", **SMALL).eval()
+    mlp = torch.nn.Linear(32, 32)
+
+    def step(x, cache):
+        return mlp(layer(mlp(x), cache=cache))
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter)
+    caches = [layer.new_cache(2, 64) for _ in range(2)]
+    x = torch.randn(2, 21, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, caches[0]), step(x, caches[1]))
+        for token in range(6):
+            x = torch.randn(2, 1, 32)
+            torch.testing.assert_close(compiled(x, caches[0]), step(x, caches[1]))
+            if token == 0:
+                frames = counter.frame_count        # the prefill's shapes and the first step's
+    assert counter.frame_count == frames, f"{counter.frame_count - frames} recompiles in 5 steps"
+    assert caches[0].lengths == caches[1].lengths == [27, 27]
