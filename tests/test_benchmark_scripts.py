@@ -106,6 +106,19 @@ def test_decode_kernels_compile_for_a_gpu_offline():
     assert all(float(line.split("compiled in ")[1].split()[0]) < 60 for line in lines), done.stdout
 
 
+def test_host_step_times_a_step_through_tritons_launch_path():
+    """No GPU needed: host_step.py runs a layer's decoding steps with Triton's own launch path (a
+    driver that launches nothing) and reports the host time of a step; its profile shows the
+    launches went through Triton's JIT, not around it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_step.py"), "--context", "64", "--steps",
+                           "20", "--profile", "60"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"\d+ us of host time per layer step", done.stdout), done.stdout[-2000:]
+    assert re.search(r"triton/runtime/jit\.py:\d+\(run\)", done.stdout), done.stdout[-3000:]
+    assert "sparse_attention_decode_triton" in done.stdout, done.stdout[-3000:]
+
+
 def test_band_registers_compiles_the_band_kernels_for_a_gpu_offline():
     """No GPU needed: the band kernels' recorded launches compile for sm_90 (one head config)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
