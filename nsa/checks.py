@@ -318,14 +318,17 @@ def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name:
 
 
 def check_cu_seqlens(cu_seqlens, total: int | None, device, name: str = "cu_seqlens") -> list[int]:
-    """flash-attn's cumulative sequence lengths: an int32 tensor (num_seqs + 1,) on `device`, 0
-    first, non-decreasing, `total` last (unless total is None). Read to the host once; returns the
-    offsets as ints."""
+    """flash-attn's cumulative sequence lengths: a contiguous int32 tensor (num_seqs + 1,) on
+    `device`, 0 first, non-decreasing, `total` last (unless total is None). Read to the host once;
+    returns the offsets as ints."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must be an int32 tensor of cumulative lengths (num_seqs + 1,), got "
                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.stride(0) != 1:                 # the kernels read it as dense int32 (as flash-attn's do)
+        raise ValueError(f"{name} must be contiguous, got a view of stride {cu_seqlens.stride(0)}: pass "
+                         f"{name}.contiguous()")
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"{name} is on {cu_seqlens.device} but the packed tensors on {device}")
     offsets = cu_seqlens.tolist()

@@ -192,6 +192,7 @@ def _bad_calls():
          "non-decreasing"),
         ("total", lambda: call(cu_seqlens=cu[:-1]), ValueError, "hold 30 tokens"),
         ("2-d", lambda: call(cu_seqlens=cu[None]), ValueError, "num_seqs"),
+        ("strided", lambda: call(cu_seqlens=torch.stack([cu, cu], 1)[:, 0]), ValueError, "contiguous"),
         ("device", lambda: call(cu_seqlens=cu.to("meta")), ValueError, "meta"),
         ("both", lambda: call(cu_seqlens=cu, cu_seqlens_q=cu), ValueError, "not both"),
         ("q without k", lambda: call(cu_seqlens_q=cu), ValueError, "together"),
@@ -214,7 +215,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(18))
+@pytest.mark.parametrize("index", range(19))
 def test_bad_cu_seqlens_name_the_argument(index):
     name, call, error, words = _bad_calls()[index]
     with pytest.raises(error, match=words):
