@@ -329,11 +329,7 @@ class KVCache:
                     {b: zeros(batch_size, max_seq_len, H, Dv) for b in layer.to_v},
                     zeros(batch_size, blocks, H, Dqk), zeros(batch_size, blocks, H, Dv),
                     [0] * batch_size, mem, weakref.ref(layer))
-        if mem:
-            with torch.no_grad():
-                mem_k, mem_v = layer.memory(batch_size, dtype)
-                cache.k_cmp[:, :mem], cache.v_cmp[:, :mem] = mem_k, mem_v
-        return cache
+        return cache                  # (the memory rows: written by each row's first step, `forward_with_cache`)
 
     def _device_lengths(self) -> torch.Tensor:
         """`lengths` as a (B,) int32 tensor on the cache's device: one tensor for as long as the
@@ -472,6 +468,10 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     B, T = x.shape[:2]
     old = cache._device_lengths()
     uniform = all(c == T for c in counts)
+    if mem and 0 in before:     # -- a row that starts takes the layer's memory rows as they are now (not as
+        mem_k, mem_v = layer.memory(1, cache.k_cmp.dtype)     # when the cache was made: weights load later) --
+        for b in (b for b, n in enumerate(before) if n == 0):
+            cache.k_cmp[b, :mem], cache.v_cmp[b, :mem] = mem_k[0], mem_v[0]
     append, compress = cache_writers(decoder)
     if uniform:                                       # every row all T: the new keys as they are
         new = append([x for branch in cache.keys for x in (cache.keys[branch], cache.values[branch])],

@@ -148,6 +148,24 @@ def test_layer_rows_of_different_lengths_with_new_tokens_argument():
             torch.testing.assert_close(torch.cat(outputs[b], 1), layer(seq), rtol=1e-10, atol=1e-10)
 
 
+def test_a_cache_made_before_the_weights_load_decodes_with_the_loaded_ones():
+    """The memory rows come from the layer when a row starts, not when its cache was made: a cache
+    made before load_state_dict (or a row truncated to nothing after) decodes with the weights
+    as they are."""
+    torch.manual_seed(7)
+    layer, trained = (SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=2, **LAYER_GEOMETRY).double().eval()
+                      for _ in range(2))
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cache = layer.new_cache(2, 24)
+        layer.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(layer(x, cache=cache), layer(x), rtol=1e-10, atol=1e-10)
+        layer.load_state_dict(SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=2, **LAYER_GEOMETRY).state_dict())
+        cache.truncate_([0, 20])            # row 0 starts again with the new weights (row 1 keeps its past)
+        y = layer(x[:1, :3].expand(2, 3, 32), cache=cache, new_tokens=[3, 0])
+        torch.testing.assert_close(y[:1], layer(x[:1, :3]), rtol=1e-10, atol=1e-10)
+
+
 def triton_layer(**kwargs):
     """A small float32 layer on the decoding kernels (Triton's interpreter on the CPU)."""
     return SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
