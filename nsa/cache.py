@@ -425,9 +425,12 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
     B, T, _ = x.shape
     if B != cache.batch_size:
         raise ValueError(f"x has batch {B} but the cache holds {cache.batch_size} rows")
-    if x.dtype != cache.k_cmp.dtype or x.device != cache.k_cmp.device:
-        raise TypeError(f"x is {x.dtype} on {x.device} but the cache is {cache.k_cmp.dtype} on "
-                        f"{cache.k_cmp.device}; they must match")
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype     # what the projections give
+    if dtype != cache.k_cmp.dtype or x.device != cache.k_cmp.device:
+        raise TypeError(f"the step computes in {dtype}{' (torch.autocast)' if autocast else ''} on {x.device} but "
+                        f"the cache holds {cache.k_cmp.dtype} on {cache.k_cmp.device}; they must match "
+                        f"(layer.new_cache(..., dtype=..., device=...))")
     if T < 1:
         raise ValueError(f"x holds no new token (shape {tuple(x.shape)}); a step takes T >= 1")
     new_tokens = [T] * B if new_tokens is None else check_row_counts("new_tokens", new_tokens, B)

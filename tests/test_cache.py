@@ -166,6 +166,20 @@ def test_a_cache_made_before_the_weights_load_decodes_with_the_loaded_ones():
         torch.testing.assert_close(y[:1], layer(x[:1, :3]), rtol=1e-10, atol=1e-10)
 
 
+def test_layer_decodes_under_autocast_with_a_cache_of_its_dtype():
+    """Under torch.autocast the projections give bfloat16: a bfloat16 cache of a float32 layer
+    decodes as the layer computes under autocast on the whole sequence."""
+    torch.manual_seed(8)
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()
+    x = torch.randn(2, 21, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = layer(x)
+        cache = layer.new_cache(2, 21, dtype=torch.bfloat16)
+        steps = torch.cat([layer(x[:, :13], cache=cache), *(layer(x[:, t:t + 1], cache=cache) for t in range(13, 21))], 1)
+    assert steps.dtype == full.dtype == torch.bfloat16
+    torch.testing.assert_close(steps.float(), full.float(), rtol=2e-2, atol=2e-2)
+
+
 def triton_layer(**kwargs):
     """A small float32 layer on the decoding kernels (Triton's interpreter on the CPU)."""
     return SparseAttention(32, heads=4, kv_heads=1, **{**LAYER_GEOMETRY, "backend": "triton"}, **kwargs).eval()
@@ -290,6 +304,9 @@ def assert_unchanged(cache, before):
 BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("full", lambda layer, cache: layer(torch.randn(2, 5, 32), cache=cache), ValueError, "do not fit"),
     ("dtype", lambda layer, cache: layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache), TypeError, "float64"),
+    ("autocast", lambda layer, cache: torch.autocast("cpu", dtype=torch.bfloat16)(layer)(torch.randn(2, 1, 32),
+                                                                                        cache=cache),
+     TypeError, r"bfloat16 \(torch.autocast\)"),
     ("batch", lambda layer, cache: layer(torch.randn(3, 1, 32), cache=cache), ValueError, "batch 3"),
     ("empty", lambda layer, cache: layer(torch.randn(2, 0, 32), cache=cache), ValueError, "T >= 1"),
     ("dim", lambda layer, cache: layer(torch.randn(2, 1, 31), cache=cache), ValueError, "dim = 32"),
