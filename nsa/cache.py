@@ -55,7 +55,10 @@ def check_row_counts(name: str, counts, batch: int) -> list[int]:
     if isinstance(counts, torch.Tensor):
         check_integer_tensor(name, counts)
         counts = counts.tolist()
-    if not isinstance(counts, (list, tuple)) or len(counts) != batch:
+    if not isinstance(counts, (list, tuple)):
+        raise TypeError(f"{name} must be a list, tuple or 1-D integer tensor of one count per batch row ({batch}), "
+                        f"got {counts!r}")
+    if len(counts) != batch:
         raise ValueError(f"{name} must hold one count per batch row ({batch}), got {counts!r}")
     for b, count in enumerate(counts):
         check_int(f"{name}[{b}]", count, 0)
@@ -357,11 +360,14 @@ class KVCache:
             self._device_lengths()
 
     def truncate_(self, lengths) -> "KVCache":
-        """Keep each row's first `lengths[b]` tokens (an int: the same for every row), forgetting
+        """Keep each row's first `lengths[b]` tokens (an int or 0-d tensor: the same for every row), forgetting
         the rest — the drafts that speculative decoding rejected. Nothing is cleared or recomputed:
         a step sees only the keys and compressed blocks that its row's length reaches, and the
         row's next tokens overwrite what lay past it (the blocks they complete are compressed anew).
         Checked before anything changes. Returns the cache."""
+        if isinstance(lengths, torch.Tensor) and lengths.dim() == 0:     # a scalar tensor: as an int
+            check_integer_tensor("lengths", lengths)
+            lengths = lengths.item()
         if isinstance(lengths, int) and not isinstance(lengths, bool):
             lengths = [lengths] * self.batch_size
         lengths = check_row_counts("lengths", lengths, self.batch_size)

@@ -265,7 +265,7 @@ def test_truncate_to_one_length_and_to_nothing():
         layer(x, cache=cache)
         assert cache.truncate_(0) is cache and cache.lengths == [0, 0]
         torch.testing.assert_close(layer(y, cache=cache), layer(y), rtol=1e-10, atol=1e-10)   # a fresh start
-        cache.truncate_(11)
+        cache.truncate_(torch.tensor(11))                   # a 0-d tensor: as the int
         torch.testing.assert_close(layer(x[:, 11:], cache=cache), layer(torch.cat([y[:, :11], x[:, 11:]], 1))[:, 11:],
                                    rtol=1e-10, atol=1e-10)
 
@@ -330,6 +330,8 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("truncate-count", lambda layer, cache: cache.truncate_([3]), ValueError, "one count per batch row"),
     ("truncate-negative", lambda layer, cache: cache.truncate_(-1), ValueError, "lengths[0]"),
     ("truncate-float", lambda layer, cache: cache.truncate_(torch.tensor([1.0, 2.0])), TypeError, "integer tensor"),
+    ("truncate-float-scalar", lambda layer, cache: cache.truncate_(2.0), TypeError, "list, tuple or 1-D"),
+    ("truncate-float-0d", lambda layer, cache: cache.truncate_(torch.tensor(2.0)), TypeError, "integer tensor"),
     ("reorder-range", lambda layer, cache: cache.reorder_([0, 2]), ValueError, "0 to 1"),
     ("reorder-empty", lambda layer, cache: cache.reorder_([]), ValueError, "at least one"),
     ("reorder-2d", lambda layer, cache: cache.reorder_(torch.zeros(2, 2, dtype=torch.long)), ValueError, "1-D"),
