@@ -331,6 +331,8 @@ def check_cu_seqlens(cu_seqlens, total: int | None, device, name: str = "cu_seql
                          f"{name}.contiguous()")
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"{name} is on {cu_seqlens.device} but the packed tensors on {device}")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: the offsets must be read")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"{name} must start at 0, got {offsets[0]}")

@@ -212,10 +212,11 @@ def _bad_calls():
         ("stride 0", lambda: compressed_cu_seqlens(cu, 16, 0), ValueError, "stride"),
         ("stride > block", lambda: compressed_cu_seqlens(cu, 8, 16), ValueError, "stride"),
         ("block float", lambda: compressed_cu_seqlens(cu, 16.0, 8), TypeError, "block_size"),
+        ("meta", lambda: compressed_cu_seqlens(cu.to("meta"), 16, 8), ValueError, "meta device"),
     ]
 
 
-@pytest.mark.parametrize("index", range(19))
+@pytest.mark.parametrize("index", range(20))
 def test_bad_cu_seqlens_name_the_argument(index):
     name, call, error, words = _bad_calls()[index]
     with pytest.raises(error, match=words):
