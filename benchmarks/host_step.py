@@ -12,9 +12,11 @@ driver's launcher, does nothing: a `DriverBase` of Triton's whose launcher is a 
 own operations (the projections, views, allocations) run on the CPU on the step's small tensors.
 So the number is the Python and dispatch cost of a step on this machine, without CUDA's own
 launch cost (a few microseconds a kernel) and with the CPU's arithmetic for the small
-projections instead (`--width` keeps it small). Prints the median over five rounds of
-`--steps` steps each (the cache rolled back between rounds, so every step sees the same
-context), and with `--profile N` the N functions with the most own time under cProfile.
+projections instead (`--width` keeps it small; one thread). Prints the median over five rounds
+of `--steps` steps each (the cache rolled back between rounds, so every step sees the same
+context) — a time that varies from run to run on a shared machine: compare builds in turns —
+and the Python function calls a step makes (cProfile's count, the same in every run), and with
+`--profile N` the N functions with the most own time.
 Import triton before nsa (this script does): `nsa` would switch on Triton's interpreter on a
 machine without CUDA otherwise.
 """
@@ -115,6 +117,7 @@ def main() -> int:
     warnings.simplefilter("ignore")
     from nsa import SparseAttention
     heads, kv_heads = map(int, args.heads.split("/"))
+    torch.set_num_threads(1)           # the small projections' arithmetic on one thread (a GPU's host does none)
     torch.manual_seed(0)
     layer = SparseAttention(args.width, heads=heads, kv_heads=kv_heads, dim_head=args.dim_head, backend="triton",
                             compress_mlp=not args.mean).eval()
@@ -135,11 +138,13 @@ def main() -> int:
               f"head dim {args.dim_head}, {'mean pooling' if args.mean else 'MLP phi'}, context {args.context}: "
               f"{statistics.median(rounds):.0f} us of host time per layer step "
               f"(rounds {', '.join(f'{r:.0f}' for r in rounds)})")
+        cache.truncate_(args.context)
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [layer(x, cache=cache) for _ in range(args.steps)])
+        stats = pstats.Stats(profile)
+        print(f"{stats.total_calls / args.steps:.0f} Python function calls per layer step (cProfile: a count, not a time)")
         if args.profile:
-            cache.truncate_(args.context)
-            profile = cProfile.Profile()
-            profile.runcall(lambda: [layer(x, cache=cache) for _ in range(args.steps)])
-            pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
+            stats.sort_stats("tottime").print_stats(args.profile)
     return 0
 
 
