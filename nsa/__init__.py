@@ -13,13 +13,18 @@ from nsa import device  # first: switches on Triton's interpreter on a machine w
 
 
 def _checkout_kernels() -> None:
-    """In a source checkout that was never installed, load its kernels/ as nsa.kernels (what
-    pyproject's package-dir maps at install); installed, nsa.kernels is found as it is."""
+    """In a source checkout, load its own kernels/ as nsa.kernels (what pyproject's package-dir
+    maps at install) unless the import system finds exactly those: a checkout never installed,
+    or one beside another checkout installed in editable mode, whose nsa.kernels the import
+    system would find instead (this nsa, that one's kernels). Installed, nsa.kernels is found
+    as it is."""
     root = Path(__file__).resolve().parent.parent
     init = root / "kernels" / "__init__.py"
-    if importlib.util.find_spec("nsa.kernels") is not None or not init.is_file() or \
-            not (root / "pyproject.toml").is_file():
+    if not init.is_file() or not (root / "pyproject.toml").is_file():
         return
+    found = importlib.util.find_spec("nsa.kernels")
+    if found is not None and found.origin is not None and Path(found.origin).resolve() == init.resolve():
+        return                       # this checkout's own: installed from here, or linked as nsa/kernels
     spec = importlib.util.spec_from_file_location("nsa.kernels", init, submodule_search_locations=[str(init.parent)])
     sys.modules["nsa.kernels"] = module = importlib.util.module_from_spec(spec)
     try:

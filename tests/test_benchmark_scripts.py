@@ -4,6 +4,7 @@ the package is found here, not after a GPU machine has started for it."""
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,20 @@ def test_check_layer_cache_tiny_meets_its_goal(tmp_path):
     table = out[out.index(" dtype "):].splitlines()[1:]
     assert len(table) == 3 and all(line.endswith("ok") for line in table), out
     assert (tmp_path / "layer_cache_check_cpu.csv").read_text().startswith("# python benchmarks/gpu_check_layer_cache.py")
+
+
+def test_a_second_checkout_runs_its_own_kernels(tmp_path):
+    """A checkout beside another that is installed in editable mode (a build to compare against):
+    its nsa loads its own kernels/, not the installed checkout's."""
+    for name in ("nsa", "kernels"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import nsa; print(nsa.__file__, nsa.kernels.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [Path(p) for p in done.stdout.split()] == [tmp_path / "nsa" / "__init__.py",
+                                                       tmp_path / "kernels" / "__init__.py"], done.stdout
 
 
 def test_a_source_checkout_imports_the_kernels_without_installing():
