@@ -371,14 +371,14 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     R, G = k_cmp_cache.shape[1], Hq // H
     group_pad = next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)                 # stage 1's tokens: >= 16 rows for tl.dot
-    tokens = next_power_of_2(T)                  # stage 2's: no tl.dot, no padding to 16 rows
+    tokens = next_power_of_2(T)                         # stage 2's: no tl.dot, no padding to 16 rows
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
     warps = 4 if rows <= 64 else 8                      # stage 1 holds rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
     block_n = DECODE_BLOCK_N if q.is_cuda else 16
-    slots = next_power_of_2(n)                # a selection step's candidates fill a top-n
+    slots = next_power_of_2(n)                          # a selection step's candidates fill a top-n
     sms = multiprocessors(q.device)
     target = PROGRAMS_PER_SM * sms
     splits_c = split_count(B * H, cdiv(R, block_n), target, STEPS_PER_SPLIT)
