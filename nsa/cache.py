@@ -70,7 +70,9 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
     flash-attn's `cache_seqlens`; an int32 CUDA tensor is used as it is, no copy). From a list
     of ints or a CPU tensor, each length is checked to leave room for the new tokens; a CUDA
     tensor's values are not read (that would wait for the GPU and break a CUDA graph): as with
-    flash-attn's cache_seqlens, they are the caller's promise."""
+    flash-attn's cache_seqlens, they are the caller's promise. An int: every row's."""
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = [cache_seqlens] * batch
     if isinstance(cache_seqlens, torch.Tensor):
         if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool \
                 or tuple(cache_seqlens.shape) != (batch,):
@@ -207,11 +209,11 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     q: (B, T, Hq, Dqk), the new tokens' queries; row b's sit at positions cache_seqlens[b] ..
     cache_seqlens[b] + T - 1. k_cache: (B, max_seq_len, H, Dqk), v_cache: (B, max_seq_len, H, Dv);
     k_cmp_cache, v_cmp_cache: (B, mem_kv_len + Nc(max_seq_len), H, D), the memory rows first, then
-    the compressed blocks. cache_seqlens: the tokens each row holds before this step, a list of
-    ints or a (B,) integer tensor (a CUDA tensor's values are trusted, not checked: reading them
-    would wait for the GPU). k, v: (B, T, H, D), the new tokens' keys and values: written into the
-    caches, and the compressed blocks they complete computed with phi_k, phi_v (as
-    `nsa.compress`; None = mean) into the compressed caches. Without them the caches must already
+    the compressed blocks. cache_seqlens: the tokens each row holds before this step, an int (every
+    row), a list of ints or a (B,) integer tensor (a CUDA tensor's values are trusted, not checked:
+    reading them would wait for the GPU). k, v: (B, T, H, D), the new tokens' keys and values:
+    written into the caches, and the compressed blocks they complete computed with phi_k, phi_v
+    (as `nsa.compress`; None = mean) into the compressed caches. Without them the caches must already
     hold the new tokens and their blocks. k_win_cache, v_win_cache: the window branch's own keys
     and values (a model with `kv_per_branch`), laid out as k_cache and v_cache; k_win, v_win: the
     new tokens' window keys and values, written with k and v. Without them the window reads
@@ -370,6 +372,9 @@ class KVCache:
             lengths = lengths.item()
         if isinstance(lengths, int) and not isinstance(lengths, bool):
             lengths = [lengths] * self.batch_size
+        if not isinstance(lengths, (list, tuple, torch.Tensor)):
+            raise TypeError(f"lengths must be an int (every row), a 0-d or 1-D integer tensor, or a list or tuple "
+                            f"of ints, got {lengths!r}")
         lengths = check_row_counts("lengths", lengths, self.batch_size)
         for b, n in enumerate(lengths):
             if n > self.lengths[b]:
@@ -431,12 +436,13 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
     B, T, _ = x.shape
     if B != cache.batch_size:
         raise ValueError(f"x has batch {B} but the cache holds {cache.batch_size} rows")
-    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    autocast = (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+                and x.dtype != torch.float64)                                # (autocast leaves float64 as it is)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype     # what the projections give
     if dtype != cache.k_cmp.dtype or x.device != cache.k_cmp.device:
-        raise TypeError(f"the step computes in {dtype}{' (torch.autocast)' if autocast else ''} on {x.device} but "
-                        f"the cache holds {cache.k_cmp.dtype} on {cache.k_cmp.device}; they must match "
-                        f"(layer.new_cache(..., dtype=..., device=...))")
+        step = f", computed in {dtype} under torch.autocast," if autocast else ""
+        raise TypeError(f"x is {x.dtype} on {x.device}{step} but the cache holds {cache.k_cmp.dtype} on "
+                        f"{cache.k_cmp.device}; they must match (layer.new_cache(..., dtype=..., device=...))")
     if T < 1:
         raise ValueError(f"x holds no new token (shape {tuple(x.shape)}); a step takes T >= 1")
     new_tokens = [T] * B if new_tokens is None else check_row_counts("new_tokens", new_tokens, B)
@@ -449,7 +455,6 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
     return new_tokens
 
 
-@torch.compiler.disable
 def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     """`layer(x, cache=cache, new_tokens=new_tokens)`: x (B, T, dim), the next tokens' inputs,
     appended to the cache; returns their outputs (B, T, dim) (0 where `new_tokens` leaves a row's
@@ -457,6 +462,18 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     change at every step, and a traced step would be compiled again for every token; a compiled
     model runs it as it is (a graph break; `fullgraph=True` refuses it), and `DecodeGraph` takes
     away its launch cost."""
+    if torch.compiler.is_compiling():           # traced: run the step outside the graph, as it is
+        return step_outside_the_graph(layer, x, cache, new_tokens)
+    return step_with_cache(layer, x, cache, new_tokens)
+
+
+@torch._disable_dynamo      # torch.compiler.disable, importing the compiler at the first call, not at nsa's import
+def step_outside_the_graph(layer, x, cache, new_tokens):
+    return step_with_cache(layer, x, cache, new_tokens)
+
+
+def step_with_cache(layer, x, cache: KVCache, new_tokens=None):
+    """`forward_with_cache`'s step, checked, written and attended."""
     counts = check_new_tokens(layer, x, cache, new_tokens)
     config, mem = layer.config, cache.mem_kv_len
     queries, keys, values, gates = layer.project(x, x, x)
@@ -477,10 +494,12 @@ def forward_with_cache(layer, x, cache: KVCache, new_tokens=None):
     B, T = x.shape[:2]
     old = cache._device_lengths()
     uniform = all(c == T for c in counts)
-    if mem and 0 in before:     # -- a row that starts takes the layer's memory rows as they are now (not as
-        mem_k, mem_v = layer.memory(1, cache.k_cmp.dtype)     # when the cache was made: weights load later) --
-        for b in (b for b, n in enumerate(before) if n == 0):
-            cache.k_cmp[b, :mem], cache.v_cmp[b, :mem] = mem_k[0], mem_v[0]
+    # -- a row that starts takes the layer's memory rows as they are now (the cache may predate the weights) --
+    starting = [b for b, (n, c) in enumerate(zip(before, counts)) if n == 0 < c]
+    if mem and starting:
+        mem_k, mem_v = layer.memory(1, cache.k_cmp.dtype)
+        for rows in [slice(None)] if len(starting) == B else starting:
+            cache.k_cmp[rows, :mem], cache.v_cmp[rows, :mem] = mem_k[0], mem_v[0]
     append, compress = cache_writers(decoder)
     if uniform:                                       # every row all T: the new keys as they are
         new = append([x for branch in cache.keys for x in (cache.keys[branch], cache.values[branch])],

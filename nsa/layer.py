@@ -180,7 +180,9 @@ class SparseAttention(nn.Module):
         (k = v = mask = None); they are appended to the cache and their outputs returned, equal to
         the last T rows of the layer on the whole sequence. new_tokens: with a cache, (B,) ints
         <= T, how many of the T tokens each row appends (q right-padded; the padding's outputs
-        are 0); None = all T. (lengths: its former name, deprecated.)
+        are 0); None = all T. (lengths: its former name, deprecated.) Under torch.compile a cached
+        step is not traced (a graph break, which fullgraph=True refuses): its checks read the
+        cache's host lengths, new at every token.
         cp_group: context parallelism (Chapter 14), a torch.distributed process group whose ranks
         each hold a contiguous shard of the tokens, in rank order: q is this rank's shard
         (B, n_rank, dim) of self-attention (k = v = mask = None; cu_seqlens, if given, packs the

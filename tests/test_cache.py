@@ -168,7 +168,8 @@ def test_a_cache_made_before_the_weights_load_decodes_with_the_loaded_ones():
 
 def test_layer_decodes_under_autocast_with_a_cache_of_its_dtype():
     """Under torch.autocast the projections give bfloat16: a bfloat16 cache of a float32 layer
-    decodes as the layer computes under autocast on the whole sequence."""
+    decodes as the layer computes under autocast on the whole sequence; a float64 layer, which
+    autocast leaves as it is, decodes with its float64 cache."""
     torch.manual_seed(8)
     layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()
     x = torch.randn(2, 21, 32)
@@ -178,6 +179,10 @@ def test_layer_decodes_under_autocast_with_a_cache_of_its_dtype():
         steps = torch.cat([layer(x[:, :13], cache=cache), *(layer(x[:, t:t + 1], cache=cache) for t in range(13, 21))], 1)
     assert steps.dtype == full.dtype == torch.bfloat16
     torch.testing.assert_close(steps.float(), full.float(), rtol=2e-2, atol=2e-2)
+    layer, x = layer.double(), x.double()                  # autocast leaves float64 as it is
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = layer.new_cache(2, 21)
+        torch.testing.assert_close(layer(x, cache=cache), layer(x), rtol=1e-10, atol=1e-10)
 
 
 def triton_layer(**kwargs):
@@ -306,7 +311,7 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("dtype", lambda layer, cache: layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache), TypeError, "float64"),
     ("autocast", lambda layer, cache: torch.autocast("cpu", dtype=torch.bfloat16)(layer)(torch.randn(2, 1, 32),
                                                                                         cache=cache),
-     TypeError, r"bfloat16 \(torch.autocast\)"),
+     TypeError, r"x is torch.float32 on cpu, computed in torch.bfloat16 under torch.autocast"),
     ("batch", lambda layer, cache: layer(torch.randn(3, 1, 32), cache=cache), ValueError, "batch 3"),
     ("empty", lambda layer, cache: layer(torch.randn(2, 0, 32), cache=cache), ValueError, "T >= 1"),
     ("dim", lambda layer, cache: layer(torch.randn(2, 1, 31), cache=cache), ValueError, "dim = 32"),
@@ -330,7 +335,7 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("truncate-count", lambda layer, cache: cache.truncate_([3]), ValueError, "one count per batch row"),
     ("truncate-negative", lambda layer, cache: cache.truncate_(-1), ValueError, "lengths[0]"),
     ("truncate-float", lambda layer, cache: cache.truncate_(torch.tensor([1.0, 2.0])), TypeError, "integer tensor"),
-    ("truncate-float-scalar", lambda layer, cache: cache.truncate_(2.0), TypeError, "list, tuple or 1-D"),
+    ("truncate-float-scalar", lambda layer, cache: cache.truncate_(2.0), TypeError, "an int \\(every row\\)"),
     ("truncate-float-0d", lambda layer, cache: cache.truncate_(torch.tensor(2.0)), TypeError, "integer tensor"),
     ("reorder-range", lambda layer, cache: cache.reorder_([0, 2]), ValueError, "0 to 1"),
     ("reorder-empty", lambda layer, cache: cache.reorder_([]), ValueError, "at least one"),
@@ -397,6 +402,7 @@ def test_functional_bad_arguments_leave_the_caches_unchanged():
     cases = [
         (dict(cache_seqlens=[15]), ValueError, "do not fit"),
         (dict(cache_seqlens=[1, 2]), ValueError, "one count per batch row"),
+        (dict(cache_seqlens=15), ValueError, "cache row 0 holds 15"),        # an int: every row's
         (dict(cache_seqlens=torch.tensor([1.0])), TypeError, "integer"),
         (dict(k_cmp_cache=torch.zeros(B, blocks + 1, H, D)), ValueError, "k_cmp_cache"),
         (dict(v=None), ValueError, "together"),

@@ -124,3 +124,19 @@ def test_a_compiled_model_decodes_without_recompiling():
                 frames = counter.frame_count        # the prefill's shapes and the first step's
     assert counter.frame_count == frames, f"{counter.frame_count - frames} recompiles in 5 steps"
     assert caches[0].lengths == caches[1].lengths == [27, 27]
+
+
+def test_importing_nsa_and_decoding_eagerly_leave_the_compiler_unloaded():
+    """The cached step's graph break costs nothing outside torch.compile: `import nsa` and an eager
+    decoding step do not import torch._dynamo (about 2 s on a CPU)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, nsa; layer = nsa.SparseAttention(32, heads=4, kv_heads=2, backend='torch', "
+            "compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3, window_size=8)"
+            ".eval(); cache = layer.new_cache(1, 8)\n"
+            "with torch.no_grad(): layer(torch.randn(1, 3, 32), cache=cache)\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False", done.stdout
