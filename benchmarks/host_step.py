@@ -91,7 +91,7 @@ def launching_nothing():
     (the layer and the launchers take their GPU paths), and the decoding launchers size their
     splits for an H200's 132 multiprocessors."""
     from nsa.kernels import common, decode
-    saved = common.INTERPRET, decode.multiprocessors, torch.Tensor.is_cuda, driver._active
+    saved = common.INTERPRET, decode.multiprocessors, driver._active
     driver.set_active(LaunchesNothing())
     common.INTERPRET = True                   # the CPU tensors pass the kernels' device check
     decode.multiprocessors = lambda device: 132
@@ -99,9 +99,9 @@ def launching_nothing():
     try:
         yield
     finally:
-        torch.Tensor.is_cuda = saved[2]
+        del torch.Tensor.is_cuda                  # TensorBase's own again
         common.INTERPRET, decode.multiprocessors = saved[:2]
-        driver.set_active(saved[3])             # None: Triton finds the machine's own driver when asked
+        driver.set_active(saved[2])             # None: Triton finds the machine's own driver when asked
 
 
 def main() -> int:
@@ -142,7 +142,8 @@ def main() -> int:
         profile = cProfile.Profile()
         profile.runcall(lambda: [layer(x, cache=cache) for _ in range(args.steps)])
         stats = pstats.Stats(profile)
-        print(f"{stats.total_calls / args.steps:.0f} Python function calls per layer step (cProfile: a count, not a time)")
+        print(f"{stats.total_calls / args.steps:.0f} Python function calls per layer step "
+              "(cProfile: a count, not a time)")
         if args.profile:
             stats.sort_stats("tottime").print_stats(args.profile)
     return 0

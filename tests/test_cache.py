@@ -176,7 +176,8 @@ def test_layer_decodes_under_autocast_with_a_cache_of_its_dtype():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         full = layer(x)
         cache = layer.new_cache(2, 21, dtype=torch.bfloat16)
-        steps = torch.cat([layer(x[:, :13], cache=cache), *(layer(x[:, t:t + 1], cache=cache) for t in range(13, 21))], 1)
+        steps = torch.cat([layer(x[:, :13], cache=cache),
+                           *(layer(x[:, t:t + 1], cache=cache) for t in range(13, 21))], 1)
     assert steps.dtype == full.dtype == torch.bfloat16
     torch.testing.assert_close(steps.float(), full.float(), rtol=2e-2, atol=2e-2)
     layer, x = layer.double(), x.double()                  # autocast leaves float64 as it is
@@ -764,7 +765,7 @@ def test_window_caches_misused_are_refused_and_nothing_changes(case):
     assert all(torch.equal(x, y) for x, y in zip(tensors, before))
 
 
-def test_compress_mlp_kernel_equals_the_mlp():
+def test_compress_mlp_kernel_equals_the_mlp(monkeypatch):
     """`compress_mlp_kernel` (Triton's interpreter) computes `CompressionMLP` from the cache: odd
     head, hidden and output sizes (padded tiles, a partial last share of hidden units), more
     candidate rows than one program takes, rows of different lengths, and steps that complete
@@ -772,7 +773,16 @@ def test_compress_mlp_kernel_equals_the_mlp():
     output size only in a launch each, a fifth alone; a phi of another kind keeps PyTorch's (the
     kernel declines it)."""
     from nsa.cache import compress_new_blocks
+    from nsa.kernels import cache as writes
     from nsa.kernels.cache import compress_new_blocks_triton, mlp_weights
+    kernel, launches = writes.compress_mlp_kernel, []
+
+    class Counted:                                # each launch's caches (the grid's third axis)
+        def __getitem__(self, grid):
+            launches.append(grid[2])
+            return kernel[grid]
+
+    monkeypatch.setattr(writes, "compress_mlp_kernel", Counted())
     torch.manual_seed(12)
     B, N, H, D, l, d, mem = 3, 90, 3, 24, 8, 4, 2
     phis = [CompressionMLP(D, l, hidden_dim=40, out_dim=out) for out in (20, 20, 24, 20)] + [CompressionMLP(D, l)]
@@ -789,7 +799,9 @@ def test_compress_mlp_kernel_equals_the_mlp():
         new = lengths + torch.tensor(counts, dtype=torch.int32)
         with torch.no_grad():
             compress_new_blocks(caches, cmp_caches, phis, lengths, new, max(counts), l, d, mem)
+            launches.clear()
             compress_new_blocks_triton(caches, mine, phis, lengths, new, max(counts), l, d, mem)
+        assert launches == [2, 1, 1, 1]            # phis 0 and 1 together; 2 and 3 (outputs 24, 20) apart; 4
         for got, expected in zip(mine, cmp_caches):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
         lengths = new
