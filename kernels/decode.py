@@ -106,7 +106,8 @@ def block_probabilities(SCORES, score_rows, c, cmp_end, row_ok, lse2):
     (ROWS, S, U), 0 for a block the row does not see."""
     visible = (c[None, :, :] >= 0) & (c[None, :, :] < cmp_end[:, None, None]) & row_ok[:, None, None]
     s = tl.load(SCORES + score_rows[:, None, None] + c[None, :, :], mask=visible, other=float("-inf"))
-    return tl.where(visible, tl.exp2(s - lse2[:, None, None]), 0.0)
+    lse_safe = tl.where(lse2 == float("-inf"), 0.0, lse2)     # a row that saw nothing: -inf - -inf is NaN
+    return tl.where(visible, tl.exp2(s - lse_safe[:, None, None]), 0.0)
 
 
 @triton.jit

@@ -4,6 +4,8 @@ Everything here is checked against the plain (cache-free) computation, which the
 files check against the float64 reference: a cache must give the plain result exactly, up to
 the dtype's rounding."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -201,6 +203,23 @@ def test_layer_with_cache_on_triton_backend_under_interpreter(kwargs):
         cache = layer.new_cache(1, 45)
         got = torch.cat([layer(x[:, :40], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(40, 45)], 1)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_decoding_kernels_compute_no_nan_in_lanes_they_mask():
+    """Stage 2's probabilities of the compressed blocks a row does not see: a row whose lse is
+    -inf must not compute -inf - -inf (NaN, masked afterwards, but the interpreter warns and a
+    GPU carries NaN through the lanes). Every interpreter warning is an error here."""
+    torch.manual_seed(0)
+    layer = SparseAttention(32, heads=1, kv_heads=1, dim_head=16, compress_block_size=8, compress_stride=4,
+                            select_block_size=16, num_selected_blocks=3, window_size=16, backend="triton",
+                            compress_mlp=False).eval()
+    x = torch.randn(2, 30, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = layer.new_cache(2, 30)
+        got = torch.cat([layer(x[:, :24], cache=cache)] + [layer(x[:, i:i + 1], cache=cache) for i in range(24, 30)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(got, layer(x), rtol=2e-5, atol=2e-5)
 
 
 def test_layer_on_triton_with_rows_appending_different_counts():
