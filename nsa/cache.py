@@ -495,8 +495,8 @@ def step_with_cache(layer, x, cache: KVCache, new_tokens=None):
     old = cache._device_lengths()
     uniform = all(c == T for c in counts)
     # -- a row that starts takes the layer's memory rows as they are now (the cache may predate the weights) --
-    starting = [b for b, (n, c) in enumerate(zip(before, counts)) if n == 0 < c]
-    if mem and starting:
+    starting = [b for b, (n, c) in enumerate(zip(before, counts)) if n == 0 < c] if mem else []
+    if starting:
         mem_k, mem_v = layer.memory(1, cache.k_cmp.dtype)
         for rows in [slice(None)] if len(starting) == B else starting:
             cache.k_cmp[rows, :mem], cache.v_cmp[rows, :mem] = mem_k[0], mem_v[0]
