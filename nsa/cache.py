@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nsa.backends import check_backend, select_step
-from nsa.checks import (check_config, check_int, check_integer_tensor, check_keys, check_like,
-                        check_mem_kv_len, check_phi, check_sparse_inputs, check_tensor,
+from nsa.checks import (autocast_dtype, check_config, check_int, check_integer_tensor, check_keys,
+                        check_like, check_mem_kv_len, check_phi, check_sparse_inputs, check_tensor,
                         resolve_device)
 from nsa.compression import CompressionMLP, pool_blocks
 from nsa.config import NSAConfig
@@ -436,11 +436,9 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
     B, T, _ = x.shape
     if B != cache.batch_size:
         raise ValueError(f"x has batch {B} but the cache holds {cache.batch_size} rows")
-    autocast = (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-                and x.dtype != torch.float64)                                # (autocast leaves float64 as it is)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype     # what the projections give
+    dtype = autocast_dtype(x.dtype, x.device)                          # what the projections give
     if dtype != cache.k_cmp.dtype or x.device != cache.k_cmp.device:
-        step = f", computed in {dtype} under torch.autocast," if autocast else ""
+        step = f", computed in {dtype} under torch.autocast," if dtype != x.dtype else ""
         raise TypeError(f"x is {x.dtype} on {x.device}{step} but the cache holds {cache.k_cmp.dtype} on "
                         f"{cache.k_cmp.device}; they must match (layer.new_cache(..., dtype=..., device=...))")
     if T < 1:

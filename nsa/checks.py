@@ -47,6 +47,14 @@ def check_integer_tensor(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
 
 
+def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a matmul on `device` computes an operand of `dtype` in: torch.autocast's where it
+    is on for that device, except float64, which autocast leaves as it is; else `dtype`."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type) and dtype != torch.float64:
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def check_like(name: str, x: torch.Tensor, q: torch.Tensor, q_name: str = "q") -> None:
     """`x` must have q's dtype and device (q named `q_name` in the errors)."""
     if x.dtype != q.dtype:

@@ -209,6 +209,12 @@ def test_layer_names_an_input_whose_dtype_or_device_differs_from_its_parameters(
         layer(torch.empty(1, 40, 32, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts for F.linear: allowed
         layer.to(torch.bfloat16)(x)
+        # but not float64, on either side: autocast leaves it as it is, and F.linear would fail
+        with pytest.raises(TypeError, match=r"q.dtype is torch.float64 .* torch.bfloat16; .*leaves float64"):
+            layer(x.double())
+        with pytest.raises(TypeError, match=r"q.dtype is torch.float32 but the layer's parameters are torch.float64"):
+            layer.double()(x)
+        assert layer(x.double()).dtype == torch.float64              # float64 on both sides: no cast
 
 
 def test_meta_tensors_run_on_the_torch_backend():
