@@ -22,6 +22,9 @@ def check_group(group, name: str = "group"):
     """A torch.distributed process group that holds this rank (torch.distributed initialised)."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{name} needs torch.distributed initialised (dist.init_process_group) first")
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:    # what new_group gives the others
+        raise ValueError(f"{name} does not contain this rank ({dist.get_rank()}): dist.new_group returns a "
+                         "placeholder to the ranks outside it; call the layer on the group's ranks only")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
                         f"dist.new_group(...)), got {type(group).__name__}")
@@ -44,14 +47,51 @@ def shard_bounds(lengths) -> list[tuple[int, int]]:
     return [(end - n, end) for n, end in zip(lengths, ends)]
 
 
-def resolve_shard_lengths(x, group, shard_lengths=None) -> list[int]:
-    """Every rank's number of tokens, in rank order: given (checked against x), or gathered (one
-    small all-gather, a host synchronisation). x: this rank's shard (B, n_rank, ...)."""
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def shard_facts(x, offsets=None) -> list[int]:
+    """What a rank tells the others about its shard x (B, n_rank, ...), as 8 ints: its token count,
+    then what every rank's must equal: the batch, the number of dims and the sizes after the
+    sequence (up to three), the dtype, and a digest of the packed row's offsets (-1 without)."""
+    rest = list(x.shape[2:]) + [0] * (3 - x.dim() + 2)
+    dtype = FLOAT_DTYPES.index(x.dtype) if x.dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
+    digest = -1 if offsets is None else hash(tuple(offsets)) & (2 ** 62 - 1)    # ints hash alike in every process
+    return [x.shape[1], x.shape[0], x.dim(), *rest[:3], dtype, digest]
+
+
+def gathered_shard_lengths(x, group, offsets=None) -> list[int]:
+    """Every rank's token count, from one small all-gather of each rank's `shard_facts` (a host
+    synchronisation); a rank whose shard differs in anything else (batch, sizes, dtype, the packed
+    row's cu_seqlens) gets the same ValueError on every rank, before any gather of the keys, whose
+    sizes would not match."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(shard_facts(x, offsets), dtype=torch.int64, device=x.device)   # NCCL: on the GPU
+    facts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(facts, mine, group=group)
+    facts = [f.tolist() for f in facts]
+    for r, f in enumerate(facts):
+        if f[7] != facts[0][7]:
+            raise ValueError(f"cu_seqlens differs between ranks 0 and {r}: every rank passes the cu_seqlens "
+                             "of the whole packed row")
+        if f[1:7] != facts[0][1:7]:
+            shape = lambda f: "(" + ", ".join([str(f[1]), "n"] + [str(s) for s in f[3:1 + f[2]]]) + ")"  # noqa: E731
+            dtype = lambda f: FLOAT_DTYPES[f[6]] if f[6] < len(FLOAT_DTYPES) else "another dtype"  # noqa: E731
+            raise ValueError(f"the ranks' shards differ: rank 0's is {shape(facts[0])} in {dtype(facts[0])}, "
+                             f"rank {r}'s {shape(f)} in {dtype(f)}; they may differ only in their token count")
+    lengths = [f[0] for f in facts]
+    if min(lengths) < 1:
+        raise ValueError(f"every rank's shard must hold at least one token; the shards hold {lengths}")
+    return lengths
+
+
+def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None) -> list[int]:
+    """Every rank's number of tokens, in rank order: given (checked against x, and trusted), or
+    gathered (`gathered_shard_lengths`, which also checks that the shards agree). x: this rank's
+    shard (B, n_rank, ...); offsets: the packed row's cu_seqlens as ints, or None."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
-        counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]   # NCCL: on the GPU
-        dist.all_gather(counts, torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device), group=group)
-        shard_lengths = [int(c) for c in counts]
+        return gathered_shard_lengths(x, group, offsets)
     if (not isinstance(shard_lengths, (list, tuple)) or len(shard_lengths) != world
             or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shard_lengths)):
         raise ValueError(f"shard_lengths must be {world} positive ints (one per rank), got {shard_lengths!r}")
@@ -105,8 +145,6 @@ def finish_gather(gathered, lengths, end=None):
     """The whole sequence (B, sum(lengths), ...) from `start_gather`'s padded result; only its first
     `end` tokens (the prefix a rank's queries read) when end is given."""
     longest, end = max(lengths), sum(lengths) if end is None else end
-    if all(n == longest for n in lengths):
-        return gathered[:, :end]                                       # a view: no copy, no wait yet
     starts = [start for start, _ in shard_bounds(lengths)]
     parts = [gathered[:, r * longest:r * longest + min(n, end - start)]          # the shards before end
              for r, (n, start) in enumerate(zip(lengths, starts)) if start < end]
@@ -120,11 +158,21 @@ def gather_sequence(x, group, shard_lengths=None):
     return finish_gather(start_gather(x, group, lengths), lengths)
 
 
+def check_causal(config) -> None:
+    """Context parallelism gathers, for a rank's queries, the keys up to the end of its shard:
+    causal attention only (with causal=False a query reads the later ranks' keys too)."""
+    if not config.causal:
+        raise ValueError("context parallelism needs a causal config (causal=True): each rank gathers the keys "
+                         "up to the end of its own shard, and with causal=False its queries would also read "
+                         "the keys of the ranks after it")
+
+
 def check_shards(q, k, v, gates, config, scale, backend):
     """q (B, n, Hq, Dqk), k (B, n, H, Dqk), v (B, n, H, Dv), gates 3 x (B, n, Hq): shards of the
-    same tokens, in q's dtype and on its device (GQA's heads); config an NSAConfig; the scale and
-    backend as `native_sparse_attention` takes them. All before any message between the ranks."""
-    check_config(config)
+    same tokens, in q's dtype and on its device (GQA's heads); config an NSAConfig of causal
+    attention; the scale and backend as `native_sparse_attention` takes them. All before any
+    message between the ranks."""
+    check_causal(check_config(config))
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 4, "(batch, shard_len, heads, head_dim)")
     if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
@@ -147,7 +195,7 @@ def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group"):
         if x.shape[0] != 1:
             raise ValueError(f"with cu_seqlens the shards hold packed sequences: batch must be 1, got {x.shape[0]}")
         offsets = check_cu_seqlens(cu_seqlens, None, x.device)
-    lengths = resolve_shard_lengths(x, group, shard_lengths)
+    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets)
     if offsets is not None and offsets[-1] != sum(lengths):
         raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the shards hold {sum(lengths)} tokens")
     rank, bounds = dist.get_rank(group), shard_bounds(lengths)
@@ -189,7 +237,8 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
 def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=None):
     """`layer(x, cp_group=group)`: a `SparseAttention` on this rank's shard x (B, n_rank, dim) of
     a sequence sharded over `group` (self-attention); returns the rank's outputs (B, n_rank, dim).
-    cu_seqlens: packed sequences (B = 1), those of the whole row."""
+    cu_seqlens: packed sequences (B = 1), those of the whole row. Causal layers only."""
+    check_causal(layer.config)
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group")
     # -- keys and values first: their all-gathers run while the queries and gates are projected --
     keys, values = layer.project_keys_values(x, x)                   # {branch: (B, n_rank, H, D)}

@@ -119,6 +119,10 @@ def _check_errors(group):
         context_parallel_sparse_attention(q, k, v, *gates, backend="cuda", group=group)
     with pytest.raises(TypeError, match="group"):
         context_parallel_sparse_attention(q, k, v, *gates, group=None)
+    with pytest.raises(ValueError, match="needs a causal config"):          # keys after the shard: refused
+        _layer(causal=False)(x, cp_group=group)
+    with pytest.raises(ValueError, match="needs a causal config"):
+        context_parallel_sparse_attention(q, k, v, *gates, config=NSAConfig(causal=False), group=group)
 
 
 class Block(torch.nn.Module):
@@ -262,7 +266,42 @@ def _layer_worker(rank, world, store):
     # -- a group of one process: the plain result --
     singles = [dist.new_group([r]) for r in range(world)]
     _check_layer(singles[rank], [33], seed=7)
+    with pytest.raises(ValueError, match=f"does not contain this rank \\({rank}\\)"):   # another rank's group
+        _layer()(torch.randn(1, 8, LAYER["dim"], dtype=torch.float64), cp_group=singles[(rank + 1) % world])
+    _check_shards_that_differ(group)
+    if world == 2:
+        _check_flex_forward(group)
     dist.destroy_process_group()
+
+
+def _check_shards_that_differ(group):
+    """A rank whose shard differs from the others' in anything but its token count: the same
+    ValueError on every rank, from the small gather of the shards' facts (before the keys' gather,
+    whose sizes would not match: gloo aborts the process), and the group still usable after."""
+    rank, layer = dist.get_rank(group), _layer()
+    x = torch.randn(1, 8, LAYER["dim"], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rank 0's is \(1, n, 16\) in torch.float64, rank 1's \(2, n, 16\)"):
+        layer(torch.cat([x, x]) if rank == 1 else x, cp_group=group)
+    with pytest.raises(ValueError, match=r"rank 1's \(1, n, 16\) in torch.float32; they may differ only"):
+        (layer.float()(x.float(), cp_group=group) if rank == 1 else layer(x, cp_group=group))
+    layer = _layer()
+    total = 8 * dist.get_world_size(group)
+    cu = torch.tensor([0, 3 + (rank == 1), total], dtype=torch.int32)       # the same total, other sequences
+    with pytest.raises(ValueError, match="cu_seqlens differs between ranks 0 and 1"):
+        layer(x, cp_group=group, cu_seqlens=cu)
+    _check_layer(group, [8] * dist.get_world_size(group), seed=9)           # the group goes on
+
+
+def _check_flex_forward(group):
+    """backend="flex" (forward only on the CPU) with shards of equal length: the gathered keys
+    reach FlexAttention's compiled function as plain tensors (a view of the pending gather made
+    its compile fail)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    layer = _layer(backend="flex")
+    x = torch.randn(1, 16 * world, LAYER["dim"], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y, y_shard = layer(x), layer(x[:, 16 * rank:16 * (rank + 1)], cp_group=group)
+    torch.testing.assert_close(y_shard, y[:, 16 * rank:16 * (rank + 1)])
 
 
 def test_shard_geometry():
