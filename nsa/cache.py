@@ -234,7 +234,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len, k_win_cache, v_win_cache,
                                             k_win, v_win)
     for name, phi, cache, cmp_cache in (("phi_k", phi_k, k_cache, k_cmp_cache), ("phi_v", phi_v, v_cache, v_cmp_cache)):
-        check_phi(name, phi)
+        check_phi(name, phi, cache)
         check_phi_sizes(name, phi, config.compress_block_size, cache.shape[3], cmp_cache.shape[3])
     decoder = select_step(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
                                                    g_win), dims, config)

@@ -148,11 +148,21 @@ def check_compress_geometry(block_size, stride) -> None:
                          "blocks may overlap but not leave keys between them")
 
 
-def check_phi(name: str, phi) -> None:
-    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`."""
+def check_phi(name: str, phi, x=None) -> None:
+    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`; one
+    with parameters (an nn.Module) has them on x's device, in a dtype that computes with x's."""
     if phi is not None and not callable(phi):
         raise TypeError(f"{name} must be None (mean pooling) or a callable such as nsa.CompressionMLP, "
                         f"got {type(phi).__name__}")
+    weight = next(phi.parameters(), None) if isinstance(phi, torch.nn.Module) and x is not None else None
+    if weight is None:
+        return
+    if weight.device != x.device:
+        raise ValueError(f"{name}'s parameters are on {weight.device} but its input is on {x.device}; move one "
+                         f"to the other ({name}.to(device))")
+    if autocast_dtype(weight.dtype, x.device) != autocast_dtype(x.dtype, x.device):
+        raise TypeError(f"{name}'s parameters are {weight.dtype} but its input is {x.dtype}; convert one to the "
+                        f"other ({name}.to(dtype)) or run under torch.autocast (which leaves float64 as it is)")
 
 
 def check_compressed_qkv(q, k_cmp, v_cmp=None) -> Dims:
@@ -313,8 +323,10 @@ def resolve_device(device, default: torch.device) -> torch.device:
     return device
 
 
-def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name: str = "key_padding_mask"):
-    """A (batch, seq_len_k) bool tensor, True = keep (any shape of that rank when batch is None)."""
+def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name: str = "key_padding_mask",
+                           device=None):
+    """A (batch, seq_len_k) bool tensor, True = keep (any shape of that rank when batch is None), on
+    `device` where given (the inputs')."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
         raise TypeError(f"{name} must be a bool tensor of shape (batch, seq_len_k) with True = keep, "
                         f"got {getattr(mask, 'dtype', type(mask).__name__)} "
@@ -322,6 +334,8 @@ def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name:
     if batch is not None and tuple(mask.shape) != (batch, seq_len_k):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected (batch, seq_len_k) = "
                          f"{(batch, seq_len_k)}")
+    if device is not None and mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}; they must match")
     return mask
 
 

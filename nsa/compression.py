@@ -54,7 +54,7 @@ def compress_rows(x, rows, phi):
 
 def pool_blocks(blocks, phi):
     """Blocks (B, N_c, H, l, D) to one vector each by phi (None: their mean), (B, N_c, H, D_out)."""
-    check_phi("phi", phi)
+    check_phi("phi", phi, blocks)
     if phi is None:
         return blocks.mean(dim=3)                                  # (B, Nc, H, D)
     out = phi(blocks)                                              # (B, Nc, H, D_out)

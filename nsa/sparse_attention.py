@@ -78,9 +78,11 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
 
     The same on every backend, at the edges: an empty problem (B, Nq or Dv is 0) gives an empty
     output and launches nothing; zero heads or Dqk = 0 raise ValueError. No value is checked (no
-    host sync): a NaN or inf in the inputs gives NaN in the outputs that read it. Exact ties
-    between selection scores go to the lower block index. Sizes larger than the sequence (w, l',
-    l) cost what the sequence costs.
+    host sync): a NaN or inf in the inputs gives NaN in the outputs that read it, and may reach
+    others that share its tiles (a masked probability is 0, and 0 x NaN is NaN, as in
+    flash-attention): keep padding finite, or leave it out with cu_seqlens (the layer's key
+    padding mask does). Exact ties between selection scores go to the lower block index. Sizes
+    larger than the sequence (w, l', l) cost what the sequence costs.
     """
     pairs = packed_pairs(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     if pairs is not None:                                          # packed: one problem per sequence
@@ -113,7 +115,7 @@ def dense_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=NS
     l, d, l_sel, causal = config.compress_block_size, config.compress_stride, config.select_block_size, config.causal
     device = q.device
     keep = torch.ones(B, Nk, dtype=torch.bool, device=device) if key_padding_mask is None \
-        else check_key_padding_mask(key_padding_mask, B, Nk)
+        else check_key_padding_mask(key_padding_mask, B, Nk, device=device)
     compute = compute_dtype(q.dtype)
 
     # -- compressed branch: visible rows (memory and blocks), blocks with padding hidden --

@@ -303,3 +303,38 @@ def test_every_backend_agrees_with_the_float64_reference(problem):
         o = run(backend, inputs, config, mem)
         assert o.shape == reference.shape and o.dtype == torch.float32
         torch.testing.assert_close(o.double(), reference, **TOL, msg=lambda m: f"{backend}: {m}")
+
+
+def test_a_key_padding_mask_on_another_device_is_named():
+    layer = SparseAttention(32, heads=2, kv_heads=1, compress_block_size=16, compress_stride=8,
+                            select_block_size=16, num_selected_blocks=4, window_size=16)
+    x, mask = torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask is on meta but the inputs are on cpu"):
+        layer(x, mask=mask.to("meta"))                     # (read back to the host: no values there)
+    q, k, v, k_cmp, v_cmp, *gates = make_inputs(1, 20, 40, 2, 1, 16, 8, TIES)
+    with pytest.raises(ValueError, match="key_padding_mask is on meta but the inputs are on cpu"):
+        nsa.sparse_attention.dense_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, TIES,
+                                                    key_padding_mask=mask.to("meta"))
+
+
+def test_compress_names_a_phi_of_another_dtype_or_device():
+    phi, x = nsa.CompressionMLP(8, 16), torch.randn(1, 40, 2, 8)
+    with pytest.raises(TypeError, match="phi's parameters are torch.float32 but its input is torch.float64"):
+        compress(x.double(), phi, 16, 8)
+    with pytest.raises(ValueError, match="phi's parameters are on cpu but its input is on meta"):
+        compress(x.to("meta"), phi, 16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast computes both in bf16: allowed
+        assert compress(x.bfloat16(), phi, 16, 8).dtype == torch.bfloat16
+
+
+def test_padding_the_layer_leaves_out_may_hold_nan():
+    """The layer's key padding mask packs each row's tokens: what the padding holds is never read,
+    NaN included (the functional ops read whole tiles, so their docstring asks for finite padding)."""
+    layer = SparseAttention(32, heads=2, kv_heads=1, compress_block_size=16, compress_stride=8,
+                            select_block_size=16, num_selected_blocks=4, window_size=16)
+    x, keep = torch.randn(2, 70, 32), torch.ones(2, 70, dtype=torch.bool)
+    keep[0, 50:] = keep[1, :9] = False                      # right and left padding
+    nan = torch.where(keep[..., None], x, float("nan"))
+    y = layer(nan, mask=keep)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, layer(torch.where(keep[..., None], x, 0.0), mask=keep))
