@@ -50,7 +50,8 @@ def check_integer_tensor(name: str, x: torch.Tensor) -> None:
 def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a matmul on `device` computes an operand of `dtype` in: torch.autocast's where it
     is on for that device, except float64, which autocast leaves as it is; else `dtype`."""
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type) and dtype != torch.float64:
+    if (dtype.is_floating_point and dtype != torch.float64 and torch.amp.is_autocast_available(device.type)
+            and torch.is_autocast_enabled(device.type)):
         return torch.get_autocast_dtype(device.type)
     return dtype
 
@@ -148,21 +149,11 @@ def check_compress_geometry(block_size, stride) -> None:
                          "blocks may overlap but not leave keys between them")
 
 
-def check_phi(name: str, phi, x=None) -> None:
-    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`; one
-    with parameters (an nn.Module) has them on x's device, in a dtype that computes with x's."""
+def check_phi(name: str, phi) -> None:
+    """A compression map phi: None (mean pooling) or a callable, such as a `CompressionMLP`."""
     if phi is not None and not callable(phi):
         raise TypeError(f"{name} must be None (mean pooling) or a callable such as nsa.CompressionMLP, "
                         f"got {type(phi).__name__}")
-    weight = next(phi.parameters(), None) if isinstance(phi, torch.nn.Module) and x is not None else None
-    if weight is None:
-        return
-    if weight.device != x.device:
-        raise ValueError(f"{name}'s parameters are on {weight.device} but its input is on {x.device}; move one "
-                         f"to the other ({name}.to(device))")
-    if autocast_dtype(weight.dtype, x.device) != autocast_dtype(x.dtype, x.device):
-        raise TypeError(f"{name}'s parameters are {weight.dtype} but its input is {x.dtype}; convert one to the "
-                        f"other ({name}.to(dtype)) or run under torch.autocast (which leaves float64 as it is)")
 
 
 def check_compressed_qkv(q, k_cmp, v_cmp=None) -> Dims:
@@ -335,7 +326,8 @@ def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name:
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected (batch, seq_len_k) = "
                          f"{(batch, seq_len_k)}")
     if device is not None and mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}; they must match")
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}; they must match "
+                         f"({name}.to(device))")
     return mask
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from nsa.attention import grouped_attention
-from nsa.checks import (check_compress_geometry, check_compressed_args, check_phi,
+from nsa.checks import (autocast_dtype, check_compress_geometry, check_compressed_args, check_phi,
                         check_positive_int, check_tensor)
 from nsa.geometry import num_compressed_blocks
 from nsa.masks import compressed_block_mask
@@ -54,7 +54,7 @@ def compress_rows(x, rows, phi):
 
 def pool_blocks(blocks, phi):
     """Blocks (B, N_c, H, l, D) to one vector each by phi (None: their mean), (B, N_c, H, D_out)."""
-    check_phi("phi", phi, blocks)
+    check_phi("phi", phi)
     if phi is None:
         return blocks.mean(dim=3)                                  # (B, Nc, H, D)
     out = phi(blocks)                                              # (B, Nc, H, D_out)
@@ -90,8 +90,19 @@ class CompressionMLP(nn.Module):
                 tuple(blocks.shape[-2:]) != (self.block_size, self.head_dim):
             raise ValueError(f"blocks must have shape (..., block_size, head_dim) = (..., "
                              f"{self.block_size}, {self.head_dim}), got {tuple(getattr(blocks, 'shape', ()))}")
+        self.check_input(blocks, "its input")
         with_position = blocks + self.position                     # (B, Nc, H, l, D)
         return self.mlp(with_position.flatten(-2))                 # (B, Nc, H, out_dim)
+
+    def check_input(self, x: torch.Tensor, name: str) -> None:
+        """x on the parameters' device, in a dtype that computes with theirs (torch.autocast's rule)."""
+        weight = self.position
+        if x.device != weight.device:
+            raise ValueError(f"the CompressionMLP's parameters are on {weight.device} but {name} is on {x.device}; "
+                             "move one to the other (phi.to(device))")
+        if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
+            raise TypeError(f"the CompressionMLP's parameters are {weight.dtype} but {name} is {x.dtype}; convert one "
+                            "to the other (phi.to(dtype)), or run under torch.autocast (which leaves float64 as it is)")
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, block_size={self.block_size}"

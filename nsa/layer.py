@@ -234,7 +234,7 @@ class SparseAttention(nn.Module):
         mask = self.mask if mask is None else mask
         if mask is None:
             return self.attend(q, k, v)
-        check_key_padding_mask(mask, B, Nk, "mask", q.device)
+        check_key_padding_mask(mask, B, Nk, "mask", None if mask.device.type == "cpu" else q.device)
         keep = mask.cpu()               # read back once: the packing is built on the host
         if bool(keep.all()):            # nothing padded: one batched call
             return self.attend(q, k, v)

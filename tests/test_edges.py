@@ -311,6 +311,8 @@ def test_a_key_padding_mask_on_another_device_is_named():
     x, mask = torch.randn(1, 40, 32), torch.ones(1, 40, dtype=torch.bool)
     with pytest.raises(ValueError, match="mask is on meta but the inputs are on cpu"):
         layer(x, mask=mask.to("meta"))                     # (read back to the host: no values there)
+    meta = layer.to("meta")                                # a mask on the CPU serves inputs anywhere
+    assert meta(x.to("meta"), mask=mask).device.type == "meta"
     q, k, v, k_cmp, v_cmp, *gates = make_inputs(1, 20, 40, 2, 1, 16, 8, TIES)
     with pytest.raises(ValueError, match="key_padding_mask is on meta but the inputs are on cpu"):
         nsa.sparse_attention.dense_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, TIES,
@@ -319,12 +321,23 @@ def test_a_key_padding_mask_on_another_device_is_named():
 
 def test_compress_names_a_phi_of_another_dtype_or_device():
     phi, x = nsa.CompressionMLP(8, 16), torch.randn(1, 40, 2, 8)
-    with pytest.raises(TypeError, match="phi's parameters are torch.float32 but its input is torch.float64"):
+    with pytest.raises(TypeError, match="CompressionMLP's parameters are torch.float32 but its input is torch.float64"):
         compress(x.double(), phi, 16, 8)
-    with pytest.raises(ValueError, match="phi's parameters are on cpu but its input is on meta"):
+    with pytest.raises(ValueError, match="CompressionMLP's parameters are on cpu but its input is on meta"):
         compress(x.to("meta"), phi, 16, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast computes both in bf16: allowed
         assert compress(x.bfloat16(), phi, 16, 8).dtype == torch.bfloat16
+
+    class Casting(torch.nn.Module):                         # a phi of one's own casts as it likes
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16 * 8, 8)
+
+        def forward(self, blocks):
+            return self.linear(blocks.float().flatten(-2)).to(blocks.dtype)
+
+    assert compress(x.bfloat16(), Casting(), 16, 8).dtype == torch.bfloat16
+    assert compress(x.double(), torch.nn.Flatten(-2), 16, 8).shape == (1, 4, 2, 128)   # no parameters
 
 
 def test_padding_the_layer_leaves_out_may_hold_nan():
@@ -338,3 +351,5 @@ def test_padding_the_layer_leaves_out_may_hold_nan():
     y = layer(nan, mask=keep)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, layer(torch.where(keep[..., None], x, 0.0), mask=keep))
+    y.sum().backward()                                      # and no NaN in any parameter's gradient
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
