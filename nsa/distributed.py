@@ -5,6 +5,9 @@ of its own queries; the keys and values are all-gathered in the forward and thei
 reduce-scattered in the backward (torch.distributed's autograd-aware functional collectives)."""
 
 import itertools
+import struct
+import zlib
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +27,7 @@ def check_group(group, name: str = "group"):
         raise ValueError(f"{name} needs torch.distributed initialised (dist.init_process_group) first")
     if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:    # what new_group gives the others
         raise ValueError(f"{name} does not contain this rank ({dist.get_rank()}): dist.new_group returns a "
-                         "placeholder to the ranks outside it; call the layer on the group's ranks only")
+                         "placeholder to the ranks outside the group; pass it on the group's ranks only")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
                         f"dist.new_group(...)), got {type(group).__name__}")
@@ -50,48 +53,77 @@ def shard_bounds(lengths) -> list[tuple[int, int]]:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def shard_facts(x, offsets=None) -> list[int]:
-    """What a rank tells the others about its shard x (B, n_rank, ...), as 8 ints: its token count,
-    then what every rank's must equal: the batch, the number of dims and the sizes after the
-    sequence (up to three), the dtype, and a digest of the packed row's offsets (-1 without)."""
-    rest = list(x.shape[2:]) + [0] * (3 - x.dim() + 2)
-    dtype = FLOAT_DTYPES.index(x.dtype) if x.dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
-    digest = -1 if offsets is None else hash(tuple(offsets)) & (2 ** 62 - 1)    # ints hash alike in every process
-    return [x.shape[1], x.shape[0], x.dim(), *rest[:3], dtype, digest]
+def digest(values) -> int:
+    """A digest of a list of ints, the same in every process (CRC-32)."""
+    return zlib.crc32(struct.pack(f"<{len(values)}q", *values))
 
 
-def gathered_shard_lengths(x, group, offsets=None) -> list[int]:
-    """Every rank's token count, from one small all-gather of each rank's `shard_facts` (a host
+class ShardFacts(NamedTuple):
+    """What a rank tells the others about its shard: the token count, the one fact that may differ
+    between ranks, and what must not."""
+    tokens: int    # n_rank
+    batch: int
+    dtype: int     # index in FLOAT_DTYPES (len(FLOAT_DTYPES): another dtype)
+    sizes: int     # digest of every shard tensor's sizes after the sequence (x; or q, k, v)
+    offsets: int   # digest of the packed row's cu_seqlens, 0 without
+    size_1: int    # the first tensor's first sizes after the sequence (-1: none), for messages
+    size_2: int
+    size_3: int
+
+    @classmethod
+    def of(cls, tensors, offsets=None) -> "ShardFacts":
+        """The facts of a rank's shard tensors, each (B, n_rank, ...), and the packed row's offsets."""
+        x = tensors[0]
+        dtype = FLOAT_DTYPES.index(x.dtype) if x.dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
+        sizes = [s for t in tensors for s in (t.dim(), *t.shape[2:])]
+        shown = (list(x.shape[2:5]) + [-1] * 3)[:3]
+        return cls(x.shape[1], x.shape[0], dtype, digest(sizes), 0 if offsets is None else digest(offsets), *shown)
+
+    def describe(self) -> str:
+        """The shard as an error names it: (batch, n, sizes...) and dtype."""
+        sizes = [str(s) for s in (self.size_1, self.size_2, self.size_3) if s >= 0]
+        dtype = FLOAT_DTYPES[self.dtype] if self.dtype < len(FLOAT_DTYPES) else "another dtype"
+        return f"({', '.join([str(self.batch), 'n', *sizes])}) in {dtype}"
+
+
+def gathered_shard_lengths(tensors, group, offsets=None) -> list[int]:
+    """Every rank's token count, from one small all-gather of each rank's `ShardFacts` (a host
     synchronisation); a rank whose shard differs in anything else (batch, sizes, dtype, the packed
     row's cu_seqlens) gets the same ValueError on every rank, before any gather of the keys, whose
     sizes would not match."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor(shard_facts(x, offsets), dtype=torch.int64, device=x.device)   # NCCL: on the GPU
-    facts = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(facts, mine, group=group)
-    facts = [f.tolist() for f in facts]
-    for r, f in enumerate(facts):
-        if f[7] != facts[0][7]:
-            raise ValueError(f"cu_seqlens differs between ranks 0 and {r}: every rank passes the cu_seqlens "
+    x = tensors[0]
+    mine = torch.tensor(ShardFacts.of(tensors, offsets), dtype=torch.int64, device=x.device)   # (8,); NCCL: GPU
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]          # world x (8,)
+    dist.all_gather(gathered, mine, group=group)
+    facts = [ShardFacts(*g.tolist()) for g in gathered]
+    first = facts[0]
+    for rank, other in enumerate(facts):
+        if (other.offsets == 0) != (first.offsets == 0):
+            given, missing = (0, rank) if other.offsets == 0 else (rank, 0)
+            raise ValueError(f"cu_seqlens is given on rank {given} but not on rank {missing}: every rank passes "
+                             "the cu_seqlens of the whole packed row, or none does")
+        if other.offsets != first.offsets:
+            raise ValueError(f"cu_seqlens differs between ranks 0 and {rank}: every rank passes the cu_seqlens "
                              "of the whole packed row")
-        if f[1:7] != facts[0][1:7]:
-            shape = lambda f: "(" + ", ".join([str(f[1]), "n"] + [str(s) for s in f[3:1 + f[2]]]) + ")"  # noqa: E731
-            dtype = lambda f: FLOAT_DTYPES[f[6]] if f[6] < len(FLOAT_DTYPES) else "another dtype"  # noqa: E731
-            raise ValueError(f"the ranks' shards differ: rank 0's is {shape(facts[0])} in {dtype(facts[0])}, "
-                             f"rank {r}'s {shape(f)} in {dtype(f)}; they may differ only in their token count")
-    lengths = [f[0] for f in facts]
+        if other[1:4] != first[1:4]:
+            detail = (f"rank 0's is {first.describe()}, rank {rank}'s {other.describe()}"
+                      if other.describe() != first.describe() else
+                      f"rank 0's and rank {rank}'s are {first.describe()}, but their k or v differ in size")
+            raise ValueError(f"the ranks' shards differ: {detail}; they may differ only in their token count")
+    lengths = [f.tokens for f in facts]
     if min(lengths) < 1:
         raise ValueError(f"every rank's shard must hold at least one token; the shards hold {lengths}")
     return lengths
 
 
-def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None) -> list[int]:
+def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=None) -> list[int]:
     """Every rank's number of tokens, in rank order: given (checked against x, and trusted), or
     gathered (`gathered_shard_lengths`, which also checks that the shards agree). x: this rank's
-    shard (B, n_rank, ...); offsets: the packed row's cu_seqlens as ints, or None."""
+    shard (B, n_rank, ...); tensors: all of the rank's shard tensors (default (x,)); offsets: the
+    packed row's cu_seqlens as ints, or None."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
-        return gathered_shard_lengths(x, group, offsets)
+        return gathered_shard_lengths((x,) if tensors is None else tensors, group, offsets)
     if (not isinstance(shard_lengths, (list, tuple)) or len(shard_lengths) != world
             or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shard_lengths)):
         raise ValueError(f"shard_lengths must be {world} positive ints (one per rank), got {shard_lengths!r}")
@@ -141,14 +173,25 @@ def start_gather(x, group, lengths):
     return gathered.movedim(0, 1)                                     # (B, world * max(lengths), ...)
 
 
-def finish_gather(gathered, lengths, end=None):
-    """The whole sequence (B, sum(lengths), ...) from `start_gather`'s padded result; only its first
-    `end` tokens (the prefix a rank's queries read) when end is given."""
+def finish_gather(gathered, lengths, end=None, start=0):
+    """The whole sequence (B, sum(lengths), ...) from `start_gather`'s padded result; only its tokens
+    [start, end) (the keys a rank's queries read) when given. Waits for the gather and returns a
+    plain tensor, a copy: a view of the pending gather is a subclass that compiled code (FlexAttention)
+    cannot take. The copy is of runs of whole shards at once (one per padding gap), so its backward
+    writes each run's gradient once."""
     longest, end = max(lengths), sum(lengths) if end is None else end
-    starts = [start for start, _ in shard_bounds(lengths)]
-    parts = [gathered[:, r * longest:r * longest + min(n, end - start)]          # the shards before end
-             for r, (n, start) in enumerate(zip(lengths, starts)) if start < end]
-    return torch.cat(parts, dim=1)
+    runs = []                                   # (from, to) in the padded gather: contiguous pieces
+    for r, (s, e) in enumerate(shard_bounds(lengths)):
+        lo, hi = max(s, start), min(e, end)
+        if lo < hi:
+            piece = (r * longest + lo - s, r * longest + hi - s)
+            if runs and runs[-1][1] == piece[0]:              # the shard before was whole: one run
+                runs[-1] = (runs[-1][0], piece[1])
+            else:
+                runs.append(piece)
+    if len(runs) == 1:
+        return gathered[:, runs[0][0]:runs[0][1]].clone()
+    return torch.cat([gathered[:, a:b] for a, b in runs], dim=1)
 
 
 def gather_sequence(x, group, shard_lengths=None):
@@ -158,13 +201,13 @@ def gather_sequence(x, group, shard_lengths=None):
     return finish_gather(start_gather(x, group, lengths), lengths)
 
 
-def check_causal(config) -> None:
+def check_causal(config, name: str = "config") -> None:
     """Context parallelism gathers, for a rank's queries, the keys up to the end of its shard:
     causal attention only (with causal=False a query reads the later ranks' keys too)."""
     if not config.causal:
-        raise ValueError("context parallelism needs a causal config (causal=True): each rank gathers the keys "
-                         "up to the end of its own shard, and with causal=False its queries would also read "
-                         "the keys of the ranks after it")
+        raise ValueError(f"{name}.causal is False, but context parallelism needs causal attention: each rank "
+                         "gathers the keys up to the end of its own shard, and with causal=False its queries "
+                         "would also read the keys of the ranks after it")
 
 
 def check_shards(q, k, v, gates, config, scale, backend):
@@ -184,18 +227,18 @@ def check_shards(q, k, v, gates, config, scale, backend):
     check_gates(q, gates, rows="shard_len")
 
 
-def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group"):
+def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group", tensors=None):
     """Check a rank's arguments (before any message), then the shard lengths: -> (lengths, (s, e),
     key_start, cu_seqlens_q, cu_seqlens_k, pairs) of this rank, pairs each of its sequences'
     (start, end) of queries and keys on the host (`nsa.varlen.packed_pairs`); cu_seqlens is read
-    back once."""
+    back once. tensors: all the rank's shard tensors whose sizes must agree (default (x,))."""
     check_group(group, group_name)
     offsets = None
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"with cu_seqlens the shards hold packed sequences: batch must be 1, got {x.shape[0]}")
         offsets = check_cu_seqlens(cu_seqlens, None, x.device)
-    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets)
+    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets, tensors)
     if offsets is not None and offsets[-1] != sum(lengths):
         raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the shards hold {sum(lengths)} tokens")
     rank, bounds = dist.get_rank(group), shard_bounds(lengths)
@@ -221,9 +264,10 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     shard_lengths: every rank's token count (default: gathered, one small collective).
     """
     check_shards(q, k, v, (g_cmp, g_slc, g_win), config, scale, backend)
-    lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(q, group, cu_seqlens, shard_lengths)
-    k_all = finish_gather(start_gather(k, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dqk)
-    v_all = finish_gather(start_gather(v, group, lengths), lengths, e)[:, key_start:]  # (B, e - key_start, H, Dv)
+    lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(q, group, cu_seqlens, shard_lengths,
+                                                                   tensors=(q, k, v))
+    k_all = finish_gather(start_gather(k, group, lengths), lengths, e, key_start)   # (B, e - key_start, H, Dqk)
+    v_all = finish_gather(start_gather(v, group, lengths), lengths, e, key_start)   # (B, e - key_start, H, Dv)
     l, d = config.compress_block_size, config.compress_stride
     if pairs is None:                                                     # the prefix's blocks, then NSA
         k_cmp, v_cmp = compress(k_all, phi_k, l, d), compress(v_all, phi_v, l, d)
@@ -238,7 +282,7 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     """`layer(x, cp_group=group)`: a `SparseAttention` on this rank's shard x (B, n_rank, dim) of
     a sequence sharded over `group` (self-attention); returns the rank's outputs (B, n_rank, dim).
     cu_seqlens: packed sequences (B = 1), those of the whole row. Causal layers only."""
-    check_causal(layer.config)
+    check_causal(layer.config, "the layer's config")
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group")
     # -- keys and values first: their all-gathers run while the queries and gates are projected --
     keys, values = layer.project_keys_values(x, x)                   # {branch: (B, n_rank, H, D)}
@@ -246,6 +290,6 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     values = {b: start_gather(t, group, lengths) for b, t in values.items()}
     queries, gates = layer.project_queries(x)                        # (B, n_rank, Hq, Dqk), 3 x (B, n_rank, Hq)
     # -- the prefix the rank's queries read: keys [key_start, e) --
-    keys = {b: finish_gather(t, lengths, e)[:, key_start:] for b, t in keys.items()}
-    values = {b: finish_gather(t, lengths, e)[:, key_start:] for b, t in values.items()}
+    keys = {b: finish_gather(t, lengths, e, key_start) for b, t in keys.items()}
+    values = {b: finish_gather(t, lengths, e, key_start) for b, t in values.items()}
     return layer.attend_projected(queries, keys, values, gates, cu_q, cu_k, pairs)

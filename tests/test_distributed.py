@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 import nsa
 from nsa import NSAConfig, SparseAttention
-from nsa.distributed import (context_parallel_sparse_attention, gather_sequence, local_problem, shard_bounds,
-                             split_evenly, start_gather)
+from nsa.distributed import (context_parallel_sparse_attention, finish_gather, gather_sequence, local_problem,
+                             shard_bounds, split_evenly, start_gather)
 
 LAYER = dict(dim=16, heads=4, kv_heads=2, dim_head=8, compress_block_size=8, compress_stride=4,
              select_block_size=16, num_selected_blocks=3, window_size=16)
@@ -119,9 +119,9 @@ def _check_errors(group):
         context_parallel_sparse_attention(q, k, v, *gates, backend="cuda", group=group)
     with pytest.raises(TypeError, match="group"):
         context_parallel_sparse_attention(q, k, v, *gates, group=None)
-    with pytest.raises(ValueError, match="needs a causal config"):          # keys after the shard: refused
+    with pytest.raises(ValueError, match="causal is False, but context parallelism needs causal"):          # keys after the shard: refused
         _layer(causal=False)(x, cp_group=group)
-    with pytest.raises(ValueError, match="needs a causal config"):
+    with pytest.raises(ValueError, match="causal is False, but context parallelism needs causal"):
         context_parallel_sparse_attention(q, k, v, *gates, config=NSAConfig(causal=False), group=group)
 
 
@@ -280,7 +280,7 @@ def _check_shards_that_differ(group):
     whose sizes would not match: gloo aborts the process), and the group still usable after."""
     rank, layer = dist.get_rank(group), _layer()
     x = torch.randn(1, 8, LAYER["dim"], dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"rank 0's is \(1, n, 16\) in torch.float64, rank 1's \(2, n, 16\)"):
+    with pytest.raises(ValueError, match=r"rank 0's is \(1, n, 16\) in torch.float64, rank 1's \(2, n, 16\) in"):
         layer(torch.cat([x, x]) if rank == 1 else x, cp_group=group)
     with pytest.raises(ValueError, match=r"rank 1's \(1, n, 16\) in torch.float32; they may differ only"):
         (layer.float()(x.float(), cp_group=group) if rank == 1 else layer(x, cp_group=group))
@@ -289,6 +289,22 @@ def _check_shards_that_differ(group):
     cu = torch.tensor([0, 3 + (rank == 1), total], dtype=torch.int32)       # the same total, other sequences
     with pytest.raises(ValueError, match="cu_seqlens differs between ranks 0 and 1"):
         layer(x, cp_group=group, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens is given on rank 0 but not on rank 1"):
+        layer(x, cp_group=group, cu_seqlens=None if rank == 1 else cu)
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    gates = [torch.rand(1, 8, 4) for _ in range(3)]
+    if rank == 1:                                                            # other kv heads, the same q
+        k, v = k[:, :, :1], v[:, :, :1]
+    with pytest.raises(ValueError, match=r"are \(1, n, 4, 16\) in torch.float32, but their k or v differ in size"):
+        context_parallel_sparse_attention(q, k, v, *gates, group=group)
+    # -- the gathered keys: a plain tensor, whatever the lengths (FlexAttention's compile needs one) --
+    for lengths in ([8] * dist.get_world_size(group), [8] + [5] * (dist.get_world_size(group) - 1)):
+        shard = torch.randn(1, lengths[rank], 2, 4)
+        whole = finish_gather(start_gather(shard, group, lengths), lengths)
+        assert type(whole) is torch.Tensor and whole.shape == (1, sum(lengths), 2, 4)
+        torch.testing.assert_close(whole[:, shard_bounds(lengths)[rank][0]:][:, :lengths[rank]], shard)
+        assert torch.equal(finish_gather(start_gather(shard, group, lengths), lengths, sum(lengths) - 1, 3),
+                           whole[:, 3:-1])
     _check_layer(group, [8] * dist.get_world_size(group), seed=9)           # the group goes on
 
 
