@@ -50,7 +50,8 @@ def shard_bounds(lengths) -> list[tuple[int, int]]:
     return [(end - n, end) for n, end in zip(lengths, ends)]
 
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+          torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 
 
 def digest(values) -> int:
@@ -63,7 +64,7 @@ class ShardFacts(NamedTuple):
     between ranks, and what must not."""
     tokens: int    # n_rank
     batch: int
-    dtype: int     # index in FLOAT_DTYPES (len(FLOAT_DTYPES): another dtype)
+    dtype: int     # index in DTYPES (len(DTYPES): another dtype)
     sizes: int     # digest of every shard tensor's sizes after the sequence (x; or q, k, v)
     offsets: int   # digest of the packed row's cu_seqlens, 0 without
     size_1: int    # the first tensor's first sizes after the sequence (-1: none), for messages
@@ -74,7 +75,7 @@ class ShardFacts(NamedTuple):
     def of(cls, tensors, offsets=None) -> "ShardFacts":
         """The facts of a rank's shard tensors, each (B, n_rank, ...), and the packed row's offsets."""
         x = tensors[0]
-        dtype = FLOAT_DTYPES.index(x.dtype) if x.dtype in FLOAT_DTYPES else len(FLOAT_DTYPES)
+        dtype = DTYPES.index(x.dtype) if x.dtype in DTYPES else len(DTYPES)
         sizes = [s for t in tensors for s in (t.dim(), *t.shape[2:])]
         shown = (list(x.shape[2:5]) + [-1] * 3)[:3]
         return cls(x.shape[1], x.shape[0], dtype, digest(sizes), 0 if offsets is None else digest(offsets), *shown)
@@ -82,7 +83,7 @@ class ShardFacts(NamedTuple):
     def describe(self) -> str:
         """The shard as an error names it: (batch, n, sizes...) and dtype."""
         sizes = [str(s) for s in (self.size_1, self.size_2, self.size_3) if s >= 0]
-        dtype = FLOAT_DTYPES[self.dtype] if self.dtype < len(FLOAT_DTYPES) else "another dtype"
+        dtype = DTYPES[self.dtype] if self.dtype < len(DTYPES) else "another dtype"
         return f"({', '.join([str(self.batch), 'n', *sizes])}) in {dtype}"
 
 

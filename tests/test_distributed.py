@@ -297,6 +297,8 @@ def _check_shards_that_differ(group):
         k, v = k[:, :, :1], v[:, :, :1]
     with pytest.raises(ValueError, match=r"are \(1, n, 4, 16\) in torch.float32, but their k or v differ in size"):
         context_parallel_sparse_attention(q, k, v, *gates, group=group)
+    with pytest.raises(ValueError, match=r"rank 0's is \(1, n, 2\) in torch.int64, rank 1's \(1, n, 2\) in torch.int32"):
+        gather_sequence(torch.zeros(1, 8, 2, dtype=torch.int32 if rank == 1 else torch.int64), group)
     # -- the gathered keys: a plain tensor, whatever the lengths (FlexAttention's compile needs one) --
     for lengths in ([8] * dist.get_world_size(group), [8] + [5] * (dist.get_world_size(group) - 1)):
         shard = torch.randn(1, lengths[rank], 2, 4)
