@@ -167,12 +167,12 @@ def check_window_caches(k_cache, v_cache, k_win_cache, v_win_cache, k, v, k_win,
                              "of their own (with one cache for all branches, pass no window caches)")
 
 
-def check_phi_sizes(name: str, phi, block_size: int, cache: torch.Tensor, dim_out: int) -> None:
+def check_phi_sizes(name: str, phi, block_size: int, cache_name: str, cache: torch.Tensor, dim_out: int) -> None:
     """A `CompressionMLP` phi must take blocks of the config's block_size tokens of the cache's head
     dim, in a dtype and on a device it computes with, and give the compressed cache's dim: checked
     before a step writes anything (another callable is checked by its result, `pool_blocks`)."""
     if type(phi) is CompressionMLP:     # (an FSDP unit's parameters are not yet gathered here)
-        phi.check_input(cache, f"the cache {name} compresses")
+        phi.check_input(cache, cache_name, handle=name)
     if isinstance(phi, CompressionMLP):
         dim_in = cache.shape[3]
         sizes = (phi.block_size, phi.head_dim, phi.mlp[-1].out_features)
@@ -236,9 +236,10 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
                                             g_slc, g_win, k, v, config, scale, mem_kv_len, k_win_cache, v_win_cache,
                                             k_win, v_win)
-    for name, phi, cache, cmp_cache in (("phi_k", phi_k, k_cache, k_cmp_cache), ("phi_v", phi_v, v_cache, v_cmp_cache)):
+    for name, phi, cache_name, cache, cmp_cache in (("phi_k", phi_k, "k_cache", k_cache, k_cmp_cache),
+                                                    ("phi_v", phi_v, "v_cache", v_cache, v_cmp_cache)):
         check_phi(name, phi)
-        check_phi_sizes(name, phi, config.compress_block_size, cache, cmp_cache.shape[3])
+        check_phi_sizes(name, phi, config.compress_block_size, cache_name, cache, cmp_cache.shape[3])
     decoder = select_step(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
                                                    g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride

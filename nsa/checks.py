@@ -56,6 +56,21 @@ def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, owner: str, handle: str) -> None:
+    """`x` must be on `weight`'s device, in a dtype that computes with it: the same dtype, or one that
+    torch.autocast casts to the same (`autocast_dtype`). The errors name `x` as `name`, the module as
+    `owner` and the fix by `handle` (`handle.to(...)`)."""
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; "
+                         f"move one to the other ({handle}.to(device))")
+    if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
+        autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
+                             and not torch.is_autocast_enabled(x.device.type)
+                             and torch.float64 not in (x.dtype, weight.dtype))
+        raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert one to the "
+                        f"other ({handle}.to({x.dtype})){', or run under torch.autocast' if autocast_would_do else ''}")
+
+
 def check_like(name: str, x: torch.Tensor, q: torch.Tensor, q_name: str = "q") -> None:
     """`x` must have q's dtype and device (q named `q_name` in the errors)."""
     if x.dtype != q.dtype:

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from nsa.attention import grouped_attention
-from nsa.checks import (autocast_dtype, check_compress_geometry, check_compressed_args, check_phi,
-                        check_positive_int, check_tensor)
+from nsa.checks import (check_compress_geometry, check_compressed_args, check_parameters_match,
+                        check_phi, check_positive_int, check_tensor)
 from nsa.geometry import num_compressed_blocks
 from nsa.masks import compressed_block_mask
 from nsa.varlen import sequence_bounds
@@ -94,15 +94,10 @@ class CompressionMLP(nn.Module):
         with_position = blocks + self.position                     # (B, Nc, H, l, D)
         return self.mlp(with_position.flatten(-2))                 # (B, Nc, H, out_dim)
 
-    def check_input(self, x: torch.Tensor, name: str) -> None:
-        """x on the parameters' device, in a dtype that computes with theirs (torch.autocast's rule)."""
-        weight = self.position
-        if x.device != weight.device:
-            raise ValueError(f"the CompressionMLP's parameters are on {weight.device} but {name} is on {x.device}; "
-                             "move one to the other (phi.to(device))")
-        if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
-            raise TypeError(f"the CompressionMLP's parameters are {weight.dtype} but {name} is {x.dtype}; convert one "
-                            "to the other (phi.to(dtype)), or run under torch.autocast (which leaves float64 as it is)")
+    def check_input(self, x: torch.Tensor, name: str, handle: str = "phi") -> None:
+        """x on the parameters' device, in a dtype that computes with theirs (torch.autocast's rule);
+        the errors name x as `name` and this module as `handle`."""
+        check_parameters_match(name, x, self.position, "CompressionMLP", handle)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, block_size={self.block_size}"

@@ -7,7 +7,7 @@ from torch import nn
 
 from nsa.backends import check_backend, check_layer_backend
 from nsa.cache import KVCache, forward_with_cache
-from nsa.checks import (Dims, autocast_dtype, check_bool, check_int, check_key_padding_mask,
+from nsa.checks import (Dims, check_bool, check_int, check_key_padding_mask, check_parameters_match,
                         check_positive_int, check_tensor, resolve_scale, warn_renamed)
 from nsa.compression import CompressionMLP, compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
@@ -85,14 +85,7 @@ class SparseAttention(nn.Module):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
-        weight = self.to_q.weight
-        if x.device != weight.device:
-            raise ValueError(f"{name} is on {x.device} but the layer's parameters are on "
-                             f"{weight.device}; move one to the other (layer.to(device))")
-        if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
-            raise TypeError(f"{name}.dtype is {x.dtype} but the layer's parameters are {weight.dtype}; "
-                            f"convert one to the other (layer.to({x.dtype})) or run under torch.autocast "
-                            "(which leaves float64 as it is)")
+        check_parameters_match(name, x, self.to_q.weight, "layer", "layer")
 
     def project(self, x_q, x_k, x_v):
         """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",

@@ -758,6 +758,8 @@ WINDOW_MISUSE = [
     ("the same cache as the keys", "alias", ValueError, "k_win_cache shares its memory with k_cache"),
     ("phi of another block size", dict(phi_k=CompressionMLP(16, 16)), ValueError, "phi_k maps blocks of 16 tokens"),
     ("phi of another output", dict(phi_v=CompressionMLP(8, 8, out_dim=4)), ValueError, "phi_v maps .* to dim 4"),
+    ("phi of another dtype", "phi float", TypeError,
+     r"k_cache is torch.float64 but the CompressionMLP's parameters are torch.float32; .*\(phi_k.to\(torch.float64\)\)"),
 ]
 
 
@@ -772,11 +774,15 @@ def test_window_caches_misused_are_refused_and_nothing_changes(case):
         kwargs["k_win_cache"] = kwargs["k_win_cache"].float()
     elif change == "alias":
         kwargs["k_win_cache"] = args[1]
+    elif change == "phi float":
+        pass
     elif "g_win" in change:
         args[8] = None
     else:
         kwargs.update(change)
     kwargs = {name: x.double() if isinstance(x, torch.nn.Module) else x for name, x in kwargs.items()}
+    if change == "phi float":
+        kwargs["phi_k"] = CompressionMLP(8, 8)                                  # float32, the caches float64
     tensors = [x for x in (*args[1:5], *kwargs.values()) if isinstance(x, torch.Tensor)]
     before = [x.clone() for x in tensors]
     with pytest.raises(error, match=match):

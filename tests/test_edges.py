@@ -201,18 +201,21 @@ def test_layer_names_an_input_whose_dtype_or_device_differs_from_its_parameters(
     layer = SparseAttention(32, heads=2, kv_heads=1, compress_block_size=16, compress_stride=8,
                             select_block_size=16, num_selected_blocks=4, window_size=16)
     x = torch.randn(1, 40, 32)
-    with pytest.raises(TypeError, match="q.dtype is torch.float64 but the layer's parameters are torch.float32"):
-        layer(x.double())
-    with pytest.raises(TypeError, match="k.dtype is torch.float64"):
+    with pytest.raises(TypeError, match=r"q is torch.float64 but the layer's parameters are torch.float32; convert "
+                                        r"one to the other \(layer.to\(torch.float64\)\)$"):
+        layer(x.double())                                       # float64: torch.autocast would not help
+    with pytest.raises(TypeError, match=r"q is torch.bfloat16 .* torch.float32; .*, or run under torch.autocast$"):
+        layer(x.bfloat16())
+    with pytest.raises(TypeError, match="k is torch.float64"):
         layer(x, x.double(), x)
     with pytest.raises(ValueError, match="q is on meta but the layer's parameters are on cpu"):
         layer(torch.empty(1, 40, 32, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts for F.linear: allowed
         layer.to(torch.bfloat16)(x)
         # but not float64, on either side: autocast leaves it as it is, and F.linear would fail
-        with pytest.raises(TypeError, match=r"q.dtype is torch.float64 .* torch.bfloat16; .*leaves float64"):
-            layer(x.double())
-        with pytest.raises(TypeError, match=r"q.dtype is torch.float32 but the layer's parameters are torch.float64"):
+        with pytest.raises(TypeError, match=r"q is torch.float64 .* torch.bfloat16; .*float64\)\)$"):
+            layer(x.double())                                   # no advice to run under the autocast it runs under
+        with pytest.raises(TypeError, match=r"q is torch.float32 but the layer's parameters are torch.float64"):
             layer.double()(x)
         assert layer(x.double()).dtype == torch.float64              # float64 on both sides: no cast
 
@@ -321,9 +324,9 @@ def test_a_key_padding_mask_on_another_device_is_named():
 
 def test_compress_names_a_phi_of_another_dtype_or_device():
     phi, x = nsa.CompressionMLP(8, 16), torch.randn(1, 40, 2, 8)
-    with pytest.raises(TypeError, match="CompressionMLP's parameters are torch.float32 but its input is torch.float64"):
+    with pytest.raises(TypeError, match="its input is torch.float64 but the CompressionMLP's parameters are torch.float32"):
         compress(x.double(), phi, 16, 8)
-    with pytest.raises(ValueError, match="CompressionMLP's parameters are on cpu but its input is on meta"):
+    with pytest.raises(ValueError, match=r"its input is on meta but the CompressionMLP's parameters are on cpu; .*phi.to"):
         compress(x.to("meta"), phi, 16, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast computes both in bf16: allowed
         assert compress(x.bfloat16(), phi, 16, 8).dtype == torch.bfloat16
