@@ -56,6 +56,20 @@ def dense_bytes(context, batch, heads_kv, head_dim, itemsize=2) -> int:
     return batch * heads_kv * context * 2 * head_dim * itemsize
 
 
+def reference_step(args, config):
+    """`sparse_attention_with_kvcache(*args, config)` in float64 on the PyTorch backend, one batch row
+    at a time: a float64 copy of the whole batch's caches need not fit beside them (at 128k tokens,
+    batch 16, 32/8 heads it did not, on an 80 GB GPU). args: (q, k_cache, v_cache, k_cmp_cache,
+    v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win), each with the batch first."""
+    from nsa import sparse_attention_with_kvcache
+
+    def row(x, b):
+        return x[b:b + 1].double() if x.is_floating_point() else x[b:b + 1]
+
+    return torch.cat([sparse_attention_with_kvcache(*(row(x, b) for x in args), config, backend="torch")
+                      for b in range(args[0].shape[0])])
+
+
 def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
     """The inputs of one step: caches holding `context` tokens per row (the new token's included),
     the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference, config)."""
@@ -78,8 +92,7 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
         return sparse_attention_with_kvcache(*args, backend="triton")
 
     def reference():
-        return sparse_attention_with_kvcache(*(x.double() if x.is_floating_point() else x for x in args[:9]),
-                                             config, backend="torch")
+        return reference_step(args[:9], config)
 
     q_t = q.transpose(1, 2)                                          # (B, Hq, 1, D)
     k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()

@@ -40,6 +40,28 @@ def test_decode_bench_arguments_bytes_and_without_cuda(capsys):
         assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
+def test_decode_bench_reference_row_by_row_equals_the_batch_at_once():
+    """The decode bench checks against float64 row by row (the whole batch's float64 caches did not
+    fit on an 80 GB GPU at 128k, batch 16, 32/8 heads): the rows equal one call on the batch, rows of
+    different lengths included."""
+    from nsa import NSAConfig, compress, sparse_attention_with_kvcache
+    from nsa.bench_decode import reference_step
+
+    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3,
+                       window_size=12)
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(3, 90, 2, 16, generator=g), torch.randn(3, 90, 2, 16, generator=g)
+    k_cmp, v_cmp = (compress(x, block_size=8, stride=4) for x in (k_cache, v_cache))
+    q = torch.randn(3, 1, 4, 16, generator=g)
+    gates = [torch.rand(3, 1, 4, generator=g) for _ in range(3)]
+    args = (q, k_cache, v_cache, k_cmp, v_cmp, torch.tensor([89, 40, 7], dtype=torch.int32), *gates)
+    whole = sparse_attention_with_kvcache(*(x.double() if x.is_floating_point() else x for x in args), config,
+                                          backend="torch")
+    got = reference_step(args, config)
+    assert got.shape == (3, 1, 4, 16) and got.dtype == torch.float64
+    torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_gpu_tag_names_data_files_by_the_gpu():
     from nsa.device import gpu_tag, gpu_tag_of
 
