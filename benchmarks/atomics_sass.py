@@ -19,6 +19,10 @@ none. Counts are static (instructions in the binary, not executions).
 import re
 import sys
 from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: F401 (before nsa: a machine without CUDA would switch on the interpreter otherwise)
 

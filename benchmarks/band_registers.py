@@ -15,6 +15,10 @@ float32 dk, dv taken in; gated; a float32 dq), at the launcher's tile.
 
 import argparse
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: F401 (before nsa: a machine without CUDA would switch on the interpreter otherwise)
 

@@ -21,6 +21,9 @@ import time
 import warnings
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
+
 import torch
 
 from nsa.training import (CPU_EXPERIMENT, accuracy_by_distance, accuracy_without, fix_gate, inside_and_beyond,

@@ -19,6 +19,10 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
 
 import triton  # before nsa: a machine without CUDA would switch on the interpreter otherwise
 

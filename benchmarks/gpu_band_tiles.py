@@ -19,6 +19,9 @@ import csv
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
+
 import torch
 import triton
 from triton.testing import do_bench

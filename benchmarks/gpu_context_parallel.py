@@ -21,7 +21,11 @@ CPU processes with gloo (slow: Triton's interpreter) and nothing is timed.
 import argparse
 import csv
 import os
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
 
 import torch
 import torch.distributed as dist

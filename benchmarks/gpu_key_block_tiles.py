@@ -23,6 +23,10 @@ launch became 32 rows in 3 stages (book/data/key_block_tiles_h200.csv).
 """
 
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
 
 import torch
 import triton

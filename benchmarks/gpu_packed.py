@@ -36,6 +36,9 @@ import math
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
+
 import torch
 
 import nsa

@@ -22,6 +22,9 @@ import time
 import warnings
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
+
 import torch
 
 import nsa
