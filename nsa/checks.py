@@ -60,6 +60,8 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
     """`x` must be on `weight`'s device, in a dtype that computes with it: the same dtype, or one that
     torch.autocast casts to the same (`autocast_dtype`). The errors name `x` as `name`, the module as
     `owner` and the fix by `handle` (`handle.to(...)`)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.device != weight.device:
         raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; "
                          f"move one to the other ({handle}.to(device))")
@@ -67,8 +69,9 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
         autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
                              and not torch.is_autocast_enabled(x.device.type)
                              and torch.float64 not in (x.dtype, weight.dtype))
-        raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert one to the "
-                        f"other ({handle}.to({x.dtype})){', or run under torch.autocast' if autocast_would_do else ''}")
+        raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert {name} to "
+                        f"{weight.dtype} or the {owner} with {handle}.to({x.dtype})"
+                        f"{', or run under torch.autocast' if autocast_would_do else ''}")
 
 
 def check_like(name: str, x: torch.Tensor, q: torch.Tensor, q_name: str = "q") -> None:

@@ -90,7 +90,7 @@ class CompressionMLP(nn.Module):
                 tuple(blocks.shape[-2:]) != (self.block_size, self.head_dim):
             raise ValueError(f"blocks must have shape (..., block_size, head_dim) = (..., "
                              f"{self.block_size}, {self.head_dim}), got {tuple(getattr(blocks, 'shape', ()))}")
-        self.check_input(blocks, "its input")
+        self.check_input(blocks, "blocks")
         with_position = blocks + self.position                     # (B, Nc, H, l, D)
         return self.mlp(with_position.flatten(-2))                 # (B, Nc, H, out_dim)
 

@@ -81,8 +81,6 @@ class SparseAttention(nn.Module):
 
     def _check_input(self, name, x):
         check_tensor(name, x, 3, f"(batch, seq_len, dim={self.dim})")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
         check_parameters_match(name, x, self.to_q.weight, "layer", "layer")

@@ -759,7 +759,8 @@ WINDOW_MISUSE = [
     ("phi of another block size", dict(phi_k=CompressionMLP(16, 16)), ValueError, "phi_k maps blocks of 16 tokens"),
     ("phi of another output", dict(phi_v=CompressionMLP(8, 8, out_dim=4)), ValueError, "phi_v maps .* to dim 4"),
     ("phi of another dtype", "phi float", TypeError,
-     r"k_cache is torch.float64 but the CompressionMLP's parameters are torch.float32; .*\(phi_k.to\(torch.float64\)\)"),
+     r"k_cache is torch.float64 but the CompressionMLP's parameters are torch.float32; convert k_cache to "
+     r"torch.float32 or the CompressionMLP with phi_k.to\(torch.float64\)$"),
 ]
 
 

@@ -201,19 +201,20 @@ def test_layer_names_an_input_whose_dtype_or_device_differs_from_its_parameters(
     layer = SparseAttention(32, heads=2, kv_heads=1, compress_block_size=16, compress_stride=8,
                             select_block_size=16, num_selected_blocks=4, window_size=16)
     x = torch.randn(1, 40, 32)
-    with pytest.raises(TypeError, match=r"q is torch.float64 but the layer's parameters are torch.float32; convert "
-                                        r"one to the other \(layer.to\(torch.float64\)\)$"):
+    with pytest.raises(TypeError, match=r"q is torch.float64 but the layer's parameters are torch.float32; convert q "
+                                        r"to torch.float32 or the layer with layer.to\(torch.float64\)$"):
         layer(x.double())                                       # float64: torch.autocast would not help
     with pytest.raises(TypeError, match=r"q is torch.bfloat16 .* torch.float32; .*, or run under torch.autocast$"):
         layer(x.bfloat16())
-    with pytest.raises(TypeError, match="k is torch.float64"):
-        layer(x, x.double(), x)
+    with pytest.raises(TypeError, match=r"k is torch.float64 .*; convert k to torch.float32 or the layer with"):
+        layer(x, x.double(), x)                                 # the fix it names first works: k.float()
+    assert layer(x, x.double().float(), x).shape == x.shape
     with pytest.raises(ValueError, match="q is on meta but the layer's parameters are on cpu"):
         layer(torch.empty(1, 40, 32, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts for F.linear: allowed
         layer.to(torch.bfloat16)(x)
         # but not float64, on either side: autocast leaves it as it is, and F.linear would fail
-        with pytest.raises(TypeError, match=r"q is torch.float64 .* torch.bfloat16; .*float64\)\)$"):
+        with pytest.raises(TypeError, match=r"q is torch.float64 .* torch.bfloat16; .*layer.to\(torch.float64\)$"):
             layer(x.double())                                   # no advice to run under the autocast it runs under
         with pytest.raises(TypeError, match=r"q is torch.float32 but the layer's parameters are torch.float64"):
             layer.double()(x)
@@ -324,10 +325,12 @@ def test_a_key_padding_mask_on_another_device_is_named():
 
 def test_compress_names_a_phi_of_another_dtype_or_device():
     phi, x = nsa.CompressionMLP(8, 16), torch.randn(1, 40, 2, 8)
-    with pytest.raises(TypeError, match="its input is torch.float64 but the CompressionMLP's parameters are torch.float32"):
+    with pytest.raises(TypeError, match="blocks is torch.float64 but the CompressionMLP's parameters are torch.float32"):
         compress(x.double(), phi, 16, 8)
-    with pytest.raises(ValueError, match=r"its input is on meta but the CompressionMLP's parameters are on cpu; .*phi.to"):
+    with pytest.raises(ValueError, match=r"blocks is on meta but the CompressionMLP's parameters are on cpu; .*phi.to"):
         compress(x.to("meta"), phi, 16, 8)
+    with pytest.raises(TypeError, match="blocks must be a floating-point tensor, got dtype torch.int64"):
+        phi(torch.ones(1, 2, 2, 16, 8, dtype=torch.long))
     with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast computes both in bf16: allowed
         assert compress(x.bfloat16(), phi, 16, 8).dtype == torch.bfloat16
 
