@@ -15,7 +15,8 @@ layer in its own dtype on each row's whole sequence, without a cache, against th
 and the step outputs against that layer without a cache, with the share of rows more than 10%
 apart (a selection that broke a near-tie the other way). Goal: the cache adds no error of its own —
 compressed blocks and the steps against the layer without a cache within 1e-2, and the steps no
-farther from float64 than the layer without a cache is (a quarter more at most). The layer's own
+farther from float64 than the layer without a cache is (a quarter more, plus a tenth of the goal,
+at most). The layer's own
 distance from float64 is not the cache's: in bf16 it is one to three percent, every projection
 and branch rounded (measured on an H100, `book/data/layer_cache_check_h100.csv`).
 `--tiny` runs small sizes on the CPU (Triton's interpreter, float32, goal 1e-5): a check of the
@@ -108,7 +109,8 @@ def main() -> int:
             e = check(dtype, options, args.tiny, device)
             # The cache adds no error of its own: its compressed blocks within the goal of float64, its
             # outputs within the goal of the same layer without a cache, and no farther from float64 than
-            # that layer is (a quarter more at most, for the rows whose selection broke a tie otherwise).
+            # that layer is (a quarter more plus a tenth of the goal at most: rows whose selection broke a
+            # tie otherwise, and float32 layers whose own distance is rounding).
             ok = (e["compressed"] < goal and e["cache_vs_plain"] < goal and e["outputs"] <= 1.25 * e["plain"] + goal / 10)
             rows.append(dict(dtype=str(dtype).removeprefix("torch."), option=name,
                              **{f"{k}_error": f"{v:.2e}" for k, v in e.items() if k != "rows_apart"},

@@ -55,7 +55,7 @@ def recorded_selections(selection, heads_q, heads_kv, config):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, default=None, help="default: the installed nsa")
+    parser.add_argument("--build", type=Path, default=None, help="default: this checkout's nsa")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
     if args.build is not None:
@@ -63,6 +63,8 @@ def main() -> int:
         if not link.exists():
             link.symlink_to("../kernels")
         sys.path.insert(0, str(args.build.resolve()))
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the checkout: its nsa, without an install
     warnings.simplefilter("ignore")
     import nsa
     selection = None

@@ -60,11 +60,14 @@ def reference_step(args, config):
     """`sparse_attention_with_kvcache(*args, config)` in float64 on the PyTorch backend, one batch row
     at a time: a float64 copy of the whole batch's caches need not fit beside them (at 128k tokens,
     batch 16, 32/8 heads it did not, on an 80 GB GPU). args: (q, k_cache, v_cache, k_cmp_cache,
-    v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win), each with the batch first."""
+    v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win), each with the batch first (cache_seqlens may be a
+    list, g_win None)."""
     from nsa import sparse_attention_with_kvcache
 
-    def row(x, b):
-        return x[b:b + 1].double() if x.is_floating_point() else x[b:b + 1]
+    def row(x, b):                         # a tensor's or a list's row b; None stays None
+        if isinstance(x, torch.Tensor):
+            return x[b:b + 1].double() if x.is_floating_point() else x[b:b + 1]
+        return x if x is None else x[b:b + 1]
 
     return torch.cat([sparse_attention_with_kvcache(*(row(x, b) for x in args), config, backend="torch")
                       for b in range(args[0].shape[0])])

@@ -60,6 +60,10 @@ def test_decode_bench_reference_row_by_row_equals_the_batch_at_once():
     got = reference_step(args, config)
     assert got.shape == (3, 1, 4, 16) and got.dtype == torch.float64
     torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-12)
+    listed = reference_step((*args[:5], [89, 40, 7], *gates[:2], None), config)    # lengths a list, no window
+    whole = sparse_attention_with_kvcache(*(x.double() for x in args[:5]), [89, 40, 7],
+                                          *(g.double() for g in gates[:2]), None, config, backend="torch")
+    torch.testing.assert_close(listed, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_gpu_tag_names_data_files_by_the_gpu():
