@@ -63,8 +63,8 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.device != weight.device:
-        raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; "
-                         f"move one to the other ({handle}.to(device))")
+        raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; move {name} "
+                         f"to {weight.device} or the {owner} with {handle}.to(\"{x.device}\")")
     if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
         autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
                              and not torch.is_autocast_enabled(x.device.type)

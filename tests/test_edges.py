@@ -209,7 +209,8 @@ def test_layer_names_an_input_whose_dtype_or_device_differs_from_its_parameters(
     with pytest.raises(TypeError, match=r"k is torch.float64 .*; convert k to torch.float32 or the layer with"):
         layer(x, x.double(), x)                                 # the fix it names first works: k.float()
     assert layer(x, x.double().float(), x).shape == x.shape
-    with pytest.raises(ValueError, match="q is on meta but the layer's parameters are on cpu"):
+    with pytest.raises(ValueError, match=r"q is on meta but the layer.s parameters are on cpu; move q to cpu "
+                                         r"or the layer with layer.to\(\"meta\"\)$"):
         layer(torch.empty(1, 40, 32, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts for F.linear: allowed
         layer.to(torch.bfloat16)(x)
