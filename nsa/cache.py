@@ -3,6 +3,7 @@
 once when its last token arrives, and the attention of new tokens over everything cached."""
 
 import contextvars
+import copy
 import weakref
 from dataclasses import dataclass, field
 
@@ -421,6 +422,60 @@ class KVCache:
             self.keys, self.values, self.k_cmp, self.v_cmp = keys, values, k_cmp, v_cmp
         self.lengths = [self.lengths[row] for row in picked]
         return self
+
+    def state_dict(self) -> dict:
+        """What the cache holds, for `torch.save`: its tensors by name (the tensors themselves, not
+        copies), each row's length and the memory rows' count. A prompt's cache kept on disk, or
+        sent to another process, goes back into a cache that the same kind of layer made with
+        `load_state_dict`. (The cache itself is not pickled: it refers to its layer.)"""
+        return {"keys": dict(self.keys), "values": dict(self.values), "k_cmp": self.k_cmp, "v_cmp": self.v_cmp,
+                "lengths": list(self.lengths), "mem_kv_len": self.mem_kv_len}
+
+    def load_state_dict(self, state: dict) -> "KVCache":
+        """Copy a `state_dict` into this cache, in place (a CUDA graph of a step stays valid): every
+        tensor of the same shape and dtype as this cache's, from any device; the same branches and
+        memory rows; lengths within max_seq_len. Checked before anything changes. Returns the cache."""
+        names = {"keys", "values", "k_cmp", "v_cmp", "lengths", "mem_kv_len"}
+        if not isinstance(state, dict) or set(state) != names:
+            raise ValueError(f"state must be a dict with the keys {sorted(names)} (from KVCache.state_dict), got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        pairs = []                                      # (name, this cache's tensor, the state's)
+        for part in ("keys", "values"):
+            if not isinstance(state[part], dict) or set(state[part]) != set(getattr(self, part)):
+                raise ValueError(f"state['{part}'] must hold the branches {sorted(getattr(self, part))} of this "
+                                 f"cache, got {state[part]!r:.80}: load a state of a layer like this cache's")
+            pairs += [(f"state['{part}']['{b}']", x, state[part][b]) for b, x in getattr(self, part).items()]
+        pairs += [("state['k_cmp']", self.k_cmp, state["k_cmp"]), ("state['v_cmp']", self.v_cmp, state["v_cmp"])]
+        for name, mine, theirs in pairs:
+            if not isinstance(theirs, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(theirs).__name__}")
+            if theirs.shape != mine.shape:
+                raise ValueError(f"{name} has shape {tuple(theirs.shape)} but this cache's is {tuple(mine.shape)}: "
+                                 "make the cache with the batch size and max_seq_len of the one saved")
+            if theirs.dtype != mine.dtype:
+                raise TypeError(f"{name} is {theirs.dtype} but this cache is {mine.dtype}: make the cache with "
+                                f"new_cache(..., dtype={theirs.dtype})")
+        if state["mem_kv_len"] != self.mem_kv_len:
+            raise ValueError(f"state['mem_kv_len'] is {state['mem_kv_len']!r} but this cache's layer has "
+                             f"{self.mem_kv_len} memory rows")
+        lengths = check_row_counts("state['lengths']", state["lengths"], self.batch_size)
+        if max(lengths) > self.max_seq_len:
+            raise ValueError(f"state['lengths'] = {lengths} but this cache holds at most {self.max_seq_len} tokens "
+                             "a row")
+        for _, mine, theirs in pairs:
+            mine.copy_(theirs)
+        self._set_lengths(lengths)
+        return self
+
+    def __getstate__(self):
+        raise TypeError("a KVCache is not pickled (it refers to the layer that made it): save cache.state_dict() "
+                        "and load it into layer.new_cache(...) with load_state_dict")
+
+    def __deepcopy__(self, memo) -> "KVCache":      # (copy.deepcopy would otherwise ask __getstate__)
+        copied = object.__new__(type(self))         # the same layer's cache, its tensors copied
+        copied.__dict__.update({name: value if name == "owner" else copy.deepcopy(value, memo)
+                                for name, value in self.__dict__.items()})
+        return copied
 
 
 STEPPED_CACHES = contextvars.ContextVar("nsa_stepped_caches", default=None)   # (cache, lengths before) steps

@@ -848,3 +848,65 @@ def test_a_decoder_of_the_older_contract_still_decodes(monkeypatch):
     kwargs = {name: kwargs[name] for name in ("k", "v")}
     out = sparse_attention_with_kvcache(*args, backend="triton", **kwargs)
     assert calls == [args[0].shape] and out.abs().sum() == 0
+
+
+def _saved_layer_and_cache(**options):
+    torch.manual_seed(0)
+    layer = SparseAttention(32, heads=4, kv_heads=2, compress_block_size=8, compress_stride=4, select_block_size=16,
+                            num_selected_blocks=3, window_size=12, **options).double()
+    cache = layer.new_cache(2, 48)
+    with torch.no_grad():
+        layer(torch.randn(2, 29, 32, dtype=torch.float64), cache=cache, new_tokens=[29, 17])
+    return layer, cache
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_mem_kv=2, kv_per_branch=True), dict(compress_mlp=False)],
+                         ids=["mlp", "memory, kv per branch", "mean"])
+def test_a_saved_cache_loads_into_a_new_one_and_decodes_the_same(options):
+    """torch.save of a cache's state_dict (rows of different lengths), torch.load (weights only) into
+    a new cache of the same layer: the next steps equal those of the cache saved, and of its deep copy."""
+    import copy
+    import io
+
+    layer, cache = _saved_layer_and_cache(**options)
+    buffer = io.BytesIO()
+    torch.save(cache.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = layer.new_cache(2, 48).load_state_dict(torch.load(buffer, weights_only=True))
+    copied = copy.deepcopy(cache)
+    assert loaded.lengths == copied.lengths == cache.lengths == [29, 17]
+    with torch.no_grad():
+        for T in (1, 3, 1):
+            x = torch.randn(2, T, 32, dtype=torch.float64)
+            expected = layer(x, cache=cache)
+            assert torch.equal(layer(x, cache=loaded), expected) and torch.equal(layer(x, cache=copied), expected)
+    assert copied.k_cmp.data_ptr() != cache.k_cmp.data_ptr() and copied.owner() is layer
+
+
+def test_a_cache_is_not_pickled_and_bad_states_change_nothing():
+    import pickle
+
+    layer, cache = _saved_layer_and_cache(num_mem_kv=2)
+    with pytest.raises(TypeError, match=r"not pickled .* save cache.state_dict\(\)"):
+        pickle.dumps(cache)
+    target = layer.new_cache(2, 48)
+    good = cache.state_dict()
+    bad = {
+        "not a dict": ([1, 2], ValueError, "state must be a dict with the keys"),
+        "a key missing": ({k: v for k, v in good.items() if k != "lengths"}, ValueError, "with the keys"),
+        "other branches": ({**good, "keys": {"cmp": good["keys"]["shared"]}}, ValueError, r"state\['keys'\] must hold"),
+        "another max_seq_len": ({**good, "k_cmp": good["k_cmp"][:, :-1]}, ValueError,
+                                r"state\['k_cmp'\] has shape .* make the cache with the batch size"),
+        "another dtype": ({**good, "v_cmp": good["v_cmp"].float()}, TypeError,
+                          r"state\['v_cmp'\] is torch.float32 but this cache is torch.float64"),
+        "other memory rows": ({**good, "mem_kv_len": 0}, ValueError, r"state\['mem_kv_len'\] is 0"),
+        "a row too long": ({**good, "lengths": [49, 3]}, ValueError, "at most 48 tokens a row"),
+        "lengths of three rows": ({**good, "lengths": [1, 2, 3]}, ValueError, r"state\['lengths'\]"),
+        "not a tensor": ({**good, "values": {"shared": [0.0]}}, TypeError, "must be a torch.Tensor, got list"),
+    }
+    before = [x.clone() for x in (*target.keys.values(), *target.values.values(), target.k_cmp, target.v_cmp)]
+    for what, (state, error, match) in bad.items():
+        with pytest.raises(error, match=match):
+            target.load_state_dict(state)
+        after = (*target.keys.values(), *target.values.values(), target.k_cmp, target.v_cmp)
+        assert target.lengths == [0, 0] and all(torch.equal(x, y) for x, y in zip(before, after)), what
