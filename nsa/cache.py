@@ -426,8 +426,9 @@ class KVCache:
     def state_dict(self) -> dict:
         """What the cache holds, for `torch.save`: its tensors by name (the tensors themselves, not
         copies), each row's length and the memory rows' count. A prompt's cache kept on disk, or
-        sent to another process, goes back into a cache that the same kind of layer made with
-        `load_state_dict`. (The cache itself is not pickled: it refers to its layer.)"""
+        sent to another process, goes back into a cache that the same layer (or one with the same
+        weights: nothing in the state can tell) made, with `load_state_dict`. (The cache itself is
+        not pickled: it refers to its layer.)"""
         return {"keys": dict(self.keys), "values": dict(self.values), "k_cmp": self.k_cmp, "v_cmp": self.v_cmp,
                 "lengths": list(self.lengths), "mem_kv_len": self.mem_kv_len}
 
@@ -438,32 +439,39 @@ class KVCache:
         names = {"keys", "values", "k_cmp", "v_cmp", "lengths", "mem_kv_len"}
         if not isinstance(state, dict) or set(state) != names:
             raise ValueError(f"state must be a dict with the keys {sorted(names)} (from KVCache.state_dict), got "
-                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+                             f"{sorted(state, key=repr) if isinstance(state, dict) else type(state).__name__}")
+        mem = check_int("state['mem_kv_len']", state["mem_kv_len"], 0)
+        if mem != self.mem_kv_len:
+            raise ValueError(f"state['mem_kv_len'] is {mem} but this cache's layer has {self.mem_kv_len} memory rows")
         pairs = []                                      # (name, this cache's tensor, the state's)
         for part in ("keys", "values"):
+            branches = sorted(state[part], key=repr) if isinstance(state[part], dict) else type(state[part]).__name__
             if not isinstance(state[part], dict) or set(state[part]) != set(getattr(self, part)):
                 raise ValueError(f"state['{part}'] must hold the branches {sorted(getattr(self, part))} of this "
-                                 f"cache, got {state[part]!r:.80}: load a state of a layer like this cache's")
+                                 f"cache, got {branches}: load a state of a layer like this cache's")
             pairs += [(f"state['{part}']['{b}']", x, state[part][b]) for b, x in getattr(self, part).items()]
         pairs += [("state['k_cmp']", self.k_cmp, state["k_cmp"]), ("state['v_cmp']", self.v_cmp, state["v_cmp"])]
         for name, mine, theirs in pairs:
             if not isinstance(theirs, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(theirs).__name__}")
+            if theirs.is_meta:
+                raise ValueError(f"{name} is on the meta device: it holds no values to load")
             if theirs.shape != mine.shape:
                 raise ValueError(f"{name} has shape {tuple(theirs.shape)} but this cache's is {tuple(mine.shape)}: "
-                                 "make the cache with the batch size and max_seq_len of the one saved")
+                                 "make the cache with the batch size and max_seq_len of the one saved, for a layer "
+                                 "of the same heads, head dims and compression geometry")
             if theirs.dtype != mine.dtype:
                 raise TypeError(f"{name} is {theirs.dtype} but this cache is {mine.dtype}: make the cache with "
                                 f"new_cache(..., dtype={theirs.dtype})")
-        if state["mem_kv_len"] != self.mem_kv_len:
-            raise ValueError(f"state['mem_kv_len'] is {state['mem_kv_len']!r} but this cache's layer has "
-                             f"{self.mem_kv_len} memory rows")
+        if isinstance(state["lengths"], torch.Tensor) and state["lengths"].is_meta:
+            raise ValueError("state['lengths'] is on the meta device: it holds no values to load")
         lengths = check_row_counts("state['lengths']", state["lengths"], self.batch_size)
         if max(lengths) > self.max_seq_len:
             raise ValueError(f"state['lengths'] = {lengths} but this cache holds at most {self.max_seq_len} tokens "
                              "a row")
-        for _, mine, theirs in pairs:
-            mine.copy_(theirs)
+        with torch.no_grad():                           # (a state's tensor may require grad: not the cache)
+            for _, mine, theirs in pairs:
+                mine.copy_(theirs)
         self._set_lengths(lengths)
         return self
 
@@ -471,8 +479,13 @@ class KVCache:
         raise TypeError("a KVCache is not pickled (it refers to the layer that made it): save cache.state_dict() "
                         "and load it into layer.new_cache(...) with load_state_dict")
 
-    def __deepcopy__(self, memo) -> "KVCache":      # (copy.deepcopy would otherwise ask __getstate__)
-        copied = object.__new__(type(self))         # the same layer's cache, its tensors copied
+    def __copy__(self):
+        raise TypeError("a shallow copy of a KVCache would share its tensors and device lengths with the cache "
+                        "copied, and each step would change both: copy.deepcopy(cache) copies one")
+
+    def __deepcopy__(self, memo) -> "KVCache":      # the same layer's cache, its tensors copied (without it
+        # copy.deepcopy would ask __getstate__)
+        copied = object.__new__(type(self))
         copied.__dict__.update({name: value if name == "owner" else copy.deepcopy(value, memo)
                                 for name, value in self.__dict__.items()})
         return copied

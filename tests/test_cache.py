@@ -881,14 +881,19 @@ def test_a_saved_cache_loads_into_a_new_one_and_decodes_the_same(options):
             expected = layer(x, cache=cache)
             assert torch.equal(layer(x, cache=loaded), expected) and torch.equal(layer(x, cache=copied), expected)
     assert copied.k_cmp.data_ptr() != cache.k_cmp.data_ptr() and copied.owner() is layer
+    grad = {**cache.state_dict(), "k_cmp": cache.k_cmp.clone().requires_grad_()}   # a state's tensor with grad
+    assert not layer.new_cache(2, 48).load_state_dict(grad).k_cmp.requires_grad
 
 
 def test_a_cache_is_not_pickled_and_bad_states_change_nothing():
+    import copy
     import pickle
 
     layer, cache = _saved_layer_and_cache(num_mem_kv=2)
     with pytest.raises(TypeError, match=r"not pickled .* save cache.state_dict\(\)"):
         pickle.dumps(cache)
+    with pytest.raises(TypeError, match=r"shallow copy .* copy.deepcopy\(cache\) copies one"):
+        copy.copy(cache)
     target = layer.new_cache(2, 48)
     good = cache.state_dict()
     bad = {
@@ -903,6 +908,14 @@ def test_a_cache_is_not_pickled_and_bad_states_change_nothing():
         "a row too long": ({**good, "lengths": [49, 3]}, ValueError, "at most 48 tokens a row"),
         "lengths of three rows": ({**good, "lengths": [1, 2, 3]}, ValueError, r"state\['lengths'\]"),
         "not a tensor": ({**good, "values": {"shared": [0.0]}}, TypeError, "must be a torch.Tensor, got list"),
+        "a meta tensor, last": ({**good, "v_cmp": good["v_cmp"].to("meta")}, ValueError,
+                                r"state\['v_cmp'\] is on the meta device"),
+        "memory rows, shapes apart": ({**good, "mem_kv_len": 0, "k_cmp": good["k_cmp"][:, 2:]}, ValueError,
+                                      r"state\['mem_kv_len'\] is 0 but this cache's layer has 2 memory rows"),
+        "memory rows not an int": ({**good, "mem_kv_len": 2.0}, TypeError, r"state\['mem_kv_len'\] must be an int"),
+        "an extra branch": ({**good, "keys": {**good["keys"], "win": good["keys"]["shared"]}}, ValueError,
+                            r"got \['shared', 'win'\]"),
+        "a key not a string": ({**good, 1: 1}, ValueError, "with the keys"),
     }
     before = [x.clone() for x in (*target.keys.values(), *target.values.values(), target.k_cmp, target.v_cmp)]
     for what, (state, error, match) in bad.items():
