@@ -270,8 +270,8 @@ def timing(times_csv, configs):
                 lambda: sel.selected_attention_bwd(do, q, k, v, o, lse, prepared, l, scale, True, Q, tiles)))
             delta = torch.empty(1, N, Hq, device=DEV)
             dq = torch.empty_like(q)
-            meta, warps, stages = sel.tile_launch(Hq // H, Q, D, D, l, q.element_size())
             num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
+            meta, warps, stages = sel.tile_launch(Hq // H, Q, num_entries, D, D, l, q.element_size())
             record("backward_dq_kernel", "bwd", bench(lambda: sel.selected_attention_backward_dq_kernel[(num_tiles, H)](
                 q, k, v, o, do, None, None, lse, *tiles, dq, delta, None, None, None, None, scale, N, N, num_tiles,
                 num_entries, HEADS_KV=H, CAUSAL=True, GATED=False, ADD_TO_DQ=False, PACKED=False, **meta,

@@ -19,8 +19,9 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
     """(B, Nq, H, n) int32, contiguous: every slot that adds nothing to attention set to -1.
 
     Nothing = negative, at or past ceil(Nk / block_size), (causal) starting after the query's
-    position, or a repeat of another slot of the same row. Rows come back sorted ascending, a -1
-    where a slot was dropped; the kernels skip -1 slots wherever they are.
+    position, or a repeat of another slot of the same row. Rows come back with their kept blocks
+    first, ascending, then the -1 slots: a program of one query loops over its real blocks only
+    (`tile_length`); the other kernels skip -1 slots wherever they are.
     """
     B, Nq, H, n = block_indices.shape
     indices = block_indices.to(torch.int32).sort(dim=-1).values
@@ -29,7 +30,9 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
     if causal:
         t = query_positions(Nq, seq_len_k, indices.device)
         valid &= indices * block_size <= t[None, :, None, None]
-    return torch.where(valid, indices, -1).contiguous()
+    none = torch.iinfo(torch.int32).max                                    # sorts after every block
+    kept = torch.where(valid, indices, none).sort(dim=-1).values
+    return torch.where(kept == none, -1, kept).contiguous()
 
 
 @triton.jit(do_not_specialize=["seq_len_q", "num_tiles"])
@@ -98,11 +101,15 @@ def prepare_query_tiles(block_indices, queries_per_tile):
 
 
 @triton.jit
-def tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE: tl.constexpr):
-    """The entries a tile's loop visits: its distinct blocks, or with one query per tile every
-    one of the query's n slots (the -1 ones are masked, not skipped: no branch)."""
+def tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE: tl.constexpr,
+                SLOTS: tl.constexpr):
+    """The entries a tile's loop visits: its distinct blocks, stored first. With one query per
+    tile, the query's real blocks, which its prepared indices hold before their -1 slots: counted
+    from its n slots (SLOTS: n padded to a power of two)."""
     if QUERIES_PER_TILE == 1:
-        return num_entries
+        slot = tl.arange(0, SLOTS)
+        blocks = tl.load(TILE_BLOCKS + tile_at.to(tl.int64) * num_entries + slot, mask=slot < num_entries, other=-1)
+        return tl.sum((blocks >= 0).to(tl.int32), axis=0)
     return tl.load(TILE_COUNTS + tile_at)
 
 
@@ -162,7 +169,7 @@ def packed_tables(packed: PackedBlocks | None) -> tuple:
 @triton.jit(do_not_specialize=["seq_len_q", "num_tiles", "num_entries"])   # seq_len_k kept: chapter 7
 def selected_attention_forward_kernel(
     Q, K, V,                # inputs, contiguous: (B, Nq, Hq, Dqk), (B, Nk, H, Dqk), (B, Nk, H, Dv)
-    TILE_BLOCKS,            # (B, T, H, E) int32: the tile's blocks, -1 = skip (Q = 1: prepared indices)
+    TILE_BLOCKS,            # (B, T, H, E) int32: the tile's blocks, -1 = skip (Q = 1: prepared indices, -1s last)
     TILE_MEMBERS,           # (B, T, H, E) int32: bit j = query j of the tile selected it (Q > 1)
     TILE_COUNTS,            # (B, T, H) int32: distinct blocks, stored first in TILE_BLOCKS (Q > 1)
     O,                      # output, contiguous (B, Nq, Hq, Dv), q's dtype
@@ -181,6 +188,7 @@ def selected_attention_forward_kernel(
     BLOCK_DV: tl.constexpr,     # Dv padded to a power of two >= 16
     BLOCK_GQ: tl.constexpr,     # rows per query: G padded to a power of two, QUERIES_PER_TILE * BLOCK_GQ >= 16
     QUERIES_PER_TILE: tl.constexpr,  # Q consecutive queries per program (a power of two <= 16)
+    SLOTS: tl.constexpr,        # Q = 1: n padded to a power of two (tile_length counts the real blocks)
     SEL_BLOCK: tl.constexpr,    # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END
@@ -204,7 +212,7 @@ def selected_attention_forward_kernel(
     qk_scale = scale * LOG2E                                        # base-2 softmax
 
     tile_at = (b * num_tiles + tile) * HEADS_KV + h
-    for e in range(tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE)):
+    for e in range(tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE, SLOTS)):
         # -- the block, its keys and values; a -1 slot reads nothing (all-false mask) --
         block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
                                     QUERIES_PER_TILE)
@@ -242,12 +250,14 @@ def query_tiles(block_indices, group_size, queries_per_tile=None):
     return Q, (prepare_query_tiles(block_indices, Q) if Q > 1 else (block_indices,) * 3)
 
 
-def tile_launch(group_size, queries_per_tile, dim_qk, dim_v, block_size, itemsize):
-    """(meta-parameters, num_warps, num_stages) of the forward and dq kernels."""
+def tile_launch(group_size, queries_per_tile, num_entries, dim_qk, dim_v, block_size, itemsize):
+    """(meta-parameters, num_warps, num_stages) of the forward and dq kernels, for tiles of
+    `num_entries` entries."""
     block_gq = max(next_power_of_2(group_size), 16 // queries_per_tile)
+    slots = next_power_of_2(num_entries) if queries_per_tile == 1 else 1      # read by tile_length only
     meta = dict(GROUP=group_size, DIM_QK=dim_qk, DIM_V=dim_v, BLOCK_DQK=head_dim_block(dim_qk),
                 BLOCK_DV=head_dim_block(dim_v), BLOCK_GQ=block_gq, QUERIES_PER_TILE=queries_per_tile,
-                SEL_BLOCK=block_size)
+                SLOTS=slots, SEL_BLOCK=block_size)
     num_warps = 2 if queries_per_tile * block_gq <= 16 else 4
     stage_bytes = block_size * (meta["BLOCK_DQK"] + meta["BLOCK_DV"]) * itemsize
     num_stages = 3 if stage_bytes <= 32 * 1024 else 2
@@ -261,8 +271,9 @@ def selected_attention_fwd(q, k, v, block_indices, block_size, scale, causal, qu
     packed sequences numbered across them (chapter 10)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
-    meta, num_warps, num_stages = tile_launch(Hq // H, queries_per_tile, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
+    meta, num_warps, num_stages = tile_launch(Hq // H, queries_per_tile, num_entries, Dqk, Dv, block_size,
+                                              q.element_size())
     o = torch.empty(B, Nq, Hq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Nq, Hq, device=q.device, dtype=torch.float32)
     launch_fitting(selected_attention_forward_kernel, lambda _: (num_tiles, B * H),
@@ -338,7 +349,7 @@ def selected_attention_backward_dq_kernel(
     scale, seq_len_q, seq_len_k, num_tiles, num_entries,    # as in the forward
     HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+    BLOCK_GQ: tl.constexpr, QUERIES_PER_TILE: tl.constexpr, SLOTS: tl.constexpr, SEL_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     GATED: tl.constexpr,         # NSA's fused backward: the branch's dO = GATE * DO, DGATE written
     ADD_TO_DQ: tl.constexpr,     # NSA's fused backward: DQ += this branch's dq
@@ -364,7 +375,7 @@ def selected_attention_backward_dq_kernel(
     qk_scale = scale * LOG2E
 
     tile_at = (b * num_tiles + tile) * HEADS_KV + h
-    for e in range(tile_length(TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE)):
+    for e in range(tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE, SLOTS)):
         block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
                                     QUERIES_PER_TILE)
         keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, SEL_BLOCK, PACKED)
@@ -545,8 +556,9 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale
     do_branch = torch.empty_like(do) if gated else do                       # written by the dq kernel
     if not add_to_dq:
         dq = torch.empty_like(q)
-    meta, num_warps, num_stages = tile_launch(Hq // H, queries_per_tile, Dqk, Dv, block_size, q.element_size())
     num_tiles, num_entries = tiles[0].shape[1], tiles[0].shape[-1]
+    meta, num_warps, num_stages = tile_launch(Hq // H, queries_per_tile, num_entries, Dqk, Dv, block_size,
+                                              q.element_size())
     # -- dq (and delta, and with a gate dL/dg and g dO) --
     launch_fitting(selected_attention_backward_dq_kernel, lambda _: (num_tiles, B * H),
                    (q, k, v, o, do, gate, d_gate, lse, *tiles, dq, delta, do_branch, *packed_tables(packed),

@@ -222,7 +222,7 @@ def test_prepare_block_indices():
     indices = torch.tensor([[[[2, 0, 0, -1, 9]]], [[[1, 3, 3, 2, 0]]]], dtype=torch.int64)  # (2, 1, 1, 5)
     prepared = prepare_block_indices(indices, block_size=16, seq_len_k=48, causal=True)  # t = 47: blocks 0-2
     assert prepared.dtype == torch.int32
-    assert prepared[0, 0, 0].tolist() == [-1, 0, -1, 2, -1]
+    assert prepared[0, 0, 0].tolist() == [0, 2, -1, -1, -1]      # kept blocks first, ascending: -1s last
     assert prepared[1, 0, 0].tolist() == [0, 1, 2, -1, -1]
 
 
