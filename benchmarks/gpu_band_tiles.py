@@ -122,7 +122,7 @@ def sweep_arguments(description, default_heads, tiny_help):
     parser.add_argument("--tiny", action="store_true", help=tiny_help)
     args = parser.parse_args()
     if args.tiny:
-        args.heads, args.seq_len = "4/2", 200
+        args.heads, args.seq_len = "4/2", 100
     return args
 
 

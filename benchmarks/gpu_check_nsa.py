@@ -268,7 +268,7 @@ def main():
         args.skip_timing = True
         tiny = NSAConfig(16, 8, 16, 4, 1, 2, 32)
         problems = [("tiny", 1, 70, 70, 4, 1, 16, 16, tiny, 0, [(0, 70)]),
-                    ("tiny chunks", 2, 90, 120, 6, 2, 32, 16, tiny, 1, [(0, 16), (50, 16), (74, 16)])]
+                    ("tiny chunks", 1, 90, 120, 6, 2, 32, 16, tiny, 1, [(0, 16), (50, 16), (74, 16)])]
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_check_nsa.py needs a CUDA GPU (or --tiny)")

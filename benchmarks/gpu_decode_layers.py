@@ -197,9 +197,9 @@ def main() -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_decode_layers.py needs a CUDA GPU (or --tiny)")
         return 2
-    contexts = [37] if args.tiny else parse_lengths(args.contexts)
+    contexts = [21] if args.tiny else parse_lengths(args.contexts)
     heads = [(4, 2)] if args.tiny else parse_heads(args.heads)
-    layers, steps = (2, 2) if args.tiny else (args.layers, args.steps)
+    layers, steps = (2, 1) if args.tiny else (args.layers, args.steps)
     rows = []
     stacks = (False, True) if args.dense else (False,)                # NSA, then the dense baseline
     for context, (heads_q, heads_kv), dense in itertools.product(contexts, heads, stacks):
