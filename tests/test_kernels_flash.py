@@ -10,6 +10,7 @@ import nsa  # first: switches Triton to its interpreter on a machine without CUD
 from nsa import attention, causal_mask
 from nsa.device import DEVICE
 from nsa.kernels.flash import flash_attention
+from tolerance import close
 
 SHAPES = [  # B, Nq, Nk, Hq, H, Dqk, Dv
     (1, 1, 1, 1, 1, 16, 16),
@@ -31,21 +32,21 @@ def test_matches_dense_attention(shape, dtype, causal):
     o, lse = flash_attention(q, k, v, scale=0.2, causal=causal, return_lse=True)
     mask = causal_mask(Nq, Nk, DEVICE) if causal else None
     o_ref, lse_ref = attention(q.double(), k.double(), v.double(), mask, scale=0.2, return_lse=True)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    tol = close(dtype, 1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(o, o_ref.to(dtype), **tol)
     torch.testing.assert_close(lse, lse_ref.float(), **tol)
 
 
 def test_errors_before_launch():
-    q = torch.randn(1, 4, 2, 16)
+    q = torch.randn(1, 4, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="forward-only"):
         flash_attention(q.requires_grad_(), q, q)
     with pytest.raises(TypeError, match="float16"):
-        flash_attention(*(torch.randn(1, 4, 1, 16, dtype=torch.float64),) * 3)
+        flash_attention(*(torch.randn(1, 4, 1, 16, dtype=torch.float64, device=DEVICE),) * 3)
     with pytest.raises(ValueError, match="256"):
-        flash_attention(*(torch.randn(1, 4, 1, 512),) * 3)
+        flash_attention(*(torch.randn(1, 4, 1, 512, device=DEVICE),) * 3)
     with pytest.raises(TypeError, match="causal"):
-        flash_attention(*(torch.randn(1, 4, 1, 16),) * 3, causal="yes")
+        flash_attention(*(torch.randn(1, 4, 1, 16, device=DEVICE),) * 3, causal="yes")
 
 
 class _FakeKernel:

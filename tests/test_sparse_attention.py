@@ -12,8 +12,10 @@ from torch.func import functional_call
 import nsa
 from nsa import NSAConfig, SparseAttention, native_sparse_attention, sliding_window_attention
 from nsa.compression import CompressionMLP, compress
+from nsa.device import DEVICE
 from nsa.sparse_attention import dense_sparse_attention
 from nsa_reference import naive_nsa
+from tolerance import close
 
 PAPER = NSAConfig()                                                          # 32/16/64, n=16, w=512
 SMALL = NSAConfig(8, 4, 16, 4, 1, 2, 32)                                     # 8/4/16, n=4, w=32
@@ -150,13 +152,15 @@ def test_tiny_sequences_match_reference_and_have_finite_gradients(N):
 
 @pytest.mark.parametrize("backend,module", [("flex", "nsa.flex"), ("triton", "nsa.kernels.nsa")])
 def test_other_backends_match_naive_reference(backend, module):
-    """One small case per backend (the kernels run in Triton's interpreter on the CPU: slow)."""
+    """One small case per backend (the kernels run in Triton's interpreter on the CPU: slow; on a
+    GPU, compiled, with float32 dots in TF32). The naive reference runs on the CPU."""
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not there yet")
     config = NSAConfig(16, 8, 32, 3, 1, 1, 16)
     args = problem(2, 37, 130, 4, 1, 32, 16, config, mem=2)
-    out = native_sparse_attention(*args, config, backend=backend, mem_kv_len=2)
-    assert relative_error(out, naive_nsa(*args, config, None, 2)[0]) <= 1e-4
+    device = DEVICE if backend == "triton" else "cpu"
+    out = native_sparse_attention(*(x.to(device) for x in args), config, backend=backend, mem_kv_len=2)
+    assert relative_error(out.cpu(), naive_nsa(*args, config, None, 2)[0]) <= close(torch.float32, 1e-4)["rtol"]
 
 
 def test_auto_backend_on_cpu_is_torch_and_missing_backends_say_so():
