@@ -101,12 +101,16 @@ def prepare_query_tiles(block_indices, queries_per_tile):
 
 
 @triton.jit
-def tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE: tl.constexpr,
-                SLOTS: tl.constexpr):
+def tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, t, QUERIES_PER_TILE: tl.constexpr,
+                SLOTS: tl.constexpr, SEL_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, PACKED: tl.constexpr):
     """The entries a tile's loop visits: its distinct blocks, stored first. With one query per
-    tile, the query's real blocks, which its prepared indices hold before their -1 slots: counted
-    from its n slots (SLOTS: n padded to a power of two)."""
+    tile (its prepared indices: the real blocks first, then the -1 slots), no more than its real
+    blocks: a causal query at t has at most t // l' + 1 of them, a bound that waits for no load
+    before the loop; packed (t a row of all the sequences' keys) or not causal, their number,
+    counted from its n slots (SLOTS: n padded to a power of two)."""
     if QUERIES_PER_TILE == 1:
+        if CAUSAL and not PACKED:
+            return tl.minimum(num_entries, tl.max(t, axis=0) // SEL_BLOCK + 1)
         slot = tl.arange(0, SLOTS)
         blocks = tl.load(TILE_BLOCKS + tile_at.to(tl.int64) * num_entries + slot, mask=slot < num_entries, other=-1)
         return tl.sum((blocks >= 0).to(tl.int32), axis=0)
@@ -212,7 +216,8 @@ def selected_attention_forward_kernel(
     qk_scale = scale * LOG2E                                        # base-2 softmax
 
     tile_at = (b * num_tiles + tile) * HEADS_KV + h
-    for e in range(tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE, SLOTS)):
+    for e in range(tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, t, QUERIES_PER_TILE, SLOTS, SEL_BLOCK,
+                             CAUSAL, PACKED)):
         # -- the block, its keys and values; a -1 slot reads nothing (all-false mask) --
         block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
                                     QUERIES_PER_TILE)
@@ -375,7 +380,8 @@ def selected_attention_backward_dq_kernel(
     qk_scale = scale * LOG2E
 
     tile_at = (b * num_tiles + tile) * HEADS_KV + h
-    for e in range(tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, QUERIES_PER_TILE, SLOTS)):
+    for e in range(tile_length(TILE_BLOCKS, TILE_COUNTS, tile_at, num_entries, t, QUERIES_PER_TILE, SLOTS, SEL_BLOCK,
+                             CAUSAL, PACKED)):
         block, members = tile_entry(TILE_BLOCKS, TILE_MEMBERS, tile_at.to(tl.int64) * num_entries + e,
                                     QUERIES_PER_TILE)
         keys, kv_rows, key_ok = block_keys(block, b, h, seq_len_k, BLOCK_START, BLOCK_END, HEADS_KV, SEL_BLOCK, PACKED)

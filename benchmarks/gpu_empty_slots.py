@@ -1,0 +1,96 @@
+"""What empty (-1) slots cost the one-query selected kernels, and the op where queries have them.
+
+    python benchmarks/gpu_empty_slots.py --build counted [--out FILE.csv]   # one build (this checkout's)
+
+Run it from each build's checkout in turn, on one GPU, to compare builds (book/data/
+selected_empty_slots_h100.csv: two builds alternating). bf16, d = 128, do_bench median ms:
+
+* `slots`: `selected_attention_triton` at 64k tokens, 64/4 heads (group 16: one query per program),
+  each query's blocks own - 3j: 16 blocks; 4 blocks and 12 empty slots; the same 4 in a list of 4.
+  The outputs of the last two must be equal.
+* `op`: `native_sparse_attention(backend="triton")`, the paper's geometry, 64/4 and 32/8 heads:
+  128 packed documents of 512 tokens, gpu_packed.py's 9 documents of 1.4k-22.9k, one 4096-token
+  sequence.
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch
+import triton
+
+from gpu_packed import document_lengths, packed_inputs, timer
+from nsa import NSAConfig, native_sparse_attention
+from nsa.kernels.selected import selected_attention_triton
+
+
+def slot_rows():
+    """The `slots` experiment: (case, fwd ms, fwd+bwd ms) rows."""
+    B, N, Hq, H, D, l = 1, 65536, 64, 4, 128, 64
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, N, h, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+               for h in (Hq, H, H))
+    do = torch.randn(B, N, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    own = (torch.arange(N, device="cuda") // l)[None, :, None, None]
+
+    def blocks(n):                              # n distinct blocks at or before the query's own, or -1
+        index = own - 3 * torch.arange(n, device="cuda")[None, None, None, :]
+        return torch.where(index >= 0, index, -1).expand(B, N, H, n).int().contiguous()
+
+    four = blocks(4)
+    cases = {"16 blocks": blocks(16), "4 blocks + 12 empty": torch.cat([four, torch.full_like(blocks(12), -1)], -1),
+             "4 blocks of 4": four}
+    outputs, rows = {}, []
+    for case, index in cases.items():
+        run = lambda: selected_attention_triton(q, k, v, index, l, check_indices=False)  # noqa: E731
+        outputs[case] = run().detach()
+
+        def forward_backward():
+            run().backward(do)
+        rows.append(("slots", "64/4", case, triton.testing.do_bench(run),
+                     triton.testing.do_bench(forward_backward, grad_to_none=[q, k, v])))
+    assert torch.equal(outputs["4 blocks + 12 empty"], outputs["4 blocks of 4"]), "empty slots changed the output"
+    return rows
+
+
+def op_rows():
+    """The `op` experiment: NSA's forward and forward + backward where queries have empty slots."""
+    config, rows = NSAConfig(), []
+    for heads in ("64/4", "32/8"):
+        Hq, H = map(int, heads.split("/"))
+        for case, lengths in {"128 x 512 packed": [512] * 128, "9 packed": document_lengths(),
+                              "4096 single": [4096]}.items():
+            inputs, cu = packed_inputs(lengths, Hq, H, 128, config)
+            cu = cu if len(lengths) > 1 else None
+            run = lambda: native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)  # noqa: E731
+            rows.append(("op", heads, case, timer(run), timer(run, [x.requires_grad_() for x in inputs])))
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", required=True, help="the label of this checkout's rows")
+    parser.add_argument("--out", type=Path, default=None, help="a CSV the rows are added to")
+    args = parser.parse_args()
+    rows = [(args.build, *row) for row in slot_rows() + op_rows()]
+    for build, experiment, heads, case, fwd, fwd_bwd in rows:
+        print(f"{build:12s} {experiment:6s} {heads:5s} {case:20s} {fwd:8.3f} {fwd_bwd:8.3f}")
+    if args.out is not None:
+        new = not args.out.exists()
+        with args.out.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["build", "experiment", "heads", "case", "fwd_ms", "fwd_bwd_ms"])
+            writer.writerows([(*row[:4], f"{row[4]:.3f}", f"{row[5]:.3f}") for row in rows])
+
+
+if __name__ == "__main__":
+    main()
