@@ -119,48 +119,70 @@ def branch_impls(q, k, v, k_cmp, v_cmp, config):
     }
 
 
-def impls(seq_len, heads_q, heads_kv, head_dim):
-    """{name: (forward callable, tensors needing grads)} for the available implementations."""
+IMPLS = ("nsa_triton", "nsa_triton/compressed", "nsa_triton/select", "nsa_triton/selected", "nsa_triton/window",
+         "sdpa_flash", "sdpa_cudnn", "flex_window", "fla_nsa")
+
+
+def parse_only(text: str) -> tuple[str, ...]:
+    """`--only`: comma-separated names of IMPLS."""
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in IMPLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--only names {', '.join(map(repr, unknown))}; known: {', '.join(IMPLS)}")
+    return names
+
+
+def impls(seq_len, heads_q, heads_kv, head_dim, only=IMPLS):
+    """{name: (forward callable, tensors needing grads)} for the implementations named in `only` that
+    are available; nothing else is built or compiled (FlexAttention's block mask is compiled only for
+    `flex_window`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from nsa import native_sparse_attention
 
     (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win), config = make_inputs(seq_len, heads_q, heads_kv, head_dim)
     out = {}
-    out["nsa_triton"] = (lambda: native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
-                                                         config, backend="triton"),
-                         [q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win])
-    out.update(branch_impls(q, k, v, k_cmp, v_cmp, config))
+    if "nsa_triton" in only:
+        out["nsa_triton"] = (lambda: native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
+                                                             config, backend="triton"),
+                             [q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win])
+    if any(name.startswith("nsa_triton/") for name in only):
+        out.update((name, impl) for name, impl in branch_impls(q, k, v, k_cmp, v_cmp, config).items() if name in only)
 
     # Dense baselines see the same q and the kv heads expanded once (outside the timed region).
     group = heads_q // heads_kv
-    qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
-    kd = k.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous().requires_grad_()
-    vd = v.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous().requires_grad_()
-    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-        def sdpa(backend=backend):
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
-        out[name] = (sdpa, [qd, kd, vd])
+    if {"sdpa_flash", "sdpa_cudnn", "flex_window"} & set(only):
+        qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    if {"sdpa_flash", "sdpa_cudnn"} & set(only):
+        kd = k.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous().requires_grad_()
+        vd = v.detach().repeat_interleave(group, dim=2).transpose(1, 2).contiguous().requires_grad_()
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+            if name in only:
+                out[name] = (sdpa, [qd, kd, vd])
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "flex_window" in only:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    window = config.window_size
-    block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (j > i - window), None, None,
-                                   seq_len, seq_len, device=q.device, _compile=True)
-    flex = torch.compile(flex_attention)
-    kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (k, v))
-    out["flex_window"] = (lambda: flex(qd, kf, vf, block_mask=block_mask, enable_gqa=True), [qd, kf, vf])
+        window = config.window_size
+        block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (j > i - window), None, None,
+                                       seq_len, seq_len, device=q.device, _compile=True)
+        flex = torch.compile(flex_attention)
+        kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (k, v))
+        out["flex_window"] = (lambda: flex(qd, kf, vf, block_mask=block_mask, enable_gqa=True), [qd, kf, vf])
 
-    try:
-        from fla.ops.nsa import parallel_nsa
-    except ImportError as missing:                  # said once per config: a silent skip hides a broken install
-        print(f"fla_nsa skipped: {type(missing).__name__}: {missing}", file=sys.stderr)
-        parallel_nsa = None
-    if parallel_nsa is not None and group >= 16 and group & (group - 1) == 0:
-        out["fla_nsa"] = (lambda: parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16,
-                                               block_size=64, window_size=0),
-                          [q, k, v, g_cmp, g_slc])
+    if "fla_nsa" in only:
+        try:
+            from fla.ops.nsa import parallel_nsa
+        except ImportError as missing:              # said once per config: a silent skip hides a broken install
+            print(f"fla_nsa skipped: {type(missing).__name__}: {missing}", file=sys.stderr)
+            parallel_nsa = None
+        if parallel_nsa is not None and group >= 16 and group & (group - 1) == 0:
+            out["fla_nsa"] = (lambda: parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16,
+                                                   block_size=64, window_size=0),
+                              [q, k, v, g_cmp, g_slc])
     return out
 
 
@@ -198,7 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None, help="default: book/data/bench_<gpu>.csv")
-    parser.add_argument("--only", default=None, help="comma-separated implementation names")
+    parser.add_argument("--only", type=parse_only, default=IMPLS,
+                        help=f"comma-separated implementation names, of {', '.join(IMPLS)} (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("python -m nsa.bench needs a CUDA GPU (it times Triton kernels and SDPA backends).")
@@ -214,13 +237,11 @@ def main(argv=None) -> int:
     jobs = [(n, hq, hkv) for hq, hkv in args.heads for n in args.seq_lens]
     for seq_len, heads_q, heads_kv in tqdm(jobs, desc="configs"):
         try:
-            candidates = impls(seq_len, heads_q, heads_kv, args.head_dim)
+            candidates = impls(seq_len, heads_q, heads_kv, args.head_dim, args.only)
         except torch.cuda.OutOfMemoryError:
             tqdm.write(f"{seq_len}: out of memory building inputs, skipped")
             continue
         for name, (fn, grads_of) in candidates.items():
-            if args.only and name not in args.only.split(","):
-                continue
             key = [seq_len, heads_q, heads_kv, args.head_dim]
             try:
                 torch.cuda.reset_peak_memory_stats()

@@ -18,6 +18,12 @@ def testparse_lengths_and_heads():
         bench.parse_heads("64-4")
 
 
+def test_only_names_known_implementations():
+    assert bench.parse_only("nsa_triton, sdpa_cudnn") == ("nsa_triton", "sdpa_cudnn")
+    with pytest.raises(argparse.ArgumentTypeError, match="'sdpa_flsh'.*known: nsa_triton"):
+        bench.parse_only("nsa_triton,sdpa_flsh")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_without_cuda_says_so(capsys):
     assert bench.main(["--seq-lens", "1k"]) == 2
