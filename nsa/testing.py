@@ -21,6 +21,7 @@ def _gloo_worker(rank, fn, world_size, store, results, args):
                             timeout=datetime.timedelta(seconds=120))
     try:
         torch.save(fn(dist.group.WORLD, *args), f"{results}/{rank}.pt")
+        dist.barrier()              # no rank tears gloo down while another still exchanges with it
     finally:
         dist.destroy_process_group()
 
