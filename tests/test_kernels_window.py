@@ -9,9 +9,7 @@ import nsa  # noqa: F401  (switches on the interpreter without CUDA, before trit
 from nsa.device import DEVICE
 from nsa.kernels.band import sliding_window_attention_triton
 from nsa.window import sliding_window_attention
-
-TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4) if DEVICE.type == "cpu" else dict(atol=3e-2, rtol=3e-2),
-       torch.float16: dict(atol=3e-2, rtol=3e-2)}
+from tolerance import TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

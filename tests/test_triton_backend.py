@@ -11,9 +11,8 @@ from nsa.compression import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
 from nsa.sparse_attention import native_sparse_attention
-from tolerance import close
+from tolerance import TOL, close
 
-TOL = {torch.float32: close(torch.float32, 2e-4, gpu=3e-2), torch.float16: close(torch.float16, 3e-2)}
 SMALL = NSAConfig(16, 8, 16, 4, 1, 2, 32)
 
 
