@@ -3,14 +3,14 @@
     python benchmarks/gpu_empty_slots.py --build counted [--out FILE.csv]   # one build (this checkout's)
 
 Run it from each build's checkout in turn, on one GPU, to compare builds (book/data/
-selected_empty_slots_h100.csv: two builds alternating). bf16, d = 128, do_bench median ms:
+selected_empty_slots_h100.csv: two or three builds alternating). bf16, d = 128, do_bench median ms:
 
 * `slots`: `selected_attention_triton` at 64k tokens, 64/4 heads (group 16: one query per program),
   each query's blocks own - 3j: 16 blocks; 4 blocks and 12 empty slots; the same 4 in a list of 4.
   The outputs of the last two must be equal.
 * `op`: `native_sparse_attention(backend="triton")`, the paper's geometry, 64/4 and 32/8 heads:
   128 packed documents of 512 tokens, gpu_packed.py's 9 documents of 1.4k-22.9k, one 4096-token
-  sequence.
+  sequence, one 65536-token sequence (`--op-cases` picks some: "4096 single,65536 single").
 """
 
 import argparse
@@ -59,13 +59,18 @@ def slot_rows():
     return rows
 
 
-def op_rows():
-    """The `op` experiment: NSA's forward and forward + backward where queries have empty slots."""
+OP_CASES = {"128 x 512 packed": [512] * 128, "9 packed": document_lengths(), "4096 single": [4096],
+            "65536 single": [65536]}
+
+
+def op_rows(cases=tuple(OP_CASES)):
+    """The `op` experiment: NSA's forward and forward + backward where queries have empty slots
+    (packed documents, the first n l' tokens of a sequence) and, at 64k, where almost none have."""
     config, rows = NSAConfig(), []
     for heads in ("64/4", "32/8"):
         Hq, H = map(int, heads.split("/"))
-        for case, lengths in {"128 x 512 packed": [512] * 128, "9 packed": document_lengths(),
-                              "4096 single": [4096]}.items():
+        for case in cases:
+            lengths = OP_CASES[case]
             inputs, cu = packed_inputs(lengths, Hq, H, 128, config)
             cu = cu if len(lengths) > 1 else None
             run = lambda: native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)  # noqa: E731
@@ -79,8 +84,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", required=True, help="the label of this checkout's rows")
     parser.add_argument("--out", type=Path, default=None, help="a CSV the rows are added to")
+    parser.add_argument("--op-cases", type=lambda text: text.split(","), default=list(OP_CASES),
+                        help=f"comma-separated cases of the op experiment, of: {', '.join(OP_CASES)} (default: all)")
     args = parser.parse_args()
-    rows = [(args.build, *row) for row in slot_rows() + op_rows()]
+    unknown = [case for case in args.op_cases if case not in OP_CASES]
+    if unknown:
+        parser.error(f"--op-cases: unknown {unknown}; known: {list(OP_CASES)}")
+    rows = [(args.build, *row) for row in slot_rows() + op_rows(args.op_cases)]
     for build, experiment, heads, case, fwd, fwd_bwd in rows:
         print(f"{build:12s} {experiment:6s} {heads:5s} {case:20s} {fwd:8.3f} {fwd_bwd:8.3f}")
     if args.out is not None:
