@@ -92,19 +92,20 @@ def float64_selection(q, k_cmp, lse, seq_len_k, config):
         return select_blocks(selection_scores(q, k_cmp, lse, seq_len_k, config), seq_len_k, config)
 
 
-def packed_selection(inputs, packing, config):
-    """The blocks the packed Triton op selects for `packing` (an `nsa.varlen.Packing`): its own
-    forward's `block_indices`, numbered across the packed documents, and the first block of each
-    document."""
+def packed_forward(inputs, packing, config):
+    """The packed Triton op's forward on `packing` (an `nsa.varlen.Packing`), as
+    `native_sparse_attention(..., backend="triton", cu_seqlens=cu)` runs it: its output o,
+    differentiable in the eight `inputs`, the blocks it selected (`block_indices`, numbered across
+    the packed documents) and the first block of each document. One forward gives both: the
+    reference attends the very blocks that made o."""
     from nsa.geometry import num_selection_blocks
     from nsa.kernels.nsa import config_fields, packed_sizes_of
 
-    with torch.no_grad():
-        indices = torch.ops.nsa.sparse_attention_forward(
-            *(x.detach() for x in inputs), *config_fields(config), inputs[0].shape[-1] ** -0.5, 0, packing.cu_q,
-            packing.cu_k, packing.cu_cmp, packed_sizes_of(packing, config.select_block_size))[7]
+    outputs = torch.ops.nsa.sparse_attention_forward(
+        *inputs, *config_fields(config), inputs[0].shape[-1] ** -0.5, 0, packing.cu_q, packing.cu_k,
+        packing.cu_cmp, packed_sizes_of(packing, config.select_block_size))
     blocks = [num_selection_blocks(end - start, config.select_block_size) for start, end in packing.keys]
-    return indices, [sum(blocks[:i]) for i in range(len(blocks))]
+    return outputs[0], outputs[7], [sum(blocks[:i]) for i in range(len(blocks))]
 
 
 def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
@@ -122,14 +123,14 @@ def check(lengths, Hq, H, D, config, dtype=torch.bfloat16, device="cuda"):
 
     inputs, cu = packed_inputs(lengths, Hq, H, D, config, dtype, device)
     inputs = [x.requires_grad_() for x in inputs]
-    out = native_sparse_attention(*inputs, config, backend="triton", cu_seqlens=cu)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, do)
     l, d = config.compress_block_size, config.compress_stride
     bounds = tuple(zip(cu[:-1].tolist(), cu[1:].tolist()))
     cmp_cu = nsa.varlen.compressed_cu_seqlens(cu, l, d)
     rows_cmp = list(zip(cmp_cu[:-1].tolist(), cmp_cu[1:].tolist()))
-    indices, first_block = packed_selection(inputs, nsa.varlen.Packing(cu, cu, cmp_cu, bounds, bounds, rows_cmp), config)
+    packing = nsa.varlen.Packing(cu, cu, cmp_cu, bounds, bounds, rows_cmp)
+    out, indices, first_block = packed_forward(inputs, packing, config)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, do)
     worst = dict.fromkeys(["o", *GRADIENTS], 0.0)
     agreement = {}
     q, k, v, k_cmp, v_cmp, *gates = (x.detach().double() for x in inputs)
