@@ -92,10 +92,11 @@ def test_fused_selection_equals_reference(dtype, config, B, Nq, Nk, Hq, H, D, me
 @pytest.mark.parametrize("n, causal", [(8, True), (16, True), (16, False)])
 def test_fused_selection_first_step_is_the_top(n, causal, heads_kv):
     # n = 16, the step's blocks: the kernel takes the first step's candidates as its running top;
-    # n = 8: they are merged into an empty top; then the later steps; 300 keys = 19 blocks
+    # n = 8: they are merged into an empty top; then the later steps; 300 keys = 19 blocks. The last
+    # 64 queries (positions 236-299): causal ones see 15 to 19 blocks, within the first step and past it
     config = NSAConfig(16, 8, 16, n, 1, 2, 32, causal=causal)
-    q, k_cmp, v_cmp = make(1, 300, 300, 2, heads_kv, 16, 16, 16, 8, 0, torch.float16, seed=n)
-    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8, causal=causal)
+    q, k_cmp, v_cmp = make(1, 64, 300, 2, heads_kv, 16, 16, 16, 8, 0, torch.float16, seed=n)
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8, causal=causal, seq_len_k=300)
     chosen = select_blocks_triton(q, k_cmp, lse, 300, config)
     expected = select_blocks(selection_scores(q.float(), k_cmp.float(), lse, 300, config), 300, config)
     assert torch.equal(chosen, expected)
@@ -104,10 +105,11 @@ def test_fused_selection_first_step_is_the_top(n, causal, heads_kv):
 @pytest.mark.parametrize("n", [16, 5])
 def test_fused_selection_long_step_at_group_16(n):
     # groups of 16 walk 32 selection blocks per step (the first merged into an empty top, as n is
-    # not the step's blocks); 700 keys = 44 blocks: a full step and a partial one
+    # not the step's blocks); 700 keys = 44 blocks: a full step and a partial one. The last 200
+    # queries (positions 500-699) see 32 to 44 blocks: the first step alone, and both
     config = NSAConfig(16, 8, 16, n, 1, 2, 32)
-    q, k_cmp, v_cmp = make(1, 700, 700, 16, 1, 16, 16, 16, 8, 0, torch.float16, seed=n)
-    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)
+    q, k_cmp, v_cmp = make(1, 200, 700, 16, 1, 16, 16, 16, 8, 0, torch.float16, seed=n)
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8, seq_len_k=700)
     chosen = select_blocks_triton(q, k_cmp, lse, 700, config)
     expected = select_blocks(selection_scores(q.float(), k_cmp.float(), lse, 700, config), 700, config)
     assert torch.equal(chosen, expected)
