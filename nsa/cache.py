@@ -328,6 +328,10 @@ class KVCache:
                              "every token sees the tokens after it, which a cache does not hold yet")
         weight = layer.to_q.weight
         device = resolve_device(device, weight.device)
+        if device.type == "meta":
+            raise ValueError("a KV cache holds the keys and values of past tokens, and the meta device holds "
+                             "no values: pass device= a real device (the layer's parameters are on "
+                             f"{weight.device}; move the layer with layer.to(...) first if they are on meta)")
         dtype = weight.dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")

@@ -407,6 +407,10 @@ def test_new_cache_arguments_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             layer.new_cache(1, 10, device="cuda")
+    with pytest.raises(ValueError, match="meta device holds no values"):
+        layer.new_cache(1, 10, device="meta")
+    with pytest.raises(ValueError, match="meta device holds no values"):       # a layer on meta: its default
+        SparseAttention(32, heads=4, **LAYER_GEOMETRY).to("meta").new_cache(1, 10)
     half = layer.new_cache(2, 10, dtype=torch.float16)
     assert half.k_cmp.dtype == torch.float16 and half.keys["shared"].shape == (2, 10, 4, 8)
 
