@@ -14,9 +14,9 @@ from nsa.config import NSAConfig
 from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
                               window_band)
-from nsa.kernels.common import (ROWS_PER_PROGRAM, PackedRows, cdiv, check_kernel_inputs,
-                                check_kernel_sizes, load_rows, next_power_of_2, row_tile,
-                                store_rows)
+from nsa.kernels.common import (KERNEL_DTYPES, ROWS_PER_PROGRAM, PackedRows, cdiv,
+                                check_kernel_inputs, check_kernel_sizes, load_rows, next_power_of_2,
+                                row_tile, store_rows)
 from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_block_centric,
                                   query_tiles, query_tiles_shapes, reverse_index_shapes,
                                   selected_attention_bwd, selected_attention_fwd,
@@ -369,4 +369,4 @@ def triton_window(q, k, v, window_size, scale, causal, pairs=None, cu_seqlens_q=
 
 
 register_backend("triton", triton_sparse_attention, triton_unsupported, packed=triton_packed_sparse_attention,
-                 window=triton_window, layer_unsupported=triton_layer_unsupported)
+                 window=triton_window, layer_unsupported=triton_layer_unsupported, dtypes=KERNEL_DTYPES)

@@ -35,6 +35,8 @@ class Backend:
     layer_unsupported: None (it takes every layer), or layer_unsupported(config, dims) -> None or
     why it cannot run a layer of this config and these heads and head dims (dims' batch and
     lengths 0), whatever its inputs: `SparseAttention` asks when it is built.
+    dtypes: None (it computes in every floating dtype), or those it does: a layer's errors then
+    do not advise converting the layer to another (`backend_dtypes`).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Backend:
     packed: Callable | None = None
     window: Callable | None = None
     layer_unsupported: Callable | None = None
+    dtypes: tuple | None = None
 
 
 _registry: dict[str, Backend] = {}
@@ -56,17 +59,24 @@ def _supports_everything(tensors, dims, config):
 
 def register_backend(name: str, forward: Callable, unsupported: Callable | None = None,
                      packed: Callable | None = None, window: Callable | None = None,
-                     layer_unsupported: Callable | None = None) -> Backend:
+                     layer_unsupported: Callable | None = None, dtypes: tuple | None = None) -> Backend:
     """Make `forward` the implementation of `backend=name` (a name of `BACKENDS`, not "auto"),
     `packed` its forward over packed sequences (None: one `forward` per sequence), `window`
-    its sliding-window branch alone (None: the reference's) and `layer_unsupported` its check of
-    a layer's sizes (as `Backend` says)."""
+    its sliding-window branch alone (None: the reference's), `layer_unsupported` its check of
+    a layer's sizes and `dtypes` the dtypes it computes in (as `Backend` says)."""
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}")
     _registry[name] = Backend(name, forward, unsupported or _supports_everything, packed, window,
-                              layer_unsupported)
+                              layer_unsupported, dtypes)
     _unavailable.pop(name, None)
     return _registry[name]
+
+
+def backend_dtypes(backend: str) -> tuple | None:
+    """The floating dtypes `backend` computes in; None for every one: "auto" (which falls back to
+    "torch" where another cannot take the inputs), and a backend not registered here."""
+    implementation = _registry.get(backend)
+    return None if implementation is None else implementation.dtypes
 
 
 def available_backends() -> dict[str, str | None]:

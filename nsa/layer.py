@@ -5,7 +5,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from nsa.backends import check_backend, check_layer_backend
+from nsa.backends import backend_dtypes, check_backend, check_layer_backend
 from nsa.cache import KVCache, forward_with_cache
 from nsa.checks import (Dims, check_bool, check_int, check_key_padding_mask, check_parameters_match,
                         check_positive_int, check_tensor, resolve_scale, warn_renamed)
@@ -83,7 +83,7 @@ class SparseAttention(nn.Module):
         check_tensor(name, x, 3, f"(batch, seq_len, dim={self.dim})")
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
-        check_parameters_match(name, x, self.to_q.weight, "layer", "layer")
+        check_parameters_match(name, x, self.to_q.weight, "layer", "layer", backend_dtypes(self.backend))
 
     def project(self, x_q, x_k, x_v):
         """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",

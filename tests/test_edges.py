@@ -222,6 +222,20 @@ def test_layer_names_an_input_whose_dtype_or_device_differs_from_its_parameters(
         assert layer(x.double()).dtype == torch.float64              # float64 on both sides: no cast
 
 
+def test_a_layer_is_not_advised_into_a_dtype_its_backend_cannot_compute_in():
+    layer = SparseAttention(32, heads=2, kv_heads=1, compress_block_size=16, compress_stride=8, select_block_size=16,
+                            num_selected_blocks=4, window_size=16, backend="triton")
+    x = torch.randn(1, 40, 32)
+    with pytest.raises(TypeError, match=r"q is torch.float64 but the layer's parameters are torch.float32; convert q "
+                                        r"to torch.float32 \(the layer computes in torch.float16, torch.bfloat16, "
+                                        r"torch.float32 only\)$"):
+        layer(x.double())                                       # the Triton kernels take no float64
+    with pytest.raises(TypeError, match=r"q is torch.float16 .*; convert q to torch.float32 or the layer with "
+                                        r"layer.to\(torch.float16\), or run under torch.autocast$"):
+        layer(x.half())                                         # float16 they take: both fixes stand
+    assert nsa.backends.backend_dtypes("torch") is None and nsa.backends.backend_dtypes("auto") is None
+
+
 def test_meta_tensors_run_on_the_torch_backend():
     meta = [x.float().to("meta") for x in make_inputs(1, 20, 40, 2, 1, 16, 8, TIES)]
     o = native_sparse_attention(*meta, TIES, backend="torch")
