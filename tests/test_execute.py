@@ -101,3 +101,44 @@ def test_failing_cell_is_reported_with_notebook_cell_and_traceback(tmp_path):
     cache.match_cache_notebook(nbformat.read(ok, as_version=4))
     check = _run(tmp_path, "--check", ok, bad, slow)
     assert check.returncode == 1 and "1 of 3 notebooks cached" in check.stdout
+
+
+def _execute_module():
+    """tools/execute.py imported as a module (it is a script, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("execute_tool", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_kernel_that_fails_to_start_is_started_again_but_a_cell_error_is_not(tmp_path, monkeypatch):
+    execute = _execute_module()
+    real, calls, lost = execute.single_nb_execution, [], []
+
+    def losing_its_first_start(nb, **kwargs):           # as a kernel whose port was taken meanwhile
+        calls.append(1)
+        if not lost:
+            lost.append(1)
+            raise RuntimeError("Address already in use (addr='tcp://127.0.0.1:60967')")
+        return real(nb, **kwargs)
+
+    monkeypatch.setattr(execute, "single_nb_execution", losing_its_first_start)
+    ok = _write(tmp_path / "ok.ipynb", [("code", "x = 6 * 7")])
+    r = execute.execute_one((str(ok), 30, False, False))
+    assert r["ok"] and r["kernel_starts"] == 2 and len(calls) == 2
+
+    calls.clear()
+    bad = _write(tmp_path / "bad.ipynb", [("code", "x = 1"), ("code", "raise ValueError('a cell')")])
+    r = execute.execute_one((str(bad), 30, False, False))
+    assert not r["ok"] and r["cell"] == 1 and r["kernel_starts"] == 1 and len(calls) == 1
+
+    def never_starting(nb, **kwargs):
+        calls.append(1)
+        raise RuntimeError("Address already in use")
+
+    calls.clear()
+    monkeypatch.setattr(execute, "single_nb_execution", never_starting)
+    r = execute.execute_one((str(ok), 30, False, False))
+    assert not r["ok"] and len(calls) == execute.KERNEL_STARTS
+    assert execute.where(r) == f"before the first cell (its kernel tried to start {execute.KERNEL_STARTS} times)"

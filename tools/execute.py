@@ -64,8 +64,27 @@ def execution_settings(config: Path) -> dict:
     }
 
 
+KERNEL_STARTS = 3   # tries to start a notebook's kernel before its failure counts (see execute_one)
+
+
 def execute_one(job: tuple[str, int, bool, bool]) -> dict:
-    """Run in a worker process: execute one notebook; return it (as JSON) or where it failed."""
+    """Run in a worker process: execute one notebook; return it (as JSON) or where it failed.
+
+    A failure before the first cell ran (a kernel that did not start) is tried again, up to
+    KERNEL_STARTS times in all: nothing of the notebook has run, and a kernel's start can lose a
+    race that is not the notebook's — jupyter_client picks free ports and the kernel binds them
+    later, so kernels starting side by side (the jobs, a test suite beside them) now and then
+    take the same one ("Address already in use"). A cell's error is never run again."""
+    for starts in range(1, KERNEL_STARTS + 1):
+        result = _execute_once(job)
+        if result["ok"] or result["cell"] is not None:
+            break
+    result["kernel_starts"] = starts
+    return result
+
+
+def _execute_once(job: tuple[str, int, bool, bool]) -> dict:
+    """One try of `execute_one`."""
     path, timeout, allow_errors, run_in_temp = job
     nb = read_notebook(Path(path))
     current = {"index": None}
@@ -86,7 +105,7 @@ def execute_one(job: tuple[str, int, bool, bool]) -> dict:
     except Exception as e:  # a dead kernel, a kernel that does not start: not a cell's error
         err, exc_string, seconds = e, traceback.format_exc(), time.time() - start
     if err is None:
-        return {"path": path, "ok": True, "seconds": seconds, "nb": nbformat.writes(nb)}
+        return {"path": path, "ok": True, "seconds": seconds, "nb": nbformat.writes(nb), "cell": None}
     index = current["index"]
     cell = nb.cells[index] if index is not None else None
     return {
@@ -104,7 +123,7 @@ def execute_one(job: tuple[str, int, bool, bool]) -> dict:
 def where(r: dict) -> str:
     """Which cell failed, counted as a reader of the notebook counts them."""
     if r["cell"] is None:
-        return "before the first cell"
+        return f"before the first cell (its kernel tried to start {r['kernel_starts']} times)"
     return (f"cell {r['cell'] + 1} of {r['cells']} (counting markdown cells; index {r['cell']},"
             f" In [{r['execution_count']}])")
 
@@ -204,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                     CacheBundleIn(nb, record.uri, data={"execution_seconds": r["seconds"]}),
                     check_validity=False, overwrite=True,
                 )
-                print(f"ok     {r['seconds']:7.1f} s  {r['shown']}", flush=True)
+                started = f" (its kernel started at try {r['kernel_starts']})" if r["kernel_starts"] > 1 else ""
+                print(f"ok     {r['seconds']:7.1f} s  {r['shown']}{started}", flush=True)
             else:
                 NbProjectRecord.set_traceback(record.uri, r["traceback"], cache.db)
                 failures.append(r)
