@@ -20,8 +20,9 @@ def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
 
     Nothing = negative, at or past ceil(Nk / block_size), (causal) starting after the query's
     position, or a repeat of another slot of the same row. Rows come back with their kept blocks
-    first, ascending, then the -1 slots: a program of one query loops over its real blocks only
-    (`tile_length`); the other kernels skip -1 slots wherever they are.
+    first, ascending, then the -1 slots: a program of one query stops after its real blocks
+    (`tile_length`; a causal unpacked one after min(n, t // l' + 1) slots, which hold them all);
+    the other kernels skip -1 slots wherever they are.
     """
     B, Nq, H, n = block_indices.shape
     indices = block_indices.to(torch.int32).sort(dim=-1).values
@@ -192,7 +193,7 @@ def selected_attention_forward_kernel(
     BLOCK_DV: tl.constexpr,     # Dv padded to a power of two >= 16
     BLOCK_GQ: tl.constexpr,     # rows per query: G padded to a power of two, QUERIES_PER_TILE * BLOCK_GQ >= 16
     QUERIES_PER_TILE: tl.constexpr,  # Q consecutive queries per program (a power of two <= 16)
-    SLOTS: tl.constexpr,        # Q = 1: n padded to a power of two (tile_length counts the real blocks)
+    SLOTS: tl.constexpr,        # Q = 1: n padded to a power of two (tile_length counts the real blocks when packed or not causal)
     SEL_BLOCK: tl.constexpr,    # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END
@@ -833,7 +834,8 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     loops over their blocks (Chapter 8). The result does not depend on the design.
     queries_per_tile: Q consecutive queries per program of Chapter 8's forward and dq kernels,
     looping over the union of their blocks (a power of two <= 16). None = the design above, with
-    Q = 16 / G for groups under 16 (the rows tl.dot pads to anyway), else 1. A larger Q pays when
+    Q = 16 / G' for groups up to 8, G' the group rounded up to a power of two (the rows tl.dot
+    pads to anyway), else 1. A larger Q pays when
     neighbouring queries select mostly the same blocks (Chapter 8 measures when).
 
     Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
