@@ -10,7 +10,7 @@ trains its models, then measured as the chapter measures its own two NSA models:
 over every distance beyond the window, the accuracy on the held-out queries whose stored block
 is not forced (a free slot must find it), and how often each kv head of the first layer selects
 the stored block for those queries, beside the chance of a free slot picking it at random. One
-thread, as the chapter runs on a CPU (about ten minutes). No GPU needed; not collected by pytest.
+thread, as the chapter runs on a CPU (about seven minutes in all). No GPU needed; not collected by pytest.
 """
 
 import argparse
