@@ -193,7 +193,7 @@ def selected_attention_forward_kernel(
     BLOCK_DV: tl.constexpr,     # Dv padded to a power of two >= 16
     BLOCK_GQ: tl.constexpr,     # rows per query: G padded to a power of two, QUERIES_PER_TILE * BLOCK_GQ >= 16
     QUERIES_PER_TILE: tl.constexpr,  # Q consecutive queries per program (a power of two <= 16)
-    SLOTS: tl.constexpr,        # Q = 1: n padded to a power of two (tile_length counts the real blocks when packed or not causal)
+    SLOTS: tl.constexpr,        # Q = 1: n padded to a power of two (tile_length counts real blocks: packed, non-causal)
     SEL_BLOCK: tl.constexpr,    # l', keys per selected block (power of two >= 16)
     CAUSAL: tl.constexpr,       # hide keys after t inside the query's own block
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END

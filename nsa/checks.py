@@ -71,7 +71,8 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
         autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
                              and not torch.is_autocast_enabled(x.device.type)
                              and torch.float64 not in (x.dtype, weight.dtype))
-        module_fix = (f" or the {owner} with {handle}.to({x.dtype})" if module_dtypes is None or x.dtype in module_dtypes
+        convertible = module_dtypes is None or x.dtype in module_dtypes
+        module_fix = (f" or the {owner} with {handle}.to({x.dtype})" if convertible
                       else f" (the {owner} computes in {', '.join(str(t) for t in module_dtypes)} only)")
         raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert {name} to "
                         f"{weight.dtype}{module_fix}{', or run under torch.autocast' if autocast_would_do else ''}")
