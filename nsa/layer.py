@@ -79,11 +79,12 @@ class SparseAttention(nn.Module):
         default_mask = None if mask is None else check_key_padding_mask(mask, None, None, "mask")
         self.register_buffer("mask", default_mask, persistent=False)
 
-    def _check_input(self, name, x):
+    def _check_input(self, name, x, cached=False):
         check_tensor(name, x, 3, f"(batch, seq_len, dim={self.dim})")
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
-        check_parameters_match(name, x, self.to_q.weight, "layer", "layer", backend_dtypes(self.backend))
+        check_parameters_match(name, x, self.to_q.weight, "layer", "layer", backend_dtypes(self.backend),
+                               " and a cache of that dtype (layer.new_cache(..., dtype={dtype}))" if cached else "")
 
     def project(self, x_q, x_k, x_v):
         """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",
@@ -200,7 +201,7 @@ class SparseAttention(nn.Module):
             if self.mask is not None:
                 raise ValueError("the layer has a key padding mask (self.mask); with a cache, say how many "
                                  "tokens each row appends with new_tokens=... and set layer.mask = None")
-            self._check_input("q", q)
+            self._check_input("q", q, cached=True)
             return forward_with_cache(self, q, cache, new_tokens)
         if new_tokens is not None:
             raise ValueError("new_tokens is for decoding with a cache; pass cache=... or new_tokens=None")

@@ -236,6 +236,23 @@ def test_a_layer_is_not_advised_into_a_dtype_its_backend_cannot_compute_in():
     assert nsa.backends.backend_dtypes("torch") is None and nsa.backends.backend_dtypes("auto") is None
 
 
+def test_a_cached_layer_is_advised_into_a_new_cache_along_with_its_dtype():
+    layer = SparseAttention(32, heads=2, kv_heads=1, compress_block_size=16, compress_stride=8, select_block_size=16,
+                            num_selected_blocks=4, window_size=16)
+    cache = layer.new_cache(1, 40)
+    x = torch.randn(1, 3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"q is torch.float64 but the layer's parameters are torch.float32; "
+                                            r"convert q to torch.float32 or the layer with layer.to\(torch.float64\) "
+                                            r"and a cache of that dtype \(layer.new_cache\(..., "
+                                            r"dtype=torch.float64\)\)$"):
+            layer(x, cache=cache)
+        assert cache.lengths == [0]                             # nothing written
+        assert layer(x.float(), cache=cache).shape == (1, 3, 32)              # the first fix
+        layer.double()                                          # the second: the layer and a cache of its dtype
+        assert layer(x, cache=layer.new_cache(1, 40, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_meta_tensors_run_on_the_torch_backend():
     meta = [x.float().to("meta") for x in make_inputs(1, 20, 40, 2, 1, 16, 8, TIES)]
     o = native_sparse_attention(*meta, TIES, backend="torch")
