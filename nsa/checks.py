@@ -47,38 +47,6 @@ def check_integer_tensor(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
 
 
-def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype a matmul on `device` computes an operand of `dtype` in: torch.autocast's where it
-    is on for that device, except float64, which autocast leaves as it is; else `dtype`."""
-    if (dtype.is_floating_point and dtype != torch.float64 and torch.amp.is_autocast_available(device.type)
-            and torch.is_autocast_enabled(device.type)):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
-
-
-def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, owner: str, handle: str,
-                           module_dtypes: tuple | None = None, also: str = "") -> None:
-    """`x` must be on `weight`'s device, in a dtype that computes with it: the same dtype, or one that
-    torch.autocast casts to the same (`autocast_dtype`). The errors name `x` as `name`, the module as
-    `owner` and the fix by `handle` (`handle.to(...)`); module_dtypes: the dtypes the module computes
-    in (None: every one), so that converting it to one it cannot run is not offered as a fix; also:
-    what else converting the module takes, "{dtype}" standing for x's dtype (a cache of that dtype)."""
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; move {name} "
-                         f"to {weight.device} or the {owner} with {handle}.to(\"{x.device}\")")
-    if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
-        autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
-                             and not torch.is_autocast_enabled(x.device.type)
-                             and torch.float64 not in (x.dtype, weight.dtype))
-        convertible = module_dtypes is None or x.dtype in module_dtypes
-        module_fix = (f" or the {owner} with {handle}.to({x.dtype}){also.format(dtype=x.dtype)}" if convertible
-                      else f" (the {owner} computes in {', '.join(str(t) for t in module_dtypes)} only)")
-        raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert {name} to "
-                        f"{weight.dtype}{module_fix}{', or run under torch.autocast' if autocast_would_do else ''}")
-
-
 def check_like(name: str, x: torch.Tensor, q: torch.Tensor, q_name: str = "q") -> None:
     """`x` must have q's dtype and device (q named `q_name` in the errors)."""
     if x.dtype != q.dtype:
@@ -140,6 +108,38 @@ def resolve_scale(scale, dim_qk: int) -> float:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float or None, got {scale}")
     return float(scale)
+
+
+def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a matmul on `device` computes an operand of `dtype` in: torch.autocast's where it
+    is on for that device, except float64, which autocast leaves as it is; else `dtype`."""
+    if (dtype.is_floating_point and dtype != torch.float64 and torch.amp.is_autocast_available(device.type)
+            and torch.is_autocast_enabled(device.type)):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, owner: str, handle: str,
+                           module_dtypes: tuple | None = None, also: str = "") -> None:
+    """`x` must be on `weight`'s device, in a dtype that computes with it: the same dtype, or one that
+    torch.autocast casts to the same (`autocast_dtype`). The errors name `x` as `name`, the module as
+    `owner` and the fix by `handle` (`handle.to(...)`); module_dtypes: the dtypes the module computes
+    in (None: every one), so that converting it to one it cannot run is not offered as a fix; also:
+    what else converting the module takes, "{dtype}" standing for x's dtype (a cache of that dtype)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; move {name} "
+                         f"to {weight.device} or the {owner} with {handle}.to(\"{x.device}\")")
+    if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
+        autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
+                             and not torch.is_autocast_enabled(x.device.type)
+                             and torch.float64 not in (x.dtype, weight.dtype))
+        convertible = module_dtypes is None or x.dtype in module_dtypes
+        module_fix = (f" or the {owner} with {handle}.to({x.dtype}){also.format(dtype=x.dtype)}" if convertible
+                      else f" (the {owner} computes in {', '.join(str(t) for t in module_dtypes)} only)")
+        raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert {name} to "
+                        f"{weight.dtype}{module_fix}{', or run under torch.autocast' if autocast_would_do else ''}")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
