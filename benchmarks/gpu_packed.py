@@ -13,7 +13,7 @@ cut to fit), and `short`, 128 documents of 512 tokens (where launches, not arith
    of each tensor's largest entry), printed per tensor. The reference attends the blocks the
    packed op selected (selection is a discrete choice: a bf16 near-tie broken the other way
    moves a row by more than rounding); the share of checked rows whose selection equals
-   float64's own is printed per document.
+   float64's own is printed per document and kept in the .json (`selection_agreement`).
 2. Time (`triton.testing.do_bench`, median), forward and forward + backward, in one run:
    * `nsa_packed`   `native_sparse_attention(..., cu_seqlens=cu)` on the packed documents: one
                     launch of each kernel for all of them (chapter 10);
@@ -259,11 +259,13 @@ def main(argv=None) -> int:
 
     config, D = NSAConfig(), 128
     mixes = {"long": document_lengths(), "short": [512] * 128}
-    rows, errors = [], {}
+    rows, errors, agreements = [], {}, {}
     flex = torch.compile(flex_attention)
     for heads in args.heads.split(","):
         Hq, H = map(int, heads.split("/"))
-        errors[heads] = report(heads, *check(CHECK_LENGTHS, Hq, H, D, config))
+        by_tensor, agreement = check(CHECK_LENGTHS, Hq, H, D, config)
+        errors[heads] = report(heads, by_tensor, agreement)
+        agreements[heads] = {str(length): share for length, share in agreement.items()}   # by document length
         assert errors[heads] <= 1e-2, errors[heads]
         for mix in args.mixes.split(","):
             rows += time_mix(mixes[mix], Hq, H, D, config, flex, create_block_mask)
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
         (args.out / f"packed_{gpu}.json").write_text(json.dumps(
             {"command": "python benchmarks/gpu_packed.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "lengths": lengths,
-             "worst_relative_error": errors}, indent=1) + "\n")
+             "worst_relative_error": errors, "selection_agreement": agreements}, indent=1) + "\n")
     print(f"{'impl':<18}{'docs':>5}{'heads':>7}{'pass':>9}{'ms':>10}")
     for name, _, docs, hq, hkv, _, p, ms in rows:
         print(f"{name:<18}{docs:>5}{f'{hq}/{hkv}':>7}{p:>9}{float(ms):>10.2f}")
