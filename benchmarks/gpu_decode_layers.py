@@ -197,7 +197,7 @@ def main() -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_decode_layers.py needs a CUDA GPU (or --tiny)")
         return 2
-    contexts = [21] if args.tiny else parse_lengths(args.contexts)
+    contexts = [9] if args.tiny else parse_lengths(args.contexts)       # tiny: one compressed block
     heads = [(4, 2)] if args.tiny else parse_heads(args.heads)
     layers, steps = (2, 1) if args.tiny else (args.layers, args.steps)
     rows = []
