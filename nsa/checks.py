@@ -125,7 +125,7 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
     torch.autocast casts to the same (`autocast_dtype`). The errors name `x` as `name`, the module as
     `owner` and the fix by `handle` (`handle.to(...)`); module_dtypes: the dtypes the module computes
     in (None: every one), so that converting it to one it cannot run is not offered as a fix; also:
-    what else converting the module takes, "{dtype}" standing for x's dtype (a cache of that dtype)."""
+    what else converting the module takes (a cache of x's dtype, say), added to that fix."""
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.device != weight.device:
@@ -136,7 +136,7 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
                              and not torch.is_autocast_enabled(x.device.type)
                              and torch.float64 not in (x.dtype, weight.dtype))
         convertible = module_dtypes is None or x.dtype in module_dtypes
-        module_fix = (f" or the {owner} with {handle}.to({x.dtype}){also.format(dtype=x.dtype)}" if convertible
+        module_fix = (f" or the {owner} with {handle}.to({x.dtype}){also}" if convertible
                       else f" (the {owner} computes in {', '.join(str(t) for t in module_dtypes)} only)")
         raise TypeError(f"{name} is {x.dtype} but the {owner}'s parameters are {weight.dtype}; convert {name} to "
                         f"{weight.dtype}{module_fix}{', or run under torch.autocast' if autocast_would_do else ''}")

@@ -84,7 +84,7 @@ class SparseAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name} has last dim {x.shape[-1]}; expected dim = {self.dim}")
         check_parameters_match(name, x, self.to_q.weight, "layer", "layer", backend_dtypes(self.backend),
-                               " and a cache of that dtype (layer.new_cache(..., dtype={dtype}))" if cached else "")
+                               f" and a cache of that dtype (layer.new_cache(..., dtype={x.dtype}))" if cached else "")
 
     def project(self, x_q, x_k, x_v):
         """Queries (B, Nq, Hq, Dqk); keys and values by branch, {name: (B, Nk, H, D)} ("shared",
