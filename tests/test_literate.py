@@ -1,6 +1,7 @@
 """The literate loop: notebooks are stored clean and the package is exactly what they export."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,64 @@ def test_imports_of_the_module_itself_are_dropped(tmp_path):
     text = _export_one(tmp_path, "def f():\n    return 1", "from nsa.alpha import f\nfrom nsa.beta import g\n\nY = f() + g()")
     assert "from nsa.alpha" not in text and "from nsa.beta import g" in text
     assert text.index("def f") < text.index("Y = f()")
+
+
+def test_a_class_written_across_cells_is_one_class_in_the_module(tmp_path):
+    """`@add_to_class(X)` in a later cell: the method, and the comments just above it, move to the
+    end of X's body without the decorator, in the cells' order; its cell's other code stays."""
+    text = _export_one(
+        tmp_path,
+        'class Layer:\n    """A layer."""\n\n    def __init__(self):\n        self.n = 1\n\n\nclass Other:\n    pass',
+        "import os\n\n\n# -- the forward --\n@add_to_class(Layer)\ndef forward(self, x):\n"
+        '    """Doubled."""\n    return 2 * x\n\n\nY = 1',
+        "@add_to_class(Layer)\n@property\ndef size(self):\n    return os.sep")
+    assert text == HEAD + ('\nimport os\n\n\nclass Layer:\n    """A layer."""\n\n    def __init__(self):\n'
+                           "        self.n = 1\n\n    # -- the forward --\n    def forward(self, x):\n"
+                           '        """Doubled."""\n        return 2 * x\n\n    @property\n    def size(self):\n'
+                           "        return os.sep\n\n\nclass Other:\n    pass\n\n\nY = 1\n")
+    namespace = {}
+    exec(compile(text, "alpha.py", "exec"), namespace)
+    assert namespace["Layer"]().forward(3) == 6 and namespace["Layer"]().size == os.sep
+
+
+def test_add_to_class_in_the_notebook_sets_the_member():
+    from nsa.literate import add_to_class
+
+    class Layer:
+        pass
+
+    @add_to_class(Layer)
+    def forward(self, x):
+        return 2 * x
+
+    @add_to_class(Layer)
+    @property
+    def size(self):
+        return 3
+
+    @add_to_class(Layer)
+    @classmethod
+    def make(cls):
+        return cls()
+
+    assert Layer.make().forward(2) == 4 and Layer().size == 3 and forward(None, 1) == 2
+
+
+@pytest.mark.parametrize("cells, message", [
+    (["@add_to_class(Layer)\ndef f(self):\n    pass"], "no earlier cell of this module defines class Layer"),
+    (["class Layer:\n    pass", "@property\n@add_to_class(Layer)\ndef f(self):\n    pass"], "first decorator"),
+    (["class Layer:\n    pass", "@add_to_class(Layer)\ndef f(self):\n    return '''a\nb'''"], "multi-line string"),
+])
+def test_add_to_class_misuse_is_an_error(tmp_path, cells, message):
+    with pytest.raises(ValueError, match=message):
+        _export_one(tmp_path, *cells)
+
+
+def test_add_to_class_keeps_strings_split_over_lines(tmp_path):
+    """Adjacent literals on two lines (one string, no newline in it) indent as any code does."""
+    text = _export_one(tmp_path, "class Layer:\n    pass",
+                       '@add_to_class(Layer)\ndef f(self, x):\n    return ("a "\n            f"{x}")')
+    assert text.endswith('class Layer:\n    pass\n\n    def f(self, x):\n        return ("a "\n                f"{x}")\n')
 
 
 CLEAN_MODULE = HEAD + '''"""A module may name its chapter: Chapter 8 explains it (and chapter 9)."""

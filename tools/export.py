@@ -24,6 +24,9 @@ A generated file reads like a hand-written module (`render`):
   they are. A cell left empty by this is dropped; two imports that bind one name to different
   things are an error.
 * A docstring that opens the module's first exported cell becomes the module docstring.
+* A class may be written across cells (`attach_methods`): a later cell's function decorated
+  first with `@add_to_class(ClassName)` (`nsa.literate`) moves, without that decorator, to the
+  end of the class's body, in the order of the cells.
 
 `lint` flags what reads wrong outside the notebook: a top-level import below code, and
 references that only make sense inside the book (MyST roles and equation labels, "the table
@@ -332,11 +335,85 @@ def _imports_itself(node: ast.stmt, module: str | None) -> bool:
     return isinstance(node, ast.ImportFrom) and node.level == 0 and module is not None and node.module == module
 
 
+# --- a class written across cells ---------------------------------------------------------------
+
+ADD_TO_CLASS = "add_to_class"     # nsa.literate's decorator: a later cell's method of an earlier class
+
+
+def _decorator_name(node: ast.expr) -> str | None:
+    """`add_to_class` of `@add_to_class(X)` or `@nsa.literate.add_to_class(X)`; None otherwise."""
+    func = node.func if isinstance(node, ast.Call) else node
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+
+
+def _method_of(node: ast.stmt, code: str, origin: str) -> str | None:
+    """X for a top-level function whose first decorator is `@add_to_class(X)`, else None."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    found = [i for i, d in enumerate(node.decorator_list) if _decorator_name(d) == ADD_TO_CLASS]
+    if not found:
+        return None
+    decorator = node.decorator_list[found[0]]
+    if found != [0] or not (isinstance(decorator, ast.Call) and len(decorator.args) == 1 and not decorator.keywords
+                            and isinstance(decorator.args[0], ast.Name)) or decorator.lineno != decorator.end_lineno:
+        raise ValueError(f"{origin}: `{node.name}`: write `@{ADD_TO_CLASS}(ClassName)` once, as the first "
+                         "decorator, on a line of its own")
+    docstring = node.body[0].value if node.body and isinstance(node.body[0], ast.Expr) else None
+    for inner in ast.walk(node):           # a triple-quoted string spanning lines, other than the docstring
+        if (isinstance(inner, (ast.Constant, ast.JoinedStr)) and inner is not docstring
+                and inner.lineno != inner.end_lineno
+                and any(q in (ast.get_source_segment(code, inner) or "") for q in ('"""', "'''"))):
+            raise ValueError(f"{origin}: `{node.name}` holds a multi-line string, which indenting it into "
+                             "its class would change; keep the method in the class cell")
+    return decorator.args[0].id
+
+
+def attach_methods(blocks: list[Block]) -> list[Block]:
+    """The blocks with every `@add_to_class(X)` function (and the comment lines just above it)
+    moved, without that decorator and indented, to the end of class X's body in an earlier
+    block, in the order of the blocks; a block left empty is dropped."""
+    codes = [block.code for block in blocks]
+    for i, block in enumerate(blocks):
+        tree = ast.parse(codes[i])
+        methods = [(node, _method_of(node, codes[i], block.origin)) for node in tree.body]
+        methods = [(node, cls) for node, cls in methods if cls is not None]
+        if not methods:
+            continue
+        lines = codes[i].split("\n")
+        keep = [True] * len(lines)
+        for node, cls in methods:
+            first, last, decorator = node.decorator_list[0].lineno - 1, node.end_lineno - 1, node.decorator_list[0].lineno - 1
+            while first > 0 and lines[first - 1].lstrip().startswith("#"):
+                first -= 1
+            method = [line for at, line in enumerate(lines[first:last + 1], first) if at != decorator]
+            keep[first:last + 1] = [False] * (last + 1 - first)
+            for j in range(i):
+                classes = [n for n in ast.parse(codes[j]).body if isinstance(n, ast.ClassDef) and n.name == cls]
+                if classes:
+                    target = codes[j].split("\n")
+                    end = classes[-1].end_lineno
+                    codes[j] = "\n".join(target[:end] + [""] + [("    " + ln) if ln.strip() else "" for ln in method]
+                                         + target[end:])
+                    break
+            else:
+                raise ValueError(f"{block.origin}: @{ADD_TO_CLASS}({cls}) on `{node.name}`, but no earlier cell "
+                                 f"of this module defines class {cls}")
+        rest, blank = [], 0
+        for line, kept in zip(lines, keep):
+            if not kept:
+                continue
+            blank = blank + 1 if not line.strip() else 0
+            if blank <= 2:
+                rest.append(line)
+        codes[i] = "\n".join(rest).strip("\n")
+    return [Block(code, block.origin) for code, block in zip(codes, blocks) if code.strip()]
+
+
 def render(sources: list[str], blocks: list[Block | str], module: str | None = None) -> str:
     """The module text: header, docstring, hoisted imports, then the blocks in order.
 
     `module` (dotted, e.g. "nsa.checks"): imports from the module itself are dropped."""
-    blocks = [b if isinstance(b, Block) else Block(b, f"block {i}") for i, b in enumerate(blocks)]
+    blocks = attach_methods([b if isinstance(b, Block) else Block(b, f"block {i}") for i, b in enumerate(blocks)])
     docstring, hoisted, rest = None, [], []
     defined: dict[str, str] = {}     # name -> origin, for names bound by code before an import
     for i, block in enumerate(blocks):
