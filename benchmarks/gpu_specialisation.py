@@ -15,7 +15,7 @@ bf16, d = 128, with the selections of random inputs: the selection at 32/32, 32/
 query-centric forward and backward at 32/8 and 64/4, the gather kernel (dk, dv) at 64/4 and, with
 its atomic dq, at 32/32. Each variant's result must equal the shipped kernel's (indices exactly,
 outputs within bf16 rounding). Prints one line per (kernel, heads, variant). `--tiny` runs the
-same in Triton's CPU interpreter on 100 tokens in float32 (one timed call, no do_bench): a check
+same in Triton's CPU interpreter on 50 tokens in float32 (one timed call, no do_bench): a check
 of the script only (each kernel once, without the one-argument variants).
 """
 
@@ -114,7 +114,7 @@ def main():
     parser.add_argument("--seq-len", type=lambda text: parse_lengths(text)[0], default=65536)
     parser.add_argument("--tiny", action="store_true", help="the CPU interpreter, small sizes: checks the script")
     args = parser.parse_args()
-    N = 100 if args.tiny else args.seq_len
+    N = 50 if args.tiny else args.seq_len
     where = "CPU interpreter" if args.tiny else torch.cuda.get_device_name()
     print(f"{where}, torch {torch.__version__}, triton {triton.__version__}, N = {N}")
     cases = CASES if not args.tiny else [(name, (2, 2) if "dkdv" in name or "select_blocks" in name else (4, 1))
