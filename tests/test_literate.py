@@ -257,7 +257,8 @@ def test_add_to_class_keeps_strings_split_over_lines(tmp_path):
     """Adjacent literals on two lines (one string, no newline in it) indent as any code does."""
     text = _export_one(tmp_path, "class Layer:\n    pass",
                        '@add_to_class(Layer)\ndef f(self, x):\n    return ("a "\n            f"{x}")')
-    assert text.endswith('class Layer:\n    pass\n\n    def f(self, x):\n        return ("a "\n                f"{x}")\n')
+    assert text.endswith('class Layer:\n    pass\n\n    def f(self, x):\n'
+                         '        return ("a "\n                f"{x}")\n')
 
 
 CLEAN_MODULE = HEAD + '''"""A module may name its chapter: Chapter 8 explains it (and chapter 9)."""

@@ -382,7 +382,8 @@ def attach_methods(blocks: list[Block]) -> list[Block]:
         lines = codes[i].split("\n")
         keep = [True] * len(lines)
         for node, cls in methods:
-            first, last, decorator = node.decorator_list[0].lineno - 1, node.end_lineno - 1, node.decorator_list[0].lineno - 1
+            decorator = node.decorator_list[0].lineno - 1                  # the @add_to_class line, dropped
+            first, last = decorator, node.end_lineno - 1
             while first > 0 and lines[first - 1].lstrip().startswith("#"):
                 first -= 1
             method = [line for at, line in enumerate(lines[first:last + 1], first) if at != decorator]
