@@ -429,20 +429,25 @@ class KVCache:
 
     def state_dict(self) -> dict:
         """What the cache holds, for `torch.save`: its tensors by name (the tensors themselves, not
-        copies), each row's length and the memory rows' count. A prompt's cache kept on disk, or
-        sent to another process, goes back into a cache that the same layer (or one with the same
-        weights: nothing in the state can tell) made, with `load_state_dict`. (The cache itself is
-        not pickled: it refers to its layer.)"""
-        return {"keys": dict(self.keys), "values": dict(self.values), "k_cmp": self.k_cmp, "v_cmp": self.v_cmp,
-                "lengths": list(self.lengths), "mem_kv_len": self.mem_kv_len}
+        copies), each row's length, the memory rows' count and `cached_weights` of its layer. A
+        prompt's cache kept on disk, or sent to another process, goes back with `load_state_dict` into
+        a cache that the same layer made, its weights unchanged. (The cache itself is not pickled: it
+        refers to its layer.)"""
+        state = {"keys": dict(self.keys), "values": dict(self.values), "k_cmp": self.k_cmp, "v_cmp": self.v_cmp,
+                 "lengths": list(self.lengths), "mem_kv_len": self.mem_kv_len}
+        layer = None if self.owner is None else self.owner()
+        return state if layer is None else {**state, "weights": cached_weights(layer)}
 
     def load_state_dict(self, state: dict) -> "KVCache":
         """Copy a `state_dict` into this cache, in place (a CUDA graph of a step stays valid): every
         tensor of the same shape and dtype as this cache's, from any device; the same branches and
-        memory rows; lengths within max_seq_len. Checked before anything changes. Returns the cache."""
+        memory rows; lengths within max_seq_len; and, where the state has them (a state saved before
+        they were kept has not), the same `cached_weights` as this cache's layer, within 1e-6. Checked
+        before anything changes. Returns the cache."""
         names = {"keys", "values", "k_cmp", "v_cmp", "lengths", "mem_kv_len"}
-        if not isinstance(state, dict) or set(state) != names:
-            raise ValueError(f"state must be a dict with the keys {sorted(names)} (from KVCache.state_dict), got "
+        if not isinstance(state, dict) or set(state) not in (names, names | {"weights"}):
+            raise ValueError(f"state must be a dict with the keys {sorted(names)} and 'weights' (from "
+                             "KVCache.state_dict), got "
                              f"{sorted(state, key=repr) if isinstance(state, dict) else type(state).__name__}")
         mem = check_int("state['mem_kv_len']", state["mem_kv_len"], 0)
         if mem != self.mem_kv_len:
@@ -473,6 +478,17 @@ class KVCache:
         if max(lengths) > self.max_seq_len:
             raise ValueError(f"state['lengths'] = {lengths} but this cache holds at most {self.max_seq_len} tokens "
                              "a row")
+        layer = None if self.owner is None else self.owner()
+        if "weights" in state and layer is not None:      # -- last: the one check that reads the weights --
+            mine = cached_weights(layer)
+            theirs = state["weights"]
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.is_meta:
+                raise ValueError(f"state['weights'] must be a tensor of shape {tuple(mine.shape)} (from KVCache.state_dict "
+                                 f"of a layer like this cache's), got {getattr(theirs, 'shape', type(theirs).__name__)}")
+            if not torch.allclose(theirs.detach().double().cpu(), mine, rtol=1e-6, atol=0.0):
+                raise ValueError("the state was saved from a layer whose key or value projections, phi or memory rows "
+                                 "differ from this cache's layer's (a cache holds what those weights computed): load it "
+                                 "into a cache of the layer that saved it, with the weights it had then")
         with torch.no_grad():                           # (a state's tensor may require grad: not the cache)
             for _, mine, theirs in pairs:
                 mine.copy_(theirs)
@@ -493,6 +509,18 @@ class KVCache:
         copied.__dict__.update({name: value if name == "owner" else copy.deepcopy(value, memo)
                                 for name, value in self.__dict__.items()})
         return copied
+
+
+def cached_weights(layer) -> torch.Tensor:
+    """A fingerprint of the weights whose results a layer's cache holds — its key and value
+    projections, its phi and its memory rows: (P, 2) float64 on the CPU, each parameter's sum of
+    absolute values and sum of squares. Another model's weights, or these after training, differ
+    in it; the same values in another order (heads swapped) do not."""
+    modules = [*layer.to_k.values(), *layer.to_v.values(), layer.phi_k, layer.phi_v]
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    params += [p for p in (layer.mem_k, layer.mem_v) if p is not None]
+    with torch.no_grad():
+        return torch.stack([torch.stack([p.double().abs().sum(), p.double().square().sum()]) for p in params]).cpu()
 
 
 STEPPED_CACHES = contextvars.ContextVar("nsa_stepped_caches", default=None)   # (cache, lengths before) steps

@@ -4,6 +4,7 @@ Everything here is checked against the plain (cache-free) computation, which the
 files check against the float64 reference: a cache must give the plain result exactly, up to
 the dtype's rounding."""
 
+import copy
 import warnings
 
 import pytest
@@ -904,6 +905,34 @@ def test_a_saved_cache_loads_into_a_new_one_and_decodes_the_same(options):
     assert not layer.new_cache(2, 48).load_state_dict(grad).k_cmp.requires_grad
 
 
+@pytest.mark.parametrize("options", [dict(), dict(num_mem_kv=2, kv_per_branch=True), dict(compress_mlp=False)],
+                         ids=["mlp", "memory, kv per branch", "mean"])
+def test_a_state_goes_only_into_a_cache_of_the_weights_it_came_from(options):
+    """A state keeps a fingerprint of the weights the cache's tensors came from: a layer with other
+    weights (another init, or its key projection trained on) refuses it and its cache stays empty;
+    a change the cache does not depend on (the queries' projection) does not; a state saved without
+    the fingerprint still loads."""
+    layer, cache = _saved_layer_and_cache(**options)
+    state = cache.state_dict()
+    assert state["weights"].dtype == torch.float64 and state["weights"].device.type == "cpu"
+    torch.manual_seed(1)
+    other = SparseAttention(32, heads=4, kv_heads=2, compress_block_size=8, compress_stride=4, select_block_size=16,
+                            num_selected_blocks=3, window_size=12, **options).double()
+    with torch.no_grad():
+        trained = copy.deepcopy(layer)
+        next(iter(trained.to_k.values())).weight.add_(1e-3)
+        queries_only = copy.deepcopy(layer)
+        queries_only.to_q.weight.add_(1e-3)
+    for refusing in (other, trained):
+        target = refusing.new_cache(2, 48)
+        with pytest.raises(ValueError, match="saved from a layer whose key or value projections"):
+            target.load_state_dict(state)
+        assert target.lengths == [0, 0] and not target.k_cmp.any()
+    assert queries_only.new_cache(2, 48).load_state_dict(state).lengths == [29, 17]
+    older = {name: value for name, value in state.items() if name != "weights"}
+    assert other.new_cache(2, 48).load_state_dict(older).lengths == [29, 17]
+
+
 def test_a_cache_is_not_pickled_and_bad_states_change_nothing():
     import copy
     import pickle
@@ -935,6 +964,10 @@ def test_a_cache_is_not_pickled_and_bad_states_change_nothing():
         "an extra branch": ({**good, "keys": {**good["keys"], "win": good["keys"]["shared"]}}, ValueError,
                             r"got \['shared', 'win'\]"),
         "a key not a string": ({**good, 1: 1}, ValueError, "with the keys"),
+        "weights of another shape": ({**good, "weights": good["weights"][:1]}, ValueError,
+                                     r"state\['weights'\] must be a tensor of shape"),
+        "other weights, last": ({**good, "weights": good["weights"] * 1.01}, ValueError,
+                                "saved from a layer whose key or value projections, phi or memory rows differ"),
     }
     before = [x.clone() for x in (*target.keys.values(), *target.values.values(), target.k_cmp, target.v_cmp)]
     for what, (state, error, match) in bad.items():
