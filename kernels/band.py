@@ -422,27 +422,27 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
                    num_warps, num_stages, shrink=band_shrink(meta))
     if num_rows == 0:
         return dq_out, torch.empty_like(k), torch.empty_like(v)
-    # -- dk, dv: 64 query rows per step; a prefix band's queries in chunks, summed after --
+    # -- dk, dv: 64 query rows per step; a prefix band's queries in chunks, float32 partial sums
+    #    summed after (one chunk too: one pointer type, one compilation, at every length) --
     meta, num_warps, num_stages = band_tiles("dkdv", band, Hq // H, Dqk, Dv, q.is_cuda)
-    chunk = DKDV_CHUNK if q.is_cuda else 32
-    chunk = cdiv(chunk, meta["BLOCK_M"]) * meta["BLOCK_M"]
-    num_chunks = cdiv(longest, chunk) if band.is_prefix else 1
-    if num_chunks == 1:
-        chunk = cdiv(longest, meta["BLOCK_M"]) * meta["BLOCK_M"]
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-    else:
+    if band.is_prefix:
+        chunk = cdiv(DKDV_CHUNK if q.is_cuda else 32, meta["BLOCK_M"]) * meta["BLOCK_M"]
+        num_chunks = cdiv(longest, chunk)
         dk = torch.empty(num_chunks, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
-    if dkdv is not None and num_chunks > 1:
+    else:                                                   # the window: one chunk, written in place
+        chunk, num_chunks = cdiv(longest, meta["BLOCK_M"]) * meta["BLOCK_M"], 1
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if dkdv is not None and band.is_prefix:
         raise ValueError("dkdv is added by the dk, dv kernel of a band of one query chunk (the window's), "
-                         f"not by a prefix band's {num_chunks} chunks")
+                         "not by a prefix band's float32 chunks")
     dk_in, dv_in = dkdv if dkdv is not None else (k.new_empty(0), v.new_empty(0))
     launch_fitting(band_attention_backward_dkdv_kernel,
                    lambda tiles: (cdiv(longest_rows, tiles["BLOCK_N"]), num_chunks, sequences * H),
                    (q, k, v, do_branch, lse, delta, dk, dv, dk_in, dv_in, *cu, *common, chunk, k.shape[:3].numel()),
                    dict(HEADS_Q=Hq, PACKED=packed is not None, ADD_TO_DKDV=dkdv is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys
-    if num_chunks > 1:
+    if band.is_prefix:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq_out, dk, dv
 
