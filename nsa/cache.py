@@ -446,7 +446,7 @@ class KVCache:
         before anything changes. Returns the cache."""
         names = {"keys", "values", "k_cmp", "v_cmp", "lengths", "mem_kv_len"}
         if not isinstance(state, dict) or set(state) not in (names, names | {"weights"}):
-            raise ValueError(f"state must be a dict with the keys {sorted(names)} and 'weights' (from "
+            raise ValueError(f"state must be a dict with the keys {sorted(names)} and, optionally, 'weights' (from "
                              "KVCache.state_dict), got "
                              f"{sorted(state, key=repr) if isinstance(state, dict) else type(state).__name__}")
         mem = check_int("state['mem_kv_len']", state["mem_kv_len"], 0)
@@ -480,15 +480,15 @@ class KVCache:
                              "a row")
         layer = None if self.owner is None else self.owner()
         if "weights" in state and layer is not None:      # -- last: the one check that reads the weights --
-            mine = cached_weights(layer)
-            theirs = state["weights"]
-            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.is_meta:
-                raise ValueError(f"state['weights'] must be a tensor of shape {tuple(mine.shape)} (from KVCache.state_dict "
-                                 f"of a layer like this cache's), got {getattr(theirs, 'shape', type(theirs).__name__)}")
-            if not torch.allclose(theirs.detach().double().cpu(), mine, rtol=1e-6, atol=0.0):
-                raise ValueError("the state was saved from a layer whose key or value projections, phi or memory rows "
-                                 "differ from this cache's layer's (a cache holds what those weights computed): load it "
-                                 "into a cache of the layer that saved it, with the weights it had then")
+            saved, current = state["weights"], cached_weights(layer)
+            if not isinstance(saved, torch.Tensor) or saved.shape != current.shape or saved.is_meta:
+                raise ValueError(f"state['weights'] must be a tensor of shape {tuple(current.shape)} (from "
+                                 "KVCache.state_dict of a layer like this cache's), got "
+                                 f"{getattr(saved, 'shape', type(saved).__name__)}")
+            if not torch.allclose(saved.detach().double().cpu(), current, rtol=1e-6, atol=0.0):
+                raise ValueError("the state was saved from a layer whose key or value projections, phi or memory "
+                                 "rows differ from this cache's layer's (a cache holds what those weights computed): "
+                                 "load it into a cache of the layer that saved it, with the weights it had then")
         with torch.no_grad():                           # (a state's tensor may require grad: not the cache)
             for _, mine, theirs in pairs:
                 mine.copy_(theirs)
