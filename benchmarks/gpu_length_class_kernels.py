@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from nsa import NSAConfig, compress, native_sparse_attention  # noqa: E402
-from nsa.bench import parse_heads, parse_lengths  # noqa: E402
+from nsa import native_sparse_attention  # noqa: E402
+from nsa.bench import make_inputs, parse_heads, parse_lengths  # noqa: E402
 
 
 def compiled_kernels() -> dict[str, str]:
@@ -37,15 +37,9 @@ def compiled_kernels() -> dict[str, str]:
             for ttir in entry.glob("*.ttir")}
 
 
-def forward_backward_seconds(seq_len: int, heads_q: int, heads_kv: int, config: NSAConfig) -> float:
+def forward_backward_seconds(seq_len: int, heads_q: int, heads_kv: int) -> float:
     """Seconds of one synchronised forward + backward at `seq_len` tokens (batch 1, bf16, d = 128)."""
-    g = torch.Generator(device="cuda").manual_seed(seq_len)
-    r = lambda *shape: torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
-    q, k, v = r(1, seq_len, heads_q, 128), r(1, seq_len, heads_kv, 128), r(1, seq_len, heads_kv, 128)
-    l, d = config.compress_block_size, config.compress_stride
-    k_cmp, v_cmp = (compress(x, block_size=l, stride=d).contiguous() for x in (k, v))
-    gates = [torch.sigmoid(r(1, seq_len, heads_q)) for _ in range(3)]
-    inputs = [x.requires_grad_() for x in (q, k, v, k_cmp, v_cmp, *gates)]
+    inputs, config = make_inputs(seq_len, heads_q, heads_kv, 128)
     torch.cuda.synchronize()
     start = time.perf_counter()
     native_sparse_attention(*inputs, config, backend="triton").sum().backward()
@@ -62,11 +56,10 @@ def main() -> int:
         print("gpu_length_class_kernels.py needs a CUDA GPU (the interpreter compiles nothing)")
         return 2
     (heads_q, heads_kv), = parse_heads(args.heads)
-    config = NSAConfig()
     print(f"== {heads_q}/{heads_kv} on {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for seq_len in parse_lengths(args.lengths):
         before = compiled_kernels()
-        seconds = forward_backward_seconds(seq_len, heads_q, heads_kv, config)
+        seconds = forward_backward_seconds(seq_len, heads_q, heads_kv)
         new = sorted(name for entry, name in compiled_kernels().items() if entry not in before)
         print(f"{seq_len}: {seconds:.2f} s, {len(new)} new: {new}", flush=True)
     return 0
