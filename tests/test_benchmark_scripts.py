@@ -109,6 +109,21 @@ def test_decode_kernels_compile_for_a_gpu_offline():
     assert all(float(line.split("compiled in ")[1].split()[0]) < 60 for line in lines), done.stdout
 
 
+def test_warp_specialisation_partitions_only_a_descriptor_loop_of_four_warps():
+    """No GPU needed: compiled for sm_90, Triton splits the toy attention loop into warp groups only
+    when its keys come through tensor descriptors and it has 4 warps (the appendix's claim)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    variants = ["ptr m128 w8 s2", "desc m128 w4 s2", "desc WS m128 w4 s2", "desc WS m128 w8 s2"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_warp_specialise.py"), "--offline",
+                           "--variants", ",".join(variants)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    found = {line[:22].strip(): line.split()[line.split().index("partitioned") + 1]
+             for line in done.stdout.splitlines() if "partitioned" in line}
+    assert found == {"ptr m128 w8 s2": "False", "desc m128 w4 s2": "False", "desc WS m128 w4 s2": "True",
+                     "desc WS m128 w8 s2": "False"}, done.stdout
+
+
 def test_host_step_times_a_step_through_tritons_launch_path():
     """No GPU needed: host_step.py runs a layer's decoding steps with Triton's own launch path (a
     driver that launches nothing) and reports the host time of a step; its profile shows the
