@@ -211,6 +211,14 @@ def test_training_variants_smoke_run_writes_the_chapters_columns(tmp_path):
                                                          "selection_min", "selection_max", "chance")), row
 
 
+def test_gather_chunks_tiny_compares_the_two_chunkings():
+    """Both chunkings of the gather kernel's reverse index give the same dk, dv (to rounding); in the
+    interpreter, whose programs run in turn, every run the same bits."""
+    out = run_script("gpu_gather_chunks.py", "--heads", "4/2")
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("4/2"))
+    assert row[3:5] == ["0", "0"] and float(row[5]) < 1e-5, out
+
+
 def test_select_tiles_tiny_launches_the_selection_kernel_by_hand():
     """The one script that writes a package kernel's launch by hand (its meta-parameters by name)."""
     out = run_script("gpu_select_tiles.py")
