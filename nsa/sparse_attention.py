@@ -65,7 +65,10 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     config: NSAConfig (l, d, l', n, forced blocks, w, causal). scale: None = Dqk ** -0.5.
     backend: "torch" (reference), "flex" (FlexAttention), "triton" (kernels), "auto" ("triton"
     on CUDA when installed and it supports the inputs, else "torch"). A backend named explicitly
-    that cannot take the inputs raises ValueError (ImportError when it is not installed).
+    that cannot take the inputs raises ValueError (ImportError when it is not installed). The
+    "triton" backward adds the selected branch's gradients with float atomics: on a GPU they may
+    differ in their last bits between runs, and under torch.use_deterministic_algorithms(True) it
+    raises RuntimeError (warns with warn_only=True).
     Returns o: (B, Nq, Hq, Dv) in q's dtype.
 
     Packed sequences (flash-attn's varlen convention, "Packed sequences" below): cu_seqlens, int32

@@ -9,7 +9,7 @@ import torch
 import nsa  # first: switches Triton to its interpreter on a machine without CUDA
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
-from nsa.kernels.selected import (MERGE_ROWS, key_block_centric, merge_partials_kernel, prepare_block_indices,
+from nsa.kernels.selected import (MERGE_ROWS, alert_nondeterministic_gather, key_block_centric, merge_partials_kernel, prepare_block_indices,
                                   prepare_query_tiles, query_tiles, reverse_block_index, selected_attention_bwd,
                                   selected_attention_fwd, selected_attention_triton, selected_by_block_bwd,
                                   selected_by_block_fwd)
@@ -149,6 +149,44 @@ def test_design_by_group_size():
     assert all(key_block_centric(G, N) for G in (1, 2, 3, 4) for N in (1, 4096, 65536))
     assert key_block_centric(8, 8192) and not key_block_centric(8, 8191)
     assert not any(key_block_centric(16, N) for N in (1, 65536))
+
+
+def test_gather_follows_torch_use_deterministic_algorithms():
+    """On a GPU the gather kernel's float atomics have no fixed order: with deterministic algorithms
+    asked for, it raises as PyTorch's own such kernels do (warns with warn_only); the interpreter,
+    whose programs run in turn, says nothing."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    alert_nondeterministic_gather(cuda)                                 # not asked for: nothing
+    try:
+        torch.use_deterministic_algorithms(True)
+        alert_nondeterministic_gather(cpu)
+        with pytest.raises(RuntimeError, match="no deterministic implementation"):
+            alert_nondeterministic_gather(cuda)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="float atomics"):
+            alert_nondeterministic_gather(cuda)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the backward raises under deterministic algorithms")
+@pytest.mark.parametrize("Hq,H", [(4, 2), (16, 1)], ids=["key-block-centric", "query-centric"])
+def test_interpreter_backward_is_the_same_under_deterministic_algorithms(Hq, H):
+    """Both designs' backward in the interpreter run with deterministic algorithms asked for, and give
+    the same bits as without."""
+    gen = torch.Generator(DEVICE).manual_seed(4)
+    q, k, v = (torch.randn(1, 37, heads, 16, generator=gen, device=DEVICE) for heads in (Hq, H, H))
+    indices = random_indices(gen, 1, 37, 37, H, 3, 16)
+    grads = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+            o = selected_attention_triton(*inputs, indices, 16)
+            grads.append(torch.autograd.grad(o.square().sum(), inputs))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_tiles_noncausal_fp16():
