@@ -9,10 +9,10 @@ import torch
 import nsa  # first: switches Triton to its interpreter on a machine without CUDA
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
-from nsa.kernels.selected import (MERGE_ROWS, alert_nondeterministic_gather, key_block_centric, merge_partials_kernel, prepare_block_indices,
-                                  prepare_query_tiles, query_tiles, reverse_block_index, selected_attention_bwd,
-                                  selected_attention_fwd, selected_attention_triton, selected_by_block_bwd,
-                                  selected_by_block_fwd)
+from nsa.kernels.selected import (MERGE_ROWS, alert_nondeterministic_gather, key_block_centric, merge_partials_kernel,
+                                  prepare_block_indices, prepare_query_tiles, query_tiles, reverse_block_index,
+                                  selected_attention_bwd, selected_attention_fwd, selected_attention_triton,
+                                  selected_by_block_bwd, selected_by_block_fwd)
 from tolerance import close
 
 
