@@ -45,7 +45,7 @@ def main() -> int:
         print("gpu_gather_chunks.py needs a CUDA GPU (or --tiny)")
         return 2
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
-    N = 160 if args.tiny else parse_lengths(args.seq_len)[0]
+    N = 100 if args.tiny else parse_lengths(args.seq_len)[0]
     dim = 32 if args.tiny else 128
     print(f"{N} tokens, d = {dim}, {dtype}, " + (torch.cuda.get_device_name() if device == "cuda" else "interpreter"))
     print(f"{'heads':>6} {'chunked ms':>11} {'one per block ms':>17} {'differ, chunked':>16} {'differ, one':>12} "

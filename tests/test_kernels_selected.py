@@ -170,7 +170,7 @@ def test_gather_follows_torch_use_deterministic_algorithms():
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the backward raises under deterministic algorithms")
-@pytest.mark.parametrize("Hq,H", [(4, 2), (16, 1)], ids=["key-block-centric", "query-centric"])
+@pytest.mark.parametrize("Hq,H", [(4, 2), (8, 1)], ids=["key-block-centric", "query-centric"])
 def test_interpreter_backward_is_the_same_under_deterministic_algorithms(Hq, H):
     """Both designs' backward in the interpreter run with deterministic algorithms asked for, and give
     the same bits as without."""
