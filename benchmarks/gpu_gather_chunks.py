@@ -60,16 +60,15 @@ def main() -> int:
         o, lse = selected_attention_fwd(q, k, v, prepared, block_size, scale, True, Q, tiles)
         do = torch.randn_like(o)
         delta = (o.float() * do.float()).sum(-1)
-        longest = N * prepared.shape[-1]                         # every entry of a kv head in one list
-        runs = {}
-        for name, chunk in (("chunked", gather_chunk(q.is_cuda)), ("one", longest)):
-            runs[name] = [gather(q, k, v, do, lse, delta, prepared, block_size, scale, chunk) for _ in range(2)]
+        chunks = {"chunked": gather_chunk(q.is_cuda), "one": N * prepared.shape[-1]}   # one: a kv head's every entry
+        runs = {name: [gather(q, k, v, do, lse, delta, prepared, block_size, scale, chunk) for _ in range(2)]
+                for name, chunk in chunks.items()}
         differ = {name: sum((a != b).sum().item() for a, b in zip(*pair)) for name, pair in runs.items()}
         worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(runs["chunked"][0], runs["one"][0]))
         ms = {}
         if not args.tiny:
             from triton.testing import do_bench
-            for name, chunk in (("chunked", gather_chunk(True)), ("one", longest)):
+            for name, chunk in chunks.items():                     # the index built once, outside the timing
                 index = reverse_block_index(prepared, num_selection_blocks(N, block_size), chunk)
                 ms[name] = do_bench(lambda: selected_attention_dkdv(q, k, v, do, lse, delta, prepared, block_size,
                                                                     scale, True, index=index))
