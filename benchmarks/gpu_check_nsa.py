@@ -20,6 +20,8 @@ One command on a machine with a CUDA GPU (H100 in the book):
    backend (causal, 64 heads; k, v expanded to 64 heads) in the same run.
 
 Writes nsa_triton_errors_<gpu>.csv and nsa_triton_timing_<gpu>.csv into --out; prints a table last.
+--deterministic runs the Triton forward and backward under torch.use_deterministic_algorithms(True)
+(their reproducible path, chapter 8) and names the errors file nsa_triton_errors_<gpu>_deterministic.csv.
 """
 
 import argparse
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import nsa  # noqa: E402,F401  (a plain checkout too: nsa finds kernels/ beside it)
+from gpu_deterministic import deterministic_algorithms  # noqa: E402  (this folder is sys.path[0])
 from nsa.compression import compressed_attention  # noqa: E402
 from nsa.config import NSAConfig  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
@@ -46,6 +49,7 @@ from nsa.window import sliding_window_attention  # noqa: E402
 
 NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win")
 DEVICE = "cuda"       # --tiny runs the script's logic on the CPU (interpreter), to debug it
+DETERMINISTIC = False  # --deterministic: the Triton op under torch.use_deterministic_algorithms(True)
 
 
 def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
@@ -93,7 +97,8 @@ def check_accuracy(label, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, chunks, dtype)
     inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
     scale = Dqk ** -0.5
     l, d, l_sel = config.compress_block_size, config.compress_stride, config.select_block_size
-    o = native_sparse_attention(*inputs, config, scale, backend="triton", mem_kv_len=mem)
+    with deterministic_algorithms(DETERMINISTIC):
+        o = native_sparse_attention(*inputs, config, scale, backend="triton", mem_kv_len=mem)
     # the branches and the selection, forward only, for per-branch errors
     q, k, v, k_cmp, v_cmp = inputs[:5]
     with torch.no_grad():
@@ -105,7 +110,8 @@ def check_accuracy(label, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, chunks, dtype)
     do = torch.zeros_like(o)
     for a, R in chunks:
         do[:, a:a + R] = torch.randn_like(o[:, a:a + R])
-    grads = torch.autograd.grad(o, inputs, do)
+    with deterministic_algorithms(DETERMINISTIC):
+        grads = torch.autograd.grad(o, inputs, do)
     # float64 reference, chunk by chunk; key gradients summed over chunks
     ref_full = [torch.zeros_like(x, dtype=torch.float64) for x in inputs]
     got, want = {name: [] for name in ("o", "o_cmp", "lse", "o_slc", "o_win")}, {name: [] for name in ("o", "o_cmp", "lse", "o_slc", "o_win")}
@@ -265,8 +271,11 @@ def main():
                              "configuration within the documented limits must run")
     parser.add_argument("--quick", action="store_true",
                         help="accuracy only, eight problems (1k-64k, groups 1-16): a check after a kernel change")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the Triton op under torch.use_deterministic_algorithms(True)")
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, DETERMINISTIC
+    DETERMINISTIC = args.deterministic
     import triton
     if args.tiny:
         DEVICE, gpu, dtype = "cpu", "tiny_cpu", torch.float16
@@ -329,7 +338,7 @@ def main():
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         print(f"    ({time.time() - start:.1f} s)", flush=True)
-        write_csv(out / f"nsa_triton_errors_{gpu}.csv", errors)
+        write_csv(out / f"nsa_triton_errors_{gpu}{'_deterministic' if DETERMINISTIC else ''}.csv", errors)
     timings = []
     if not args.skip_timing:
         print("== timing at 64k, paper geometry, bf16 ==", flush=True)

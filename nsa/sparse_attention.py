@@ -67,8 +67,9 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     on CUDA when installed and it supports the inputs, else "torch"). A backend named explicitly
     that cannot take the inputs raises ValueError (ImportError when it is not installed). The
     "triton" backward adds the selected branch's gradients with float atomics: on a GPU they may
-    differ in their last bits between runs, and under torch.use_deterministic_algorithms(True) it
-    raises RuntimeError (warns with warn_only=True).
+    differ in their last bits between runs. Under torch.use_deterministic_algorithms(True) it
+    takes a reproducible path instead (one writer per key block, no atomic dq), which is slower:
+    Chapter 8 and the appendix ("One writer per block") measure it.
     Returns o: (B, Nq, Hq, Dv) in q's dtype.
 
     Packed sequences (flash-attn's varlen convention, "Packed sequences" below): cu_seqlens, int32

@@ -23,7 +23,9 @@ def run_script(name, *args):
 
 
 def test_check_nsa_tiny_compares_with_the_reference(tmp_path):
-    out = run_script("gpu_check_nsa.py", "--out", str(tmp_path))
+    """The script's accuracy check, here with the op's reproducible path (--deterministic)."""
+    out = run_script("gpu_check_nsa.py", "--out", str(tmp_path), "--deterministic")
+    assert (tmp_path / "nsa_triton_errors_tiny_cpu_deterministic.csv").exists()
     summary = out[out.index("== summary =="):].splitlines()[2:]
     assert summary and all(line.rstrip().endswith("ok") for line in summary if line.strip())
 
@@ -217,6 +219,14 @@ def test_gather_chunks_tiny_compares_the_two_chunkings():
     out = run_script("gpu_gather_chunks.py", "--heads", "4/2")
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("4/2"))
     assert row[3:5] == ["0", "0"] and float(row[5]) < 1e-5, out
+
+
+def test_deterministic_tiny_reproduces_and_matches_the_default():
+    """The whole op's reproducible path against the default one, two runs of each."""
+    out = run_script("gpu_deterministic.py", "--heads", "4/2")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("4/2")]
+    assert [row[1] for row in rows[-2:]] == ["default", "deterministic"], out
+    assert float(rows[-1][5]) < 1e-5, out            # the interpreter: one run each (-1: not counted)
 
 
 def test_select_tiles_tiny_launches_the_selection_kernel_by_hand():

@@ -9,7 +9,8 @@ import torch
 import nsa  # first: switches Triton to its interpreter on a machine without CUDA
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
-from nsa.kernels.selected import (MERGE_ROWS, alert_nondeterministic_gather, key_block_centric, merge_partials_kernel,
+from nsa.kernels import selected
+from nsa.kernels.selected import (MERGE_ROWS, gather_chunk, key_block_centric, merge_partials_kernel,
                                   prepare_block_indices, prepare_query_tiles, query_tiles, reverse_block_index,
                                   selected_attention_bwd, selected_attention_fwd, selected_attention_triton,
                                   selected_by_block_bwd, selected_by_block_fwd)
@@ -151,42 +152,37 @@ def test_design_by_group_size():
     assert not any(key_block_centric(16, N) for N in (1, 65536))
 
 
-def test_gather_follows_torch_use_deterministic_algorithms():
-    """On a GPU the gather kernel's float atomics have no fixed order: with deterministic algorithms
-    asked for, it raises as PyTorch's own such kernels do (warns with warn_only); the interpreter,
-    whose programs run in turn, says nothing."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    alert_nondeterministic_gather(cuda)                                 # not asked for: nothing
-    try:
-        torch.use_deterministic_algorithms(True)
-        alert_nondeterministic_gather(cpu)
-        with pytest.raises(RuntimeError, match="no deterministic implementation"):
-            alert_nondeterministic_gather(cuda)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="float atomics"):
-            alert_nondeterministic_gather(cuda)
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the backward raises under deterministic algorithms")
 @pytest.mark.parametrize("Hq,H", [(4, 2), (8, 1)], ids=["key-block-centric", "query-centric"])
-def test_interpreter_backward_is_the_same_under_deterministic_algorithms(Hq, H):
-    """Both designs' backward in the interpreter run with deterministic algorithms asked for, and give
-    the same bits as without."""
+def test_backward_under_deterministic_algorithms_has_one_writer_per_block(Hq, H, monkeypatch):
+    """torch.use_deterministic_algorithms(True): the gather gets one program per key block (the
+    reverse index in one chunk per block) and the key-block-centric design hands its backward to
+    chapter 8's kernels (no atomic dq); the gradients equal the chunked ones, and on a GPU two runs
+    give the same bits."""
+    chunks, handed_over = [], []
+    monkeypatch.setattr(selected, "reverse_block_index",
+                        lambda indices, num_blocks, chunk: chunks.append(chunk) or reverse_block_index(
+                            indices, num_blocks, chunk))
+    monkeypatch.setattr(selected, "selected_attention_bwd",
+                        lambda *a, **kw: handed_over.append(True) or selected_attention_bwd(*a, **kw))
     gen = torch.Generator(DEVICE).manual_seed(4)
     q, k, v = (torch.randn(1, 37, heads, 16, generator=gen, device=DEVICE) for heads in (Hq, H, H))
     indices = random_indices(gen, 1, 37, 37, H, 3, 16)
-    grads = []
-    for deterministic in (False, True):
+    runs = []
+    for deterministic in (False, True, True) if DEVICE.type == "cuda" else (False, True):   # a GPU: twice
+        chunks.clear()
         torch.use_deterministic_algorithms(deterministic)
         try:
             inputs = [x.clone().requires_grad_() for x in (q, k, v)]
             o = selected_attention_triton(*inputs, indices, 16)
-            grads.append(torch.autograd.grad(o.square().sum(), inputs))
+            runs.append(torch.autograd.grad(o.square().sum(), inputs))
         finally:
             torch.use_deterministic_algorithms(False)
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+        assert chunks[-1] == (37 * 3 if deterministic else gather_chunk(DEVICE.type == "cuda"))           # the backward's index
+    switched = len(runs) - 1
+    assert len(handed_over) == (switched + 1 if Hq // H == 8 else switched)   # query-centric: every run
+    for chunked, one_writer in zip(runs[0], runs[1]):
+        torch.testing.assert_close(one_writer, chunked, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
 
 
 def test_tiles_noncausal_fp16():

@@ -182,3 +182,29 @@ def test_operator_backward_with_a_loss_that_leaves_o_out():
     assert q.grad is None and k.grad is None
     window()[0].sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_backward_under_deterministic_algorithms_equals_the_default(packed):
+    """torch.use_deterministic_algorithms(True): the fused backward takes its reproducible path
+    (chapter 8: one writer per key block; the small groups' dq without atomics), with the default
+    path's gradients of all eight inputs; on a GPU two runs give the same bits."""
+    config = NSAConfig(16, 8, 16, 3, 1, 1, 24)
+    inputs = make_inputs(1, 37, 37, 4, 2, 16, 16, config, 1, torch.float32, seed=5)   # group 2: by key block
+    cu_seqlens = None
+    if packed:   # two sequences, 12 and 25 tokens: each its own memory row and compressed blocks
+        cu_seqlens = torch.tensor([0, 12, 37], dtype=torch.int32, device=DEVICE)
+        rows = [1 + num_compressed_blocks(n, 16, 8) for n in (12, 25)]
+        inputs[3], inputs[4] = (torch.cat([x[:, :rows[0]], x[:, :rows[1]]], 1) for x in inputs[3:5])
+    runs = []
+    for deterministic in (False, True, True) if DEVICE.type == "cuda" else (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            o = native_sparse_attention(*leaves, config, backend="triton", mem_kv_len=1, cu_seqlens=cu_seqlens)
+            runs.append(torch.autograd.grad(o.square().sum(), leaves))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    for default, reproducible in zip(runs[0], runs[1]):
+        torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
