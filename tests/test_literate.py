@@ -21,11 +21,14 @@ def test_there_are_chapters():
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
-def test_notebook_is_stored_without_outputs(path):
+def test_notebook_is_stored_without_outputs_and_with_unique_cell_ids(path):
     cells = json.loads(path.read_text())["cells"]
     dirty = [i for i, c in enumerate(cells)
              if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; store notebooks clean"
+    ids = [c["id"] for c in cells]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    assert not repeated, f"{path.name}: cell ids {repeated} repeat (nbformat renames them at every read)"
 
 
 def test_package_matches_notebooks():
