@@ -8,6 +8,10 @@ the last bit), whereas a GPU's tensor-core instructions compute every element of
 same steps. The selection kernel's exact ties (chapter 9) rest on the GPU's behaviour, so on the
 interpreter `tl.dot` of floating-point tiles here adds each element's products in float64 with
 `np.einsum` (one loop, the same for every element) and rounds once to the accumulator's dtype.
+
+The interpreter also patches triton.language anew at every call of a `@triton.jit` helper inside
+a kernel; here it is patched once per launch (below), which takes a third off the interpreted
+runs of the tests and chapters (tests/test_interpreter.py checks the language is restored).
 """
 
 import nsa.device  # noqa: F401  (sets TRITON_INTERPRET on a machine without CUDA, before triton)
@@ -27,3 +31,36 @@ if nsa.device.INTERPRET:
         return _interpreter.TensorHandle(product.astype(d.data.dtype) + d.data, d.dtype.scalar)
 
     _interpreter.InterpreterBuilder.create_dot = _dot_in_float64
+
+    # Triton's interpreter patches triton.language for a kernel's launch (restoring it when the
+    # launch ends) and again at every call of a @triton.jit helper inside it: an inspect.getmembers
+    # of the language's modules, about 2 ms, in every program, for every helper call. Here the
+    # launch patches once: a helper whose module sees only language modules patched already (ours
+    # see triton.language; Triton's own, tl.sum or tl.zeros, also triton.language.core) is not
+    # patched again, and what a helper patches first is restored with the launch.
+    import triton.language as _tl
+
+    _patch_lang = _interpreter._patch_lang
+    _launch = []        # (language modules patched, their scopes) of the launch in progress
+
+    class _LaunchScope:
+        """The launch's patches, undone when the launch ends (the launch restores this scope)."""
+
+        def restore(self):
+            _, scopes = _launch.pop()
+            for scope in reversed(scopes):
+                scope.restore()
+
+    def _patch_lang_once_per_launch(fn):
+        langs = {id(value) for value in fn.__globals__.values() if value is _tl or value is _tl.core}
+        if _launch and langs <= _launch[0][0]:
+            return _interpreter._LangPatchScope()             # a helper: patched already
+        scope = _patch_lang(fn)
+        if _launch:                                           # a helper that sees another module
+            _launch[0][0].update(langs)
+            _launch[0][1].append(scope)
+            return _interpreter._LangPatchScope()
+        _launch.append((langs, [scope]))                      # a launch
+        return _LaunchScope()
+
+    _interpreter._patch_lang = _patch_lang_once_per_launch

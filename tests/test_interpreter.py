@@ -1,0 +1,64 @@
+"""What `nsa.kernels` changes in Triton's CPU interpreter (kernels/__init__.py): triton.language
+patched once per launch, not again at every helper call, and restored when the launch ends."""
+
+import pytest
+import torch
+
+import nsa  # noqa: F401  (switches on the interpreter without CUDA, before triton is imported)
+from nsa.device import INTERPRET
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="Triton's interpreter only (no CUDA)")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _row_sum(X, row, N: tl.constexpr):
+    x = tl.load(X + row * N + tl.arange(0, N))
+    return tl.sum(x, 0)                         # Triton's own helper: its module sees triton.language.core
+
+
+@triton.jit
+def _row_sums_kernel(X, OUT, FAIL: tl.constexpr, N: tl.constexpr):
+    row = tl.program_id(0)
+    total = _row_sum(X, row, N) + tl.max(tl.zeros([N], dtype=tl.float32), 0)
+    if FAIL:
+        tl.static_assert(N < 0, "a launch that fails inside")
+    tl.store(OUT + row, total)
+
+
+def _language_state():
+    """Every attribute of the modules and class the interpreter patches, by identity."""
+    return {(owner.__name__, name): id(value) for owner in (tl, tl.core, tl.math, tl.tensor)
+            for name, value in vars(owner).items()}
+
+
+def test_launches_with_helpers_patch_once_and_restore_the_language():
+    from nsa import kernels
+
+    x = torch.randn(5, 16)
+    out = torch.empty(5)
+    _row_sums_kernel[(5,)](x, out, FAIL=False, N=16)
+    before = _language_state()        # after a first launch: Triton's restore sets inherited attributes
+    for _ in range(2):                                   # each launch patches afresh
+        _row_sums_kernel[(5,)](x, out, FAIL=False, N=16)
+        torch.testing.assert_close(out, x.sum(1))
+        assert _language_state() == before and not kernels._launch
+    with pytest.raises(Exception, match="a launch that fails inside"):
+        _row_sums_kernel[(5,)](x, out, FAIL=True, N=16)
+    assert _language_state() == before and not kernels._launch
+
+
+def test_a_helper_is_not_patched_again(monkeypatch):
+    """Inside a launch, our helper and Triton's own (tl.sum, tl.max, tl.zeros) reach Triton's patch
+    twice in all: the launch's, and triton.language.core's at the first of Triton's helpers."""
+    from nsa import kernels
+
+    triton_patch, calls = kernels._patch_lang, []
+    monkeypatch.setattr(kernels, "_patch_lang", lambda fn: calls.append(fn.__name__) or triton_patch(fn))
+    x = torch.randn(3, 16)
+    out = torch.empty(3)
+    _row_sums_kernel[(3,)](x, out, FAIL=False, N=16)
+    torch.testing.assert_close(out, x.sum(1))
+    assert calls[0] == "_row_sums_kernel" and len(calls) == 2, calls
