@@ -287,9 +287,9 @@ def test_truncate_on_the_decoding_kernels_under_interpreter():
         layer(drafts, cache=cache)
         cache.truncate_([32, 29])
         caught_up = layer(x[:, 29:32], cache=cache, new_tokens=[0, 3])
-        rest = [layer(x[:, i:i + 1], cache=cache) for i in range(32, 44)]
+        rest = [layer(x[:, i:i + 1], cache=cache) for i in range(32, 38)]    # past 36: the stale block redone
     torch.testing.assert_close(caught_up[1], expected[1, 29:32], **close(torch.float32, 2e-5))
-    torch.testing.assert_close(torch.cat(rest, 1), expected[:, 32:], **close(torch.float32, 2e-5))
+    torch.testing.assert_close(torch.cat(rest, 1), expected[:, 32:38], **close(torch.float32, 2e-5))
 
 
 def test_truncate_to_one_length_and_to_nothing():
