@@ -439,7 +439,8 @@ def selected_attention_backward_dkdv_kernel(
     ENTRIES,                   # (B*H*Nq*n,) int32: entries i * n + slot grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
     DK, DV,                    # outputs, float32 (B, Nk, H, Dqk|Dv), zero-filled, added into
-    DQ,                        # output when ATOMIC_DQ, float32 (B, Nq, Hq, Dqk), zero-filled, added into
+    DQ,                        # output: ATOMIC_DQ float32 (B, Nq, Hq, Dqk), zero-filled, added into;
+                               #   DQ_SLOTS (B, Nq, Hq, n, Dqk), zero-filled: each row's dq over each block
     POSITIONS, BLOCK_START, BLOCK_END,   # PACKED: PackedBlocks (chapter 10); else unused
     scale, seq_len_q, seq_len_k, num_programs,   # num_programs: U
     HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
@@ -448,6 +449,7 @@ def selected_attention_backward_dkdv_kernel(
     BLOCK_Q: tl.constexpr,      # entries (queries) per step; BLOCK_Q * BLOCK_GQ rows per tl.dot
     SEL_BLOCK: tl.constexpr, NUM_SLOTS: tl.constexpr, CAUSAL: tl.constexpr,   # l', n
     ATOMIC_DQ: tl.constexpr,    # also add each row's dq = dS K into DQ (chapter 8b)
+    DQ_SLOTS: tl.constexpr,     # or store it in the slot the block holds in the row's list
     PACKED: tl.constexpr,       # as in the forward
 ):
     b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
@@ -465,7 +467,7 @@ def selected_attention_backward_dkdv_kernel(
 
         for start in range(begin, end, BLOCK_Q):
             # -- gather BLOCK_Q queries x G heads: rows (BLOCK_Q * BLOCK_GQ,) --
-            rows, row_ok, t, _ = gathered_rows(ENTRIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
+            rows, row_ok, t, slot = gathered_rows(ENTRIES, start, end, b, h, seq_len_q, seq_len_k, POSITIONS,
                                                HEADS_KV * GROUP, GROUP, BLOCK_GQ, BLOCK_Q, NUM_SLOTS,
                                                PACKED)
             q = load_rows(Q, rows, row_ok, offs_dqk, DIM_QK)
@@ -483,11 +485,15 @@ def selected_attention_backward_dkdv_kernel(
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
-            if ATOMIC_DQ:
-                # -- dq of these rows: dS K, added to what the row's other blocks add --
+            if ATOMIC_DQ or DQ_SLOTS:
+                # -- dq of these rows: dS K, added to what the row's other blocks add, or kept apart --
                 dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-                tl.atomic_add(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], dq,
-                              mask=row_ok[:, None] & (offs_dqk[None, :] < DIM_QK), sem="relaxed")
+                dq_ok = row_ok[:, None] & (offs_dqk[None, :] < DIM_QK)
+                if DQ_SLOTS:
+                    at = (rows * NUM_SLOTS + slot)[:, None] * DIM_QK + offs_dqk[None, :]
+                    tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+                else:
+                    tl.atomic_add(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], dq, mask=dq_ok, sem="relaxed")
 
         # -- add this chunk's share into dk and dv --
         tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk * scale,
@@ -523,28 +529,31 @@ def gathered_shrink(meta):
 
 
 def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size, scale, causal,
-                            dq=None, index=None, packed: PackedBlocks | None = None):
+                            dq=None, index=None, packed: PackedBlocks | None = None, dq_slots=None):
     """Launch the gather kernel: (dk, dv) in float32. `do_branch` and `delta` are the branch's own
     dO and rowsum(o * dO); with dq (a float32 (B, Nq, Hq, Dqk) buffer) the kernel also adds each
     row's dq into it (ATOMIC_DQ, chapter 8b), gathering 32 rows per step in three pipeline stages:
     the fastest launch measured on an H200 (appendix, "Engineering notes"). `index`: the reverse index of
     `block_indices` if the caller kept it (chapter 8b's forward builds it too). `packed`: as in
-    the forward. Under torch.use_deterministic_algorithms(True) each block gets one program, the
-    only writer of its rows (then `index` is not used, and the caller passes no `dq`)."""
+    the forward. `dq_slots` instead of `dq`: a zero-filled (B, Nq, Hq, n, Dqk) buffer in which each
+    row's dq over each of its blocks is stored, in the slot the block holds (chapter 8b). Under
+    torch.use_deterministic_algorithms(True) each block gets one program, the only writer of its
+    rows of dk, dv (then `index` is not used, and the caller passes no `dq`)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     # -- reproducible runs: one program per block, adding once into zeros --
     one_writer = torch.are_deterministic_algorithms_enabled()
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda,
-                                     None if one_writer else index, packed, rows=32 if dq is not None else 64,
-                                     one_writer=one_writer)
+                                     None if one_writer else index, packed,
+                                     rows=64 if dq is None and dq_slots is None else 32, one_writer=one_writer)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
-                   (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq, *packed_tables(packed),
-                    scale, Nq, Nk, U),
-                   dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, PACKED=packed is not None, **meta),
-                   num_warps=4, num_stages=3 if dq is not None else 2, shrink=gathered_shrink(meta))
+                   (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq if dq_slots is None else dq_slots,
+                    *packed_tables(packed), scale, Nq, Nk, U),
+                   dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, DQ_SLOTS=dq_slots is not None,
+                        PACKED=packed is not None, **meta),
+                   num_warps=4, num_stages=2 if dq is None and dq_slots is None else 3, shrink=gathered_shrink(meta))
     return dk, dv
 
 
@@ -730,13 +739,8 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     atomic adds themselves when `dq` is float32 (NSA's fused backward), else after. `index`: the
     reverse index `selected_by_block_fwd` returned (None: built again). dk, dv in `dkdv_dtype` if
     given (NSA's fused backward keeps the gather kernel's float32). Under
-    torch.use_deterministic_algorithms(True), chapter 8's backward: its dq kernel (no atomics) and
-    one writer per block."""
-    if torch.are_deterministic_algorithms_enabled():
-        # -- reproducible runs: chapter 8's query tiles, built here, and its backward --
-        Q, tiles = query_tiles(block_indices, q.shape[2] // k.shape[2])
-        return selected_attention_bwd(do, q, k, v, o, lse, block_indices, block_size, scale, causal, Q, tiles,
-                                      gate=gate, d_gate=d_gate, dq=dq, packed=packed, dkdv_dtype=dkdv_dtype)
+    torch.use_deterministic_algorithms(True) each row's dq over each block goes to a slot, summed in
+    slot order (a buffer of n times dq in q's dtype), and dk, dv have one writer per block."""
     B, Nq, Hq, Dv = o.shape
     do, o = do.contiguous(), o.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -747,11 +751,18 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
         gate_and_delta_kernel[(cdiv(B * Nq * Hq, ROWS_PER_PROGRAM),)](
             do, o, gate, d_gate, delta, do_branch, B * Nq * Hq, DIM_V=Dv, BLOCK_DV=head_dim_block(Dv),
             BLOCK_ROWS=ROWS_PER_PROGRAM, GATED=gate is not None)
-    # -- the gather kernel: dk, dv, and dq by atomic adds into a float32 buffer --
-    into_dq = dq is not None and dq.dtype == torch.float32
-    dq_acc = dq if into_dq else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
-                                     scale, causal, dq=dq_acc, index=index, packed=packed)
+    # -- the gather kernel: dk, dv, and dq by atomic adds into a float32 buffer; for reproducible
+    #    runs dq in the slots (B, Nq, Hq, n, Dqk), summed in slot order --
+    if torch.are_deterministic_algorithms_enabled():
+        dq_slots = torch.zeros(*q.shape[:3], block_indices.shape[-1], q.shape[3], device=q.device, dtype=q.dtype)
+        dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
+                                         scale, causal, packed=packed, dq_slots=dq_slots)
+        dq_acc, into_dq = dq_slots.sum(3, dtype=torch.float32), False
+    else:
+        into_dq = dq is not None and dq.dtype == torch.float32
+        dq_acc = dq if into_dq else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
+                                         scale, causal, dq=dq_acc, index=index, packed=packed)
     # -- dq in q's dtype, or added into the caller's --
     if dq is None:
         dq = dq_acc.to(q.dtype)
@@ -856,8 +867,9 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 16;
     B * Nq * H * n < 2**31. dk, dv (and in the key-block-centric design dq) add partial results
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
-    torch.use_deterministic_algorithms(True) the backward is reproducible: one program per key
-    block adds its dk, dv, and dq comes from Chapter 8's kernel (slower; Chapter 8 says how much). The key-block-centric forward holds, until its merge, n partial
+    torch.use_deterministic_algorithms(True) the backward is reproducible and slower: one program
+    per key block adds its dk, dv, and the key-block-centric dq goes through n slots per row (a
+    buffer of n times dq in q's dtype), summed in order. The key-block-centric forward holds, until its merge, n partial
     outputs per row in q's dtype (n times the output: 8.6 GB at 64k tokens, 32 query heads,
     d = 128, bf16).
     """

@@ -155,15 +155,17 @@ def test_design_by_group_size():
 @pytest.mark.parametrize("Hq,H", [(4, 2), (8, 1)], ids=["key-block-centric", "query-centric"])
 def test_backward_under_deterministic_algorithms_has_one_writer_per_block(Hq, H, monkeypatch):
     """torch.use_deterministic_algorithms(True): the gather gets one program per key block (the
-    reverse index in one chunk per block) and the key-block-centric design hands its backward to
-    chapter 8's kernels (no atomic dq); the gradients equal the chunked ones, and on a GPU two runs
+    reverse index in one chunk per block) and the key-block-centric design stores dq in slots
+    instead of adding it atomically; the gradients equal the default ones, and on a GPU two runs
     give the same bits."""
-    chunks, handed_over = [], []
+    chunks, dq_kinds = [], []
     monkeypatch.setattr(selected, "reverse_block_index",
                         lambda indices, num_blocks, chunk: chunks.append(chunk) or reverse_block_index(
                             indices, num_blocks, chunk))
-    monkeypatch.setattr(selected, "selected_attention_bwd",
-                        lambda *a, **kw: handed_over.append(True) or selected_attention_bwd(*a, **kw))
+    gather = selected.selected_attention_dkdv
+    monkeypatch.setattr(selected, "selected_attention_dkdv", lambda *a, dq=None, dq_slots=None, **kw: dq_kinds.append(
+        "slots" if dq_slots is not None else "atomic" if dq is not None else "none") or gather(
+            *a, dq=dq, dq_slots=dq_slots, **kw))
     gen = torch.Generator(DEVICE).manual_seed(4)
     q, k, v = (torch.randn(1, 37, heads, 16, generator=gen, device=DEVICE) for heads in (Hq, H, H))
     indices = random_indices(gen, 1, 37, 37, H, 3, 16)
@@ -177,11 +179,11 @@ def test_backward_under_deterministic_algorithms_has_one_writer_per_block(Hq, H,
             runs.append(torch.autograd.grad(o.square().sum(), inputs))
         finally:
             torch.use_deterministic_algorithms(False)
-        assert chunks[-1] == (37 * 3 if deterministic else gather_chunk(DEVICE.type == "cuda"))           # the backward's index
-    switched = len(runs) - 1
-    assert len(handed_over) == (switched + 1 if Hq // H == 8 else switched)   # query-centric: every run
-    for chunked, one_writer in zip(runs[0], runs[1]):
-        torch.testing.assert_close(one_writer, chunked, atol=1e-5, rtol=1e-5)
+        assert chunks[-1] == (37 * 3 if deterministic else gather_chunk(DEVICE.type == "cuda"))  # the backward's
+    by_block = Hq // H == 2
+    assert dq_kinds == [("atomic" if by_block else "none")] + [("slots" if by_block else "none")] * (len(runs) - 1)
+    for default, reproducible in zip(runs[0], runs[1]):
+        torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
 
 
