@@ -541,11 +541,12 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
     rows of dk, dv (then `index` is not used, and the caller passes no `dq`)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
+    with_dq = dq is not None or dq_slots is not None
     # -- reproducible runs: one program per block, adding once into zeros --
     one_writer = torch.are_deterministic_algorithms_enabled()
     index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda,
-                                     None if one_writer else index, packed,
-                                     rows=64 if dq is None and dq_slots is None else 32, one_writer=one_writer)
+                                     None if one_writer else index, packed, rows=32 if with_dq else 64,
+                                     one_writer=one_writer)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
@@ -553,7 +554,7 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
                     *packed_tables(packed), scale, Nq, Nk, U),
                    dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, DQ_SLOTS=dq_slots is not None,
                         PACKED=packed is not None, **meta),
-                   num_warps=4, num_stages=2 if dq is None and dq_slots is None else 3, shrink=gathered_shrink(meta))
+                   num_warps=4, num_stages=3 if with_dq else 2, shrink=gathered_shrink(meta))
     return dk, dv
 
 
