@@ -11,7 +11,8 @@ from chapter 8's kernel instead of atomic adds. For each head shape, on `nsa.ben
 (triton.testing.do_bench, median), the peak memory, how many elements of the eight gradients
 differ between two runs of each, and the largest difference between the two modes (relative to
 the gradient's largest entry). PyTorch's own setting `fill_uninitialized_memory` (on by default
-under the switch: every torch.empty is filled) is left as a user gets it. `--tiny`: a small
+under the switch: every torch.empty is filled) is left as a user gets it; `--no-fill` turns it off
+(`torch.utils.deterministic.fill_uninitialized_memory = False`), to see its share. `--tiny`: a small
 problem in Triton's CPU interpreter, one run of each mode (a check of the script; there every run
 is the same).
 """
@@ -45,7 +46,9 @@ def main() -> int:
     parser.add_argument("--heads", default="64/4,32/8,32/32")
     parser.add_argument("--seq-len", default="64k")
     parser.add_argument("--tiny", action="store_true", help="a small problem in the CPU interpreter")
+    parser.add_argument("--no-fill", action="store_true", help="torch.empty unfilled under the switch")
     args = parser.parse_args()
+    torch.utils.deterministic.fill_uninitialized_memory = not args.no_fill
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_deterministic.py needs a CUDA GPU (or --tiny)")
         return 2
