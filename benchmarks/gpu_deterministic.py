@@ -1,13 +1,13 @@
 """What reproducible gradients cost the whole NSA op, and whether they reproduce (GPU).
 
-    python benchmarks/gpu_deterministic.py [--heads 64/4,32/8,32/32] [--seq-len 64k] [--tiny]
+    python benchmarks/gpu_deterministic.py [--heads 64/4,32/8,32/32] [--seq-len 64k] [--no-fill] [--tiny]
 
 Under `torch.use_deterministic_algorithms(True)` the Triton backward takes its reproducible path
 (chapter 8): the selected branch's gather kernel gives each key block one program, the only
-writer of its `dk, dv`, and for the GQA groups that run key-block-centric (chapter 8b) `dq` comes
-from chapter 8's kernel instead of atomic adds. For each head shape, on `nsa.bench`'s inputs
-(bf16, d = 128, the paper's geometry, `--seq-len` tokens): forward + backward of
-`native_sparse_attention(backend="triton")` by default and under the switch — the time
+writer of its `dk, dv`, and for the GQA groups that run key-block-centric (chapter 8b) each row's
+`dq` over each block goes to a slot, the slots summed in order, instead of atomic adds. For each
+head shape, on `nsa.bench`'s inputs (bf16, d = 128, the paper's geometry, `--seq-len` tokens):
+forward + backward of `native_sparse_attention(backend="triton")` by default and under the switch — the time
 (triton.testing.do_bench, median), the peak memory, how many elements of the eight gradients
 differ between two runs of each, and the largest difference between the two modes (relative to
 the gradient's largest entry). PyTorch's own setting `fill_uninitialized_memory` (on by default
