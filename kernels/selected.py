@@ -433,6 +433,28 @@ def program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV: t
             tl.load(CHUNK_END + at))
 
 
+@triton.jit
+def wait_for_chunk_before(DONE, CHUNK_BLOCK, block, num_programs):
+    """Reproducible runs: wait until the program before this one, if it holds the chunk before this
+    one of the same block, has added its share (its DONE set with release order). That program
+    started first (a grid (U, B * H) starts in order of u), so the wait ends."""
+    u = tl.program_id(0)
+    at = tl.program_id(1) * num_programs + u
+    if u > 0:
+        if tl.load(CHUNK_BLOCK + at - 1) == block:
+            done = tl.atomic_add(DONE + at - 1, 0, sem="acquire")
+            while done == 0:
+                done = tl.atomic_add(DONE + at - 1, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def mark_chunk_added(DONE, num_programs):
+    """Reproducible runs: once every thread's adds are issued, mark this program's share added."""
+    tl.debug_barrier()
+    tl.atomic_xchg(DONE + tl.program_id(1) * num_programs + tl.program_id(0), 1, sem="release")
+
+
 @triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
 def selected_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
@@ -442,6 +464,7 @@ def selected_attention_backward_dkdv_kernel(
     DQ,                        # output: ATOMIC_DQ float32 (B, Nq, Hq, Dqk), zero-filled, added into;
                                #   DQ_SLOTS (B, Nq, Hq, n, Dqk), zero-filled: each row's dq over each block
     POSITIONS, BLOCK_START, BLOCK_END,   # PACKED: PackedBlocks (chapter 10); else unused
+    DONE,                      # ORDERED: (B*H*U,) int32, zero-filled: program u has added its share
     scale, seq_len_q, seq_len_k, num_programs,   # num_programs: U
     HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -450,6 +473,7 @@ def selected_attention_backward_dkdv_kernel(
     SEL_BLOCK: tl.constexpr, NUM_SLOTS: tl.constexpr, CAUSAL: tl.constexpr,   # l', n
     ATOMIC_DQ: tl.constexpr,    # also add each row's dq = dS K into DQ (chapter 8b)
     DQ_SLOTS: tl.constexpr,     # or store it in the slot the block holds in the row's list
+    ORDERED: tl.constexpr,      # a block's chunks add dk, dv in chunk order (reproducible runs)
     PACKED: tl.constexpr,       # as in the forward
 ):
     b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
@@ -495,25 +519,27 @@ def selected_attention_backward_dkdv_kernel(
                 else:
                     tl.atomic_add(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], dq, mask=dq_ok, sem="relaxed")
 
-        # -- add this chunk's share into dk and dv --
+        # -- add this chunk's share into dk and dv; ORDERED: after the block's chunk before it --
+        if ORDERED:
+            wait_for_chunk_before(DONE, CHUNK_BLOCK, block, num_programs)
         tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk * scale,
                       mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), sem="relaxed")
         tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv,
                       mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
+        if ORDERED:
+            mark_chunk_added(DONE, num_programs)
 
 
 def gathered_launch(block_indices, group_size, seq_len_k, block_size, head_dims, is_cuda, index=None, packed=None,
-                    rows=64, one_writer=False):
+                    rows=64):
     """What a key-block-centric kernel is launched with: (reverse index (entries, chunks), built
     unless `index` is given, programs U per (batch, kv head), meta-parameters). A program takes a
-    chunk of one block's entries (`gather_chunk`), or with `one_writer` all of them, `rows` rows per
-    gathered tile (16 in the interpreter). head_dims: (Dqk, Dv). `packed`: the PackedBlocks of packed
-    sequences (their blocks, all of them)."""
+    chunk of one block's entries (`gather_chunk`), `rows` rows per gathered tile (16 in the
+    interpreter). head_dims: (Dqk, Dv). `packed`: the PackedBlocks of packed sequences (their blocks,
+    all of them)."""
     if index is None:
         num_blocks = num_selection_blocks(seq_len_k, block_size) if packed is None else packed.block_start.numel()
-        entries_per_head = block_indices.shape[1] * block_indices.shape[-1]
-        chunk = max(1, entries_per_head) if one_writer else gather_chunk(is_cuda)
-        index = reverse_block_index(block_indices, num_blocks, chunk)
+        index = reverse_block_index(block_indices, num_blocks, gather_chunk(is_cuda))
     block_gq = next_power_of_2(group_size)
     rows = max(rows if is_cuda else 16, block_gq)
     dim_qk, dim_v = head_dims
@@ -537,23 +563,23 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
     `block_indices` if the caller kept it (chapter 8b's forward builds it too). `packed`: as in
     the forward. `dq_slots` instead of `dq`: a zero-filled (B, Nq, Hq, n, Dqk) buffer in which each
     row's dq over each of its blocks is stored, in the slot the block holds (chapter 8b). Under
-    torch.use_deterministic_algorithms(True) each block gets one program, the only writer of its
-    rows of dk, dv (then `index` is not used, and the caller passes no `dq`)."""
+    torch.use_deterministic_algorithms(True) the chunks of a block add their dk, dv in chunk order
+    (ORDERED; the caller then passes no `dq`)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     with_dq = dq is not None or dq_slots is not None
-    # -- reproducible runs: one program per block, adding once into zeros --
-    one_writer = torch.are_deterministic_algorithms_enabled()
-    index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda,
-                                     None if one_writer else index, packed, rows=32 if with_dq else 64,
-                                     one_writer=one_writer)
+    index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda, index, packed,
+                                     rows=32 if with_dq else 64)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
+    # -- reproducible runs: each program marks when its share is added, the next chunk waits for it --
+    ordered = torch.are_deterministic_algorithms_enabled()
+    done = torch.zeros(B * H * U, device=q.device, dtype=torch.int32) if ordered else None
     launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
                    (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq if dq_slots is None else dq_slots,
-                    *packed_tables(packed), scale, Nq, Nk, U),
+                    *packed_tables(packed), done, scale, Nq, Nk, U),
                    dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, DQ_SLOTS=dq_slots is not None,
-                        PACKED=packed is not None, **meta),
+                        ORDERED=ordered, PACKED=packed is not None, **meta),
                    num_warps=4, num_stages=3 if with_dq else 2, shrink=gathered_shrink(meta))
     return dk, dv
 
@@ -741,7 +767,7 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     reverse index `selected_by_block_fwd` returned (None: built again). dk, dv in `dkdv_dtype` if
     given (NSA's fused backward keeps the gather kernel's float32). Under
     torch.use_deterministic_algorithms(True) each row's dq over each block goes to a slot, summed in
-    slot order (a buffer of n times dq in q's dtype), and dk, dv have one writer per block."""
+    slot order (a buffer of n times dq in q's dtype), and a block's chunks add dk, dv in turn."""
     B, Nq, Hq, Dv = o.shape
     do, o = do.contiguous(), o.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -868,9 +894,9 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 16;
     B * Nq * H * n < 2**31. dk, dv (and in the key-block-centric design dq) add partial results
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
-    torch.use_deterministic_algorithms(True) the backward is reproducible and slower: one program
-    per key block adds its dk, dv, and the key-block-centric dq goes through n slots per row (a
-    buffer of n times dq in q's dtype), summed in order. The key-block-centric forward holds, until its merge, n partial
+    torch.use_deterministic_algorithms(True) the backward is reproducible and slower: a key
+    block's chunks add its dk, dv in turn, and the key-block-centric dq goes through n slots per
+    row (a buffer of n times dq in q's dtype), summed in order. The key-block-centric forward holds, until its merge, n partial
     outputs per row in q's dtype (n times the output: 8.6 GB at 64k tokens, 32 query heads,
     d = 128, bf16).
     """

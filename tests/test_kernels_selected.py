@@ -10,7 +10,7 @@ import nsa  # first: switches Triton to its interpreter on a machine without CUD
 from nsa import attention, block_selection_mask
 from nsa.device import DEVICE
 from nsa.kernels import selected
-from nsa.kernels.selected import (MERGE_ROWS, gather_chunk, key_block_centric, merge_partials_kernel,
+from nsa.kernels.selected import (MERGE_ROWS, key_block_centric, merge_partials_kernel,
                                   prepare_block_indices, prepare_query_tiles, query_tiles, reverse_block_index,
                                   selected_attention_bwd, selected_attention_fwd, selected_attention_triton,
                                   selected_by_block_bwd, selected_by_block_fwd)
@@ -153,25 +153,22 @@ def test_design_by_group_size():
 
 
 @pytest.mark.parametrize("Hq,H", [(4, 2), (8, 1)], ids=["key-block-centric", "query-centric"])
-def test_backward_under_deterministic_algorithms_has_one_writer_per_block(Hq, H, monkeypatch):
-    """torch.use_deterministic_algorithms(True): the gather gets one program per key block (the
-    reverse index in one chunk per block) and the key-block-centric design stores dq in slots
-    instead of adding it atomically; the gradients equal the default ones, and on a GPU two runs
-    give the same bits."""
-    chunks, dq_kinds = [], []
-    monkeypatch.setattr(selected, "reverse_block_index",
-                        lambda indices, num_blocks, chunk: chunks.append(chunk) or reverse_block_index(
-                            indices, num_blocks, chunk))
-    gather = selected.selected_attention_dkdv
-    monkeypatch.setattr(selected, "selected_attention_dkdv", lambda *a, dq=None, dq_slots=None, **kw: dq_kinds.append(
-        "slots" if dq_slots is not None else "atomic" if dq is not None else "none") or gather(
-            *a, dq=dq, dq_slots=dq_slots, **kw))
+def test_backward_under_deterministic_algorithms_adds_in_chunk_order(Hq, H, monkeypatch):
+    """torch.use_deterministic_algorithms(True): the gather kernel's chunks of a block add dk, dv in
+    chunk order (ORDERED; blocks here span several chunks) and the key-block-centric design stores
+    dq in slots instead of adding it atomically; the gradients equal the default ones, and on a GPU
+    two runs give the same bits."""
+    gathers = []
+    launch = selected.launch_fitting
+    monkeypatch.setattr(selected, "launch_fitting", lambda kernel, grid, args, meta, *a, **kw: (
+        gathers.append((meta["ORDERED"], meta["ATOMIC_DQ"], meta["DQ_SLOTS"], args[7]))
+        if kernel is selected.selected_attention_backward_dkdv_kernel else None) or launch(kernel, grid, args, meta,
+                                                                                             *a, **kw))
     gen = torch.Generator(DEVICE).manual_seed(4)
     q, k, v = (torch.randn(1, 37, heads, 16, generator=gen, device=DEVICE) for heads in (Hq, H, H))
     indices = random_indices(gen, 1, 37, 37, H, 3, 16)
     runs = []
     for deterministic in (False, True, True) if DEVICE.type == "cuda" else (False, True):   # a GPU: twice
-        chunks.clear()
         torch.use_deterministic_algorithms(deterministic)
         try:
             inputs = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -179,9 +176,11 @@ def test_backward_under_deterministic_algorithms_has_one_writer_per_block(Hq, H,
             runs.append(torch.autograd.grad(o.square().sum(), inputs))
         finally:
             torch.use_deterministic_algorithms(False)
-        assert chunks[-1] == (37 * 3 if deterministic else gather_chunk(DEVICE.type == "cuda"))  # the backward's
     by_block = Hq // H == 2
-    assert dq_kinds == [("atomic" if by_block else "none")] + [("slots" if by_block else "none")] * (len(runs) - 1)
+    assert [g[:3] for g in gathers] == [(False, by_block, False)] + [(True, False, by_block)] * (len(runs) - 1)
+    if DEVICE.type != "cuda":                         # chunks of 8 entries: a block's chunks wait on each other
+        chunk_block = gathers[-1][3]                  # (B*H, U) (a GPU's chunks of 1024 hold a block whole here)
+        assert ((chunk_block[:, 1:] == chunk_block[:, :-1]) & (chunk_block[:, 1:] >= 0)).any()
     for default, reproducible in zip(runs[0], runs[1]):
         torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))

@@ -187,7 +187,7 @@ def test_operator_backward_with_a_loss_that_leaves_o_out():
 @pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
 def test_backward_under_deterministic_algorithms_equals_the_default(packed):
     """torch.use_deterministic_algorithms(True): the fused backward takes its reproducible path
-    (chapter 8: one writer per key block; the small groups' dq without atomics), with the default
+    (chapter 8: a key block's chunks add in turn; the small groups' dq in slots), with the default
     path's gradients of all eight inputs; on a GPU two runs give the same bits."""
     config = NSAConfig(16, 8, 16, 3, 1, 1, 24)
     inputs = make_inputs(1, 37, 37, 4, 2, 16, 16, config, 1, torch.float32, seed=5)   # group 2: by key block
