@@ -783,7 +783,7 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     if torch.are_deterministic_algorithms_enabled():
         dq_slots = torch.zeros(*q.shape[:3], block_indices.shape[-1], q.shape[3], device=q.device, dtype=q.dtype)
         dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
-                                         scale, causal, packed=packed, dq_slots=dq_slots)
+                                         scale, causal, index=index, packed=packed, dq_slots=dq_slots)
         dq_acc, into_dq = dq_slots.sum(3, dtype=torch.float32), False
     else:
         into_dq = dq is not None and dq.dtype == torch.float32
@@ -896,9 +896,9 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
     torch.use_deterministic_algorithms(True) the backward is reproducible and slower: a key
     block's chunks add its dk, dv in turn, and the key-block-centric dq goes through n slots per
-    row (a buffer of n times dq in q's dtype), summed in order. The key-block-centric forward holds, until its merge, n partial
-    outputs per row in q's dtype (n times the output: 8.6 GB at 64k tokens, 32 query heads,
-    d = 128, bf16).
+    row (a buffer of n times dq in q's dtype), summed in order. The key-block-centric forward
+    holds, until its merge, n partial outputs per row in q's dtype (n times the output: 8.6 GB at
+    64k tokens, 32 query heads, d = 128, bf16).
     """
     dims = check_qkv(q, k, v)
     scale = resolve_scale(scale, dims.dim_qk)
