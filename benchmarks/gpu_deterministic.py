@@ -30,6 +30,11 @@ from nsa.bench import make_inputs, parse_heads, parse_lengths  # noqa: E402
 from nsa.sparse_attention import native_sparse_attention  # noqa: E402
 
 
+def row_text(heads, mode, ms, peak, differ, worst) -> str:
+    """One line of the table: heads, mode, fwd+bwd ms, peak GiB, elements differing, vs default."""
+    return f"{heads:>6} {mode:>13} {ms:11.2f} {peak:9.2f} {differ:19d} {worst:11.1e}"
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(on: bool):
     """torch.use_deterministic_algorithms(on) for the block, then as it was."""
@@ -85,7 +90,7 @@ def main() -> int:
             worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
                         for a, b in zip(runs[mode][0], runs["default"][0]))
             rows.append((f"{heads_q}/{heads_kv}", mode, ms, peak, differ, worst))
-            print(f"{rows[-1][0]:>6} {mode:>13} {ms:11.2f} {peak:9.2f} {differ:19d} {worst:11.1e}", flush=True)
+            print(row_text(*rows[-1]), flush=True)
             if on:
                 assert differ <= 0, f"{heads_q}/{heads_kv}: {differ} elements differ between two reproducible runs"
                 assert worst < (1e-5 if args.tiny else 3e-2), (heads_q, heads_kv, worst)
@@ -93,8 +98,8 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     print(header)
-    for heads, mode, ms, peak, differ, worst in rows:
-        print(f"{heads:>6} {mode:>13} {ms:11.2f} {peak:9.2f} {differ:19d} {worst:11.1e}")
+    for row in rows:
+        print(row_text(*row))
     return 0
 
 
