@@ -14,7 +14,7 @@ from nsa.checks import (check_bool, check_compressed_args, check_positive_int, c
 from nsa.kernels.common import (LOG2E, PackedRows, cdiv, check_kernel_inputs, gate_and_delta,
                                 group_rows, head_dim_block, launch_fitting, load_rows,
                                 next_power_of_2, packed_launch, sequence_span, softmax_finish,
-                                softmax_update, store_dq, store_rows)
+                                softmax_update, store_dq, store_rows, written_before_read)
 
 
 class Band(NamedTuple):
@@ -451,6 +451,7 @@ class BandAttention(torch.autograd.Function):
     """Attention over a band of key rows: (o, lse), lse without gradient."""
 
     @staticmethod
+    @written_before_read
     def forward(ctx, q, k, v, scale, seq_len_k, band):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse = band_attention_forward(q, k, v, scale, seq_len_k, band)
@@ -460,6 +461,7 @@ class BandAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @written_before_read
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = band_attention_backward(do, q, k, v, o, lse, *ctx.args)

@@ -2,6 +2,7 @@
 """What every Triton kernel of the book shares: constants, the limits of the inputs they take,
 tile sizes that fit the GPU's shared memory, and the online-softmax step and finish."""
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -225,3 +226,21 @@ def store_dq(DQ_IN, DQ, dq, rows, row_ok, offs_dqk, DIM_QK: tl.constexpr, ADD_TO
     if ADD_TO_DQ:
         dq += load_rows(DQ_IN, rows, row_ok, offs_dqk, DIM_QK).to(tl.float32)
     store_rows(DQ, dq, rows, row_ok, offs_dqk, DIM_QK)
+
+
+def written_before_read(launcher):
+    """Decorate a launcher whose kernels write every element of the buffers it allocates before
+    anything reads it: under torch.use_deterministic_algorithms(True) its torch.empty calls skip
+    PyTorch's fill of uninitialised memory (`torch.utils.deterministic.fill_uninitialized_memory`,
+    restored on return), which would cost time and change nothing. Not while torch.compile traces."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        fills = torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory
+        if not fills or torch.compiler.is_compiling():
+            return launcher(*args, **kwargs)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            return launcher(*args, **kwargs)
+        finally:
+            torch.utils.deterministic.fill_uninitialized_memory = True
+    return run

@@ -16,7 +16,7 @@ from nsa.kernels.band import (band_attention_backward, band_attention_forward, c
                               window_band)
 from nsa.kernels.common import (KERNEL_DTYPES, ROWS_PER_PROGRAM, PackedRows, cdiv,
                                 check_kernel_inputs, check_kernel_sizes, load_rows, next_power_of_2,
-                                row_tile, store_rows)
+                                row_tile, store_rows, written_before_read)
 from nsa.kernels.selected import (PackedBlocks, default_queries_per_tile, key_block_centric,
                                   query_tiles, query_tiles_shapes, reverse_index_shapes,
                                   selected_attention_bwd, selected_attention_fwd,
@@ -99,6 +99,7 @@ def packed_blocks(cu_seqlens_q, cu_seqlens_k, total_q: int, block_size: int, num
 
 
 @torch.library.custom_op("nsa::sparse_attention_forward", mutates_args=())
+@written_before_read
 def sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
     g_win: Optional[Tensor], compress_block_size: int, compress_stride: int, select_block_size: int,
@@ -175,6 +176,7 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
 
 
 @torch.library.custom_op("nsa::sparse_attention_backward", mutates_args=())
+@written_before_read
 def sparse_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
     g_win: Optional[Tensor], o_cmp: Tensor, lse_cmp: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor,
@@ -249,6 +251,7 @@ sparse_attention_forward.register_autograd(_backward, setup_context=_save_for_ba
 
 
 @torch.library.custom_op("nsa::window_attention_forward", mutates_args=())
+@written_before_read
 def window_attention_forward(q: Tensor, k: Tensor, v: Tensor, window_size: int, causal: bool, scale: float,
                              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                              packed_sizes: list[int]) -> tuple[Tensor, Tensor]:
@@ -265,6 +268,7 @@ def _(q, k, v, window_size, causal, scale, cu_seqlens_q, cu_seqlens_k, packed_si
 
 
 @torch.library.custom_op("nsa::window_attention_backward", mutates_args=())
+@written_before_read
 def window_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                               window_size: int, causal: bool, scale: float, cu_seqlens_q: Optional[Tensor],
                               cu_seqlens_k: Optional[Tensor], packed_sizes: list[int]

@@ -12,7 +12,7 @@ from nsa.geometry import num_selection_blocks, query_positions
 from nsa.kernels.common import (LOG2E, ROWS_PER_PROGRAM, cdiv, check_kernel_inputs, gate_and_delta,
                                 group_rows, head_dim_block, launch_fitting, load_rows,
                                 next_power_of_2, row_tile, softmax_finish, softmax_update, store_dq,
-                                store_rows)
+                                store_rows, written_before_read)
 
 
 def prepare_block_indices(block_indices, block_size, seq_len_k, causal=True):
@@ -818,6 +818,7 @@ class SelectedAttentionTriton(torch.autograd.Function):
     query tiles; the forward's plan (reverse index or tiles) is kept for the backward."""
 
     @staticmethod
+    @written_before_read
     def forward(ctx, q, k, v, block_indices, block_size, scale, causal, queries_per_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # -- the plan, kept for the backward: chapter 8b's reverse index, or chapter 8's query tiles --
@@ -833,6 +834,7 @@ class SelectedAttentionTriton(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @written_before_read
     def backward(ctx, do, dlse):
         q, k, v, o, lse, block_indices, *plan = ctx.saved_tensors
         block_size, scale, causal, Q = ctx.args

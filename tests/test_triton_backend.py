@@ -208,3 +208,53 @@ def test_backward_under_deterministic_algorithms_equals_the_default(packed):
     for default, reproducible in zip(runs[0], runs[1]):
         torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
+
+
+def poisoned(allocate, seen):
+    """`allocate` (torch.empty, torch.empty_like or Tensor.new_empty) whose tensors come filled with
+    NaN (integers: their largest value), as PyTorch's deterministic fill would; `seen` collects the
+    fill flag at every call."""
+    def allocate_poisoned(*args, **kwargs):
+        seen.append(torch.utils.deterministic.fill_uninitialized_memory)
+        x = allocate(*args, **kwargs)
+        if x.dtype == torch.bool:
+            return x.fill_(True)
+        return x.fill_(float("nan") if x.is_floating_point() else torch.iinfo(x.dtype).max)
+    return allocate_poisoned
+
+
+@pytest.mark.parametrize("Hq,H,packed", [(4, 2, False), (4, 2, True), (8, 1, False)],
+                         ids=["by-key-block", "by-key-block-packed", "query-tiles"])
+def test_kernels_write_every_buffer_they_allocate_before_reading_it(monkeypatch, Hq, H, packed):
+    """The fused operator's launchers skip PyTorch's fill under torch.use_deterministic_algorithms
+    (`written_before_read`, chapter 8), which is right only if their kernels never read an element
+    of a buffer they allocated before writing it: with every torch.empty poisoned (NaN, or an
+    integer's largest value) the forward and all eight gradients keep the same bits. Inside the
+    operator the fill was off; after it, on again."""
+    config = NSAConfig(16, 8, 16, 3, 1, 1, 24)
+    inputs = make_inputs(1, 37, 37, Hq, H, 16, 16, config, 1, torch.float32, seed=11)
+    cu_seqlens = None
+    if packed:   # two sequences, 12 and 25 tokens: each its own memory row and compressed blocks
+        cu_seqlens = torch.tensor([0, 12, 37], dtype=torch.int32, device=DEVICE)
+        rows = [1 + num_compressed_blocks(n, 16, 8) for n in (12, 25)]
+        inputs[3], inputs[4] = (torch.cat([x[:, :rows[0]], x[:, :rows[1]]], 1) for x in inputs[3:5])
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        o = native_sparse_attention(*leaves, config, backend="triton", mem_kv_len=1, cu_seqlens=cu_seqlens)
+        return (o.detach(), *torch.autograd.grad(o.square().sum(), leaves))
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        clean = run()
+        seen = []
+        with monkeypatch.context() as patch:
+            for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+                patch.setattr(owner, name, poisoned(getattr(owner, name), seen))
+            dirty = run()
+        assert torch.utils.deterministic.fill_uninitialized_memory
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen and not any(seen)          # every buffer allocated inside the operator, without the fill
+    for a, b in zip(clean, dirty):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
