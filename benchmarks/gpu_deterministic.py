@@ -11,8 +11,9 @@ forward + backward of `native_sparse_attention(backend="triton")` by default and
 (triton.testing.do_bench, median), the peak memory, how many elements of the eight gradients
 differ between two runs of each, and the largest difference between the two modes (relative to
 the gradient's largest entry). PyTorch's own setting `fill_uninitialized_memory` (on by default
-under the switch: every torch.empty is filled) is left as a user gets it; `--no-fill` turns it off
-(`torch.utils.deterministic.fill_uninitialized_memory = False`), to see its share. `--tiny`: a small
+under the switch: every torch.empty is filled) is left as a user gets it — the kernels' launchers
+turn it off for their own buffers (`written_before_read`) — and `--no-fill` turns it off
+everywhere (`torch.utils.deterministic.fill_uninitialized_memory = False`), to see what remains. `--tiny`: a small
 problem in Triton's CPU interpreter, one run of each mode (a check of the script; there every run
 is the same).
 """
