@@ -186,6 +186,31 @@ def test_backward_under_deterministic_algorithms_adds_in_chunk_order(Hq, H, monk
     assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the order of a GPU's atomics; the interpreter runs programs in turn")
+@pytest.mark.parametrize("Hq,H", [(8, 4), (32, 2)], ids=["key-block-centric", "query-centric"])
+def test_reproducible_backward_repeats_bit_for_bit_where_blocks_span_chunks(Hq, H):
+    """On a GPU, at 5000 tokens (every query keeps block 0, which spans five chunks of 1024 entries,
+    and popular blocks span several): under torch.use_deterministic_algorithms(True) two runs of
+    the backward give the same bits, close to the default's gradients."""
+    gen = torch.Generator(DEVICE).manual_seed(6)
+    N, n, block_size = 5000, 16, 64
+    q, k, v = (torch.randn(1, N, heads, 64, generator=gen, device=DEVICE, dtype=torch.bfloat16) for heads in (Hq, H, H))
+    indices = random_indices(gen, 1, N, N, H, n, block_size)
+    indices[..., 0] = 0                                       # every query keeps block 0
+    runs = []
+    for deterministic in (False, True, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+            o = selected_attention_triton(*inputs, indices, block_size)
+            runs.append(torch.autograd.grad(o.float().square().sum(), inputs))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    for default, reproducible in zip(runs[0], runs[1]):
+        torch.testing.assert_close(reproducible, default, **close(torch.bfloat16, 1e-2))
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
+
+
 def test_tiles_noncausal_fp16():
     run_case(1, 30, 45, 8, 2, 32, 16, 3, 16, causal=False, dtype=torch.float16, queries_per_tile=4,
              shared=0.5)
