@@ -423,24 +423,24 @@ def gathered_rows(ENTRIES, first, end, batch, head_kv, seq_len_q, seq_len_k, POS
 
 
 @triton.jit
-def program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV: tl.constexpr):
-    """This program's share of the reverse index: (batch, kv head, key block (-1: no work), first
-    and past-the-last entry of its chunk), for a grid (U, B * H)."""
+def program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, head_first, heads, HEADS_KV: tl.constexpr):
+    """This program's share of the reverse index: (batch, kv head, its place in the (B*H, U)
+    tables, key block (-1: no work), first and past-the-last entry of its chunk), for a grid
+    (U, B * heads) over the kv heads [head_first, head_first + heads) (all of them: 0 and H)."""
     u = tl.program_id(0)
-    bh = tl.program_id(1)
-    at = bh * num_programs + u
-    return (bh // HEADS_KV, bh % HEADS_KV, tl.load(CHUNK_BLOCK + at), tl.load(CHUNK_BEGIN + at),
-            tl.load(CHUNK_END + at))
+    b = tl.program_id(1) // heads
+    h = head_first + tl.program_id(1) % heads
+    at = (b * HEADS_KV + h) * num_programs + u
+    return b, h, at, tl.load(CHUNK_BLOCK + at), tl.load(CHUNK_BEGIN + at), tl.load(CHUNK_END + at)
 
 
 @triton.jit
-def wait_for_chunk_before(DONE, CHUNK_BLOCK, block, num_programs):
-    """Reproducible runs: wait until the program before this one, if it holds the chunk before this
-    one of the same block, has added its share (its DONE set with release order). That program
-    started first (a grid (U, B * H) starts in order of u), so the wait ends."""
-    u = tl.program_id(0)
-    at = tl.program_id(1) * num_programs + u
-    if u > 0:
+def wait_for_chunk_before(DONE, CHUNK_BLOCK, block, at):
+    """Reproducible runs: wait until the program before this one (`at` its place in the tables),
+    if it holds the chunk before this one of the same block, has added its share (its DONE set
+    with release order). That program started first (a grid (U, ...) starts in order of u), so
+    the wait ends."""
+    if tl.program_id(0) > 0:
         if tl.load(CHUNK_BLOCK + at - 1) == block:
             done = tl.atomic_add(DONE + at - 1, 0, sem="acquire")
             while done == 0:
@@ -449,23 +449,25 @@ def wait_for_chunk_before(DONE, CHUNK_BLOCK, block, num_programs):
 
 
 @triton.jit
-def mark_chunk_added(DONE, num_programs):
+def mark_chunk_added(DONE, at):
     """Reproducible runs: once every thread's adds are issued, mark this program's share added."""
     tl.debug_barrier()
-    tl.atomic_xchg(DONE + tl.program_id(1) * num_programs + tl.program_id(0), 1, sem="release")
+    tl.atomic_xchg(DONE + at, 1, sem="release")
 
 
-@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs", "head_first", "heads"])
 def selected_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
     ENTRIES,                   # (B*H*Nq*n,) int32: entries i * n + slot grouped by (batch*kv head, block)
     CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END,   # (B*H, U) int32: each program's block and entry range
     DK, DV,                    # outputs, float32 (B, Nk, H, Dqk|Dv), zero-filled, added into
     DQ,                        # output: ATOMIC_DQ float32 (B, Nq, Hq, Dqk), zero-filled, added into;
-                               #   DQ_SLOTS (B, Nq, Hq, n, Dqk), zero-filled: each row's dq over each block
+                               #   DQ_SLOTS (B, Nq, heads * G, n, Dqk), zero-filled: the launch's rows'
+                               #   dq over each block
     POSITIONS, BLOCK_START, BLOCK_END,   # PACKED: PackedBlocks (chapter 10); else unused
     DONE,                      # ORDERED: (B*H*U,) int32, zero-filled: program u has added its share
     scale, seq_len_q, seq_len_k, num_programs,   # num_programs: U
+    head_first, heads,         # the launch's kv heads: [head_first, head_first + heads) (all: 0, H)
     HEADS_KV: tl.constexpr, GROUP: tl.constexpr,
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_GQ: tl.constexpr,     # G padded to a power of two (not to 16: the tile has many entries)
@@ -476,7 +478,8 @@ def selected_attention_backward_dkdv_kernel(
     ORDERED: tl.constexpr,      # a block's chunks add dk, dv in chunk order (reproducible runs)
     PACKED: tl.constexpr,       # as in the forward
 ):
-    b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
+    b, h, at, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, head_first,
+                                                heads, HEADS_KV)
     if block >= 0:
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -513,21 +516,22 @@ def selected_attention_backward_dkdv_kernel(
                 # -- dq of these rows: dS K, added to what the row's other blocks add, or kept apart --
                 dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
                 dq_ok = row_ok[:, None] & (offs_dqk[None, :] < DIM_QK)
-                if DQ_SLOTS:
-                    at = (rows * NUM_SLOTS + slot)[:, None] * DIM_QK + offs_dqk[None, :]
-                    tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=dq_ok)
+                if DQ_SLOTS:   # the row among the launch's heads: (b, i, query head - head_first * G)
+                    row = rows // (HEADS_KV * GROUP) * (heads * GROUP) + rows % (HEADS_KV * GROUP)
+                    place = ((row - head_first * GROUP) * NUM_SLOTS + slot)[:, None] * DIM_QK + offs_dqk[None, :]
+                    tl.store(DQ + place, dq.to(DQ.dtype.element_ty), mask=dq_ok)
                 else:
                     tl.atomic_add(DQ + rows[:, None] * DIM_QK + offs_dqk[None, :], dq, mask=dq_ok, sem="relaxed")
 
         # -- add this chunk's share into dk and dv; ORDERED: after the block's chunk before it --
         if ORDERED:
-            wait_for_chunk_before(DONE, CHUNK_BLOCK, block, num_programs)
+            wait_for_chunk_before(DONE, CHUNK_BLOCK, block, at)
         tl.atomic_add(DK + kv_rows[:, None] * DIM_QK + offs_dqk[None, :], dk * scale,
                       mask=key_ok[:, None] & (offs_dqk[None, :] < DIM_QK), sem="relaxed")
         tl.atomic_add(DV + kv_rows[:, None] * DIM_V + offs_dv[None, :], dv,
                       mask=key_ok[:, None] & (offs_dv[None, :] < DIM_V), sem="relaxed")
         if ORDERED:
-            mark_chunk_added(DONE, num_programs)
+            mark_chunk_added(DONE, at)
 
 
 def gathered_launch(block_indices, group_size, seq_len_k, block_size, head_dims, is_cuda, index=None, packed=None,
@@ -554,33 +558,47 @@ def gathered_shrink(meta):
     return (("BLOCK_Q", max(1, 16 // meta["BLOCK_GQ"])),)
 
 
+DQ_SLOT_BYTES = 2**30   # reproducible runs: the dq slots held at a time (the kv heads of one launch)
+
+
 def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size, scale, causal,
-                            dq=None, index=None, packed: PackedBlocks | None = None, dq_slots=None):
+                            dq=None, index=None, packed: PackedBlocks | None = None, dq_sum=None):
     """Launch the gather kernel: (dk, dv) in float32. `do_branch` and `delta` are the branch's own
     dO and rowsum(o * dO); with dq (a float32 (B, Nq, Hq, Dqk) buffer) the kernel also adds each
     row's dq into it (ATOMIC_DQ, chapter 8b), gathering 32 rows per step in three pipeline stages:
     the fastest launch measured on an H200 (appendix, "Engineering notes"). `index`: the reverse index of
     `block_indices` if the caller kept it (chapter 8b's forward builds it too). `packed`: as in
-    the forward. `dq_slots` instead of `dq`: a zero-filled (B, Nq, Hq, n, Dqk) buffer in which each
-    row's dq over each of its blocks is stored, in the slot the block holds (chapter 8b). Under
+    the forward. `dq_sum` instead of `dq` (reproducible runs, chapter 8b): a float32
+    (B, Nq, Hq, Dqk) tensor into which each row's dq is written as the sum, in slot order, of its
+    dq over each of its blocks, which the kernel stores in the slot the block holds (DQ_SLOTS):
+    one launch per group of kv heads whose slots fit DQ_SLOT_BYTES. Under
     torch.use_deterministic_algorithms(True) the chunks of a block add their dk, dv in chunk order
-    (ORDERED; the caller then passes no `dq`)."""
+    (ORDERED)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
-    with_dq = dq is not None or dq_slots is not None
-    index, U, meta = gathered_launch(block_indices, Hq // H, Nk, block_size, (Dqk, Dv), q.is_cuda, index, packed,
+    G, n = Hq // H, block_indices.shape[-1]
+    with_dq = dq is not None or dq_sum is not None
+    index, U, meta = gathered_launch(block_indices, G, Nk, block_size, (Dqk, Dv), q.is_cuda, index, packed,
                                      rows=32 if with_dq else 64)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     # -- reproducible runs: each program marks when its share is added, the next chunk waits for it --
     ordered = torch.are_deterministic_algorithms_enabled()
     done = torch.zeros(B * H * U, device=q.device, dtype=torch.int32) if ordered else None
-    launch_fitting(selected_attention_backward_dkdv_kernel, lambda _: (U, B * H),
-                   (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq if dq_slots is None else dq_slots,
-                    *packed_tables(packed), done, scale, Nq, Nk, U),
-                   dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, DQ_SLOTS=dq_slots is not None,
-                        ORDERED=ordered, PACKED=packed is not None, **meta),
-                   num_warps=4, num_stages=3 if with_dq else 2, shrink=gathered_shrink(meta))
+    # -- one launch for all kv heads; with dq in slots, one per group of heads whose slots fit --
+    slot_bytes_per_head = max(1, B * Nq * G * n * Dqk * q.element_size())
+    per_launch = H if dq_sum is None else max(1, min(H, DQ_SLOT_BYTES // slot_bytes_per_head))
+    for first in range(0, H, per_launch):
+        heads = min(per_launch, H - first)
+        slots = None if dq_sum is None else torch.zeros(B, Nq, heads * G, n, Dqk, device=q.device, dtype=q.dtype)
+        launch_fitting(selected_attention_backward_dkdv_kernel, lambda _, heads=heads: (U, B * heads),
+                       (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq if slots is None else slots,
+                        *packed_tables(packed), done, scale, Nq, Nk, U, first, heads),
+                       dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, DQ_SLOTS=slots is not None,
+                            ORDERED=ordered, PACKED=packed is not None, **meta),
+                       num_warps=4, num_stages=3 if with_dq else 2, shrink=gathered_shrink(meta))
+        if slots is not None:
+            dq_sum[:, :, first * G:(first + heads) * G] = slots.sum(3, dtype=torch.float32)
     return dk, dv
 
 
@@ -643,7 +661,8 @@ def selected_by_block_forward_kernel(
     PACKED: tl.constexpr,       # packed sequences (chapter 10): global blocks, POSITIONS, BLOCK_START/END
 ):
     # -- this program's key block and its chunk of the reverse index --
-    b, h, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, HEADS_KV)
+    b, h, _, block, begin, end = program_chunk(CHUNK_BLOCK, CHUNK_BEGIN, CHUNK_END, num_programs, 0, HEADS_KV,
+                                               HEADS_KV)
     if block >= 0:
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -767,7 +786,8 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     reverse index `selected_by_block_fwd` returned (None: built again). dk, dv in `dkdv_dtype` if
     given (NSA's fused backward keeps the gather kernel's float32). Under
     torch.use_deterministic_algorithms(True) each row's dq over each block goes to a slot, summed in
-    slot order (a buffer of n times dq in q's dtype), and a block's chunks add dk, dv in turn."""
+    slot order (the slots of a group of kv heads at a time, at most DQ_SLOT_BYTES), and a block's
+    chunks add dk, dv in turn."""
     B, Nq, Hq, Dv = o.shape
     do, o = do.contiguous(), o.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -779,12 +799,11 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
             do, o, gate, d_gate, delta, do_branch, B * Nq * Hq, DIM_V=Dv, BLOCK_DV=head_dim_block(Dv),
             BLOCK_ROWS=ROWS_PER_PROGRAM, GATED=gate is not None)
     # -- the gather kernel: dk, dv, and dq by atomic adds into a float32 buffer; for reproducible
-    #    runs dq in the slots (B, Nq, Hq, n, Dqk), summed in slot order --
+    #    runs dq in slots (n per row, a group of kv heads at a time), summed in slot order --
     if torch.are_deterministic_algorithms_enabled():
-        dq_slots = torch.zeros(*q.shape[:3], block_indices.shape[-1], q.shape[3], device=q.device, dtype=q.dtype)
+        dq_acc, into_dq = torch.empty(q.shape, device=q.device, dtype=torch.float32), False
         dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
-                                         scale, causal, index=index, packed=packed, dq_slots=dq_slots)
-        dq_acc, into_dq = dq_slots.sum(3, dtype=torch.float32), False
+                                         scale, causal, index=index, packed=packed, dq_sum=dq_acc)
     else:
         into_dq = dq is not None and dq.dtype == torch.float32
         dq_acc = dq if into_dq else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
@@ -898,7 +917,8 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
     torch.use_deterministic_algorithms(True) the backward is reproducible and slower: a key
     block's chunks add its dk, dv in turn, and the key-block-centric dq goes through n slots per
-    row (a buffer of n times dq in q's dtype), summed in order. The key-block-centric forward
+    row, summed in order (at most DQ_SLOT_BYTES, 1 GiB, of slots at a time: the kv heads in
+    groups). The key-block-centric forward
     holds, until its merge, n partial outputs per row in q's dtype (n times the output: 8.6 GB at
     64k tokens, 32 query heads, d = 128, bf16).
     """

@@ -156,12 +156,13 @@ def test_design_by_group_size():
 def test_backward_under_deterministic_algorithms_adds_in_chunk_order(Hq, H, monkeypatch):
     """torch.use_deterministic_algorithms(True): the gather kernel's chunks of a block add dk, dv in
     chunk order (ORDERED; blocks here span several chunks) and the key-block-centric design stores
-    dq in slots instead of adding it atomically; the gradients equal the default ones, and on a GPU
-    two runs give the same bits."""
+    dq in slots instead of adding it atomically, one launch per kv head here (DQ_SLOT_BYTES made
+    small); the gradients equal the default ones, and on a GPU two runs give the same bits."""
     gathers = []
     launch = selected.launch_fitting
+    monkeypatch.setattr(selected, "DQ_SLOT_BYTES", 1)           # the slots of one kv head per launch
     monkeypatch.setattr(selected, "launch_fitting", lambda kernel, grid, args, meta, *a, **kw: (
-        gathers.append((meta["ORDERED"], meta["ATOMIC_DQ"], meta["DQ_SLOTS"], args[7]))
+        gathers.append((meta["ORDERED"], meta["ATOMIC_DQ"], meta["DQ_SLOTS"], args[21:23], args[7]))
         if kernel is selected.selected_attention_backward_dkdv_kernel else None) or launch(kernel, grid, args, meta,
                                                                                              *a, **kw))
     gen = torch.Generator(DEVICE).manual_seed(4)
@@ -177,9 +178,11 @@ def test_backward_under_deterministic_algorithms_adds_in_chunk_order(Hq, H, monk
         finally:
             torch.use_deterministic_algorithms(False)
     by_block = Hq // H == 2
-    assert [g[:3] for g in gathers] == [(False, by_block, False)] + [(True, False, by_block)] * (len(runs) - 1)
+    heads = [(0, 1), (1, 1)] if by_block else [(0, 1)]         # (first kv head, kv heads) of each launch
+    assert [g[:4] for g in gathers] == [(False, by_block, False, (0, H))] + [
+        (True, False, by_block, launch) for _ in runs[1:] for launch in heads]
     if DEVICE.type != "cuda":                         # chunks of 8 entries: a block's chunks wait on each other
-        chunk_block = gathers[-1][3]                  # (B*H, U) (a GPU's chunks of 1024 hold a block whole here)
+        chunk_block = gathers[-1][4]                  # (B*H, U) (a GPU's chunks of 1024 hold a block whole here)
         assert ((chunk_block[:, 1:] == chunk_block[:, :-1]) & (chunk_block[:, 1:] >= 0)).any()
     for default, reproducible in zip(runs[0], runs[1]):
         torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
