@@ -5,7 +5,8 @@
 Under `torch.use_deterministic_algorithms(True)` the Triton backward takes its reproducible path
 (chapter 8): the chunks of each key block in the selected branch's gather kernel add their
 `dk, dv` in turn, and for the GQA groups that run key-block-centric (chapter 8b) each row's
-`dq` over each block goes to a slot, the slots summed in order, instead of atomic adds. For each
+`dq` over each block goes to a slot, the slots summed in order (a group of kv heads at a time),
+instead of atomic adds. For each
 head shape, on `nsa.bench`'s inputs (bf16, d = 128, the paper's geometry, `--seq-len` tokens):
 forward + backward of `native_sparse_attention(backend="triton")` by default and under the switch — the time
 (triton.testing.do_bench, median), the peak memory, how many elements of the eight gradients
