@@ -3,20 +3,19 @@
     python benchmarks/gpu_deterministic.py [--heads 64/4,32/8,32/32] [--seq-len 64k] [--no-fill] [--tiny]
 
 Under `torch.use_deterministic_algorithms(True)` the Triton backward takes its reproducible path
-(chapter 8): the chunks of each key block in the selected branch's gather kernel add their
-`dk, dv` in turn, and for the GQA groups that run key-block-centric (chapter 8b) each row's
-`dq` over each block goes to a slot, the slots summed in order (a group of kv heads at a time),
-instead of atomic adds. For each
-head shape, on `nsa.bench`'s inputs (bf16, d = 128, the paper's geometry, `--seq-len` tokens):
-forward + backward of `native_sparse_attention(backend="triton")` by default and under the switch — the time
-(triton.testing.do_bench, median), the peak memory, how many elements of the eight gradients
-differ between two runs of each, and the largest difference between the two modes (relative to
-the gradient's largest entry). PyTorch's own setting `fill_uninitialized_memory` (on by default
-under the switch: every torch.empty is filled) is left as a user gets it — the kernels' launchers
-turn it off for their own buffers (`written_before_read`) — and `--no-fill` turns it off
-everywhere (`torch.utils.deterministic.fill_uninitialized_memory = False`), to see what remains. `--tiny`: a small
-problem in Triton's CPU interpreter, one run of each mode (a check of the script; there every run
-is the same).
+(chapter 8): the chunks of each key block in the selected branch's gather kernel add their `dk, dv`
+in turn, and for the GQA groups that run key-block-centric (chapter 8b) each row's `dq` over each
+block goes to a slot, the slots summed in order (a group of kv heads at a time), instead of atomic
+adds. For each head shape, on `nsa.bench`'s inputs (bf16, d = 128, the paper's geometry, `--seq-len`
+tokens): forward + backward of `native_sparse_attention(backend="triton")` by default and under the
+switch — the time (triton.testing.do_bench, median), the peak memory, how many elements of the eight
+gradients differ between two runs of each, and the largest difference between the two modes
+(relative to the gradient's largest entry). PyTorch's own setting `fill_uninitialized_memory` (on by
+default under the switch: every torch.empty is filled) is left as a user gets it — the kernels'
+launchers turn it off for their own buffers (`written_before_read`) — and `--no-fill` turns it off
+everywhere (`torch.utils.deterministic.fill_uninitialized_memory = False`), to see what remains.
+`--tiny`: a small problem in Triton's CPU interpreter, one run of each mode (a check of the script;
+there every run is the same).
 """
 
 import argparse
