@@ -455,7 +455,7 @@ def mark_chunk_added(DONE, at):
     tl.atomic_xchg(DONE + at, 1, sem="release")
 
 
-@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs", "head_first", "heads"])
+@triton.jit(do_not_specialize=["seq_len_q", "seq_len_k", "num_programs"])
 def selected_attention_backward_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,   # as in the dq kernel (DO: the branch's dO; DELTA its output)
     ENTRIES,                   # (B*H*Nq*n,) int32: entries i * n + slot grouped by (batch*kv head, block)
