@@ -571,7 +571,8 @@ def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block
     the forward. `dq_sum` instead of `dq` (reproducible runs, chapter 8b): a float32
     (B, Nq, Hq, Dqk) tensor into which each row's dq is written as the sum, in slot order, of its
     dq over each of its blocks, which the kernel stores in the slot the block holds (DQ_SLOTS):
-    one launch per group of kv heads whose slots fit DQ_SLOT_BYTES. Under
+    one launch per group of kv heads whose slots fit DQ_SLOT_BYTES (one kv head where its own slots
+    do not). Under
     torch.use_deterministic_algorithms(True) the chunks of a block add their dk, dv in chunk order
     (ORDERED)."""
     B, Nq, Hq, Dqk = q.shape
@@ -786,8 +787,8 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
     reverse index `selected_by_block_fwd` returned (None: built again). dk, dv in `dkdv_dtype` if
     given (NSA's fused backward keeps the gather kernel's float32). Under
     torch.use_deterministic_algorithms(True) each row's dq over each block goes to a slot, summed in
-    slot order (the slots of a group of kv heads at a time, at most DQ_SLOT_BYTES), and a block's
-    chunks add dk, dv in turn."""
+    slot order (the slots of a group of kv heads at a time: `selected_attention_dkdv`), and a
+    block's chunks add dk, dv in turn."""
     B, Nq, Hq, Dv = o.shape
     do, o = do.contiguous(), o.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -917,10 +918,10 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
     torch.use_deterministic_algorithms(True) the backward is reproducible and slower: a key
     block's chunks add its dk, dv in turn, and the key-block-centric dq goes through n slots per
-    row, summed in order (at most DQ_SLOT_BYTES, 1 GiB, of slots at a time: the kv heads in
-    groups). The key-block-centric forward
-    holds, until its merge, n partial outputs per row in q's dtype (n times the output: 8.6 GB at
-    64k tokens, 32 query heads, d = 128, bf16).
+    row, summed in order (the kv heads in groups whose slots fit DQ_SLOT_BYTES, 1 GiB, or one kv
+    head at a time where its own do not). The key-block-centric forward holds, until its merge, n
+    partial outputs per row in q's dtype (n times the output: 8.6 GB at 64k tokens, 32 query
+    heads, d = 128, bf16).
     """
     dims = check_qkv(q, k, v)
     scale = resolve_scale(scale, dims.dim_qk)
