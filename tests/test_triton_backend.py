@@ -184,6 +184,14 @@ def test_operator_backward_with_a_loss_that_leaves_o_out():
     assert q.grad is not None and q.grad.abs().sum() > 0
 
 
+def pack_two_sequences(inputs):
+    """Make 37 tokens of `make_inputs` (memory 1, the config's l = 16, d = 8) two packed sequences
+    of 12 and 25 tokens, each with its own memory row and compressed blocks: cu_seqlens."""
+    rows = [1 + num_compressed_blocks(n, 16, 8) for n in (12, 25)]
+    inputs[3], inputs[4] = (torch.cat([x[:, :rows[0]], x[:, :rows[1]]], 1) for x in inputs[3:5])
+    return torch.tensor([0, 12, 37], dtype=torch.int32, device=DEVICE)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
 def test_backward_under_deterministic_algorithms_equals_the_default(packed):
     """torch.use_deterministic_algorithms(True): the fused backward takes its reproducible path
@@ -191,11 +199,7 @@ def test_backward_under_deterministic_algorithms_equals_the_default(packed):
     path's gradients of all eight inputs; on a GPU two runs give the same bits."""
     config = NSAConfig(16, 8, 16, 3, 1, 1, 24)
     inputs = make_inputs(1, 37, 37, 4, 2, 16, 16, config, 1, torch.float32, seed=5)   # group 2: by key block
-    cu_seqlens = None
-    if packed:   # two sequences, 12 and 25 tokens: each its own memory row and compressed blocks
-        cu_seqlens = torch.tensor([0, 12, 37], dtype=torch.int32, device=DEVICE)
-        rows = [1 + num_compressed_blocks(n, 16, 8) for n in (12, 25)]
-        inputs[3], inputs[4] = (torch.cat([x[:, :rows[0]], x[:, :rows[1]]], 1) for x in inputs[3:5])
+    cu_seqlens = pack_two_sequences(inputs) if packed else None
     runs = []
     for deterministic in (False, True, True) if DEVICE.type == "cuda" else (False, True):
         torch.use_deterministic_algorithms(deterministic)
@@ -233,11 +237,7 @@ def test_kernels_write_every_buffer_they_allocate_before_reading_it(monkeypatch,
     operator the fill was off; after it, on again."""
     config = NSAConfig(16, 8, 16, 3, 1, 1, 24)
     inputs = make_inputs(1, 37, 37, Hq, H, 16, 16, config, 1, torch.float32, seed=11)
-    cu_seqlens = None
-    if packed:   # two sequences, 12 and 25 tokens: each its own memory row and compressed blocks
-        cu_seqlens = torch.tensor([0, 12, 37], dtype=torch.int32, device=DEVICE)
-        rows = [1 + num_compressed_blocks(n, 16, 8) for n in (12, 25)]
-        inputs[3], inputs[4] = (torch.cat([x[:, :rows[0]], x[:, :rows[1]]], 1) for x in inputs[3:5])
+    cu_seqlens = pack_two_sequences(inputs) if packed else None
 
     def run():
         leaves = [x.clone().requires_grad_() for x in inputs]
