@@ -227,21 +227,53 @@ def poisoned(allocate, seen):
     return allocate_poisoned
 
 
-@pytest.mark.parametrize("Hq,H,packed", [(4, 2, False), (4, 2, True), (8, 1, False)],
-                         ids=["by-key-block", "by-key-block-packed", "query-tiles"])
-def test_kernels_write_every_buffer_they_allocate_before_reading_it(monkeypatch, Hq, H, packed):
-    """The fused operator's launchers skip PyTorch's fill under torch.use_deterministic_algorithms
-    (`written_before_read`, chapter 8), which is right only if their kernels never read an element
-    of a buffer they allocated before writing it: with every torch.empty poisoned (NaN, or an
-    integer's largest value) the forward and all eight gradients keep the same bits. Inside the
-    operator the fill was off; after it, on again."""
+def fused_operator(Hq, H, packed):
+    """(leaves, forward) of the fused operator on 37 tokens, batched or as two packed sequences."""
     config = NSAConfig(16, 8, 16, 3, 1, 1, 24)
     inputs = make_inputs(1, 37, 37, Hq, H, 16, 16, config, 1, torch.float32, seed=11)
     cu_seqlens = pack_two_sequences(inputs) if packed else None
+    return inputs, lambda *x: native_sparse_attention(*x, config, backend="triton", mem_kv_len=1, cu_seqlens=cu_seqlens)
+
+
+def branch_functions(kind):
+    """(leaves, forward) of one branch's autograd function on 37 tokens, 4/2 heads: the selected
+    branch (key-block design) or the compressed and the window bands, summed."""
+    from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
+    from nsa.kernels.selected import selected_attention_triton
+
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 37, heads, 16, generator=g).to(DEVICE) for heads in (4, 2, 2))
+    if kind == "selected":
+        indices = torch.randint(-1, 3, (1, 37, 2, 3), generator=g).to(DEVICE, torch.int32)
+        return [q, k, v], lambda *x: selected_attention_triton(*x, indices, 16)
+    k_cmp, v_cmp = (torch.randn(1, num_compressed_blocks(37, 16, 8), 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    return [q, k, v, k_cmp, v_cmp], lambda q, k, v, k_cmp, v_cmp: (
+        compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)[0] + sliding_window_attention_triton(q, k, v, 24))
+
+
+CASES = {"fused, by key block": lambda: fused_operator(4, 2, False),
+         "fused, by key block, packed": lambda: fused_operator(4, 2, True),
+         "fused, query tiles": lambda: fused_operator(8, 1, False),
+         "selected branch": lambda: branch_functions("selected"),
+         "compressed and window bands": lambda: branch_functions("bands")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_write_every_buffer_they_allocate_before_reading_it(monkeypatch, case):
+    """The launchers skip PyTorch's fill under torch.use_deterministic_algorithms
+    (`written_before_read`, chapter 8), which is right only if their kernels never read an element
+    of a buffer they allocated before writing it: with every torch.empty poisoned (NaN, or an
+    integer's largest value) the output and all gradients keep the same bits. Inside the
+    launchers the fill was off; after them, on again. (The selected branch's reproducible dq
+    slots go one kv head per launch here.)"""
+    from nsa.kernels import selected
+
+    monkeypatch.setattr(selected, "DQ_SLOT_BYTES", 1)
+    inputs, forward = CASES[case]()
 
     def run():
         leaves = [x.clone().requires_grad_() for x in inputs]
-        o = native_sparse_attention(*leaves, config, backend="triton", mem_kv_len=1, cu_seqlens=cu_seqlens)
+        o = forward(*leaves)
         return (o.detach(), *torch.autograd.grad(o.square().sum(), leaves))
 
     torch.use_deterministic_algorithms(True)
@@ -255,6 +287,6 @@ def test_kernels_write_every_buffer_they_allocate_before_reading_it(monkeypatch,
         assert torch.utils.deterministic.fill_uninitialized_memory
     finally:
         torch.use_deterministic_algorithms(False)
-    assert seen and not any(seen)          # every buffer allocated inside the operator, without the fill
+    assert seen and not any(seen)          # every buffer allocated inside a launcher, without the fill
     for a, b in zip(clean, dirty):
         assert torch.isfinite(b).all() and torch.equal(a, b)
