@@ -10,6 +10,9 @@ import nsa  # noqa: F401  (switches on the interpreter without CUDA, before trit
 from nsa.compression import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
+from nsa.kernels import selected
+from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
+from nsa.kernels.selected import selected_attention_triton
 from nsa.sparse_attention import native_sparse_attention
 from tolerance import TOL, close
 
@@ -238,9 +241,6 @@ def fused_operator(Hq, H, packed):
 def branch_functions(kind):
     """(leaves, forward) of one branch's autograd function on 37 tokens, 4/2 heads: the selected
     branch (key-block design) or the compressed and the window bands, summed."""
-    from nsa.kernels.band import compressed_attention_triton, sliding_window_attention_triton
-    from nsa.kernels.selected import selected_attention_triton
-
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(1, 37, heads, 16, generator=g).to(DEVICE) for heads in (4, 2, 2))
     if kind == "selected":
@@ -266,8 +266,6 @@ def test_kernels_write_every_buffer_they_allocate_before_reading_it(monkeypatch,
     integer's largest value) the output and all gradients keep the same bits. Inside the
     launchers the fill was off; after them, on again. (The selected branch's reproducible dq
     slots go one kv head per launch here.)"""
-    from nsa.kernels import selected
-
     monkeypatch.setattr(selected, "DQ_SLOT_BYTES", 1)
     inputs, forward = CASES[case]()
 
