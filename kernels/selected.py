@@ -562,44 +562,41 @@ DQ_SLOT_BYTES = 2**30   # reproducible runs: the dq slots held at a time (the kv
 
 
 def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size, scale, causal,
-                            dq=None, index=None, packed: PackedBlocks | None = None, dq_sum=None):
+                            dq=None, index=None, packed: PackedBlocks | None = None):
     """Launch the gather kernel: (dk, dv) in float32. `do_branch` and `delta` are the branch's own
     dO and rowsum(o * dO); with dq (a float32 (B, Nq, Hq, Dqk) buffer) the kernel also adds each
     row's dq into it (ATOMIC_DQ, chapter 8b), gathering 32 rows per step in three pipeline stages:
     the fastest launch measured on an H200 (appendix, "Engineering notes"). `index`: the reverse index of
     `block_indices` if the caller kept it (chapter 8b's forward builds it too). `packed`: as in
-    the forward. `dq_sum` instead of `dq` (reproducible runs, chapter 8b): a float32
-    (B, Nq, Hq, Dqk) tensor into which each row's dq is written as the sum, in slot order, of its
-    dq over each of its blocks, which the kernel stores in the slot the block holds (DQ_SLOTS):
-    one launch per group of kv heads whose slots fit DQ_SLOT_BYTES (one kv head where its own slots
-    do not). Under
-    torch.use_deterministic_algorithms(True) the chunks of a block add their dk, dv in chunk order
-    (ORDERED)."""
+    the forward. Under torch.use_deterministic_algorithms(True) the chunks of a block add their
+    dk, dv in chunk order (ORDERED), and a row's dq over each of its blocks goes to the slot the
+    block holds (DQ_SLOTS), the slots summed in slot order and added into dq: one launch per group
+    of kv heads whose slots fit DQ_SLOT_BYTES (one kv head where its own slots do not)."""
     B, Nq, Hq, Dqk = q.shape
     _, Nk, H, Dv = v.shape
     G, n = Hq // H, block_indices.shape[-1]
-    with_dq = dq is not None or dq_sum is not None
     index, U, meta = gathered_launch(block_indices, G, Nk, block_size, (Dqk, Dv), q.is_cuda, index, packed,
-                                     rows=32 if with_dq else 64)
+                                     rows=32 if dq is not None else 64)
     dk = torch.zeros(B, Nk, H, Dqk, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, Nk, H, Dv, device=q.device, dtype=torch.float32)
     # -- reproducible runs: each program marks when its share is added, the next chunk waits for it --
     ordered = torch.are_deterministic_algorithms_enabled()
     done = torch.zeros(B * H * U, device=q.device, dtype=torch.int32) if ordered else None
     # -- one launch for all kv heads; with dq in slots, one per group of heads whose slots fit --
+    in_slots = ordered and dq is not None
     slot_bytes_per_head = max(1, B * Nq * G * n * Dqk * q.element_size())
-    per_launch = H if dq_sum is None else max(1, min(H, DQ_SLOT_BYTES // slot_bytes_per_head))
+    per_launch = max(1, min(H, DQ_SLOT_BYTES // slot_bytes_per_head)) if in_slots else H
     for first in range(0, H, per_launch):
         heads = min(per_launch, H - first)
-        slots = None if dq_sum is None else torch.zeros(B, Nq, heads * G, n, Dqk, device=q.device, dtype=q.dtype)
+        slots = torch.zeros(B, Nq, heads * G, n, Dqk, device=q.device, dtype=q.dtype) if in_slots else None
         launch_fitting(selected_attention_backward_dkdv_kernel, lambda _, heads=heads: (U, B * heads),
                        (q, k, v, do_branch, lse, delta, index[0], *index[1], dk, dv, dq if slots is None else slots,
                         *packed_tables(packed), done, scale, Nq, Nk, U, first, heads),
-                       dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None, DQ_SLOTS=slots is not None,
-                            ORDERED=ordered, PACKED=packed is not None, **meta),
-                       num_warps=4, num_stages=3 if with_dq else 2, shrink=gathered_shrink(meta))
-        if slots is not None:
-            dq_sum[:, :, first * G:(first + heads) * G] = slots.sum(3, dtype=torch.float32)
+                       dict(HEADS_KV=H, CAUSAL=causal, ATOMIC_DQ=dq is not None and not in_slots,
+                            DQ_SLOTS=in_slots, ORDERED=ordered, PACKED=packed is not None, **meta),
+                       num_warps=4, num_stages=3 if dq is not None else 2, shrink=gathered_shrink(meta))
+        if in_slots:
+            dq[:, :, first * G:(first + heads) * G] += slots.sum(3, dtype=torch.float32)
     return dk, dv
 
 
@@ -799,17 +796,12 @@ def selected_by_block_bwd(do, q, k, v, o, lse, block_indices, block_size, scale,
         gate_and_delta_kernel[(cdiv(B * Nq * Hq, ROWS_PER_PROGRAM),)](
             do, o, gate, d_gate, delta, do_branch, B * Nq * Hq, DIM_V=Dv, BLOCK_DV=head_dim_block(Dv),
             BLOCK_ROWS=ROWS_PER_PROGRAM, GATED=gate is not None)
-    # -- the gather kernel: dk, dv, and dq by atomic adds into a float32 buffer; for reproducible
-    #    runs dq in slots (n per row, a group of kv heads at a time), summed in slot order --
-    if torch.are_deterministic_algorithms_enabled():
-        dq_acc, into_dq = torch.empty(q.shape, device=q.device, dtype=torch.float32), False
-        dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
-                                         scale, causal, index=index, packed=packed, dq_sum=dq_acc)
-    else:
-        into_dq = dq is not None and dq.dtype == torch.float32
-        dq_acc = dq if into_dq else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
-                                         scale, causal, dq=dq_acc, index=index, packed=packed)
+    # -- the gather kernel: dk, dv, and dq added into a float32 buffer (atomically; for reproducible
+    #    runs through slots summed in slot order: `selected_attention_dkdv`) --
+    into_dq = dq is not None and dq.dtype == torch.float32
+    dq_acc = dq if into_dq else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk, dv = selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size,
+                                     scale, causal, dq=dq_acc, index=index, packed=packed)
     # -- dq in q's dtype, or added into the caller's --
     if dq is None:
         dq = dq_acc.to(q.dtype)
