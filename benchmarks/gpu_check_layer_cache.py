@@ -20,7 +20,8 @@ at most). The layer's own
 distance from float64 is not the cache's: in bf16 it is one to three percent, every projection
 and branch rounded (measured on an H100, `book/data/layer_cache_check_h100.csv`).
 `--tiny` runs small sizes on the CPU (Triton's interpreter, float32, goal 1e-5), the MLP phi and
-`kv_per_branch` (mean pooling through the cache is tests/test_cache.py's): a check of the script. Writes DIR/layer_cache_check_<gpu>.csv with --out; prints a table last.
+`kv_per_branch` (mean pooling through the cache is tests/test_cache.py's): a check of the script.
+Writes DIR/layer_cache_check_<gpu>.csv with --out; prints a table last.
 """
 
 import argparse
