@@ -558,7 +558,7 @@ def gathered_shrink(meta):
     return (("BLOCK_Q", max(1, 16 // meta["BLOCK_GQ"])),)
 
 
-DQ_SLOT_BYTES = 2**30   # reproducible runs: the dq slots held at a time (the kv heads of one launch)
+DQ_SLOT_BYTES = 2**31   # reproducible runs: the dq slots held at a time (the kv heads of one launch)
 
 
 def selected_attention_dkdv(q, k, v, do_branch, lse, delta, block_indices, block_size, scale, causal,
@@ -910,7 +910,7 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
     torch.use_deterministic_algorithms(True) the backward is reproducible and slower: a key
     block's chunks add its dk, dv in turn, and the key-block-centric dq goes through n slots per
-    row, summed in order (the kv heads in groups whose slots fit DQ_SLOT_BYTES, 1 GiB, or one kv
+    row, summed in order (the kv heads in groups whose slots fit DQ_SLOT_BYTES, 2 GiB, or one kv
     head at a time where its own do not). The key-block-centric forward holds, until its merge, n
     partial outputs per row in q's dtype (n times the output: 8.6 GB at 64k tokens, 32 query
     heads, d = 128, bf16).

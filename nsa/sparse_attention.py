@@ -70,7 +70,7 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     differ in their last bits between runs. Under torch.use_deterministic_algorithms(True) it
     takes a reproducible path instead (a key block's chunks add in turn, dq summed in order), which
     is slower and, for GQA groups up to 8, holds dq slots (n per row, for as many kv heads at a time
-    as fit 1 GiB): Chapters 8, 8b and the appendix ("Reproducible dk, dv").
+    as fit 2 GiB): Chapters 8, 8b and the appendix ("Reproducible dk, dv").
     Returns o: (B, Nq, Hq, Dv) in q's dtype.
 
     Packed sequences (flash-attn's varlen convention, "Packed sequences" below): cu_seqlens, int32
