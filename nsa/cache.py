@@ -48,6 +48,10 @@ def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_
     # -- gathered, summarised, and written where completed now --
     for cache, cmp_cache, phi in zip(caches, cmp_caches, phis):
         summary = pool_blocks(cache[row[..., None], keys].transpose(2, 3), phi)     # (B, K, H, l, D) -> (B, K, H, D')
+        if summary.shape[-1] != cmp_cache.shape[-1]:
+            raise ValueError(f"phi maps blocks of dim {cache.shape[-1]} to dim {summary.shape[-1]}, but its compressed "
+                             f"cache holds dim {cmp_cache.shape[-1]} (the new tokens' keys and values are in the "
+                             "caches already: a retry with the same cache_seqlens writes them again)")
         cmp_cache[at] = torch.where(done, summary.to(cmp_cache.dtype), cmp_cache[at])
 
 
@@ -92,6 +96,21 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
     return torch.tensor(cache_seqlens, dtype=torch.int32, device=device)
 
 
+def check_writable(named_caches) -> None:
+    """Caches that a step writes in place, as (name, tensor) pairs: none in autograd's graph while
+    grad is on (each write would extend it), and none made under torch.inference_mode() when the
+    step runs outside it (PyTorch lets no one write such a tensor outside that mode)."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    for name, x in named_caches:
+        if grad and x.requires_grad:
+            raise ValueError(f"{name} requires grad: a cache is written in place at every step, which would put it "
+                             "in autograd's graph; pass it without requires_grad (.detach()), or decode under "
+                             "torch.no_grad() or torch.inference_mode()")
+        if x.is_inference() and not inference:
+            raise ValueError(f"{name} was made under torch.inference_mode(), and PyTorch writes such a tensor only "
+                             "under that mode: step under torch.inference_mode() too, or make the cache outside it")
+
+
 def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, k, v,
                      config, scale, mem_kv_len, k_win_cache=None, v_win_cache=None, k_win=None, v_win=None):
     """The arguments of `sparse_attention_with_kvcache`: (dims of q against the cache, the
@@ -130,6 +149,10 @@ def check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlen
         raise ValueError("the new keys or values require grad: writing them into the caches would put the caches "
                          "in autograd's graph, which every later step writes in place; decode under "
                          "torch.no_grad() or torch.inference_mode()")
+    if k is not None:                                  # the caches this step writes
+        check_writable([("k_cache", k_cache), ("v_cache", v_cache), ("k_cmp_cache", k_cmp_cache),
+                        ("v_cmp_cache", v_cmp_cache)] + ([] if k_win_cache is None else
+                                                         [("k_win_cache", k_win_cache), ("v_win_cache", v_win_cache)]))
     seqlens = check_cache_lengths(cache_seqlens, dims.batch, T, dims.seq_len_k, q.device)
     return dims, scale, seqlens
 
@@ -339,10 +362,11 @@ class KVCache:
         config = layer.config
         blocks = mem + num_compressed_blocks(max_seq_len, config.compress_block_size, config.compress_stride)
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
-        cache = cls({b: zeros(batch_size, max_seq_len, H, Dqk) for b in layer.to_k},
-                    {b: zeros(batch_size, max_seq_len, H, Dv) for b in layer.to_v},
-                    zeros(batch_size, blocks, H, Dqk), zeros(batch_size, blocks, H, Dv),
-                    [0] * batch_size, mem, weakref.ref(layer))
+        with torch.inference_mode(False):   # ordinary tensors (inference_mode too): either mode's steps write them
+            cache = cls({b: zeros(batch_size, max_seq_len, H, Dqk) for b in layer.to_k},
+                        {b: zeros(batch_size, max_seq_len, H, Dv) for b in layer.to_v},
+                        zeros(batch_size, blocks, H, Dqk), zeros(batch_size, blocks, H, Dv),
+                        [0] * batch_size, mem, weakref.ref(layer))
         return cache                  # (the memory rows: written by each row's first step, `forward_with_cache`)
 
     def _device_lengths(self) -> torch.Tensor:
@@ -354,8 +378,9 @@ class KVCache:
         if self._on_device is not None and len(self._on_device[1]) != len(self.lengths):
             self._on_device = None                                   # a new batch size: a new tensor
         if self._on_device is None:
-            self._on_device = (list(self.lengths),
-                               torch.tensor(self.lengths, dtype=torch.int32, device=self.k_cmp.device))
+            with torch.inference_mode(False):                        # an ordinary tensor, as the cache's (for_layer)
+                self._on_device = (list(self.lengths),
+                                   torch.tensor(self.lengths, dtype=torch.int32, device=self.k_cmp.device))
         elif self._on_device[0] != self.lengths:
             self._on_device[1].copy_(torch.tensor(self.lengths, dtype=torch.int32))
             self._on_device = (list(self.lengths), self._on_device[1])
@@ -421,8 +446,10 @@ class KVCache:
                 x.copy_(x.index_select(0, index))
         else:
             gather = lambda x: x.index_select(0, index)
-            keys, values = {b: gather(x) for b, x in self.keys.items()}, {b: gather(x) for b, x in self.values.items()}
-            k_cmp, v_cmp = gather(self.k_cmp), gather(self.v_cmp)      # all gathered before any is replaced
+            with torch.inference_mode(False):                        # ordinary tensors, as the cache's (for_layer)
+                keys = {b: gather(x) for b, x in self.keys.items()}
+                values = {b: gather(x) for b, x in self.values.items()}
+                k_cmp, v_cmp = gather(self.k_cmp), gather(self.v_cmp)  # all gathered before any is replaced
             self.keys, self.values, self.k_cmp, self.v_cmp = keys, values, k_cmp, v_cmp
         self.lengths = [self.lengths[row] for row in picked]
         return self
@@ -506,8 +533,9 @@ class KVCache:
     def __deepcopy__(self, memo) -> "KVCache":      # the same layer's cache, its tensors copied (without it
         # copy.deepcopy would ask __getstate__)
         copied = object.__new__(type(self))
-        copied.__dict__.update({name: value if name == "owner" else copy.deepcopy(value, memo)
-                                for name, value in self.__dict__.items()})
+        with torch.inference_mode(False):                            # ordinary tensors, as the cache's (for_layer)
+            copied.__dict__.update({name: value if name == "owner" else copy.deepcopy(value, memo)
+                                    for name, value in self.__dict__.items()})
         return copied
 
 
@@ -540,6 +568,11 @@ def check_new_tokens(layer, x, cache, new_tokens) -> list[int]:
     B, T, _ = x.shape
     if B != cache.batch_size:
         raise ValueError(f"x has batch {B} but the cache holds {cache.batch_size} rows")
+    lengths = check_row_counts("cache.lengths", cache.lengths, B)     # a field one may assign: checked here
+    if max(lengths) > cache.max_seq_len:
+        raise ValueError(f"cache.lengths = {lengths} but a row holds at most max_seq_len = {cache.max_seq_len} tokens")
+    check_writable([(f"cache.{part}['{b}']", t) for part in ("keys", "values") for b, t in getattr(cache, part).items()]
+                   + [("cache.k_cmp", cache.k_cmp), ("cache.v_cmp", cache.v_cmp)])
     dtype = autocast_dtype(x.dtype, x.device)                          # what the projections give
     if dtype != cache.k_cmp.dtype or x.device != cache.k_cmp.device:
         step = f", computed in {dtype} under torch.autocast," if dtype != x.dtype else ""

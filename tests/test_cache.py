@@ -389,6 +389,81 @@ def test_bad_cache_use_is_rejected_and_leaves_the_cache_unchanged(name, call, er
     assert_unchanged(cache, before)
 
 
+def test_assigned_lengths_are_checked_before_a_step():
+    """`lengths` is a field one may assign (the device lengths follow it): a step checks it first."""
+    torch.manual_seed(6)
+    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()
+    cache = layer.new_cache(2, 20)
+    with torch.no_grad():
+        layer(torch.randn(2, 16, 32), cache=cache)
+        before = snapshot(cache)
+        for bad, error, words in [([5], ValueError, r"cache.lengths must hold one count per batch row \(2\)"),
+                                  ([3.0, 2], TypeError, r"cache.lengths\[0\] must be an int"),
+                                  ([16, -3], ValueError, r"cache.lengths\[1\] must be an int >= 0"),
+                                  ([21, 2], ValueError, "at most max_seq_len = 20")]:
+            cache.lengths = bad
+            with pytest.raises(error, match=words):
+                layer(torch.randn(2, 1, 32), cache=cache)
+            cache.lengths = list(before[0])
+            assert_unchanged(cache, before)
+
+
+def test_a_cache_steps_under_inference_mode_and_no_grad_alike():
+    """A cache made or stepped under torch.inference_mode() takes later steps, truncate_ and
+    reorder_ under torch.no_grad() (and the reverse): its tensors are ordinary ones whichever mode
+    made them, and every step equals the layer on the whole sequence."""
+    torch.manual_seed(4)
+    layer = SparseAttention(32, **LAYERS[1][0], **LAYER_GEOMETRY).double().eval()
+    x = torch.randn(2, 48, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        cache = layer.new_cache(2, 48)
+        outputs = [layer(x[:, :39], cache=cache)]
+    with torch.no_grad():
+        outputs.append(layer(x[:, 39:40], cache=cache))
+    with torch.inference_mode():
+        outputs.append(layer(x[:, 40:43], cache=cache))
+    with torch.no_grad():
+        cache.truncate_(41)                                  # drafts 41, 42 rejected, then taken again
+        outputs.append(layer(x[:, 41:45], cache=cache))
+    torch.testing.assert_close(torch.cat(outputs[:2] + [outputs[2][:, :1], outputs[3]], 1), expected[:, :45],
+                               rtol=1e-10, atol=1e-10)
+    with torch.inference_mode():
+        cache.reorder_([1, 0, 1])                            # a new batch size: new tensors
+    with torch.no_grad():
+        last = layer(x[[1, 0, 1], 45:48], cache=cache)
+    torch.testing.assert_close(last, expected[[1, 0, 1], 45:48], rtol=1e-10, atol=1e-10)
+    assert not any(t.is_inference() for t in [*cache.keys.values(), cache.k_cmp, cache._device_lengths()])
+
+
+def test_functional_caches_the_step_may_not_write_are_refused_unchanged():
+    """Caches made under torch.inference_mode() and stepped outside it, or requiring grad while grad
+    is on, are refused before anything is written; a phi of the wrong output dim is named."""
+    B, N, H, D = 1, 16, 1, 8
+    blocks = num_compressed_blocks(N, 8, 4)
+    q, k, v = torch.randn(B, 2, 2, D), torch.randn(B, 2, H, D), torch.randn(B, 2, H, D)
+    gates = [torch.rand(B, 2, 2) for _ in range(3)]
+    v_cache, k_cmp, v_cmp = torch.zeros(B, N, H, D), torch.zeros(B, blocks, H, D), torch.zeros(B, blocks, H, D)
+    with torch.inference_mode():
+        k_cache = torch.zeros(B, N, H, D)
+    step = lambda k_cache, v_cache, **kw: sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp, v_cmp, [0],
+                                                                        *gates, SMALL, k=k, v=v, **kw)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"k_cache was made under torch.inference_mode\(\)"):
+        step(k_cache, v_cache)
+    assert not k_cache.any() and not v_cache.any() and not k_cmp.any() and not v_cmp.any()
+    with torch.inference_mode():                             # under the mode that made it: written
+        step(k_cache, v_cache)
+    assert torch.equal(k_cache[:, :2], k) and torch.equal(v_cache[:, :2], v)
+    v_cache.zero_()
+    with pytest.raises(ValueError, match="v_cache requires grad"):
+        step(torch.zeros(B, N, H, D), v_cache.clone().requires_grad_())
+    with torch.no_grad(), pytest.raises(ValueError, match="phi maps blocks of dim 8 to dim 4, but its compressed "
+                                                          "cache holds dim 8"):
+        step(torch.zeros(B, N, H, D), v_cache, phi_k=lambda blocks: blocks.mean(3)[..., :4])
+    assert not v_cmp.any()
+
+
 def test_new_cache_arguments_are_checked():
     layer = SparseAttention(32, heads=4, **LAYER_GEOMETRY)
     with pytest.raises(ValueError, match="batch_size"):
