@@ -58,7 +58,7 @@ def recorded_launches(heads_q, heads_kv, seq_len=4096, dim=128):
 
 
 def main() -> int:
-    arch, head_pairs = heads_and_arch(__doc__.splitlines()[0], "32/32")
+    arch, head_pairs = heads_and_arch(__doc__, "32/32")
     for heads, heads_q, heads_kv in head_pairs:
         for kernel, launch_args, meta in recorded_launches(heads_q, heads_kv):
             counts = sass_counts(compile_launch(kernel, launch_args, meta, arch))

@@ -70,7 +70,7 @@ def fused_window_dkdv(heads_q, heads_kv, seq_len=65536, dim=128):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fused-window", action="store_true",
                         help="the window's dk, dv kernel as NSA's fused backward launches it, at its tile")
     arch, head_pairs, args = heads_and_arch(parser.description, "32/32,32/8,64/4", parser)

@@ -60,7 +60,7 @@ def measure(model, experiment) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "book" / "data")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="variant indices (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="every variant's steps (a smoke run; default: theirs)")

@@ -63,7 +63,7 @@ def recorded_launches(heads_q, heads_kv, tokens, batch, context):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -114,8 +114,8 @@ def run_variant(launch, launch_args, outputs, compare=difference, timed=True):
 
 
 def sweep_arguments(description, default_heads, tiny_help):
-    """A tile sweep's command line: --heads, --seq-len, --out, and --tiny (4/2 heads, 200 tokens)."""
-    parser = argparse.ArgumentParser(description=description)
+    """A tile sweep's command line: --heads, --seq-len, --out, and --tiny (4/2 heads, 100 tokens)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default=default_heads)
     parser.add_argument("--seq-len", type=int, default=65536)
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -143,7 +143,7 @@ def open_sweep(args, script, stem, columns, note):
 
 
 def main() -> int:
-    args = sweep_arguments(__doc__.splitlines()[0], "32/32,32/8,64/4", "200 tokens, 4/2 heads of 16, float32, "
+    args = sweep_arguments(__doc__, "32/32,32/8,64/4", "100 tokens, 4/2 heads of 16, float32, "
                            "on the CPU: the launches and checks of two variants per kernel, not timed")
     setup = dict(dim=16, device="cpu", dtype=torch.float32) if args.tiny else {}
     f, writer = open_sweep(args, "gpu_band_tiles.py", "band_tiles",

@@ -103,7 +103,7 @@ def timing(out):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "book" / "data"))
     args = parser.parse_args()
     out = Path(args.out)

@@ -95,7 +95,7 @@ def check(dtype, options, tiny, device):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="folder for layer_cache_check_<gpu>.csv")
     parser.add_argument("--tiny", action="store_true", help="small sizes on the CPU: a check of the script")
     args = parser.parse_args()

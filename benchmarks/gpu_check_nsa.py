@@ -261,7 +261,7 @@ def write_csv(path, rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "book" / "data"), help="folder for the CSV files")
     parser.add_argument("--max-len", type=int, default=65536)
     parser.add_argument("--skip-timing", action="store_true")

@@ -400,7 +400,7 @@ def variants(variants_csv):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "book" / "data"))
     parser.add_argument("--quick", action="store_true", help="timing at 8k and 64k only")
     parser.add_argument("--skip-check", action="store_true")

@@ -86,7 +86,8 @@ def block_timing():
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, no options
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()   # --help, no options
     if not torch.cuda.is_available():
         sys.exit("gpu_compile_check.py needs a CUDA GPU")
     worst = op_check()

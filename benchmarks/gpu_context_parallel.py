@@ -98,7 +98,7 @@ def time_layer(group, world, device, tokens):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="folder for cp_<gpu>_p<P>.csv (rank 0 writes it)")
     parser.add_argument("--quick", action="store_true", help="correctness only")
     parser.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072])

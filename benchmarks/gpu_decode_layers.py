@@ -179,7 +179,7 @@ def decode_stack(context, batch, heads_q, heads_kv, layers, steps, tiny, dense=F
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--contexts", default="16k,64k")
     parser.add_argument("--heads", default="64/4,32/8")

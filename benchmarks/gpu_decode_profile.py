@@ -54,7 +54,7 @@ def host_profile(step, repeats=200):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("64k,128k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))

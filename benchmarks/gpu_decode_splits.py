@@ -35,7 +35,7 @@ COLUMNS = ["context", "batch", "heads_q", "heads_kv", *(name.lower() for name in
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(f"book/data/decode_split_sweep_{gpu_tag()}.csv")

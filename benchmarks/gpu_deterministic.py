@@ -48,7 +48,7 @@ def deterministic_algorithms(on: bool):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default="64/4,32/8,32/32")
     parser.add_argument("--seq-len", default="64k")
     parser.add_argument("--tiny", action="store_true", help="a small problem in the CPU interpreter")

@@ -81,7 +81,7 @@ def op_rows(cases=tuple(OP_CASES)):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", required=True, help="the label of this checkout's rows")
     parser.add_argument("--out", type=Path, default=None, help="a CSV the rows are added to")
     parser.add_argument("--op-cases", type=lambda text: text.split(","), default=list(OP_CASES),

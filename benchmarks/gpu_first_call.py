@@ -12,7 +12,7 @@ Triton cache folder, emptied at the start, so the first process pays for compili
 ("first ever") and each later one finds on disk what earlier shapes compiled; the script also
 counts the kernels each process compiled (new entries in the cache folder). `--out DIR` puts the
 rows into DIR/first_call_<gpu>.csv under the label `--build` (replacing that label's earlier
-rows, keeping the other builds' that chapter 7 compares). `--tiny` runs the same on small sizes
+rows, keeping the other builds' that the appendix compares). `--tiny` runs the same on small sizes
 in Triton's CPU interpreter (which compiles nothing): a check of the script only.
 """
 
@@ -74,7 +74,7 @@ def cache_entries(folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("32/32,64/4"))
     parser.add_argument("--seq-lens", type=parse_lengths, default=parse_lengths("16k,16385,64k,65000"))
     parser.add_argument("--out", type=Path, default=None)

@@ -216,7 +216,7 @@ def device_name():
 
 def main():
     global DEVICE
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the results")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny forward-only run on the CPU")

@@ -36,7 +36,7 @@ def gather(q, k, v, do, lse, delta, prepared, block_size, scale, chunk):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default="64/4,32/8,32/32")
     parser.add_argument("--seq-len", default="64k")
     parser.add_argument("--tiny", action="store_true", help="a small problem in the CPU interpreter")

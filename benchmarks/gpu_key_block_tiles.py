@@ -139,7 +139,7 @@ def shipped_variant(name, tiles, warps, stages):
 
 
 def main() -> int:
-    args = sweep_arguments(__doc__.splitlines()[0], "32/32,32/8,32/4", "200 tokens, 4/2 heads of 16, 4 blocks of "
+    args = sweep_arguments(__doc__, "32/32,32/8,32/4", "100 tokens, 4/2 heads of 16, 4 blocks of "
                            "16, float32, on the CPU: the launches and checks of two variants per kernel, not timed")
     setup = dict(dim=16, n=4, block_size=16, device="cpu", dtype=torch.float32) if args.tiny else {}
     f, writer = open_sweep(args, "gpu_key_block_tiles.py", "key_block_tiles",

@@ -49,7 +49,7 @@ def replay_us(fn):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("64k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))

@@ -48,7 +48,7 @@ def forward_backward_seconds(seq_len: int, heads_q: int, heads_kv: int) -> float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default="64/4", help="one head configuration, query/kv")
     parser.add_argument("--lengths", default="1000,16384,16385,65536", help="the calls' lengths, in order")
     args = parser.parse_args()

@@ -241,7 +241,7 @@ def time_mix(lengths, Hq, H, D, config, flex, create_block_mask):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="folder for packed_<gpu>.csv and .json")
     parser.add_argument("--heads", default="64/4,32/8")
     parser.add_argument("--mixes", default="long,short", help="document mixes: long, short")

@@ -56,7 +56,7 @@ def forward_in_order(events):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8,32/32"))
     parser.add_argument("--seq-len", type=parse_lengths, default=parse_lengths("64k"))
     args = parser.parse_args()

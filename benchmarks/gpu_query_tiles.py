@@ -34,7 +34,7 @@ def random_indices(N, H, n, l_sel, generator):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     N, n, l_sel, Q = 65536, 16, 64, 4

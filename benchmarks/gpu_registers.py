@@ -50,7 +50,8 @@ def report(label):
 
 
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, no options
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()   # --help, no options
     if not torch.cuda.is_available():
         print("benchmarks/gpu_registers.py needs a CUDA GPU")
         return 2

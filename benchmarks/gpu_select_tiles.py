@@ -31,7 +31,7 @@ from nsa.kernels.common import LOG2E, head_dim_block  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=lambda text: parse_lengths(text)[0], default=65536)
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("32/32,32/8,64/4"))
     parser.add_argument("--warps", default="4,8", help="warp counts to sweep, comma-separated")

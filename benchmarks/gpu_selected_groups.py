@@ -209,7 +209,7 @@ def timing(times_csv, lengths, peers, heads=HEADS, impls=IMPLS):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "book" / "data")
     parser.add_argument("--seq-lens", type=parse_lengths, default=parse_lengths("16k,64k"))
     parser.add_argument("--peers", type=Path, default=None,

@@ -110,7 +110,7 @@ CASES = [("select_blocks_kernel", (32, 32)), ("select_blocks_kernel", (32, 8)), 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=lambda text: parse_lengths(text)[0], default=65536)
     parser.add_argument("--tiny", action="store_true", help="the CPU interpreter, small sizes: checks the script")
     args = parser.parse_args()

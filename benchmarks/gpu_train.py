@@ -49,7 +49,7 @@ def nsa_backend_in_use(experiment, device) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "book" / "data"),
                         help="directory for the three result files (default: the repository's book/data)")
     parser.add_argument("--steps", type=int, default=None, help=f"default {GPU_EXPERIMENT.steps}")

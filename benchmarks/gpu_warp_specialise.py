@@ -120,7 +120,7 @@ def offline(variants):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=4096, help="key rows per kv head (the compressed keys of 64k)")
     parser.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU and report")
     parser.add_argument("--variants", help="comma-separated names (as printed): only these")

@@ -23,7 +23,8 @@ from nsa.geometry import num_compressed_blocks  # noqa: E402
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # --help, no options
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()   # --help, no options
     if not torch.cuda.is_available():
         sys.exit("gpu_window_left_out.py needs a CUDA GPU")
     dev, bf = "cuda", torch.bfloat16

@@ -105,7 +105,7 @@ def launching_nothing():
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", default="8/2")
     parser.add_argument("--dim-head", type=int, default=32)

@@ -32,7 +32,7 @@ def profiled(fn, warm_up=3):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["decode", "train"])
     parser.add_argument("--context", "--seq-len", dest="length", type=parse_lengths, default=parse_lengths("64k"))
     parser.add_argument("--batch", type=int, default=1, help="decode only; training runs batch 1")

@@ -94,7 +94,8 @@ def heads_and_arch(description: str, default_heads: str, parser: argparse.Argume
     warnings and prints Triton's version and the target; returns (arch, [(label, heads_q,
     heads_kv), ...]), and with `parser` the parsed arguments too."""
     own = parser
-    parser = parser or argparse.ArgumentParser(description=description)
+    parser = parser or argparse.ArgumentParser(description=description,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", default=default_heads)
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()

@@ -92,7 +92,7 @@ def run_one(notebook: Path, report: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=BOOK / "data")
     parser.add_argument("--chapters", default=None, help="comma-separated prefixes, e.g. 01,08,engineering")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per chapter")

@@ -54,7 +54,7 @@ def recorded_selections(selection, heads_q, heads_kv, config):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", type=Path, default=None, help="default: this checkout's nsa")
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()

@@ -73,7 +73,7 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     as fit 2 GiB): Chapters 8, 8b and the appendix ("Reproducible dk, dv").
     Returns o: (B, Nq, Hq, Dv) in q's dtype.
 
-    Packed sequences (flash-attn's varlen convention, "Packed sequences" below): cu_seqlens, int32
+    Packed sequences (flash-attn's varlen convention): cu_seqlens, int32
     (num_seqs + 1,), 0 first and total last; q, k, v, gates packed as (1, total, heads, dim),
     k_cmp, v_cmp as `nsa.varlen.compressed_cu_seqlens(cu_seqlens, l, d, mem_kv_len)` says (each
     sequence's memory rows, then its blocks). Every sequence is its own problem. cu_seqlens_q and

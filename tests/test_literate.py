@@ -312,6 +312,7 @@ def test_lint_passes_a_clean_module():
     ("X = 1  # see the chapter's measurements", "'the chapter'"),
     ("X = 1  # as this notebook shows", "'this notebook'"),
     ("X = 1  # the next cell times it", "next cell'"),
+    ("X = 1  # packed as in \"Packed sequences\" below", "'\"Packed sequences\" below'"),
 ])
 def test_lint_flags_notebook_references(line, found):
     text = HEAD + "\n" + line + "\n"

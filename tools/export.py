@@ -470,6 +470,8 @@ NOTEBOOK_REFERENCES = [
      r"|sections?)\s+(?:just\s+|right\s+)?(?:above|below)\b"),
     ("notebook-relative 'above/below'",
      r"\b(?:shown|printed|plotted|displayed|seen|measured|timed)\s+(?:just\s+|right\s+)?(?:above|below)\b"),
+    # a section named by its heading: '("Packed sequences" below)'
+    ("notebook-relative 'above/below'", r"\"[^\"\n]{3,60}\"\s+(?:just\s+|right\s+)?(?:above|below)\b"),
     # "this chapter", "the chapter's measurements", "this notebook", "the next cell"; a numbered
     # chapter ("Chapter 8 explains", "the chapter-5 reference") names its place in the book
     ("notebook-relative chapter", r"\b(?:this|that|the|next|previous|following|preceding|last)\s+"
