@@ -218,9 +218,10 @@ def resolve_seq_len_k(seq_len_k, seq_len_q: int, num_blocks: int, block_size: in
     if seq_len_q <= smallest and (seq_len_q == 1 or not causal):
         return smallest
     raise ValueError(
-        f"k_cmp holds {num_blocks} compressed blocks (after mem_kv_len rows), which do not come from "
-        f"{seq_len_q} keys (block_size {block_size}, stride {stride}); with fewer queries than keys, "
-        "pass seq_len_k = the number of keys, so that the queries can be placed at their positions")
+        f"k_cmp holds {num_blocks} compressed blocks (after mem_kv_len rows), but {seq_len_q} keys give "
+        f"{num_compressed_blocks(seq_len_q, block_size, stride)} (block_size {block_size}, stride {stride}): pass the "
+        "block_size and stride k_cmp was compressed with; or, with fewer queries than keys, pass seq_len_k = the "
+        "number of keys, so that the queries can be placed at their positions")
 
 
 def check_seq_len_k(seq_len_k, seq_len_q: int) -> int:

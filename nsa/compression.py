@@ -88,8 +88,10 @@ class CompressionMLP(nn.Module):
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         if not isinstance(blocks, torch.Tensor) or blocks.ndim < 2 or \
                 tuple(blocks.shape[-2:]) != (self.block_size, self.head_dim):
-            raise ValueError(f"blocks must have shape (..., block_size, head_dim) = (..., "
-                             f"{self.block_size}, {self.head_dim}), got {tuple(getattr(blocks, 'shape', ()))}")
+            raise ValueError(f"this CompressionMLP (head_dim={self.head_dim}, block_size={self.block_size}) takes "
+                             f"blocks of shape (..., {self.block_size}, {self.head_dim}), got "
+                             f"{tuple(getattr(blocks, 'shape', ()))}: compress blocks of its block_size, of keys or "
+                             "values of its head_dim, or build the MLP for yours")
         self.check_input(blocks, "blocks")
         with_position = blocks + self.position                     # (B, Nc, H, l, D)
         return self.mlp(with_position.flatten(-2))                 # (B, Nc, H, out_dim)

@@ -94,7 +94,9 @@ def block_selection_mask(block_indices: torch.Tensor, block_size: int, seq_len_k
     """(B, H, Nq, Nk) bool: each query sees the keys of its selected blocks.
 
     block_indices: (B, Nq, H, n) integer, block j covering keys [j*block_size, (j+1)*block_size);
-    -1 marks an empty slot. With `causal`, keys after the query's position are hidden too.
+    -1 marks an empty slot. With `causal`, keys after the query's position are hidden too. The
+    values are not read on the host: an index past the last block selects nothing (the kernels'
+    `check_indices=True` refuses it).
     """
     check_tensor("block_indices", block_indices, 4, "(batch, seq_len_q, heads_kv, n)")
     check_integer_tensor("block_indices", block_indices)

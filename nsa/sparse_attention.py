@@ -182,7 +182,12 @@ def packed_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
             raise ValueError(f"{name} holds packed sequences like {like_name}: its shape must start with "
                              f"{tuple(like.shape[:2])}, got {tuple(getattr(x, 'shape', ()))}")
     first = problem(0)
-    dims, scale_of_problem = check_sparse_inputs(*first, config, scale, mem_kv_len)
+    try:
+        dims, scale_of_problem = check_sparse_inputs(*first, config, scale, mem_kv_len)
+    except (ValueError, TypeError) as error:                       # name the slice the shapes come from
+        q0, q1 = pairs[0][0]
+        raise type(error)(f"{error} (checked on the first packed sequence, queries {q0}..{q1 - 1}: the shapes are "
+                          "its slices of the packed tensors)") from None
     implementation = select_backend(check_backend(backend), first, dims, config)
     if implementation.packed is not None and q.shape[1] * dims.dim_v:   # -- all at once --
         packing = Packing(cu_seqlens_q, cu_seqlens_k, cu_cmp, *zip(*pairs), rows)

@@ -242,6 +242,9 @@ q0, kc0 = torch.randn(1, 20, 4, 8), torch.randn(1, 3, 2, 8)
     (lambda: CompressionMLP(4, None), TypeError, "block_size"),
     (lambda: CompressionMLP(4, 4, hidden_dim=-1), ValueError, "hidden_dim"),
     (lambda: CompressionMLP(4, 4)(torch.randn(1, 2, 3, 5, 4)), ValueError, "blocks"),
+    # a CompressionMLP built for other blocks: the message names the MLP's sizes and the blocks'
+    (lambda: compress(torch.randn(1, 64, 1, 16), CompressionMLP(8, 16), 16, 8), ValueError,
+     r"CompressionMLP \(head_dim=8, block_size=16\) takes blocks of shape \(\.\.\., 16, 8\), got \(1, 7, 1, 16, 16\)"),
     (lambda: compressed_attention(q0[0], kc0, kc0), ValueError, "q"),
     (lambda: compressed_attention(q0, kc0[0], kc0), ValueError, "k_cmp"),
     (lambda: compressed_attention(q0, kc0, None), TypeError, "v_cmp"),
@@ -260,7 +263,10 @@ q0, kc0 = torch.randn(1, 20, 4, 8), torch.randn(1, 3, 2, 8)
     (lambda: compressed_attention(q0, kc0, kc0, 8, 4, seq_len_k=10), ValueError, "seq_len_k"),
     (lambda: compressed_attention(q0, kc0, kc0, 8, 4, seq_len_k="16"), TypeError, "seq_len_k"),
     (lambda: compressed_attention(q0, kc0, kc0, 32, 16), ValueError, "seq_len_k"),
-], ids=range(29))
+    # Nq == Nk, blocks of another geometry: the counts both ways, and the geometry to pass
+    (lambda: compressed_attention(q0, kc0, kc0, 4, 4), ValueError,
+     r"k_cmp holds 3 compressed blocks .*, but 20 keys give 5 \(block_size 4, stride 4\): pass the block_size"),
+], ids=range(31))
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call()

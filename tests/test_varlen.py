@@ -226,6 +226,16 @@ def test_bad_cu_seqlens_name_the_argument(index):
         call()
 
 
+def test_a_packed_problem_refused_names_the_first_sequence_it_checked():
+    """The packed call checks the first sequence's slices (the others differ only in length): the
+    message says so, beside the slice's shapes."""
+    inputs, _, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 0, torch.float64)
+    inputs[5] = inputs[5][..., :1]                                # g_cmp with one head of two
+    with pytest.raises(ValueError, match=r"g_cmp has shape \(1, 5, 1\).*\(checked on the first packed sequence, "
+                                         r"queries 0\.\.4: the shapes are its slices of the packed tensors\)"):
+        native_sparse_attention(*inputs, CONFIG, backend="torch", cu_seqlens=cu_k)
+
+
 @pytest.mark.parametrize("index, name", [(2, "v"), (3, "k_cmp"), (4, "v_cmp"), (6, "g_slc")])
 def test_packed_tensors_of_other_lengths_are_rejected(index, name):
     inputs, _, cu_k = packed_problem([5, 9, 20], 2, 1, 8, 8, 0, torch.float64)
