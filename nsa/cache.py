@@ -79,6 +79,8 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = [cache_seqlens] * batch
     if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.is_meta:
+            raise ValueError("cache_seqlens is on the meta device: it holds no lengths; pass a real tensor or a list")
         if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool \
                 or tuple(cache_seqlens.shape) != (batch,):
             raise TypeError(f"cache_seqlens must be a (batch,) = ({batch},) integer tensor or a list of ints, got "

@@ -342,10 +342,13 @@ def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name:
                            device=None):
     """A (batch, seq_len_k) bool tensor, True = keep (any shape of that rank when batch is None), on
     `device` where given (the inputs')."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor of shape (batch, seq_len_k) with True = keep, "
                         f"got {getattr(mask, 'dtype', type(mask).__name__)} "
                         f"{tuple(getattr(mask, 'shape', ()))}")
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a bool tensor of shape (batch, seq_len_k) with True = keep, "
+                         f"got shape {tuple(mask.shape)}")
     if batch is not None and tuple(mask.shape) != (batch, seq_len_k):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected (batch, seq_len_k) = "
                          f"{(batch, seq_len_k)}")

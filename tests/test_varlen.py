@@ -226,6 +226,16 @@ def test_bad_cu_seqlens_name_the_argument(index):
         call()
 
 
+def test_a_padding_mask_of_another_rank_or_dtype_is_refused():
+    layer = SparseAttention(32, heads=4, kv_heads=2, backend="torch")
+    x = torch.randn(2, 40, 32)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(batch, seq_len_k\).*"
+                                         r"got shape \(2, 1, 40\)"):
+        layer(x, mask=torch.ones(2, 1, 40, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        layer(x, mask=torch.ones(2, 40))
+
+
 def test_a_packed_problem_refused_names_the_first_sequence_it_checked():
     """The packed call checks the first sequence's slices (the others differ only in length): the
     message says so, beside the slice's shapes."""
