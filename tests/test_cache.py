@@ -337,6 +337,18 @@ def assert_unchanged(cache, before):
     assert all(torch.equal(cache.keys[b], keys[b]) and torch.equal(cache.values[b], values[b]) for b in keys)
 
 
+def with_lengths(lengths):
+    """A step after `cache.lengths = lengths` (a field one may assign, checked by the step), the
+    lengths put back afterwards."""
+    def call(layer, cache):
+        before, cache.lengths = cache.lengths, lengths
+        try:
+            layer(torch.randn(2, 1, 32), cache=cache)
+        finally:
+            cache.lengths = before
+    return call
+
+
 BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("full", lambda layer, cache: layer(torch.randn(2, 5, 32), cache=cache), ValueError, "do not fit"),
     ("dtype", lambda layer, cache: layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache), TypeError, "float64"),
@@ -373,6 +385,10 @@ BAD_STEPS = [  # (what the call passes, error type, words the message must hold)
     ("reorder-2d", lambda layer, cache: cache.reorder_(torch.zeros(2, 2, dtype=torch.long)), ValueError, "1-D"),
     ("reorder-type", lambda layer, cache: cache.reorder_(0), TypeError, "list, tuple"),
     ("reorder-negative", lambda layer, cache: cache.reorder_([1, -1]), ValueError, "rows[1]"),
+    ("lengths-count", with_lengths([5]), ValueError, "cache.lengths must hold one count per batch row"),
+    ("lengths-float", with_lengths([3.0, 2]), TypeError, "cache.lengths[0] must be an int"),
+    ("lengths-negative", with_lengths([16, -3]), ValueError, "cache.lengths[1] must be an int >= 0"),
+    ("lengths-long", with_lengths([21, 2]), ValueError, "at most max_seq_len = 20"),
 ]
 
 
@@ -387,25 +403,6 @@ def test_bad_cache_use_is_rejected_and_leaves_the_cache_unchanged(name, call, er
         with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
             call(layer, cache)
     assert_unchanged(cache, before)
-
-
-def test_assigned_lengths_are_checked_before_a_step():
-    """`lengths` is a field one may assign (the device lengths follow it): a step checks it first."""
-    torch.manual_seed(6)
-    layer = SparseAttention(32, heads=4, kv_heads=2, num_mem_kv=1, **LAYER_GEOMETRY).eval()
-    cache = layer.new_cache(2, 20)
-    with torch.no_grad():
-        layer(torch.randn(2, 16, 32), cache=cache)
-        before = snapshot(cache)
-        for bad, error, words in [([5], ValueError, r"cache.lengths must hold one count per batch row \(2\)"),
-                                  ([3.0, 2], TypeError, r"cache.lengths\[0\] must be an int"),
-                                  ([16, -3], ValueError, r"cache.lengths\[1\] must be an int >= 0"),
-                                  ([21, 2], ValueError, "at most max_seq_len = 20")]:
-            cache.lengths = bad
-            with pytest.raises(error, match=words):
-                layer(torch.randn(2, 1, 32), cache=cache)
-            cache.lengths = list(before[0])
-            assert_unchanged(cache, before)
 
 
 def test_a_cache_steps_under_inference_mode_and_no_grad_alike():
