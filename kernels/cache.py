@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.cache import CACHE_WRITERS, append_tokens, compress_new_blocks, num_candidates
+from nsa.cache import (CACHE_WRITERS, append_tokens, check_summary_dim, compress_new_blocks,
+                       num_candidates)
 from nsa.compression import CompressionMLP, pool_blocks
 from nsa.kernels.common import cdiv, head_dim_block, load_rows, next_power_of_2, store_rows
 from nsa.kernels.decode import sparse_attention_decode_triton
@@ -298,9 +299,7 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
                 BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
             summary = [pool_blocks(x, phi).to(cmp.dtype) for (_, cmp, phi, _), x in zip(pair, blocks)]
             for (_, cmp, *_), x in zip(pair, summary):
-                if x.shape[3] != cmp.shape[3]:
-                    raise ValueError(f"phi maps blocks to dim {x.shape[3]}, but the compressed cache holds dim "
-                                     f"{cmp.shape[3]}")
+                check_summary_dim(x, cmp)
             summary = [x.reshape(1, -1, x.shape[3]) for x in summary]                # one share each
         write_blocks_kernel[(B, candidates)](
             summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,

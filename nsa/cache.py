@@ -26,6 +26,15 @@ def num_candidates(max_new: int, stride: int, blocks: int) -> int:
     return min(-(-max_new // stride), blocks)
 
 
+def check_summary_dim(summary, cmp_cache) -> None:
+    """A phi's summaries (..., D') must have the compressed cache's dim: checked once they are
+    made (a phi of the caller's is known by what it returns), before any is written."""
+    if summary.shape[-1] != cmp_cache.shape[-1]:
+        raise ValueError(f"phi maps blocks to dim {summary.shape[-1]}, but its compressed cache holds dim "
+                         f"{cmp_cache.shape[-1]} (the new tokens' keys and values are in the caches already: a retry "
+                         "with the same cache_seqlens writes them again)")
+
+
 def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                         stride: int, mem_kv_len: int = 0) -> None:
     """For each cache, its cmp_cache and phi (the keys and the values, say: they share the index
@@ -48,10 +57,7 @@ def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_
     # -- gathered, summarised, and written where completed now --
     for cache, cmp_cache, phi in zip(caches, cmp_caches, phis):
         summary = pool_blocks(cache[row[..., None], keys].transpose(2, 3), phi)     # (B, K, H, l, D) -> (B, K, H, D')
-        if summary.shape[-1] != cmp_cache.shape[-1]:
-            raise ValueError(f"phi maps blocks of dim {cache.shape[-1]} to dim {summary.shape[-1]}, but its compressed "
-                             f"cache holds dim {cmp_cache.shape[-1]} (the new tokens' keys and values are in the "
-                             "caches already: a retry with the same cache_seqlens writes them again)")
+        check_summary_dim(summary, cmp_cache)
         cmp_cache[at] = torch.where(done, summary.to(cmp_cache.dtype), cmp_cache[at])
 
 
