@@ -32,13 +32,22 @@ MEMORY_COLUMNS = ["impl", "seq_len", "heads_q", "heads_kv", "head_dim", "peak_gi
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
+    """'64/4,32/8' -> [(64, 4), (32, 8)]: query heads / kv heads, the kv heads dividing the query heads."""
     pairs = []
     for item in text.split(","):
-        hq, _, hkv = item.partition("/")
-        if not (hq.isdigit() and hkv.isdigit()):
-            raise argparse.ArgumentTypeError(f"--heads wants pairs like 64/4,32/8, got {text!r}")
+        hq, _, hkv = item.strip().partition("/")
+        if not (hq.isdigit() and hkv.isdigit()) or int(hq) < 1 or int(hkv) < 1 or int(hq) % int(hkv):
+            raise argparse.ArgumentTypeError(f"wants query/kv head pairs like 64/4,32/8 (the kv heads >= 1 and "
+                                             f"dividing the query heads), got {item.strip()!r} in {text!r}")
         pairs.append((int(hq), int(hkv)))
     return pairs
+
+
+def parse_head_dim(text: str) -> int:
+    """A head dim, an int >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"wants a head dim, an int >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -48,7 +57,7 @@ def parse_lengths(text: str) -> list[int]:
         scale = 1024 if item.endswith("k") else 1
         number = item[:-1] if item.endswith("k") else item
         if not number.isdigit() or int(number) < 1:
-            raise argparse.ArgumentTypeError(f"--seq-lens wants lengths like 4k,8k,16384, got {text!r}")
+            raise argparse.ArgumentTypeError(f"wants lengths like 4k,8k,16384, got {text!r}")
         lengths.append(int(number) * scale)
     return lengths
 
@@ -215,10 +224,11 @@ def machine_info(argv) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nsa.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nsa.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=parse_lengths, default=parse_lengths("4k,8k,16k,32k,64k,128k"))
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--head-dim", type=parse_head_dim, default=128)
     parser.add_argument("--out", type=Path, default=None, help="default: book/data/bench_<gpu>.csv")
     parser.add_argument("--only", type=parse_only, default=IMPLS,
                         help=f"comma-separated implementation names, of {', '.join(IMPLS)} (default: all)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nsa.bench import parse_heads, parse_lengths, machine_info
+from nsa.bench import machine_info, parse_head_dim, parse_heads, parse_lengths
 
 COLUMNS = ["impl", "context", "batch", "heads_q", "heads_kv", "head_dim", "graph", "us", "gbps"]
 
@@ -121,11 +121,12 @@ def graphed(fn):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nsa.bench_decode", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nsa.bench_decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("8k,16k,32k,64k,128k,256k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--head-dim", type=parse_head_dim, default=128)
     parser.add_argument("--out", type=Path, default=None, help="default: book/data/decode_<gpu>.csv")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -12,10 +12,24 @@ def testparse_lengths_and_heads():
     assert bench.parse_lengths("4k,100,64K") == [4096, 100, 65536]
     assert bench.parse_heads("64/4,32/8") == [(64, 4), (32, 8)]
     for bad in ("4q", "0", "-1"):
-        with pytest.raises(argparse.ArgumentTypeError, match="--seq-lens"):
+        with pytest.raises(argparse.ArgumentTypeError, match="wants lengths like 4k"):
             bench.parse_lengths(bad)
-    with pytest.raises(argparse.ArgumentTypeError, match="--heads"):
-        bench.parse_heads("64-4")
+    for bad in ("64-4", "0/4", "64/0", "64/3", "32/8,64/3"):       # a group must divide the heads evenly
+        with pytest.raises(argparse.ArgumentTypeError, match="wants query/kv head pairs like 64/4"):
+            bench.parse_heads(bad)
+    assert bench.parse_head_dim("128") == 128
+    for bad in ("0", "-5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="wants a head dim"):
+            bench.parse_head_dim(bad)
+
+
+@pytest.mark.parametrize("module", ["nsa.bench", "nsa.bench_decode"])
+def test_a_bad_argument_names_its_flag(module, capsys):
+    main = __import__(module, fromlist=["main"]).main
+    for argv, flag in ((["--heads", "64/3"], "--heads"), (["--head-dim", "-5"], "--head-dim")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"argument {flag}: wants" in capsys.readouterr().err
 
 
 def test_only_names_known_implementations():
