@@ -178,7 +178,10 @@ class SparseAttention(nn.Module):
         cp_group: context parallelism (Chapter 14), a torch.distributed process group whose ranks
         each hold a contiguous shard of the tokens, in rank order: q is this rank's shard
         (B, n_rank, dim) of self-attention (k = v = mask = None; cu_seqlens, if given, packs the
-        whole sequence, the same on every rank); returns this rank's shard of the output.
+        whole sequence, the same on every rank); returns this rank's shard of the output. None
+        means no context parallelism, so initialise torch.distributed first:
+        `torch.distributed.group.WORLD` is None until `init_process_group`, and a layer given it
+        then attends within its own shard.
         """
         if lengths is not None:                                           # new_tokens' former name
             if new_tokens is not None:
