@@ -117,6 +117,13 @@ def gathered_shard_lengths(tensors, group, offsets=None) -> list[int]:
     return lengths
 
 
+def check_shard_lengths(shard_lengths, world: int) -> None:
+    """`shard_lengths`: one positive int per rank of a group of `world`."""
+    if (not isinstance(shard_lengths, (list, tuple)) or len(shard_lengths) != world
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shard_lengths)):
+        raise ValueError(f"shard_lengths must be {world} positive ints (one per rank), got {shard_lengths!r}")
+
+
 def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=None) -> list[int]:
     """Every rank's number of tokens, in rank order: given (checked against x, and trusted), or
     gathered (`gathered_shard_lengths`, which also checks that the shards agree). x: this rank's
@@ -125,9 +132,7 @@ def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=No
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
         return gathered_shard_lengths((x,) if tensors is None else tensors, group, offsets)
-    if (not isinstance(shard_lengths, (list, tuple)) or len(shard_lengths) != world
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shard_lengths)):
-        raise ValueError(f"shard_lengths must be {world} positive ints (one per rank), got {shard_lengths!r}")
+    check_shard_lengths(shard_lengths, world)
     if shard_lengths[rank] != x.shape[1]:
         raise ValueError(f"shard_lengths[{rank}] = {shard_lengths[rank]} but this rank's shard holds "
                          f"{x.shape[1]} tokens")

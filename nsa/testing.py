@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nsa.checks import check_int
-from nsa.distributed import shard_bounds
+from nsa.distributed import check_shard_lengths, shard_bounds
 from nsa.layer import SparseAttention
 
 
@@ -46,6 +46,8 @@ def compare_with_single_process(group, layer_kwargs, shard_lengths, batch=1, cu_
     from torch.distributed.fsdp import fully_shard
     from torch.utils.checkpoint import checkpoint
 
+    world = dist.get_world_size(group)
+    check_shard_lengths(shard_lengths, world)
     s, e = shard_bounds(shard_lengths)[dist.get_rank(group)]                  # this rank's tokens
     torch.manual_seed(seed)
     layer = SparseAttention(**layer_kwargs).to(device, dtype)
@@ -61,7 +63,6 @@ def compare_with_single_process(group, layer_kwargs, shard_lengths, batch=1, cu_
     # -- this rank's shard --
     x_shard = x[:, s:e].clone().requires_grad_()
     if fsdp:                                    # FSDP averages over the ranks: a rank's loss counts P times
-        world = dist.get_world_size(group)
         fully_shard(layer, mesh=DeviceMesh.from_group(group, torch.device(device).type))
         y_shard = checkpoint(layer, x_shard, cp_group=group, cu_seqlens=cu_seqlens, use_reentrant=False)
         (y_shard * weight[:, s:e] * world).sum().backward()

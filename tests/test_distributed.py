@@ -22,6 +22,7 @@ import nsa
 from nsa import NSAConfig, SparseAttention
 from nsa.distributed import (context_parallel_sparse_attention, finish_gather, gather_sequence, local_problem,
                              shard_bounds, split_evenly, start_gather)
+from nsa.testing import compare_with_single_process
 
 LAYER = dict(dim=16, heads=4, kv_heads=2, dim_head=8, compress_block_size=8, compress_stride=4,
              select_block_size=16, num_selected_blocks=3, window_size=16)
@@ -269,6 +270,8 @@ def _layer_worker(rank, world, store):
     with pytest.raises(ValueError, match=f"does not contain this rank \\({rank}\\)"):   # another rank's group
         _layer()(torch.randn(1, 8, LAYER["dim"], dtype=torch.float64), cp_group=singles[(rank + 1) % world])
     _check_shards_that_differ(group)
+    with pytest.raises(ValueError, match=f"shard_lengths must be {world} positive ints"):   # before any collective
+        compare_with_single_process(group, LAYER, [8] * (world + 1))
     if world == 2:
         _check_flex_forward(group)
     dist.destroy_process_group()
