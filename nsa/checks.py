@@ -163,6 +163,16 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_seq_len_k(seq_len_k, seq_len_q: int) -> int:
+    """The number of keys: an int >= the number of queries (queries at the end); 0 only when there
+    are no queries either (an empty problem)."""
+    check_int("seq_len_k", seq_len_k, 0)
+    if seq_len_k < seq_len_q:
+        raise ValueError(f"seq_len_k must be >= the {seq_len_q} queries (queries are aligned to the "
+                         f"end of the keys), got {seq_len_k}")
+    return seq_len_k
+
+
 def check_compress_geometry(block_size, stride) -> None:
     """Compressed blocks of `block_size` keys every `stride` keys: overlapping or touching, no gaps."""
     check_positive_int("block_size", block_size)
@@ -222,16 +232,6 @@ def resolve_seq_len_k(seq_len_k, seq_len_q: int, num_blocks: int, block_size: in
         f"{num_compressed_blocks(seq_len_q, block_size, stride)} (block_size {block_size}, stride {stride}): pass the "
         "block_size and stride k_cmp was compressed with; or, with fewer queries than keys, pass seq_len_k = the "
         "number of keys, so that the queries can be placed at their positions")
-
-
-def check_seq_len_k(seq_len_k, seq_len_q: int) -> int:
-    """The number of keys: an int >= the number of queries (queries at the end); 0 only when there
-    are no queries either (an empty problem)."""
-    check_int("seq_len_k", seq_len_k, 0)
-    if seq_len_k < seq_len_q:
-        raise ValueError(f"seq_len_k must be >= the {seq_len_q} queries (queries are aligned to the "
-                         f"end of the keys), got {seq_len_k}")
-    return seq_len_k
 
 
 def check_compressed_args(q, k_cmp, v_cmp, block_size, stride, scale, causal, mem_kv_len, seq_len_k):

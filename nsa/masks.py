@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention.flex_attention import and_masks
 
 from nsa.checks import (check_bool, check_compress_geometry, check_int, check_integer_tensor,
-                        check_positive_int, check_tensor)
+                        check_positive_int, check_seq_len_k, check_tensor)
 from nsa.geometry import num_compressed_blocks
 
 
@@ -74,7 +74,7 @@ def dense_mask(mask_mod, seq_len_q: int, seq_len_k: int, *, batch: int | None = 
 def causal_mask(seq_len_q: int, seq_len_k: int, device=None) -> torch.Tensor:
     """(Nq, Nk) bool: query at t = Nk - Nq + i sees keys s <= t."""
     check_int("seq_len_q", seq_len_q, 0)
-    check_int("seq_len_k", seq_len_k, 0)
+    check_seq_len_k(seq_len_k, seq_len_q)
     return dense_mask(causal_mod(seq_len_k - seq_len_q), seq_len_q, seq_len_k, device=device)
 
 
@@ -83,7 +83,7 @@ def sliding_window_mask(seq_len_q: int, seq_len_k: int, window_size: int, device
     """(Nq, Nk) bool: query at t sees the `window_size` keys t - w < s <= t (not `causal`:
     t - w < s < t + w)."""
     check_int("seq_len_q", seq_len_q, 0)
-    check_int("seq_len_k", seq_len_k, 0)
+    check_seq_len_k(seq_len_k, seq_len_q)
     check_positive_int("window_size", window_size)
     mask_mod = sliding_window_mod(window_size, check_bool("causal", causal), seq_len_k - seq_len_q)
     return dense_mask(mask_mod, seq_len_q, seq_len_k, device=device)
@@ -101,8 +101,8 @@ def block_selection_mask(block_indices: torch.Tensor, block_size: int, seq_len_k
     check_tensor("block_indices", block_indices, 4, "(batch, seq_len_q, heads_kv, n)")
     check_integer_tensor("block_indices", block_indices)
     check_positive_int("block_size", block_size)
-    check_int("seq_len_k", seq_len_k, 0)
     B, Nq, H, n = block_indices.shape
+    check_seq_len_k(seq_len_k, Nq)
     selected = selected_block_table(block_indices, -(-seq_len_k // block_size))
     mask_mod = selected_blocks_mod(selected, block_size)
     if check_bool("causal", causal):
@@ -131,7 +131,7 @@ def compressed_block_mask(seq_len_q: int, seq_len_k: int, block_size: int = 32, 
                           *, mem_kv_len: int = 0, causal: bool = True, device=None) -> torch.Tensor:
     """(Nq, mem_kv_len + N_c) bool: which rows of `k_cmp` each query sees (`compressed_mod`)."""
     check_int("seq_len_q", seq_len_q, 0)
-    check_int("seq_len_k", seq_len_k, 0)
+    check_seq_len_k(seq_len_k, seq_len_q)
     check_compress_geometry(block_size, stride)
     check_int("mem_kv_len", mem_kv_len, 0)
     check_bool("causal", causal)

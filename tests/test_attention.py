@@ -127,6 +127,11 @@ BAD = [
     ("seq_len_q", lambda q, k, v: causal_mask("a", 3), TypeError),
     ("seq_len_k", lambda q, k, v: sliding_window_mask(4, -1, 2), ValueError),
     ("seq_len_k", lambda q, k, v: block_selection_mask(torch.zeros(1, 2, 1, 1, dtype=torch.long), 16, -5), ValueError),
+    # more queries than keys: the queries sit at the end of the keys, as in attention itself
+    ("seq_len_k", lambda q, k, v: causal_mask(5, 3), ValueError),
+    ("seq_len_k", lambda q, k, v: sliding_window_mask(5, 3, 2, causal=False), ValueError),
+    ("seq_len_k", lambda q, k, v: block_selection_mask(torch.zeros(1, 5, 1, 1, dtype=torch.long), 2, 3), ValueError),
+    ("seq_len_k", lambda q, k, v: nsa.compressed_block_mask(5, 3, 2, 1), ValueError),
     ("stride", lambda q, k, v: nsa.compressed_block_mask(4, 40, 2, 0), ValueError),
     ("mem_kv_len", lambda q, k, v: nsa.compressed_block_mask(4, 40, 2, 2, mem_kv_len=-1), ValueError),
     ("window_size", lambda q, k, v: sliding_window_mask(4, 4, 0), ValueError),
