@@ -4,6 +4,7 @@ group. Each rank holds a contiguous shard of the tokens, in rank order, and comp
 of its own queries; the keys and values are all-gathered in the forward and their gradients
 reduce-scattered in the backward (torch.distributed's autograd-aware functional collectives)."""
 
+import dataclasses
 import itertools
 import struct
 import zlib
@@ -67,18 +68,22 @@ class ShardFacts(NamedTuple):
     dtype: int     # index in DTYPES (len(DTYPES): another dtype)
     sizes: int     # digest of every shard tensor's sizes after the sequence (x; or q, k, v)
     offsets: int   # digest of the packed row's cu_seqlens, 0 without
+    settings: int  # digest of the computation's settings (`shard_settings`), 0 without
     size_1: int    # the first tensor's first sizes after the sequence (-1: none), for messages
     size_2: int
     size_3: int
 
     @classmethod
-    def of(cls, tensors, offsets=None) -> "ShardFacts":
-        """The facts of a rank's shard tensors, each (B, n_rank, ...), and the packed row's offsets."""
+    def of(cls, tensors, offsets=None, settings=None) -> "ShardFacts":
+        """The facts of a rank's shard tensors, each (B, n_rank, ...), the packed row's offsets and
+        the settings it computes with (a dict from `shard_settings`)."""
         x = tensors[0]
         dtype = DTYPES.index(x.dtype) if x.dtype in DTYPES else len(DTYPES)
         sizes = [s for t in tensors for s in (t.dim(), *t.shape[2:])]
         shown = (list(x.shape[2:5]) + [-1] * 3)[:3]
-        return cls(x.shape[1], x.shape[0], dtype, digest(sizes), 0 if offsets is None else digest(offsets), *shown)
+        settings = 0 if settings is None else zlib.crc32(repr(sorted(settings.items())).encode())
+        return cls(x.shape[1], x.shape[0], dtype, digest(sizes), 0 if offsets is None else digest(offsets), settings,
+                   *shown)
 
     def describe(self) -> str:
         """The shard as an error names it: (batch, n, sizes...) and dtype."""
@@ -87,18 +92,44 @@ class ShardFacts(NamedTuple):
         return f"({', '.join([str(self.batch), 'n', *sizes])}) in {dtype}"
 
 
-def gathered_shard_lengths(tensors, group, offsets=None) -> list[int]:
+def shard_settings(config, scale, phi_k, phi_v, **more) -> dict:
+    """What the ranks must agree on beyond their shards' sizes: the NSAConfig's fields, the
+    softmax scale, the kind of each φ (mean pooling or the module's class) and, for a layer, its
+    sizes (`more`)."""
+    kind = lambda phi: "mean pooling" if phi is None else type(phi).__qualname__  # noqa: E731
+    return {**dataclasses.asdict(config), "scale": scale, "phi_k": kind(phi_k), "phi_v": kind(phi_v), **more}
+
+
+def settings_difference(settings, group, rank: int) -> str:
+    """The first setting in which rank `rank` differs from rank 0, named with both values: the
+    digests told every rank that they differ, and each rank calls this, so the settings
+    themselves are gathered (a second, small collective, on this error's path only)."""
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, settings, group=group)
+    first, other = every[0], every[rank]
+    names = list(first) + [k for k in other if k not in first]            # in order: the same on every rank
+    name = next((k for k in names if first.get(k) != other.get(k)), None)
+    if name is None:
+        return f"the settings of ranks 0 and {rank} differ"
+    return f"{name} is {first.get(name)!r} on rank 0 and {other.get(name)!r} on rank {rank}"
+
+
+def gathered_shard_lengths(tensors, group, offsets=None, settings=None) -> list[int]:
     """Every rank's token count, from one small all-gather of each rank's `ShardFacts` (a host
     synchronisation); a rank whose shard differs in anything else (batch, sizes, dtype, the packed
-    row's cu_seqlens) gets the same ValueError on every rank, before any gather of the keys, whose
-    sizes would not match."""
+    row's cu_seqlens) or that computes with other settings (`shard_settings`) gets the same
+    ValueError on every rank, before any gather of the keys, whose sizes would not match."""
     x = tensors[0]
-    mine = torch.tensor(ShardFacts.of(tensors, offsets), dtype=torch.int64, device=x.device)   # (8,); NCCL: GPU
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]          # world x (8,)
+    mine = torch.tensor(ShardFacts.of(tensors, offsets, settings), dtype=torch.int64, device=x.device)  # NCCL: GPU
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]          # world x (9,)
     dist.all_gather(gathered, mine, group=group)
     facts = [ShardFacts(*g.tolist()) for g in gathered]
     first = facts[0]
     for rank, other in enumerate(facts):
+        if other.settings != first.settings:                    # every rank finds it here: gather the names
+            differs = settings_difference(settings, group, rank)
+            raise ValueError(f"the ranks compute with different settings: {differs}; every rank runs the same "
+                             "layer (or the same config, scale and phi)")
         if (other.offsets == 0) != (first.offsets == 0):
             given, missing = (0, rank) if other.offsets == 0 else (rank, 0)
             raise ValueError(f"cu_seqlens is given on rank {given} but not on rank {missing}: every rank passes "
@@ -124,14 +155,15 @@ def check_shard_lengths(shard_lengths, world: int) -> None:
         raise ValueError(f"shard_lengths must be {world} positive ints (one per rank), got {shard_lengths!r}")
 
 
-def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=None) -> list[int]:
-    """Every rank's number of tokens, in rank order: given (checked against x, and trusted), or
-    gathered (`gathered_shard_lengths`, which also checks that the shards agree). x: this rank's
-    shard (B, n_rank, ...); tensors: all of the rank's shard tensors (default (x,)); offsets: the
-    packed row's cu_seqlens as ints, or None."""
+def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=None, settings=None) -> list[int]:
+    """Every rank's number of tokens, in rank order: given (checked against x, and trusted, the
+    other ranks' shards and settings too), or gathered (`gathered_shard_lengths`, which also checks
+    that the shards and settings agree). x: this rank's shard (B, n_rank, ...); tensors: all of the
+    rank's shard tensors (default (x,)); offsets: the packed row's cu_seqlens as ints, or None;
+    settings: `shard_settings`, or None."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
-        return gathered_shard_lengths((x,) if tensors is None else tensors, group, offsets)
+        return gathered_shard_lengths((x,) if tensors is None else tensors, group, offsets, settings)
     check_shard_lengths(shard_lengths, world)
     if shard_lengths[rank] != x.shape[1]:
         raise ValueError(f"shard_lengths[{rank}] = {shard_lengths[rank]} but this rank's shard holds "
@@ -233,18 +265,19 @@ def check_shards(q, k, v, gates, config, scale, backend):
     check_gates(q, gates, rows="shard_len")
 
 
-def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group", tensors=None):
+def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group", tensors=None, settings=None):
     """Check a rank's arguments (before any message), then the shard lengths: -> (lengths, (s, e),
     key_start, cu_seqlens_q, cu_seqlens_k, pairs) of this rank, pairs each of its sequences'
     (start, end) of queries and keys on the host (`nsa.varlen.packed_pairs`); cu_seqlens is read
-    back once. tensors: all the rank's shard tensors whose sizes must agree (default (x,))."""
+    back once. tensors: all the rank's shard tensors whose sizes must agree (default (x,));
+    settings: what the ranks must compute with alike (`shard_settings`)."""
     check_group(group, group_name)
     offsets = None
     if cu_seqlens is not None:
         if x.shape[0] != 1:
             raise ValueError(f"with cu_seqlens the shards hold packed sequences: batch must be 1, got {x.shape[0]}")
         offsets = check_cu_seqlens(cu_seqlens, None, x.device)
-    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets, tensors)
+    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets, tensors, settings)
     if offsets is not None and offsets[-1] != sum(lengths):
         raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the shards hold {sum(lengths)} tokens")
     rank, bounds = dist.get_rank(group), shard_bounds(lengths)
@@ -270,8 +303,9 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     shard_lengths: every rank's token count (default: gathered, one small collective).
     """
     check_shards(q, k, v, (g_cmp, g_slc, g_win), config, scale, backend)
+    settings = shard_settings(config, resolve_scale(scale, q.shape[-1]), phi_k, phi_v)
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(q, group, cu_seqlens, shard_lengths,
-                                                                   tensors=(q, k, v))
+                                                                   tensors=(q, k, v), settings=settings)
     k_all = finish_gather(start_gather(k, group, lengths), lengths, e, key_start)   # (B, e - key_start, H, Dqk)
     v_all = finish_gather(start_gather(v, group, lengths), lengths, e, key_start)   # (B, e - key_start, H, Dv)
     l, d = config.compress_block_size, config.compress_stride
@@ -289,7 +323,11 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     a sequence sharded over `group` (self-attention); returns the rank's outputs (B, n_rank, dim).
     cu_seqlens: packed sequences (B = 1), those of the whole row. Causal layers only."""
     check_causal(layer.config, "the layer's config")
-    lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group")
+    settings = shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, heads=layer.heads,
+                              kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
+                              num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch)
+    lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group",
+                                                                   settings=settings)
     # -- keys and values first: their all-gathers run while the queries and gates are projected --
     keys, values = layer.project_keys_values(x, x)                   # {branch: (B, n_rank, H, D)}
     keys = {b: start_gather(t, group, lengths) for b, t in keys.items()}

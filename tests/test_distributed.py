@@ -300,6 +300,17 @@ def _check_shards_that_differ(group):
         k, v = k[:, :, :1], v[:, :, :1]
     with pytest.raises(ValueError, match=r"are \(1, n, 4, 16\) in torch.float32, but their k or v differ in size"):
         context_parallel_sparse_attention(q, k, v, *gates, group=group)
+    # -- the same shards, other settings: the first that differs, named on every rank --
+    k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="settings: window_size is 16 on rank 0 and 8 on rank 1; every rank runs"):
+        (_layer(window_size=8) if rank == 1 else _layer())(x, cp_group=group)
+    with pytest.raises(ValueError, match="phi_k is 'CompressionMLP' on rank 0 and 'mean pooling' on rank 1"):
+        (_layer(compress_mlp=False) if rank == 1 else _layer())(x, cp_group=group)
+    with pytest.raises(ValueError, match="scale is 0.25 on rank 0 and 0.5 on rank 1"):
+        context_parallel_sparse_attention(q, k, v, *gates, scale=0.5 if rank == 1 else None, group=group)
+    with pytest.raises(ValueError, match="num_selected_blocks is 16 on rank 0 and 4 on rank 1"):
+        config = NSAConfig(num_selected_blocks=4) if rank == 1 else NSAConfig()
+        context_parallel_sparse_attention(q, k, v, *gates, config, group=group)
     with pytest.raises(ValueError, match=r"rank 0's is \(1, n, 2\) in torch.int64, rank 1's \(1, n, 2\) in torch.int32"):
         gather_sequence(torch.zeros(1, 8, 2, dtype=torch.int32 if rank == 1 else torch.int64), group)
     # -- the gathered keys: a plain tensor, whatever the lengths (FlexAttention's compile needs one) --
