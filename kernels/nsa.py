@@ -239,7 +239,7 @@ def _save_for_backward(ctx, inputs, output):
 
 def _backward(ctx, do, *unused):
     *saved, cu_q, cu_k, cu_cmp = ctx.saved_tensors
-    if do is None:        # a loss without o (its saved outputs only): nothing flows back, as before
+    if do is None:        # a loss without o (its saved outputs only): nothing flows back
         grads = (None,) * 8
     else:
         grads = sparse_attention_backward(do, *saved, *ctx.args[:-1], cu_q, cu_k, cu_cmp, ctx.args[-1])
@@ -295,7 +295,7 @@ def _save_window(ctx, inputs, output):
 def _window_backward(ctx, do, unused):
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
     window_size, causal, scale, packed_sizes = ctx.args
-    if do is None:        # a loss on lse alone: nothing flows back, as before (lse gets no gradient)
+    if do is None:        # a loss on lse alone: nothing flows back (lse gets no gradient)
         grads = (None,) * 3
     else:
         grads = window_attention_backward(do, q, k, v, o, lse, window_size, causal, scale, cu_q, cu_k,
