@@ -237,6 +237,30 @@ def test_module_padding_mask_hides_padded_keys_in_every_branch():
     torch.testing.assert_close(layer(x), out)
 
 
+def test_dense_key_padding_mask_hides_keys_in_place():
+    """dense_sparse_attention's key_padding_mask: padded keys (and every compressed block holding
+    one) are invisible in every branch, the other keys keep their positions. Noise in the padded
+    keys and values changes no output; with padding only at a row's end, the row's real queries get
+    what the row alone gets."""
+    config = NSAConfig(8, 4, 16, 3, 1, 1, 12)
+    q, k, v, k_cmp, v_cmp, *gates = problem(2, 70, 70, 4, 2, 8, 8, config, mem=1, dtype=torch.float64)
+    keep = torch.ones(2, 70, dtype=torch.bool)
+    keep[0, 23:41] = False                                                   # a hole in the middle
+    keep[1, 52:] = False                                                     # right padding
+    out = dense_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, config, mem_kv_len=1, key_padding_mask=keep)
+    noisy_k, noisy_v = k.clone(), v.clone()
+    noisy_k[~keep], noisy_v[~keep] = 100 * torch.randn_like(k[~keep]), 100 * torch.randn_like(v[~keep])
+    memory = (k_cmp[:, :1], v_cmp[:, :1])
+    noisy_cmp = [torch.cat([m, compress(x, None, 8, 4)], 1) for m, x in zip(memory, (noisy_k, noisy_v))]
+    again = dense_sparse_attention(q, noisy_k, noisy_v, *noisy_cmp, *gates, config, mem_kv_len=1,
+                                   key_padding_mask=keep)
+    torch.testing.assert_close(again, out, rtol=1e-12, atol=1e-12)
+    row = [x[1:, :52] for x in (q, k, v)]
+    row_cmp = [torch.cat([m[1:], compress(x, None, 8, 4)], 1) for m, x in zip(memory, row[1:])]
+    alone = dense_sparse_attention(*row, *row_cmp, *(g[1:, :52] for g in gates), config, mem_kv_len=1)
+    torch.testing.assert_close(out[1, :52], alone[0], rtol=1e-12, atol=1e-12)
+
+
 def test_module_decoding_dropout_and_paper_head_sizes():
     torch.manual_seed(2)
     layer = SparseAttention(32, 4, None, 0.5, kv_heads=1, compress_block_size=8, compress_stride=4,
