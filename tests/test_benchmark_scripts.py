@@ -222,7 +222,8 @@ def test_gather_chunks_tiny_compares_the_two_chunkings():
 
 
 def test_deterministic_tiny_reproduces_and_matches_the_default():
-    """The whole op's reproducible path against the default one, two runs of each."""
+    """The whole op's reproducible path against the default one (in the interpreter one run of
+    each, whose programs run in turn: whether two runs give the same bits is a GPU's question)."""
     out = run_script("gpu_deterministic.py", "--heads", "4/2")
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("4/2")]
     assert [row[1] for row in rows[-2:]] == ["default", "deterministic"], out

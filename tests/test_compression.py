@@ -1,5 +1,6 @@
 """Chapter 2: NSAConfig, compress, CompressionMLP, compressed_attention — against plain loops."""
 
+import dataclasses
 import math
 
 import pytest
@@ -27,7 +28,7 @@ def test_config_defaults_are_the_papers():
     assert (c.compress_block_size, c.compress_stride, c.select_block_size, c.num_selected_blocks,
             c.num_initial_blocks, c.num_local_blocks, c.window_size, c.causal) == (32, 16, 64, 16, 1, 2, 512, True)
     assert NSAConfig(8, 4, 16, 4, 1, 1, 32, False).causal is False  # positional order is the documented one
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.window_size = 3  # frozen
 
 
@@ -206,6 +207,9 @@ def test_seq_len_k_inference():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_half_precision_large_logits(dtype):
+    """Scores of about 1e6 (inputs scaled by 300) stay finite in half precision, outputs and
+    gradients. Only finiteness: at such scores a unit of rounding in a score is a factor e in its
+    probability, so a comparison with float64 would measure the conditioning, not the code."""
     q = (randn(2, 70, 4, 16, seed=1, dtype=torch.float32) * 300).to(dtype).requires_grad_(True)
     k = (randn(2, 70, 2, 16, seed=2, dtype=torch.float32) * 300).to(dtype).requires_grad_(True)
     o, lse = compressed_attention(q, compress(k, None, 8, 4), compress(k, None, 8, 4), 8, 4, mem_kv_len=0)
@@ -231,9 +235,9 @@ q0, kc0 = torch.randn(1, 20, 4, 8), torch.randn(1, 3, 2, 8)
 
 
 @pytest.mark.parametrize("call, error, words", [
-    (lambda: compress(torch.randn(2, 5, 8), None, 4, 2), ValueError, "x"),
-    (lambda: compress([1, 2], None, 4, 2), TypeError, "x"),
-    (lambda: compress(torch.ones(1, 5, 1, 2, dtype=torch.long)), TypeError, "x"),
+    (lambda: compress(torch.randn(2, 5, 8), None, 4, 2), ValueError, "^x must have shape"),
+    (lambda: compress([1, 2], None, 4, 2), TypeError, "^x must be a torch.Tensor"),
+    (lambda: compress(torch.ones(1, 5, 1, 2, dtype=torch.long)), TypeError, "^x must be a floating-point"),
     (lambda: compress(torch.randn(1, 5, 1, 2), None, 0, 2), ValueError, "block_size"),
     (lambda: compress(torch.randn(1, 5, 1, 2), None, 4, 2.0), TypeError, "stride"),
     (lambda: compress(torch.randn(1, 5, 1, 2), "mlp", 4, 2), TypeError, "phi"),
@@ -245,7 +249,7 @@ q0, kc0 = torch.randn(1, 20, 4, 8), torch.randn(1, 3, 2, 8)
     # a CompressionMLP built for other blocks: the message names the MLP's sizes and the blocks'
     (lambda: compress(torch.randn(1, 64, 1, 16), CompressionMLP(8, 16), 16, 8), ValueError,
      r"CompressionMLP \(head_dim=8, block_size=16\) takes blocks of shape \(\.\.\., 16, 8\), got \(1, 7, 1, 16, 16\)"),
-    (lambda: compressed_attention(q0[0], kc0, kc0), ValueError, "q"),
+    (lambda: compressed_attention(q0[0], kc0, kc0), ValueError, "^q must have shape"),
     (lambda: compressed_attention(q0, kc0[0], kc0), ValueError, "k_cmp"),
     (lambda: compressed_attention(q0, kc0, None), TypeError, "v_cmp"),
     (lambda: compressed_attention(q0, kc0.double(), kc0), TypeError, "k_cmp"),
@@ -270,8 +274,3 @@ q0, kc0 = torch.randn(1, 20, 4, 8), torch.randn(1, 3, 2, 8)
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call()
-
-
-def test_public_names():
-    for name in ("NSAConfig", "compress", "CompressionMLP", "compressed_attention"):
-        assert hasattr(nsa, name)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import nsa
-from nsa import NSAConfig, SparseAttention
+from nsa import CompressionMLP, NSAConfig, SparseAttention
 from nsa.distributed import (context_parallel_sparse_attention, finish_gather, gather_sequence, local_problem,
                              shard_bounds, split_evenly, start_gather)
 from nsa.testing import compare_with_single_process
@@ -62,8 +62,10 @@ def _check_layer(group, lengths, batch=2, cu_seqlens=None, seed=0, **overrides):
         torch.testing.assert_close(p.grad, expected[name], msg=lambda m: f"{name}: {m}")
 
 
-def _check_functional(group, lengths, dtype, backend, cu_seqlens=None, seed=0):
-    """context_parallel_sparse_attention against native_sparse_attention on the whole sequence."""
+def _check_functional(group, lengths, dtype, backend, cu_seqlens=None, seed=0, phi=False, given_lengths=False):
+    """context_parallel_sparse_attention against native_sparse_attention on the whole sequence; with
+    `phi`, the MLP phi_k, phi_v (their gradients summed over the ranks); with `given_lengths`, the
+    shard lengths passed instead of gathered."""
     rank, (s, e) = dist.get_rank(group), shard_bounds(lengths)[dist.get_rank(group)]
     config = NSAConfig(8, 4, 16, 3, 1, 1, 16)
     generator = torch.Generator().manual_seed(seed)
@@ -71,18 +73,30 @@ def _check_functional(group, lengths, dtype, backend, cu_seqlens=None, seed=0):
     q, k, v = (torch.randn(B, N, h, 16, generator=generator, dtype=dtype) for h in (4, 2, 2))
     gates = [torch.rand(B, N, 4, generator=generator, dtype=dtype) for _ in range(3)]
     weight = torch.randn(B, N, 4, 16, generator=generator, dtype=dtype)
+    torch.manual_seed(seed)                                              # the same phi on every rank
+    phis = [CompressionMLP(16, 8).to(dtype) for _ in range(2)] if phi else [None, None]
     leaves = [t.requires_grad_() for t in (q, k, v, *gates)]
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-    k_cmp, v_cmp = (nsa.compress(t, None, 8, 4, **packed) for t in (k, v))
+    k_cmp, v_cmp = (nsa.compress(t, p, 8, 4, **packed) for t, p in zip((k, v), phis))
     o = nsa.native_sparse_attention(q, k, v, k_cmp, v_cmp, *gates, config, backend=backend, **packed)
     (o * weight).sum().backward()
+    params = [p for m in phis if m is not None for p in m.parameters()]
+    full_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
     shards = [t.detach()[:, s:e].clone().requires_grad_() for t in leaves]
-    o_shard = context_parallel_sparse_attention(*shards, config, backend=backend, group=group, **packed)
+    o_shard = context_parallel_sparse_attention(*shards, config, backend=backend, group=group, phi_k=phis[0],
+                                                phi_v=phis[1], shard_lengths=list(lengths) if given_lengths else None,
+                                                **packed)
     tolerance = {} if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(o_shard, o.detach()[:, s:e], **tolerance)
     (o_shard * weight[:, s:e]).sum().backward()
     for name, full, shard in zip(("q", "k", "v", "g_cmp", "g_slc", "g_win"), leaves, shards):
         torch.testing.assert_close(shard.grad, full.grad[:, s:e], **tolerance, msg=lambda m: f"{name}: {m}")
+    for p, full in zip(params, full_grads):                      # each rank's part of the sum
+        summed = p.grad.clone()
+        dist.all_reduce(summed, group=group)
+        torch.testing.assert_close(summed, full, **tolerance)
 
 
 def _check_errors(group):
@@ -257,6 +271,9 @@ def _layer_worker(rank, world, store):
     assert isinstance(gathered, funcol.AsyncCollectiveTensor) and gathered.shape == (1, 7 * world, 2, 4)
     _check_functional(group, split_evenly(N, world), torch.float64, "torch")
     _check_functional(group, split_evenly(N, world), torch.float64, "torch", cu_seqlens=cu)
+    _check_functional(group, [5, 70] if world == 2 else [3, 30, 2, 40], torch.float64, "torch", phi=True,
+                      given_lengths=True, seed=2)
+    _check_functional(group, split_evenly(N, world), torch.float64, "torch", cu_seqlens=cu, phi=True, seed=4)
     _check_functional(group, split_evenly(40, world), torch.float32, "triton")   # the interpreter: small
     _check_ddp(group)
     _check_fsdp(group)

@@ -106,6 +106,25 @@ def test_fine_mask_accepts_int32_and_lives_on_the_indices_device():
     assert dense(block_mask.mask_mod, 1, 1, 70, 70)[0, 0, 69].nonzero().flatten().tolist() == list(range(32))
 
 
+def test_flex_block_size_sets_the_tiles():
+    """flex_block_size: the tiles FlexAttention skips or computes, here 32 for the three masks;
+    which keys a query sees does not change."""
+    Nq, Nk = 100, 257
+    window = create_sliding_mask(Nq, 16, seq_len_k=Nk, device="cpu", flex_block_size=32)
+    assert window.BLOCK_SIZE == (32, 32)
+    causal = sliding_window_mask(Nq, Nk, 16)
+    assert torch.equal(window.to_dense()[0, 0].bool(), tiles_from_tokens(causal, 32))
+    assert torch.equal(dense(window.mask_mod, 1, 1, Nq, Nk)[0, 0], causal)
+    compressed = create_compress_mask(Nq, 63, 4, 2, compress_block_size=8, seq_len_k=Nk, device="cpu",
+                                      flex_block_size=32)
+    assert compressed.BLOCK_SIZE == (32, 32) and compressed.to_dense().shape[-2:] == (4, 3)
+    indices = torch.tensor([[[[0, 3]] * Nq]], dtype=torch.int32)                 # (1, 1, Nq, 2)
+    fine = create_fine_mask(Nq, 64, seq_len_k=Nk, flex_block_size=32)(indices)
+    assert fine.BLOCK_SIZE == (32, 32)
+    assert torch.equal(dense(fine.mask_mod, 1, 1, Nq, Nk)[0, 0],
+                       dense(create_fine_mask(Nq, 64, seq_len_k=Nk)(indices).mask_mod, 1, 1, Nq, Nk)[0, 0])
+
+
 def test_default_device():
     assert create_sliding_mask(64, 8).kv_num_blocks.device.type == nsa.device.DEVICE.type
 

@@ -186,7 +186,8 @@ def test_backward_under_deterministic_algorithms_adds_in_chunk_order(Hq, H, monk
         assert ((chunk_block[:, 1:] == chunk_block[:, :-1]) & (chunk_block[:, 1:] >= 0)).any()
     for default, reproducible in zip(runs[0], runs[1]):
         torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
+    if DEVICE.type == "cuda":                          # the two reproducible runs: the same bits
+        assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the order of a GPU's atomics; the interpreter runs programs in turn")
@@ -341,7 +342,6 @@ def test_bf16_refused_in_interpreter():
         selected_attention_triton(q, k, v, torch.zeros(1, 5, 1, 1, dtype=torch.int32), 16)
 
 
-@pytest.mark.skipif(not hasattr(nsa, "selected_attention"), reason="chapter 3's reference not landed yet")
 def test_matches_torch_reference_branch():
     gen = torch.Generator(DEVICE).manual_seed(11)
     q = torch.randn(1, 37, 4, 16, generator=gen, device=DEVICE)

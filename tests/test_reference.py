@@ -140,11 +140,27 @@ def test_fewer_blocks_than_slots_selects_all_and_decoding_is_the_last_row():
 
 
 def test_gates_combine_the_three_branches():
+    """Gates of one branch give that branch alone, equal to chapter 1's attention under the
+    branch's mask (the selected one built from the blocks the reference chose); any gates give
+    the gated sum of the three."""
     cfg = config()
-    q, k, v, kc, vc, g1, g2, g3 = inputs(2, 7, 40, 4, 2, 8, 4, cfg)
-    o, parts = naive_nsa(q, k, v, kc, vc, g1, g2, g3, cfg, 0.3)
-    expected = g1[..., None] * parts["o_cmp"] + g2[..., None] * parts["o_slc"] + g3[..., None] * parts["o_win"]
-    torch.testing.assert_close(o, expected)
+    q, k, v, kc, vc, g1, g2, g3 = inputs(2, 7, 80, 4, 2, 8, 4, cfg)   # 5 selection blocks, 4 chosen
+    one, zero = torch.ones_like(g1), torch.zeros_like(g1)
+    o_cmp, parts = naive_nsa(q, k, v, kc, vc, one, zero, zero, cfg, 0.3)
+    torch.testing.assert_close(o_cmp, attention(q, kc, vc, cmp_mask(7, 80, kc.shape[1], 8, 4), scale=0.3))
+    o_slc, _ = naive_nsa(q, k, v, kc, vc, zero, one, zero, cfg, 0.3)
+    chosen = torch.zeros(2, 2, 7, 80, dtype=torch.bool)                          # (B, H, Nq, Nk)
+    for b in range(2):
+        for i in range(7):
+            for h in range(2):
+                for j in parts["selected"][b][i][h]:
+                    chosen[b, h, i, j * 16:(j + 1) * 16] = True
+    assert not chosen.all(-1).any()                                               # a block left out
+    torch.testing.assert_close(o_slc, attention(q, k, v, chosen & causal_mask(7, 80), scale=0.3))
+    o_win, _ = naive_nsa(q, k, v, kc, vc, zero, zero, one, cfg, 0.3)
+    torch.testing.assert_close(o_win, attention(q, k, v, sliding_window_mask(7, 80, 32), scale=0.3))
+    o, _ = naive_nsa(q, k, v, kc, vc, g1, g2, g3, cfg, 0.3)
+    torch.testing.assert_close(o, g1[..., None] * o_cmp + g2[..., None] * o_slc + g3[..., None] * o_win)
 
 
 def test_non_causal_forced_local_blocks_and_candidates():

@@ -277,6 +277,8 @@ def test_gradcheck_selection_pipeline_branches():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_large_logits(dtype):
+    """Scores of about 1e6 stay finite in half precision through selection and the selected
+    branch (only finiteness: see test_compression's test of the same name)."""
     config = NSAConfig(8, 4, 16, 3, 1, 1)
     q = (randn(2, 100, 4, 16, seed=1, dtype=torch.float32) * 300).to(dtype).requires_grad_(True)
     k = (randn(2, 100, 2, 16, seed=2, dtype=torch.float32) * 300).to(dtype).requires_grad_(True)
@@ -317,7 +319,7 @@ _blocks = select_blocks(_scores, 20, _config)
 
 
 @pytest.mark.parametrize("call, error, words", [
-    (lambda: selection_scores(_q[0], _kc, _lse, 20, _config), ValueError, "q"),
+    (lambda: selection_scores(_q[0], _kc, _lse, 20, _config), ValueError, "^q must have shape"),
     (lambda: selection_scores(_q, _kc.float(), _lse, 20, _config), TypeError, "k_cmp"),
     (lambda: selection_scores(_q, _kc, _lse[:, :5], 20, _config), ValueError, "lse"),
     (lambda: selection_scores(_q, _kc, _lse.long(), 20, _config), TypeError, "lse"),
@@ -345,18 +347,13 @@ _blocks = select_blocks(_scores, 20, _config)
     (lambda: selected_attention(_q, _k, _v, _blocks - 3, 16), ValueError, "block_indices"),
     (lambda: selected_attention(_q, _k, _v, _blocks, 0), ValueError, "block_size"),
     (lambda: selected_attention(_q, _k, _v, _blocks, 16, causal=None), TypeError, "causal"),
-    (lambda: selected_attention(_q, _k.float(), _v, _blocks, 16), TypeError, "k"),
-    (lambda: selected_attention(_q, _k, _v[:, :5], _blocks, 16), ValueError, "v"),
+    (lambda: selected_attention(_q, _k.float(), _v, _blocks, 16), TypeError, r"^k\.dtype is torch\.float32"),
+    (lambda: selected_attention(_q, _k, _v[:, :5], _blocks, 16), ValueError, r"^v has \(batch, seq_len_k"),
     (lambda: selected_attention(_q, _k, _v, _blocks.tolist(), 16), TypeError, "block_indices"),
 ], ids=range(30))
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=words):
         call()
-
-
-def test_public_names():
-    for name in ("selection_scores", "select_blocks", "selected_attention"):
-        assert hasattr(nsa, name)
 
 
 def test_nan_scores_are_never_selected():

@@ -177,11 +177,16 @@ def test_train_eval_select_and_results_roundtrip(tmp_path):
     assert read_results(tmp_path, "h200") is None
 
 
-def test_length_curriculum():
+def test_length_curriculum(monkeypatch):
+    """The first short_steps batches come from the short task, the rest from the task itself."""
     experiment = dataclasses.replace(TINY, steps=3, short_seq_len=24, short_steps=2)
     assert experiment.short_task.seq_len == 24 and experiment.task.seq_len == 40
+    lengths, make_batch = [], nsa.training.make_recall_batch
+    monkeypatch.setattr(nsa.training, "make_recall_batch",
+                        lambda task, *args, **kwargs: lengths.append(task.seq_len) or make_batch(task, *args, **kwargs))
     history = train_recall(experiment.make_model("window"), experiment)
     assert history["step"] == [0, 1, 2]
+    assert lengths[:3] == [24, 24, 40]
     with pytest.raises(ValueError, match="short_steps"):
         dataclasses.replace(TINY, short_steps=5)
     with pytest.raises(ValueError, match="short_seq_len"):

@@ -214,7 +214,8 @@ def test_backward_under_deterministic_algorithms_equals_the_default(packed):
             torch.use_deterministic_algorithms(False)
     for default, reproducible in zip(runs[0], runs[1]):
         torch.testing.assert_close(reproducible, default, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[-1]))
+    if DEVICE.type == "cuda":                          # the two reproducible runs: the same bits
+        assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
 
 
 def poisoned(allocate, seen):
