@@ -15,6 +15,7 @@ import nsa  # first: switches on the interpreter without CUDA, before triton is 
 import nsa.kernels
 from nsa.compression import compress, compressed_attention
 from nsa.config import NSAConfig
+from nsa.device import DEVICE
 from nsa.geometry import num_compressed_blocks, overlap_weights
 from nsa.kernels.band import compressed_attention_triton
 from nsa.kernels.selection import select_blocks_triton
@@ -46,10 +47,16 @@ def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem=0, seed=0, ties="none"):
             r(B, mem + num_cmp, H, Dv), *gates]
 
 
+def where(backend):
+    """Where a backend computes here: triton on the GPU if there is one (else in the interpreter, on
+    CPU tensors), the others on the CPU."""
+    return DEVICE if backend == "triton" else torch.device("cpu")
+
+
 def run(backend, inputs, config, mem=0, dtype=torch.float32):
     with torch.no_grad():        # flex has no CPU backward
-        return native_sparse_attention(*[x.to(dtype) for x in inputs], config, backend=backend,
-                                       mem_kv_len=mem)
+        return native_sparse_attention(*[x.to(where(backend), dtype) for x in inputs], config, backend=backend,
+                                       mem_kv_len=mem).cpu()
 
 
 # -- 1. exact ties ------------------------------------------------------------------------------
@@ -74,7 +81,7 @@ def test_equal_keys_tie_exactly_and_go_to_the_lower_blocks(dtype):
 
 def test_equal_keys_select_the_same_blocks_in_the_triton_kernel():
     for seed in (0, 1, 2, 18, 19, 25, 27):        # 2, 18, 19, 25, 27 chose [0, 1, 4, 5] before
-        q, k_cmp = issue_tie_example(seed, torch.float32)
+        q, k_cmp = (x.to(DEVICE) for x in issue_tie_example(seed, torch.float32))
         _, lse = compressed_attention_triton(q, k_cmp, k_cmp, 16, 8, seq_len_k=94)
         assert select_blocks_triton(q, k_cmp, lse, 94, TIES)[0, 0, 0].tolist() == [0, 1, 2, 5], seed
 
@@ -96,9 +103,11 @@ def test_equal_keys_give_the_same_output_on_every_backend(seed):
 def test_periodic_keys_tie_place_by_place_on_the_triton_kernel(config, Nq, Nk, Hq, H, mem):
     q, _, _, k_cmp, v_cmp, *_ = make_inputs(1, Nq, Nk, Hq, H, 16, 16, config, mem, ties="periodic")
     q, k_cmp, v_cmp = q.float(), k_cmp.float(), v_cmp.float()
-    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, config.compress_block_size, config.compress_stride,
+    on_device = [x.to(DEVICE) for x in (q, k_cmp, v_cmp)]
+    _, lse = compressed_attention_triton(*on_device, config.compress_block_size, config.compress_stride,
                                          causal=config.causal, mem_kv_len=mem, seq_len_k=Nk)
-    chosen = select_blocks_triton(q, k_cmp, lse, Nk, config, mem_kv_len=mem)
+    chosen = select_blocks_triton(*on_device[:2], lse, Nk, config, mem_kv_len=mem).cpu()
+    lse = lse.cpu()
     scores = selection_scores(q, k_cmp, lse, Nk, config, mem_kv_len=mem)
     assert torch.equal(chosen, select_blocks(scores, Nk, config))
     scores64 = selection_scores(q.double(), k_cmp.double(), lse, Nk, config, mem_kv_len=mem)
@@ -119,7 +128,7 @@ def test_scores_by_place_equal_the_overlap_product_and_ignore_position():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,Nq,Nk,Dv", [(0, 20, 20, 16), (1, 0, 20, 16), (1, 0, 0, 16), (1, 20, 20, 0)])
 def test_empty_problems_give_empty_outputs(backend, B, Nq, Nk, Dv):
-    inputs = [x.float().requires_grad_(backend != "flex")
+    inputs = [x.to(where(backend), torch.float32).requires_grad_(backend != "flex")
               for x in make_inputs(B, Nq, Nk, 2, 1, 16, Dv, TIES)]
     o = native_sparse_attention(*inputs, TIES, backend=backend)
     assert o.shape == (B, Nq, 2, Dv) and o.dtype == torch.float32
@@ -142,7 +151,8 @@ def test_branches_and_layer_take_empty_problems():
 @pytest.mark.parametrize("Hq,H,Dqk,message", [(0, 1, 16, "at least one head"), (0, 0, 16, "at least one head"),
                                               (2, 1, 0, "dim_qk >= 1")])
 def test_zero_heads_or_dim_qk_raise_value_error(backend, Hq, H, Dqk, message):
-    inputs = [x.float() for x in make_inputs(1, 20, 20, max(Hq, 1), max(H, 1), max(Dqk, 1), 16, TIES)]
+    inputs = [x.to(where(backend), torch.float32)
+              for x in make_inputs(1, 20, 20, max(Hq, 1), max(H, 1), max(Dqk, 1), 16, TIES)]
     inputs[0], inputs[1] = inputs[0][:, :, :Hq, :Dqk], inputs[1][:, :, :H, :Dqk]
     inputs[2], inputs[3], inputs[4] = inputs[2][:, :, :H], inputs[3][:, :, :H, :Dqk], inputs[4][:, :, :H]
     inputs[5:] = [g[..., :Hq] for g in inputs[5:]]
@@ -170,7 +180,7 @@ def test_nan_reaches_the_same_outputs_on_every_backend(where):
 def test_nan_scores_are_never_selected():
     scores = torch.tensor([[[[1.0, float("nan"), 3.0, 2.0, float("nan"), 0.5]]]])
     assert select_blocks(scores, 94, TIES)[0, 0, 0].tolist() == [0, 2, 3, 5]     # 0 and 5 forced
-    q, k_cmp = issue_tie_example(0, torch.float32)
+    q, k_cmp = (x.to(DEVICE) for x in issue_tie_example(0, torch.float32))
     k_cmp = k_cmp.clone()
     k_cmp[0, 3] = float("nan")
     _, lse = compressed_attention_triton(q, k_cmp, k_cmp, 16, 8, seq_len_k=94)

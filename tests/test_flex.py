@@ -18,11 +18,12 @@ from nsa_reference import naive_nsa
 CPU = torch.device("cpu")
 
 
-def dense(mask_mod, B, H, Nq, Nk):
-    """FlexAttention's own dense evaluation (vmap), checked against nsa.masks.dense_mask's (broadcast)."""
-    mask = create_mask(mask_mod, B, H, Nq, Nk, device="cpu")
-    assert torch.equal(mask, dense_mask(mask_mod, Nq, Nk, batch=B, heads=H))
-    return mask
+def dense(mask_mod, B, H, Nq, Nk, device="cpu"):
+    """FlexAttention's own dense evaluation (vmap), checked against nsa.masks.dense_mask's (broadcast),
+    on the device of the tensors the mask reads; returned on the CPU."""
+    mask = create_mask(mask_mod, B, H, Nq, Nk, device=device)
+    assert torch.equal(mask, dense_mask(mask_mod, Nq, Nk, batch=B, heads=H, device=device))
+    return mask.cpu()
 
 
 def tiles_from_tokens(token_mask, tile=128):
@@ -146,7 +147,7 @@ def test_seed_demo_runs():
     assert compress.shape == (1, 1, 512, 144)
     assert fine_block_mask.shape == (1, 1, 1024, 1024)
     assert sliding.shape == (1, 1, 1024, 1024)
-    token = dense(fine_block_mask.mask_mod, 1, 1, 1024, 1024)[0, 0].cpu()
+    token = dense(fine_block_mask.mask_mod, 1, 1, 1024, 1024, device_blocks.device)[0, 0]
     assert torch.equal(token, block_selection_mask(selected_blocks.transpose(1, 2), 64, 1024)[0, 0])
 
 
