@@ -2,7 +2,7 @@
 
     python benchmarks/decode_compile.py [--arch 90]
 
-For each step shape below, a layer's step — its cache writes with the MLP phi (the new keys and
+For each step shape in the script's `SHAPES`, a layer's step — its cache writes with the MLP phi (the new keys and
 values appended, `compress_mlp_kernel` for both, the write; then the write of mean pooling, which
 takes the means itself) and `sparse_attention_decode_triton`'s
 four kernels — runs on empty CPU tensors with its kernel launches recorded instead of made (the

@@ -4,9 +4,10 @@ Not collected by pytest; a GPU user runs it from the repository root:
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check_flash.py [--out DIR]
 
-Checks fp16 and bf16 against float64 dense attention (all rows up to 4k; 256 spot-checked rows at
-16k and 64k), printing relative errors, then times the primer beside SDPA (flash backend), causal,
-and writes flash_primer_<gpu>.csv to --out (default book/data).
+Checks fp16 and bf16 against float64 dense attention, forward only (the primer has no autograd):
+o and lse, all rows up to 4k, 192 spot-checked rows (the first 64, 64 at random, the last 64) at
+16k and 64k, printing relative errors; then times the primer beside SDPA (flash backend), causal,
+at 4k, 16k and 64k, and writes flash_primer_<gpu>.csv to --out (default book/data).
 """
 
 import argparse

@@ -8,12 +8,14 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    1k to 64k, printing relative errors ||x - ref|| / ||ref|| for o, lse, dq, dk, dv. The reference
    gathers each query's selected keys in chunks of queries (exact, no N x N matrix), so every row is
    checked, also at 64k; it is itself checked against chapter 1's dense masked attention at 1k.
-   Every case runs with the default tiles of queries and with 4 (or, where 4 is the default, 1).
+   Every case runs with the default tiles of queries and with one query per tile (or, where one is
+   the default, at groups of 16, with 4).
 2. Timing (triton.testing.do_bench, median): paper geometry (64 query heads, 4 kv heads, d = 128,
    n = 16, l' = 64, bf16, batch 1) at 8k-64k with random valid block indices (block 0 and the
    query's own block forced): forward, forward + backward, a per-kernel breakdown, and SDPA (flash
    backend, causal) beside it.
-3. Variants (--variants, at 64k): the forward and dq kernels with 1-8 queries per tile on three kinds
+3. Variants (--variants, at 64k): the forward and the backward (its dq kernel, the reverse index and
+   the dk, dv gather kernel) with 1-8 queries per tile on three kinds
    of selections — random (as above), chapter 3's selection run on random q, k ("real"), and on
    q, k with planted structure (neighbouring queries favour the same blocks) — with the number of
    distinct blocks per query, and a loads-only copy of the forward loop (the floor of its loads).

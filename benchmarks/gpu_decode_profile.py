@@ -5,8 +5,8 @@
 
 For each shape (chapter 13's step, `nsa.bench_decode.make_step`): the step run eagerly 50 times
 under `torch.profiler`, each kernel's mean device time per step; the eager step's host time
-(wall clock with the GPU idle, i.e. CPU-bound) and the ten Python functions that take most of it
-(`cProfile`); the graph replay's time (`do_bench`, median). Prints a table per shape.
+(measured with `cProfile` on, which adds its own overhead) and the twelve Python functions that
+take most of it; the graph replay's time (`do_bench`, median). Prints a table per shape.
 `--max-splits` repeats it all for each cap on a stage's splits (`nsa.kernels.decode.MAX_SPLITS`,
 which at batch 1 mostly sets the selection's splits: how the step's length depends on them).
 """

@@ -5,10 +5,10 @@
 Chapter 13's launcher picks each stage's splits from three constants of `nsa.kernels.decode`:
 `PROGRAMS_PER_SM` (programs per multiprocessor the splits aim for), `DECODE_BLOCK_N` (compressed
 rows per step of stage 1) and `STEPS_PER_SPLIT` (steps a split of stage 1 takes at least). For
-each shape below (`nsa.bench_decode.make_step`: bf16, d = 128, the paper's geometry, one new token
-per row) and each combination of the values below, the step is checked against the float64
-reference (relative error <= 1e-2) and its CUDA-graph replay timed (`triton.testing.do_bench`,
-median). Writes one CSV row per (shape, combination); the first line says what ran.
+each shape in the script's `SHAPES` (`nsa.bench_decode.make_step`: bf16, d = 128, the paper's
+geometry, one new token per row) and each combination of the values in its `VALUES`, the step is
+checked against the float64 reference (relative error <= 1e-2) and its CUDA-graph replay timed
+(`triton.testing.do_bench`, median). Writes one CSV row per (shape, combination); the first line says what ran.
 """
 
 import argparse

@@ -19,7 +19,7 @@ Not collected by pytest (no test_ prefix); a GPU user runs it from the repositor
    Relaxed-System-Lab/Flash-Sparse-Attention: benchmark-only dependencies), their
    `topk_sparse_attention` and `FSA_topk_sparse_attention` on the same selections, each first
    compared with chapter 8's output (the relative difference is printed).
-Writes DIR/selected_groups_<gpu>.csv (impl, seq_len, heads_q, heads_kv, pass, ms) and
+Writes DIR/selected_groups_<gpu>.csv (impl, seq_len, heads_q, heads_kv, head_dim, pass, ms) and
 DIR/selected_groups_<gpu>_errors.csv; prints a table last.
 """
 

@@ -10,7 +10,7 @@ forward + backward of:
 * `sdpa_flash`, `sdpa_cudnn`  PyTorch SDPA, causal, each backend forced;
 * `flex_window` FlexAttention with the 512-token sliding window alone (a floor for one branch);
 * `fla_nsa`     fla-core 0.6.0's `parallel_nsa` (compression + top-k + selection with its own
-                l = d = l' = 64, no window), when importable; it needs group size >= 16.
+                l = d = l' = 64, no window), when importable; it needs a power-of-two group of at least 16.
 
 It writes CSV rows `impl,seq_len,heads_q,heads_kv,head_dim,pass,ms`, a peak-memory CSV and a
 JSON of the machine (device, versions, the measured bf16 matmul ceiling, the command) beside it,
