@@ -1,7 +1,7 @@
 """Every backend agrees at the edges (issue 16): exact ties, empty problems, NaN, sizes larger
 than the sequence, argument checks, no host sync; and a property-based test that draws
-configurations, lengths, ties and degenerate sizes and compares every backend (torch and flex in
-float32, triton in the interpreter) with the float64 reference."""
+configurations, lengths and ties and compares every backend (torch and flex in float32 on the CPU,
+triton on the GPU if there is one, else in the interpreter) with the float64 reference."""
 
 import sys
 from pathlib import Path
