@@ -72,6 +72,7 @@ class ShardFacts(NamedTuple):
     size_1: int    # the first tensor's first sizes after the sequence (-1: none), for messages
     size_2: int
     size_3: int
+    refused: int = 0   # 1: this rank's own checks refused its arguments (every other field 0 or -1)
 
     @classmethod
     def of(cls, tensors, offsets=None, settings=None) -> "ShardFacts":
@@ -84,6 +85,11 @@ class ShardFacts(NamedTuple):
         settings = 0 if settings is None else zlib.crc32(repr(sorted(settings.items())).encode())
         return cls(x.shape[1], x.shape[0], dtype, digest(sizes), 0 if offsets is None else digest(offsets), settings,
                    *shown)
+
+    @classmethod
+    def refusal(cls) -> "ShardFacts":
+        """What a rank whose own checks failed sends: that it refused, nothing about its tensors."""
+        return cls(0, 0, 0, 0, 0, 0, -1, -1, -1, refused=1)
 
     def describe(self) -> str:
         """The shard as an error names it: (batch, n, sizes...) and dtype."""
@@ -114,16 +120,24 @@ def settings_difference(settings, group, rank: int) -> str:
     return f"{name} is {first.get(name)!r} on rank 0 and {other.get(name)!r} on rank {rank}"
 
 
-def gathered_shard_lengths(tensors, group, offsets=None, settings=None) -> list[int]:
+def gathered_shard_lengths(tensors, group, offsets=None, settings=None, refused=None) -> list[int]:
     """Every rank's token count, from one small all-gather of each rank's `ShardFacts` (a host
     synchronisation); a rank whose shard differs in anything else (batch, sizes, dtype, the packed
     row's cu_seqlens) or that computes with other settings (`shard_settings`) gets the same
-    ValueError on every rank, before any gather of the keys, whose sizes would not match."""
-    x = tensors[0]
-    mine = torch.tensor(ShardFacts.of(tensors, offsets, settings), dtype=torch.int64, device=x.device)  # NCCL: GPU
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]          # world x (9,)
+    ValueError on every rank, before any gather of the keys, whose sizes would not match.
+    refused: the error this rank's own checks raised (None: they passed), raised here once every
+    rank knows; the others raise a ValueError that names the rank."""
+    facts = ShardFacts.refusal() if refused is not None else ShardFacts.of(tensors, offsets, settings)
+    mine = torch.tensor(facts, dtype=torch.int64, device=exchange_device(tensors[0], group))
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]          # world x (10,)
     dist.all_gather(gathered, mine, group=group)
     facts = [ShardFacts(*g.tolist()) for g in gathered]
+    if refused is not None:
+        raise refused
+    refusing = [rank for rank, other in enumerate(facts) if other.refused]
+    if refusing:
+        raise ValueError(f"rank {refusing[0]}'s own checks refused its arguments (its error says why); every rank "
+                         "of the group stops here, before the keys are gathered")
     first = facts[0]
     for rank, other in enumerate(facts):
         if other.settings != first.settings:                    # every rank finds it here: gather the names
@@ -148,6 +162,16 @@ def gathered_shard_lengths(tensors, group, offsets=None, settings=None) -> list[
     return lengths
 
 
+def exchange_device(x, group) -> torch.device:
+    """Where the facts travel: x's device (NCCL needs a GPU's), or, for a rank whose x is not a
+    usable tensor, the device its group's backend takes."""
+    if isinstance(x, torch.Tensor) and x.device.type != "meta":
+        return x.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_shard_lengths(shard_lengths, world: int) -> None:
     """`shard_lengths`: one positive int per rank of a group of `world`."""
     if (not isinstance(shard_lengths, (list, tuple)) or len(shard_lengths) != world
@@ -155,15 +179,19 @@ def check_shard_lengths(shard_lengths, world: int) -> None:
         raise ValueError(f"shard_lengths must be {world} positive ints (one per rank), got {shard_lengths!r}")
 
 
-def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=None, settings=None) -> list[int]:
+def resolve_shard_lengths(x, group, shard_lengths=None, offsets=None, tensors=None, settings=None,
+                          refused=None) -> list[int]:
     """Every rank's number of tokens, in rank order: given (checked against x, and trusted, the
     other ranks' shards and settings too), or gathered (`gathered_shard_lengths`, which also checks
     that the shards and settings agree). x: this rank's shard (B, n_rank, ...); tensors: all of the
     rank's shard tensors (default (x,)); offsets: the packed row's cu_seqlens as ints, or None;
-    settings: `shard_settings`, or None."""
+    settings: `shard_settings`, or None; refused: the error of this rank's own checks, raised
+    after the gather of facts has told the others (with given lengths, at once)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if shard_lengths is None:
-        return gathered_shard_lengths((x,) if tensors is None else tensors, group, offsets, settings)
+        return gathered_shard_lengths((x,) if tensors is None else tensors, group, offsets, settings, refused)
+    if refused is not None:
+        raise refused
     check_shard_lengths(shard_lengths, world)
     if shard_lengths[rank] != x.shape[1]:
         raise ValueError(f"shard_lengths[{rank}] = {shard_lengths[rank]} but this rank's shard holds "
@@ -265,19 +293,26 @@ def check_shards(q, k, v, gates, config, scale, backend):
     check_gates(q, gates, rows="shard_len")
 
 
-def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group", tensors=None, settings=None):
-    """Check a rank's arguments (before any message), then the shard lengths: -> (lengths, (s, e),
-    key_start, cu_seqlens_q, cu_seqlens_k, pairs) of this rank, pairs each of its sequences'
-    (start, end) of queries and keys on the host (`nsa.varlen.packed_pairs`); cu_seqlens is read
-    back once. tensors: all the rank's shard tensors whose sizes must agree (default (x,));
-    settings: what the ranks must compute with alike (`shard_settings`)."""
+def prepare_shards(x, group, cu_seqlens, shard_lengths, group_name="group", tensors=None, check=None):
+    """Check the group, then this rank's arguments — `check()`, which returns the settings the
+    ranks must agree on (`shard_settings`), and the packed row's cu_seqlens — then the shard
+    lengths: -> (lengths, (s, e), key_start, cu_seqlens_q, cu_seqlens_k, pairs) of this rank,
+    pairs each of its sequences' (start, end) of queries and keys on the host
+    (`nsa.varlen.packed_pairs`); cu_seqlens is read back once. tensors: all the rank's shard
+    tensors whose sizes must agree (default (x,)). A rank whose own checks fail says so in the
+    gather of facts and then raises its error, the others a ValueError naming it (with given
+    shard_lengths, no gather: it raises at once)."""
     check_group(group, group_name)
-    offsets = None
-    if cu_seqlens is not None:
-        if x.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens the shards hold packed sequences: batch must be 1, got {x.shape[0]}")
-        offsets = check_cu_seqlens(cu_seqlens, None, x.device)
-    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets, tensors, settings)
+    offsets = settings = refused = None
+    try:
+        settings = None if check is None else check()
+        if cu_seqlens is not None:
+            if x.shape[0] != 1:
+                raise ValueError(f"with cu_seqlens the shards hold packed sequences: batch must be 1, got {x.shape[0]}")
+            offsets = check_cu_seqlens(cu_seqlens, None, x.device)
+    except (TypeError, ValueError) as error:       # told to the other ranks before it is raised
+        refused = error
+    lengths = resolve_shard_lengths(x, group, shard_lengths, offsets, tensors, settings, refused)
     if offsets is not None and offsets[-1] != sum(lengths):
         raise ValueError(f"cu_seqlens ends at {offsets[-1]} but the shards hold {sum(lengths)} tokens")
     rank, bounds = dist.get_rank(group), shard_bounds(lengths)
@@ -302,10 +337,12 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     sequences (B = 1), the cumulative lengths of the WHOLE packed row, the same on every rank.
     shard_lengths: every rank's token count (default: gathered, one small collective).
     """
-    check_shards(q, k, v, (g_cmp, g_slc, g_win), config, scale, backend)
-    settings = shard_settings(config, resolve_scale(scale, q.shape[-1]), phi_k, phi_v)
+    def check():                       # this rank's arguments; the settings all ranks must share
+        check_shards(q, k, v, (g_cmp, g_slc, g_win), config, scale, backend)
+        return shard_settings(config, resolve_scale(scale, q.shape[-1]), phi_k, phi_v)
+
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(q, group, cu_seqlens, shard_lengths,
-                                                                   tensors=(q, k, v), settings=settings)
+                                                                   tensors=(q, k, v), check=check)
     k_all = finish_gather(start_gather(k, group, lengths), lengths, e, key_start)   # (B, e - key_start, H, Dqk)
     v_all = finish_gather(start_gather(v, group, lengths), lengths, e, key_start)   # (B, e - key_start, H, Dv)
     l, d = config.compress_block_size, config.compress_stride
@@ -322,12 +359,15 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     """`layer(x, cp_group=group)`: a `SparseAttention` on this rank's shard x (B, n_rank, dim) of
     a sequence sharded over `group` (self-attention); returns the rank's outputs (B, n_rank, dim).
     cu_seqlens: packed sequences (B = 1), those of the whole row. Causal layers only."""
-    check_causal(layer.config, "the layer's config")
-    settings = shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, heads=layer.heads,
+    def check():                       # this rank's input; the settings all ranks must share
+        check_causal(layer.config, "the layer's config")
+        layer._check_input("q", x)
+        return shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, heads=layer.heads,
                               kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
                               num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch)
+
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group",
-                                                                   settings=settings)
+                                                                   check=check)
     # -- keys and values first: their all-gathers run while the queries and gates are projected --
     keys, values = layer.project_keys_values(x, x)                   # {branch: (B, n_rank, H, D)}
     keys = {b: start_gather(t, group, lengths) for b, t in keys.items()}

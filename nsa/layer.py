@@ -195,8 +195,7 @@ class SparseAttention(nn.Module):
             if self.mask is not None:
                 raise ValueError("the layer has a key padding mask (self.mask); with cp_group, pack the rows "
                                  "(cu_seqlens=...) and set layer.mask = None")
-            self._check_input("q", q)
-            return context_parallel_forward(self, q, cp_group, cu_seqlens)
+            return context_parallel_forward(self, q, cp_group, cu_seqlens)     # q checked with the other ranks
         if cache is not None:
             if k is not None or v is not None or mask is not None or cu_seqlens is not None:
                 raise ValueError("with a cache, q holds the new tokens of self-attention: pass k = v = mask = "

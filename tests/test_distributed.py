@@ -100,7 +100,9 @@ def _check_functional(group, lengths, dtype, backend, cu_seqlens=None, seed=0, p
 
 
 def _check_errors(group):
-    """Bad arguments raise before any communication (a rank that raised never enters a collective)."""
+    """Bad arguments, the same on every rank, raise on every rank: those of the call's shape before
+    any message, a rank's own checks of its tensors after the small gather of facts (which tells
+    every rank that one refused); the group stays usable."""
     layer = _layer()
     x = torch.randn(1, 8, LAYER["dim"], dtype=torch.float64)
     with pytest.raises(TypeError, match="cp_group"):
@@ -317,6 +319,21 @@ def _check_shards_that_differ(group):
         k, v = k[:, :, :1], v[:, :, :1]
     with pytest.raises(ValueError, match=r"are \(1, n, 4, 16\) in torch.float32, but their k or v differ in size"):
         context_parallel_sparse_attention(q, k, v, *gates, group=group)
+    # -- one rank's arguments fail its own checks: it raises its error, the others one that names it --
+    refused = "rank 1's own checks refused its arguments"
+    with pytest.raises(TypeError if rank == 1 else ValueError, match="q is torch.float32" if rank == 1 else refused):
+        layer(x.float() if rank == 1 else x, cp_group=group)
+    with pytest.raises(TypeError if rank == 1 else ValueError,
+                       match="q must be a torch.Tensor" if rank == 1 else refused):
+        layer(x.tolist() if rank == 1 else x, cp_group=group)
+    cu = torch.tensor([0, 3, 8 * dist.get_world_size(group)], dtype=torch.int64 if rank == 1 else torch.int32)
+    with pytest.raises(TypeError if rank == 1 else ValueError, match="cu_seqlens" if rank == 1 else refused):
+        layer(x, cp_group=group, cu_seqlens=cu)
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    gates = [torch.rand(1, 8, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match="g_slc" if rank == 1 else refused):
+        context_parallel_sparse_attention(q, k, v, gates[0], gates[1][:, :4] if rank == 1 else gates[1], gates[2],
+                                          group=group)
     # -- the same shards, other settings: the first that differs, named on every rank --
     k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="settings: window_size is 16 on rank 0 and 8 on rank 1; every rank runs"):
