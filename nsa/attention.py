@@ -68,9 +68,10 @@ def grouped_attention(q, k, v, visible, scale: float):
 def attention(q, k, v, mask=None, scale=None, return_lse=False):
     """Dense softmax attention, the reference every other formulation is checked against.
 
-    q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv); query head h reads kv head
-    h // (Hq // H). mask: optional bool, True = visible, of shape (Nq, Nk) or
-    (B|1, Hq|H|1, Nq, Nk); None = every key visible (add `causal_mask` for causal attention).
+    q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv), Nq <= Nk (queries sit at the end
+    of the keys, as everywhere in nsa); query head h reads kv head h // (Hq // H). mask: optional
+    bool, True = visible, of shape (Nq, Nk) or (B|1, Hq|H|1, Nq, Nk); None = every key visible
+    (add `causal_mask` for causal attention). scale: None = Dqk ** -0.5.
     Returns o: (B, Nq, Hq, Dv) in q's dtype, and with `return_lse` also lse: (B, Nq, Hq) float32
     (float64 for float64 inputs). A query that sees no key gets o = 0 and lse = -inf.
     """

@@ -87,10 +87,12 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
     if isinstance(cache_seqlens, torch.Tensor):
         if cache_seqlens.is_meta:
             raise ValueError("cache_seqlens is on the meta device: it holds no lengths; pass a real tensor or a list")
-        if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool \
-                or tuple(cache_seqlens.shape) != (batch,):
+        if cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool:
             raise TypeError(f"cache_seqlens must be a (batch,) = ({batch},) integer tensor or a list of ints, got "
-                            f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}")
+                            f"dtype {cache_seqlens.dtype}")
+        if tuple(cache_seqlens.shape) != (batch,):
+            raise ValueError(f"cache_seqlens must be a (batch,) = ({batch},) integer tensor or a list of ints, got "
+                             f"shape {tuple(cache_seqlens.shape)}")
         if cache_seqlens.is_cuda:
             if cache_seqlens.device != torch.device(device):
                 raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but the cache on {device}")
@@ -426,7 +428,7 @@ class KVCache:
         return self
 
     def reorder_(self, rows) -> "KVCache":
-        """Make row i a copy of row `rows[i]` (a sequence or 1-D integer tensor of row indices;
+        """Make row i a copy of row `rows[i]` (a list or tuple of ints, or a 1-D integer tensor;
         repeats allowed, and its length is the new batch size): beam search keeping the beams it
         extends, or a prompt's cache copied into k beams. Every tensor is gathered anew (a copy).
         With as many rows as before, each tensor is overwritten in place from its own gathered

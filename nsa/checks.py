@@ -173,6 +173,21 @@ def check_seq_len_k(seq_len_k, seq_len_q: int) -> int:
     return seq_len_k
 
 
+def resolve_device(device, default: torch.device | None) -> torch.device | None:
+    """`device` (None: `default`) as a torch.device this machine has."""
+    if device is None:
+        return default
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"device must be None, a str, an int or a torch.device, got {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device={device!r} is not a device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but this machine has no CUDA device")
+    return device
+
+
 def check_compress_geometry(block_size, stride) -> None:
     """Compressed blocks of `block_size` keys every `stride` keys: overlapping or touching, no gaps."""
     check_positive_int("block_size", block_size)
@@ -321,21 +336,6 @@ def warn_renamed(where: str, old: str, new: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         level, frame = level + 1, frame.f_back
     warnings.warn(f"{where}({old}=) is now {new}=; {old}= will be removed", FutureWarning, stacklevel=level)
-
-
-def resolve_device(device, default: torch.device) -> torch.device:
-    """`device` (None: `default`) as a torch.device this machine has."""
-    if device is None:
-        return default
-    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
-        raise TypeError(f"device must be None, a str, an int or a torch.device, got {device!r}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"device={device!r} is not a device: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} but this machine has no CUDA device")
-    return device
 
 
 def check_key_padding_mask(mask, batch: int | None, seq_len_k: int | None, name: str = "key_padding_mask",

@@ -112,8 +112,11 @@ def compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16, scale=None, 
     q: (B, Nq, Hq, Dqk); k_cmp: (B, mem_kv_len + N_c, H, Dqk), v_cmp: (B, mem_kv_len + N_c, H, Dv),
     e.g. from `compress`; the first `mem_kv_len` rows are memory, visible to every query.
     Query i sits at t = seq_len_k - Nq + i and sees compressed block j iff
-    j*stride + block_size - 1 <= t (every block when not `causal`). seq_len_k, the number of keys
-    that were compressed, may be left None when Nq == seq_len_k or Nq == 1.
+    j*stride + block_size - 1 <= t (every block when not `causal`). seq_len_k: the number of keys
+    that were compressed; pass it whenever there are fewer queries than keys (decoding, chunked
+    prefill). None takes Nq keys when they make k_cmp's blocks — a guess the function cannot
+    check: Nq and a few more keys make as many blocks — and, for one query or not causal, the
+    fewest keys that make them. scale: None = Dqk ** -0.5.
     Returns o: (B, Nq, Hq, Dv) in q's dtype and lse: (B, Nq, Hq) float32 (float64 for float64
     inputs); a query that sees nothing gets o = 0 and lse = -inf.
     """

@@ -16,6 +16,8 @@ class NSAConfig:
     window_size (w): the sliding window, keys t - w < s <= t.
     causal: False for encoders and cross-attention (every compressed block visible, every
     selection block a candidate, a window on both sides).
+    Checked when made (ValueError): d <= l, l and l' multiples of d, and the forced blocks
+    (num_initial_blocks + num_local_blocks) at most n.
     """
 
     compress_block_size: int = 32

@@ -335,7 +335,9 @@ def context_parallel_sparse_attention(q, k, v, g_cmp, g_slc, g_win, config=NSACo
     all-gathered (gradients reduce-scattered); the compressed keys and values of the rank's prefix
     are made by `nsa.compress` with phi_k and phi_v (None = mean pooling). cu_seqlens: packed
     sequences (B = 1), the cumulative lengths of the WHOLE packed row, the same on every rank.
-    shard_lengths: every rank's token count (default: gathered, one small collective).
+    shard_lengths: every rank's token count (default: gathered, one small collective). Causal
+    configs only (ValueError otherwise); g_win None leaves the window out, as in
+    `native_sparse_attention`; no memory rows (a layer's `num_mem_kv` goes through the layer).
     """
     def check():                       # this rank's arguments; the settings all ranks must share
         check_shards(q, k, v, (g_cmp, g_slc, g_win), config, scale, backend)

@@ -25,9 +25,17 @@ class SparseAttention(nn.Module):
     window_size=512, kv_per_branch=False, causal=True, backend="auto", num_mem_kv=0,
     compress_mlp=True)
 
-    qk_scale None = dim_head ** -0.5. mask: default key padding mask (B, Nk) for forward.
-    backend="triton" with sizes the kernels cannot run (a geometry that is no power of two, a GQA
-    group over 16, head dims over 256) raises a ValueError here, not at the first forward.
+    qk_scale None = dim_head ** -0.5. dropout: applied to the gated sum of the branches, before the
+    output projection (no backend materialises attention weights). mask: default key padding mask
+    (B, Nk) for forward. dim_head: default dim // heads (then dim must be a multiple of heads);
+    dim_head_v: default dim_head. kv_per_branch: each branch its own key and value projections
+    (the window then runs as a call of its own). num_mem_kv: learned memory rows of the
+    compressed branch. compress_mlp: phi is the paper's MLP (`CompressionMLP`, one for keys, one
+    for values), False: mean pooling. The other sizes are NSAConfig's (its checks apply).
+    backend="triton" with sizes the kernels cannot run (`check_select_config`: l, d, l' powers of
+    two, 16 <= l' <= 256, l <= l', l'/d and n bounded; a GQA group over 16; head dims over 256)
+    raises a ValueError here, not at the first forward (where Triton is not installed, at the
+    first call).
     """
 
     def __init__(self, dim, heads=8, qk_scale=None, dropout=0., mask=None, *, kv_heads=None,
@@ -45,7 +53,9 @@ class SparseAttention(nn.Module):
             raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}) when dim_head is None")
         dim_head = check_positive_int("dim_head", dim // heads if dim_head is None else dim_head)
         dim_head_v = check_positive_int("dim_head_v", dim_head if dim_head_v is None else dim_head_v)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         check_bool("kv_per_branch", kv_per_branch)
         check_bool("compress_mlp", compress_mlp)

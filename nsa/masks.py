@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention.flex_attention import and_masks
 
 from nsa.checks import (check_bool, check_compress_geometry, check_int, check_integer_tensor,
-                        check_positive_int, check_seq_len_k, check_tensor)
+                        check_positive_int, check_seq_len_k, check_tensor, resolve_device)
 from nsa.geometry import num_compressed_blocks
 
 
@@ -75,6 +75,7 @@ def causal_mask(seq_len_q: int, seq_len_k: int, device=None) -> torch.Tensor:
     """(Nq, Nk) bool: query at t = Nk - Nq + i sees keys s <= t."""
     check_int("seq_len_q", seq_len_q, 0)
     check_seq_len_k(seq_len_k, seq_len_q)
+    device = resolve_device(device, None)                 # None: PyTorch's default device
     return dense_mask(causal_mod(seq_len_k - seq_len_q), seq_len_q, seq_len_k, device=device)
 
 
@@ -85,6 +86,7 @@ def sliding_window_mask(seq_len_q: int, seq_len_k: int, window_size: int, device
     check_int("seq_len_q", seq_len_q, 0)
     check_seq_len_k(seq_len_k, seq_len_q)
     check_positive_int("window_size", window_size)
+    device = resolve_device(device, None)
     mask_mod = sliding_window_mod(window_size, check_bool("causal", causal), seq_len_k - seq_len_q)
     return dense_mask(mask_mod, seq_len_q, seq_len_k, device=device)
 
@@ -135,6 +137,7 @@ def compressed_block_mask(seq_len_q: int, seq_len_k: int, block_size: int = 32, 
     check_compress_geometry(block_size, stride)
     check_int("mem_kv_len", mem_kv_len, 0)
     check_bool("causal", causal)
+    device = resolve_device(device, None)
     rows = mem_kv_len + num_compressed_blocks(seq_len_k, block_size, stride)
     mask_mod = compressed_mod(block_size, stride, mem_kv_len, causal, seq_len_k - seq_len_q)
     return dense_mask(mask_mod, seq_len_q, rows, device=device)

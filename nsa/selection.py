@@ -58,7 +58,8 @@ def selection_scores(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv_len
     """Importance of every selection block for every query, shared by each GQA group (Eqs. 8-10).
 
     q: (B, Nq, Hq, Dqk); k_cmp: (B, mem_kv_len + N_c, H, Dqk) and lse: (B, Nq, Hq) as given to and
-    returned by `compressed_attention` for `seq_len_k` keys. p_cmp = exp(q.k_cmp*scale - lse) over
+    returned by `compressed_attention` for `seq_len_k` keys (with the same scale; None =
+    Dqk ** -0.5). p_cmp = exp(q.k_cmp*scale - lse) over
     the compressed blocks each query sees (memory rows get no score); `blocks_kept` (B, N_c) bool,
     if given, hides the blocks marked False too (chapter 5's padded keys: lse must be the one
     computed with them hidden). Block j's score is
@@ -171,6 +172,7 @@ def selected_attention(q, k, v, block_indices, block_size=64, scale=None, *, cau
     check_indices: raise ValueError unless every index is in [-1, ceil(Nk / block_size)); this
     reads two numbers back from the device. With False nothing is read back and the caller
     vouches for the range (as NSA does for `select_blocks`' output).
+    scale: None = Dqk ** -0.5; Nq <= Nk in either mode (queries at the end of the keys).
     Returns o: (B, Nq, Hq, Dv) in q's dtype; a query with nothing to attend gets 0.
     """
     dims = check_qkv(q, k, v)

@@ -16,8 +16,8 @@ def sliding_window_attention(q, k, v, window_size=512, scale=None, *, causal=Tru
 
     q: (B, Nq, Hq, Dqk), k: (B, Nk, H, Dqk), v: (B, Nk, H, Dv); queries aligned to the end of the
     keys (query i sits at t = Nk - Nq + i); query head h reads kv head h // (Hq // H).
-    Causal: query t sees keys t - w < s <= t. Non-causal: t - w < s < t + w.
-    Memory O(Nq * w): scores are computed for chunks of C = min(w, Nq) queries against the span of
+    Causal: query t sees keys t - w < s <= t. Non-causal: t - w < s < t + w. scale: None =
+    Dqk ** -0.5. Memory O(Nq * w): scores are computed for chunks of C = min(w, Nq) queries against the span of
     C + w - 1 keys they need (C + 2w - 2 non-causal), never for all Nq x Nk pairs.
     Returns o: (B, Nq, Hq, Dv) in q's dtype (empty when Nq = 0).
     cu_seqlens (or cu_seqlens_q and cu_seqlens_k): packed sequences (1, total, heads, dim), each

@@ -512,6 +512,7 @@ def test_functional_bad_arguments_leave_the_caches_unchanged():
         (dict(cache_seqlens=[1, 2]), ValueError, "one count per batch row"),
         (dict(cache_seqlens=15), ValueError, "cache row 0 holds 15"),        # an int: every row's
         (dict(cache_seqlens=torch.tensor([1.0])), TypeError, "integer"),
+        (dict(cache_seqlens=torch.zeros(2, dtype=torch.int32)), ValueError, r"got shape \(2,\)"),
         (dict(cache_seqlens=torch.zeros(1, dtype=torch.int32, device="meta")), ValueError, "meta device"),
         (dict(k_cmp_cache=torch.zeros(B, blocks + 1, H, D)), ValueError, "k_cmp_cache"),
         (dict(v=None), ValueError, "together"),

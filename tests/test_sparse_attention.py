@@ -371,6 +371,7 @@ BAD = [
     ("dim", _module(dim=15), ValueError),
     ("dim_head", _module(dim_head=-4), ValueError),
     ("dropout", _module(dropout=1.5), ValueError),
+    ("dropout", _module(dropout="0.1"), TypeError),
     ("qk_scale", _module(qk_scale=0.0), ValueError),
     ("mask", _module(mask=torch.ones(2, 3)), TypeError),
     ("kv_per_branch", _module(kv_per_branch=1), TypeError),
