@@ -82,7 +82,8 @@ def native_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config=N
     wait for the GPU, and under torch.compile a graph break.
 
     The same on every backend, at the edges: an empty problem (B, Nq or Dv is 0) gives an empty
-    output and launches nothing; zero heads or Dqk = 0 raise ValueError. No value is checked (no
+    output and launches nothing, once the backend has accepted the inputs (a backend refuses what
+    it cannot take whatever their sizes); zero heads or Dqk = 0 raise ValueError. No value is checked (no
     host sync): a NaN or inf in the inputs gives NaN in the outputs that read it, and may reach
     others that share its tiles (a masked probability is 0, and 0 x NaN is NaN, as in
     flash-attention): keep padding finite, or leave it out with cu_seqlens (the layer's key
