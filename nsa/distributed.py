@@ -262,8 +262,15 @@ def finish_gather(gathered, lengths, end=None, start=0):
 
 def gather_sequence(x, group, shard_lengths=None):
     """All ranks' shards x (B, n_rank, ...) as one sequence (B, N, ...) on every rank; autograd-aware.
-    shard_lengths: every rank's token count (default: gathered, as `resolve_shard_lengths` says)."""
-    lengths = resolve_shard_lengths(x, group, shard_lengths)
+    shard_lengths: every rank's token count (default: gathered, as `resolve_shard_lengths` says;
+    a rank whose x is no such tensor tells the others in that gather before it raises)."""
+    check_group(group)
+    refused = None
+    if not isinstance(x, torch.Tensor):
+        refused = TypeError(f"x must be a torch.Tensor of shape (batch, shard_len, ...), got {type(x).__name__}")
+    elif x.dim() < 2:
+        refused = ValueError(f"x must have shape (batch, shard_len, ...), got {tuple(x.shape)}")
+    lengths = resolve_shard_lengths(x, group, shard_lengths, refused=refused)
     return finish_gather(start_gather(x, group, lengths), lengths)
 
 

@@ -345,6 +345,8 @@ def _check_shards_that_differ(group):
     with pytest.raises(ValueError, match="num_selected_blocks is 16 on rank 0 and 4 on rank 1"):
         config = NSAConfig(num_selected_blocks=4) if rank == 1 else NSAConfig()
         context_parallel_sparse_attention(q, k, v, *gates, config, group=group)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, shard_len" if rank == 1 else refused):
+        gather_sequence(torch.zeros(8) if rank == 1 else torch.zeros(1, 8, 2), group)      # a rank's 1-D x
     with pytest.raises(ValueError, match=r"rank 0's is \(1, n, 2\) in torch.int64, rank 1's \(1, n, 2\) in torch.int32"):
         gather_sequence(torch.zeros(1, 8, 2, dtype=torch.int32 if rank == 1 else torch.int64), group)
     # -- the gathered keys: a plain tensor, whatever the lengths (FlexAttention's compile needs one) --
