@@ -110,10 +110,17 @@ def resolve_scale(scale, dim_qk: int) -> float:
     return float(scale)
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether torch.autocast exists for `device_type` (not for "meta", say). Under torch.compile,
+    whose tensors are on devices that compute (each with autocast), the answer is yes without asking:
+    the Dynamo of torch 2.11 cannot trace the question and would break the graph there."""
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
 def autocast_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a matmul on `device` computes an operand of `dtype` in: torch.autocast's where it
     is on for that device, except float64, which autocast leaves as it is; else `dtype`."""
-    if (dtype.is_floating_point and dtype != torch.float64 and torch.amp.is_autocast_available(device.type)
+    if (dtype.is_floating_point and dtype != torch.float64 and autocast_available(device.type)
             and torch.is_autocast_enabled(device.type)):
         return torch.get_autocast_dtype(device.type)
     return dtype
@@ -132,7 +139,7 @@ def check_parameters_match(name: str, x: torch.Tensor, weight: torch.Tensor, own
         raise ValueError(f"{name} is on {x.device} but the {owner}'s parameters are on {weight.device}; move {name} "
                          f"to {weight.device} or the {owner} with {handle}.to(\"{x.device}\")")
     if autocast_dtype(x.dtype, x.device) != autocast_dtype(weight.dtype, x.device):
-        autocast_would_do = (torch.amp.is_autocast_available(x.device.type)
+        autocast_would_do = (autocast_available(x.device.type)
                              and not torch.is_autocast_enabled(x.device.type)
                              and torch.float64 not in (x.dtype, weight.dtype))
         convertible = module_dtypes is None or x.dtype in module_dtypes
