@@ -11,6 +11,7 @@ import torch
 
 import nsa
 from nsa import NSAConfig, SparseAttention
+from nsa.device import DEVICE       # the Triton backend's tensors: the GPU, else the CPU (interpreter)
 
 SMALL = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3,
              window_size=8)
@@ -24,8 +25,9 @@ def _model(backend, dtype=torch.float32, kv_per_branch=False):
 
 @pytest.mark.parametrize("backend, kv_per_branch", [("torch", False), ("triton", False), ("triton", True)])
 def test_fullgraph_compile_matches_eager_forward_and_backward(backend, kv_per_branch):
-    model = _model(backend, kv_per_branch=kv_per_branch)   # kv_per_branch: the window's own operator too
-    x = torch.randn(2, 37, 32, requires_grad=True)
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    model = _model(backend, kv_per_branch=kv_per_branch).to(device)   # kv_per_branch: the window's operator too
+    x = torch.randn(2, 37, 32).to(device).requires_grad_()
     eager = model(x)
     (grad_eager,) = torch.autograd.grad(eager.sum(), x)
     import torch._inductor.config as inductor_config  # here, not at the top: it imports triton after nsa
@@ -45,10 +47,10 @@ def test_window_operator_passes_opcheck(packed):
     """The window's custom operator (a layer's kv_per_branch window on the Triton backend): its
     fake implementation, schema and autograd registration as torch.library.opcheck tests them."""
     g = torch.Generator().manual_seed(2)
-    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
     q, k, v = (r(1, 21, 4, 16), r(1, 21, 2, 16), r(1, 21, 2, 8)) if packed else (r(2, 11, 4, 16), r(2, 13, 2, 16),
                                                                                r(2, 13, 2, 8))
-    cu = torch.tensor([0, 6, 21], dtype=torch.int32) if packed else None
+    cu = torch.tensor([0, 6, 21], dtype=torch.int32, device=DEVICE) if packed else None
     torch.library.opcheck(torch.ops.nsa.window_attention_forward,
                           (q, k, v, 8, True, 0.25, cu, cu, [15, 15] if packed else []))
 
@@ -57,10 +59,10 @@ def test_nsa_operator_without_window_passes_opcheck():
     """The fused operator with g_win None (the window left out, a kv_per_branch layer's call): its
     optional gate through the schema, the fake implementation and the autograd registration."""
     g = torch.Generator().manual_seed(4)
-    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
     B, N, Hq, H, D = 1, 30, 4, 2, 16
     Nc = (N - 8) // 4 + 1
-    gates = [torch.rand(B, N, Hq, generator=g, requires_grad=True) for _ in range(2)]
+    gates = [torch.rand(B, N, Hq, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
     torch.library.opcheck(torch.ops.nsa.sparse_attention_forward,
                           (r(B, N, Hq, D), r(B, N, H, D), r(B, N, H, D), r(B, Nc, H, D), r(B, Nc, H, D), *gates,
                            None, 8, 4, 16, 3, 1, 2, 8, True, 0.25, 0, None, None, None, []))
@@ -76,11 +78,11 @@ def test_triton_ops_have_fake_implementations(Hq, H):
     fields = (8, 4, 16, 3, 1, 2, 8, True)
     def inputs():
         g = torch.Generator().manual_seed(1)
-        r = lambda *s: torch.randn(*s, generator=g)
+        r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
         B, N, D = 1, 40, 16
         Nc = (N - 8) // 4 + 1
         return (r(B, N, Hq, D), r(B, N, H, D), r(B, N, H, D), r(B, Nc, H, D), r(B, Nc, H, D),
-                *(torch.rand(B, N, Hq, generator=g) for _ in range(3)))
+                *(torch.rand(B, N, Hq, generator=g).to(DEVICE) for _ in range(3)))
     real = torch.ops.nsa.sparse_attention_forward(*inputs(), *fields, 0.25, 0, None, None, None, [])
     with FakeTensorMode() as mode:
         fake = torch.ops.nsa.sparse_attention_forward(*(mode.from_tensor(x) for x in inputs()), *fields, 0.25, 0,
@@ -88,7 +90,7 @@ def test_triton_ops_have_fake_implementations(Hq, H):
     assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
     assert [x.dtype for x in fake] == [x.dtype for x in real]
     # -- packed: documents of 15 and 25 tokens (2 and 5 compressed blocks, 1 and 2 selection blocks) --
-    cu, cu_cmp = torch.tensor([0, 15, 40], dtype=torch.int32), torch.tensor([0, 2, 7], dtype=torch.int32)
+    cu, cu_cmp = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in ([0, 15, 40], [0, 2, 7]))
     packed = [x[:, :7] if i in (3, 4) else x for i, x in enumerate(inputs())]
     real = torch.ops.nsa.sparse_attention_forward(*packed, *fields, 0.25, 0, cu, cu, cu_cmp, [25, 25, 5, 3])
     with FakeTensorMode() as mode:
