@@ -124,6 +124,11 @@ class SparseAttention(nn.Module):
             return None, None
         return (self.mem_k.expand(batch, -1, -1, -1).to(dtype), self.mem_v.expand(batch, -1, -1, -1).to(dtype))
 
+    def compression_functions(self):
+        """phi of the keys and of the values as a forward applies them (None: mean pooling); a layer
+        split over several processes sums their gradients there (chapter 14)."""
+        return self.phi_k, self.phi_v
+
     def compressed(self, keys, values, key_bounds=None):
         """The compressed keys and values of the branch "cmp" (by the layer's phi), the memory rows
         first: (B, mem + N_c, H, D); with packed sequences (`key_bounds`: each one's (start, end) of
@@ -131,11 +136,12 @@ class SparseAttention(nn.Module):
         blocks), all sequences compressed at once."""
         k, v = keys[self.branch("cmp")], values[self.branch("cmp")]
         l, d = self.config.compress_block_size, self.config.compress_stride
+        phi_k, phi_v = self.compression_functions()
         if key_bounds is None:
-            k_cmp, v_cmp = compress(k, self.phi_k, l, d), compress(v, self.phi_v, l, d)   # (B, N_c, H, D)
+            k_cmp, v_cmp = compress(k, phi_k, l, d), compress(v, phi_v, l, d)           # (B, N_c, H, D)
         else:                                   # the blocks' token rows once, for keys and values
             rows = packed_block_rows(key_bounds, l, d, k.device)                        # (sum N_c, l)
-            k_cmp, v_cmp = compress_rows(k, rows, self.phi_k), compress_rows(v, rows, self.phi_v)
+            k_cmp, v_cmp = compress_rows(k, rows, phi_k), compress_rows(v, rows, phi_v)
         mem_k, mem_v = self.memory(k.shape[0], k_cmp.dtype)
         if mem_k is None:
             return k_cmp, v_cmp

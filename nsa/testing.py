@@ -74,11 +74,51 @@ def compare_with_single_process(group, layer_kwargs, shard_lengths, batch=1, cu_
         grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
         for g in grads.values():
             dist.all_reduce(g, group=group)
-    def error(pairs):                          # the largest difference over the largest entry
-        pairs = [(a.detach().double(), b.detach().double()) for a, b in pairs if b.numel()]
-        largest = max((b.abs().max() for _, b in pairs), default=torch.tensor(0.0)).clamp_min(1e-30)
-        return (max((a - b).abs().max() for a, b in pairs) / largest).item() if pairs else 0.0
+    return {"output": largest_relative_difference([(y_shard, y_whole[:, s:e])]),
+            "input grad": largest_relative_difference([(x_shard.grad, x_whole.grad[:, s:e])]),
+            "parameter grads": largest_relative_difference([(grads[name], expected[name]) for name in expected])}
 
-    return {"output": error([(y_shard, y_whole[:, s:e])]),
-            "input grad": error([(x_shard.grad, x_whole.grad[:, s:e])]),
-            "parameter grads": error([(grads[name], expected[name]) for name in expected])}
+
+def largest_relative_difference(pairs) -> float:
+    """Over pairs (a, b): the largest |a - b| over the largest |b| (0.0 for no elements)."""
+    pairs = [(a.detach().double(), b.detach().double()) for a, b in pairs if b.numel()]
+    largest = max((b.abs().max() for _, b in pairs), default=torch.tensor(0.0)).clamp_min(1e-30)
+    return (max((a - b).abs().max() for a, b in pairs) / largest).item() if pairs else 0.0
+
+
+def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device="cpu"):
+    """Each of `variants`, {name: `SparseAttention` arguments, with "cu_seqlens" for packed input},
+    split over `group` (`TensorParallelSparseAttention.from_layer`) against the whole layer in this
+    process on the same input: the largest relative differences of the outputs, of the input's
+    gradients, of this rank's parameters' gradients and of a decoding run through caches (a
+    prefill of 30 tokens, then 3 of one) -> {name: dict}."""
+    from nsa.tensor_parallel import TensorParallelSparseAttention
+
+    results = {}
+    for name, variant in variants.items():
+        kwargs = {k: v for k, v in variant.items() if k != "cu_seqlens"}
+        cu_seqlens = variant.get("cu_seqlens")
+        torch.manual_seed(seed)
+        whole = SparseAttention(**kwargs).to(device, dtype)
+        part = TensorParallelSparseAttention.from_layer(whole, group)
+        generator = torch.Generator(device).manual_seed(seed + 1)
+        shape = (2, 45, whole.dim) if cu_seqlens is None else (1, int(cu_seqlens[-1]), whole.dim)
+        x, weight = (torch.randn(shape, dtype=dtype, device=device, generator=generator) for _ in range(2))
+        tokens = torch.randn(2, 33, whole.dim, dtype=dtype, device=device, generator=generator)
+        runs = []
+        for layer in (whole, part):
+            x_in = x.clone().requires_grad_()
+            y = layer(x_in, cu_seqlens=cu_seqlens)
+            (y * weight).sum().backward()
+            with torch.no_grad():
+                cache = layer.new_cache(2, 33)
+                decoded = torch.cat([layer(t, cache=cache) for t in (tokens[:, :30], *tokens[:, 30:].split(1, 1))], 1)
+            runs.append((y, x_in.grad, decoded))
+        expected = part.split_state_dict({n: p.grad for n, p in whole.named_parameters()})
+        (y_whole, dx_whole, dec_whole), (y_part, dx_part, dec_part) = runs
+        results[name] = {
+            "output": largest_relative_difference([(y_part, y_whole)]),
+            "input grad": largest_relative_difference([(dx_part, dx_whole)]),
+            "parameter grads": largest_relative_difference([(p.grad, expected[n]) for n, p in part.named_parameters()]),
+            "decoding": largest_relative_difference([(dec_part, dec_whole)])}
+    return results

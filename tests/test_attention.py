@@ -111,7 +111,8 @@ PUBLIC = ("NSAConfig", "attention", "compress", "CompressionMLP", "compressed_at
           "select_blocks", "selected_attention", "sliding_window_attention", "native_sparse_attention",
           "SparseAttention", "create_compress_mask", "create_fine_mask", "create_sliding_mask", "causal_mask",
           "sliding_window_mask", "block_selection_mask", "compressed_block_mask", "KVCache",
-          "sparse_attention_with_kvcache", "DecodeGraph", "context_parallel_sparse_attention", "available_backends")
+          "sparse_attention_with_kvcache", "DecodeGraph", "context_parallel_sparse_attention", "available_backends",
+          "TensorParallelSparseAttention")
 
 
 def test_package_exports_the_public_api():

@@ -1,0 +1,153 @@
+"""Tensor parallelism (chapter 14's `TensorParallelSparseAttention`), in CPU processes joined by gloo.
+
+Spawned processes are slow to start, so each test spawns one group and runs several checks in
+it; every rank computes the whole layer's results itself and compares its own with them.
+"""
+
+import datetime
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import nsa
+from nsa import SparseAttention
+from nsa.device import DEVICE
+from nsa.tensor_parallel import TensorParallelSparseAttention, head_dim_of
+from nsa.testing import compare_tensor_parallel
+
+LAYER = dict(dim=32, heads=8, kv_heads=4, compress_block_size=8, compress_stride=4, select_block_size=16,
+             num_selected_blocks=3, window_size=16)
+PACKED = torch.tensor([0, 20, 23, 45], dtype=torch.int32)
+
+
+def _init(rank, world, store):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+
+
+def _spawn(worker, world, tmp_path):
+    mp.spawn(worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def _equality_worker(rank, world, store, variants, dtype, tolerance):
+    _init(rank, world, store)
+    try:
+        for name, errors in compare_tensor_parallel(dist.group.WORLD, variants, dtype=dtype).items():
+            assert max(errors.values()) < tolerance, (name, errors)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_layer_equals_the_whole_layer(tmp_path):
+    """Outputs, the input's and every parameter's gradients, and decoding through caches, in float64
+    on the torch backend; four ranks, each holding one kv head and its 2 query heads."""
+    variants = {"GQA": LAYER,
+                "kv per branch, memory rows": {**LAYER, "kv_per_branch": True, "num_mem_kv": 2},
+                "packed, mean pooling, MHA": {**LAYER, "kv_heads": 8, "compress_mlp": False, "cu_seqlens": PACKED},
+                "packed, memory rows, dim_head_v": {**LAYER, "dim_head_v": 6, "num_mem_kv": 1, "cu_seqlens": PACKED}}
+    mp.spawn(_equality_worker, args=(4, str(tmp_path / "store"), variants, torch.float64, 1e-12), nprocs=4)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors: Triton's interpreter")
+def test_split_layer_on_the_triton_kernels(tmp_path):
+    """The same on the Triton kernels (the interpreter, float32): two ranks of 4 query heads on 2 kv
+    heads, packed sequences with memory rows."""
+    variants = {"triton, packed": {**LAYER, "backend": "triton", "num_mem_kv": 1, "cu_seqlens": PACKED}}
+    mp.spawn(_equality_worker, args=(2, str(tmp_path / "store"), variants, torch.float32, 1e-5), nprocs=2)
+
+
+def _constructor_worker(rank, world, store):
+    _init(rank, world, store)
+    try:
+        group = dist.group.WORLD
+        torch.manual_seed(rank)                               # each rank its own seed
+        layer = TensorParallelSparseAttention(**LAYER, num_mem_kv=2, group=group).double()
+        assert (layer.heads, layer.kv_heads, layer.dim_head) == (8 // world, 4 // world, 4)
+        assert layer.mem_k.shape == (2, 4 // world, 4) and layer.to_gates.weight.shape == (3 * 8 // world, 32)
+        assert layer.to_out.weight.shape == (32, 8 // world * 4)
+        assert layer.to_out.weight.abs().max() <= 1 / math.sqrt(8 * 4)      # the whole layer's fan-in
+        phi = torch.cat([p.detach().flatten() for m in (layer.phi_k, layer.phi_v) for p in m.parameters()])
+        every = [torch.zeros_like(phi) for _ in range(world)]
+        dist.all_gather(every, phi, group=group)
+        assert all(torch.equal(other, phi) for other in every)               # broadcast from rank 0
+        x = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        y = layer(x)
+        every = [torch.zeros_like(y) for _ in range(world)]
+        dist.all_gather(every, y, group=group)
+        assert all(torch.equal(other, y) for other in every)                 # the whole output on every rank
+        assert f"rank {rank} of {world}" in repr(layer)
+        # -- errors: the same on every rank, or one rank's own, told to the others --
+        with pytest.raises(ValueError, match=rf"^heads \({world + 1}\) must be a multiple of the group's {world} ranks"):
+            TensorParallelSparseAttention(**{**LAYER, "heads": world + 1, "kv_heads": 2 * world, "dim_head": 4},
+                                          group=group)
+        with pytest.raises(ValueError, match="window_size is 16 on rank 0 and 8 on rank 1"):
+            TensorParallelSparseAttention(**{**LAYER, "window_size": 8 if rank == 1 else 16}, group=group)
+        expected = r"^kv_heads \(3\)" if rank == world - 1 else rf"^rank {world - 1}'s own checks refused"
+        with pytest.raises(ValueError, match=expected):
+            TensorParallelSparseAttention(**{**LAYER, "kv_heads": 3 if rank == world - 1 else 4}, group=group)
+        with pytest.raises(ValueError, match="takes no cp_group"):
+            layer(x, cp_group=group)
+        with pytest.raises(TypeError, match="not one already split"):
+            TensorParallelSparseAttention.from_layer(layer, group)
+        with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+            TensorParallelSparseAttention(**LAYER, group="world")
+        dist.all_reduce(torch.ones(1), group=group)                          # the group still works
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_constructor_and_errors(world, tmp_path):
+    _spawn(_constructor_worker, world, tmp_path)
+
+
+def _data_parallel_worker(rank, world, store):
+    """Four ranks: two data-parallel replicas of a tensor-parallel pair. Replica r trains on row r of
+    the batch under DDP over the data-parallel group; the gradients equal the whole layer's on the
+    whole batch in one process (DDP averages: the whole loss is the rows' mean)."""
+    _init(rank, world, store)
+    try:
+        tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]          # every rank makes every group
+        dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        tp_group, dp_group, replica = tp_groups[rank // 2], dp_groups[rank % 2], rank // 2
+        torch.manual_seed(0)
+        whole = SparseAttention(**LAYER, num_mem_kv=1).double()
+        part = DDP(TensorParallelSparseAttention.from_layer(whole, tp_group), process_group=dp_group)
+        generator = torch.Generator().manual_seed(1)
+        x, weight = (torch.randn(2, 37, 32, dtype=torch.float64, generator=generator) for _ in range(2))
+        ((whole(x) * weight).sum() / 2).backward()
+        (part(x[replica:replica + 1]) * weight[replica:replica + 1]).sum().backward()
+        expected = part.module.split_state_dict({n: p.grad for n, p in whole.named_parameters()})
+        for name, p in part.module.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], msg=lambda m: f"{name}: {m}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_replicas_of_tensor_parallel_pairs(tmp_path):
+    _spawn(_data_parallel_worker, 4, tmp_path)
+
+
+def test_parameters_split_by_heads():
+    layer = SparseAttention(**LAYER, kv_per_branch=True, num_mem_kv=1)
+    split = {name: head_dim_of(name) for name, _ in layer.named_parameters()}
+    assert {name for name, dim in split.items() if dim is None} == {
+        name for name, _ in layer.named_parameters() if name.startswith(("phi_k.", "phi_v."))}
+    assert split["to_out.weight"] == 1 and split["mem_k"] == 1 and split["to_k.win.weight"] == 0
+    assert split["to_gates.bias"] == 0
+
+
+def test_a_group_is_needed():
+    with pytest.raises(ValueError, match="init_process_group"):
+        TensorParallelSparseAttention(**LAYER, group=None)
+    assert nsa.TensorParallelSparseAttention is TensorParallelSparseAttention
