@@ -1,0 +1,128 @@
+"""Tensor parallelism on GPUs (chapter 14): the split layer checked against the whole layer, then timed.
+
+    torchrun --nproc-per-node P benchmarks/gpu_tensor_parallel.py [--out book/data] [--quick]
+
+1. Correctness, NCCL: `nsa.testing.compare_tensor_parallel` on every rank's GPU: a
+   `TensorParallelSparseAttention` split from a layer against that whole layer on the same GPU
+   (outputs, input gradients, this rank's parameter gradients, a decoding run through caches),
+   float32 and bf16, on the Triton kernels; GQA, packed documents with memory rows, separate keys
+   and values per branch. Differences relative to each tensor's largest entry; float32 must agree
+   to 1e-3 (TF32 products), bf16 is printed.
+2. Time (`--quick` skips it): forward + backward, and one decoding step after a prefill, of the
+   paper's sizes (64 query heads, 4 kv heads of 128, model dim 2560, bf16) split over the P
+   ranks, beside the whole `SparseAttention` on one GPU in the same run. Rank 0 prints a table
+   and writes `tp_<gpu>_p<P>.csv`.
+
+With P = 1 the split layer runs the whole layer's kernels plus its two DTensor conversions: what
+they cost; the scaling is the same command with P > 1 (P must divide 4). Without CUDA the checks
+run on CPU processes with gloo (Triton's interpreter, float32 only) and nothing is timed.
+"""
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent      # the checkout: its nsa, without an install
+sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.distributed as dist
+
+import nsa  # first: on a machine without CUDA it switches Triton's interpreter on
+from triton.testing import do_bench
+from nsa.device import gpu_tag
+from nsa.tensor_parallel import TensorParallelSparseAttention
+from nsa.testing import compare_tensor_parallel
+
+SMALL = dict(dim=256, heads=8, kv_heads=4, dim_head=64, compress_block_size=32, compress_stride=16,
+             select_block_size=64, num_selected_blocks=4, window_size=128, backend="triton")
+PAPER = dict(dim=2560, heads=64, kv_heads=4, dim_head=128, backend="triton")
+COLUMNS = ["gpu", "ranks", "tokens", "layer", "pass", "ms"]
+
+
+def check(group, device):
+    """Every case on this rank; rank 0 prints the worst over the ranks. False if float32 fails."""
+    ends = [700, 717, 1500] if device.type == "cuda" else [20, 23, 45]     # the interpreter: small
+    documents = torch.tensor([0, *ends], dtype=torch.int32, device=device)
+    variants = {"GQA": SMALL, "packed, memory rows": {**SMALL, "num_mem_kv": 2, "cu_seqlens": documents},
+                "kv per branch": {**SMALL, "kv_per_branch": True}}
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
+        for name, errors in compare_tensor_parallel(group, variants, dtype=dtype, device=device).items():
+            worst = torch.tensor(list(errors.values()), device=device)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+            if dtype == torch.float32:
+                ok &= bool((worst < 1e-3).all())
+            if dist.get_rank(group) == 0:
+                print(f"check {str(dtype):15} {name:20} " + " ".join(f"{k} {v:.1e}" for k, v in zip(errors, worst.tolist())))
+    return ok
+
+
+def time_layers(group, device, tokens):
+    """(layer, pass, ms) rows at `tokens` tokens: the whole layer on this GPU, then the split one."""
+    torch.manual_seed(0)
+    whole = nsa.SparseAttention(**PAPER).to(device, torch.bfloat16)
+    layers = {"whole, one GPU": whole, "split": TensorParallelSparseAttention.from_layer(whole, group)}
+    x = torch.randn(1, tokens, PAPER["dim"], device=device, dtype=torch.bfloat16, requires_grad=True)
+    token = torch.randn(1, 1, PAPER["dim"], device=device, dtype=torch.bfloat16)
+    rows = []
+    for name, layer in layers.items():
+        with torch.no_grad():
+            cache = layer.new_cache(1, tokens + 4096)                    # room for do_bench's steps
+            layer(x.detach(), cache=cache)                               # the prefill
+
+        def decode():
+            with torch.no_grad():
+                layer(token, cache=cache)
+        dist.barrier(group)
+        rows += [(name, "forward+backward", do_bench(lambda: layer(x).sum().backward())),
+                 (name, "decoding step", do_bench(decode))]
+        del cache
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="folder for tp_<gpu>_p<P>.csv (rank 0 writes it)")
+    parser.add_argument("--quick", action="store_true", help="correctness only")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    args = parser.parse_args()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)      # before the runs: a missing folder must not lose them
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:                                        # a dry run of the checks on CPUs (Triton's interpreter)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    ok = check(group, device)
+    if not args.quick and device.type == "cuda":
+        gpu, table = gpu_tag(device), []
+        for tokens in args.tokens:
+            for layer, name, ms in time_layers(group, device, tokens):
+                worst = torch.tensor([ms], device=device)
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                table.append(dict(zip(COLUMNS, (gpu, world, tokens, layer, name, worst.item()))))
+        if rank == 0:
+            for row in table:
+                print(f"time {row['tokens']:>6} tokens, {row['layer']:15} on {world} GPU(s): {row['pass']:17} "
+                      f"{row['ms']:9.3f} ms (slowest rank)")
+            if args.out:
+                path = args.out / f"tp_{gpu}_p{world}.csv"
+                with path.open("w", newline="") as f:
+                    f.write(f"# torchrun --nproc-per-node {world} benchmarks/gpu_tensor_parallel.py --out "
+                            f"{args.out}\n")
+                    writer = csv.DictWriter(f, COLUMNS)
+                    writer.writeheader()
+                    writer.writerows(table)
+                print(f"wrote {path}")
+    dist.destroy_process_group()
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
