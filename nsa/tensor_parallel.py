@@ -7,16 +7,13 @@ head-local, so each rank runs the single-device operator on its own heads; the r
 the output's partial sums in the forward, and the input's and the MLPs' gradients in the
 backward."""
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.func import functional_call
 
-from nsa.checks import check_positive_int
-from nsa.distributed import check_group, shard_settings
+from nsa.distributed import check_group, exchange_device, shard_settings
 from nsa.layer import SparseAttention
 
 
@@ -44,11 +41,18 @@ def head_dim_of(name: str) -> int | None:
     return None
 
 
-def agreed_settings(settings: dict, group, refused: Exception | None = None) -> None:
-    """Every rank of `group` builds its layer with the same `settings` (`shard_settings`' dict), or
-    every rank raises the same ValueError naming the first that differs (one gather of the
-    settings). refused: the error this rank's own checks raised (None: they passed), raised here
-    once every rank knows; the others raise a ValueError that names the rank."""
+def whole_settings(layer: SparseAttention) -> dict:
+    """What the ranks of a split layer must agree on: the whole `layer`'s settings and sizes."""
+    return shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, dim=layer.dim, heads=layer.heads,
+                          kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
+                          num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch, backend=layer.backend)
+
+
+def agreed_settings(settings: dict | None, group, refused: Exception | None = None) -> None:
+    """Every rank of `group` builds its layer with the same `settings`, or every rank raises the
+    same ValueError naming the first that differs (one gather of the settings). refused: the
+    error this rank's own checks raised (None: they passed), raised here once every rank knows;
+    the others raise a ValueError that names the rank."""
     every = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, None if refused is not None else settings, group=group)
     if refused is not None:
@@ -68,58 +72,58 @@ class TensorParallelSparseAttention(SparseAttention):
     """`SparseAttention` with its heads split across the ranks of `group` (tensor parallelism).
 
     TensorParallelSparseAttention(dim, heads=8, ..., group): `SparseAttention`'s arguments for the
-    whole layer (heads, kv_heads, dim_head as the unsplit layer has them) and `group`, a
-    torch.distributed process group of P ranks; heads and kv_heads must be multiples of P. Rank r
-    holds query heads [r Hq/P, (r+1) Hq/P) and kv heads [r H/P, (r+1) H/P), their projections'
-    rows, gates and memory rows, the output projection's columns for them, and the compression
-    MLPs whole (broadcast from the group's first rank; their gradients are summed over the ranks
-    in the backward). Every rank passes the same input and gets the whole output, equal to the
-    unsplit layer's, and in the backward the input's whole gradient. Construction is collective
-    (every rank at once) and checks that the ranks' settings agree. `from_layer(layer, group)`
-    splits an existing layer. `heads`, `kv_heads` and a cache from `new_cache` are this rank's
-    (heads / P): decoding with a cache works as on one device, each rank caching its own heads.
-    Not combined with context parallelism (cp_group).
+    whole layer (heads, kv_heads, dim_head as the unsplit layer has them; dropout must be 0) and
+    `group`, a torch.distributed process group of P ranks; heads and kv_heads must be multiples of
+    P. Rank r holds query heads [r Hq/P, (r+1) Hq/P) and kv heads [r H/P, (r+1) H/P), their
+    projections' rows, gates and memory rows, the output projection's columns for them, and the
+    compression MLPs whole. Initial values: the whole layer's, drawn from this rank's random state
+    as `SparseAttention(...)` draws them, of which the rank keeps its slices (ranks seeded alike
+    hold the parts of one layer); the MLPs broadcast from the group's first rank. Every rank
+    passes the same inputs and gets the whole output, equal to the unsplit layer's, and in the
+    backward the inputs' whole gradients (the MLPs' summed over the ranks). Construction is
+    collective (every rank at once) and checks that the ranks' settings agree.
+    `from_layer(layer, group)` splits a layer; `split_state_dict` cuts a whole layer's state,
+    `whole_state_dict` gathers it back. `heads`, `kv_heads` and a cache from `new_cache` are this
+    rank's (heads / P): decoding with a cache works as on one device, each rank caching its own
+    heads. Not combined with context parallelism (cp_group).
     """
 
-    def __init__(self, dim, heads=8, qk_scale=None, dropout=0., mask=None, *, group, kv_heads=None,
-                 dim_head=None, **kwargs):
+    def __init__(self, dim, heads=8, qk_scale=None, dropout=0., mask=None, *, group, **kwargs):
         check_group(group, "group")
-        world, settings, refused = dist.get_world_size(group), None, None
+        world, whole, refused = dist.get_world_size(group), None, None
         try:                                   # this rank's own checks: a failure is told to the others
-            check_positive_int("dim", dim)
-            check_positive_int("heads", heads)
-            kv_heads = check_positive_int("kv_heads", heads if kv_heads is None else kv_heads)
-            for name, count in (("heads", heads), ("kv_heads", kv_heads)):
+            whole = SparseAttention(dim, heads, qk_scale, dropout, mask, **kwargs)    # its checks, its values
+            if whole.dropout.p:
+                raise ValueError(f"dropout must be 0 in a TensorParallelSparseAttention, got {dropout!r}: each "
+                                 "rank would draw its heads' masks from its own random state")
+            for name, count in (("heads", whole.heads), ("kv_heads", whole.kv_heads)):
                 if count % world:
                     raise ValueError(f"{name} ({count}) must be a multiple of the group's {world} ranks: each "
                                      f"rank holds {name} / {world} of them")
-            if dim_head is None and dim % heads:
-                raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}) when dim_head is None")
-            dim_head = dim // heads if dim_head is None else dim_head
-            super().__init__(dim, heads // world, qk_scale, dropout, mask, kv_heads=kv_heads // world,
-                             dim_head=dim_head, **kwargs)
-            settings = shard_settings(self.config, self.scale, self.phi_k, self.phi_v, dim=dim, heads=heads,
-                                      kv_heads=kv_heads, dim_head=self.dim_head, dim_head_v=self.dim_head_v,
-                                      num_mem_kv=self.num_mem_kv, kv_per_branch=self.kv_per_branch,
-                                      backend=self.backend, dropout=self.dropout.p)
         except (TypeError, ValueError) as error:
             refused = error
-        agreed_settings(settings, group, refused)
+        agreed_settings(None if whole is None else whole_settings(whole), group, refused)
+        kwargs.update(kv_heads=whole.kv_heads // world, dim_head=whole.dim_head, dim_head_v=whole.dim_head_v)
+        super().__init__(dim, whole.heads // world, whole.scale, 0.0, mask, **kwargs)
         self.group, self.world_size, self.rank = group, world, dist.get_rank(group)
-        with torch.no_grad():                  # nn.Linear's initialisation, for the whole layer's fan-in
-            bound = 1 / math.sqrt(heads * self.dim_head_v)
-            self.to_out.weight.uniform_(-bound, bound)
-        for phi in (self.phi_k, self.phi_v):   # the same MLPs on every rank
-            for p in () if phi is None else phi.parameters():
-                dist.broadcast(p.data, dist.get_global_rank(group, 0), group=group)
         self._meshes = {}                      # the group as a DeviceMesh, by device type
+        self.load_state_dict(self.split_state_dict(whole.state_dict()))
+        device, source = exchange_device(None, group), dist.get_global_rank(group, 0)   # NCCL: a GPU
+        for phi in (self.phi_k, self.phi_v):   # the MLPs: the first rank's on every rank
+            for p in () if phi is None else phi.parameters():
+                sent = p.data.to(device)
+                dist.broadcast(sent, source, group=group)
+                p.data.copy_(sent)
 
     @classmethod
     def from_layer(cls, layer: SparseAttention, group) -> "TensorParallelSparseAttention":
-        """This rank's part of `layer`, a `SparseAttention` that every rank of `group` holds alike: its
-        heads' slices of the parameters and the compression MLPs whole, on the layer's device and dtype."""
+        """This rank's part of `layer`, a `SparseAttention` that every rank of `group` holds alike (one
+        seed, one checkpoint): its heads' slices of the parameters, the MLPs whole, each on the
+        layer's device and in its dtype, with its requires_grad, and in its training mode."""
+        check_group(group, "group")
         if not isinstance(layer, SparseAttention) or isinstance(layer, TensorParallelSparseAttention):
-            raise TypeError(f"layer must be a SparseAttention (not one already split), got {type(layer).__name__}")
+            agreed_settings(None, group, TypeError("layer must be a SparseAttention (not one already split), got "
+                                                   f"{type(layer).__name__}"))          # told to the others
         c = layer.config
         part = cls(layer.dim, layer.heads, layer.scale, layer.dropout.p, layer.mask, group=group,
                    kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
@@ -128,14 +132,30 @@ class TensorParallelSparseAttention(SparseAttention):
                    num_initial_blocks=c.num_initial_blocks, num_local_blocks=c.num_local_blocks,
                    window_size=c.window_size, kv_per_branch=layer.kv_per_branch, causal=c.causal,
                    backend=layer.backend, num_mem_kv=layer.num_mem_kv, compress_mlp=layer.phi_k is not None)
-        part.to(layer.to_q.weight.device, layer.to_q.weight.dtype)
-        part.load_state_dict(part.split_state_dict(layer.state_dict()))
-        return part
+        part.load_state_dict(part.split_state_dict(layer.state_dict()), assign=True)     # their devices, dtypes
+        for (_, p), (_, q) in zip(part.named_parameters(), layer.named_parameters()):
+            p.requires_grad_(q.requires_grad)
+        return part.train(layer.training)
 
     def split_state_dict(self, state: dict) -> dict:
-        """A whole layer's `state_dict` (or any dict of tensors by parameter name) -> this rank's part."""
-        return {name: t if head_dim_of(name) is None else t.chunk(self.world_size, head_dim_of(name))[self.rank]
+        """A whole layer's `state_dict` (or any dict of tensors by parameter name) -> this rank's part
+        (copies)."""
+        return {name: (t if head_dim_of(name) is None else t.chunk(self.world_size, head_dim_of(name))[self.rank]).clone()
                 for name, t in state.items()}
+
+    def whole_state_dict(self) -> dict:
+        """The whole layer's `state_dict`, gathered from the ranks (collective: every rank calls it and
+        gets it), for a `SparseAttention` with the whole layer's settings to load."""
+        state = {}
+        for name, t in self.state_dict().items():
+            dim = head_dim_of(name)
+            if dim is None:
+                state[name] = t.clone()
+                continue
+            parts = [torch.empty_like(t) for _ in range(self.world_size)]
+            dist.all_gather(parts, t.contiguous(), group=self.group)
+            state[name] = torch.cat(parts, dim)
+        return state
 
     def mesh(self, device: torch.device) -> DeviceMesh:
         """The group as a one-dimensional `DeviceMesh` of `device`'s type, made once per type."""
@@ -143,19 +163,25 @@ class TensorParallelSparseAttention(SparseAttention):
             self._meshes[device.type] = DeviceMesh.from_group(self.group, device.type)
         return self._meshes[device.type]
 
-    def project(self, x_q, x_k, x_v):
-        """`SparseAttention.project` on this rank's heads; each distinct input enters once."""
-        mesh, entered = self.mesh(x_q.device), {}
-        for x in (x_q, x_k, x_v):
-            entered.setdefault(id(x), replicated_input(x, mesh))
-        return SparseAttention.project(self, *(entered[id(x)] for x in (x_q, x_k, x_v)))
+    def forward(self, q, k=None, v=None, mask=None, *, cp_group=None, **kwargs):
+        """`SparseAttention.forward`: every rank the same q, k, v, mask; the whole output on every rank.
+        An input that needs a gradient enters once (self-attention's one tensor: one sum of its gradient)."""
+        if cp_group is not None:
+            raise ValueError("a TensorParallelSparseAttention takes no cp_group: this layer splits the heads, "
+                             "SparseAttention(..., cp_group=...) the tokens; not both")
+        entered = {}
+        for x in (q, k, v):
+            if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in entered:
+                entered[id(x)] = replicated_input(x, self.mesh(x.device))
+        q, k, v = (entered.get(id(x), x) for x in (q, k, v))
+        return SparseAttention.forward(self, q, k, v, mask, **kwargs)
 
     def compression_functions(self):
-        """phi of keys and of values, their parameters entering as replicated inputs: their gradients
-        are summed over the ranks (each compresses its own heads' keys with the same MLPs)."""
+        """phi of keys and of values; where gradients are taken, with their parameters entering as
+        replicated inputs, so that their gradients are summed over the ranks."""
         def entered(phi):
-            if phi is None:
-                return None
+            if phi is None or not torch.is_grad_enabled():
+                return phi
             return lambda blocks: functional_call(phi, {name: replicated_input(p, self.mesh(blocks.device))
                                                         for name, p in phi.named_parameters()}, (blocks,))
         return entered(self.phi_k), entered(self.phi_v)
@@ -164,13 +190,6 @@ class TensorParallelSparseAttention(SparseAttention):
         """`SparseAttention.output` of this rank's heads, its part of the projection, summed over the ranks."""
         part = SparseAttention.output(self, o, o_win, g_win)
         return summed_output(part, self.mesh(part.device))
-
-    def forward(self, q, k=None, v=None, mask=None, *, cp_group=None, **kwargs):
-        """`SparseAttention.forward` (every rank the same q, k, v, mask; the whole output), without cp_group."""
-        if cp_group is not None:
-            raise ValueError("a TensorParallelSparseAttention takes no cp_group: this layer splits the heads or "
-                             "(SparseAttention) the tokens, not both")
-        return SparseAttention.forward(self, q, k, v, mask, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{SparseAttention.extra_repr(self)}, rank {self.rank} of {self.world_size} (its heads)"

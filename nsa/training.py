@@ -117,14 +117,24 @@ def make_recall_batch(task: RecallTask, batch_size: int, seed: int, distance: in
 ATTENTIONS = ("dense", "window", "nsa")
 
 
+def check_whole_layer(layer) -> None:
+    """`layer` is a `SparseAttention` holding all its heads: the experiment's helpers call its
+    projections themselves, which a layer split over several processes (chapter 14) does not
+    allow (each holds a part of every projection)."""
+    if not isinstance(layer, SparseAttention):
+        raise TypeError(f"layer must be an nsa.SparseAttention, got {type(layer).__name__}")
+    if getattr(layer, "world_size", 1) > 1:
+        raise TypeError(f"layer is split over {layer.world_size} processes ({type(layer).__name__}); this "
+                        "helper takes a whole SparseAttention")
+
+
 def shared_projection_attention(layer: SparseAttention, x, window_size: int | None = None):
     """Dense causal attention (or a causal sliding window of `window_size` keys) through the
     projections of an `nsa.SparseAttention` layer: x (B, N, dim) -> (B, N, dim).
 
     Uses the layer's to_q, to_k, to_v, to_out, scale and dropout; not its compression or gates.
     """
-    if not isinstance(layer, SparseAttention):
-        raise TypeError(f"layer must be an nsa.SparseAttention, got {type(layer).__name__}")
+    check_whole_layer(layer)
     if layer.kv_per_branch:
         raise ValueError("layer has kv_per_branch=True: it has no single set of keys and values "
                          "for dense attention; build it with kv_per_branch=False")
@@ -159,6 +169,7 @@ def dense_mask_attention(layer, x):
     dense attention under bool masks (SDPA with `block_selection_mask` and `sliding_window_mask`)
     instead of the layer's backend; the compressed branch and the selection are the torch
     backend's. The same function, faster on a CPU at short lengths (no gather, no scatter)."""
+    check_whole_layer(layer)
     queries, keys, values, (g_cmp, g_slc, g_win) = layer.project(x, x, x)
     k_cmp, v_cmp = layer.compressed(keys, values)                                # (B, mem + N_c, H, D)
     config, N, mem = layer.config, x.shape[1], layer.num_mem_kv

@@ -5,7 +5,6 @@ it; every rank computes the whole layer's results itself and compares its own wi
 """
 
 import datetime
-import math
 import os
 
 import pytest
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nsa
+import nsa.training
 from nsa import SparseAttention
 from nsa.device import DEVICE
 from nsa.tensor_parallel import TensorParallelSparseAttention, head_dim_of
@@ -49,7 +49,11 @@ def _equality_worker(rank, world, store, variants, dtype, tolerance):
 def test_split_layer_equals_the_whole_layer(tmp_path):
     """Outputs, the input's and every parameter's gradients, and decoding through caches, in float64
     on the torch backend; four ranks, each holding one kv head and its 2 query heads."""
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[1, 38:] = False                                  # row 1 right-padded: packed inside the layer
     variants = {"GQA": LAYER,
+                "key padding mask": {**LAYER, "mask": mask},
+                "cross-attention, 45 queries on 60 keys": {**LAYER, "seq_len_k": 60},
                 "kv per branch, memory rows": {**LAYER, "kv_per_branch": True, "num_mem_kv": 2},
                 "packed, mean pooling, MHA": {**LAYER, "kv_heads": 8, "compress_mlp": False, "cu_seqlens": PACKED},
                 "packed, memory rows, dim_head_v": {**LAYER, "dim_head_v": 6, "num_mem_kv": 1, "cu_seqlens": PACKED}}
@@ -64,41 +68,63 @@ def test_split_layer_on_the_triton_kernels(tmp_path):
     mp.spawn(_equality_worker, args=(2, str(tmp_path / "store"), variants, torch.float32, 1e-5), nprocs=2)
 
 
+def _gathered(x, group):
+    every = [torch.zeros_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, x.contiguous(), group=group)
+    return every
+
+
 def _constructor_worker(rank, world, store):
     _init(rank, world, store)
     try:
         group = dist.group.WORLD
-        torch.manual_seed(rank)                               # each rank its own seed
+        # -- one seed on every rank: the parts of the layer one process draws with that seed --
+        torch.manual_seed(0)
         layer = TensorParallelSparseAttention(**LAYER, num_mem_kv=2, group=group).double()
+        torch.manual_seed(0)
+        whole = SparseAttention(**LAYER, num_mem_kv=2).double()
         assert (layer.heads, layer.kv_heads, layer.dim_head) == (8 // world, 4 // world, 4)
-        assert layer.mem_k.shape == (2, 4 // world, 4) and layer.to_gates.weight.shape == (3 * 8 // world, 32)
-        assert layer.to_out.weight.shape == (32, 8 // world * 4)
-        assert layer.to_out.weight.abs().max() <= 1 / math.sqrt(8 * 4)      # the whole layer's fan-in
-        phi = torch.cat([p.detach().flatten() for m in (layer.phi_k, layer.phi_v) for p in m.parameters()])
-        every = [torch.zeros_like(phi) for _ in range(world)]
-        dist.all_gather(every, phi, group=group)
-        assert all(torch.equal(other, phi) for other in every)               # broadcast from rank 0
+        expected = layer.split_state_dict(whole.state_dict())
+        for name, t in layer.state_dict().items():
+            torch.testing.assert_close(t, expected[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        slices = _gathered(layer.to_q.weight.detach(), group)
+        assert not torch.equal(slices[0], slices[1])                         # each rank its own heads
+        gathered = layer.whole_state_dict()                                  # back to one layer
+        assert gathered.keys() == whole.state_dict().keys()
+        assert all(torch.equal(gathered[n], t) for n, t in whole.state_dict().items())
         x = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-        y = layer(x)
-        every = [torch.zeros_like(y) for _ in range(world)]
-        dist.all_gather(every, y, group=group)
-        assert all(torch.equal(other, y) for other in every)                 # the whole output on every rank
+        torch.testing.assert_close(layer(x), whole(x))
         assert f"rank {rank} of {world}" in repr(layer)
+        # -- a seed per rank: other draws, but the same MLPs everywhere (broadcast from rank 0) --
+        torch.manual_seed(rank)
+        layer = TensorParallelSparseAttention(**LAYER, group=group)
+        phi = torch.cat([p.detach().flatten() for m in (layer.phi_k, layer.phi_v) for p in m.parameters()])
+        assert all(torch.equal(other, phi) for other in _gathered(phi, group))
+        # -- from_layer keeps the layer's dtypes, requires_grad and mode --
+        whole.eval().mem_k.requires_grad_(False)
+        part = TensorParallelSparseAttention.from_layer(whole, group)
+        assert not part.training and not part.mem_k.requires_grad and part.to_q.weight.dtype == torch.float64
         # -- errors: the same on every rank, or one rank's own, told to the others --
         with pytest.raises(ValueError, match=rf"^heads \({world + 1}\) must be a multiple of the group's {world} ranks"):
-            TensorParallelSparseAttention(**{**LAYER, "heads": world + 1, "kv_heads": 2 * world, "dim_head": 4},
-                                          group=group)
+            TensorParallelSparseAttention(**{**LAYER, "heads": world + 1, "kv_heads": 1, "dim_head": 4}, group=group)
+        with pytest.raises(ValueError, match="^dropout must be 0"):
+            TensorParallelSparseAttention(**LAYER, dropout=0.1, group=group)
         with pytest.raises(ValueError, match="window_size is 16 on rank 0 and 8 on rank 1"):
             TensorParallelSparseAttention(**{**LAYER, "window_size": 8 if rank == 1 else 16}, group=group)
-        expected = r"^kv_heads \(3\)" if rank == world - 1 else rf"^rank {world - 1}'s own checks refused"
+        last = rank == world - 1
+        expected = r"^kv_heads \(3\)" if last else rf"^rank {world - 1}'s own checks refused"
         with pytest.raises(ValueError, match=expected):
-            TensorParallelSparseAttention(**{**LAYER, "kv_heads": 3 if rank == world - 1 else 4}, group=group)
+            TensorParallelSparseAttention(**{**LAYER, **({"heads": 12, "kv_heads": 3, "dim_head": 4} if last else {})},
+                                          group=group)
+        expected = (TypeError, "^layer must be a SparseAttention") if last else (ValueError, "own checks refused")
+        with pytest.raises(expected[0], match=expected[1]):
+            TensorParallelSparseAttention.from_layer(layer if last else whole, group)
         with pytest.raises(ValueError, match="takes no cp_group"):
-            layer(x, cp_group=group)
-        with pytest.raises(TypeError, match="not one already split"):
-            TensorParallelSparseAttention.from_layer(layer, group)
+            layer(x.float(), cp_group=group)
         with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
             TensorParallelSparseAttention(**LAYER, group="world")
+        with pytest.raises(TypeError, match="split over"):
+            nsa.training.shared_projection_attention(layer, x.float())
         dist.all_reduce(torch.ones(1), group=group)                          # the group still works
         dist.barrier()
     finally:
