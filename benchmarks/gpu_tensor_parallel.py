@@ -10,8 +10,9 @@
    to 1e-3 (TF32 products), bf16 is printed.
 2. Time (`--quick` skips it): forward + backward, and one decoding step after a prefill, of the
    paper's sizes (64 query heads, 4 kv heads of 128, model dim 2560, bf16) split over the P
-   ranks, beside the whole `SparseAttention` on one GPU in the same run. Rank 0 prints a table
-   and writes `tp_<gpu>_p<P>.csv`.
+   ranks, beside the whole `SparseAttention` on one GPU in the same run: the median of 20 calls
+   timed by CUDA events, the same count on every rank. Rank 0 prints a table and writes
+   `tp_<gpu>_p<P>.csv`.
 
 With P = 1 the split layer runs the whole layer's kernels plus its two DTensor conversions: what
 they cost; the scaling is the same command with P > 1 (P must divide 4). Without CUDA the checks
@@ -30,8 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.distributed as dist
 
-import nsa  # first: on a machine without CUDA it switches Triton's interpreter on
-from triton.testing import do_bench
+import nsa
 from nsa.device import gpu_tag
 from nsa.tensor_parallel import TensorParallelSparseAttention
 from nsa.testing import compare_tensor_parallel
@@ -60,6 +60,24 @@ def check(group, device):
     return ok
 
 
+def median_ms(fn, group, repeats=20):
+    """The median of `repeats` timed calls of fn after 3 untimed ones, the same count on every rank
+    (a call holds collectives: a count of each rank's own, as do_bench takes, could leave one rank
+    waiting in a collective that no other joins)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def time_layers(group, device, tokens):
     """(layer, pass, ms) rows at `tokens` tokens: the whole layer on this GPU, then the split one."""
     torch.manual_seed(0)
@@ -70,15 +88,15 @@ def time_layers(group, device, tokens):
     rows = []
     for name, layer in layers.items():
         with torch.no_grad():
-            cache = layer.new_cache(1, tokens + 4096)                    # room for do_bench's steps
+            cache = layer.new_cache(1, tokens + 64)                      # room for the timed steps
             layer(x.detach(), cache=cache)                               # the prefill
 
         def decode():
             with torch.no_grad():
                 layer(token, cache=cache)
         dist.barrier(group)
-        rows += [(name, "forward+backward", do_bench(lambda: layer(x).sum().backward())),
-                 (name, "decoding step", do_bench(decode))]
+        rows += [(name, "forward+backward", median_ms(lambda: layer(x).sum().backward(), group)),
+                 (name, "decoding step", median_ms(decode, group))]
         del cache
     return rows
 
