@@ -56,7 +56,8 @@ def check(group, device):
             if dtype == torch.float32:
                 ok &= bool((worst < 1e-3).all())
             if dist.get_rank(group) == 0:
-                print(f"check {str(dtype):15} {name:20} " + " ".join(f"{k} {v:.1e}" for k, v in zip(errors, worst.tolist())))
+                shown = " ".join(f"{k} {v:.1e}" for k, v in zip(errors, worst.tolist()))
+                print(f"check {str(dtype):15} {name:20} {shown}")
     return ok
 
 

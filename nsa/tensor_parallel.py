@@ -140,8 +140,10 @@ class TensorParallelSparseAttention(SparseAttention):
     def split_state_dict(self, state: dict) -> dict:
         """A whole layer's `state_dict` (or any dict of tensors by parameter name) -> this rank's part
         (copies)."""
-        return {name: (t if head_dim_of(name) is None else t.chunk(self.world_size, head_dim_of(name))[self.rank]).clone()
-                for name, t in state.items()}
+        def part(name, t):
+            dim = head_dim_of(name)
+            return t.clone() if dim is None else t.chunk(self.world_size, dim)[self.rank].clone()
+        return {name: part(name, t) for name, t in state.items()}
 
     def whole_state_dict(self) -> dict:
         """The whole layer's `state_dict`, gathered from the ranks (collective: every rank calls it and

@@ -107,7 +107,9 @@ def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device
         whole = SparseAttention(**kwargs).to(device, dtype)
         part = TensorParallelSparseAttention.from_layer(whole, group)
         generator = torch.Generator(device).manual_seed(seed + 1)
-        draw = lambda *shape: torch.randn(*shape, whole.dim, dtype=dtype, device=device, generator=generator)  # noqa: E731
+        def draw(*shape):
+            return torch.randn(*shape, whole.dim, dtype=dtype, device=device, generator=generator)
+
         x = draw(2, 45) if cu_seqlens is None else draw(1, int(cu_seqlens[-1]))
         keys = draw(2, variant["seq_len_k"]) if "seq_len_k" in variant else None
         weight, tokens = draw(*x.shape[:2]), draw(2, 33)
@@ -126,7 +128,7 @@ def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device
         results[name] = {
             "output": largest_relative_difference([(y_part, y_whole)]),
             "input grad": max(largest_relative_difference([pair]) for pair in zip(grads_part, grads_whole)),
-            "parameter grads": max(((p.grad - expected[n]).abs().max() / expected[n].abs().max().clamp_min(floor)).item()
-                                   for n, p in part.named_parameters() if p.numel()),
+            "parameter grads": max(((p.grad - expected[n]).abs().max() / expected[n].abs().max().clamp_min(floor))
+                                   .item() for n, p in part.named_parameters() if p.numel()),
             "decoding": largest_relative_difference([(dec_part, dec_whole)])}
     return results

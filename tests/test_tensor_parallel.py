@@ -105,7 +105,7 @@ def _constructor_worker(rank, world, store):
         part = TensorParallelSparseAttention.from_layer(whole, group)
         assert not part.training and not part.mem_k.requires_grad and part.to_q.weight.dtype == torch.float64
         # -- errors: the same on every rank, or one rank's own, told to the others --
-        with pytest.raises(ValueError, match=rf"^heads \({world + 1}\) must be a multiple of the group's {world} ranks"):
+        with pytest.raises(ValueError, match=rf"^heads \({world + 1}\) must be a multiple of the group's {world}"):
             TensorParallelSparseAttention(**{**LAYER, "heads": world + 1, "kv_heads": 1, "dim_head": 4}, group=group)
         with pytest.raises(ValueError, match="^dropout must be 0"):
             TensorParallelSparseAttention(**LAYER, dropout=0.1, group=group)
