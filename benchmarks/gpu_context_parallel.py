@@ -20,7 +20,6 @@ CPU processes with gloo (slow: Triton's interpreter) and nothing is timed.
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch.distributed as dist
 import nsa
 from nsa.device import gpu_tag
 from nsa.distributed import gather_sequence, split_evenly
-from nsa.testing import compare_with_single_process
+from nsa.testing import compare_with_single_process, join_torchrun
 
 SMALL = dict(dim=256, heads=8, kv_heads=2, dim_head=64, compress_block_size=32, compress_stride=16,
              select_block_size=64, num_selected_blocks=4, window_size=128)
@@ -105,13 +104,7 @@ def main():
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)      # before the runs: a missing folder must not lose them
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:                                        # a dry run of the checks on CPUs (Triton's interpreter)
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = join_torchrun()                     # without CUDA: a dry run of the checks on CPUs (the interpreter)
     group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     ok = check(group, world, device)
     if not args.quick and device.type == "cuda":

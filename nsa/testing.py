@@ -5,6 +5,7 @@ them on the CPU, `benchmarks/gpu_context_parallel.py` and `benchmarks/gpu_tensor
 on GPUs)."""
 
 import datetime
+import os
 import tempfile
 
 import torch
@@ -25,6 +26,18 @@ def _gloo_worker(rank, fn, world_size, store, results, args):
         dist.barrier()              # no rank tears gloo down while another still exchanges with it
     finally:
         dist.destroy_process_group()
+
+
+def join_torchrun() -> torch.device:
+    """Join the processes `torchrun` started (its environment variables): with NCCL on this
+    process's GPU (`LOCAL_RANK`) where there is CUDA, else with gloo on the CPU; -> the device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
 
 
 def run_on_cpus(fn, world_size: int, *args):
