@@ -59,7 +59,6 @@ except ImportError as missing:  # triton is not installed: "auto" uses "torch"
     backend_unavailable("triton", f"Triton kernels could not be imported ({missing})")
 
 
-
 def __getattr__(name):
     """`nsa.TensorParallelSparseAttention`, imported on first use: its module loads
     torch.distributed.tensor (about 0.4 s), which a model on one device never needs."""
