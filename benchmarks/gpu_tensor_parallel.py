@@ -7,12 +7,14 @@
    (outputs, input gradients, this rank's parameter gradients, a decoding run through caches),
    float32 and bf16, on the Triton kernels; GQA, packed documents with memory rows, separate keys
    and values per branch. Differences relative to each tensor's largest entry; float32 must agree
-   to 1e-3 (TF32 products), bf16 is printed.
-2. Time (`--quick` skips it): forward + backward, and one decoding step after a prefill, of the
-   paper's sizes (64 query heads, 4 kv heads of 128, model dim 2560, bf16) split over the P
-   ranks, beside the whole `SparseAttention` on one GPU in the same run: the median of 20 calls
-   timed by CUDA events, the same count on every rank. Rank 0 prints a table and writes
-   `tp_<gpu>_p<P>.csv`.
+   to 1e-3 (TF32 products), bf16 is printed. Then the split layer's decoding step captured in a
+   CUDA graph (`nsa.DecodeGraph`, the all-reduce inside) and replayed, against the whole layer's
+   eager steps (float32, 1e-3).
+2. Time (`--quick` skips it): forward + backward, and one decoding step after a prefill (eager,
+   and replayed from a CUDA graph), of the paper's sizes (64 query heads, 4 kv heads of 128,
+   model dim 2560, bf16) split over the P ranks, beside the whole `SparseAttention` on one GPU in
+   the same run: the median of 20 calls timed by CUDA events, the same count on every rank.
+   Rank 0 prints a table and writes `tp_<gpu>_p<P>.csv`.
 
 With P = 1 the split layer runs the whole layer's kernels plus its two DTensor conversions: what
 they cost; the scaling is the same command with P > 1 (P must divide 4). Without CUDA the checks
@@ -33,7 +35,7 @@ import torch.distributed as dist
 import nsa
 from nsa.device import gpu_tag
 from nsa.tensor_parallel import TensorParallelSparseAttention
-from nsa.testing import compare_tensor_parallel, join_torchrun
+from nsa.testing import compare_tensor_parallel, join_torchrun, largest_relative_difference
 
 SMALL = dict(dim=256, heads=8, kv_heads=4, dim_head=64, compress_block_size=32, compress_stride=16,
              select_block_size=64, num_selected_blocks=4, window_size=128, backend="triton")
@@ -57,7 +59,31 @@ def check(group, device):
             if dist.get_rank(group) == 0:
                 shown = " ".join(f"{k} {v:.1e}" for k, v in zip(errors, worst.tolist()))
                 print(f"check {str(dtype):15} {name:20} {shown}")
+    if device.type == "cuda":
+        ok &= check_graph(group, device)
     return ok
+
+
+def check_graph(group, device, steps=5):
+    """The split layer's decoding step captured in a CUDA graph (`nsa.DecodeGraph`, its all-reduce
+    inside) and replayed, against the whole layer's eager steps, float32: True if within 1e-3."""
+    torch.manual_seed(0)
+    whole = nsa.SparseAttention(**SMALL).to(device).eval()
+    part = TensorParallelSparseAttention.from_layer(whole, group)
+    generator = torch.Generator(device).manual_seed(1)
+    tokens = torch.randn(2, 300 + steps, SMALL["dim"], device=device, generator=generator)
+    caches = [whole.new_cache(2, 400), part.new_cache(2, 400)]
+    worst = 0.0
+    with torch.no_grad():
+        for layer, cache in zip((whole, part), caches):
+            layer(tokens[:, :300], cache=cache)                           # the prefill, eagerly
+        graph = nsa.DecodeGraph(lambda t: part(t, cache=caches[1]), caches[1], tokens[:, 300:301])
+        for i in range(300, 300 + steps):
+            eager = whole(tokens[:, i:i + 1], cache=caches[0])
+            worst = max(worst, largest_relative_difference([(graph(tokens[:, i:i + 1]), eager)]))
+    if dist.get_rank(group) == 0:
+        print(f"check split layer's CUDA-graph replay ({steps} steps, float32) against the whole layer: {worst:.1e}")
+    return worst < 1e-3
 
 
 def median_ms(fn, group, repeats=20):
@@ -88,7 +114,7 @@ def time_layers(group, device, tokens):
     rows = []
     for name, layer in layers.items():
         with torch.no_grad():
-            cache = layer.new_cache(1, tokens + 64)                      # room for the timed steps
+            cache = layer.new_cache(1, tokens + 128)                     # room for the timed steps
             layer(x.detach(), cache=cache)                               # the prefill
 
         def decode():
@@ -97,7 +123,10 @@ def time_layers(group, device, tokens):
         dist.barrier(group)
         rows += [(name, "forward+backward", median_ms(lambda: layer(x).sum().backward(), group)),
                  (name, "decoding step", median_ms(decode, group))]
-        del cache
+        with torch.no_grad():
+            graph = nsa.DecodeGraph(lambda t: layer(t, cache=cache), cache, token)
+            rows.append((name, "decoding step, CUDA graph", median_ms(lambda: graph(token), group)))
+        del cache, graph
     return rows
 
 
