@@ -164,6 +164,30 @@ def test_data_parallel_replicas_of_tensor_parallel_pairs(tmp_path):
     _spawn(_data_parallel_worker, 4, tmp_path)
 
 
+def _compile_worker(rank, world, store):
+    """torch.compile(fullgraph=True) of a split layer: its DTensor conversions and collectives trace
+    into one graph; outputs and the input's gradient equal the eager split layer's."""
+    _init(rank, world, store)
+    try:
+        torch.manual_seed(0)
+        part = TensorParallelSparseAttention.from_layer(SparseAttention(**LAYER, backend="torch"), dist.group.WORLD)
+        x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))
+        runs = []
+        for model in (part, torch.compile(part, fullgraph=True, backend="aot_eager")):
+            x_in = x.clone().requires_grad_()
+            y = model(x_in)
+            y.sum().backward()
+            runs.append((y.detach(), x_in.grad))
+        torch.testing.assert_close(runs[1], runs[0])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_layer_compiles_into_one_graph(tmp_path):
+    _spawn(_compile_worker, 2, tmp_path)
+
+
 def test_parameters_split_by_heads():
     layer = SparseAttention(**LAYER, kv_per_branch=True, num_mem_kv=1)
     split = {name: head_dim_of(name) for name, _ in layer.named_parameters()}
