@@ -1,6 +1,6 @@
 """Tensor parallelism on GPUs (chapter 14): the split layer checked against the whole layer, then timed.
 
-    torchrun --nproc-per-node P benchmarks/gpu_tensor_parallel.py [--out book/data] [--quick]
+    torchrun --nproc-per-node P benchmarks/gpu_tensor_parallel.py [--out book/data] [--quick] [--tokens N ...]
 
 1. Correctness, NCCL: `nsa.testing.compare_tensor_parallel` on every rank's GPU: a
    `TensorParallelSparseAttention` split from a layer against that whole layer on the same GPU
@@ -14,15 +14,18 @@
    and replayed from a CUDA graph), of the paper's sizes (64 query heads, 4 kv heads of 128,
    model dim 2560, bf16) split over the P ranks, beside the whole `SparseAttention` on one GPU in
    the same run: the median of 20 calls timed by CUDA events, the same count on every rank.
-   Rank 0 prints a table and writes `tp_<gpu>_p<P>.csv`.
+   Rank 0 prints a table and, if every float32 check passed, writes `tp_<gpu>_p<P>.csv` (its
+   first line: the command, the GPU, torch and Triton, the date and the checks' worst values).
 
-With P = 1 the split layer runs the whole layer's kernels plus its two DTensor conversions: what
-they cost; the scaling is the same command with P > 1 (P must divide 4). Without CUDA the checks
-run on CPU processes with gloo (Triton's interpreter, float32 only) and nothing is timed.
+With P = 1 DTensor skips the collectives: the run checks the code path and times the split
+layer's host work (its DTensor conversions), not communication; the scaling is the same command
+with P > 1 (P must divide 4). Without CUDA the checks run on CPU processes with gloo (Triton's
+interpreter, float32 only) and nothing is timed.
 """
 
 import argparse
 import csv
+import datetime
 import sys
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 import nsa
+import triton  # after nsa: without CUDA, nsa switches Triton's interpreter on first
 from nsa.device import gpu_tag
 from nsa.tensor_parallel import TensorParallelSparseAttention
 from nsa.testing import compare_tensor_parallel, join_torchrun, largest_relative_difference
@@ -44,29 +48,34 @@ COLUMNS = ["gpu", "ranks", "tokens", "layer", "pass", "ms"]
 
 
 def check(group, device):
-    """Every case on this rank; rank 0 prints the worst over the ranks. False if float32 fails."""
+    """Every case on this rank; rank 0 prints the worst over the ranks -> (ok: every float32 check
+    passed, {what: worst value} for the data file's first line)."""
     ends = [700, 717, 1500] if device.type == "cuda" else [20, 23, 45]     # the interpreter: small
     documents = torch.tensor([0, *ends], dtype=torch.int32, device=device)
     variants = {"GQA": SMALL, "packed, memory rows": {**SMALL, "num_mem_kv": 2, "cu_seqlens": documents},
                 "kv per branch": {**SMALL, "kv_per_branch": True}}
-    ok = True
+    ok, worst_of = True, {}
     for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
         for name, errors in compare_tensor_parallel(group, variants, dtype=dtype, device=device).items():
             worst = torch.tensor(list(errors.values()), device=device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
             if dtype == torch.float32:
                 ok &= bool((worst < 1e-3).all())
+            worst_of[str(dtype).removeprefix("torch.")] = max(worst_of.get(str(dtype).removeprefix("torch."), 0.0),
+                                                              worst.max().item())
             if dist.get_rank(group) == 0:
                 shown = " ".join(f"{k} {v:.1e}" for k, v in zip(errors, worst.tolist()))
                 print(f"check {str(dtype):15} {name:20} {shown}")
     if device.type == "cuda":
-        ok &= check_graph(group, device)
-    return ok
+        worst_of["CUDA-graph replay"] = check_graph(group, device)
+        ok &= worst_of["CUDA-graph replay"] < 1e-3
+    return ok, worst_of
 
 
 def check_graph(group, device, steps=5):
-    """The split layer's decoding step captured in a CUDA graph (`nsa.DecodeGraph`, its all-reduce
-    inside) and replayed, against the whole layer's eager steps, float32: True if within 1e-3."""
+    """The split layer's decoding step captured in a CUDA graph (`nsa.DecodeGraph`; with P > 1 its
+    all-reduce inside) and replayed, against the whole layer's eager steps, float32 -> the worst
+    relative difference over the ranks."""
     torch.manual_seed(0)
     whole = nsa.SparseAttention(**SMALL).to(device).eval()
     part = TensorParallelSparseAttention.from_layer(whole, group)
@@ -81,9 +90,12 @@ def check_graph(group, device, steps=5):
         for i in range(300, 300 + steps):
             eager = whole(tokens[:, i:i + 1], cache=caches[0])
             worst = max(worst, largest_relative_difference([(graph(tokens[:, i:i + 1]), eager)]))
+    worst = torch.tensor([worst], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
     if dist.get_rank(group) == 0:
-        print(f"check split layer's CUDA-graph replay ({steps} steps, float32) against the whole layer: {worst:.1e}")
-    return worst < 1e-3
+        print(f"check split layer's CUDA-graph replay ({steps} steps, float32) against the whole layer: "
+              f"{worst.item():.1e}")
+    return worst.item()
 
 
 def median_ms(fn, group, repeats=20):
@@ -134,13 +146,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="folder for tp_<gpu>_p<P>.csv (rank 0 writes it)")
     parser.add_argument("--quick", action="store_true", help="correctness only")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536],
+                        help="sequence lengths to time (default 16384 65536)")
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)      # before the runs: a missing folder must not lose them
     device = join_torchrun()                     # without CUDA: a dry run of the checks on CPUs (the interpreter)
     group, world, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
-    ok = check(group, device)
+    ok, worst_of = check(group, device)
     if not args.quick and device.type == "cuda":
         gpu, table = gpu_tag(device), []
         for tokens in args.tokens:
@@ -152,11 +165,16 @@ def main():
             for row in table:
                 print(f"time {row['tokens']:>6} tokens, {row['layer']:15} on {world} GPU(s): {row['pass']:17} "
                       f"{row['ms']:9.3f} ms (slowest rank)")
-            if args.out:
+            if args.out and not ok:
+                print("not written: a float32 check failed")
+            elif args.out:
                 path = args.out / f"tp_{gpu}_p{world}.csv"
+                checks = ", ".join(f"{name} {value:.1e}" for name, value in worst_of.items())
                 with path.open("w", newline="") as f:
-                    f.write(f"# torchrun --nproc-per-node {world} benchmarks/gpu_tensor_parallel.py --out "
-                            f"{args.out}\n")
+                    f.write(f"# torchrun --nproc-per-node {world} benchmarks/gpu_tensor_parallel.py --out {args.out}; "
+                            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton "
+                            f"{triton.__version__}; {datetime.date.today()}; worst relative differences of the "
+                            f"checks, split against whole: {checks}\n")
                     writer = csv.DictWriter(f, COLUMNS)
                     writer.writeheader()
                     writer.writerows(table)

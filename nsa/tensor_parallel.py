@@ -29,7 +29,7 @@ def summed_output(x, mesh):
     return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
 
 
-def head_dim_of(name: str) -> int | None:
+def head_axis_of(name: str) -> int | None:
     """The dimension along which a `SparseAttention` parameter `name` splits by heads (contiguous
     chunks, rank r the r-th), or None for those every rank holds whole (the MLPs phi)."""
     if name.startswith(("to_q.", "to_k.", "to_v.", "to_gates.")):
@@ -48,7 +48,7 @@ def whole_settings(layer: SparseAttention) -> dict:
                           num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch, backend=layer.backend)
 
 
-def agreed_settings(settings: dict | None, group, refused: Exception | None = None) -> None:
+def check_same_settings(settings: dict | None, group, refused: Exception | None = None) -> None:
     """Every rank of `group` builds its layer with the same `settings`, or every rank raises the
     same ValueError naming the first that differs (one gather of the settings). refused: the
     error this rank's own checks raised (None: they passed), raised here once every rank knows;
@@ -85,7 +85,9 @@ class TensorParallelSparseAttention(SparseAttention):
     `from_layer(layer, group)` splits a layer; `split_state_dict` cuts a whole layer's state,
     `whole_state_dict` gathers it back. `heads`, `kv_heads` and a cache from `new_cache` are this
     rank's (heads / P): decoding with a cache works as on one device, each rank caching its own
-    heads. Not combined with context parallelism (cp_group).
+    heads. Not combined with context parallelism (cp_group). Every rank must pass the same inputs
+    (values, shapes, requires_grad): not checked, as gathering them would cost a collective per
+    call. The layer holds its process group, so it does not pickle: save its `state_dict`.
     """
 
     def __init__(self, dim, heads=8, qk_scale=None, dropout=0., mask=None, *, group, **kwargs):
@@ -100,15 +102,16 @@ class TensorParallelSparseAttention(SparseAttention):
                 if count % world:
                     raise ValueError(f"{name} ({count}) must be a multiple of the group's {world} ranks: each "
                                      f"rank holds {name} / {world} of them")
-        except (TypeError, ValueError) as error:
+        except Exception as error:            # any error here: the other ranks must not wait for this one
             refused = error
-        agreed_settings(None if whole is None else whole_settings(whole), group, refused)
+        check_same_settings(None if whole is None else whole_settings(whole), group, refused)
         kwargs.update(kv_heads=whole.kv_heads // world, dim_head=whole.dim_head, dim_head_v=whole.dim_head_v)
         super().__init__(dim, whole.heads // world, whole.scale, 0.0, mask, **kwargs)
         self.group, self.world_size, self.rank = group, world, dist.get_rank(group)
-        self._meshes = {}                      # the group as a DeviceMesh, by device type
+        device = exchange_device(None, group)  # NCCL: a GPU
+        self._meshes = {device.type: DeviceMesh.from_group(group, device.type)}   # (no collective)
         self.load_state_dict(self.split_state_dict(whole.state_dict()))
-        device, source = exchange_device(None, group), dist.get_global_rank(group, 0)   # NCCL: a GPU
+        source = dist.get_global_rank(group, 0)
         for phi in (self.phi_k, self.phi_v):   # the MLPs: the first rank's on every rank
             for p in () if phi is None else phi.parameters():
                 sent = p.data.to(device)
@@ -122,8 +125,8 @@ class TensorParallelSparseAttention(SparseAttention):
         layer's device and in its dtype, with its requires_grad, and in its training mode."""
         check_group(group, "group")
         if not isinstance(layer, SparseAttention) or isinstance(layer, TensorParallelSparseAttention):
-            agreed_settings(None, group, TypeError("layer must be a SparseAttention (not one already split), got "
-                                                   f"{type(layer).__name__}"))          # told to the others
+            refused = TypeError(f"layer must be a SparseAttention (not one already split), got {type(layer).__name__}")
+            check_same_settings(None, group, refused)                    # told to the others, then raised
         c = layer.config
         part = cls(layer.dim, layer.heads, layer.scale, layer.dropout.p, layer.mask, group=group,
                    kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
@@ -133,28 +136,42 @@ class TensorParallelSparseAttention(SparseAttention):
                    window_size=c.window_size, kv_per_branch=layer.kv_per_branch, causal=c.causal,
                    backend=layer.backend, num_mem_kv=layer.num_mem_kv, compress_mlp=layer.phi_k is not None)
         part.load_state_dict(part.split_state_dict(layer.state_dict()), assign=True)     # their devices, dtypes
-        for (_, p), (_, q) in zip(part.named_parameters(), layer.named_parameters()):
-            p.requires_grad_(q.requires_grad)
+        given = dict(layer.named_parameters())
+        for name, p in part.named_parameters():
+            p.requires_grad_(given[name].requires_grad)
         return part.train(layer.training)
 
     def split_state_dict(self, state: dict) -> dict:
-        """A whole layer's `state_dict` (or any dict of tensors by parameter name) -> this rank's part
-        (copies)."""
+        """A whole layer's `state_dict` (or a dict of its parameters' gradients, by name) -> this rank's
+        part (copies); a name this layer does not have, or a tensor whose part is not this layer's
+        shape, is a ValueError naming it."""
+        own = self.state_dict()
+
         def part(name, t):
-            dim = head_dim_of(name)
-            return t.clone() if dim is None else t.chunk(self.world_size, dim)[self.rank].clone()
+            if name not in own:
+                raise ValueError(f"{name!r} is not in this layer's state_dict (its names: {', '.join(own)})")
+            axis = head_axis_of(name)
+            if axis is not None and t.shape[axis] != own[name].shape[axis] * self.world_size:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}: the whole layer's has {own[name].shape[axis]} x "
+                                 f"{self.world_size} along axis {axis}; is it this layer's whole state?")
+            piece = t if axis is None else t.chunk(self.world_size, axis)[self.rank]
+            if piece.shape != own[name].shape:
+                raise ValueError(f"{name} gives this rank a part of shape {tuple(piece.shape)}, expected "
+                                 f"{tuple(own[name].shape)}")
+            return piece.clone()
         return {name: part(name, t) for name, t in state.items()}
 
     def whole_state_dict(self) -> dict:
         """The whole layer's `state_dict`, gathered from the ranks (collective: every rank calls it and
-        gets it), for a `SparseAttention` with the whole layer's settings to load."""
+        gets it, on the layer's device: the whole layer's memory on every rank), for a
+        `SparseAttention` with the whole layer's settings to load."""
         state = {}
         for name, t in self.state_dict().items():
-            dim = head_dim_of(name)
+            dim = head_axis_of(name)
             if dim is None:
                 state[name] = t.clone()
                 continue
-            parts = [torch.empty_like(t) for _ in range(self.world_size)]
+            parts = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(self.world_size)]
             dist.all_gather(parts, t.contiguous(), group=self.group)
             state[name] = torch.cat(parts, dim)
         return state
