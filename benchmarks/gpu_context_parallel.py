@@ -10,8 +10,9 @@
    float32 must agree to 1e-3, bf16 is printed.
 2. Time (`--quick` skips it): forward + backward of `SparseAttention` (64 query heads, 4 kv heads
    of 128, model dim 2560, the paper's NSA sizes, bf16) on N tokens sharded over the P ranks, the
-   all-gather of one layer's keys alone, and the peak memory of a GPU. Rank 0 prints a table and
-   writes `cp_<gpu>_p<P>.csv`.
+   all-gather of one layer's keys alone, and the peak memory of a GPU. Rank 0 prints a table and,
+   if the float32 checks passed, writes `cp_<gpu>_p<P>.csv` (its first line: the command, the GPU,
+   torch and Triton, the date).
 
 One process checks the code path (a group of one) and times the one-GPU baseline; the scaling
 is the same command with P > 1 on a machine with several GPUs. Without CUDA the checks run on
@@ -19,7 +20,6 @@ CPU processes with gloo (slow: Triton's interpreter) and nothing is timed.
 """
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import torch.distributed as dist
 import nsa
 from nsa.device import gpu_tag
 from nsa.distributed import gather_sequence, split_evenly
-from nsa.testing import compare_with_single_process, join_torchrun
+from nsa.testing import compare_with_single_process, join_torchrun, write_run
 
 SMALL = dict(dim=256, heads=8, kv_heads=2, dim_head=64, compress_block_size=32, compress_stride=16,
              select_block_size=64, num_selected_blocks=4, window_size=128)
@@ -119,12 +119,13 @@ def main():
             for row in table:
                 print(f"time {row['tokens']:>7} tokens on {world} GPU(s) {row['pass']:17} {row['ms']:8.2f} ms "
                       f"{row['peak_gib']:6.1f} GiB peak (slowest rank)")
-            if args.out:
+            if args.out and not ok:
+                print("not written: a float32 check failed")
+            elif args.out:
                 path = args.out / f"cp_{gpu}_p{world}.csv"
-                with path.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, COLUMNS)
-                    writer.writeheader()
-                    writer.writerows(table)
+                write_run(path, COLUMNS, table, f"torchrun --nproc-per-node {world} benchmarks/gpu_context_parallel.py "
+                          f"--out {args.out}", torch.cuda.get_device_name(device),
+                          "the float32 checks passed (1e-3)")
                 print(f"wrote {path}")
     dist.destroy_process_group()
     raise SystemExit(0 if ok else 1)

@@ -24,8 +24,6 @@ interpreter, float32 only) and nothing is timed.
 """
 
 import argparse
-import csv
-import datetime
 import sys
 from pathlib import Path
 
@@ -36,10 +34,9 @@ import torch
 import torch.distributed as dist
 
 import nsa
-import triton  # after nsa: without CUDA, nsa switches Triton's interpreter on first
 from nsa.device import gpu_tag
 from nsa.tensor_parallel import TensorParallelSparseAttention
-from nsa.testing import compare_tensor_parallel, join_torchrun, largest_relative_difference
+from nsa.testing import compare_tensor_parallel, join_torchrun, largest_relative_difference, write_run
 
 SMALL = dict(dim=256, heads=8, kv_heads=4, dim_head=64, compress_block_size=32, compress_stride=16,
              select_block_size=64, num_selected_blocks=4, window_size=128, backend="triton")
@@ -170,14 +167,9 @@ def main():
             elif args.out:
                 path = args.out / f"tp_{gpu}_p{world}.csv"
                 checks = ", ".join(f"{name} {value:.1e}" for name, value in worst_of.items())
-                with path.open("w", newline="") as f:
-                    f.write(f"# torchrun --nproc-per-node {world} benchmarks/gpu_tensor_parallel.py --out {args.out}; "
-                            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton "
-                            f"{triton.__version__}; {datetime.date.today()}; worst relative differences of the "
-                            f"checks, split against whole: {checks}\n")
-                    writer = csv.DictWriter(f, COLUMNS)
-                    writer.writeheader()
-                    writer.writerows(table)
+                write_run(path, COLUMNS, table, f"torchrun --nproc-per-node {world} benchmarks/gpu_tensor_parallel.py "
+                          f"--out {args.out}", torch.cuda.get_device_name(device),
+                          f"worst relative differences, split against whole: {checks}")
                 print(f"wrote {path}")
     dist.destroy_process_group()
     raise SystemExit(0 if ok else 1)

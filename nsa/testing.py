@@ -4,6 +4,7 @@ a context-parallel or a tensor-parallel layer with the same layer in one process
 them on the CPU, `benchmarks/gpu_context_parallel.py` and `benchmarks/gpu_tensor_parallel.py`
 on GPUs)."""
 
+import csv
 import datetime
 import os
 import tempfile
@@ -38,6 +39,20 @@ def join_torchrun() -> torch.device:
         return device
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def write_run(path, columns, rows, command: str, gpu: str, checks: str) -> None:
+    """A GPU script's table as a CSV at `path`: a first line saying how it was made (`command`, the
+    `gpu`'s name, torch and Triton, the date, `checks`: what was verified), then `columns` and
+    `rows` (dicts)."""
+    import triton                           # here: nsa has chosen Triton's mode before
+
+    with open(path, "w", newline="") as f:
+        f.write(f"# {command}; {gpu}, torch {torch.__version__}, triton "
+                f"{triton.__version__}; {datetime.date.today()}; {checks}\n")
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def run_on_cpus(fn, world_size: int, *args):

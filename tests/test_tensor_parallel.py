@@ -201,6 +201,16 @@ def test_parameters_split_by_heads():
     assert split["to_gates.bias"] == 0
 
 
+def test_a_gpu_runs_table_says_how_it_was_made(tmp_path):
+    from nsa.testing import write_run
+
+    rows = [{"tokens": 16384, "ms": 1.5}, {"tokens": 65536, "ms": 6.25}]
+    write_run(tmp_path / "t.csv", ["tokens", "ms"], rows, "torchrun x.py", "NVIDIA H200", "checks 0.0")
+    first, *table = (tmp_path / "t.csv").read_text().splitlines()
+    assert first.startswith("# torchrun x.py; NVIDIA H200, torch ") and first.endswith("; checks 0.0")
+    assert table == ["tokens,ms", "16384,1.5", "65536,6.25"]
+
+
 def test_a_group_is_needed():
     with pytest.raises(ValueError, match="init_process_group"):
         TensorParallelSparseAttention(**LAYER, group=None)
