@@ -106,6 +106,14 @@ def shard_settings(config, scale, phi_k, phi_v, **more) -> dict:
     return {**dataclasses.asdict(config), "scale": scale, "phi_k": kind(phi_k), "phi_v": kind(phi_v), **more}
 
 
+def layer_settings(layer, **more) -> dict:
+    """`shard_settings` of a `SparseAttention` layer: its config, scale and kinds of phi, its head
+    counts and sizes, memory rows and kv_per_branch, and `more`."""
+    return shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, heads=layer.heads,
+                          kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
+                          num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch, **more)
+
+
 def settings_difference(settings, group, rank: int) -> str:
     """The first setting in which rank `rank` differs from rank 0, named with both values: the
     digests told every rank that they differ, and each rank calls this, so the settings
@@ -371,9 +379,7 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     def check():                       # this rank's input; the settings all ranks must share
         check_causal(layer.config, "the layer's config")
         layer._check_input("q", x)
-        return shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, heads=layer.heads,
-                              kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
-                              num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch)
+        return layer_settings(layer)
 
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group",
                                                                    check=check)

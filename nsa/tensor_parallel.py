@@ -7,13 +7,15 @@ head-local, so each rank runs the single-device operator on its own heads; the r
 the output's partial sums in the forward, and the input's and the MLPs' gradients in the
 backward."""
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.func import functional_call
 
-from nsa.distributed import check_group, exchange_device, shard_settings
+from nsa.distributed import check_group, exchange_device, layer_settings
 from nsa.layer import SparseAttention
 
 
@@ -39,13 +41,6 @@ def head_axis_of(name: str) -> int | None:
     if name in ("mem_k", "mem_v"):
         return 1                           # (mem, H, D)
     return None
-
-
-def whole_settings(layer: SparseAttention) -> dict:
-    """What the ranks of a split layer must agree on: the whole `layer`'s settings and sizes."""
-    return shard_settings(layer.config, layer.scale, layer.phi_k, layer.phi_v, dim=layer.dim, heads=layer.heads,
-                          kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
-                          num_mem_kv=layer.num_mem_kv, kv_per_branch=layer.kv_per_branch, backend=layer.backend)
 
 
 def check_same_settings(settings: dict | None, group, refused: Exception | None = None) -> None:
@@ -104,7 +99,8 @@ class TensorParallelSparseAttention(SparseAttention):
                                      f"rank holds {name} / {world} of them")
         except Exception as error:            # any error here: the other ranks must not wait for this one
             refused = error
-        check_same_settings(None if whole is None else whole_settings(whole), group, refused)
+        settings = None if whole is None else layer_settings(whole, dim=whole.dim, backend=whole.backend)
+        check_same_settings(settings, group, refused)
         kwargs.update(kv_heads=whole.kv_heads // world, dim_head=whole.dim_head, dim_head_v=whole.dim_head_v)
         super().__init__(dim, whole.heads // world, whole.scale, 0.0, mask, **kwargs)
         self.group, self.world_size, self.rank = group, world, dist.get_rank(group)
@@ -127,14 +123,11 @@ class TensorParallelSparseAttention(SparseAttention):
         if not isinstance(layer, SparseAttention) or isinstance(layer, TensorParallelSparseAttention):
             refused = TypeError(f"layer must be a SparseAttention (not one already split), got {type(layer).__name__}")
             check_same_settings(None, group, refused)                    # told to the others, then raised
-        c = layer.config
         part = cls(layer.dim, layer.heads, layer.scale, layer.dropout.p, layer.mask, group=group,
                    kv_heads=layer.kv_heads, dim_head=layer.dim_head, dim_head_v=layer.dim_head_v,
-                   compress_block_size=c.compress_block_size, compress_stride=c.compress_stride,
-                   select_block_size=c.select_block_size, num_selected_blocks=c.num_selected_blocks,
-                   num_initial_blocks=c.num_initial_blocks, num_local_blocks=c.num_local_blocks,
-                   window_size=c.window_size, kv_per_branch=layer.kv_per_branch, causal=c.causal,
-                   backend=layer.backend, num_mem_kv=layer.num_mem_kv, compress_mlp=layer.phi_k is not None)
+                   **dataclasses.asdict(layer.config),                  # its fields are the layer's arguments
+                   kv_per_branch=layer.kv_per_branch, backend=layer.backend, num_mem_kv=layer.num_mem_kv,
+                   compress_mlp=layer.phi_k is not None)
         part.load_state_dict(part.split_state_dict(layer.state_dict()), assign=True)     # their devices, dtypes
         given = dict(layer.named_parameters())
         for name, p in part.named_parameters():
