@@ -9,6 +9,8 @@ import triton
 import triton.language as tl
 
 from nsa.backends import register_decoder
+from nsa.cache import compressed_page_shift
+from nsa.geometry import num_compressed_blocks
 from nsa.kernels.common import (LOG2E, cdiv, group_rows, head_dim_block, load_rows, next_power_of_2,
                                 softmax_update, store_rows)
 from nsa.kernels.nsa import triton_unsupported
@@ -17,9 +19,27 @@ from nsa.kernels.selection import (EMPTY, GONE, compressed_rows_seen, eq9_weight
 
 
 @triton.jit
+def cache_rows(TABLE, table_width, batch, positions, shift, rows_per_page, PAGED: tl.constexpr):
+    """The rows (of all kv heads) of a cache that hold `positions` (a tile) of batch row `batch`:
+    batch * rows_per_page + positions in a contiguous cache (rows_per_page: its rows per batch
+    row); with PAGED, slot (p + shift) % rows_per_page of page TABLE[batch, (p + shift) //
+    rows_per_page] (`nsa.cache.cache_index`). A position past the row's pages finds an arbitrary
+    row: the caller's loads mask it."""
+    if PAGED:
+        at = positions + shift
+        column = at // rows_per_page
+        page = tl.load(TABLE + batch * table_width + column, mask=column < table_width, other=0)
+        return page.to(tl.int64) * rows_per_page + at % rows_per_page
+    else:
+        return batch.to(tl.int64) * rows_per_page + positions
+
+
+@triton.jit
 def decode_compressed_kernel(
-    Q, K_CMP, V_CMP,      # (B, T, Hq, Dqk); (B, R, H, Dqk), (B, R, H, Dv): R = mem + N_c(max_seq_len)
+    Q, K_CMP, V_CMP,      # (B, T, Hq, Dqk); (B, R, H, Dqk), (B, R, H, Dv): R = mem + N_c(max_seq_len); or paged
     SEQLENS,              # (B,) int32: the tokens each row held before the step
+    TABLE, table_width,   # paged caches: the block table (B, table_width) int32 (unread when not PAGED)
+    rows_per_page, shift,   # the compressed caches' rows per page and shift (contiguous: R and 0)
     SCORES,               # out (B, H, ROWS, R) float32: base-2 scores, -inf where hidden (real rows only)
     ACC, M, L,            # out partial softmaxes: (B, H, SPLITS_C, ROWS, BLOCK_DV), (B, H, SPLITS_C, ROWS)
     T,                    # new tokens per row in this step
@@ -32,6 +52,7 @@ def decode_compressed_kernel(
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,   # l, d
     SPLITS_C: tl.constexpr,   # programs per (row, kv head), each a contiguous share of the compressed rows
     BLOCK_N: tl.constexpr,    # compressed rows per step
+    PAGED: tl.constexpr,      # the caches are paged
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
     batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -53,13 +74,13 @@ def decode_compressed_kernel(
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
-    kv_base = batch.to(tl.int64) * num_rows * heads_kv + head_kv
     score_rows = ((batch * heads_kv + head_kv) * ROWS + tl.arange(0, ROWS)).to(tl.int64) * num_rows
     for start_n in range(start, end, BLOCK_N):
         key = start_n + offs_n
         in_share = key < end
-        k = load_rows(K_CMP, kv_base + key.to(tl.int64) * heads_kv, in_share, offs_dqk, DIM_QK)
-        v = load_rows(V_CMP, kv_base + key.to(tl.int64) * heads_kv, in_share, offs_dv, DIM_V)
+        kv_rows = cache_rows(TABLE, table_width, batch, key, shift, rows_per_page, PAGED) * heads_kv + head_kv
+        k = load_rows(K_CMP, kv_rows, in_share, offs_dqk, DIM_QK)
+        v = load_rows(V_CMP, kv_rows, in_share, offs_dv, DIM_V)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         s = tl.where(key[None, :] < hi[:, None], s, float("-inf"))
         tl.store(SCORES + score_rows[:, None] + key[None, :], s, mask=row_ok[:, None] & in_share[None, :])
@@ -216,11 +237,12 @@ def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SP
 
 @triton.jit
 def decode_sparse_kernel(
-    Q, K, V,              # (B, T, Hq, Dqk); (B, max_seq_len, H, Dqk), (B, max_seq_len, H, Dv)
+    Q, K, V,              # (B, T, Hq, Dqk); (B, max_seq_len, H, Dqk), (B, max_seq_len, H, Dv); or paged
     K_WIN, V_WIN,         # the window's keys and values, laid out as K and V (K and V themselves unless kv_per_branch)
     SEQLENS, TOPS,        # (B,) int32; stage 2's lists (B, H, SPLITS_S, TOKENS_PAD, SLOTS) int64
+    TABLE, table_width,   # paged caches: the block table (B, table_width) int32 (unread when not PAGED)
     ACC, M, L,            # out partials, selected then window: (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
-    T, capacity, scale_log2,    # new tokens; max_seq_len (the caches' rows); scale * log2(e)
+    T, rows_per_page, scale_log2,   # new tokens; the caches' rows per page (contiguous: max_seq_len); scale * log2(e)
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr,
     GROUP_ROWS: tl.constexpr,   # one token's G query heads padded to >= 16 rows (a tl.dot's rows)
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -229,6 +251,7 @@ def decode_sparse_kernel(
     TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr,    # stage 2's layout of TOPS
     SPLITS: tl.constexpr,       # programs per (token, kv head) and branch, each a share of its keys
     BLOCK_N: tl.constexpr,      # keys per step
+    PAGED: tl.constexpr,        # the caches are paged
 ):
     batch, head_kv = tl.program_id(0), tl.program_id(1)
     branch = tl.program_id(2) // (T * SPLITS)                    # 0: the selected blocks, 1: the window
@@ -243,7 +266,6 @@ def decode_sparse_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
     q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
-    kv_base = batch.to(tl.int64) * capacity * heads_kv + head_kv
     part = ((batch * heads_kv + head_kv) * T + t) * SPLITS + split
     if branch == 0:
         # -- 1. selected blocks: this split's blocks j = split, split + SPLITS, ... of the token's n --
@@ -258,8 +280,9 @@ def decode_sparse_kernel(
             for start_n in range(0, SEL_BLOCK, BLOCK_N):
                 key = block * SEL_BLOCK + start_n + offs_n
                 seen = (key <= pos) & (block >= 0)
-                k = load_rows(K, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
-                v = load_rows(V, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
+                kv_rows = cache_rows(TABLE, table_width, batch, key, 0, rows_per_page, PAGED) * heads_kv + head_kv
+                k = load_rows(K, kv_rows, seen, offs_dqk, DIM_QK)
+                v = load_rows(V, kv_rows, seen, offs_dv, DIM_V)
                 s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
                 acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
         slc = part * GROUP_ROWS + g
@@ -278,8 +301,9 @@ def decode_sparse_kernel(
         for start_n in range(start, end, BLOCK_N):
             key = start_n + offs_n
             seen = key < end
-            k = load_rows(K_WIN, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dqk, DIM_QK)
-            v = load_rows(V_WIN, kv_base + key.to(tl.int64) * heads_kv, seen, offs_dv, DIM_V)
+            kv_rows = cache_rows(TABLE, table_width, batch, key, 0, rows_per_page, PAGED) * heads_kv + head_kv
+            k = load_rows(K_WIN, kv_rows, seen, offs_dqk, DIM_QK)
+            v = load_rows(V_WIN, kv_rows, seen, offs_dv, DIM_V)
             s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
             acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
         win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
@@ -362,14 +386,21 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
-                                   g_win, config, scale, mem_kv_len, window_caches=None):
+                                   g_win, config, scale, mem_kv_len, window_caches=None, block_table=None):
     """The "triton" decoder of `sparse_attention_with_kvcache`: its arguments, checked there, with
     the new tokens already in the caches and cache_seqlens a (B,) integer tensor on q's device;
     window_caches: the window's own (k_win_cache, v_win_cache), or None (it reads k_cache,
-    v_cache). Returns o: (B, T, Hq, Dv) in q's dtype."""
+    v_cache); block_table: paged caches' (B, pages per row) int32, or None. Returns o: (B, T, Hq,
+    Dv) in q's dtype."""
     B, T, Hq, Dqk = q.shape
-    capacity, H, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    R, G = k_cmp_cache.shape[1], Hq // H
+    H, Dv, G = k_cache.shape[2], v_cache.shape[3], Hq // k_cache.shape[2]
+    paged = block_table is not None
+    pages = block_table.shape[1] if paged else 1                   # a row's pages (contiguous: its one row)
+    capacity = k_cache.shape[1] * pages                            # the tokens a row may hold
+    R = mem_kv_len + num_compressed_blocks(capacity, config.compress_block_size, config.compress_stride) \
+        if paged else k_cmp_cache.shape[1]                         # its compressed rows, memory first
+    cmp_rows_per_page, shift = (k_cmp_cache.shape[1], compressed_page_shift(
+        config.compress_block_size, config.compress_stride, mem_kv_len)) if paged else (R, 0)
     group_pad = next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)                 # stage 1's tokens: >= 16 rows for tl.dot
     tokens = next_power_of_2(T)                         # stage 2's: no tl.dot, no padding to 16 rows
@@ -393,6 +424,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     if not g_cmp.stride() == g_slc.stride() == g_win.stride():       # the gates read in one layout, copied
         g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))  # only when theirs differ
     seqlens = cache_seqlens.to(torch.int32)
+    table = block_table.contiguous() if paged else seqlens         # (unread when not paged)
     scale_log2 = scale * LOG2E.value
     f32 = dict(device=q.device, dtype=torch.float32)
     # -- 1. compressed branch, split over the compressed keys; every score kept --
@@ -400,10 +432,11 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     cmp_m, cmp_l = torch.empty(B, H, splits_c, rows, **f32), torch.empty(B, H, splits_c, rows, **f32)
     cmp_acc = torch.empty(B, H, splits_c, rows, block_dv, **f32)
     decode_compressed_kernel[(B, H, splits_c)](
-        q, k_cmp_cache, v_cmp_cache, seqlens, scores, cmp_acc, cmp_m, cmp_l, T, R, mem_kv_len, scale_log2,
+        q, k_cmp_cache, v_cmp_cache, seqlens, table, pages, cmp_rows_per_page, shift, scores, cmp_acc, cmp_m, cmp_l,
+        T, R, mem_kv_len, scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, DIM_QK=Dqk, DIM_V=Dv,
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c, BLOCK_N=block_n,
-        num_warps=warps)
+        PAGED=paged, num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
     tops = torch.empty(B, H, splits_s, tokens, slots, device=q.device, dtype=torch.int64)
     decode_select_kernel[(B, H, splits_s)](
@@ -417,10 +450,11 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
     decode_sparse_kernel[(B, H, 2 * T * splits)](                 # the selected blocks' programs, then the window's
-        q, k_cache, v_cache, k_win, v_win, seqlens, tops, acc, m, l_sum, T, capacity, scale_log2,
+        q, k_cache, v_cache, k_win, v_win, seqlens, tops, table, pages, acc, m, l_sum, T, k_cache.shape[1], scale_log2,
         HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
         BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
-        TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel))
+        TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel),
+        PAGED=paged)
     # -- 4. merge the splits, gate, sum --
     o = torch.empty(B, T, Hq, Dv, device=q.device, dtype=q.dtype)
     decode_merge_kernel[(B, T, Hq)](

@@ -26,6 +26,25 @@ def num_candidates(max_new: int, stride: int, blocks: int) -> int:
     return min(-(-max_new // stride), blocks)
 
 
+def cache_index(cache, positions, block_table=None, shift: int = 0):
+    """Where the rows `positions` (B, ...) of each batch row sit in `cache`, as an index pair: (b,
+    position) in a contiguous cache (B, rows, H, D); with a block_table (B, pages per row), in a
+    paged one (num_pages, rows per page, H, D) ("Pages", below), (page, slot) with position
+    p + shift at slot (p + shift) % rows_per_page of page block_table[b, (p + shift) // rows_per_page]."""
+    rows = torch.arange(positions.shape[0], device=positions.device).view(-1, *[1] * (positions.dim() - 1))
+    if block_table is None:
+        return rows, positions
+    at = positions + shift
+    return block_table[rows, at // cache.shape[1]], at % cache.shape[1]
+
+
+def compressed_page_shift(block_size: int, stride: int, mem_kv_len: int) -> int:
+    """A paged compressed cache's shift for `cache_index`: block i (row mem_kv_len + i) sits at
+    row i + (l - 1) // d of its row's pages, in the page of its last token, i*d + l - 1; the
+    memory rows just before block 0, in the first page."""
+    return (block_size - 1) // stride - mem_kv_len
+
+
 def check_summary_dim(summary, cmp_cache) -> None:
     """A phi's summaries (..., D') must have the compressed cache's dim: checked once they are
     made (a phi of the caller's is known by what it returns), before any is written."""
@@ -36,27 +55,32 @@ def check_summary_dim(summary, cmp_cache) -> None:
 
 
 def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
-                        stride: int, mem_kv_len: int = 0) -> None:
+                        stride: int, mem_kv_len: int = 0, block_table=None) -> None:
     """For each cache, its cmp_cache and phi (the keys and the values, say: they share the index
     work), write in place the compressed blocks that row b's tokens old_lengths[b] .. new_lengths[b]
     complete: blocks Nc(old) .. Nc(new) - 1 of cache[b] (block i covers positions
     [i*stride, i*stride + block_size)), mapped by phi (as `nsa.compress`; None = mean) into rows
     mem_kv_len + i of cmp_cache[b]. old_lengths, new_lengths: (B,) integer tensors on the caches'
-    device; max_new: an int >= every new - old (it fixes the number of candidates)."""
-    (B, capacity), device = caches[0].shape[:2], caches[0].device
-    candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
+    device; max_new: an int >= every new - old (it fixes the number of candidates). With a
+    block_table, the caches are paged: the same blocks, read and written through it."""
+    device, paged = old_lengths.device, block_table is not None
+    capacity = caches[0].shape[1] * (block_table.shape[1] if paged else 1)          # the tokens a row may hold
+    blocks = num_compressed_blocks(capacity, block_size, stride) if paged else cmp_caches[0].shape[1] - mem_kv_len
+    candidates = num_candidates(max_new, stride, blocks)
     if candidates <= 0:
         return
     # -- each row's candidates: the blocks ending at its last complete one; those completed now --
     first, last = (((n.long() + (stride - block_size)) // stride).clamp(min=0) for n in (old_lengths, new_lengths))
     block = (last - candidates).clamp(min=0)[:, None] + torch.arange(candidates, device=device)    # (B, K)
+    block = torch.minimum(block, (last - 1).clamp(min=0)[:, None])   # none past the last complete one
     done = ((block >= first[:, None]) & (block < last[:, None]))[..., None, None]
-    keys = (block[..., None] * stride + torch.arange(block_size, device=device)).clamp(max=capacity - 1)
-    row = torch.arange(B, device=device)[:, None]
-    at = (row, block + mem_kv_len if mem_kv_len else block)
-    # -- gathered, summarised, and written where completed now --
+    keys = torch.minimum(block[..., None] * stride + torch.arange(block_size, device=device),
+                         (new_lengths.long() - 1).clamp(min=0)[:, None, None])   # (B, K, l): tokens the rows hold
+    shift = compressed_page_shift(block_size, stride, mem_kv_len) if paged else 0
+    at = cache_index(cmp_caches[0], torch.where(block < last[:, None], block + mem_kv_len, -shift), block_table, shift)
+    # -- gathered, summarised, and written where completed now (elsewhere: the value there) --
     for cache, cmp_cache, phi in zip(caches, cmp_caches, phis):
-        summary = pool_blocks(cache[row[..., None], keys].transpose(2, 3), phi)     # (B, K, H, l, D) -> (B, K, H, D')
+        summary = pool_blocks(cache[cache_index(cache, keys, block_table)].transpose(2, 3), phi)   # (B, K, H, D')
         check_summary_dim(summary, cmp_cache)
         cmp_cache[at] = torch.where(done, summary.to(cmp_cache.dtype), cmp_cache[at])
 
@@ -216,15 +240,15 @@ def check_phi_sizes(name: str, phi, block_size: int, cache_name: str, cache: tor
                              "compressed cache's)")
 
 
-def append_tokens(caches, news, lengths) -> torch.Tensor:
+def append_tokens(caches, news, lengths, block_table=None) -> torch.Tensor:
     """For each cache and its new tokens (the keys and the values, say), write row b's new tokens
-    new[b, t] ((B, T, H, D)) at cache[b, lengths[b] + t], in place; lengths: a (B,) integer
-    tensor on the caches' device. Returns the lengths after, lengths + T (a new tensor)."""
-    B, T = news[0].shape[:2]
-    device = caches[0].device
-    at = (torch.arange(B, device=device)[:, None], lengths[:, None] + torch.arange(T, device=device))
+    new[b, t] ((B, T, H, D)) at cache[b, lengths[b] + t], in place (paged caches: through
+    block_table); lengths: a (B,) integer tensor on the caches' device. Returns the lengths after,
+    lengths + T (a new tensor)."""
+    T = news[0].shape[1]
+    positions = lengths[:, None] + torch.arange(T, device=lengths.device)           # (B, T)
     for cache, new in zip(caches, news):
-        cache[at] = new
+        cache[cache_index(cache, positions, block_table)] = new
     return lengths + T
 
 
@@ -240,7 +264,7 @@ def cache_writers(decoder):
 def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc,
                                   g_win, config=NSAConfig(), scale=None, *, k=None, v=None, phi_k=None,
                                   phi_v=None, mem_kv_len=0, backend="auto", k_win_cache=None, v_win_cache=None,
-                                  k_win=None, v_win=None):
+                                  k_win=None, v_win=None, block_table=None):
     """NSA for T new tokens per row over a KV cache (in the spirit of `flash_attn_with_kvcache`).
 
     q: (B, T, Hq, Dqk), the new tokens' queries; row b's sit at positions cache_seqlens[b] ..
@@ -266,59 +290,160 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     cache_seqlens: nothing past a row's length is read, and the compressed blocks the next tokens
     complete are computed anew (when their k, v are passed; otherwise by the caller, as for any
     step).
+    block_table: (B, pages per row) int32, for paged caches (a serving engine's pool of pages, as
+    flash-attn's block_table): then k_cache, v_cache (and the window's) are (num_pages, page_size,
+    H, D), page_size a multiple of compress_stride, and k_cmp_cache, v_cmp_cache (num_pages,
+    page_size // compress_stride, H, D); row b's position p is in page block_table[b, p //
+    page_size], compressed block i in the page of its last token (`cache_index`,
+    `compressed_page_shift`), at most (compress_block_size - 1) // compress_stride memory rows
+    before block 0 in the first page. A step writes only the pages that hold its new tokens, which
+    must be each row's own; pages of earlier tokens may be shared between rows (a common prefix).
+    A table on the CPU is checked; a GPU's is the caller's promise, as cache_seqlens is.
     """
-    dims, scale, seqlens = check_cache_step(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp,
-                                            g_slc, g_win, k, v, config, scale, mem_kv_len, k_win_cache, v_win_cache,
-                                            k_win, v_win)
+    rows = (k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache, v_win_cache)   # the caches as rows see them
+    if block_table is not None:
+        rows = check_pages(block_table, q, *rows, config, mem_kv_len)
+    dims, scale, seqlens = check_cache_step(q, *rows[:4], cache_seqlens, g_cmp, g_slc, g_win, k, v, config, scale,
+                                            mem_kv_len, *rows[4:], k_win, v_win)
+    if block_table is not None:
+        check_page_entries(block_table, seqlens, dims.seq_len_q, k_cache.shape[1], k_cache.shape[0])
     for name, phi, cache_name, cache, cmp_cache in (("phi_k", phi_k, "k_cache", k_cache, k_cmp_cache),
                                                     ("phi_v", phi_v, "v_cache", v_cache, v_cmp_cache)):
         check_phi(name, phi)
         check_phi_sizes(name, phi, config.compress_block_size, cache_name, cache, cmp_cache.shape[3])
-    decoder = select_step(check_backend(backend), (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, g_cmp, g_slc,
-                                                   g_win), dims, config)
+    decoder = select_step(check_backend(backend), (q, *rows[:4], g_cmp, g_slc, g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
-        append, compress = cache_writers(decoder)
+        append, compress = cache_writers(decoder) if block_table is None else (append_tokens, compress_new_blocks)
+        paged = {} if block_table is None else dict(block_table=block_table)
         caches, news = [k_cache, v_cache], [k, v]
         if k_win_cache is not None:                       # the window's own keys and values too
             caches, news = caches + [k_win_cache, v_win_cache], news + [k_win, v_win]
-        new_lengths = append(caches, news, seqlens)
+        new_lengths = append(caches, news, seqlens, **paged)
         compress([k_cache, v_cache], [k_cmp_cache, v_cmp_cache], [phi_k, phi_v], seqlens, new_lengths, T, l, d,
-                 mem_kv_len)
+                 mem_kv_len, **paged)
     return attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win,
                          config, scale, mem_kv_len, backend,
-                         None if k_win_cache is None else (k_win_cache, v_win_cache))
+                         None if k_win_cache is None else (k_win_cache, v_win_cache), block_table)
+
+
+def cached_rows(cache, at, count: int, block_table=None, shift: int = 0):
+    """The first `count` rows of batch rows `at` (a (n,) tensor of row numbers, or slice(None)) of
+    a cache, (n, count, H, D): a slice of a contiguous cache, gathered from a paged one's pages."""
+    if block_table is None:
+        return cache[at, :count]
+    table = block_table[at]
+    return cache[cache_index(cache, torch.arange(count, device=table.device).expand(table.shape[0], count), table,
+                             shift)]
 
 
 def attend_cached(decoder, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config,
-                  scale, mem_kv_len, backend, window_caches=None):
+                  scale, mem_kv_len, backend, window_caches=None, block_table=None):
     """The attention of a step whose arguments are checked and whose tokens are in the caches:
     `decoder` from `select_step` (None: `native_sparse_attention` over each row's cached keys),
     seqlens the (B,) integer tensor of tokens before the step, window_caches the window's own
-    (k_win_cache, v_win_cache) or None. The layer calls it directly, having checked its own step
-    once."""
+    (k_win_cache, v_win_cache) or None, block_table that of paged caches or None. The layer calls
+    it directly, having checked its own step once."""
     if decoder is not None:                               # -- the decoding kernels --
         window = {} if window_caches is None else dict(window_caches=window_caches)   # (older decoders: none)
+        paged = {} if block_table is None else dict(block_table=block_table)
         return decoder(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, seqlens, g_cmp, g_slc, g_win, config, scale,
-                       mem_kv_len, **window)
+                       mem_kv_len, **window, **paged)
     B, T, Hq, _ = q.shape
     l, d = config.compress_block_size, config.compress_stride
     o = q.new_empty(B, T, Hq, v_cache.shape[-1])
     new_lengths = (seqlens + T).tolist()
+    shift = 0 if block_table is None else compressed_page_shift(l, d, mem_kv_len)
     for length in sorted(set(new_lengths)):               # -- or rows of one length together --
         rows = [b for b, n in enumerate(new_lengths) if n == length]
         at = torch.tensor(rows, device=q.device) if len(rows) < B else slice(None)
         visible = mem_kv_len + num_compressed_blocks(length, l, d)
         fused_window = None if g_win is None or window_caches is not None else g_win[at]
-        o[at] = native_sparse_attention(
-            q[at], k_cache[at, :length], v_cache[at, :length], k_cmp_cache[at, :visible],
-            v_cmp_cache[at, :visible], g_cmp[at], g_slc[at], fused_window, config, scale, backend,
-            mem_kv_len=mem_kv_len)
+        keys = [cached_rows(x, at, length, block_table) for x in (k_cache, v_cache)]
+        compressed = [cached_rows(x, at, visible, block_table, shift) for x in (k_cmp_cache, v_cmp_cache)]
+        o[at] = native_sparse_attention(q[at], *keys, *compressed, g_cmp[at], g_slc[at], fused_window, config, scale,
+                                        backend, mem_kv_len=mem_kv_len)
         if window_caches is not None:                     # the window on its own keys, gated in as the layer does
-            o_win = window_branch(q[at], window_caches[0][at, :length], window_caches[1][at, :length], config,
+            o_win = window_branch(q[at], *(cached_rows(x, at, length, block_table) for x in window_caches), config,
                                   scale, backend)
             o[at] = o[at] + (g_win[at][..., None] * o_win).to(o.dtype)
     return o
+
+
+def check_pages(block_table, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_win_cache, v_win_cache, config,
+                mem_kv_len):
+    """A paged step's layout: block_table (B, pages per row) int32 on q's device; k_cache, v_cache
+    (num_pages, page_size, H, D), page_size a multiple of compress_stride; k_cmp_cache,
+    v_cmp_cache (num_pages, page_size // compress_stride, H, D); the window's caches (or None)
+    laid out as k_cache, v_cache; at most (compress_block_size - 1) // compress_stride memory rows.
+    Returns the six caches as the rows see them, stride-0 views of (B, pages per row * page_size,
+    H, D) and (B, mem_kv_len + Nc(that), H, D), for the checks of a contiguous step."""
+    check_config(config)
+    check_mem_kv_len(mem_kv_len)
+    check_tensor("block_table", block_table, 2, "(batch, pages per row)")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be an int32 tensor (as flash-attn's), got dtype {block_table.dtype}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device} but q on {q.device}")
+    B, pages_per_row = block_table.shape
+    if B != q.shape[0] or pages_per_row < 1:
+        raise ValueError(f"block_table has shape {tuple(block_table.shape)}; expected (batch, pages per row) = "
+                         f"({q.shape[0]}, >= 1)")
+    l, d = config.compress_block_size, config.compress_stride
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, x, 4, "(num_pages, page_size, heads_kv, dim) with a block_table")
+    num_pages, page_size, H = k_cache.shape[:3]
+    if tuple(v_cache.shape[:3]) != (num_pages, page_size, H) or num_pages < 1 or page_size < 1:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must share (num_pages, "
+                         "page_size, heads_kv), each at least 1")
+    if page_size % d:
+        raise ValueError(f"the caches' pages hold {page_size} tokens (page_size); a paged cache needs a multiple of "
+                         f"compress_stride = {d}, so that a page holds whole compressed rows")
+    if mem_kv_len > (l - 1) // d:
+        raise ValueError(f"mem_kv_len = {mem_kv_len}: paged caches hold at most (compress_block_size - 1) // "
+                         f"compress_stride = {(l - 1) // d} memory rows (in the first page, before block 0)")
+    for name, x, like in (("k_cmp_cache", k_cmp_cache, k_cache), ("v_cmp_cache", v_cmp_cache, v_cache)):
+        check_tensor(name, x, 4, "(num_pages, page_size // compress_stride, heads_kv, dim) with a block_table")
+        if tuple(x.shape) != (num_pages, page_size // d, H, like.shape[3]):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {(num_pages, page_size // d, H, like.shape[3])}: "
+                             f"the caches' {num_pages} pages of {page_size // d} compressed rows")
+    for name, x, like, like_name in (("k_win_cache", k_win_cache, k_cache, "k_cache"),
+                                     ("v_win_cache", v_win_cache, v_cache, "v_cache")):
+        if x is not None:
+            check_tensor(name, x, 4, f"laid out as {like_name}, {tuple(like.shape)}")
+            if x.shape != like.shape:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {like_name}'s, {tuple(like.shape)}")
+    capacity = pages_per_row * page_size
+    rows = mem_kv_len + num_compressed_blocks(capacity, l, d)
+    as_rows = lambda x, n: None if x is None else x[:1, :1].expand(B, n, *x.shape[2:])  # noqa: E731
+    return (as_rows(k_cache, capacity), as_rows(v_cache, capacity), as_rows(k_cmp_cache, rows),
+            as_rows(v_cmp_cache, rows), as_rows(k_win_cache, capacity), as_rows(v_win_cache, capacity))
+
+
+def check_page_entries(block_table, seqlens, step_tokens: int, page_size: int, num_pages: int) -> None:
+    """A block table on the CPU, against the rows' lengths before the step (seqlens, (B,)): each
+    row's pages up to its length after the step exist and are distinct, and each page the step
+    writes (one holding a row's new tokens) belongs to that row alone. A table on a GPU is not
+    read (that would wait for the GPU): the caller's promise."""
+    if block_table.is_cuda:
+        return
+    used, written = [], []
+    for b, length in enumerate(seqlens.tolist()):
+        pages = block_table[b, :-(-(length + step_tokens) // page_size)].tolist()
+        outside = [page for page in pages if not 0 <= page < num_pages]
+        if outside:
+            raise ValueError(f"block_table[{b}] names page {outside[0]} among the {len(pages)} pages its "
+                             f"{length + step_tokens} tokens need; the caches hold pages 0 .. {num_pages - 1}")
+        if len(set(pages)) < len(pages):
+            raise ValueError(f"block_table[{b}] names a page twice among its first {len(pages)}: {pages}")
+        used.append(set(pages))
+        written.append(set(pages[length // page_size:]))
+    for b, pages in enumerate(written):
+        for other, theirs in enumerate(used):
+            if other != b and pages & theirs:
+                raise ValueError(f"page {min(pages & theirs)} holds new tokens of row {b} and is also row {other}'s: "
+                                 "a page that a step writes must be one row's own (pages of earlier tokens may be "
+                                 "shared)")
 
 
 @dataclass
