@@ -404,9 +404,10 @@ def check_pages(block_table, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_wi
                          f"compress_stride = {(l - 1) // d} memory rows (in the first page, before block 0)")
     for name, x, like in (("k_cmp_cache", k_cmp_cache, k_cache), ("v_cmp_cache", v_cmp_cache, v_cache)):
         check_tensor(name, x, 4, "(num_pages, page_size // compress_stride, heads_kv, dim) with a block_table")
-        if tuple(x.shape) != (num_pages, page_size // d, H, like.shape[3]):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {(num_pages, page_size // d, H, like.shape[3])}: "
-                             f"the caches' {num_pages} pages of {page_size // d} compressed rows")
+        expected = (num_pages, page_size // d, H, like.shape[3])
+        if tuple(x.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {expected}: the caches' {num_pages} pages "
+                             f"of {page_size // d} compressed rows")
     for name, x, like, like_name in (("k_win_cache", k_win_cache, k_cache, "k_cache"),
                                      ("v_win_cache", v_win_cache, v_cache, "v_cache")):
         if x is not None:
