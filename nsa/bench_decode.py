@@ -8,6 +8,8 @@ only: the compressed keys are already in the cache, as the step's k=None form), 
 
 * `nsa_decode`  `nsa.sparse_attention_with_kvcache(..., backend="triton")`: the four decoding
                 kernels, lengths on the GPU;
+* `nsa_paged`   the same step over paged caches (with `--page-size P`: pages of P tokens in a
+                pool in random order, found through a block table; chapter 13's "Pages");
 * `sdpa_dense`  PyTorch SDPA over the whole cache (GQA, `enable_gqa=True`; the backend PyTorch
                 picks for one query).
 
@@ -73,9 +75,33 @@ def reference_step(args, config):
                       for b in range(args[0].shape[0])])
 
 
-def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
+def paged(caches, page_size, config, seed):
+    """The step's caches (k, v, k_cmp, v_cmp), each (B, rows, H, D), copied into a pool of pages in
+    random order: (pages, block_table), every row ceil(rows / page_size) pages of its own."""
+    from nsa.cache import cache_index, compressed_page_shift
+
+    k_cache, _, k_cmp, _ = caches
+    (batch, context), device = k_cache.shape[:2], k_cache.device
+    per_row = -(-context // page_size)
+    order = torch.randperm(batch * per_row, generator=torch.Generator().manual_seed(seed)).to(device)
+    table = order.view(batch, per_row).to(torch.int32)
+    positions = torch.arange(context, device=device).expand(batch, context)
+    rows = torch.arange(k_cmp.shape[1], device=device).expand(batch, k_cmp.shape[1])
+    cmp_rows, shift = page_size // config.compress_stride, compressed_page_shift(
+        config.compress_block_size, config.compress_stride, 0)
+    pages = []
+    for x, page_rows, at, at_shift in ((caches[0], page_size, positions, 0), (caches[1], page_size, positions, 0),
+                                       (caches[2], cmp_rows, rows, shift), (caches[3], cmp_rows, rows, shift)):
+        pool = x.new_zeros(batch * per_row, page_rows, *x.shape[2:])
+        pool[cache_index(pool, at, table, at_shift)] = x
+        pages.append(pool)
+    return pages, table
+
+
+def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_size=0):
     """The inputs of one step: caches holding `context` tokens per row (the new token's included),
-    the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference, config)."""
+    the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference, config,
+    nsa_paged_step: the same over pages of page_size tokens, None for page_size 0)."""
     import torch.nn.functional as F
 
     from nsa import NSAConfig, compress, sparse_attention_with_kvcache
@@ -94,6 +120,13 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
     def nsa_step():
         return sparse_attention_with_kvcache(*args, backend="triton")
 
+    nsa_paged_step = None
+    if page_size:
+        pages, table = paged((k_cache, v_cache, k_cmp, v_cmp), page_size, config, context + batch)
+
+        def nsa_paged_step():
+            return sparse_attention_with_kvcache(q, *pages, *args[5:], backend="triton", block_table=table)
+
     def reference():
         return reference_step(args[:9], config)
 
@@ -103,7 +136,7 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda"):
     def sdpa_step():
         return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=True)
 
-    return nsa_step, sdpa_step, reference, config
+    return nsa_step, sdpa_step, reference, config, nsa_paged_step
 
 
 def graphed(fn):
@@ -127,8 +160,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--head-dim", type=parse_head_dim, default=128)
+    parser.add_argument("--page-size", type=int, default=0,
+                        help="also time the step over paged caches of this many tokens a page (a multiple of 16)")
     parser.add_argument("--out", type=Path, default=None, help="default: book/data/decode_<gpu>.csv")
     args = parser.parse_args(argv)
+    if args.page_size < 0 or args.page_size % 16:
+        parser.error(f"--page-size must be a multiple of 16 (the paper's stride d) or 0, got {args.page_size}")
     if not torch.cuda.is_available():
         print("python -m nsa.bench_decode needs a CUDA GPU (it times Triton kernels and CUDA graphs).")
         return 2
@@ -146,28 +183,33 @@ def main(argv=None) -> int:
             for context in args.contexts:
                 key = [context, batch, heads_q, heads_kv, args.head_dim]
                 try:
-                    nsa_step, sdpa_step, reference, config = make_step(context, batch, heads_q, heads_kv,
-                                                                       args.head_dim)
+                    nsa_step, sdpa_step, reference, config, nsa_paged_step = make_step(
+                        context, batch, heads_q, heads_kv, args.head_dim, page_size=args.page_size)
                     with torch.no_grad():
                         # -- correct first: against the reference, and the graph against eager --
-                        eager = nsa_step()
                         ref = reference()
-                        err = ((eager.float() - ref).abs().max() / ref.abs().max()).item()
-                        replay, out = graphed(nsa_step)
-                        replay()
-                        torch.cuda.synchronize()
-                        same = torch.equal(out, eager)
-                        checks.append((key, err, same))
-                        if err > 1e-2 or not same:
-                            print(f"FAILED at {key}: relative error {err:.2e}, graph == eager: {same}")
-                            return 1
+                        timed = []
+                        for name, step in (("nsa_decode", nsa_step), ("nsa_paged", nsa_paged_step)):
+                            if step is None:
+                                continue
+                            eager = step()
+                            err = ((eager.float() - ref).abs().max() / ref.abs().max()).item()
+                            replay, out = graphed(step)
+                            replay()
+                            torch.cuda.synchronize()
+                            same = torch.equal(out, eager)
+                            checks.append(([name, *key], err, same))
+                            if err > 1e-2 or not same:
+                                print(f"FAILED at {name} {key}: relative error {err:.2e}, graph == eager: {same}")
+                                return 1
+                            timed += [(name, step, 0), (name, replay, 1)]
                         # -- then fast: eager and graph, beside SDPA --
                         sdpa_replay, _ = graphed(sdpa_step)
                         need = step_bytes(context, batch, heads_q, heads_kv, args.head_dim, config)
                         dense = dense_bytes(context, batch, heads_kv, args.head_dim)
-                        for name, fn, graph, nbytes in (("nsa_decode", nsa_step, 0, need), ("nsa_decode", replay, 1, need),
-                                                        ("sdpa_dense", sdpa_step, 0, dense),
-                                                        ("sdpa_dense", sdpa_replay, 1, dense)):
+                        for name, fn, graph, nbytes in ([(*t, need) for t in timed] +
+                                                        [("sdpa_dense", sdpa_step, 0, dense),
+                                                         ("sdpa_dense", sdpa_replay, 1, dense)]):
                             us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
                             rows.append([name, *key, graph, f"{us:.2f}", f"{nbytes / us / 1e3:.1f}"])
                 except torch.cuda.OutOfMemoryError:
@@ -181,11 +223,12 @@ def main(argv=None) -> int:
     print(f"wrote {args.out} and {args.out.stem}_meta.json; worst relative error "
           f"{max(e for _, e, _ in checks):.2e}, every graph replay equal to eager")
     times = {(r[0], *r[1:6], r[6]): float(r[7]) for r in rows}
-    print(f"{'context':>8}{'batch':>6}{'heads':>7}{'graph':>6}{'nsa us':>9}{'sdpa us':>9}{'speed-up':>9}{'nsa GB/s':>9}")
+    print(f"{'impl':>11}{'context':>8}{'batch':>6}{'heads':>7}{'graph':>6}{'nsa us':>9}{'sdpa us':>9}"
+          f"{'speed-up':>9}{'nsa GB/s':>9}")
     for r in rows:
-        if r[0] == "nsa_decode":
+        if r[0] != "sdpa_dense":
             sdpa = times.get(("sdpa_dense", *r[1:6], r[6]))
-            print(f"{r[1]:>8}{r[2]:>6}{f'{r[3]}/{r[4]}':>7}{r[6]:>6}{float(r[7]):>9.1f}{sdpa:>9.1f}"
+            print(f"{r[0]:>11}{r[1]:>8}{r[2]:>6}{f'{r[3]}/{r[4]}':>7}{r[6]:>6}{float(r[7]):>9.1f}{sdpa:>9.1f}"
                   f"{sdpa / float(r[7]):>8.2f}x{r[8]:>9}")
     return 0
 

@@ -93,3 +93,29 @@ def test_gpu_tag_names_data_files_by_the_gpu():
              "NVIDIA GeForce RTX 4090": "4090", "AMD Instinct MI300X": "mi300x", "NVIDIA": "gpu"}
     assert {name: gpu_tag_of(name) for name in names} == names
     assert gpu_tag() == (gpu_tag_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu")
+
+
+def test_decode_bench_pages_hold_the_step_s_caches():
+    """`--page-size`: the pool `bench_decode.paged` fills holds each row's caches where the block
+    table says (read back through the step's own `cached_rows`), and a step over it equals the
+    contiguous step; a page size the stride does not divide is refused."""
+    from nsa import NSAConfig, compress, sparse_attention_with_kvcache
+    from nsa.bench_decode import main, paged
+    from nsa.cache import cached_rows, compressed_page_shift
+
+    config = NSAConfig(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3,
+                       window_size=12)
+    g = torch.Generator().manual_seed(1)
+    k_cache, v_cache = torch.randn(2, 90, 2, 16, generator=g), torch.randn(2, 90, 2, 8, generator=g)
+    caches = (k_cache, v_cache, *(compress(x, block_size=8, stride=4) for x in (k_cache, v_cache)))
+    pages, table = paged(caches, 16, config, seed=0)
+    assert table.dtype == torch.int32 and sorted(table.flatten().tolist()) == list(range(12))
+    shift = compressed_page_shift(8, 4, 0)
+    for x, pool, s in zip(caches, pages, (0, 0, shift, shift)):
+        assert torch.equal(cached_rows(pool, slice(None), x.shape[1], table, s), x)
+    q, gates = torch.randn(2, 1, 4, 16, generator=g), torch.rand(3, 2, 1, 4, generator=g)
+    expected = sparse_attention_with_kvcache(q, *caches, [89, 89], *gates, config, backend="torch")
+    got = sparse_attention_with_kvcache(q, *pages, [89, 89], *gates, config, backend="torch", block_table=table)
+    assert torch.equal(got, expected)
+    with pytest.raises(SystemExit):
+        main(["--contexts", "8k", "--page-size", "24"])
