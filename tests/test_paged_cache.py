@@ -176,3 +176,44 @@ def test_bad_paged_steps_are_refused_and_nothing_changes(case):
     with pytest.raises(error, match=words):
         sparse_attention_with_kvcache(*args, backend="torch", **kwargs)
     assert all(torch.equal(x, y) for x, y in zip(tensors, before))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_paged_steps_with_writes_replay_from_a_cuda_graph():
+    """A paged step that appends and compresses (T = 1, lengths on the GPU) captures in a CUDA
+    graph: replayed token after token, with the lengths advanced in place, it gives the eager
+    steps' outputs and pages."""
+    tokens, _, paged, table, _ = paged_and_contiguous(3, 6, 16, 4, 2, 16, 16, SMALL, 1, False, torch.bfloat16,
+                                                      DEVICE, seed=5)
+    eager_pages = [x.clone() for x in paged]
+    start = [40, 33, 2]
+    lengths = torch.tensor(start, dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.empty_like(x[:, :1]) for x in (tokens["q"], *tokens["kv"]))
+    gates = [torch.empty_like(x[:, :1]) for x in tokens["gates"]]
+
+    def load(t):                                                    # the inputs of step t, in place
+        for static, x in zip((q, k, v, *gates), (tokens["q"], *tokens["kv"], *tokens["gates"])):
+            static.copy_(torch.stack([x[b, n + t:n + t + 1] for b, n in enumerate(start)]))
+
+    def graph_step():
+        return sparse_attention_with_kvcache(q, *paged, lengths, *gates, SMALL, k=k, v=v, mem_kv_len=1,
+                                             backend="triton", block_table=table)
+
+    load(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph_step()                                                # warm-up: compiles (writes step 0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = graph_step()
+    for t in range(12):                                             # 12 tokens: blocks complete on the way
+        load(t)
+        graph.replay()
+        eager = step(tokens, eager_pages, [n + t for n in start], 1, [0, 1, 2], SMALL, 1, [None, None], "triton",
+                     table)
+        assert torch.equal(out, eager), t
+        lengths += 1
+    assert all(torch.equal(x, y) for x, y in zip(paged, eager_pages))
