@@ -10,10 +10,11 @@ import triton
 import triton.language as tl
 
 from nsa.cache import (CACHE_WRITERS, append_tokens, check_summary_dim, compress_new_blocks,
-                       num_candidates)
+                       compressed_page_shift, num_candidates)
 from nsa.compression import CompressionMLP, pool_blocks
+from nsa.geometry import num_compressed_blocks
 from nsa.kernels.common import cdiv, head_dim_block, load_rows, next_power_of_2, store_rows
-from nsa.kernels.decode import sparse_attention_decode_triton
+from nsa.kernels.decode import cache_rows, sparse_attention_decode_triton
 
 
 @triton.jit
@@ -25,18 +26,20 @@ def copy_row(SOURCE, TARGET, ROW: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def append_tokens_kernel(NEW_A, CACHE_A, NEW_B, CACHE_B, LENGTHS, NEW_LENGTHS, T, capacity, ROW_A: tl.constexpr,
-                         ROW_B: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr, ADVANCE: tl.constexpr):
-    """Program (b, t): row b's new token t into CACHE_A[b, LENGTHS[b] + t] (its ROW_A = H * D values)
-    and, with PAIR, the same token of the second cache (the values, say) into CACHE_B; with
-    ADVANCE, program (b, 0) also writes the row's length after the step, NEW_LENGTHS[b]."""
+def append_tokens_kernel(NEW_A, CACHE_A, NEW_B, CACHE_B, LENGTHS, NEW_LENGTHS, TABLE, table_width, T, rows_per_page,
+                         ROW_A: tl.constexpr, ROW_B: tl.constexpr, BLOCK: tl.constexpr, PAIR: tl.constexpr,
+                         ADVANCE: tl.constexpr, PAGED: tl.constexpr):
+    """Program (b, t): row b's new token t into CACHE_A[b, LENGTHS[b] + t] (its ROW_A = H * D values;
+    paged: through TABLE, `cache_rows`) and, with PAIR, the same token of the second cache (the
+    values, say) into CACHE_B; with ADVANCE, program (b, 0) also writes the row's length after the
+    step, NEW_LENGTHS[b]."""
     b, t = tl.program_id(0), tl.program_id(1)
     token = (b * T + t).to(tl.int64)
     length = tl.load(LENGTHS + b)
     if ADVANCE:
         if t == 0:
             tl.store(NEW_LENGTHS + b, length + T)
-    slot = b.to(tl.int64) * capacity + length + t
+    slot = cache_rows(TABLE, table_width, b, length + t, 0, rows_per_page, PAGED)
     copy_row(NEW_A + token * ROW_A, CACHE_A + slot * ROW_A, ROW_A, BLOCK)
     if PAIR:
         copy_row(NEW_B + token * ROW_B, CACHE_B + slot * ROW_B, ROW_B, BLOCK)
@@ -59,16 +62,18 @@ def copy_tile(SOURCE, source_rows, TARGET, target_rows, DIM: tl.constexpr, BLOCK
 
 
 @triton.jit
-def gather_blocks_kernel(CACHE_A, BLOCKS_A, CACHE_B, BLOCKS_B, NEW_LENGTHS, capacity, K, HEADS: tl.constexpr,
-                         DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr, DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr):
+def gather_blocks_kernel(CACHE_A, BLOCKS_A, CACHE_B, BLOCKS_B, NEW_LENGTHS, TABLE, table_width, rows_per_page, K,
+                         HEADS: tl.constexpr, DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr, DIM_B: tl.constexpr,
+                         BLOCK_DB: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr,
+                         PAGED: tl.constexpr):
     """Program (b, k, h): row b's candidate k — the K blocks ending at its last complete one, from
     block 0 while it has fewer — for kv head h: its BLOCK_SIZE keys into BLOCKS_A[b, k, h], a
     (BLOCK_SIZE, DIM_A) tile of the (B, K, H, l, D) blocks; with PAIR, the same of CACHE_B."""
     b, k, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     block = tl.maximum(complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE) - K, 0) + k
-    token = tl.minimum(block * STRIDE + tl.arange(0, BLOCK_SIZE), capacity - 1)   # an incomplete one: not written
-    source = (b.to(tl.int64) * capacity + token) * HEADS + h
+    last_token = tl.load(NEW_LENGTHS + b) - 1                                    # an incomplete block: not written,
+    token = tl.minimum(block * STRIDE + tl.arange(0, BLOCK_SIZE), last_token)   # and read where the row holds tokens
+    source = cache_rows(TABLE, table_width, b, token, 0, rows_per_page, PAGED) * HEADS + h
     target = ((b * K + k).to(tl.int64) * HEADS + h) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     copy_tile(CACHE_A, source, BLOCKS_A, target, DIM_A, BLOCK_DA)
     if PAIR:
@@ -89,41 +94,45 @@ def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, targ
 
 
 @triton.jit
-def write_mean(CACHE, b, first, capacity, h, HEADS: tl.constexpr, CMP, target, ok, DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def write_mean(CACHE, b, first, last_token, TABLE, table_width, rows_per_page, h, HEADS: tl.constexpr, CMP, target, ok,
+               DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
     """CMP[target] = the mean of the BLOCK_SIZE keys from position `first` of row b of CACHE
-    ((B, capacity, H, DIM)), kv heads h, added in float32, for the rows that are `ok`."""
+    ((B, rows_per_page, H, DIM), or paged through TABLE), kv heads h, added in float32, for the rows
+    that are `ok`; positions past last_token read as last_token (those blocks are not written)."""
     offs_d = tl.arange(0, BLOCK_D)
     total = tl.zeros([h.shape[0], BLOCK_D], dtype=tl.float32)
     for i in range(BLOCK_SIZE):
-        token = tl.minimum(first + i, capacity - 1)                      # an incomplete block: not written
-        total += load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, ok, offs_d, DIM).to(tl.float32)
+        token = tl.minimum(first + i, last_token)
+        rows = cache_rows(TABLE, table_width, b, token, 0, rows_per_page, PAGED) * HEADS + h
+        total += load_rows(CACHE, rows, ok, offs_d, DIM).to(tl.float32)
     store_rows(CMP, total / BLOCK_SIZE, target, ok, offs_d, DIM)
 
 
 @triton.jit
-def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LENGTHS, num_rows, mem_kv_len, K,
-                        capacity, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, DIM_A: tl.constexpr,
-                        BLOCK_DA: tl.constexpr, SHARES_A: tl.constexpr, DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr,
-                        SHARES_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr, PAIR: tl.constexpr,
-                        MEAN: tl.constexpr):
+def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LENGTHS, TABLE, table_width,
+                        cmp_rows_per_page, shift, mem_kv_len, K, rows_per_page, HEADS: tl.constexpr,
+                        BLOCK_H: tl.constexpr, DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr, SHARES_A: tl.constexpr,
+                        DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr, SHARES_B: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        STRIDE: tl.constexpr, PAIR: tl.constexpr, MEAN: tl.constexpr, PAGED: tl.constexpr):
     """Program (b, k): candidate k's summaries — the sum of SUMMARY_A's SHARES_A shares [s, b, k]
     ((H, D) each; one share when phi ran whole), or with MEAN the mean of the block's keys in
     SUMMARY_A, the cache itself (mean pooling, computed here) — into CMP_A[b, mem_kv_len + block]
     if this step completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with
-    PAIR, the same of SUMMARY_B into CMP_B."""
+    PAIR, the same of SUMMARY_B into CMP_B. Paged caches: through TABLE (`cache_rows`; the
+    compressed ones with `shift`, `cmp_rows_per_page` rows a page)."""
     b, k = tl.program_id(0), tl.program_id(1)
     last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
     block = tl.maximum(last - K, 0) + k
     done = (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
     h = tl.arange(0, BLOCK_H)
-    target = (b.to(tl.int64) * num_rows + mem_kv_len + block) * HEADS + h
+    target = cache_rows(TABLE, table_width, b, mem_kv_len + block, shift, cmp_rows_per_page, PAGED) * HEADS + h
     if MEAN:
-        write_mean(SUMMARY_A, b, block * STRIDE, capacity, h, HEADS, CMP_A, target, (h < HEADS) & done, DIM_A,
-                   BLOCK_DA, BLOCK_SIZE)
+        last_token = tl.load(NEW_LENGTHS + b) - 1
+        write_mean(SUMMARY_A, b, block * STRIDE, last_token, TABLE, table_width, rows_per_page, h, HEADS, CMP_A,
+                   target, (h < HEADS) & done, DIM_A, BLOCK_DA, BLOCK_SIZE, PAGED)
         if PAIR:
-            write_mean(SUMMARY_B, b, block * STRIDE, capacity, h, HEADS, CMP_B, target, (h < HEADS) & done, DIM_B,
-                       BLOCK_DB, BLOCK_SIZE)
+            write_mean(SUMMARY_B, b, block * STRIDE, last_token, TABLE, table_width, rows_per_page, h, HEADS, CMP_B,
+                       target, (h < HEADS) & done, DIM_B, BLOCK_DB, BLOCK_SIZE, PAGED)
     else:
         summary_rows = tl.num_programs(0) * K * HEADS
         source = (b * K + k).to(tl.int64) * HEADS + h
@@ -135,21 +144,23 @@ def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LEN
 
 
 @triton.jit
-def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, rows, row_ok, j, capacity, num_rows,
-              HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
-              OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_HID: tl.constexpr):
+def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, last_token, rows, row_ok, j, TABLE, table_width,
+              rows_per_page, num_rows, HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HIDDEN: tl.constexpr, OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_HID: tl.constexpr, PAGED: tl.constexpr):
     """SHARES[j, rows] = hidden units j*BLOCK_HID .. of `CompressionMLP` (weights W1, B1, W2, B2 and
     POSITION) on the blocks of BLOCK_SIZE keys from position `first` of rows b, kv heads h, of
-    CACHE: that share of the second layer's output, float32, with B2 in share 0."""
+    CACHE (paged: through TABLE), positions past each row's last_token read as it: that share of
+    the second layer's output, float32, with B2 in share 0."""
     units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
     unit_ok = units < HIDDEN
     offs_d = tl.arange(0, BLOCK_D)
     # -- the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
     acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
     for i in range(BLOCK_SIZE):
-        token = tl.minimum(first + i, capacity - 1)                      # an incomplete block: not written
-        x = load_rows(CACHE, (b.to(tl.int64) * capacity + token) * HEADS + h, row_ok, offs_d, DIM)
+        token = tl.minimum(first + i, last_token)                        # an incomplete block: not written
+        x = load_rows(CACHE, cache_rows(TABLE, table_width, b, token, 0, rows_per_page, PAGED) * HEADS + h, row_ok,
+                      offs_d, DIM)
         x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
         w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
                      mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)          # (BLOCK_HID, BLOCK_D)
@@ -168,10 +179,10 @@ def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, rows, row_ok
 @triton.jit
 def compress_mlp_kernel(CACHE_A, POSITION_A, W1_A, B1_A, W2_A, B2_A, SHARES_A,
                         CACHE_B, POSITION_B, W1_B, B1_B, W2_B, B2_B, SHARES_B,
-                        OLD_LENGTHS, NEW_LENGTHS, capacity, K, num_rows,
+                        OLD_LENGTHS, NEW_LENGTHS, TABLE, table_width, rows_per_page, K, num_rows,
                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
                         OUT: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_SIZE: tl.constexpr, STRIDE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_HID: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_HID: tl.constexpr, PAGED: tl.constexpr):
     """Program (m, j, p): `CompressionMLP` on candidate rows m*BLOCK_M .. (row r = (b, k, h): row
     b's candidate k, kv head h), for its hidden units j*BLOCK_HID .. (`mlp_share`), of cache A and
     its phi (p = 0) or cache B and its phi (p = 1: the values, say, when their sizes are A's) ->
@@ -190,12 +201,15 @@ def compress_mlp_kernel(CACHE_A, POSITION_A, W1_A, B1_A, W2_A, B2_A, SHARES_A,
     done = row_ok & (block >= complete_blocks(OLD_LENGTHS, b, STRIDE, BLOCK_SIZE)) & (block < last)
     # -- 2. phi on the rows, where some row's block completed now --
     if tl.max(done.to(tl.int32), axis=0) > 0:
+        last_token = tl.load(NEW_LENGTHS + b) - 1
         if p == 0:
-            mlp_share(CACHE_A, POSITION_A, W1_A, B1_A, W2_A, B2_A, SHARES_A, b, h, block * STRIDE, r, row_ok, j,
-                      capacity, num_rows, HEADS, DIM, BLOCK_D, HIDDEN, OUT, BLOCK_OUT, BLOCK_SIZE, BLOCK_M, BLOCK_HID)
+            mlp_share(CACHE_A, POSITION_A, W1_A, B1_A, W2_A, B2_A, SHARES_A, b, h, block * STRIDE, last_token, r,
+                      row_ok, j, TABLE, table_width, rows_per_page, num_rows, HEADS, DIM, BLOCK_D, HIDDEN, OUT,
+                      BLOCK_OUT, BLOCK_SIZE, BLOCK_M, BLOCK_HID, PAGED)
         else:
-            mlp_share(CACHE_B, POSITION_B, W1_B, B1_B, W2_B, B2_B, SHARES_B, b, h, block * STRIDE, r, row_ok, j,
-                      capacity, num_rows, HEADS, DIM, BLOCK_D, HIDDEN, OUT, BLOCK_OUT, BLOCK_SIZE, BLOCK_M, BLOCK_HID)
+            mlp_share(CACHE_B, POSITION_B, W1_B, B1_B, W2_B, B2_B, SHARES_B, b, h, block * STRIDE, last_token, r,
+                      row_ok, j, TABLE, table_width, rows_per_page, num_rows, HEADS, DIM, BLOCK_D, HIDDEN, OUT,
+                      BLOCK_OUT, BLOCK_SIZE, BLOCK_M, BLOCK_HID, PAGED)
 
 
 def in_pairs(*lists):
@@ -205,19 +219,22 @@ def in_pairs(*lists):
     return [items[i:i + 2] for i in range(0, len(items), 2)]
 
 
-def append_tokens_triton(caches, news, lengths) -> torch.Tensor:
+def append_tokens_triton(caches, news, lengths, block_table=None) -> torch.Tensor:
     """`append_tokens` in a launch for each two caches, the first of which also writes the lengths
     after (caches that are not contiguous: `append_tokens` itself)."""
     if not all(x.is_contiguous() for x in caches):
-        return append_tokens(caches, news, lengths)
+        return append_tokens(caches, news, lengths, block_table)
     new_lengths = torch.empty_like(lengths)
+    paged = block_table is not None
+    table, width = (block_table.contiguous(), block_table.shape[1]) if paged else (lengths, 1)   # (unread: contiguous)
     for i, pair in enumerate(in_pairs(caches, news)):
         (cache_a, new_a), (cache_b, new_b) = pair[0], pair[-1]     # no second: the first again, unread
         B, T, H = new_a.shape[:3]
         append_tokens_kernel[(B, T)](new_a.contiguous(), cache_a, new_b.contiguous(), cache_b, lengths, new_lengths,
+                                     table, width,
                                      T, cache_a.shape[1], ROW_A=H * new_a.shape[3], ROW_B=H * new_b.shape[3],
                                      BLOCK=min(next_power_of_2(H * max(new_a.shape[3], new_b.shape[3])), 4096),
-                                     PAIR=len(pair) == 2, ADVANCE=i == 0)
+                                     PAIR=len(pair) == 2, ADVANCE=i == 0, PAGED=paged)
     return new_lengths
 
 
@@ -245,68 +262,78 @@ def mlp_weights(phi, cache, cmp_cache, block_size: int):
     return tuple(w.contiguous() for w in weights)
 
 
-def compress_mlp(caches, weights, old_lengths, new_lengths, candidates: int, block_size: int, stride: int):
+def compress_mlp(caches, weights, old_lengths, new_lengths, candidates: int, block_size: int, stride: int,
+                 block_table=None):
     """Each phi (a `CompressionMLP`, by its `mlp_weights`) on its cache's `candidates` blocks of
     every row, gathered in the kernel: for each, (shares, B * candidates * H, D_out) float32, whose
     sum over shares is the summaries. One launch for two caches whose phis have the same sizes,
     else one each."""
-    B, capacity, H = caches[0].shape[:3]
+    B, (rows_per_page, H), paged = old_lengths.shape[0], caches[0].shape[1:3], block_table is not None
     sizes = [(cache.shape[3], w[1].shape[0], w[3].shape[0]) for cache, w in zip(caches, weights)]  # D, hidden, out
     if len(set(sizes)) > 1:                                               # sizes differ: one launch each
         return [out for cache, w in zip(caches, weights)
-                for out in compress_mlp([cache], [w], old_lengths, new_lengths, candidates, block_size, stride)]
+                for out in compress_mlp([cache], [w], old_lengths, new_lengths, candidates, block_size, stride,
+                                           block_table)]
     D, hidden, out = sizes[0]
     rows = B * candidates * H
     block_m, shares = min(64, max(16, next_power_of_2(rows))), cdiv(hidden, MLP_UNITS)
     summaries = [torch.empty(shares, rows, out, device=caches[0].device, dtype=torch.float32) for _ in caches]
     args = [(cache, *w, summary) for cache, w, summary in zip(caches, weights, summaries)]
+    table, width = (block_table.contiguous(), block_table.shape[1]) if paged else (old_lengths, 1)   # (unread)
     compress_mlp_kernel[(cdiv(rows, block_m), shares, len(caches))](
-        *args[0], *args[-1], old_lengths, new_lengths, capacity, candidates, rows, HEADS=H, DIM=D,
+        *args[0], *args[-1], old_lengths, new_lengths, table, width, rows_per_page, candidates, rows, HEADS=H, DIM=D,
         BLOCK_D=head_dim_block(D), HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size,
-        STRIDE=stride, BLOCK_M=block_m, BLOCK_HID=MLP_UNITS)
+        STRIDE=stride, BLOCK_M=block_m, BLOCK_HID=MLP_UNITS, PAGED=paged)
     return summaries
 
 
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
-                               stride: int, mem_kv_len: int = 0) -> None:
+                               stride: int, mem_kv_len: int = 0, block_table=None) -> None:
     """`compress_new_blocks` in Triton: with the paper's MLP phi (`CompressionMLP`) for every
     cache, `compress_mlp_kernel` for each and one write launch for each two caches; with mean
     pooling for every cache, the write launches alone (they take the means); with another phi (a
     callable of the caller's), the gather and the write in Triton for each two caches and phi in
-    PyTorch between them (caches that are not contiguous: `compress_new_blocks` itself)."""
+    PyTorch between them (caches that are not contiguous: `compress_new_blocks` itself). Paged
+    caches (block_table): read and written through the table."""
     if not all(x.is_contiguous() for x in (*caches, *cmp_caches)):
         return compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new, block_size, stride,
-                                   mem_kv_len)
-    B, capacity, H = caches[0].shape[:3]
-    candidates = num_candidates(max_new, stride, cmp_caches[0].shape[1] - mem_kv_len)
+                                   mem_kv_len, block_table)
+    B, (rows_per_page, H), paged = old_lengths.shape[0], caches[0].shape[1:3], block_table is not None
+    width = block_table.shape[1] if paged else 1                  # a row's pages (contiguous: its one row)
+    blocks = num_compressed_blocks(rows_per_page * width, block_size, stride) if paged else \
+        cmp_caches[0].shape[1] - mem_kv_len
+    candidates = num_candidates(max_new, stride, blocks)
     if candidates <= 0:
         return
     weights = [mlp_weights(*args, block_size) for args in zip(phis, caches, cmp_caches)]
     in_kernel = all(w is not None for w in weights)
     mean = all(phi is None for phi in phis)
+    table = block_table.contiguous() if paged else old_lengths   # (unread when not paged)
+    shift = compressed_page_shift(block_size, stride, mem_kv_len) if paged else 0
     for pair in in_pairs(caches, cmp_caches, phis, weights):
         (cache_a, cmp_a, *_), (cache_b, cmp_b, *_) = pair[0], pair[-1]   # no second: the first again, unread
         if mean:                                      # -- the means, taken by the write itself --
             summary = [cache[None] for cache, *_ in pair]
         elif in_kernel:                               # -- phi in a kernel, from the cache --
             summary = compress_mlp([cache for cache, *_ in pair], [w for *_, w in pair], old_lengths, new_lengths,
-                                   candidates, block_size, stride)
+                                   candidates, block_size, stride, block_table)
         else:                                         # -- gathered, then phi in PyTorch --
             blocks = [cache.new_empty(B, candidates, H, block_size, cache.shape[3]) for cache, *_ in pair]
             gather_blocks_kernel[(B, candidates, H)](
-                cache_a, blocks[0], cache_b, blocks[-1], new_lengths, capacity, candidates, HEADS=H,
+                cache_a, blocks[0], cache_b, blocks[-1], new_lengths, table, width, rows_per_page, candidates, HEADS=H,
                 DIM_A=cache_a.shape[3], BLOCK_DA=head_dim_block(cache_a.shape[3]), DIM_B=cache_b.shape[3],
-                BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2)
+                BLOCK_DB=head_dim_block(cache_b.shape[3]), BLOCK_SIZE=block_size, STRIDE=stride, PAIR=len(pair) == 2,
+                PAGED=paged)
             summary = [pool_blocks(x, phi).to(cmp.dtype) for (_, cmp, phi, _), x in zip(pair, blocks)]
             for (_, cmp, *_), x in zip(pair, summary):
                 check_summary_dim(x, cmp)
             summary = [x.reshape(1, -1, x.shape[3]) for x in summary]                # one share each
         write_blocks_kernel[(B, candidates)](
-            summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, cmp_a.shape[1], mem_kv_len, candidates,
-            capacity, HEADS=H, BLOCK_H=next_power_of_2(H), DIM_A=cmp_a.shape[3],
+            summary[0], cmp_a, summary[-1], cmp_b, old_lengths, new_lengths, table, width, cmp_a.shape[1], shift,
+            mem_kv_len, candidates, rows_per_page, HEADS=H, BLOCK_H=next_power_of_2(H), DIM_A=cmp_a.shape[3],
             BLOCK_DA=head_dim_block(cmp_a.shape[3]), SHARES_A=summary[0].shape[0], DIM_B=cmp_b.shape[3],
             BLOCK_DB=head_dim_block(cmp_b.shape[3]), SHARES_B=summary[-1].shape[0], BLOCK_SIZE=block_size,
-            STRIDE=stride, PAIR=len(pair) == 2, MEAN=mean)
+            STRIDE=stride, PAIR=len(pair) == 2, MEAN=mean, PAGED=paged)
 
 
 CACHE_WRITERS[sparse_attention_decode_triton] = (append_tokens_triton, compress_new_blocks_triton)

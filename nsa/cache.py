@@ -314,7 +314,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     decoder = select_step(check_backend(backend), (q, *rows[:4], g_cmp, g_slc, g_win), dims, config)
     T, l, d = dims.seq_len_q, config.compress_block_size, config.compress_stride
     if k is not None:                                     # -- append, then compress what completes --
-        append, compress = cache_writers(decoder) if block_table is None else (append_tokens, compress_new_blocks)
+        append, compress = cache_writers(decoder)
         paged = {} if block_table is None else dict(block_table=block_table)
         caches, news = [k_cache, v_cache], [k, v]
         if k_win_cache is not None:                       # the window's own keys and values too
