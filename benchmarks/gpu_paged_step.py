@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     path = args.out / f"paged_step_{gpu_tag()}.csv"
     command = "python benchmarks/gpu_paged_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_run(path, COLUMNS, rows, command, gpu, f"paged steps vs contiguous within {worst:.1e} relative, new keys in place, replays equal to eager")
+    write_run(path, COLUMNS, rows, command, gpu, f"paged steps vs contiguous within {worst:.1e} relative, new keys "
+              "in place, replays equal to eager")
     print(f"wrote {path}")
     layouts = dict.fromkeys(r["layout"] for r in rows)
     print(f"{'context':>8}{'batch':>6}{'heads':>7}" + "".join(f"{name:>17}" for name in layouts))
