@@ -23,12 +23,13 @@ def cache_rows(TABLE, table_width, batch, positions, shift, rows_per_page, PAGED
     """The rows (of all kv heads) of a cache that hold `positions` (a tile) of batch row `batch`:
     batch * rows_per_page + positions in a contiguous cache (rows_per_page: its rows per batch
     row); with PAGED, slot (p + shift) % rows_per_page of page TABLE[batch, (p + shift) //
-    rows_per_page] (`nsa.cache.cache_index`). A position past the row's pages finds an arbitrary
+    rows_per_page] (`nsa.cache.cache_index`). A position outside the row's pages (past them, or
+    an empty slot's negative one) reads no table entry outside the row's and finds an arbitrary
     row: the caller's loads mask it."""
     if PAGED:
         at = positions + shift
         column = at // rows_per_page
-        page = tl.load(TABLE + batch * table_width + column, mask=column < table_width, other=0)
+        page = tl.load(TABLE + batch * table_width + column, mask=(at >= 0) & (column < table_width), other=0)
         return page.to(tl.int64) * rows_per_page + at % rows_per_page
     else:
         return batch.to(tl.int64) * rows_per_page + positions

@@ -144,8 +144,9 @@ _decoders: dict[str, Backend] = {}
 def register_decoder(name: str, forward: Callable, unsupported: Callable) -> Backend:
     """Make `forward` the decoding kernel of `backend=name`: forward(q, k_cache, v_cache,
     k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, config, scale, mem_kv_len,
-    window_caches=None) -> o (g_win None: no window branch; window_caches: the window's own
-    (k_win_cache, v_win_cache), None: it reads k_cache, v_cache), for the steps that
+    window_caches=None, block_table=None) -> o (g_win None: no window branch; window_caches: the
+    window's own (k_win_cache, v_win_cache), None: it reads k_cache, v_cache; block_table: paged
+    caches' table, passed only for paged caches), for the steps that
     unsupported((q, k_cache, v_cache, k_cmp_cache, v_cmp_cache), dims, config) accepts (returns
     None)."""
     if name not in BACKENDS or name == "auto":

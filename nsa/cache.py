@@ -296,7 +296,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     page_size // compress_stride, H, D); row b's position p is in page block_table[b, p //
     page_size], compressed block i in the page of its last token (`cache_index`,
     `compressed_page_shift`), at most (compress_block_size - 1) // compress_stride memory rows
-    before block 0 in the first page. A step writes only the pages that hold its new tokens, which
+    before block 0 in the first page. A step changes only the pages that hold its new tokens, which
     must be each row's own; pages of earlier tokens may be shared between rows (a common prefix).
     A table on the CPU is checked; a GPU's is the caller's promise, as cache_seqlens is.
     """
@@ -378,6 +378,7 @@ def check_pages(block_table, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_wi
     laid out as k_cache, v_cache; at most (compress_block_size - 1) // compress_stride memory rows.
     Returns the six caches as the rows see them, stride-0 views of (B, pages per row * page_size,
     H, D) and (B, mem_kv_len + Nc(that), H, D), for the checks of a contiguous step."""
+    check_tensor("q", q, 4, "(batch, seq_len_q, heads_q, dim_qk)")
     check_config(config)
     check_mem_kv_len(mem_kv_len)
     check_tensor("block_table", block_table, 2, "(batch, pages per row)")
@@ -402,6 +403,10 @@ def check_pages(block_table, q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, k_wi
     if mem_kv_len > (l - 1) // d:
         raise ValueError(f"mem_kv_len = {mem_kv_len}: paged caches hold at most (compress_block_size - 1) // "
                          f"compress_stride = {(l - 1) // d} memory rows (in the first page, before block 0)")
+    if mem_kv_len and (l - 1) // d > page_size // d:
+        raise ValueError(f"memory rows sit in the first page, before block 0's row {(l - 1) // d}, but pages of "
+                         f"{page_size} tokens hold {page_size // d} compressed rows: with mem_kv_len = {mem_kv_len}, "
+                         f"page_size must be at least {(l - 1) // d * d}")
     for name, x, like in (("k_cmp_cache", k_cmp_cache, k_cache), ("v_cmp_cache", v_cmp_cache, v_cache)):
         check_tensor(name, x, 4, "(num_pages, page_size // compress_stride, heads_kv, dim) with a block_table")
         expected = (num_pages, page_size // d, H, like.shape[3])
@@ -426,9 +431,9 @@ def check_page_entries(block_table, seqlens, step_tokens: int, page_size: int, n
     row's pages up to its length after the step exist and are distinct, and each page the step
     writes (one holding a row's new tokens) belongs to that row alone. A table on a GPU is not
     read (that would wait for the GPU): the caller's promise."""
-    if block_table.is_cuda:
+    if block_table.device.type != "cpu":
         return
-    used, written = [], []
+    used, written = {}, []                                  # page -> the rows whose tokens need it
     for b, length in enumerate(seqlens.tolist()):
         pages = block_table[b, :-(-(length + step_tokens) // page_size)].tolist()
         outside = [page for page in pages if not 0 <= page < num_pages]
@@ -436,15 +441,17 @@ def check_page_entries(block_table, seqlens, step_tokens: int, page_size: int, n
             raise ValueError(f"block_table[{b}] names page {outside[0]} among the {len(pages)} pages its "
                              f"{length + step_tokens} tokens need; the caches hold pages 0 .. {num_pages - 1}")
         if len(set(pages)) < len(pages):
-            raise ValueError(f"block_table[{b}] names a page twice among its first {len(pages)}: {pages}")
-        used.append(set(pages))
-        written.append(set(pages[length // page_size:]))
+            twice = next(page for page in pages if pages.count(page) > 1)
+            raise ValueError(f"block_table[{b}] names page {twice} twice among the {len(pages)} pages its tokens need")
+        for page in pages:
+            used.setdefault(page, []).append(b)
+        written.append(pages[length // page_size:])
     for b, pages in enumerate(written):
-        for other, theirs in enumerate(used):
-            if other != b and pages & theirs:
-                raise ValueError(f"page {min(pages & theirs)} holds new tokens of row {b} and is also row {other}'s: "
-                                 "a page that a step writes must be one row's own (pages of earlier tokens may be "
-                                 "shared)")
+        for page in pages:
+            if used[page] != [b]:
+                other = next(row for row in used[page] if row != b)
+                raise ValueError(f"page {page} holds new tokens of row {b} and is also row {other}'s: a page that a "
+                                 "step writes must be one row's own (pages of earlier tokens may be shared)")
 
 
 @dataclass
