@@ -734,20 +734,34 @@ def test_a_step_appending_to_every_row_makes_no_tensor_from_host_lists(monkeypat
     torch.testing.assert_close(outputs[1][1], expected[1, 38:40], **close(torch.float32, 2e-5))
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("phi", ["mlp", "mean", "callable"])
-def test_triton_cache_writes_equal_pytorch_ones(phi):
+def test_triton_cache_writes_equal_pytorch_ones(phi, paged):
     """The decoding kernels' own cache writes (Triton's interpreter on the CPU) against the
     PyTorch ones: appends at each row's length, compressed blocks after steps that complete none,
     one or several, rows of different lengths, memory rows, Dqk != Dv, int32 lengths; three caches
     (the kernels take two at a time: the third alone). phi: the paper's MLP (compress_mlp_kernel),
-    mean pooling (taken by the write kernel) or a callable of the caller's (gathered for PyTorch)."""
+    mean pooling (taken by the write kernel) or a callable of the caller's (gathered for PyTorch).
+    Paged: caches in a pool of pages of 8 tokens (chapter 13's "Pages"), NaN where no token was
+    written; the table's columns past what each row holds name no page (10**6): neither writer
+    may read them. Rows adding different counts are appended row by row there."""
     from nsa.cache import append_tokens, compress_new_blocks
     from nsa.kernels.cache import append_tokens_triton, compress_new_blocks_triton
     torch.manual_seed(9)
     B, N, H, dims, l, d, mem = 2, 70, 3, (16, 8, 32), 16, 4, 1
-    caches = [torch.randn(B, N, H, D).to(DEVICE) for D in dims]
-    cmp_caches = [torch.full((B, mem + num_compressed_blocks(N, l, d), H, D), float("nan"), device=DEVICE)
-                  for D in dims]
+    if paged:
+        P, used = 8, [-(-n // 8) for n in (22, 50)]                 # the pages each row's tokens come to need
+        order = torch.randperm(sum(used)).tolist()
+        table = torch.full((B, 10), 10**6, dtype=torch.int32)
+        table[0, :used[0]], table[1, :used[1]] = torch.tensor(order[:used[0]]), torch.tensor(order[used[0]:])
+        table = table.to(DEVICE)
+        caches = [torch.full((sum(used), P, H, D), float("nan"), device=DEVICE) for D in dims]
+        cmp_caches = [torch.full((sum(used), P // d, H, D), float("nan"), device=DEVICE) for D in dims]
+    else:
+        table = None
+        caches = [torch.randn(B, N, H, D).to(DEVICE) for D in dims]
+        cmp_caches = [torch.full((B, mem + num_compressed_blocks(N, l, d), H, D), float("nan"), device=DEVICE)
+                      for D in dims]
     maximum = lambda blocks: blocks.amax(dim=3)                              # noqa: E731  a phi of one's own
     phis = [{"mlp": CompressionMLP(D, l), "mean": None, "callable": maximum}[phi] for D in dims]
     phis = [x.to(DEVICE) if isinstance(x, torch.nn.Module) else x for x in phis]
@@ -760,8 +774,11 @@ def test_triton_cache_writes_equal_pytorch_ones(phi):
             for writes, (kv, cmp) in (((append_tokens, compress_new_blocks), (caches, cmp_caches)),
                                       ((append_tokens_triton, compress_new_blocks_triton), mine)):
                 if min(counts) == max(counts):            # appends: every row the same count
-                    assert torch.equal(writes[0](kv, tokens, lengths), new)     # and the lengths after
-                writes[1](kv, cmp, phis, lengths, new, max(counts), l, d, mem)
+                    assert torch.equal(writes[0](kv, tokens, lengths, table), new)     # and the lengths after
+                elif paged:                               # (contiguous rows hold random tokens already)
+                    for b in range(B):
+                        writes[0](kv, [x[b:b + 1, :counts[b]] for x in tokens], lengths[b:b + 1], table[b:b + 1])
+                writes[1](kv, cmp, phis, lengths, new, max(counts), l, d, mem, table)
         for got, expected in zip([*mine[0], *mine[1]], [*caches, *cmp_caches]):
             torch.testing.assert_close(got, expected, equal_nan=True)
         lengths = new

@@ -226,46 +226,6 @@ def test_paged_steps_with_writes_replay_from_a_cuda_graph():
     assert all(torch.equal(x, y) for x, y in zip(paged, eager_pages))
 
 
-@pytest.mark.parametrize("phi", ["mlp", "mean", "callable"])
-@torch.no_grad()
-def test_triton_cache_writes_on_pages_equal_pytorch_ones(phi):
-    """The decoding kernels' own writes (the interpreter on a CPU) into paged caches, against the
-    PyTorch ones: rows of different lengths adding different counts, memory rows, three caches
-    (two to a launch). The table's columns past what each row holds name no page (10**6): neither
-    writer may read them."""
-    from nsa.cache import append_tokens, compress_new_blocks
-    from nsa.kernels.cache import append_tokens_triton, compress_new_blocks_triton
-    torch.manual_seed(9)
-    B, H, dims, l, d, mem, P, width = 2, 3, (16, 8, 32), 16, 4, 2, 8, 10
-    used = [-(-n // P) for n in (22, 50)]                           # the pages each row's tokens come to need
-    order = torch.randperm(sum(used)).tolist()
-    table = torch.full((B, width), 10**6, dtype=torch.int32)
-    table[0, :used[0]], table[1, :used[1]] = torch.tensor(order[:used[0]]), torch.tensor(order[used[0]:])
-    table = table.to(DEVICE)
-    caches = [torch.full((sum(used), P, H, D), float("nan"), device=DEVICE) for D in dims]
-    cmp_caches = [torch.full((sum(used), P // d, H, D), float("nan"), device=DEVICE) for D in dims]
-    maximum = lambda blocks: blocks.amax(dim=3)                              # noqa: E731  a phi of one's own
-    phis = [{"mlp": CompressionMLP(D, l), "mean": None, "callable": maximum}[phi] for D in dims]
-    phis = [x.to(DEVICE) if isinstance(x, torch.nn.Module) else x for x in phis]
-    mine = [x.clone() for x in caches], [x.clone() for x in cmp_caches]
-    lengths = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
-    for counts in ([1, 1], [13, 2], [0, 17], [5, 30]):
-        new = lengths + torch.tensor(counts, dtype=torch.int32, device=DEVICE)
-        tokens = [torch.randn(B, max(counts), H, D).to(DEVICE) for D in dims]
-        for writes, (kv, cmp) in (((append_tokens, compress_new_blocks), (caches, cmp_caches)),
-                                  ((append_tokens_triton, compress_new_blocks_triton), mine)):
-            if min(counts) == max(counts):
-                assert torch.equal(writes[0](kv, tokens, lengths, table), new)
-            else:                                                   # rows adding different counts: row by row
-                for b in range(B):
-                    writes[0]([x[:] for x in kv], [x[b:b + 1, :counts[b]] for x in tokens], lengths[b:b + 1],
-                              table[b:b + 1])
-            writes[1](kv, cmp, phis, lengths, new, max(counts), l, d, mem, table)
-        for got, expected in zip([*mine[0], *mine[1]], [*caches, *cmp_caches]):
-            torch.testing.assert_close(got, expected, equal_nan=True)
-        lengths = new
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @torch.no_grad()
 def test_a_row_reads_no_page_past_those_its_tokens_need(backend):
