@@ -126,7 +126,7 @@ def check_cache_lengths(cache_seqlens, batch: int, step_tokens: int, capacity: i
     for b, length in enumerate(cache_seqlens):
         if length + step_tokens > capacity:
             raise ValueError(f"cache row {b} holds {length} tokens; {step_tokens} more do not fit its "
-                             f"{capacity} (max_seq_len)")
+                             f"{capacity} (max_seq_len; with a block_table, pages per row x page_size)")
     return torch.tensor(cache_seqlens, dtype=torch.int32, device=device)
 
 
