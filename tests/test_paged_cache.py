@@ -69,7 +69,7 @@ CASES = [  # pages per row, page size, Hq, H, Dqk, Dv, config, mem, mlp, window 
     (10, 8, 2, 2, 8, 12, WIDE, 2, True, True, [1, 5, 1, 1, 9, 2], torch.float64, "torch"),
     (20, 4, 2, 2, 8, 12, WIDE, 0, True, True, [1, 5, 1, 1, 9, 2], torch.float64, "torch"),
     (3, 32, 8, 1, 16, 16, SMALL, 0, True, False, [1, 25, 1, 2], torch.float64, "torch"),
-    (6, 16, 4, 2, 16, 8, SMALL, 1, False, False, [13, 1, 3], torch.float32, "triton"),
+    (4, 16, 4, 2, 16, 8, SMALL, 1, False, False, [13, 1, 3], torch.float32, "triton"),
     (5, 16, 3, 1, 16, 16, LONG, 3, False, True, [1, 9, 1, 2], torch.float32, "triton"),
 ]
 
@@ -234,8 +234,8 @@ def test_a_row_reads_no_page_past_those_its_tokens_need(backend):
     completes) equal the same rows over contiguous caches, with no NaN."""
     device, dtype = (DEVICE, torch.float32) if backend == "triton" else ("cpu", torch.float64)
     for config, mem, P in ((SMALL, 1, 16), (LONG, 3, 16), (WIDE, 2, 8)):
-        if backend == "triton" and config is WIDE:
-            continue                                                # the kernels take powers of two
+        if backend == "triton" and config is not SMALL:
+            continue                                                # the interpreter's time: one geometry
         tokens, contiguous, paged, table, pool = paged_and_contiguous(3, 4, P, 4, 2, 16, 8, config, mem, True,
                                                                       dtype, device, seed=mem)
         nan_page = pool - 1                                         # (paged_and_contiguous leaves 3 pages unused)
