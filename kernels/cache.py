@@ -14,7 +14,7 @@ from nsa.cache import (CACHE_WRITERS, append_tokens, check_summary_dim, compress
 from nsa.compression import CompressionMLP, pool_blocks
 from nsa.geometry import num_compressed_blocks
 from nsa.kernels.common import cdiv, head_dim_block, load_rows, next_power_of_2, store_rows
-from nsa.kernels.decode import cache_rows, sparse_attention_decode_triton
+from nsa.kernels.decode import cache_rows, sparse_attention_decode_triton, table_arguments
 
 
 @triton.jit
@@ -226,7 +226,7 @@ def append_tokens_triton(caches, news, lengths, block_table=None) -> torch.Tenso
         return append_tokens(caches, news, lengths, block_table)
     new_lengths = torch.empty_like(lengths)
     paged = block_table is not None
-    table, width = (block_table.contiguous(), block_table.shape[1]) if paged else (lengths, 1)   # (unread: contiguous)
+    table, width = table_arguments(block_table, lengths)
     for i, pair in enumerate(in_pairs(caches, news)):
         (cache_a, new_a), (cache_b, new_b) = pair[0], pair[-1]     # no second: the first again, unread
         B, T, H = new_a.shape[:3]
@@ -279,7 +279,7 @@ def compress_mlp(caches, weights, old_lengths, new_lengths, candidates: int, blo
     block_m, shares = min(64, max(16, next_power_of_2(rows))), cdiv(hidden, MLP_UNITS)
     summaries = [torch.empty(shares, rows, out, device=caches[0].device, dtype=torch.float32) for _ in caches]
     args = [(cache, *w, summary) for cache, w, summary in zip(caches, weights, summaries)]
-    table, width = (block_table.contiguous(), block_table.shape[1]) if paged else (old_lengths, 1)   # (unread)
+    table, width = table_arguments(block_table, old_lengths)
     compress_mlp_kernel[(cdiv(rows, block_m), shares, len(caches))](
         *args[0], *args[-1], old_lengths, new_lengths, table, width, rows_per_page, candidates, rows, HEADS=H, DIM=D,
         BLOCK_D=head_dim_block(D), HIDDEN=hidden, OUT=out, BLOCK_OUT=head_dim_block(out), BLOCK_SIZE=block_size,
@@ -299,7 +299,7 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
         return compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_new, block_size, stride,
                                    mem_kv_len, block_table)
     B, (rows_per_page, H), paged = old_lengths.shape[0], caches[0].shape[1:3], block_table is not None
-    width = block_table.shape[1] if paged else 1                  # a row's pages (contiguous: its one row)
+    table, width = table_arguments(block_table, old_lengths)   # a row's pages (contiguous: its one row)
     blocks = num_compressed_blocks(rows_per_page * width, block_size, stride) if paged else \
         cmp_caches[0].shape[1] - mem_kv_len
     candidates = num_candidates(max_new, stride, blocks)
@@ -308,7 +308,6 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
     weights = [mlp_weights(*args, block_size) for args in zip(phis, caches, cmp_caches)]
     in_kernel = all(w is not None for w in weights)
     mean = all(phi is None for phi in phis)
-    table = block_table.contiguous() if paged else old_lengths   # (unread when not paged)
     shift = compressed_page_shift(block_size, stride, mem_kv_len) if paged else 0
     for pair in in_pairs(caches, cmp_caches, phis, weights):
         (cache_a, cmp_a, *_), (cache_b, cmp_b, *_) = pair[0], pair[-1]   # no second: the first again, unread

@@ -35,6 +35,13 @@ def cache_rows(TABLE, table_width, batch, positions, shift, rows_per_page, PAGED
         return batch.to(tl.int64) * rows_per_page + positions
 
 
+def table_arguments(block_table, unread):
+    """A kernel's (TABLE, table_width) for `cache_rows`: a paged cache's block_table and its pages
+    per row, or for contiguous caches (block_table None) any tensor on the device, never read
+    (PAGED is False), and a width of 1 (each row its own "page")."""
+    return (unread, 1) if block_table is None else (block_table.contiguous(), block_table.shape[1])
+
+
 @triton.jit
 def decode_compressed_kernel(
     Q, K_CMP, V_CMP,      # (B, T, Hq, Dqk); (B, R, H, Dqk), (B, R, H, Dv): R = mem + N_c(max_seq_len); or paged
@@ -396,7 +403,7 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     B, T, Hq, Dqk = q.shape
     H, Dv, G = k_cache.shape[2], v_cache.shape[3], Hq // k_cache.shape[2]
     paged = block_table is not None
-    pages = block_table.shape[1] if paged else 1                   # a row's pages (contiguous: its one row)
+    table, pages = table_arguments(block_table, cache_seqlens)     # a row's pages (contiguous: its one row)
     capacity = k_cache.shape[1] * pages                            # the tokens a row may hold
     R = mem_kv_len + num_compressed_blocks(capacity, config.compress_block_size, config.compress_stride) \
         if paged else k_cmp_cache.shape[1]                         # its compressed rows, memory first
@@ -425,7 +432,6 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     if not g_cmp.stride() == g_slc.stride() == g_win.stride():       # the gates read in one layout, copied
         g_cmp, g_slc, g_win = (g.contiguous() for g in (g_cmp, g_slc, g_win))  # only when theirs differ
     seqlens = cache_seqlens.to(torch.int32)
-    table = block_table.contiguous() if paged else seqlens         # (unread when not paged)
     scale_log2 = scale * LOG2E.value
     f32 = dict(device=q.device, dtype=torch.float32)
     # -- 1. compressed branch, split over the compressed keys; every score kept --
