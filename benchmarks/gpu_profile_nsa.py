@@ -1,12 +1,13 @@
 """Per-kernel GPU time of `nsa_triton` on a GPU (torch.profiler, after 3 warm-up steps), the paper's
 geometry, bf16, d = 128, batch 1:
 
-    python benchmarks/gpu_profile_nsa.py [--heads 64/4,32/8,32/32] [--seq-len 64k]
+    python benchmarks/gpu_profile_nsa.py [--heads 64/4,32/8,32/32] [--seq-len 64k] [--docs 128]
 
 For each head configuration: the forward's launches in order, each one's mean device time over 5
 forwards (PyTorch's own kernels between two Triton launches - the reverse index's sort, fills -
 added into one line); then one forward + backward with the kernels of the same name added (the
-compressed and window branches share the band kernels), mean of 5. An H100 run of the second part is book/data/profile_fwd_bwd_h100.txt.
+compressed and window branches share the band kernels), mean of 5. With --docs D the tokens are D
+documents of equal length packed into one row (`cu_seqlens`, benchmarks/gpu_packed.py's inputs). An H100 run of the second part is book/data/profile_fwd_bwd_h100.txt.
 """
 import argparse
 import collections
@@ -20,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from nsa import native_sparse_attention  # noqa: E402
 from nsa.bench import parse_heads, parse_lengths, make_inputs  # noqa: E402
+from gpu_packed import packed_inputs  # noqa: E402  (benchmarks/, this script's folder)
 
 REPEATS = 5
 
@@ -59,14 +61,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8,32/32"))
     parser.add_argument("--seq-len", type=parse_lengths, default=parse_lengths("64k"))
+    parser.add_argument("--docs", type=int, default=1, help="documents of equal length packed in the tokens")
     args = parser.parse_args()
     for N in args.seq_len:
         for Hq, H in args.heads:
-            (q, k, v, k_cmp, v_cmp, gc, gs, gw), config = make_inputs(N, Hq, H, 128)
-            inputs = [q, k, v, k_cmp, v_cmp, gc, gs, gw]
+            inputs, config = make_inputs(N, Hq, H, 128)
+            packing = {}
+            if args.docs > 1:
+                lengths = [N // args.docs + (i < N % args.docs) for i in range(args.docs)]
+                inputs, packing["cu_seqlens"] = packed_inputs(lengths, Hq, H, 128, config)
+                inputs = [t.requires_grad_() for t in inputs]
 
             def forward():
-                return native_sparse_attention(*inputs, config, backend="triton")
+                return native_sparse_attention(*inputs, config, backend="triton", **packing)
 
             def forward_backward():
                 for t in inputs:
@@ -76,17 +83,17 @@ def main() -> int:
 
             with torch.no_grad():
                 lines = forward_in_order(kernel_events(forward))
-            print(f"== {N} tokens, heads {Hq}/{H}: forward, kernel time {sum(ms for _, ms in lines):.2f} ms, launches in order")
+            print(f"== {N} tokens in {args.docs} documents, heads {Hq}/{H}: forward, kernel time {sum(ms for _, ms in lines):.2f} ms, launches in order")
             for name, ms in lines:
                 print(f"  {ms:8.3f} ms  {name[:90]}")
             total, count = collections.defaultdict(float), collections.Counter()
             for name, ms in kernel_events(forward_backward):
                 total[name] += ms / REPEATS
                 count[name] += 1
-            print(f"== {N} tokens, heads {Hq}/{H}: forward + backward, kernel time {sum(total.values()):.2f} ms")
+            print(f"== {N} tokens in {args.docs} documents, heads {Hq}/{H}: forward + backward, kernel time {sum(total.values()):.2f} ms")
             for name, ms in sorted(total.items(), key=lambda x: -x[1])[:14]:
                 print(f"  {ms:8.3f} ms  x{count[name] // REPEATS}  {name[:90]}")
-            del inputs, q, k, v, k_cmp, v_cmp
+            del inputs
             torch.cuda.empty_cache()
     return 0
 
