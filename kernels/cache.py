@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 
 from nsa.cache import (CACHE_WRITERS, append_tokens, check_summary_dim, compress_new_blocks,
-                       compressed_page_shift, num_candidates)
+                       compressed_blocks_held, compressed_page_shift, num_candidates)
 from nsa.compression import CompressionMLP, pool_blocks
-from nsa.geometry import num_compressed_blocks
 from nsa.kernels.common import cdiv, head_dim_block, load_rows, next_power_of_2, store_rows
 from nsa.kernels.decode import cache_rows, sparse_attention_decode_triton, table_arguments
 
@@ -300,8 +299,7 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
                                    mem_kv_len, block_table)
     B, (rows_per_page, H), paged = old_lengths.shape[0], caches[0].shape[1:3], block_table is not None
     table, width = table_arguments(block_table, old_lengths)   # a row's pages (contiguous: its one row)
-    blocks = num_compressed_blocks(rows_per_page * width, block_size, stride) if paged else \
-        cmp_caches[0].shape[1] - mem_kv_len
+    blocks = compressed_blocks_held(caches[0], cmp_caches[0], block_size, stride, mem_kv_len, block_table)
     candidates = num_candidates(max_new, stride, blocks)
     if candidates <= 0:
         return

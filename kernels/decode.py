@@ -9,8 +9,7 @@ import triton
 import triton.language as tl
 
 from nsa.backends import register_decoder
-from nsa.cache import compressed_page_shift
-from nsa.geometry import num_compressed_blocks
+from nsa.cache import compressed_blocks_held, compressed_page_shift
 from nsa.kernels.common import (LOG2E, cdiv, group_rows, head_dim_block, load_rows, next_power_of_2,
                                 softmax_update, store_rows)
 from nsa.kernels.nsa import triton_unsupported
@@ -405,8 +404,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     paged = block_table is not None
     table, pages = table_arguments(block_table, cache_seqlens)     # a row's pages (contiguous: its one row)
     capacity = k_cache.shape[1] * pages                            # the tokens a row may hold
-    R = mem_kv_len + num_compressed_blocks(capacity, config.compress_block_size, config.compress_stride) \
-        if paged else k_cmp_cache.shape[1]                         # its compressed rows, memory first
+    R = mem_kv_len + compressed_blocks_held(k_cache, k_cmp_cache, config.compress_block_size,
+                                            config.compress_stride, mem_kv_len, block_table)   # memory rows first
     cmp_rows_per_page, shift = (k_cmp_cache.shape[1], compressed_page_shift(
         config.compress_block_size, config.compress_stride, mem_kv_len)) if paged else (R, 0)
     group_pad = next_power_of_2(G)

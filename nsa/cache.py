@@ -45,6 +45,16 @@ def compressed_page_shift(block_size: int, stride: int, mem_kv_len: int) -> int:
     return (block_size - 1) // stride - mem_kv_len
 
 
+def compressed_blocks_held(cache, cmp_cache, block_size: int, stride: int, mem_kv_len: int,
+                           block_table=None) -> int:
+    """The compressed blocks a batch row's caches have room for, memory rows not counted: a
+    contiguous compressed cache's rows after its memory rows; with a block_table, Nc of the tokens
+    a row's pages hold (its compressed pages have room for those blocks and the memory rows)."""
+    if block_table is None:
+        return cmp_cache.shape[1] - mem_kv_len
+    return num_compressed_blocks(cache.shape[1] * block_table.shape[1], block_size, stride)
+
+
 def check_summary_dim(summary, cmp_cache) -> None:
     """A phi's summaries (..., D') must have the compressed cache's dim: checked once they are
     made (a phi of the caller's is known by what it returns), before any is written."""
@@ -64,8 +74,7 @@ def compress_new_blocks(caches, cmp_caches, phis, old_lengths, new_lengths, max_
     device; max_new: an int >= every new - old (it fixes the number of candidates). With a
     block_table, the caches are paged: the same blocks, read and written through it."""
     device, paged = old_lengths.device, block_table is not None
-    capacity = caches[0].shape[1] * (block_table.shape[1] if paged else 1)          # the tokens a row may hold
-    blocks = num_compressed_blocks(capacity, block_size, stride) if paged else cmp_caches[0].shape[1] - mem_kv_len
+    blocks = compressed_blocks_held(caches[0], cmp_caches[0], block_size, stride, mem_kv_len, block_table)
     candidates = num_candidates(max_new, stride, blocks)
     if candidates <= 0:
         return
