@@ -456,10 +456,15 @@ def test_functional_caches_the_step_may_not_write_are_refused_unchanged():
     with pytest.raises(ValueError, match="v_cache requires grad"):
         step(torch.zeros(B, N, H, D), v_cache.clone().requires_grad_())
     for backend in ("torch", "triton"):                     # the triton decoder brings writers of its own
+        device = DEVICE if backend == "triton" else "cpu"
+        caches = [x.to(device) for x in (torch.zeros(B, N, H, D), v_cache, k_cmp, v_cmp)]
+        inputs = [x.to(device) for x in (q, *gates, k, v)]
         with torch.no_grad(), pytest.raises(ValueError, match="phi maps blocks to dim 4, but its compressed cache "
                                                               "holds dim 8"):
-            step(torch.zeros(B, N, H, D), v_cache, phi_k=lambda blocks: blocks.mean(3)[..., :4], backend=backend)
-        assert not k_cmp.any() and not v_cmp.any()
+            sparse_attention_with_kvcache(inputs[0], *caches, torch.tensor([0], device=device), *inputs[1:4], SMALL,
+                                          k=inputs[4], v=inputs[5], phi_k=lambda blocks: blocks.mean(3)[..., :4],
+                                          backend=backend)
+        assert not caches[2].any() and not caches[3].any()
 
 
 def test_new_cache_arguments_are_checked():
