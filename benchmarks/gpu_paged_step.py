@@ -17,15 +17,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from triton.testing import do_bench
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checkout's nsa, without an install
 
-from nsa import CompressionMLP, NSAConfig, compress, sparse_attention_with_kvcache
-from nsa.bench import parse_heads, parse_lengths
-from nsa.bench_decode import graphed, paged
-from nsa.cache import cache_index
-from nsa.device import gpu_tag
-from nsa.testing import write_run
+import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from nsa import CompressionMLP, NSAConfig, compress, sparse_attention_with_kvcache  # noqa: E402
+from nsa.bench import parse_heads, parse_lengths  # noqa: E402
+from nsa.bench_decode import graphed, paged  # noqa: E402
+from nsa.cache import cache_index  # noqa: E402
+from nsa.device import gpu_tag  # noqa: E402
+from nsa.testing import write_run  # noqa: E402
 
 COLUMNS = ["layout", "context", "batch", "heads_q", "heads_kv", "us"]
 
