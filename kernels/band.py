@@ -388,7 +388,7 @@ DKDV_CHUNK = 2048   # query positions per dk, dv program of a prefix band (GPU)
 
 
 def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, gate=None, d_gate=None,
-                            dq=None, packed: PackedRows | None = None, dq_out=None, dkdv=None):
+                            dq=None, packed: PackedRows | None = None, dq_out=None, dkdv=None, dkdv_dtype=None):
     """(dq, dk, dv) in the inputs' dtypes for `band_attention_forward`'s (o, lse), of the same
     `packed` sequences.
 
@@ -398,7 +398,9 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
     where the returned dq is written, in its dtype (by default `dq` itself, or a new tensor in q's
     dtype) — a float32 `dq` may be summed into `dq_out` in q's dtype, and a float32 `dq_out` may
     start a float32 sum; dkdv: another branch's (dk, dv) over the same keys (float32: the selected
-    branch's), added into this branch's by its kernel (a band of one query chunk: the window's).
+    branch's), added into this branch's by its kernel (a band of one query chunk: the window's);
+    dkdv_dtype: the dtype of the returned dk, dv (by default k's and v's), float32 for a sum another
+    branch continues.
     """
     B, Nq, Hq, Dqk = q.shape
     num_rows, H, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -432,7 +434,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
         dv = torch.empty(num_chunks, *v.shape, device=v.device, dtype=torch.float32)
     else:                                                   # the window: one chunk, written in place
         chunk, num_chunks = cdiv(longest, meta["BLOCK_M"]) * meta["BLOCK_M"], 1
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk, dv = torch.empty_like(k, dtype=dkdv_dtype), torch.empty_like(v, dtype=dkdv_dtype)
     if dkdv is not None and band.is_prefix:
         raise ValueError("dkdv is added by the dk, dv kernel of a band of one query chunk (the window's), "
                          "not by a prefix band's float32 chunks")
@@ -443,7 +445,7 @@ def band_attention_backward(do, q, k, v, o, lse, scale, seq_len_k, band: Band, g
                    dict(HEADS_Q=Hq, PACKED=packed is not None, ADD_TO_DKDV=dkdv is not None, **meta),
                    num_warps, num_stages, shrink=band_shrink(meta))   # keys first: not 32 rows x 64 keys
     if band.is_prefix:
-        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        dk, dv = dk.sum(0).to(dkdv_dtype or k.dtype), dv.sum(0).to(dkdv_dtype or v.dtype)
     return dq_out, dk, dv
 
 
@@ -494,6 +496,12 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size=32, stride=16, scale
 def window_band(window_size: int, causal: bool) -> Band:
     """The sliding window: t - w < s <= t, or t - w < s < t + w when not causal."""
     return Band(window_size - 1, 0, 1 if causal else window_size, 1)
+
+
+def selected_band(select_block_size: int, num_selected_blocks: int, causal: bool) -> Band:
+    """The selected branch where top-n takes every block a query sees (no sequence longer than n
+    blocks, `nsa.kernels.nsa.takes_every_block`): every key the query may see, a window of n l'."""
+    return window_band(num_selected_blocks * select_block_size, causal)
 
 
 def sliding_window_attention_triton(q, k, v, window_size=512, scale=None, *, causal=True):

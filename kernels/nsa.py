@@ -13,7 +13,7 @@ from nsa.backends import register_backend
 from nsa.config import NSAConfig
 from nsa.geometry import num_selection_blocks
 from nsa.kernels.band import (band_attention_backward, band_attention_forward, compressed_band,
-                              window_band)
+                              selected_band, window_band)
 from nsa.kernels.common import (KERNEL_DTYPES, ROWS_PER_PROGRAM, PackedRows, cdiv,
                                 check_kernel_inputs, check_kernel_sizes, load_rows, next_power_of_2,
                                 row_tile, store_rows, written_before_read)
@@ -64,6 +64,13 @@ def config_fields(config: NSAConfig) -> tuple:
     return (config.compress_block_size, config.compress_stride, config.select_block_size,
             config.num_selected_blocks, config.num_initial_blocks, config.num_local_blocks,
             config.window_size, config.causal)
+
+
+def takes_every_block(longest_keys: int, select_block_size: int, num_selected_blocks: int) -> bool:
+    """Whether top-n takes every key block each query sees: where no sequence holds more than n
+    blocks (n l' keys), no query sees more than n, causal or not, and the selected branch attends
+    to every key the query may see — the band of a window of n l' keys, which needs no selection."""
+    return longest_keys <= num_selected_blocks * select_block_size
 
 
 def packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes):
@@ -123,24 +130,30 @@ def sparse_attention_forward(
     num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
     band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
     o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp, cmp_rows)
-    # -- 2. pass 2: importance scores and top-n, fused; integer indices (packed: numbered across) --
-    block_indices = select_blocks_launch(q, k_cmp, lse_cmp, Nk, config, scale, mem_kv_len, cmp_rows)
-    blocks = None                                     # (packed: its tables are outputs, for the backward)
-    if cmp_rows is not None:
-        first_block, blocks = packed_blocks(cu_seqlens_q, cu_seqlens_k, q.shape[1], select_block_size,
-                                            packed_sizes[3])
-        block_indices = torch.where(block_indices >= 0, block_indices + first_block[None, :, None, None], -1)
-    # -- 3. selected branch over those blocks: per key block for small groups, else tiles of queries --
-    G, no_tiles = q.shape[2] // k.shape[2], tuple(block_indices.new_empty(0) for _ in range(3))
-    if key_block_centric(G, q.shape[0] * q.shape[1]):
-        o_slc, lse_slc, index = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal,
-                                                      blocks)
-        tiles = (*index, no_tiles[0])                 # the reverse index: queries, chunks
+    G, blocks = q.shape[2] // k.shape[2], None         # (packed: the blocks' tables are outputs, for the backward)
+    no_tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(4))
+    if takes_every_block(Nk if key_rows is None else key_rows.max_rows, select_block_size, num_selected_blocks):
+        # -- 2-3. no sequence holds more than n blocks: top-n would take them all, a band of n l' keys --
+        band_slc = selected_band(select_block_size, num_selected_blocks, causal)
+        o_slc, lse_slc = band_attention_forward(q, k, v, scale, Nk, band_slc, key_rows)
+        block_indices, tiles = no_tiles[0], no_tiles[1:]
     else:
-        Q, tiles = query_tiles(block_indices, G)
-        o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
-                                                tiles, blocks)
-        tiles = tiles if Q > 1 else no_tiles          # with Q = 1 the tiles are block_indices itself
+        # -- 2. pass 2: importance scores and top-n, fused; integer indices (packed: numbered across) --
+        block_indices = select_blocks_launch(q, k_cmp, lse_cmp, Nk, config, scale, mem_kv_len, cmp_rows)
+        if cmp_rows is not None:
+            first_block, blocks = packed_blocks(cu_seqlens_q, cu_seqlens_k, q.shape[1], select_block_size,
+                                                packed_sizes[3])
+            block_indices = torch.where(block_indices >= 0, block_indices + first_block[None, :, None, None], -1)
+        # -- 3. selected branch over those blocks: per key block for small groups, else tiles of queries --
+        if key_block_centric(G, q.shape[0] * q.shape[1]):
+            o_slc, lse_slc, index = selected_by_block_fwd(q, k, v, block_indices, select_block_size, scale, causal,
+                                                          blocks)
+            tiles = (*index, no_tiles[1])             # the reverse index: queries, chunks
+        else:
+            Q, tiles = query_tiles(block_indices, G)
+            o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
+                                                    tiles, blocks)
+            tiles = tiles if Q > 1 else no_tiles[1:]  # with Q = 1 the tiles are block_indices itself
     # -- 4. sliding-window branch, unless left out --
     o_win, lse_win = (q.new_empty(0), q.new_empty(0, dtype=torch.float32)) if g_win is None else \
         band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal), key_rows)
@@ -159,7 +172,11 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
     output = lambda: q.new_empty(B, Nq, Hq, Dv)
     lse = lambda: q.new_empty(B, Nq, Hq, dtype=torch.float32)
     Q = default_queries_per_tile(Hq // H)
-    if key_block_centric(Hq // H, B * Nq):
+    every_block = takes_every_block(packed_sizes[1] if packed_sizes else k.shape[1], select_block_size,
+                                    num_selected_blocks)
+    if every_block:                                   # no selection: no indices, no plan, no tables
+        tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
+    elif key_block_centric(Hq // H, B * Nq):
         num_blocks = packed_sizes[3] if packed_sizes else num_selection_blocks(k.shape[1], select_block_size)
         shapes = reverse_index_shapes(B, Nq, H, num_selected_blocks, num_blocks, q.is_cuda)
         tiles = (*(q.new_empty(shape, dtype=torch.int32) for shape in shapes), q.new_empty(0, dtype=torch.int32))
@@ -168,10 +185,11 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
         tiles = tuple(q.new_empty(shape, dtype=torch.int32) for shape in shapes)
     else:
         tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
-    sizes = (Nq, packed_sizes[3], packed_sizes[3]) if packed_sizes else (0, 0, 0)   # PackedBlocks' tables
+    sizes = (Nq, packed_sizes[3], packed_sizes[3]) if packed_sizes and not every_block else (0, 0, 0)   # tables
+    indices = (0,) if every_block else (B, Nq, H, num_selected_blocks)
     window = (output(), lse()) if g_win is not None else (q.new_empty(0), q.new_empty(0, dtype=torch.float32))
     return (output(), output(), lse(), output(), lse(), *window,
-            q.new_empty(B, Nq, H, num_selected_blocks, dtype=torch.int32), *tiles,
+            q.new_empty(indices, dtype=torch.int32), *tiles,
             *(q.new_empty(size, dtype=torch.int32) for size in sizes))
 
 
@@ -201,15 +219,21 @@ def sparse_attention_backward(
     d_win = q.new_empty(0) if g_win is None else torch.empty_like(g_win)
     cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
     blocks = None if cmp_rows is None else PackedBlocks(positions, block_start, block_end)
-    # -- compressed branch: writes dq; in float32 when the selected branch adds by atomics --
-    by_block = key_block_centric(G, q.shape[0] * q.shape[1])
+    # -- compressed branch: writes dq; in float32 when the selected branch adds by atomics or is a band --
+    every_block = takes_every_block(Nk if key_rows is None else key_rows.max_rows, select_block_size,
+                                    num_selected_blocks)
+    by_block = not every_block and key_block_centric(G, q.shape[0] * q.shape[1])
     num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
     band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
-    dq_out = torch.empty(q.shape, device=q.device, dtype=torch.float32) if by_block else None
+    dq_out = torch.empty(q.shape, device=q.device, dtype=torch.float32) if by_block or every_block else None
     dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk, band_cmp,
                                                  gate=g_cmp, d_gate=d_cmp, packed=cmp_rows, dq_out=dq_out)
     # -- selected and window branches: add into dq (the window's sum in q's dtype) --
-    if by_block:
+    if every_block:        # the forward's band of n l' keys: its dk, dv in float32, as the others'
+        band_slc = selected_band(select_block_size, num_selected_blocks, causal)
+        dq, dk, dv = band_attention_backward(do, q, k, v, o_slc, lse_slc, scale, Nk, band_slc, gate=g_slc, d_gate=d_slc,
+                                             dq=dq, packed=key_rows, dkdv_dtype=torch.float32)
+    elif by_block:
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
                                           causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
                                           packed=blocks, dkdv_dtype=torch.float32)

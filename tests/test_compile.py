@@ -11,6 +11,7 @@ import torch
 
 import nsa
 from nsa import NSAConfig, SparseAttention
+from nsa.geometry import num_compressed_blocks
 from nsa.device import DEVICE       # the Triton backend's tensors: the GPU, else the CPU (interpreter)
 
 SMALL = dict(compress_block_size=8, compress_stride=4, select_block_size=16, num_selected_blocks=3,
@@ -68,18 +69,20 @@ def test_nsa_operator_without_window_passes_opcheck():
                            None, 8, 4, 16, 3, 1, 2, 8, True, 0.25, 0, None, None, None, []))
 
 
+@pytest.mark.parametrize("docs", [(10, 50), (15, 25)], ids=["selected", "every-block"])
 @pytest.mark.parametrize("Hq, H", [(4, 2), (8, 2), (16, 1)])   # plans: reverse index, tiles, none
-def test_triton_ops_have_fake_implementations(Hq, H):
+def test_triton_ops_have_fake_implementations(Hq, H, docs):
     """The operators' fake implementations give the shapes the real ones do (what tracing needs),
-    for each plan of the selected branch."""
+    for each plan of the selected branch, and where no sequence holds more than n = 3 blocks of 16
+    keys (top-n takes them all: no selection, no plan)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    config = NSAConfig(**{k: v for k, v in SMALL.items()})
     fields = (8, 4, 16, 3, 1, 2, 8, True)
+    N = sum(docs)
     def inputs():
         g = torch.Generator().manual_seed(1)
         r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
-        B, N, D = 1, 40, 16
+        B, D = 1, 16
         Nc = (N - 8) // 4 + 1
         return (r(B, N, Hq, D), r(B, N, H, D), r(B, N, H, D), r(B, Nc, H, D), r(B, Nc, H, D),
                 *(torch.rand(B, N, Hq, generator=g).to(DEVICE) for _ in range(3)))
@@ -89,15 +92,17 @@ def test_triton_ops_have_fake_implementations(Hq, H):
                                                       None, None, None, [])
     assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
     assert [x.dtype for x in fake] == [x.dtype for x in real]
-    # -- packed: documents of 15 and 25 tokens (2 and 5 compressed blocks, 1 and 2 selection blocks) --
-    cu, cu_cmp = (torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in ([0, 15, 40], [0, 2, 7]))
-    packed = [x[:, :7] if i in (3, 4) else x for i, x in enumerate(inputs())]
-    real = torch.ops.nsa.sparse_attention_forward(*packed, *fields, 0.25, 0, cu, cu, cu_cmp, [25, 25, 5, 3])
+    # -- packed: the two documents, each its own compressed and selection blocks --
+    rows = [num_compressed_blocks(n, 8, 4) for n in docs]
+    cu, cu_cmp = (torch.tensor([0, a, a + b], dtype=torch.int32, device=DEVICE) for a, b in (docs, rows))
+    sizes = [max(docs), max(docs), max(rows), sum(-(-n // 16) for n in docs)]
+    packed = [x[:, :sum(rows)] if i in (3, 4) else x for i, x in enumerate(inputs())]
+    real = torch.ops.nsa.sparse_attention_forward(*packed, *fields, 0.25, 0, cu, cu, cu_cmp, sizes)
     with FakeTensorMode() as mode:
         fake = torch.ops.nsa.sparse_attention_forward(*(mode.from_tensor(x) for x in packed), *fields, 0.25, 0,
-                                                      *(mode.from_tensor(x) for x in (cu, cu, cu_cmp)), [25, 25, 5, 3])
+                                                      *(mode.from_tensor(x) for x in (cu, cu, cu_cmp)), sizes)
     assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
-    assert config.num_selected_blocks == real[7].shape[-1]
+    assert real[7].shape == ((0,) if max(docs) <= 3 * 16 else (1, N, H, 3))     # the block indices
 
 
 def test_a_compiled_model_decodes_without_recompiling():

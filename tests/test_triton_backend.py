@@ -28,11 +28,11 @@ def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B,Nq,Nk,Hq,H,Dqk,Dv,config,mem", [
-    (1, 37, 37, 2, 1, 16, 16, SMALL, 0),                                    # odd length, group 2 (per key block)
-    (1, 29, 29, 3, 3, 16, 16, SMALL, 1),                                    # group 1 (per key block), memory
-    (2, 20, 75, 8, 2, 32, 16, NSAConfig(16, 8, 32, 3, 1, 1, 24), 2),         # batch, Nq < Nk, memory
-    (1, 24, 50, 6, 2, 16, 16, NSAConfig(16, 8, 16, 4, 1, 2, 16, causal=False), 1),  # group 3, non-causal
+@pytest.mark.parametrize("B,Nq,Nk,Hq,H,Dqk,Dv,config,mem", [   # each with more than n blocks to choose from
+    (1, 37, 37, 2, 1, 16, 16, NSAConfig(16, 8, 16, 2, 1, 0, 32), 0),        # odd length, group 2 (per key block)
+    (1, 29, 29, 3, 3, 16, 16, NSAConfig(16, 8, 16, 1, 0, 0, 32), 1),        # group 1 (per key block), memory
+    (2, 20, 75, 8, 2, 32, 16, NSAConfig(16, 8, 32, 2, 0, 1, 24), 2),         # batch, Nq < Nk, memory
+    (1, 24, 50, 6, 2, 16, 16, NSAConfig(16, 8, 16, 3, 1, 1, 16, causal=False), 1),  # group 3, non-causal
     (1, 40, 101, 16, 1, 16, 16, SMALL, 0),      # group 16 (one query per program), 7 blocks to choose from
 ])
 def test_triton_backend_matches_torch_backend(dtype, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem):
@@ -48,6 +48,31 @@ def test_triton_backend_matches_torch_backend(dtype, B, Nq, Nk, Hq, H, Dqk, Dv, 
     for grad, grad_ref in zip(grads, grads_ref):
         assert torch.isfinite(grad).all()
         torch.testing.assert_close(grad.float(), grad_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("N, Hq, H, causal", [(1, 2, 1, True), (17, 4, 2, True), (64, 16, 1, True),
+                                             (63, 3, 3, False), (65, 4, 2, True)])
+def test_sequences_of_at_most_n_blocks_take_every_block_without_a_selection(monkeypatch, N, Hq, H, causal):
+    """Where no sequence holds more than n blocks (n l' = 64 keys here), top-n would take every
+    block a query sees: the selected branch runs as a band of n l' keys, with no selection, and
+    equals the torch backend's selection and gather, outputs and gradients; from n l' + 1 keys on,
+    the selection runs."""
+    import nsa.kernels.nsa as triton_nsa
+
+    config = NSAConfig(16, 8, 16, 4, 1, 2, 32, causal=causal)
+    selections = []
+    launch = triton_nsa.select_blocks_launch
+    monkeypatch.setattr(triton_nsa, "select_blocks_launch", lambda *a: selections.append(1) or launch(*a))
+    inputs = [x.requires_grad_() for x in make_inputs(1, N, N, Hq, H, 16, 16, config, 1, torch.float32, seed=N)]
+    o = native_sparse_attention(*inputs, config, backend="triton", mem_kv_len=1)
+    assert len(selections) == (N > 64)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, inputs, do)
+    ref = [x.detach().requires_grad_() for x in inputs]
+    o_ref = native_sparse_attention(*ref, config, backend="torch", mem_kv_len=1)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
+    for grad, grad_ref in zip(grads, torch.autograd.grad(o_ref, ref, do)):
+        torch.testing.assert_close(grad, grad_ref, **TOL[torch.float32])
 
 
 def test_short_sequences_have_no_nan():
