@@ -66,10 +66,12 @@ def config_fields(config: NSAConfig) -> tuple:
             config.window_size, config.causal)
 
 
-def takes_every_block(longest_keys: int, select_block_size: int, num_selected_blocks: int) -> bool:
-    """Whether top-n takes every key block each query sees: where no sequence holds more than n
-    blocks (n l' keys), no query sees more than n, causal or not, and the selected branch attends
-    to every key the query may see — the band of a window of n l' keys, which needs no selection."""
+def takes_every_block(k, packed_sizes, select_block_size: int, num_selected_blocks: int) -> bool:
+    """Whether top-n takes every key block each query sees: where no sequence of keys (k's rows, or
+    the longest packed one, `packed_sizes[1]`) holds more than n blocks (n l' keys), no query sees
+    more than n, causal or not, and the selected branch attends to every key the query may see —
+    the band of a window of n l' keys, which needs no selection."""
+    longest_keys = packed_sizes[1] if packed_sizes else k.shape[1]
     return longest_keys <= num_selected_blocks * select_block_size
 
 
@@ -132,7 +134,7 @@ def sparse_attention_forward(
     o_cmp, lse_cmp = band_attention_forward(q, k_cmp, v_cmp, scale, Nk, band_cmp, cmp_rows)
     G, blocks = q.shape[2] // k.shape[2], None         # (packed: the blocks' tables are outputs, for the backward)
     no_tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(4))
-    if takes_every_block(Nk if key_rows is None else key_rows.max_rows, select_block_size, num_selected_blocks):
+    if takes_every_block(k, packed_sizes, select_block_size, num_selected_blocks):
         # -- 2-3. no sequence holds more than n blocks: top-n would take them all, a band of n l' keys --
         band_slc = selected_band(select_block_size, num_selected_blocks, causal)
         o_slc, lse_slc = band_attention_forward(q, k, v, scale, Nk, band_slc, key_rows)
@@ -172,8 +174,7 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
     output = lambda: q.new_empty(B, Nq, Hq, Dv)
     lse = lambda: q.new_empty(B, Nq, Hq, dtype=torch.float32)
     Q = default_queries_per_tile(Hq // H)
-    every_block = takes_every_block(packed_sizes[1] if packed_sizes else k.shape[1], select_block_size,
-                                    num_selected_blocks)
+    every_block = takes_every_block(k, packed_sizes, select_block_size, num_selected_blocks)
     if every_block:                                   # no selection: no indices, no plan, no tables
         tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
     elif key_block_centric(Hq // H, B * Nq):
@@ -220,8 +221,7 @@ def sparse_attention_backward(
     cmp_rows, key_rows = packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes)
     blocks = None if cmp_rows is None else PackedBlocks(positions, block_start, block_end)
     # -- compressed branch: writes dq; in float32 when the selected branch adds by atomics or is a band --
-    every_block = takes_every_block(Nk if key_rows is None else key_rows.max_rows, select_block_size,
-                                    num_selected_blocks)
+    every_block = takes_every_block(k, packed_sizes, select_block_size, num_selected_blocks)
     by_block = not every_block and key_block_centric(G, q.shape[0] * q.shape[1])
     num_cmp = (k_cmp.shape[1] if cmp_rows is None else cmp_rows.max_rows) - mem_kv_len
     band_cmp = compressed_band(num_cmp, compress_block_size, compress_stride, mem_kv_len, causal)
