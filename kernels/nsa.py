@@ -66,13 +66,25 @@ def config_fields(config: NSAConfig) -> tuple:
             config.window_size, config.causal)
 
 
+def longest_keys(k, packed_sizes) -> int:
+    """The longest sequence of keys: k's rows, or the longest packed one (`packed_sizes[1]`)."""
+    return packed_sizes[1] if packed_sizes else k.shape[1]
+
+
 def takes_every_block(k, packed_sizes, select_block_size: int, num_selected_blocks: int) -> bool:
-    """Whether top-n takes every key block each query sees: where no sequence of keys (k's rows, or
-    the longest packed one, `packed_sizes[1]`) holds more than n blocks (n l' keys), no query sees
-    more than n, causal or not, and the selected branch attends to every key the query may see —
-    the band of a window of n l' keys, which needs no selection."""
-    longest_keys = packed_sizes[1] if packed_sizes else k.shape[1]
-    return longest_keys <= num_selected_blocks * select_block_size
+    """Whether top-n takes every key block each query sees: where no sequence of keys holds more
+    than n blocks (n l' keys), no query sees more than n, causal or not, and the selected branch
+    attends to every key the query may see — the band of a window of n l' keys, which needs no
+    selection."""
+    return longest_keys(k, packed_sizes) <= num_selected_blocks * select_block_size
+
+
+def window_is_selected(k, packed_sizes, select_block_size: int, num_selected_blocks: int, window_size: int) -> bool:
+    """Whether the window branch is the selected branch: where top-n takes every block and no
+    sequence of keys is longer than the window either, both attend to every key a query may see
+    (lo(t) = 0 for every row: `window_band`), so their outputs are one and the same."""
+    return (takes_every_block(k, packed_sizes, select_block_size, num_selected_blocks)
+            and longest_keys(k, packed_sizes) <= window_size)
 
 
 def packed_rows(cu_seqlens_q, cu_seqlens_k, cu_seqlens_cmp, packed_sizes):
@@ -120,7 +132,8 @@ def sparse_attention_forward(
     """NSA's five steps: (o, then for the backward o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
     block_indices, the selected branch's plan: (tile_blocks, tile_members, tile_counts) or
     (queries, chunks, empty), and the packed blocks' tables (`PackedBlocks`; empty unless packed)).
-    Inputs checked by the caller; g_win None leaves the window out (o_win, lse_win empty).
+    Inputs checked by the caller; g_win None leaves the window out (o_win, lse_win empty), and so
+    does a window that is the selected branch (`window_is_selected`: o_slc serves both gates).
     Packed sequences: the three cu_seqlens and `packed_sizes` (see `packed_rows`); else None and []."""
     config = NSAConfig(compress_block_size, compress_stride, select_block_size, num_selected_blocks,
                        num_initial_blocks, num_local_blocks, window_size, causal)
@@ -156,11 +169,13 @@ def sparse_attention_forward(
             o_slc, lse_slc = selected_attention_fwd(q, k, v, block_indices, select_block_size, scale, causal, Q,
                                                     tiles, blocks)
             tiles = tiles if Q > 1 else no_tiles[1:]  # with Q = 1 the tiles are block_indices itself
-    # -- 4. sliding-window branch, unless left out --
-    o_win, lse_win = (q.new_empty(0), q.new_empty(0, dtype=torch.float32)) if g_win is None else \
+    # -- 4. sliding-window branch, unless left out or the same band as the selected branch's --
+    same = g_win is not None and window_is_selected(k, packed_sizes, select_block_size, num_selected_blocks,
+                                                      window_size)
+    o_win, lse_win = (q.new_empty(0), q.new_empty(0, dtype=torch.float32)) if g_win is None or same else \
         band_attention_forward(q, k, v, scale, Nk, window_band(window_size, causal), key_rows)
     # -- 5. the gates --
-    o = gated_sum(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+    o = gated_sum(o_cmp, o_slc, o_slc if same else o_win, g_cmp, g_slc, g_win)
     tables = tuple(blocks) if blocks is not None else tuple(block_indices.new_empty(0) for _ in range(3))
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win, block_indices, *tiles, *tables
 
@@ -188,7 +203,9 @@ def _(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, compress_block_size, compress_
         tiles = tuple(q.new_empty(0, dtype=torch.int32) for _ in range(3))
     sizes = (Nq, packed_sizes[3], packed_sizes[3]) if packed_sizes and not every_block else (0, 0, 0)   # tables
     indices = (0,) if every_block else (B, Nq, H, num_selected_blocks)
-    window = (output(), lse()) if g_win is not None else (q.new_empty(0), q.new_empty(0, dtype=torch.float32))
+    window_out = g_win is not None and not window_is_selected(k, packed_sizes, select_block_size,
+                                                              num_selected_blocks, window_size)
+    window = (output(), lse()) if window_out else (q.new_empty(0), q.new_empty(0, dtype=torch.float32))
     return (output(), output(), lse(), output(), lse(), *window,
             q.new_empty(indices, dtype=torch.int32), *tiles,
             *(q.new_empty(size, dtype=torch.int32) for size in sizes))
@@ -209,7 +226,8 @@ def sparse_attention_backward(
     dg_cmp, dg_slc, dg_win). The branches scale their P by their gate, write its gradient
     rowsum(do * o_branch) and add their dq into one buffer. plan_*: the forward's plan of the
     selected branch; packed sequences as the forward took them, with its PackedBlocks tables.
-    g_win None (the window left out): no window backward, and dg_win empty."""
+    g_win None (the window left out): no window backward, and dg_win empty. A window that is the
+    selected branch (`window_is_selected`) has one backward with it, gated by g_slc + g_win."""
     q, k, v, k_cmp, v_cmp, g_cmp, g_slc, do = (x.contiguous() for x in (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, do))
     g_win = None if g_win is None else g_win.contiguous()
     Nk = k.shape[1]
@@ -229,10 +247,13 @@ def sparse_attention_backward(
     dq, dk_cmp, dv_cmp = band_attention_backward(do, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, Nk, band_cmp,
                                                  gate=g_cmp, d_gate=d_cmp, packed=cmp_rows, dq_out=dq_out)
     # -- selected and window branches: add into dq (the window's sum in q's dtype) --
+    same = g_win is not None and window_is_selected(k, packed_sizes, select_block_size, num_selected_blocks,
+                                                      window_size)
     if every_block:        # the forward's band of n l' keys: its dk, dv in float32, as the others'
         band_slc = selected_band(select_block_size, num_selected_blocks, causal)
-        dq, dk, dv = band_attention_backward(do, q, k, v, o_slc, lse_slc, scale, Nk, band_slc, gate=g_slc, d_gate=d_slc,
-                                             dq=dq, packed=key_rows, dkdv_dtype=torch.float32)
+        gate = g_slc.float() + g_win if same else g_slc            # same: o = (g_slc + g_win) o_slc
+        dq, dk, dv = band_attention_backward(do, q, k, v, o_slc, lse_slc, scale, Nk, band_slc, gate=gate, d_gate=d_slc,
+                                             dq=dq, packed=key_rows, dkdv_dtype=None if same else torch.float32)
     elif by_block:
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
                                           causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
@@ -241,7 +262,9 @@ def sparse_attention_backward(
         _, dk, dv = selected_attention_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size,
                                            scale, causal, Q, tiles, gate=g_slc, d_gate=d_slc, dq=dq, packed=blocks,
                                            dkdv_dtype=torch.float32)
-    if g_win is not None:
+    if same:
+        d_win.copy_(d_slc)                                          # both gates': rowsum(do * o_slc)
+    elif g_win is not None:
         dq, dk, dv = band_attention_backward(do, q, k, v, o_win, lse_win, scale, Nk, window_band(window_size, causal),
                                              gate=g_win, d_gate=d_win, dq=dq, packed=key_rows, dkdv=(dk, dv),
                                              dq_out=torch.empty_like(q) if dq.dtype != q.dtype else None)

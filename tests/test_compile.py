@@ -69,12 +69,13 @@ def test_nsa_operator_without_window_passes_opcheck():
                            None, 8, 4, 16, 3, 1, 2, 8, True, 0.25, 0, None, None, None, []))
 
 
-@pytest.mark.parametrize("docs", [(10, 50), (15, 25)], ids=["selected", "every-block"])
+@pytest.mark.parametrize("docs", [(10, 50), (15, 25), (6, 8)], ids=["selected", "every-block", "window-is-selected"])
 @pytest.mark.parametrize("Hq, H", [(4, 2), (8, 2), (16, 1)])   # plans: reverse index, tiles, none
 def test_triton_ops_have_fake_implementations(Hq, H, docs):
     """The operators' fake implementations give the shapes the real ones do (what tracing needs),
     for each plan of the selected branch, and where no sequence holds more than n = 3 blocks of 16
-    keys (top-n takes them all: no selection, no plan)."""
+    keys (top-n takes them all: no selection, no plan), and none longer than the window of 8 (the
+    window is the selected band: no window outputs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fields = (8, 4, 16, 3, 1, 2, 8, True)
@@ -103,6 +104,7 @@ def test_triton_ops_have_fake_implementations(Hq, H, docs):
                                                       *(mode.from_tensor(x) for x in (cu, cu, cu_cmp)), sizes)
     assert [tuple(x.shape) for x in fake] == [tuple(x.shape) for x in real]
     assert real[7].shape == ((0,) if max(docs) <= 3 * 16 else (1, N, H, 3))     # the block indices
+    assert real[5].shape == ((0,) if max(docs) <= 8 else (1, N, Hq, 16))        # the window's output
 
 
 def test_a_compiled_model_decodes_without_recompiling():

@@ -50,24 +50,28 @@ def test_triton_backend_matches_torch_backend(dtype, B, Nq, Nk, Hq, H, Dqk, Dv, 
         torch.testing.assert_close(grad.float(), grad_ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("N, Hq, H, causal", [(1, 2, 1, True), (17, 4, 2, True), (64, 16, 1, True),
+@pytest.mark.parametrize("N, Hq, H, causal", [(1, 2, 1, True), (17, 4, 2, True), (32, 4, 2, True),
+                                             (20, 2, 1, False), (33, 4, 2, True), (64, 16, 1, True),
                                              (63, 3, 3, False), (65, 4, 2, True)])
 def test_sequences_of_at_most_n_blocks_take_every_block_without_a_selection(monkeypatch, N, Hq, H, causal):
     """Where no sequence holds more than n blocks (n l' = 64 keys here), top-n would take every
     block a query sees: the selected branch runs as a band of n l' keys, with no selection, and
     equals the torch backend's selection and gather, outputs and gradients; from n l' + 1 keys on,
-    the selection runs."""
+    the selection runs. Where no sequence is longer than the window (32) either, the window is
+    that band: no window band runs, forward or backward, and the gates' gradients still match."""
     import nsa.kernels.nsa as triton_nsa
 
     config = NSAConfig(16, 8, 16, 4, 1, 2, 32, causal=causal)
-    selections = []
-    launch = triton_nsa.select_blocks_launch
+    selections, windows = [], []
+    launch, window = triton_nsa.select_blocks_launch, triton_nsa.window_band
     monkeypatch.setattr(triton_nsa, "select_blocks_launch", lambda *a: selections.append(1) or launch(*a))
+    monkeypatch.setattr(triton_nsa, "window_band", lambda *a: windows.append(1) or window(*a))
     inputs = [x.requires_grad_() for x in make_inputs(1, N, N, Hq, H, 16, 16, config, 1, torch.float32, seed=N)]
     o = native_sparse_attention(*inputs, config, backend="triton", mem_kv_len=1)
     assert len(selections) == (N > 64)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, inputs, do)
+    assert len(windows) == (0 if N <= 32 else 2)                  # the window's forward and backward
     ref = [x.detach().requires_grad_() for x in inputs]
     o_ref = native_sparse_attention(*ref, config, backend="torch", mem_kv_len=1)
     torch.testing.assert_close(o, o_ref, **TOL[torch.float32])

@@ -83,15 +83,17 @@ TRITON_PACKINGS = [  # lengths, query lengths, Hq, H, mem, causal: groups 1, 2, 
     ([20, 90], [20, 13], 16, 1, 1, True),
     ([30, 61], None, 4, 4, 1, False),
     ([30, 45], None, 4, 4, 1, False),                 # no sequence over n = 3 blocks: each block taken
+    ([1, 17, 24, 5], None, 4, 2, 1, True),             # none longer than the window either: one band
 ]
 
 
 @pytest.mark.parametrize("case", TRITON_PACKINGS, ids=["g2", "g1-every-block", "g3-empty", "g4-chunked", "g16",
-                                                       "noncausal", "noncausal-every-block"])
+                                                       "noncausal", "noncausal-every-block", "window-is-selected"])
 def test_packed_on_the_triton_kernels_equals_the_reference(case, monkeypatch):
     """One launch of each kernel for all the sequences (chapter 10), equal to the float64
     reference of each sequence, outputs and gradients; where no sequence holds more than n blocks,
-    the selected branch is a third band launch (every block taken, no selection)."""
+    the selected branch is a third band launch (every block taken, no selection), and where none
+    is longer than the window either, the window is that band, not launched again."""
     import nsa.kernels.nsa as triton_nsa
     lengths, query_lengths, Hq, H, mem, causal = case
     config = NSAConfig(8, 4, 16, 3, 1, 1, 24, causal=causal)
@@ -104,7 +106,8 @@ def test_packed_on_the_triton_kernels_equals_the_reference(case, monkeypatch):
     inputs = [x.requires_grad_() for x in inputs]
     out = native_sparse_attention(*inputs, config, mem_kv_len=mem, backend="triton", **packed_args)
     every_block = max(lengths) <= config.num_selected_blocks * config.select_block_size
-    assert len(band_launches) == 2 + every_block   # the compressed branch and the window, once each
+    window = not (every_block and max(lengths) <= config.window_size)
+    assert len(band_launches) == 1 + every_block + window   # the compressed branch, the window: once each
     grads = torch.autograd.grad(out.square().sum(), inputs)
     ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
     ref = native_sparse_attention(*ref_inputs, config, mem_kv_len=mem, backend="torch", **packed_args)
