@@ -249,11 +249,13 @@ def sparse_attention_backward(
     # -- selected and window branches: add into dq (the window's sum in q's dtype) --
     same = g_win is not None and window_is_selected(k, packed_sizes, select_block_size, num_selected_blocks,
                                                       window_size)
-    if every_block:        # the forward's band of n l' keys: its dk, dv in float32, as the others'
-        band_slc = selected_band(select_block_size, num_selected_blocks, causal)
+    if every_block:        # the forward's band of n l' keys: dk, dv in float32 for the window to add to;
+        band_slc = selected_band(select_block_size, num_selected_blocks, causal)   # same: the window, the last
         gate = g_slc.float() + g_win if same else g_slc            # same: o = (g_slc + g_win) o_slc
-        dq, dk, dv = band_attention_backward(do, q, k, v, o_slc, lse_slc, scale, Nk, band_slc, gate=gate, d_gate=d_slc,
-                                             dq=dq, packed=key_rows, dkdv_dtype=None if same else torch.float32)
+        dq, dk, dv = band_attention_backward(do, q, k, v, o_slc, lse_slc, scale, Nk, band_slc, gate=gate,
+                                             d_gate=d_slc, dq=dq, packed=key_rows,
+                                             dq_out=torch.empty_like(q) if same else None,
+                                             dkdv_dtype=None if same else torch.float32)
     elif by_block:
         _, dk, dv = selected_by_block_bwd(do, q, k, v, o_slc, lse_slc, block_indices, select_block_size, scale,
                                           causal, gate=g_slc, d_gate=d_slc, dq=dq, index=(plan_1, plan_2),
