@@ -10,7 +10,8 @@ captured in a CUDA graph; before timing, the eager steps of the three layouts ar
 each replay with its eager step (equal). The row's position is such that the step completes a
 compressed block (the costlier step; one in 16 while decoding). Timed with
 `triton.testing.do_bench` (median of replays), written to DIR/paged_step_<gpu>.csv only if every
-check passed.
+check passed. With `--kernels`, each replay's device kernels are printed too (torch.profiler,
+averaged over 20 replays): where a layout's extra time goes.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # the checkout's nsa, without an install
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from nsa import CompressionMLP, NSAConfig, compress, sparse_attention_with_kvcache  # noqa: E402
@@ -57,12 +59,27 @@ def steps(context, batch, heads_q, heads_kv, head_dim=128, page_sizes=(64, 16)):
     return makers, k, lengths
 
 
+def kernel_times(replay, repeats: int = 20) -> dict:
+    """{kernel name: µs per replay} of a graph's replays, averaged over `repeats`, in launch order."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            replay()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] = times.get(event.name, 0.0) + event.time_range.elapsed_us() / repeats
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("64k,128k"))
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--kernels", action="store_true", help="print each replay's device kernels")
     args = parser.parse_args(argv)
     rows, worst = [], 0.0
     for heads_q, heads_kv in args.heads:
@@ -84,6 +101,12 @@ def main(argv=None) -> int:
                         us = do_bench(replay, warmup=50, rep=300, return_mode="median") * 1e3
                         rows.append(dict(layout=name, context=context, batch=batch, heads_q=heads_q,
                                          heads_kv=heads_kv, us=f"{us:.2f}"))
+                        if args.kernels:
+                            kernels = kernel_times(replay)
+                            print(f"{name}, {context} tokens, batch {batch}, {heads_q}/{heads_kv}: {us:.1f} µs, "
+                                  f"kernels {sum(kernels.values()):.1f} µs")
+                            for kernel, kernel_us in kernels.items():
+                                print(f"  {kernel_us:8.2f} µs  {kernel[:90]}")
                     base = outputs["contiguous"].float()
                     for name, out in outputs.items():
                         err = ((out.float() - base).abs().max() / base.abs().max()).item()
