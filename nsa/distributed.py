@@ -379,7 +379,7 @@ def context_parallel_forward(layer, x, group, cu_seqlens=None, shard_lengths=Non
     def check():                       # this rank's input; the settings all ranks must share
         check_causal(layer.config, "the layer's config")
         layer._check_input("q", x)
-        return layer_settings(layer)
+        return layer.parallel_settings(group)
 
     lengths, (s, e), key_start, cu_q, cu_k, pairs = prepare_shards(x, group, cu_seqlens, shard_lengths, "cp_group",
                                                                    check=check)

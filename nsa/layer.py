@@ -11,7 +11,7 @@ from nsa.checks import (Dims, check_bool, check_int, check_key_padding_mask, che
                         check_positive_int, check_tensor, resolve_scale, warn_renamed)
 from nsa.compression import CompressionMLP, compress, compress_rows, packed_block_rows
 from nsa.config import NSAConfig
-from nsa.distributed import context_parallel_forward
+from nsa.distributed import context_parallel_forward, layer_settings
 from nsa.sparse_attention import native_sparse_attention, packed_sparse_attention, window_branch
 from nsa.varlen import compressed_bounds, pack, packed_pairs, token_packing, unpack
 
@@ -128,6 +128,12 @@ class SparseAttention(nn.Module):
         """phi of the keys and of the values as a forward applies them (None: mean pooling); a layer
         split over several processes sums their gradients there (chapter 14)."""
         return self.phi_k, self.phi_v
+
+    def parallel_settings(self, cp_group) -> dict:
+        """What the ranks of a context-parallel group (chapter 14) must share with this layer: its
+        config, sizes and kinds of phi (`nsa.distributed.layer_settings`); a layer holding a part of a
+        larger one adds which part, and refuses a cp_group that does not fit it (ValueError)."""
+        return layer_settings(self)
 
     def compressed(self, keys, values, key_bounds=None):
         """The compressed keys and values of the branch "cmp" (by the layer's phi), the memory rows

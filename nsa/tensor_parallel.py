@@ -80,7 +80,8 @@ class TensorParallelSparseAttention(SparseAttention):
     `from_layer(layer, group)` splits a layer; `split_state_dict` cuts a whole layer's state,
     `whole_state_dict` gathers it back. `heads`, `kv_heads` and a cache from `new_cache` are this
     rank's (heads / P): decoding with a cache works as on one device, each rank caching its own
-    heads. Not combined with context parallelism (cp_group). Every rank must pass the same inputs
+    heads. With `cp_group` the tokens are split too (context parallelism over a second axis of
+    ranks: `forward`). Every rank of `group` must pass the same inputs
     (values, shapes, requires_grad): not checked, as gathering them would cost a collective per
     call. The layer holds its process group, so it does not pickle: save its `state_dict`.
     """
@@ -176,17 +177,28 @@ class TensorParallelSparseAttention(SparseAttention):
         return self._meshes[device.type]
 
     def forward(self, q, k=None, v=None, mask=None, *, cp_group=None, **kwargs):
-        """`SparseAttention.forward`: every rank the same q, k, v, mask; the whole output on every rank.
-        An input that needs a gradient enters once (self-attention's one tensor: one sum of its gradient)."""
-        if cp_group is not None:
-            raise ValueError("a TensorParallelSparseAttention takes no cp_group: this layer splits the heads, "
-                             "SparseAttention(..., cp_group=...) the tokens; not both")
+        """`SparseAttention.forward`: every rank of the layer's group the same q, k, v, mask; the whole
+        output on every rank. An input that needs a gradient enters once (self-attention's one tensor:
+        one sum of its gradient). cp_group: the tokens split as well, over a group of ranks that hold
+        the same heads as this one (`parallel_settings`): q is this rank's shard of them, the same on
+        the ranks of the layer's group, and the output that shard's rows, as `SparseAttention`'s."""
         entered = {}
         for x in (q, k, v):
             if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in entered:
                 entered[id(x)] = replicated_input(x, self.mesh(x.device))
         q, k, v = (entered.get(id(x), x) for x in (q, k, v))
-        return SparseAttention.forward(self, q, k, v, mask, **kwargs)
+        return SparseAttention.forward(self, q, k, v, mask, cp_group=cp_group, **kwargs)
+
+    def parallel_settings(self, cp_group) -> dict:
+        """`SparseAttention.parallel_settings` and which heads this rank holds: every rank of a
+        cp_group holds the same ones. A cp_group meets the layer's group in this rank alone (a
+        two-dimensional mesh: heads split along one axis, tokens along the other); ValueError else."""
+        shared = sorted(set(dist.get_process_group_ranks(cp_group)) & set(dist.get_process_group_ranks(self.group)))
+        if shared != [dist.get_rank()]:
+            raise ValueError(f"cp_group shares ranks {shared} with the layer's group: a cp_group's ranks hold the same "
+                             "heads and split the tokens, so it meets the layer's group (which splits the heads) in "
+                             "this rank alone")
+        return {**SparseAttention.parallel_settings(self, cp_group), "heads_part": f"{self.rank} of {self.world_size}"}
 
     def compression_functions(self):
         """phi of keys and of values; where gradients are taken, with their parameters entering as

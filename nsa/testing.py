@@ -150,13 +150,55 @@ def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device
                 cache = layer.new_cache(2, 33)
                 decoded = torch.cat([layer(t, cache=cache) for t in (tokens[:, :30], *tokens[:, 30:].split(1, 1))], 1)
             runs.append((y, [t.grad for t in inputs], decoded))
-        expected = part.split_state_dict({n: p.grad for n, p in whole.named_parameters()})
-        floor = 1e-3 * max(g.abs().max() for g in expected.values() if g.numel())
         (y_whole, grads_whole, dec_whole), (y_part, grads_part, dec_part) = runs
         results[name] = {
             "output": largest_relative_difference([(y_part, y_whole)]),
             "input grad": max(largest_relative_difference([pair]) for pair in zip(grads_part, grads_whole)),
-            "parameter grads": max(((p.grad - expected[n]).abs().max() / expected[n].abs().max().clamp_min(floor))
-                                   .item() for n, p in part.named_parameters() if p.numel()),
+            "parameter grads": part_grad_difference(part, {n: p.grad for n, p in part.named_parameters()}, whole),
             "decoding": largest_relative_difference([(dec_part, dec_whole)])}
     return results
+
+
+def part_grad_difference(part, grads, whole) -> float:
+    """The largest relative difference of a split layer's parameter gradients `grads` {name: tensor}
+    from the whole layer's (whose .grad hold them), each over its own largest entry or a thousandth
+    of the largest of all, where that is larger (`compare_tensor_parallel`)."""
+    expected = part.split_state_dict({n: p.grad for n, p in whole.named_parameters()})
+    floor = 1e-3 * max(g.abs().max() for g in expected.values() if g.numel())
+    return max(((grads[n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(floor)).item()
+               for n, p in part.named_parameters() if p.numel())
+
+
+def compare_tensor_and_context_parallel(group, layer_kwargs, heads_ranks, shard_lengths, cu_seqlens=None, seed=0,
+                                        dtype=torch.float64, device="cpu"):
+    """`SparseAttention(**layer_kwargs)` split two ways over the ranks of `group`: its heads over
+    each `heads_ranks` consecutive ranks (`TensorParallelSparseAttention`), the tokens over the
+    ranks that hold the same heads (every `heads_ranks`-th; `cp_group`, `shard_lengths` tokens
+    each), one row, packed by `cu_seqlens` if given; against the whole layer on the whole sequence
+    in this process: the largest relative differences of this rank's output rows, its input
+    gradient and its parameters' gradients summed over its context-parallel group -> dict."""
+    from nsa.tensor_parallel import TensorParallelSparseAttention
+
+    world, rank, ranks = dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group)
+    check_shard_lengths(shard_lengths, world // heads_ranks)
+    heads_groups = [dist.new_group(ranks[i:i + heads_ranks]) for i in range(0, world, heads_ranks)]  # every rank
+    tokens_groups = [dist.new_group(ranks[i::heads_ranks]) for i in range(heads_ranks)]             # makes each
+    heads_group, cp_group = heads_groups[rank // heads_ranks], tokens_groups[rank % heads_ranks]
+    s, e = shard_bounds(shard_lengths)[rank // heads_ranks]
+    torch.manual_seed(seed)
+    whole = SparseAttention(**layer_kwargs).to(device, dtype)
+    part = TensorParallelSparseAttention.from_layer(whole, heads_group)
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    x, weight = (torch.randn(1, sum(shard_lengths), whole.dim, dtype=dtype, device=device, generator=generator)
+                 for _ in range(2))
+    x_whole, x_shard = x.clone().requires_grad_(), x[:, s:e].clone().requires_grad_()
+    y_whole = whole(x_whole, cu_seqlens=cu_seqlens)
+    (y_whole * weight).sum().backward()
+    y_shard = part(x_shard, cp_group=cp_group, cu_seqlens=cu_seqlens)
+    (y_shard * weight[:, s:e]).sum().backward()
+    grads = {name: p.grad.clone() for name, p in part.named_parameters()}
+    for g in grads.values():                    # each rank of cp_group holds part of the sum over the tokens
+        dist.all_reduce(g, group=cp_group)
+    return {"output": largest_relative_difference([(y_shard, y_whole[:, s:e])]),
+            "input grad": largest_relative_difference([(x_shard.grad, x_whole.grad[:, s:e])]),
+            "parameter grads": part_grad_difference(part, grads, whole)}

@@ -18,7 +18,7 @@ import nsa.training
 from nsa import SparseAttention
 from nsa.device import DEVICE
 from nsa.tensor_parallel import TensorParallelSparseAttention, head_axis_of
-from nsa.testing import compare_tensor_parallel
+from nsa.testing import compare_tensor_and_context_parallel, compare_tensor_parallel
 
 LAYER = dict(dim=32, heads=8, kv_heads=4, compress_block_size=8, compress_stride=4, select_block_size=16,
              num_selected_blocks=3, window_size=16)
@@ -123,8 +123,8 @@ def _constructor_worker(rank, world, store):
         expected = (TypeError, "^layer must be a SparseAttention") if last else (ValueError, "own checks refused")
         with pytest.raises(expected[0], match=expected[1]):
             TensorParallelSparseAttention.from_layer(layer if last else whole, group)
-        with pytest.raises(ValueError, match="takes no cp_group"):
-            layer(x.float(), cp_group=group)
+        with pytest.raises(ValueError, match=r"cp_group shares ranks \[0, 1(, 2, 3)?\] with the layer's group"):
+            layer(x.float(), cp_group=group)                                 # the heads' own group
         with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
             TensorParallelSparseAttention(**LAYER, group="world")
         with pytest.raises(TypeError, match="split over"):
@@ -166,6 +166,32 @@ def _data_parallel_worker(rank, world, store):
 
 def test_data_parallel_replicas_of_tensor_parallel_pairs(tmp_path):
     _spawn(_data_parallel_worker, 4, tmp_path)
+
+
+def _two_axes_worker(rank, world, store):
+    """Four ranks: heads split over pairs {0, 1}, {2, 3} and tokens over {0, 2}, {1, 3}, equal to the
+    whole layer; then groups of tokens that mix the heads' parts, refused on every rank."""
+    _init(rank, world, store)
+    try:
+        packed = torch.tensor([0, 20, 23, 61, 75], dtype=torch.int32)
+        for kwargs, shards, cu_seqlens in ((LAYER, [30, 45], None),
+                                           ({**LAYER, "kv_per_branch": True, "num_mem_kv": 2}, [50, 25], packed)):
+            errors = compare_tensor_and_context_parallel(dist.group.WORLD, kwargs, 2, shards, cu_seqlens)
+            assert max(errors.values()) < 1e-12, errors
+        heads_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        mixed = [dist.new_group([0, 3]), dist.new_group([1, 2])]                # each holds both parts
+        torch.manual_seed(0)
+        part = TensorParallelSparseAttention.from_layer(SparseAttention(**LAYER).double(), heads_groups[rank // 2])
+        x = torch.randn(1, 20, 32, dtype=torch.float64)
+        with pytest.raises(ValueError, match="heads_part is '[01] of 2' on rank 0 and '[01] of 2' on rank 1"):
+            part(x, cp_group=mixed[0 if rank in (0, 3) else 1])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_heads_and_tokens_split_at_once(tmp_path):
+    _spawn(_two_axes_worker, 4, tmp_path)
 
 
 def _compile_worker(rank, world, store):
