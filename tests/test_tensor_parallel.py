@@ -140,10 +140,14 @@ def test_constructor_and_errors(world, tmp_path):
     _spawn(_constructor_worker, world, tmp_path)
 
 
-def _data_parallel_worker(rank, world, store):
+def _data_parallel_worker(rank, world, store, wrap):
     """Four ranks: two data-parallel replicas of a tensor-parallel pair. Replica r trains on row r of
-    the batch under DDP over the data-parallel group; the gradients equal the whole layer's on the
-    whole batch in one process (DDP averages: the whole loss is the rows' mean)."""
+    the batch under DDP, or FSDP2 (`fully_shard`, parameters sharded over the pair's data-parallel
+    ranks: a two-dimensional mesh), over the data-parallel group; the gradients equal the whole
+    layer's on the whole batch in one process (both average: the whole loss is the rows' mean)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
     _init(rank, world, store)
     try:
         tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]          # every rank makes every group
@@ -151,21 +155,27 @@ def _data_parallel_worker(rank, world, store):
         tp_group, dp_group, replica = tp_groups[rank // 2], dp_groups[rank % 2], rank // 2
         torch.manual_seed(0)
         whole = SparseAttention(**LAYER, num_mem_kv=1).double()
-        part = DDP(TensorParallelSparseAttention.from_layer(whole, tp_group), process_group=dp_group)
+        part = TensorParallelSparseAttention.from_layer(whole, tp_group)
         generator = torch.Generator().manual_seed(1)
         x, weight = (torch.randn(2, 37, 32, dtype=torch.float64, generator=generator) for _ in range(2))
         ((whole(x) * weight).sum() / 2).backward()
-        (part(x[replica:replica + 1]) * weight[replica:replica + 1]).sum().backward()
-        expected = part.module.split_state_dict({n: p.grad for n, p in whole.named_parameters()})
-        for name, p in part.module.named_parameters():
-            torch.testing.assert_close(p.grad, expected[name], msg=lambda m: f"{name}: {m}")
+        expected = part.split_state_dict({n: p.grad for n, p in whole.named_parameters()})
+        if wrap == "ddp":
+            model = DDP(part, process_group=dp_group)
+        else:
+            model = fully_shard(part, mesh=DeviceMesh.from_group(dp_group, "cpu"))
+        (model(x[replica:replica + 1]) * weight[replica:replica + 1]).sum().backward()
+        for name, p in part.named_parameters():
+            grad = p.grad.full_tensor() if wrap == "fsdp2" else p.grad
+            torch.testing.assert_close(grad, expected[name], msg=lambda m: f"{name}: {m}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_data_parallel_replicas_of_tensor_parallel_pairs(tmp_path):
-    _spawn(_data_parallel_worker, 4, tmp_path)
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_data_parallel_replicas_of_tensor_parallel_pairs(wrap, tmp_path):
+    mp.spawn(_data_parallel_worker, args=(4, str(tmp_path / "store"), wrap), nprocs=4)
 
 
 def _two_axes_worker(rank, world, store):
