@@ -180,6 +180,8 @@ def compare_tensor_and_context_parallel(group, layer_kwargs, heads_ranks, shard_
     from nsa.tensor_parallel import TensorParallelSparseAttention
 
     world, rank, ranks = dist.get_world_size(group), dist.get_rank(group), dist.get_process_group_ranks(group)
+    if check_int("heads_ranks", heads_ranks) > world or world % heads_ranks:
+        raise ValueError(f"heads_ranks must divide the group's {world} ranks, got {heads_ranks}")
     check_shard_lengths(shard_lengths, world // heads_ranks)
     heads_groups = [dist.new_group(ranks[i:i + heads_ranks]) for i in range(0, world, heads_ranks)]  # every rank
     tokens_groups = [dist.new_group(ranks[i::heads_ranks]) for i in range(heads_ranks)]             # makes each
