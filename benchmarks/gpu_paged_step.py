@@ -2,15 +2,16 @@
 
 `python benchmarks/gpu_paged_step.py --out DIR`: for each context, batch and head shape, one new
 token per row through `nsa.sparse_attention_with_kvcache` with its keys and values (appended,
-and the compressed blocks they complete computed with the paper's MLP phi), bf16, the paper's
-geometry. Three layouts of the same caches: contiguous (B, capacity, H, D), and pages of 64 and
-of 16 tokens in a pool in random order, through a block table (chapter 13, "Pages"). Each step is
-captured in a CUDA graph; before timing, the eager steps of the three layouts are compared
-(outputs within bf16 rounding of each other, every row's new keys where its table puts them) and
-each replay with its eager step (equal). The row's position is such that the step completes a
-compressed block (the costlier step; one in 16 while decoding). Timed with
-`triton.testing.do_bench` (median of replays), written to DIR/paged_step_<gpu>.csv only if every
-check passed. With `--kernels`, each replay's device kernels are printed too (torch.profiler,
+and the compressed blocks they complete computed with the paper's MLP phi, or with `--phi mean`
+mean pooling), bf16, the paper's geometry. Three layouts of the same caches: contiguous
+(B, capacity, H, D), and pages of 64 and of 16 tokens in a pool in random order, through a
+block table (chapter 13, "Pages"). Each step is captured in a CUDA graph; before timing, the
+eager steps of the three layouts are compared (outputs within bf16 rounding of each other, every
+row's new keys where its table puts them) and each replay with its eager step (equal). The row's
+position is such that the step completes a compressed block (the costlier step; one in 16 while
+decoding). Timed with `triton.testing.do_bench` (median of replays), written to
+DIR/paged_step_<gpu>.csv (with mean pooling paged_step_mean_<gpu>.csv) only if every check
+passed. With `--kernels`, each replay's device kernels are printed too (torch.profiler,
 averaged over 20 replays): where a layout's extra time goes.
 """
 
@@ -34,16 +35,18 @@ from nsa.testing import write_run  # noqa: E402
 COLUMNS = ["layout", "context", "batch", "heads_q", "heads_kv", "us"]
 
 
-def steps(context, batch, heads_q, heads_kv, head_dim=128, page_sizes=(64, 16)):
-    """The step's inputs and a function per layout that takes it (appending at position context - 1)."""
+def steps(context, batch, heads_q, heads_kv, head_dim=128, page_sizes=(64, 16), phi="mlp"):
+    """The step's inputs and a function per layout that takes it (appending at position context - 1);
+    phi: "mlp" (the paper's `CompressionMLP`) or "mean" (mean pooling)."""
     config, dtype, device = NSAConfig(), torch.bfloat16, "cuda"
     g = torch.Generator(device=device).manual_seed(context + batch)
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)   # noqa: E731
     k_cache, v_cache = randn(batch, context, heads_kv, head_dim), randn(batch, context, heads_kv, head_dim)
-    phis = [CompressionMLP(head_dim, config.compress_block_size).to(device, dtype) for _ in range(2)]
+    phis = [CompressionMLP(head_dim, config.compress_block_size).to(device, dtype) if phi == "mlp" else None
+            for _ in range(2)]
     with torch.no_grad():
-        k_cmp, v_cmp = (compress(x, phi, config.compress_block_size, config.compress_stride).contiguous()
-                        for phi, x in zip(phis, (k_cache, v_cache)))
+        k_cmp, v_cmp = (compress(x, f, config.compress_block_size, config.compress_stride).contiguous()
+                        for f, x in zip(phis, (k_cache, v_cache)))
     q, k, v = (randn(batch, 1, heads, head_dim) for heads in (heads_q, heads_kv, heads_kv))
     gates = [torch.sigmoid(randn(batch, 1, heads_q)) for _ in range(3)]
     lengths = torch.full((batch,), context - 1, device=device, dtype=torch.int32)    # the new token: the last
@@ -80,12 +83,13 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--kernels", action="store_true", help="print each replay's device kernels")
+    parser.add_argument("--phi", choices=("mlp", "mean"), default="mlp", help="the compression of new blocks")
     args = parser.parse_args(argv)
     rows, worst = [], 0.0
     for heads_q, heads_kv in args.heads:
         for batch in map(int, args.batches.split(",")):
             for context in args.contexts:
-                makers, k_new, lengths = steps(context, batch, heads_q, heads_kv)
+                makers, k_new, lengths = steps(context, batch, heads_q, heads_kv, phi=args.phi)
                 with torch.no_grad():
                     outputs = {}
                     for name, (step, caches, table) in makers.items():
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
                 del makers
                 torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
-    path = args.out / f"paged_step_{gpu_tag()}.csv"
+    path = args.out / f"paged_step{'' if args.phi == 'mlp' else '_mean'}_{gpu_tag()}.csv"
     command = "python benchmarks/gpu_paged_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_run(path, COLUMNS, rows, command, gpu, f"paged steps vs contiguous within {worst:.1e} relative, new keys "
               "in place, replays equal to eager")
