@@ -94,16 +94,24 @@ def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, targ
 
 @triton.jit
 def write_mean(CACHE, b, first, last_token, TABLE, table_width, rows_per_page, h, HEADS: tl.constexpr, CMP, target, ok,
-               DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr):
+               DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, POSITIONS: tl.constexpr,
+               PAGED: tl.constexpr):
     """CMP[target] = the mean of the BLOCK_SIZE keys from position `first` of row b of CACHE
     ((B, rows_per_page, H, DIM), or paged through TABLE), kv heads h, added in float32, for the rows
-    that are `ok`; positions past last_token read as last_token (those blocks are not written)."""
+    that are `ok`; positions past last_token read as last_token (those blocks are not written).
+    POSITIONS (a power of 2) positions at a time, all heads' rows in one tile: their loads (and,
+    paged, the table's) in flight together."""
     offs_d = tl.arange(0, BLOCK_D)
+    offs_i = tl.arange(0, POSITIONS)
     total = tl.zeros([h.shape[0], BLOCK_D], dtype=tl.float32)
-    for i in range(BLOCK_SIZE):
-        token = tl.minimum(first + i, last_token)
-        rows = cache_rows(TABLE, table_width, b, token, 0, rows_per_page, PAGED) * HEADS + h
-        total += load_rows(CACHE, rows, ok, offs_d, DIM).to(tl.float32)
+    for start in range(0, BLOCK_SIZE, POSITIONS):
+        i = start + offs_i
+        tokens = tl.minimum(first + i, last_token)
+        rows = cache_rows(TABLE, table_width, b, tokens, 0, rows_per_page, PAGED)[None, :] * HEADS + h[:, None]
+        tile_ok = ok[:, None] & (i < BLOCK_SIZE)[None, :]                                  # (heads, POSITIONS)
+        x = tl.load(CACHE + rows[:, :, None] * DIM + offs_d[None, None, :],
+                    mask=tile_ok[:, :, None] & (offs_d < DIM)[None, None, :], other=0.0)  # (heads, POSITIONS, D)
+        total += tl.sum(x.to(tl.float32), axis=1)
     store_rows(CMP, total / BLOCK_SIZE, target, ok, offs_d, DIM)
 
 
@@ -112,13 +120,14 @@ def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LEN
                         cmp_rows_per_page, shift, mem_kv_len, K, rows_per_page, HEADS: tl.constexpr,
                         BLOCK_H: tl.constexpr, DIM_A: tl.constexpr, BLOCK_DA: tl.constexpr, SHARES_A: tl.constexpr,
                         DIM_B: tl.constexpr, BLOCK_DB: tl.constexpr, SHARES_B: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                        STRIDE: tl.constexpr, PAIR: tl.constexpr, MEAN: tl.constexpr, PAGED: tl.constexpr):
+                        STRIDE: tl.constexpr, PAIR: tl.constexpr, MEAN: tl.constexpr, POSITIONS: tl.constexpr,
+                        PAGED: tl.constexpr):
     """Program (b, k): candidate k's summaries — the sum of SUMMARY_A's SHARES_A shares [s, b, k]
     ((H, D) each; one share when phi ran whole), or with MEAN the mean of the block's keys in
     SUMMARY_A, the cache itself (mean pooling, computed here) — into CMP_A[b, mem_kv_len + block]
     if this step completed the block (it lies in [Nc(old), Nc(new))), nothing otherwise; with
     PAIR, the same of SUMMARY_B into CMP_B. Paged caches: through TABLE (`cache_rows`; the
-    compressed ones with `shift`, `cmp_rows_per_page` rows a page)."""
+    compressed ones with `shift`, `cmp_rows_per_page` rows a page). POSITIONS: `write_mean`'s."""
     b, k = tl.program_id(0), tl.program_id(1)
     last = complete_blocks(NEW_LENGTHS, b, STRIDE, BLOCK_SIZE)
     block = tl.maximum(last - K, 0) + k
@@ -128,10 +137,10 @@ def write_blocks_kernel(SUMMARY_A, CMP_A, SUMMARY_B, CMP_B, OLD_LENGTHS, NEW_LEN
     if MEAN:
         last_token = tl.load(NEW_LENGTHS + b) - 1
         write_mean(SUMMARY_A, b, block * STRIDE, last_token, TABLE, table_width, rows_per_page, h, HEADS, CMP_A,
-                   target, (h < HEADS) & done, DIM_A, BLOCK_DA, BLOCK_SIZE, PAGED)
+                   target, (h < HEADS) & done, DIM_A, BLOCK_DA, BLOCK_SIZE, POSITIONS, PAGED)
         if PAIR:
             write_mean(SUMMARY_B, b, block * STRIDE, last_token, TABLE, table_width, rows_per_page, h, HEADS, CMP_B,
-                       target, (h < HEADS) & done, DIM_B, BLOCK_DB, BLOCK_SIZE, PAGED)
+                       target, (h < HEADS) & done, DIM_B, BLOCK_DB, BLOCK_SIZE, POSITIONS, PAGED)
     else:
         summary_rows = tl.num_programs(0) * K * HEADS
         source = (b * K + k).to(tl.int64) * HEADS + h
@@ -154,12 +163,20 @@ def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, last_token, 
     units = j * BLOCK_HID + tl.arange(0, BLOCK_HID)
     unit_ok = units < HIDDEN
     offs_d = tl.arange(0, BLOCK_D)
+    # -- paged: the blocks' table entries, all looked up before the loop, not one dependent load per position --
+    offs_i = tl.arange(0, BLOCK_SIZE)
+    if PAGED:
+        tokens = tl.minimum(first[:, None] + offs_i[None, :], last_token[:, None])   # incomplete blocks: not written
+        slots = cache_rows(TABLE, table_width, b[:, None], tokens, 0, rows_per_page, PAGED) * HEADS + h[:, None]
     # -- the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
     acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
     for i in range(BLOCK_SIZE):
-        token = tl.minimum(first + i, last_token)                        # an incomplete block: not written
-        x = load_rows(CACHE, cache_rows(TABLE, table_width, b, token, 0, rows_per_page, PAGED) * HEADS + h, row_ok,
-                      offs_d, DIM)
+        if PAGED:
+            at = tl.sum(tl.where(offs_i[None, :] == i, slots, 0), axis=1)          # column i of the slots
+        else:
+            at = cache_rows(TABLE, table_width, b, tl.minimum(first + i, last_token), 0, rows_per_page,
+                            PAGED) * HEADS + h
+        x = load_rows(CACHE, at, row_ok, offs_d, DIM)
         x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
         w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
                      mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)          # (BLOCK_HID, BLOCK_D)
@@ -286,6 +303,13 @@ def compress_mlp(caches, weights, old_lengths, new_lengths, candidates: int, blo
     return summaries
 
 
+def mean_positions(block_size: int, heads: int, paged: bool) -> int:
+    """`write_mean`'s positions per tile: over pages, tiles of up to 64 rows (heads x positions), so
+    that the table's loads and then the cache's are in flight together; over a contiguous cache,
+    one position at a time (measured: a tile is slower there, whose rows are an addition)."""
+    return max(1, min(next_power_of_2(block_size), 64 // next_power_of_2(heads))) if paged else 1
+
+
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
                                stride: int, mem_kv_len: int = 0, block_table=None) -> None:
     """`compress_new_blocks` in Triton: with the paper's MLP phi (`CompressionMLP`) for every
@@ -330,7 +354,7 @@ def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_length
             mem_kv_len, candidates, rows_per_page, HEADS=H, BLOCK_H=next_power_of_2(H), DIM_A=cmp_a.shape[3],
             BLOCK_DA=head_dim_block(cmp_a.shape[3]), SHARES_A=summary[0].shape[0], DIM_B=cmp_b.shape[3],
             BLOCK_DB=head_dim_block(cmp_b.shape[3]), SHARES_B=summary[-1].shape[0], BLOCK_SIZE=block_size,
-            STRIDE=stride, PAIR=len(pair) == 2, MEAN=mean, PAGED=paged)
+            STRIDE=stride, PAIR=len(pair) == 2, MEAN=mean, PAGED=paged, POSITIONS=mean_positions(block_size, H, paged))
 
 
 CACHE_WRITERS[sparse_attention_decode_triton] = (append_tokens_triton, compress_new_blocks_triton)
