@@ -99,8 +99,8 @@ def write_mean(CACHE, b, first, last_token, TABLE, table_width, rows_per_page, h
     """CMP[target] = the mean of the BLOCK_SIZE keys from position `first` of row b of CACHE
     ((B, rows_per_page, H, DIM), or paged through TABLE), kv heads h, added in float32, for the rows
     that are `ok`; positions past last_token read as last_token (those blocks are not written).
-    POSITIONS (a power of 2) positions at a time, all heads' rows in one tile: their loads (and,
-    paged, the table's) in flight together."""
+    POSITIONS (a power of 2 dividing BLOCK_SIZE) positions at a time, all heads' rows in one tile:
+    their loads (and, paged, the table's) in flight together."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_i = tl.arange(0, POSITIONS)
     total = tl.zeros([h.shape[0], BLOCK_D], dtype=tl.float32)
@@ -108,9 +108,8 @@ def write_mean(CACHE, b, first, last_token, TABLE, table_width, rows_per_page, h
         i = start + offs_i
         tokens = tl.minimum(first + i, last_token)
         rows = cache_rows(TABLE, table_width, b, tokens, 0, rows_per_page, PAGED)[None, :] * HEADS + h[:, None]
-        tile_ok = ok[:, None] & (i < BLOCK_SIZE)[None, :]                                  # (heads, POSITIONS)
         x = tl.load(CACHE + rows[:, :, None] * DIM + offs_d[None, None, :],
-                    mask=tile_ok[:, :, None] & (offs_d < DIM)[None, None, :], other=0.0)  # (heads, POSITIONS, D)
+                    mask=ok[:, None, None] & (offs_d < DIM)[None, None, :], other=0.0)    # (heads, POSITIONS, D)
         total += tl.sum(x.to(tl.float32), axis=1)
     store_rows(CMP, total / BLOCK_SIZE, target, ok, offs_d, DIM)
 
@@ -164,8 +163,8 @@ def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, last_token, 
     unit_ok = units < HIDDEN
     offs_d = tl.arange(0, BLOCK_D)
     # -- paged: the blocks' table entries, all looked up before the loop, not one dependent load per position --
-    offs_i = tl.arange(0, BLOCK_SIZE)
     if PAGED:
+        offs_i = tl.arange(0, BLOCK_SIZE)
         tokens = tl.minimum(first[:, None] + offs_i[None, :], last_token[:, None])   # incomplete blocks: not written
         slots = cache_rows(TABLE, table_width, b[:, None], tokens, 0, rows_per_page, PAGED) * HEADS + h[:, None]
     # -- the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
@@ -307,7 +306,7 @@ def mean_positions(block_size: int, heads: int, paged: bool) -> int:
     """`write_mean`'s positions per tile: over pages, tiles of up to 64 rows (heads x positions), so
     that the table's loads and then the cache's are in flight together; over a contiguous cache,
     one position at a time (measured: a tile is slower there, whose rows are an addition)."""
-    return max(1, min(next_power_of_2(block_size), 64 // next_power_of_2(heads))) if paged else 1
+    return max(1, min(block_size, 64 // next_power_of_2(heads))) if paged else 1     # (the kernels' l: a power of 2)
 
 
 def compress_new_blocks_triton(caches, cmp_caches, phis, old_lengths, new_lengths, max_new: int, block_size: int,
