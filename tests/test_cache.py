@@ -749,11 +749,12 @@ def test_triton_cache_writes_equal_pytorch_ones(phi, paged):
     mean pooling (taken by the write kernel) or a callable of the caller's (gathered for PyTorch).
     Paged: caches in a pool of pages of 8 tokens (chapter 13's "Pages"), NaN where no token was
     written; the table's columns past what each row holds name no page (10**6): neither writer
-    may read them. Rows adding different counts are appended row by row there."""
+    may read them. Rows adding different counts are appended row by row there. Five kv heads:
+    the paged mean takes a block in tiles of 8 positions (`mean_positions`), more than one."""
     from nsa.cache import append_tokens, compress_new_blocks
     from nsa.kernels.cache import append_tokens_triton, compress_new_blocks_triton
     torch.manual_seed(9)
-    B, N, H, dims, l, d, mem = 2, 70, 3, (16, 8, 32), 16, 4, 1
+    B, N, H, dims, l, d, mem = 2, 70, 5, (16, 8, 32), 16, 4, 1       # 5 heads: the paged mean in two tiles of 8
     if paged:
         P, used = 8, [-(-n // 8) for n in (22, 50)]                 # the pages each row's tokens come to need
         order = torch.randperm(sum(used)).tolist()
