@@ -55,17 +55,23 @@ def decode_compressed_kernel(
     scale_log2,           # softmax scale * log2(e): scores in base 2
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr,   # Hq; G = Hq // H
     GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,   # G and T padded: ROWS = TOKENS_PAD * GROUP_PAD >= 16
+    TOKENS_TILE: tl.constexpr,   # the tokens a program holds (TILE_ROWS = TOKENS_TILE * GROUP_PAD >= 16 rows)
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,   # dims, padded
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,   # l, d
-    SPLITS_C: tl.constexpr,   # programs per (row, kv head), each a contiguous share of the compressed rows
+    SPLITS_C: tl.constexpr,   # programs per (row, kv head, token tile), each a contiguous share of the compressed rows
     BLOCK_N: tl.constexpr,    # compressed rows per step
     PAGED: tl.constexpr,      # the caches are paged
 ):
-    ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD
-    batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD                 # the buffers' rows: every token's
+    TILE_ROWS: tl.constexpr = TOKENS_TILE * GROUP_PAD           # this program's
+    TILES: tl.constexpr = TOKENS_PAD // TOKENS_TILE
+    batch, head_kv = tl.program_id(0), tl.program_id(1)
+    split, tile = tl.program_id(2) // TILES, tl.program_id(2) % TILES
     heads_kv = HEADS_Q // GROUP
-    # -- the rows, their positions, and the compressed rows each sees --
-    q_rows, row_ok, t, _ = group_rows(0, batch * T, head_kv, T, T, HEADS_Q, GROUP, GROUP_PAD, TOKENS_PAD)
+    # -- the rows (the tile's tokens x the group's heads), their positions, the compressed rows each sees --
+    q_rows, row_ok, t, _ = group_rows(tile * TOKENS_TILE, batch * T, head_kv, T, T, HEADS_Q, GROUP, GROUP_PAD,
+                                      TOKENS_TILE)
+    r = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)                # the rows' places in the buffers
     length = tl.load(SEQLENS + batch)
     hi = compressed_rows_seen(length + t, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE)
     # -- this split's share of what the last token sees, in whole BLOCK_N steps --
@@ -78,10 +84,10 @@ def decode_compressed_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
     q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
-    score_rows = ((batch * heads_kv + head_kv) * ROWS + tl.arange(0, ROWS)).to(tl.int64) * num_rows
+    m_i = tl.full([TILE_ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TILE_ROWS], dtype=tl.float32)
+    acc = tl.zeros([TILE_ROWS, BLOCK_DV], dtype=tl.float32)
+    score_rows = ((batch * heads_kv + head_kv) * ROWS + r).to(tl.int64) * num_rows
     for start_n in range(start, end, BLOCK_N):
         key = start_n + offs_n
         in_share = key < end
@@ -93,7 +99,7 @@ def decode_compressed_kernel(
         tl.store(SCORES + score_rows[:, None] + key[None, :], s, mask=row_ok[:, None] & in_share[None, :])
         acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
     # -- the partial softmax of this split --
-    part = ((batch * heads_kv + head_kv) * SPLITS_C + split) * ROWS + tl.arange(0, ROWS)
+    part = ((batch * heads_kv + head_kv) * SPLITS_C + split) * ROWS + r
     tl.store(M + part, m_i)
     tl.store(L + part, l_i)
     store_rows(ACC, acc, part.to(tl.int64), part >= 0, offs_dv, BLOCK_DV)     # padding rows too
@@ -140,12 +146,12 @@ def block_probabilities(SCORES, score_rows, c, cmp_end, row_ok, lse2):
 
 @triton.jit
 def selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
-                   TOKENS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                   TOKENS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                    PER_SEL: tl.constexpr, SPILL: tl.constexpr, NUM_INITIAL: tl.constexpr,
                    NUM_LOCAL: tl.constexpr):
-    """The rank keys of selection blocks sel_start + [0, BLOCK_S) for each token, (TOKENS_PAD,
-    BLOCK_S): Eq. 9 from the stored scores, summed over the group; GONE for a block the token may
-    not take or that scored NaN, +inf for a forced one."""
+    """The rank keys of selection blocks sel_start + [0, BLOCK_S) for each of the program's
+    TOKENS tokens, (TOKENS, BLOCK_S): Eq. 9 from the stored scores, summed over the group; GONE
+    for a block the token may not take or that scored NaN, +inf for a forced one."""
     # -- 1. Eq. 9: the blocks at home in each selection block, and those spilling into it --
     sel = sel_start + tl.arange(0, BLOCK_S)
     home = sel[:, None] * PER_SEL + tl.arange(0, PER_SEL)[None, :]               # (BLOCK_S, PER_SEL)
@@ -154,7 +160,7 @@ def selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_
     # neighbour's last compressed blocks (a weight of 0 for those that do not reach this block)
     score += tl.sum(block_probabilities(SCORES, score_rows, spill, cmp_end, row_ok, lse2) * w_spill[None, None, :], 2)
     # -- 2. summed over the group: one score per token and block --
-    score = tl.sum(tl.reshape(score, (TOKENS_PAD, GROUP_PAD, BLOCK_S)), axis=1)
+    score = tl.sum(tl.reshape(score, (TOKENS, GROUP_PAD, BLOCK_S)), axis=1)
     # -- 3. blocks a token may not take, or scored NaN, never enter; forced ones enter at +inf --
     return rank_candidates(score, sel, own, sel[None, :] <= own[:, None], NUM_INITIAL, NUM_LOCAL)
 
@@ -176,20 +182,23 @@ def decode_select_kernel(
     T, num_rows, mem_kv_len,    # as in stage 1
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     TOKENS_PAD: tl.constexpr,   # T padded to a power of two (no tl.dot here: no padding to 16 rows)
-    SCORE_ROWS: tl.constexpr,   # stage 1's rows per program, its buffers' layout
+    TOKENS_TILE: tl.constexpr,  # the tokens a program holds
+    SCORE_ROWS: tl.constexpr,   # stage 1's rows (its padded tokens x padded group), its buffers' layout
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     SPILL: tl.constexpr,        # a selection block's last compressed blocks that may spill into the next
     SLOTS: tl.constexpr,        # n padded to a power of two: a step's blocks, and the running top's size
     NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,   # the forced blocks
     SPLITS_C: tl.constexpr,     # stage 1's splits (its partials' layout)
-    SPLITS_S: tl.constexpr,     # programs per (row, kv head) here, each a share of the selection blocks
+    SPLITS_S: tl.constexpr,     # programs per (row, kv head, token tile) here, each a share of the selection blocks
 ):
-    ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD                  # stage 1's first rows: the same tokens
+    TILE_ROWS: tl.constexpr = TOKENS_TILE * GROUP_PAD            # stage 1's rows of the same tokens
+    TILES: tl.constexpr = TOKENS_PAD // TOKENS_TILE
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
-    batch, head_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch, head_kv = tl.program_id(0), tl.program_id(1)
+    split, tile = tl.program_id(2) // TILES, tl.program_id(2) % TILES
     heads_kv = tl.num_programs(1)
     # -- each row's lse, merged from stage 1's splits, and the compressed blocks it sees --
-    r = tl.arange(0, ROWS)
+    r = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
     row_ok = (r // GROUP_PAD < T) & (r % GROUP_PAD < GROUP)
     first = (batch * heads_kv + head_kv) * SPLITS_C * SCORE_ROWS + r
     lse2 = merged_lse(M, L, first, SPLITS_C, SCORE_ROWS)
@@ -197,7 +206,7 @@ def decode_select_kernel(
     cmp_end = compressed_rows_seen(length + r // GROUP_PAD, mem_kv_len, num_rows, CMP_BLOCK, CMP_STRIDE) - mem_kv_len
     score_rows = ((batch * heads_kv + head_kv) * SCORE_ROWS + r).to(tl.int64) * num_rows + mem_kv_len
     # -- the tokens, once each: their own selection block --
-    t = tl.arange(0, TOKENS_PAD)
+    t = tile * TOKENS_TILE + tl.arange(0, TOKENS_TILE)
     own = (length + t) // SEL_BLOCK
     last_sel = (length + T - 1) // SEL_BLOCK
     # -- Eq. 9's weights by place (chapter 9's): every place's at home, the last SPILL's spilling --
@@ -210,13 +219,13 @@ def decode_select_kernel(
     hi = tl.minimum(lo + chunk, last_sel + 1)
     # -- the first step's candidates are the running top: SLOTS keys, a superset of its best n --
     cand = selection_step(lo, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
-                          TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, SPILL, NUM_INITIAL, NUM_LOCAL)
+                          TOKENS_TILE, GROUP_PAD, SLOTS, PER_SEL, SPILL, NUM_INITIAL, NUM_LOCAL)
     slot = tl.arange(0, SLOTS)
     top = tl.sort(first_top(cand, SLOTS))                 # ascending: each merge below is bitonic
     # -- each further step's candidates merged into it --
     for sel_start in range(lo + SLOTS, hi, SLOTS):
         cand = selection_step(sel_start, SCORES, score_rows, cmp_end, row_ok, lse2, own, w_home, w_spill,
-                              TOKENS_PAD, GROUP_PAD, SLOTS, PER_SEL, SPILL, NUM_INITIAL, NUM_LOCAL)
+                              TOKENS_TILE, GROUP_PAD, SLOTS, PER_SEL, SPILL, NUM_INITIAL, NUM_LOCAL)
         top = bitonic_top(top, cand)
     # -- this split's best SLOTS per token; stage 3 merges the splits' lists --
     tops = ((batch * heads_kv + head_kv) * SPLITS_S + split) * TOKENS_PAD + t
@@ -350,7 +359,8 @@ def decode_merge_kernel(
     tl.store(O + row * DIM_V + offs_dv, o.to(O.dtype.element_ty), mask=offs_dv < DIM_V)
 
 
-DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stage 1 holds
+DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stages 1 and 2 holds
+DECODE_MAX_TOKENS = 16    # new tokens a step may bring at any group (speculative decoding's drafts)
 DECODE_BLOCK_N = 64       # key rows per step on a GPU (16 in the interpreter: more splits to check)
 PROGRAMS_PER_SM = 2       # programs per multiprocessor that the splits aim for
 SELECT_PROGRAMS_PER_SM = 16   # stage 2's programs are small and wait on short chains: many per SM
@@ -371,18 +381,30 @@ def decode_tokens_pad(tokens: int, group: int) -> int:
     return max(next_power_of_2(tokens), 16 // next_power_of_2(group))
 
 
+def decode_tokens_tile(tokens: int, group: int) -> int:
+    """The tokens (of `tokens`, a power of two) that a program of stage 1 or 2 holds: all of them
+    while they and the group's query heads (padded) make at most DECODE_MAX_ROWS rows; otherwise
+    as many as fit, and the rest go to programs of their own."""
+    return min(tokens, max(1, DECODE_MAX_ROWS // next_power_of_2(group)))
+
+
+def decode_max_tokens(group: int) -> int:
+    """The most new tokens a step may bring to the decoding kernels: DECODE_MAX_TOKENS at any
+    group, more while one program's DECODE_MAX_ROWS rows hold them (128 at group 1)."""
+    return max(DECODE_MAX_TOKENS, DECODE_MAX_ROWS // next_power_of_2(group))
+
+
 def decode_unsupported(tensors, dims, config):
     """Why the decoding kernels cannot take this step (None: they can): the kernels' limits
-    (chapter 10's `triton_unsupported`), and at most DECODE_MAX_ROWS rows of new tokens x group
-    heads (a longer step is a prefill)."""
+    (chapter 10's `triton_unsupported`: among them groups of at most 16), and more new tokens than
+    `decode_max_tokens` (a longer step is a prefill)."""
     reason = triton_unsupported(tensors, dims, config)
     if reason is not None:
         return reason
-    rows = decode_tokens_pad(dims.seq_len_q, dims.group_size) * next_power_of_2(dims.group_size)
-    if rows > DECODE_MAX_ROWS:
-        return (f"{dims.seq_len_q} new tokens x group {dims.group_size}, each padded to a power of two "
-                f"(and to 16 rows at least), make {rows} rows; the decoding kernels take at most "
-                f"{DECODE_MAX_ROWS}")
+    T, group = dims.seq_len_q, dims.group_size
+    if T > decode_max_tokens(group):
+        return (f"{T} new tokens at group {group}: the decoding kernels take at most {decode_max_tokens(group)} "
+                f"(a longer step is a prefill)")
     return None
 
 
@@ -411,8 +433,10 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     group_pad = next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)                 # stage 1's tokens: >= 16 rows for tl.dot
     tokens = next_power_of_2(T)                         # stage 2's: no tl.dot, no padding to 16 rows
+    tile_c, tile_s = decode_tokens_tile(tokens_pad, G), decode_tokens_tile(tokens, G)   # a program's tokens
+    tiles_c, tiles_s = tokens_pad // tile_c, tokens // tile_s
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
-    warps = 4 if rows <= 64 else 8                      # stage 1 holds rows x head dim in registers
+    warps = 4 if tile_c * group_pad <= 64 else 8        # stage 1 holds its rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
     l, d, l_sel, n = config.compress_block_size, config.compress_stride, config.select_block_size, \
         config.num_selected_blocks
@@ -420,8 +444,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     slots = next_power_of_2(n)                          # a selection step's candidates fill a top-n
     sms = multiprocessors(q.device)
     target = PROGRAMS_PER_SM * sms
-    splits_c = split_count(B * H, cdiv(R, block_n), target, STEPS_PER_SPLIT)
-    splits_s = split_count(B * H, cdiv(cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
+    splits_c = split_count(B * H * tiles_c, cdiv(R, block_n), target, STEPS_PER_SPLIT)
+    splits_s = split_count(B * H * tiles_s, cdiv(cdiv(capacity, l_sel), slots), SELECT_PROGRAMS_PER_SM * sms)
     splits = split_count(B * H * T, n, target)
     window = config.window_size if g_win is not None else 0   # g_win None: a window of no key, o_win = 0
     g_win = g_slc if g_win is None else g_win
@@ -437,21 +461,21 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     scores = torch.empty(B, H, rows, R, **f32)
     cmp_m, cmp_l = torch.empty(B, H, splits_c, rows, **f32), torch.empty(B, H, splits_c, rows, **f32)
     cmp_acc = torch.empty(B, H, splits_c, rows, block_dv, **f32)
-    decode_compressed_kernel[(B, H, splits_c)](
+    decode_compressed_kernel[(B, H, splits_c * tiles_c)](
         q, k_cmp_cache, v_cmp_cache, seqlens, table, pages, cmp_rows_per_page, shift, scores, cmp_acc, cmp_m, cmp_l,
         T, R, mem_kv_len, scale_log2,
-        HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, DIM_QK=Dqk, DIM_V=Dv,
+        HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, TOKENS_TILE=tile_c, DIM_QK=Dqk, DIM_V=Dv,
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c, BLOCK_N=block_n,
         PAGED=paged, num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
     tops = torch.empty(B, H, splits_s, tokens, slots, device=q.device, dtype=torch.int64)
-    decode_select_kernel[(B, H, splits_s)](
+    decode_select_kernel[(B, H, splits_s * tiles_s)](
         scores, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
-        GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, SCORE_ROWS=rows, CMP_BLOCK=l, CMP_STRIDE=d,
+        GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, TOKENS_TILE=tile_s, SCORE_ROWS=rows, CMP_BLOCK=l, CMP_STRIDE=d,
         SEL_BLOCK=l_sel, SPILL=next_power_of_2(max(l // d - 1, 1)), SLOTS=slots,
         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
         SPLITS_C=splits_c, SPLITS_S=splits_s,
-        num_warps=max(1, tokens * group_pad // 16))   # small tiles: one warp's shuffles reduce them, no barrier
+        num_warps=max(1, tile_s * group_pad // 16))   # small tiles: one warp's shuffles reduce them, no barrier
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)

@@ -12,6 +12,8 @@ import torch
 
 import nsa
 from nsa import KVCache, NSAConfig, SparseAttention, native_sparse_attention, sparse_attention_with_kvcache
+from nsa.backends import select_decoder
+from nsa.checks import check_keys
 from nsa.compression import CompressionMLP, compress
 from nsa.device import DEVICE
 from nsa.geometry import num_compressed_blocks
@@ -542,6 +544,7 @@ DECODER_CASES = [  # B, cache_seqlens, T, Hq, H, Dqk, Dv, mem, capacity
     (2, [37, 100], 1, 6, 2, 16, 8, 2, 150),        # group 3 (padded to 4), memory, rows apart, Dqk != Dv
     (1, [150], 3, 16, 1, 16, 16, 1, 200),          # group 16, 3 new tokens
     (2, [16, 63], 5, 8, 2, 8, 24, 0, 80),          # group 4, 5 new tokens, lengths at block edges
+    (2, [90, 131], 13, 32, 2, 16, 8, 1, 160),      # group 16, 13 tokens: 256 rows, two token tiles a stage
 ]
 
 
@@ -602,17 +605,18 @@ def check_decoder(case, config, sharpness=1.0):
     args = (q, k_cache, v_cache, k_cmp, v_cmp, lengths, *gates, config)
     expected = sparse_attention_with_kvcache(*args, mem_kv_len=mem, backend="torch")
     assert not expected.isnan().any()
-    got = sparse_attention_with_kvcache(*(x.float().to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args),
-                                        mem_kv_len=mem, backend="triton")
+    kernel_args = [x.float().to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args]
+    dims = check_keys(*kernel_args[:3], "k_cache", "v_cache")
+    assert select_decoder("triton", kernel_args[:5], dims, config) is not None    # the decoding kernels, no fallback
+    got = sparse_attention_with_kvcache(*kernel_args, mem_kv_len=mem, backend="triton")
     torch.testing.assert_close(got.double().cpu(), expected, **close(torch.float32, 2e-5))
 
 
 def test_triton_decoder_is_used_for_short_steps_only(monkeypatch):
-    from nsa.backends import select_decoder
-    from nsa.checks import check_keys
     config = NSAConfig(8, 4, 16, 4, 1, 2, 32)
     cache = torch.zeros(1, 64, 1, 16, device=DEVICE)
-    for T, Hq, used in ((1, 16, True), (8, 16, True), (9, 16, False), (32, 4, True), (33, 4, False)):
+    for T, Hq, used in ((1, 16, True), (8, 16, True), (16, 16, True), (17, 16, False), (32, 4, True),
+                        (33, 4, False), (128, 1, True), (129, 1, False)):
         q = torch.zeros(1, T, Hq, 16, device=DEVICE)
         dims = check_keys(q, cache, cache, "k_cache", "v_cache")
         assert (select_decoder("triton", (q, cache), dims, config) is not None) == used, (T, Hq)

@@ -182,3 +182,21 @@ def test_warm_up_refuses_and_puts_back_a_cache_not_listed(monkeypatch):
         graph._run_checked()
     assert other.lengths == [9, 9] and other._device_lengths().tolist() == [9, 9]
     assert cache.lengths == [22, 18]
+
+
+@needs_cuda
+def test_steps_of_sixteen_tokens_at_group_16_replay_and_equal_the_whole_sequence():
+    """Speculative decoding's drafts at group 16: a step of 16 tokens holds 256 rows of tokens x
+    query heads, two programs' worth (stages 1 and 2 split the tokens into tiles); eager steps and
+    graph replays of 11 and 16 tokens against the layer on the whole sequence (float32)."""
+    torch.manual_seed(3)
+    layer = SparseAttention(64, heads=32, kv_heads=2, dim_head=16, **GEOMETRY).to("cuda").eval()
+    x = torch.randn(2, 90, 64, device="cuda")
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(2, 90)
+        outputs = [layer(x[:, :27], cache=cache), layer(x[:, 27:38], cache=cache)]
+        graph = nsa.DecodeGraph(step_of(layer, cache), cache, x[:, 38:54])
+        outputs += [graph(x[:, i:i + 16]).clone() for i in range(38, 86, 16)]
+        outputs.append(layer(x[:, 86:], cache=cache))
+    torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=2e-4, atol=2e-4)
