@@ -73,7 +73,7 @@ def profile_all(args):
     for heads_q, heads_kv in args.heads:
         for batch in args.batches:
             for context in args.contexts:
-                nsa_step, _, _, _ = make_step(context, batch, heads_q, heads_kv, 128)
+                nsa_step = make_step(context, batch, heads_q, heads_kv, 128).nsa
                 with torch.no_grad():
                     for _ in range(3):
                         nsa_step()

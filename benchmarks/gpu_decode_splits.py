@@ -43,7 +43,8 @@ def main() -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for context, batch, heads_q, heads_kv in SHAPES:
-        nsa_step, _, reference, config = make_step(context, batch, heads_q, heads_kv, 128)
+        step = make_step(context, batch, heads_q, heads_kv, 128)
+        nsa_step, reference, config = step.nsa, step.reference, step.config
         compressed = num_compressed_blocks(context, config.compress_block_size, config.compress_stride)
         with torch.no_grad():
             expected = reference()

@@ -1,22 +1,28 @@
 """`python -m nsa.bench_decode`: time one decoding step of NSA beside SDPA's dense decode (GPU).
 
 Hand-written CLI glue (chapter 13 explains the decoding kernels it times). For each context
-length, batch size and head configuration, one new token per row attends over a cache of that
-many tokens (bf16, paper geometry l=32, d=16, l'=64, n=16, w=512; the attention op of a step
-only: the compressed keys are already in the cache, as the step's k=None form), timed with
-`triton.testing.do_bench` (median), eagerly and as the replay of a CUDA graph of the step:
+length, batch size, head configuration and number of new tokens T (`--tokens`, 1 by default;
+more for speculative decoding's drafts), T new tokens per row attend over a cache of that many
+tokens, the new ones included (bf16, paper geometry l=32, d=16, l'=64, n=16, w=512; the attention
+op of a step only: the compressed keys are already in the cache, as the step's k=None form),
+timed with `triton.testing.do_bench` (median), eagerly and as the replay of a CUDA graph of the
+step:
 
 * `nsa_decode`  `nsa.sparse_attention_with_kvcache(..., backend="triton")`: the four decoding
                 kernels, lengths on the GPU;
 * `nsa_paged`   the same step over paged caches (with `--page-size P`: pages of P tokens in a
                 pool in random order, found through a block table; chapter 13's "Pages");
+* `nsa_prefill` with `--prefill`: the same step through `native_sparse_attention`'s kernels over
+                each row's cached keys (chapters 8-10), what a step that the decoding kernels
+                turn down runs; eager only (it reads the rows' lengths on the host);
 * `sdpa_dense`  PyTorch SDPA over the whole cache (GQA, `enable_gqa=True`; the backend PyTorch
-                picks for one query).
+                picks for one query; for T > 1 causal from the bottom right,
+                `torch.nn.attention.bias.causal_lower_right`, as flash-attn's decode is).
 
 Before timing, it checks the step against `backend="torch"` on the same inputs in float64
 (relative error, bf16: <= 1e-2) and the graph's replay against the eager step (equal). It writes
-CSV rows `impl,context,batch,heads_q,heads_kv,head_dim,graph,us,gbps` (gbps: the bytes the step
-must read, counted as in chapter 13, over the time), a JSON of the machine beside it, and prints
+CSV rows `impl,context,batch,tokens,heads_q,heads_kv,head_dim,graph,us,gbps` (gbps: the bytes
+the step must read, counted as in chapter 13, over the time), a JSON of the machine beside it, and prints
 a table with NSA's speed-up over SDPA last.
 """
 
@@ -27,30 +33,40 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
 from nsa.bench import machine_info, parse_head_dim, parse_heads, parse_lengths
 
-COLUMNS = ["impl", "context", "batch", "heads_q", "heads_kv", "head_dim", "graph", "us", "gbps"]
+COLUMNS = ["impl", "context", "batch", "tokens", "heads_q", "heads_kv", "head_dim", "graph", "us", "gbps"]
 
 
-def _parse_batches(text: str) -> list[int]:
+def _parse_counts(text: str, flag: str, example: str) -> list[int]:
     if not all(item.strip().isdigit() and int(item) > 0 for item in text.split(",")):
-        raise argparse.ArgumentTypeError(f"--batches wants sizes like 1,16, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag} wants positive counts like {example}, got {text!r}")
     return [int(item) for item in text.split(",")]
 
 
-def step_bytes(context, batch, heads_q, heads_kv, head_dim, config, itemsize=2) -> int:
-    """Bytes a step must read (keys and values of the compressed rows, the selected blocks and
-    the window, per row and kv head) plus the NSA kernels' own traffic: the stored compressed
-    scores, written and read once (float32, one row per query head, padded to 16)."""
+def _parse_batches(text: str) -> list[int]:
+    return _parse_counts(text, "--batches", "1,16")
+
+
+def _parse_tokens(text: str) -> list[int]:
+    return _parse_counts(text, "--tokens", "1,4,16")
+
+
+def step_bytes(context, batch, heads_q, heads_kv, head_dim, config, itemsize=2, tokens=1) -> int:
+    """Bytes a step must read (keys and values of the compressed rows, once; of the selected
+    blocks and the window, once per new token — each token's own; per row and kv head) plus the
+    NSA kernels' own traffic: the stored compressed scores, written and read once (float32, one
+    row per new token and query head, padded to 16)."""
     from nsa.geometry import num_compressed_blocks
 
     compressed = num_compressed_blocks(context, config.compress_block_size, config.compress_stride)
-    keys = compressed + min(config.num_selected_blocks * config.select_block_size, context) + \
-        min(config.window_size, context)
-    rows = max(16, heads_q // heads_kv)
+    keys = compressed + tokens * (min(config.num_selected_blocks * config.select_block_size, context) +
+                                  min(config.window_size, context))
+    rows = max(16, tokens * (heads_q // heads_kv))
     return batch * heads_kv * (keys * 2 * head_dim * itemsize + 2 * rows * compressed * 4)
 
 
@@ -98,13 +114,26 @@ def paged(caches, page_size, config, seed):
     return pages, table
 
 
-def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_size=0):
-    """The inputs of one step: caches holding `context` tokens per row (the new token's included),
-    the compressed caches filled, one query per row; returns (nsa_step, sdpa_step, reference, config,
-    nsa_paged_step: the same over pages of page_size tokens, None for page_size 0)."""
+class DecodeStep(NamedTuple):
+    """One step's callables (each returns the step's output) and inputs, from `make_step`."""
+    nsa: Callable               # the decoding kernels
+    sdpa: Callable              # SDPA's dense attention over the whole cache
+    reference: Callable         # backend="torch" in float64, row by row
+    config: object              # the NSAConfig
+    paged: Callable | None      # the decoding kernels over pages (None without page_size)
+    prefill: Callable           # native_sparse_attention's kernels over each row's cached keys
+    inputs: tuple               # (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win)
+
+
+def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_size=0, tokens=1) -> DecodeStep:
+    """The inputs of one step: caches holding `context` tokens per row (the `tokens` new ones
+    included), the compressed caches filled, `tokens` queries per row, and the step's callables
+    (`DecodeStep`)."""
     import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
 
     from nsa import NSAConfig, compress, sparse_attention_with_kvcache
+    from nsa.cache import attend_cached
 
     config, dtype = NSAConfig(), torch.bfloat16
     g = torch.Generator(device=device).manual_seed(context + batch)
@@ -112,9 +141,9 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_s
     k_cache, v_cache = randn(batch, context, heads_kv, head_dim), randn(batch, context, heads_kv, head_dim)
     k_cmp = compress(k_cache, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
     v_cmp = compress(v_cache, block_size=config.compress_block_size, stride=config.compress_stride).contiguous()
-    q = randn(batch, 1, heads_q, head_dim)
-    gates = [torch.sigmoid(randn(batch, 1, heads_q)) for _ in range(3)]
-    cache_seqlens = torch.full((batch,), context - 1, device=device, dtype=torch.int32)   # before the new one
+    q = randn(batch, tokens, heads_q, head_dim)
+    gates = [torch.sigmoid(randn(batch, tokens, heads_q)) for _ in range(3)]
+    cache_seqlens = torch.full((batch,), context - tokens, device=device, dtype=torch.int32)   # before the new ones
     args = (q, k_cache, v_cache, k_cmp, v_cmp, cache_seqlens, *gates, config)
 
     def nsa_step():
@@ -127,16 +156,20 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_s
         def nsa_paged_step():
             return sparse_attention_with_kvcache(q, *pages, *args[5:], backend="triton", block_table=table)
 
+    def prefill_step():
+        return attend_cached(None, *args[:9], config, head_dim ** -0.5, 0, "triton")
+
     def reference():
         return reference_step(args[:9], config)
 
-    q_t = q.transpose(1, 2)                                          # (B, Hq, 1, D)
+    q_t = q.transpose(1, 2)                                          # (B, Hq, T, D)
     k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    mask = None if tokens == 1 else causal_lower_right(tokens, context)   # token i sees keys <= context - T + i
 
     def sdpa_step():
-        return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=True)
+        return F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, enable_gqa=True)
 
-    return nsa_step, sdpa_step, reference, config, nsa_paged_step
+    return DecodeStep(nsa_step, sdpa_step, reference, config, nsa_paged_step, prefill_step, args[:9])
 
 
 def graphed(fn):
@@ -158,10 +191,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("8k,16k,32k,64k,128k,256k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
+    parser.add_argument("--tokens", type=_parse_tokens, default=_parse_tokens("1"),
+                        help="new tokens per row and step, e.g. 1,4,16 (speculative decoding's drafts)")
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
     parser.add_argument("--head-dim", type=parse_head_dim, default=128)
     parser.add_argument("--page-size", type=int, default=0,
                         help="also time the step over paged caches of this many tokens a page (a multiple of 16)")
+    parser.add_argument("--prefill", action="store_true",
+                        help="also time the step through native_sparse_attention's kernels (eager)")
     parser.add_argument("--out", type=Path, default=None, help="default: book/data/decode_<gpu>.csv")
     args = parser.parse_args(argv)
     if args.page_size < 0 or args.page_size % 16:
@@ -178,58 +215,66 @@ def main(argv=None) -> int:
     info["command"] = info["command"].replace("nsa.bench", "nsa.bench_decode", 1)
     print(f"{info['device']}: bf16 matmul {info['matmul_bf16_tflops']} TFLOP/s")
     rows, checks = [], []
-    for heads_q, heads_kv in args.heads:
-        for batch in args.batches:
-            for context in args.contexts:
-                key = [context, batch, heads_q, heads_kv, args.head_dim]
-                try:
-                    nsa_step, sdpa_step, reference, config, nsa_paged_step = make_step(
-                        context, batch, heads_q, heads_kv, args.head_dim, page_size=args.page_size)
-                    with torch.no_grad():
-                        # -- correct first: against the reference, and the graph against eager --
-                        ref = reference()
-                        timed = []
-                        for name, step in (("nsa_decode", nsa_step), ("nsa_paged", nsa_paged_step)):
-                            if step is None:
-                                continue
-                            eager = step()
-                            err = ((eager.float() - ref).abs().max() / ref.abs().max()).item()
-                            replay, out = graphed(step)
-                            replay()
-                            torch.cuda.synchronize()
-                            same = torch.equal(out, eager)
-                            checks.append(([name, *key], err, same))
-                            if err > 1e-2 or not same:
-                                print(f"FAILED at {name} {key}: relative error {err:.2e}, graph == eager: {same}")
-                                return 1
-                            timed += [(name, step, 0), (name, replay, 1)]
-                        # -- then fast: eager and graph, beside SDPA --
-                        sdpa_replay, _ = graphed(sdpa_step)
-                        need = step_bytes(context, batch, heads_q, heads_kv, args.head_dim, config)
-                        dense = dense_bytes(context, batch, heads_kv, args.head_dim)
-                        for name, fn, graph, nbytes in ([(*t, need) for t in timed] +
-                                                        [("sdpa_dense", sdpa_step, 0, dense),
-                                                         ("sdpa_dense", sdpa_replay, 1, dense)]):
-                            us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
-                            rows.append([name, *key, graph, f"{us:.2f}", f"{nbytes / us / 1e3:.1f}"])
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{key}: out of memory, skipped")
-                torch.cuda.empty_cache()
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("w", newline="") as f:
-                    csv.writer(f).writerows([COLUMNS, *rows])
+    shapes = [(heads, batch, tokens, context) for heads in args.heads for batch in args.batches
+              for tokens in args.tokens for context in args.contexts]
+    for (heads_q, heads_kv), batch, tokens, context in shapes:
+        key = [context, batch, tokens, heads_q, heads_kv, args.head_dim]
+        try:
+            nsa_step, sdpa_step, reference, config, nsa_paged_step, prefill_step, _ = make_step(
+                context, batch, heads_q, heads_kv, args.head_dim, page_size=args.page_size, tokens=tokens)
+            with torch.no_grad():
+                # -- correct first: against the reference, and the graph against eager --
+                ref = reference()
+                timed = []
+                for name, step in (("nsa_decode", nsa_step), ("nsa_paged", nsa_paged_step),
+                                   ("nsa_prefill", prefill_step if args.prefill else None)):
+                    if step is None:
+                        continue
+                    eager = step()
+                    err = ((eager.float() - ref).abs().max() / ref.abs().max()).item()
+                    if name == "nsa_prefill":                # host lengths: no graph of it
+                        checks.append(([name, *key], err, None))
+                        if err > 1e-2:
+                            print(f"FAILED at {name} {key}: relative error {err:.2e}")
+                            return 1
+                        timed.append((name, step, 0))
+                        continue
+                    replay, out = graphed(step)
+                    replay()
+                    torch.cuda.synchronize()
+                    same = torch.equal(out, eager)
+                    checks.append(([name, *key], err, same))
+                    if err > 1e-2 or not same:
+                        print(f"FAILED at {name} {key}: relative error {err:.2e}, graph == eager: {same}")
+                        return 1
+                    timed += [(name, step, 0), (name, replay, 1)]
+                # -- then fast: eager and graph, beside SDPA --
+                sdpa_replay, _ = graphed(sdpa_step)
+                need = step_bytes(context, batch, heads_q, heads_kv, args.head_dim, config, tokens=tokens)
+                dense = dense_bytes(context, batch, heads_kv, args.head_dim)
+                for name, fn, graph, nbytes in ([(*t, need) for t in timed] +
+                                                [("sdpa_dense", sdpa_step, 0, dense),
+                                                 ("sdpa_dense", sdpa_replay, 1, dense)]):
+                    us = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+                    rows.append([name, *key, graph, f"{us:.2f}", f"{nbytes / us / 1e3:.1f}"])
+        except torch.cuda.OutOfMemoryError:
+            print(f"{key}: out of memory, skipped")
+        torch.cuda.empty_cache()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as f:
+            csv.writer(f).writerows([COLUMNS, *rows])
     info["checks"] = [{"key": k, "relative_error": e, "graph_equals_eager": s} for k, e, s in checks]
     args.out.with_name(args.out.stem + "_meta.json").write_text(json.dumps(info, indent=1) + "\n")
     print(f"wrote {args.out} and {args.out.stem}_meta.json; worst relative error "
           f"{max(e for _, e, _ in checks):.2e}, every graph replay equal to eager")
-    times = {(r[0], *r[1:6], r[6]): float(r[7]) for r in rows}
-    print(f"{'impl':>11}{'context':>8}{'batch':>6}{'heads':>7}{'graph':>6}{'nsa us':>9}{'sdpa us':>9}"
+    times = {(r[0], *r[1:8]): float(r[8]) for r in rows}
+    print(f"{'impl':>11}{'context':>8}{'batch':>6}{'T':>4}{'heads':>7}{'graph':>6}{'nsa us':>9}{'sdpa us':>9}"
           f"{'speed-up':>9}{'nsa GB/s':>9}")
     for r in rows:
         if r[0] != "sdpa_dense":
-            sdpa = times.get(("sdpa_dense", *r[1:6], r[6]))
-            print(f"{r[0]:>11}{r[1]:>8}{r[2]:>6}{f'{r[3]}/{r[4]}':>7}{r[6]:>6}{float(r[7]):>9.1f}{sdpa:>9.1f}"
-                  f"{sdpa / float(r[7]):>8.2f}x{r[8]:>9}")
+            sdpa = times.get(("sdpa_dense", *r[1:8]))
+            print(f"{r[0]:>11}{r[1]:>8}{r[2]:>6}{r[3]:>4}{f'{r[4]}/{r[5]}':>7}{r[7]:>6}{float(r[8]):>9.1f}"
+                  f"{sdpa:>9.1f}{sdpa / float(r[8]):>8.2f}x{r[9]:>9}")
     return 0
 
 

@@ -55,6 +55,12 @@ def test_decode_bench_arguments_bytes_and_without_cuda(capsys):
     assert bench_decode.step_bytes(65536, 1, 64, 4, 128, NSAConfig()) == \
         4 * ((4095 + 1024 + 512) * 2 * 128 * 2 + 2 * 16 * 4095 * 4)
     assert bench_decode.dense_bytes(65536, 1, 4, 128) == 65536 * 4 * 2 * 128 * 2
+    # T new tokens: the compressed rows once, each token's blocks and window, T x 16 rows of scores
+    assert bench_decode.step_bytes(65536, 1, 64, 4, 128, NSAConfig(), tokens=4) == \
+        4 * ((4095 + 4 * (1024 + 512)) * 2 * 128 * 2 + 2 * 64 * 4095 * 4)
+    assert bench_decode._parse_tokens("1,4,16") == [1, 4, 16]
+    with pytest.raises(argparse.ArgumentTypeError, match="--tokens"):
+        bench_decode._parse_tokens("0")
     if not torch.cuda.is_available():
         assert bench_decode.main(["--contexts", "8k"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().out
@@ -119,3 +125,19 @@ def test_decode_bench_pages_hold_the_step_s_caches():
     assert torch.equal(got, expected)
     with pytest.raises(SystemExit):
         main(["--contexts", "8k", "--page-size", "24"])
+
+
+def test_decode_bench_dense_baseline_of_several_tokens_is_causal_from_the_bottom_right():
+    """For T > 1 the SDPA baseline lets new token i see the keys up to its own position,
+    context - T + i (flash-attn's decode), with GQA: checked against a float64 dense attention
+    with that mask written out."""
+    from nsa import attention
+    from nsa.bench_decode import make_step
+
+    context, tokens = 40, 3
+    step = make_step(context, 2, 4, 2, 16, device="cpu", tokens=tokens)
+    got = step.sdpa().transpose(1, 2)                                    # (B, T, Hq, D)
+    q, k, v = step.inputs[:3]
+    keep = torch.arange(context)[None, :] <= (context - tokens + torch.arange(tokens))[:, None]
+    expected = attention(q.double(), k.double(), v.double(), mask=keep)
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
