@@ -1,9 +1,10 @@
 """Where a decoding step's time goes, on a GPU: each kernel's device time and the host's share.
 
     python benchmarks/gpu_decode_profile.py [--contexts 64k,128k] [--batches 1,16] [--heads 64/4,32/8]
-                                            [--max-splits 16,64]
+                                            [--tokens 1,16] [--max-splits 16,64]
 
-For each shape (chapter 13's step, `nsa.bench_decode.make_step`): the step run eagerly 50 times
+For each shape (chapter 13's step, `nsa.bench_decode.make_step`, with `--tokens` new tokens per
+row, 1 by default): the step run eagerly 50 times
 under `torch.profiler`, each kernel's mean device time per step; the eager step's host time
 (measured with `cProfile` on, which adds its own overhead) and the twelve Python functions that
 take most of it; the graph replay's time (`do_bench`, median). Prints a table per shape.
@@ -26,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nsa.bench import parse_heads, parse_lengths
-from nsa.bench_decode import _parse_batches, graphed, make_step
+from nsa.bench_decode import _parse_batches, _parse_tokens, graphed, make_step
 
 
 def kernel_times(step, repeats=50):
@@ -58,6 +59,7 @@ def main():
     parser.add_argument("--contexts", type=parse_lengths, default=parse_lengths("64k,128k"))
     parser.add_argument("--batches", type=_parse_batches, default=_parse_batches("1,16"))
     parser.add_argument("--heads", type=parse_heads, default=parse_heads("64/4,32/8"))
+    parser.add_argument("--tokens", type=_parse_tokens, default=_parse_tokens("1"))
     parser.add_argument("--max-splits", default=None, help="comma-separated caps, e.g. 8,16,32,64")
     args = parser.parse_args()
     from nsa.kernels import decode
@@ -70,24 +72,24 @@ def main():
 def profile_all(args):
     from triton.testing import do_bench
 
-    for heads_q, heads_kv in args.heads:
-        for batch in args.batches:
-            for context in args.contexts:
-                nsa_step = make_step(context, batch, heads_q, heads_kv, 128).nsa
-                with torch.no_grad():
-                    for _ in range(3):
-                        nsa_step()
-                    replay, _ = graphed(nsa_step)
-                    graph_us = do_bench(replay, warmup=50, rep=300, return_mode="median") * 1e3
-                    kernels = kernel_times(nsa_step)
-                    host_us, text = host_profile(nsa_step)
-                print(f"\n== {context} tokens, batch {batch}, heads {heads_q}/{heads_kv}: graph replay "
-                      f"{graph_us:.1f} us, eager host time {host_us:.1f} us per step")
-                for name, us in kernels:
-                    print(f"  {us:8.1f} us  {name[:90]}")
-                print(f"  {sum(us for _, us in kernels):8.1f} us  (all kernels)")
-                if (batch, context) == (args.batches[0], args.contexts[0]):
-                    print(text[:3500])
+    shapes = [(heads, batch, tokens, context) for heads in args.heads for batch in args.batches
+              for tokens in args.tokens for context in args.contexts]
+    for (heads_q, heads_kv), batch, tokens, context in shapes:
+        nsa_step = make_step(context, batch, heads_q, heads_kv, 128, tokens=tokens).nsa
+        with torch.no_grad():
+            for _ in range(3):
+                nsa_step()
+            replay, _ = graphed(nsa_step)
+            graph_us = do_bench(replay, warmup=50, rep=300, return_mode="median") * 1e3
+            kernels = kernel_times(nsa_step)
+            host_us, text = host_profile(nsa_step)
+        print(f"\n== {context} tokens, batch {batch}, {tokens} new, heads {heads_q}/{heads_kv}: graph replay "
+              f"{graph_us:.1f} us, eager host time {host_us:.1f} us per step")
+        for name, us in kernels:
+            print(f"  {us:8.1f} us  {name[:90]}")
+        print(f"  {sum(us for _, us in kernels):8.1f} us  (all kernels)")
+        if (batch, tokens, context) == (args.batches[0], args.tokens[0], args.contexts[0]):
+            print(text[:3500])
 
 
 if __name__ == "__main__":

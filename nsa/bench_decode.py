@@ -15,12 +15,13 @@ step:
 * `nsa_prefill` with `--prefill`: the same step through `native_sparse_attention`'s kernels over
                 each row's cached keys (chapters 8-10), what a step that the decoding kernels
                 turn down runs; eager only (it reads the rows' lengths on the host);
-* `sdpa_dense`  PyTorch SDPA over the whole cache (GQA, `enable_gqa=True`; the backend PyTorch
-                picks for one query; for T > 1 causal from the bottom right,
-                `torch.nn.attention.bias.causal_lower_right`, as flash-attn's decode is).
+* `sdpa_dense`  PyTorch's dense attention over the whole cache, GQA: SDPA (`enable_gqa=True`, the
+                backend PyTorch picks for one query); for T > 1 causal from the bottom right, as
+                flash-attn's decode is (`dense_decode`).
 
 Before timing, it checks the step against `backend="torch"` on the same inputs in float64
-(relative error, bf16: <= 1e-2) and the graph's replay against the eager step (equal). It writes
+(relative error, bf16: <= 1e-2) and the graph's replay against the eager step (equal), and the
+dense baseline's first batch row against a float64 dense attention. It writes
 CSV rows `impl,context,batch,tokens,heads_q,heads_kv,head_dim,graph,us,gbps` (gbps: the bytes
 the step must read, counted as in chapter 13, over the time), a JSON of the machine beside it, and prints
 a table with NSA's speed-up over SDPA last.
@@ -74,6 +75,35 @@ def dense_bytes(context, batch, heads_kv, head_dim, itemsize=2) -> int:
     return batch * heads_kv * context * 2 * head_dim * itemsize
 
 
+def dense_decode(q, k, v):
+    """Dense attention of T new tokens over a whole cache, q (B, Hq, T, D) over k, v (B, H, N, D),
+    GQA: token i sees the keys up to N - T + i (causal from the bottom right, as flash-attn's
+    decode). One token: SDPA with `enable_gqa`. Several on a GPU: PyTorch's FlashAttention-2 kernel
+    itself (`aten._scaled_dot_product_flash_attention`, whose causal mask is the bottom right one
+    when T < N, and which takes fewer kv heads than query heads) — SDPA's own dispatch of
+    `causal_lower_right` with GQA falls back to a materialised mask and the math kernel, 17 times
+    slower at 64k tokens and batch 16 on an H100. Elsewhere SDPA with `causal_lower_right`."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    T, N = q.shape[2], k.shape[2]
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, N), enable_gqa=True)
+
+
+def dense_error(q, k, v, out) -> float:
+    """`dense_decode`'s output `out` for its first batch row against float64: the relative error."""
+    from nsa import attention
+
+    T, N = q.shape[2], k.shape[2]
+    keep = torch.arange(N, device=q.device)[None, :] <= (N - T + torch.arange(T, device=q.device))[:, None]
+    ref = attention(*(x[:1].transpose(1, 2).double() for x in (q, k, v)), mask=keep)      # (1, T, Hq, D)
+    return ((out[:1].transpose(1, 2).double() - ref).abs().max() / ref.abs().max()).item()
+
+
 def reference_step(args, config):
     """`sparse_attention_with_kvcache(*args, config)` in float64 on the PyTorch backend, one batch row
     at a time: a float64 copy of the whole batch's caches need not fit beside them (at 128k tokens,
@@ -123,15 +153,13 @@ class DecodeStep(NamedTuple):
     paged: Callable | None      # the decoding kernels over pages (None without page_size)
     prefill: Callable           # native_sparse_attention's kernels over each row's cached keys
     inputs: tuple               # (q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win)
+    dense_inputs: tuple         # SDPA's (q, k, v), (B, heads, tokens, D)
 
 
 def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_size=0, tokens=1) -> DecodeStep:
     """The inputs of one step: caches holding `context` tokens per row (the `tokens` new ones
     included), the compressed caches filled, `tokens` queries per row, and the step's callables
     (`DecodeStep`)."""
-    import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
-
     from nsa import NSAConfig, compress, sparse_attention_with_kvcache
     from nsa.cache import attend_cached
 
@@ -162,14 +190,13 @@ def make_step(context, batch, heads_q, heads_kv, head_dim, device="cuda", page_s
     def reference():
         return reference_step(args[:9], config)
 
-    q_t = q.transpose(1, 2)                                          # (B, Hq, T, D)
+    q_t = q.transpose(1, 2).contiguous()                             # (B, Hq, T, D)
     k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
-    mask = None if tokens == 1 else causal_lower_right(tokens, context)   # token i sees keys <= context - T + i
 
     def sdpa_step():
-        return F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, enable_gqa=True)
+        return dense_decode(q_t, k_t, v_t)
 
-    return DecodeStep(nsa_step, sdpa_step, reference, config, nsa_paged_step, prefill_step, args[:9])
+    return DecodeStep(nsa_step, sdpa_step, reference, config, nsa_paged_step, prefill_step, args[:9], (q_t, k_t, v_t))
 
 
 def graphed(fn):
@@ -220,7 +247,7 @@ def main(argv=None) -> int:
     for (heads_q, heads_kv), batch, tokens, context in shapes:
         key = [context, batch, tokens, heads_q, heads_kv, args.head_dim]
         try:
-            nsa_step, sdpa_step, reference, config, nsa_paged_step, prefill_step, _ = make_step(
+            nsa_step, sdpa_step, reference, config, nsa_paged_step, prefill_step, _, dense_inputs = make_step(
                 context, batch, heads_q, heads_kv, args.head_dim, page_size=args.page_size, tokens=tokens)
             with torch.no_grad():
                 # -- correct first: against the reference, and the graph against eager --
@@ -248,6 +275,11 @@ def main(argv=None) -> int:
                         print(f"FAILED at {name} {key}: relative error {err:.2e}, graph == eager: {same}")
                         return 1
                     timed += [(name, step, 0), (name, replay, 1)]
+                err = dense_error(*dense_inputs, sdpa_step())
+                checks.append((["sdpa_dense", *key], err, None))
+                if err > 1e-2:
+                    print(f"FAILED at sdpa_dense {key}: relative error {err:.2e}")
+                    return 1
                 # -- then fast: eager and graph, beside SDPA --
                 sdpa_replay, _ = graphed(sdpa_step)
                 need = step_bytes(context, batch, heads_q, heads_kv, args.head_dim, config, tokens=tokens)

@@ -134,6 +134,8 @@ def test_decode_bench_dense_baseline_of_several_tokens_is_causal_from_the_bottom
     from nsa import attention
     from nsa.bench_decode import make_step
 
+    from nsa.bench_decode import dense_error
+
     context, tokens = 40, 3
     step = make_step(context, 2, 4, 2, 16, device="cpu", tokens=tokens)
     got = step.sdpa().transpose(1, 2)                                    # (B, T, Hq, D)
@@ -141,3 +143,5 @@ def test_decode_bench_dense_baseline_of_several_tokens_is_causal_from_the_bottom
     keep = torch.arange(context)[None, :] <= (context - tokens + torch.arange(tokens))[:, None]
     expected = attention(q.double(), k.double(), v.double(), mask=keep)
     torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
+    assert dense_error(*step.dense_inputs, step.sdpa()) < 1e-2            # the bench's own check of it
+    assert dense_error(*step.dense_inputs, step.sdpa().flip(2)) > 0.1     # (which a wrong output fails)
