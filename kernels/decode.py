@@ -359,7 +359,8 @@ def decode_merge_kernel(
     tl.store(O + row * DIM_V + offs_dv, o.to(O.dtype.element_ty), mask=offs_dv < DIM_V)
 
 
-DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stages 1 and 2 holds
+DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stage 1 holds
+SELECT_MAX_ROWS = 128     # and of stage 2
 DECODE_MAX_TOKENS = 16    # new tokens a step may bring at any group (speculative decoding's drafts)
 DECODE_BLOCK_N = 64       # key rows per step on a GPU (16 in the interpreter: more splits to check)
 PROGRAMS_PER_SM = 2       # programs per multiprocessor that the splits aim for
@@ -381,11 +382,11 @@ def decode_tokens_pad(tokens: int, group: int) -> int:
     return max(next_power_of_2(tokens), 16 // next_power_of_2(group))
 
 
-def decode_tokens_tile(tokens: int, group: int) -> int:
+def decode_tokens_tile(tokens: int, group: int, rows: int) -> int:
     """The tokens (of `tokens`, a power of two) that a program of stage 1 or 2 holds: all of them
-    while they and the group's query heads (padded) make at most DECODE_MAX_ROWS rows; otherwise
-    as many as fit, and the rest go to programs of their own."""
-    return min(tokens, max(1, DECODE_MAX_ROWS // next_power_of_2(group)))
+    while they and the group's query heads (padded) make at most `rows` rows (DECODE_MAX_ROWS,
+    SELECT_MAX_ROWS); otherwise as many as fit, and the rest go to programs of their own."""
+    return min(tokens, max(1, rows // next_power_of_2(group)))
 
 
 def decode_max_tokens(group: int) -> int:
@@ -433,7 +434,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     group_pad = next_power_of_2(G)
     tokens_pad = decode_tokens_pad(T, G)                 # stage 1's tokens: >= 16 rows for tl.dot
     tokens = next_power_of_2(T)                         # stage 2's: no tl.dot, no padding to 16 rows
-    tile_c, tile_s = decode_tokens_tile(tokens_pad, G), decode_tokens_tile(tokens, G)   # a program's tokens
+    tile_c = decode_tokens_tile(tokens_pad, G, DECODE_MAX_ROWS)     # the tokens a program holds
+    tile_s = decode_tokens_tile(tokens, G, SELECT_MAX_ROWS)
     tiles_c, tiles_s = tokens_pad // tile_c, tokens // tile_s
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
     warps = 4 if tile_c * group_pad <= 64 else 8        # stage 1 holds its rows x head dim in registers

@@ -15,13 +15,13 @@ step:
 * `nsa_prefill` with `--prefill`: the same step through `native_sparse_attention`'s kernels over
                 each row's cached keys (chapters 8-10), what a step that the decoding kernels
                 turn down runs; eager only (it reads the rows' lengths on the host);
-* `sdpa_dense`  PyTorch's dense attention over the whole cache, GQA: SDPA (`enable_gqa=True`, the
-                backend PyTorch picks for one query); for T > 1 causal from the bottom right, as
-                flash-attn's decode is (`dense_decode`).
+* `sdpa_dense`  PyTorch SDPA over the whole cache, GQA (`dense_decode`: one token with
+                `enable_gqa=True`, the backend PyTorch picks; several with the group's query
+                heads folded into the query rows, every new token seeing every cached key).
 
 Before timing, it checks the step against `backend="torch"` on the same inputs in float64
 (relative error, bf16: <= 1e-2) and the graph's replay against the eager step (equal), and the
-dense baseline's first batch row against a float64 dense attention. It writes
+dense baseline's first batch row against a float64 dense attention of what it computes. It writes
 CSV rows `impl,context,batch,tokens,heads_q,heads_kv,head_dim,graph,us,gbps` (gbps: the bytes
 the step must read, counted as in chapter 13, over the time), a JSON of the machine beside it, and prints
 a table with NSA's speed-up over SDPA last.
@@ -77,30 +77,27 @@ def dense_bytes(context, batch, heads_kv, head_dim, itemsize=2) -> int:
 
 def dense_decode(q, k, v):
     """Dense attention of T new tokens over a whole cache, q (B, Hq, T, D) over k, v (B, H, N, D),
-    GQA: token i sees the keys up to N - T + i (causal from the bottom right, as flash-attn's
-    decode). One token: SDPA with `enable_gqa`. Several on a GPU: PyTorch's FlashAttention-2 kernel
-    itself (`aten._scaled_dot_product_flash_attention`, whose causal mask is the bottom right one
-    when T < N, and which takes fewer kv heads than query heads) — SDPA's own dispatch of
-    `causal_lower_right` with GQA falls back to a materialised mask and the math kernel, 17 times
-    slower at 64k tokens and batch 16 on an H100. Elsewhere SDPA with `causal_lower_right`."""
+    GQA, the cost a dense server pays for a step. One token: SDPA with `enable_gqa`. Several: the
+    group's query heads folded into the query rows, (B, H, G T, D), as flash-attn's decode packs
+    GQA, and every new token sees every cached key — the causal mask among the T new tokens would
+    hide at most T - 1 of N keys and change no cost, while PyTorch's causal paths for T > 1 with
+    GQA re-read the cache once per query head or materialise the mask (at 64k tokens on an H100,
+    430 and 12,000 us at batch 1 and 16, where one token takes 64 and 690)."""
     import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
 
-    T, N = q.shape[2], k.shape[2]
+    (B, Hq, T, D), H = q.shape, k.shape[1]
     if T == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    if q.is_cuda:
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, N), enable_gqa=True)
+    folded = q.reshape(B, H, Hq // H * T, D)                      # (B, H, G T, D): heads of a group, then tokens
+    return F.scaled_dot_product_attention(folded, k, v).reshape(B, Hq, T, -1)
 
 
 def dense_error(q, k, v, out) -> float:
-    """`dense_decode`'s output `out` for its first batch row against float64: the relative error."""
+    """`dense_decode`'s output `out` for its first batch row against float64 (every new token
+    seeing every key): the relative error."""
     from nsa import attention
 
-    T, N = q.shape[2], k.shape[2]
-    keep = torch.arange(N, device=q.device)[None, :] <= (N - T + torch.arange(T, device=q.device))[:, None]
-    ref = attention(*(x[:1].transpose(1, 2).double() for x in (q, k, v)), mask=keep)      # (1, T, Hq, D)
+    ref = attention(*(x[:1].transpose(1, 2).double() for x in (q, k, v)))      # (1, T, Hq, D)
     return ((out[:1].transpose(1, 2).double() - ref).abs().max() / ref.abs().max()).item()
 
 

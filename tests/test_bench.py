@@ -127,21 +127,17 @@ def test_decode_bench_pages_hold_the_step_s_caches():
         main(["--contexts", "8k", "--page-size", "24"])
 
 
-def test_decode_bench_dense_baseline_of_several_tokens_is_causal_from_the_bottom_right():
-    """For T > 1 the SDPA baseline lets new token i see the keys up to its own position,
-    context - T + i (flash-attn's decode), with GQA: checked against a float64 dense attention
-    with that mask written out."""
+def test_decode_bench_dense_baseline_of_several_tokens_folds_the_group():
+    """For T > 1 the SDPA baseline folds each group's query heads into the query rows: each query
+    head's output is its own (GQA: query head h on kv head h // G), every new token over every
+    cached key — checked against a float64 dense attention, as the bench checks it itself."""
     from nsa import attention
-    from nsa.bench_decode import make_step
+    from nsa.bench_decode import dense_error, make_step
 
-    from nsa.bench_decode import dense_error
-
-    context, tokens = 40, 3
-    step = make_step(context, 2, 4, 2, 16, device="cpu", tokens=tokens)
-    got = step.sdpa().transpose(1, 2)                                    # (B, T, Hq, D)
+    step = make_step(40, 2, 8, 2, 16, device="cpu", tokens=3)
+    got = step.sdpa()                                                    # (B, Hq, T, D)
     q, k, v = step.inputs[:3]
-    keep = torch.arange(context)[None, :] <= (context - tokens + torch.arange(tokens))[:, None]
-    expected = attention(q.double(), k.double(), v.double(), mask=keep)
+    expected = attention(q.double(), k.double(), v.double()).transpose(1, 2)
     torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
-    assert dense_error(*step.dense_inputs, step.sdpa()) < 1e-2            # the bench's own check of it
-    assert dense_error(*step.dense_inputs, step.sdpa().flip(2)) > 0.1     # (which a wrong output fails)
+    assert dense_error(*step.dense_inputs, got) < 1e-2
+    assert dense_error(*step.dense_inputs, got.flip(1)) > 0.1            # heads swapped: caught
