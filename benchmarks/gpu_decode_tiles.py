@@ -29,8 +29,10 @@ from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels import decode  # noqa: E402
 
 SHAPES = ((65536, 1, 4, 64, 4), (65536, 1, 16, 64, 4), (65536, 16, 4, 64, 4), (65536, 16, 16, 64, 4),
-          (65536, 1, 16, 32, 8), (65536, 16, 16, 32, 8))   # (context, batch, new tokens, query heads, kv heads)
-VALUES = dict(DECODE_MAX_ROWS=(64, 128), SELECT_MAX_ROWS=(16, 32, 64, 128))
+          (65536, 1, 16, 32, 8), (65536, 16, 16, 32, 8), (65536, 1, 16, 32, 32), (65536, 16, 16, 32, 32))
+# (context, batch, new tokens, query heads, kv heads); the values (a first sweep also took DECODE_MAX_ROWS = 64
+# and SELECT_MAX_ROWS = 32, 64 at the first six shapes: book/data/decode_tile_sweep_h100_first.csv)
+VALUES = dict(DECODE_MAX_ROWS=(128,), SELECT_MAX_ROWS=(1, 4, 16, 128))
 COLUMNS = ["context", "batch", "tokens", "heads_q", "heads_kv", *(name.lower() for name in VALUES), "shipped",
            "graph_us", "relative_error"]
 

@@ -360,7 +360,7 @@ def decode_merge_kernel(
 
 
 DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stage 1 holds
-SELECT_MAX_ROWS = 128     # and of stage 2
+SELECT_MAX_ROWS = 16      # and of stage 2 (one token at group 16: more tokens, more programs)
 DECODE_MAX_TOKENS = 16    # new tokens a step may bring at any group (speculative decoding's drafts)
 DECODE_BLOCK_N = 64       # key rows per step on a GPU (16 in the interpreter: more splits to check)
 PROGRAMS_PER_SM = 2       # programs per multiprocessor that the splits aim for
