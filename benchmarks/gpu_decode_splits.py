@@ -12,17 +12,14 @@ checked against the float64 reference (relative error <= 1e-2) and its CUDA-grap
 """
 
 import argparse
-import csv
-import itertools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
-from nsa.bench_decode import graphed, make_step  # noqa: E402
+from nsa.bench_decode import make_step, sweep_constants, write_sweep  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
 from nsa.geometry import num_compressed_blocks  # noqa: E402
 from nsa.kernels import decode  # noqa: E402
@@ -38,42 +35,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(f"book/data/decode_split_sweep_{gpu_tag()}.csv")
     shipped = tuple(getattr(decode, name) for name in VALUES)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for context, batch, heads_q, heads_kv in SHAPES:
         step = make_step(context, batch, heads_q, heads_kv, 128)
-        nsa_step, reference, config = step.nsa, step.reference, step.config
-        compressed = num_compressed_blocks(context, config.compress_block_size, config.compress_stride)
-        with torch.no_grad():
-            expected = reference()
-            for combination in itertools.product(*VALUES.values()):
-                for name, value in zip(VALUES, combination):
-                    setattr(decode, name, value)
+        compressed = num_compressed_blocks(context, step.config.compress_block_size, step.config.compress_stride)
+        try:
+            for combination, us, err in sweep_constants(step, VALUES):
                 programs_per_sm, block_n, steps_per_split = combination
-                got = nsa_step()
-                err = ((got.float() - expected).abs().max() / expected.abs().max()).item()
-                if err > 1e-2:
-                    print(f"FAILED: {context} tokens, batch {batch}, {heads_q}/{heads_kv}, {combination}: {err:.2e}")
-                    return 1
-                replay, _ = graphed(nsa_step)
-                us = do_bench(replay, warmup=30, rep=150, return_mode="median") * 1e3
                 splits_c = decode.split_count(batch * heads_kv, -(-compressed // block_n), programs_per_sm * sms,
                                               steps_per_split)
                 rows.append([context, batch, heads_q, heads_kv, *combination, splits_c, int(combination == shipped),
                              f"{us:.2f}", f"{err:.2e}"])
                 print(",".join(map(str, rows[-1])), flush=True)
-        del nsa_step, reference, expected
+        except RuntimeError as failed:
+            print(f"FAILED: {context} tokens, batch {batch}, {heads_q}/{heads_kv}, {failed}")
+            return 1
+        del step
         torch.cuda.empty_cache()
-    for name, value in zip(VALUES, shipped):
-        setattr(decode, name, value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        f.write(f"# python benchmarks/gpu_decode_splits.py; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                f"triton {decode.triton.__version__}; bf16, d = 128, paper geometry; graph replay, do_bench median\n")
-        csv.writer(f).writerows([COLUMNS, *rows])
-    print(f"wrote {out}")
+    write_sweep(args.out or Path(f"book/data/decode_split_sweep_{gpu_tag()}.csv"), "gpu_decode_splits.py", COLUMNS,
+                rows)
     return 0
 
 

@@ -14,17 +14,14 @@ combination); the first line says what ran.
 """
 
 import argparse
-import csv
-import itertools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
-from nsa.bench_decode import graphed, make_step  # noqa: E402
+from nsa.bench_decode import make_step, sweep_constants, write_sweep  # noqa: E402
 from nsa.device import gpu_tag  # noqa: E402
 from nsa.kernels import decode  # noqa: E402
 
@@ -41,37 +38,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(f"book/data/decode_tile_sweep_{gpu_tag()}.csv")
     shipped = tuple(getattr(decode, name) for name in VALUES)
     rows = []
     for context, batch, tokens, heads_q, heads_kv in SHAPES:
         step = make_step(context, batch, heads_q, heads_kv, 128, tokens=tokens)
-        with torch.no_grad():
-            expected = step.reference()
-            for combination in itertools.product(*VALUES.values()):
-                for name, value in zip(VALUES, combination):
-                    setattr(decode, name, value)
-                got = step.nsa()
-                err = ((got.float() - expected).abs().max() / expected.abs().max()).item()
-                if err > 1e-2:
-                    print(f"FAILED: {context} tokens, batch {batch}, T = {tokens}, {heads_q}/{heads_kv}, "
-                          f"{combination}: {err:.2e}")
-                    return 1
-                replay, _ = graphed(step.nsa)
-                us = do_bench(replay, warmup=30, rep=150, return_mode="median") * 1e3
-                rows.append([context, batch, tokens, heads_q, heads_kv, *combination,
-                             int(combination == shipped), f"{us:.2f}", f"{err:.2e}"])
+        try:
+            for combination, us, err in sweep_constants(step, VALUES):
+                rows.append([context, batch, tokens, heads_q, heads_kv, *combination, int(combination == shipped),
+                             f"{us:.2f}", f"{err:.2e}"])
                 print(",".join(map(str, rows[-1])), flush=True)
-        del step, expected
+        except RuntimeError as failed:
+            print(f"FAILED: {context} tokens, batch {batch}, T = {tokens}, {heads_q}/{heads_kv}, {failed}")
+            return 1
+        del step
         torch.cuda.empty_cache()
-    for name, value in zip(VALUES, shipped):
-        setattr(decode, name, value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        f.write(f"# python benchmarks/gpu_decode_tiles.py; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-                f"triton {decode.triton.__version__}; bf16, d = 128, paper geometry; graph replay, do_bench median\n")
-        csv.writer(f).writerows([COLUMNS, *rows])
-    print(f"wrote {out}")
+    write_sweep(args.out or Path(f"book/data/decode_tile_sweep_{gpu_tag()}.csv"), "gpu_decode_tiles.py", COLUMNS, rows)
     return 0
 
 

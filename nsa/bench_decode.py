@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -208,6 +209,46 @@ def graphed(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph.replay, out
+
+
+def sweep_constants(step: DecodeStep, values: dict):
+    """Time `step` with each combination of `values` ({a constant of `nsa.kernels.decode`: the
+    values to try}) set in turn: each combination's output first checked against the step's
+    float64 reference (relative error <= 1e-2, else a RuntimeError naming the combination), then
+    its CUDA-graph replay timed (`do_bench`, median). Yields (combination, µs, relative error);
+    the constants get their own values back afterwards. For the sweeps of `benchmarks/`."""
+    from triton.testing import do_bench
+
+    from nsa.kernels import decode
+
+    own = {name: getattr(decode, name) for name in values}
+    try:
+        with torch.no_grad():
+            expected = step.reference()
+            for combination in itertools.product(*values.values()):
+                for name, value in zip(values, combination):
+                    setattr(decode, name, value)
+                got = step.nsa()
+                err = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+                if not err <= 1e-2:
+                    raise RuntimeError(f"{dict(zip(values, combination))}: relative error {err:.2e} against float64")
+                replay, _ = graphed(step.nsa)
+                yield combination, do_bench(replay, warmup=30, rep=150, return_mode="median") * 1e3, err
+    finally:
+        for name, value in own.items():
+            setattr(decode, name, value)
+
+
+def write_sweep(out: Path, script: str, columns: list, rows: list) -> None:
+    """A sweep's CSV: a first line naming the script, the GPU and the software, then the rows."""
+    from nsa.kernels import decode
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        f.write(f"# python benchmarks/{script}; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"triton {decode.triton.__version__}; bf16, d = 128, paper geometry; graph replay, do_bench median\n")
+        csv.writer(f).writerows([columns, *rows])
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> int:

@@ -141,3 +141,34 @@ def test_decode_bench_dense_baseline_of_several_tokens_folds_the_group():
     torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
     assert dense_error(*step.dense_inputs, got) < 1e-2
     assert dense_error(*step.dense_inputs, got.flip(1)) > 0.1            # heads swapped: caught
+
+
+def test_sweep_constants_checks_times_and_gives_the_constants_back(monkeypatch):
+    """The decoding sweeps' loop (`benchmarks/gpu_decode_splits.py`, `gpu_decode_tiles.py`): every
+    combination of the values set in turn and checked before it is timed, a wrong one refused by
+    name, the module's own values back afterwards, even after a failure. (The graph and the timer
+    stand in for the GPU's.)"""
+    import triton.testing
+
+    from nsa import bench_decode
+    from nsa.kernels import decode
+
+    own = decode.SELECT_MAX_ROWS, decode.STEPS_PER_SPLIT
+    monkeypatch.setattr(bench_decode, "graphed", lambda fn: (fn, None))
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: (fn(), 0.001)[1])
+    seen = []
+
+    def nsa():                                   # right unless SELECT_MAX_ROWS is 4
+        seen.append((decode.SELECT_MAX_ROWS, decode.STEPS_PER_SPLIT))
+        return torch.ones(3) * (2.0 if decode.SELECT_MAX_ROWS == 4 else 1.0)
+
+    step = bench_decode.DecodeStep(nsa, None, lambda: torch.ones(3, dtype=torch.float64), None, None, None, (), ())
+    values = dict(SELECT_MAX_ROWS=(1, 16), STEPS_PER_SPLIT=(2, 8))
+    timed = list(bench_decode.sweep_constants(step, values))
+    assert [c for c, _, _ in timed] == [(1, 2), (1, 8), (16, 2), (16, 8)]
+    assert all(us == 1.0 and err == 0.0 for _, us, err in timed)
+    assert set(seen) == {(1, 2), (1, 8), (16, 2), (16, 8)}
+    assert (decode.SELECT_MAX_ROWS, decode.STEPS_PER_SPLIT) == own
+    with pytest.raises(RuntimeError, match="'SELECT_MAX_ROWS': 4"):
+        list(bench_decode.sweep_constants(step, dict(SELECT_MAX_ROWS=(16, 4))))
+    assert (decode.SELECT_MAX_ROWS, decode.STEPS_PER_SPLIT) == own
