@@ -23,7 +23,8 @@ Before timing, it checks the step against `backend="torch"` on the same inputs i
 (relative error, bf16: <= 1e-2) and the graph's replay against the eager step (equal), and the
 dense baseline's first batch row against a float64 dense attention of what it computes. It writes
 CSV rows `impl,context,batch,tokens,heads_q,heads_kv,head_dim,graph,us,gbps` (gbps: the bytes
-the step must read, counted as in chapter 13, over the time), a JSON of the machine beside it, and prints
+the step must read, counted as in chapter 13, over the time; for T > 1 each token's selected
+blocks and window counted on its own, as the kernels read them: `step_bytes`), a JSON of the machine beside it, and prints
 a table with NSA's speed-up over SDPA last.
 """
 
@@ -268,6 +269,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.page_size < 0 or args.page_size % 16:
         parser.error(f"--page-size must be a multiple of 16 (the paper's stride d) or 0, got {args.page_size}")
+    from nsa.kernels.decode import decode_max_tokens
+
+    for heads_q, heads_kv in args.heads:                 # a longer step is a prefill, which no graph captures
+        if max(args.tokens) > decode_max_tokens(heads_q // heads_kv):
+            parser.error(f"--tokens: the decoding kernels take at most {decode_max_tokens(heads_q // heads_kv)} "
+                         f"new tokens at {heads_q}/{heads_kv} heads, got {max(args.tokens)}")
     if not torch.cuda.is_available():
         print("python -m nsa.bench_decode needs a CUDA GPU (it times Triton kernels and CUDA graphs).")
         return 2

@@ -172,3 +172,13 @@ def test_sweep_constants_checks_times_and_gives_the_constants_back(monkeypatch):
     with pytest.raises(RuntimeError, match="'SELECT_MAX_ROWS': 4"):
         list(bench_decode.sweep_constants(step, dict(SELECT_MAX_ROWS=(16, 4))))
     assert (decode.SELECT_MAX_ROWS, decode.STEPS_PER_SPLIT) == own
+
+
+def test_decode_bench_refuses_more_tokens_than_the_kernels_take(capsys):
+    """A step longer than `decode_max_tokens` is a prefill, which reads lengths on the host and no
+    CUDA graph captures: refused before any GPU work, naming the limit."""
+    from nsa import bench_decode
+
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--tokens", "1,17", "--heads", "64/4"])
+    assert "at most 16 new tokens at 64/4 heads, got 17" in capsys.readouterr().err
