@@ -544,14 +544,23 @@ DECODER_CASES = [  # B, cache_seqlens, T, Hq, H, Dqk, Dv, mem, capacity
     (2, [37, 100], 1, 6, 2, 16, 8, 2, 150),        # group 3 (padded to 4), memory, rows apart, Dqk != Dv
     (1, [150], 3, 16, 1, 16, 16, 1, 200),          # group 16, 3 new tokens
     (2, [16, 63], 5, 8, 2, 8, 24, 0, 80),          # group 4, 5 new tokens, lengths at block edges
-    (2, [90, 131], 13, 32, 2, 16, 8, 1, 160),      # group 16, 13 tokens: 256 rows, two token tiles a stage
+    (2, [90, 131], 13, 32, 2, 16, 8, 1, 160),      # group 16, 13 tokens: stage 1 in two tiles, stage 2 in 16
+    (1, [70], 20, 2, 2, 16, 16, 0, 120),           # group 1, 20 tokens: stage 2 in two tiles of 16
 ]
 
 
 @pytest.mark.parametrize("case", DECODER_CASES, ids=lambda c: f"B{c[0]}-T{c[2]}-Hq{c[3]}-H{c[4]}-mem{c[7]}")
 def test_triton_decoder_equals_the_torch_step_and_ignores_what_lies_past_each_row(case):
     """The decoding kernels (interpreter, float32) against the reference step in float64; the
-    caches hold NaN past each row's tokens and blocks, which neither may read."""
+    caches hold NaN past each row's tokens and blocks, which neither may read. (The interpreter
+    has no register limit: that the cases below are cut into tiles is asserted, not assumed.)"""
+    from nsa.kernels.decode import DECODE_MAX_ROWS, SELECT_MAX_ROWS, decode_tokens_pad, decode_tokens_tile
+    B, _, T, Hq, H = case[:5]
+    if (T, Hq // H) == (13, 16):
+        assert decode_tokens_tile(decode_tokens_pad(T, 16), 16, DECODE_MAX_ROWS) == 8           # 2 tiles of 16
+        assert decode_tokens_tile(16, 16, SELECT_MAX_ROWS) == 1                                  # 16 tiles
+    if (T, Hq // H) == (20, 1):
+        assert decode_tokens_tile(32, 1, SELECT_MAX_ROWS) == 16                                  # 2 tiles of 32
     check_decoder(case, NSAConfig(8, 4, 16, 4, 1, 2, 32))
 
 

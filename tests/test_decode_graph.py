@@ -187,8 +187,8 @@ def test_warm_up_refuses_and_puts_back_a_cache_not_listed(monkeypatch):
 @needs_cuda
 def test_steps_of_sixteen_tokens_at_group_16_replay_and_equal_the_whole_sequence():
     """Speculative decoding's drafts at group 16: a step of 16 tokens holds 256 rows of tokens x
-    query heads, two programs' worth (stages 1 and 2 split the tokens into tiles); eager steps and
-    graph replays of 11 and 16 tokens against the layer on the whole sequence (float32)."""
+    query heads, more than a program holds (stages 1 and 2 split the tokens into tiles); an eager
+    step of 11 tokens and graph replays of 16 against the layer on the whole sequence (float32)."""
     torch.manual_seed(3)
     layer = SparseAttention(64, heads=32, kv_heads=2, dim_head=16, **GEOMETRY).to("cuda").eval()
     x = torch.randn(2, 90, 64, device="cuda")
