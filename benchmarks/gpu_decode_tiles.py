@@ -1,5 +1,5 @@
-"""The decoding kernels' token tiles swept on a GPU: how many rows should a program of stages 1 and
-2 hold when a step brings several new tokens?
+"""The decoding kernels' token tiles swept on a GPU: how many rows should a program of stage 2 (and
+of stage 1: the first sweep) hold when a step brings several new tokens?
 
     python benchmarks/gpu_decode_tiles.py [--out book/data/decode_tile_sweep_<gpu>.csv]
 

@@ -289,7 +289,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache,
     new tokens' window keys and values, written with k and v. Without them the window reads
     k_cache and v_cache. g_*: (B, T, Hq) gates; config (causal), scale, backend
     as `native_sparse_attention`: "triton" and "auto" on a GPU use the decoding kernels when the
-    step fits them (T <= 16 at any group, and up to 128 // group rounded up to a power of two:
+    step fits them (T <= max(16, 128 // next_power_of_2(group)):
     `nsa.kernels.decode.decode_max_tokens`), with no host synchronisation; they read contiguous
     caches in place (a non-contiguous cache, a view into a larger buffer, is copied at every step).
     Returns o: (B, T, Hq, Dv), equal to the last T rows of `native_sparse_attention` over each

@@ -101,8 +101,9 @@ class DecodeGraph:
                 raise
             raise ValueError(
                 f"the step makes the host wait for the GPU ({error}), which a CUDA graph cannot replay. A "
-                "layer's step waits when the decoding kernels do not take it (backend='torch', or more than 128 "
-                "rows of new tokens times the GQA group) or when rows take different numbers of tokens "
+                "layer's step waits when the decoding kernels do not take it (backend='torch', or more new "
+                "tokens than nsa.kernels.decode.decode_max_tokens(group) allows: 16 at group 16, up to 128 at "
+                "group 1) or when rows take different numbers of tokens "
                 "(new_tokens); so does anything in the step that reads a tensor back (.item(), .tolist())") from error
         finally:
             torch.cuda.set_sync_debug_mode(mode)
