@@ -56,6 +56,7 @@ def decode_compressed_kernel(
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr,   # Hq; G = Hq // H
     GROUP_PAD: tl.constexpr, TOKENS_PAD: tl.constexpr,   # G and T padded: ROWS = TOKENS_PAD * GROUP_PAD >= 16
     TOKENS_TILE: tl.constexpr,   # the tokens a program holds (TILE_ROWS = TOKENS_TILE * GROUP_PAD >= 16 rows)
+    TILES: tl.constexpr,         # the tiles that hold a real token: cdiv(T, TOKENS_TILE)
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,   # dims, padded
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,   # l, d
     SPLITS_C: tl.constexpr,   # programs per (row, kv head, token tile), each a contiguous share of the compressed rows
@@ -64,7 +65,6 @@ def decode_compressed_kernel(
 ):
     ROWS: tl.constexpr = TOKENS_PAD * GROUP_PAD                 # the buffers' rows: every token's
     TILE_ROWS: tl.constexpr = TOKENS_TILE * GROUP_PAD           # this program's
-    TILES: tl.constexpr = TOKENS_PAD // TOKENS_TILE
     batch, head_kv = tl.program_id(0), tl.program_id(1)
     split, tile = tl.program_id(2) // TILES, tl.program_id(2) % TILES
     heads_kv = HEADS_Q // GROUP
@@ -183,6 +183,7 @@ def decode_select_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     TOKENS_PAD: tl.constexpr,   # T padded to a power of two (no tl.dot here: no padding to 16 rows)
     TOKENS_TILE: tl.constexpr,  # the tokens a program holds
+    TILES: tl.constexpr,        # the tiles that hold a real token: cdiv(T, TOKENS_TILE)
     SCORE_ROWS: tl.constexpr,   # stage 1's rows (its padded tokens x padded group), its buffers' layout
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     SPILL: tl.constexpr,        # a selection block's last compressed blocks that may spill into the next
@@ -192,7 +193,6 @@ def decode_select_kernel(
     SPLITS_S: tl.constexpr,     # programs per (row, kv head, token tile) here, each a share of the selection blocks
 ):
     TILE_ROWS: tl.constexpr = TOKENS_TILE * GROUP_PAD            # stage 1's rows of the same tokens
-    TILES: tl.constexpr = TOKENS_PAD // TOKENS_TILE
     PER_SEL: tl.constexpr = SEL_BLOCK // CMP_STRIDE              # compressed blocks starting in one l' block
     batch, head_kv = tl.program_id(0), tl.program_id(1)
     split, tile = tl.program_id(2) // TILES, tl.program_id(2) % TILES
@@ -437,7 +437,8 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     tokens = next_power_of_2(T)                         # stage 2's: no tl.dot, no padding to 16 rows
     tile_c = decode_tokens_tile(tokens_pad, G, DECODE_MAX_ROWS)     # the tokens a program holds
     tile_s = decode_tokens_tile(tokens, G, SELECT_MAX_ROWS)
-    tiles_c, tiles_s = tokens_pad // tile_c, tokens // tile_s
+    tiles_c, tiles_s = cdiv(T, tile_c), cdiv(T, tile_s)   # no program of padding tokens alone; tile_s <= tile_c,
+    # so stage 2 reads only rows that stage 1's tiles wrote
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
     warps = 4 if tile_c * group_pad <= 64 else 8        # stage 1 holds its rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
@@ -467,15 +468,15 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     decode_compressed_kernel[(B, H, splits_c * tiles_c)](
         q, k_cmp_cache, v_cmp_cache, seqlens, table, pages, cmp_rows_per_page, shift, scores, cmp_acc, cmp_m, cmp_l,
         T, R, mem_kv_len, scale_log2,
-        HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, TOKENS_TILE=tile_c, DIM_QK=Dqk, DIM_V=Dv,
-        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c, BLOCK_N=block_n,
-        PAGED=paged, num_warps=warps)
+        HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens_pad, TOKENS_TILE=tile_c, TILES=tiles_c,
+        DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, CMP_BLOCK=l, CMP_STRIDE=d, SPLITS_C=splits_c,
+        BLOCK_N=block_n, PAGED=paged, num_warps=warps)
     # -- 2. selection: Eq. 9 and top-n from the stored scores --
     tops = torch.empty(B, H, splits_s, tokens, slots, device=q.device, dtype=torch.int64)
     decode_select_kernel[(B, H, splits_s * tiles_s)](
         scores, cmp_m, cmp_l, seqlens, tops, T, R, mem_kv_len,
-        GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, TOKENS_TILE=tile_s, SCORE_ROWS=rows, CMP_BLOCK=l, CMP_STRIDE=d,
-        SEL_BLOCK=l_sel, SPILL=next_power_of_2(max(l // d - 1, 1)), SLOTS=slots,
+        GROUP=G, GROUP_PAD=group_pad, TOKENS_PAD=tokens, TOKENS_TILE=tile_s, TILES=tiles_s, SCORE_ROWS=rows,
+        CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, SPILL=next_power_of_2(max(l // d - 1, 1)), SLOTS=slots,
         NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
         SPLITS_C=splits_c, SPLITS_S=splits_s,
         num_warps=max(1, tile_s * group_pad // 16))   # small tiles: one warp's shuffles reduce them, no barrier

@@ -544,7 +544,7 @@ DECODER_CASES = [  # B, cache_seqlens, T, Hq, H, Dqk, Dv, mem, capacity
     (2, [37, 100], 1, 6, 2, 16, 8, 2, 150),        # group 3 (padded to 4), memory, rows apart, Dqk != Dv
     (1, [150], 3, 16, 1, 16, 16, 1, 200),          # group 16, 3 new tokens
     (2, [16, 63], 5, 8, 2, 8, 24, 0, 80),          # group 4, 5 new tokens, lengths at block edges
-    (2, [90, 131], 13, 32, 2, 16, 8, 1, 160),      # group 16, 13 tokens: stage 1 in two tiles, stage 2 in 16
+    (2, [90, 131], 13, 32, 2, 16, 8, 1, 160),      # group 16, 13 tokens: stage 1 in two tiles, stage 2 in 13
     (1, [70], 20, 2, 2, 16, 16, 0, 120),           # group 1, 20 tokens: stage 2 in two tiles of 16
 ]
 
@@ -558,7 +558,7 @@ def test_triton_decoder_equals_the_torch_step_and_ignores_what_lies_past_each_ro
     B, _, T, Hq, H = case[:5]
     if (T, Hq // H) == (13, 16):
         assert decode_tokens_tile(decode_tokens_pad(T, 16), 16, DECODE_MAX_ROWS) == 8           # 2 tiles of 16
-        assert decode_tokens_tile(16, 16, SELECT_MAX_ROWS) == 1                                  # 16 tiles
+        assert decode_tokens_tile(16, 16, SELECT_MAX_ROWS) == 1                                  # 13 tiles
     if (T, Hq // H) == (20, 1):
         assert decode_tokens_tile(32, 1, SELECT_MAX_ROWS) == 16                                  # 2 tiles of 32
     check_decoder(case, NSAConfig(8, 4, 16, 4, 1, 2, 32))
@@ -594,9 +594,25 @@ def test_triton_decoder_merges_many_steps_in_one_selection_split(monkeypatch, nu
     check_decoder((2, [700, 513], 3, 8, 2, 16, 16, 0, 800), config, sharpness=4.0)
 
 
-def check_decoder(case, config, sharpness=1.0):
+def test_triton_decoder_reads_only_what_its_stages_wrote(monkeypatch):
+    """Every scratch buffer of the step filled with NaN (floats) or garbage (the lists' int64 keys)
+    before the kernels run: the output still equals the reference, so no stage reads a row that
+    the stage before did not write — here with token tiles that leave out tiles of padding tokens
+    alone (13 tokens at group 16: stage 1 two tiles of 8, stage 2 thirteen of one)."""
+    empty = torch.empty
+
+    def poisoned(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else 2 ** 40)
+
+    check_decoder(DECODER_CASES[4], NSAConfig(8, 4, 16, 4, 1, 2, 32), poison=lambda: monkeypatch.setattr(
+        torch, "empty", poisoned))
+
+
+def check_decoder(case, config, sharpness=1.0, poison=None):
     """The test above for one step shape and geometry; `sharpness` scales the queries, so that a
-    few compressed blocks hold most of the probability and Eq. 9's weights decide the selection."""
+    few compressed blocks hold most of the probability and Eq. 9's weights decide the selection;
+    `poison`, if given, is called after the reference step and before the kernels'."""
     B, lengths, T, Hq, H, Dqk, Dv, mem, capacity = case
     l, d = config.compress_block_size, config.compress_stride
     g = torch.Generator().manual_seed(7)
@@ -617,6 +633,8 @@ def check_decoder(case, config, sharpness=1.0):
     kernel_args = [x.float().to(DEVICE) if isinstance(x, torch.Tensor) else x for x in args]
     dims = check_keys(*kernel_args[:3], "k_cache", "v_cache")
     assert select_decoder("triton", kernel_args[:5], dims, config) is not None    # the decoding kernels, no fallback
+    if poison is not None:
+        poison()
     got = sparse_attention_with_kvcache(*kernel_args, mem_kv_len=mem, backend="triton")
     torch.testing.assert_close(got.double().cpu(), expected, **close(torch.float32, 2e-5))
 
