@@ -259,73 +259,108 @@ def decode_sparse_kernel(
     TABLE, table_width,   # paged caches: the block table (B, table_width) int32 (unread when not PAGED)
     ACC, M, L,            # out partials, selected then window: (2, B, H, T, SPLITS, GROUP_ROWS[, BLOCK_DV])
     T, rows_per_page, scale_log2,   # new tokens; the caches' rows per page (contiguous: max_seq_len); scale * log2(e)
-    HEADS_Q: tl.constexpr, GROUP: tl.constexpr,
+    HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,   # Hq; G and G padded to a power of two
     GROUP_ROWS: tl.constexpr,   # one token's G query heads padded to >= 16 rows (a tl.dot's rows)
+    WIN_TOKENS: tl.constexpr,   # the tokens a window program holds (WIN_TOKENS * GROUP_PAD >= 16 rows)
     DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SEL_BLOCK: tl.constexpr, NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr,   # l', n, n padded
     WINDOW: tl.constexpr,       # w
     TOKENS_PAD: tl.constexpr, SPLITS_S: tl.constexpr,    # stage 2's layout of TOPS
-    SPLITS: tl.constexpr,       # programs per (token, kv head) and branch, each a share of its keys
+    SPLITS: tl.constexpr,       # programs per (token or window tile, kv head) and branch, each a share of its keys
     BLOCK_N: tl.constexpr,      # keys per step
     PAGED: tl.constexpr,        # the caches are paged
 ):
-    batch, head_kv = tl.program_id(0), tl.program_id(1)
-    branch = tl.program_id(2) // (T * SPLITS)                    # 0: the selected blocks, 1: the window
-    t, split = (tl.program_id(2) % (T * SPLITS)) // SPLITS, tl.program_id(2) % SPLITS
-    heads_kv = tl.num_programs(1)
-    # -- the rows: token t's query heads of kv head `head_kv`, padded to GROUP_ROWS >= 16 --
-    g = tl.arange(0, GROUP_ROWS)
-    row_ok = g < GROUP
-    q_rows = (batch * T + t).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
-    pos = tl.load(SEQLENS + batch) + t
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
-    part = ((batch * heads_kv + head_kv) * T + t) * SPLITS + split
-    if branch == 0:
-        # -- 1. selected blocks: this split's blocks j = split, split + SPLITS, ... of the token's n --
-        m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
-        acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
-        blocks = chosen_blocks(TOPS, ((batch * heads_kv + head_kv) * SPLITS_S * TOKENS_PAD + t) * SLOTS,
-                               SLOTS, NUM_SELECT, SPLITS_S, TOKENS_PAD * SLOTS)
-        slot = tl.arange(0, SLOTS)[None, :]
-        for j in range(split, NUM_SELECT, SPLITS):
-            block = tl.sum(tl.where(slot == j, blocks, 0))
-            for start_n in range(0, SEL_BLOCK, BLOCK_N):
-                key = block * SEL_BLOCK + start_n + offs_n
-                seen = (key <= pos) & (block >= 0)
-                kv_rows = cache_rows(TABLE, table_width, batch, key, 0, rows_per_page, PAGED) * heads_kv + head_kv
-                k = load_rows(K, kv_rows, seen, offs_dqk, DIM_QK)
-                v = load_rows(V, kv_rows, seen, offs_dv, DIM_V)
-                s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-                acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
-        slc = part * GROUP_ROWS + g
-        tl.store(M + slc, m_i)
-        tl.store(L + slc, l_i)
-        store_rows(ACC, acc, slc.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)      # padding rows too: stage 4 reads them
+    # programs 0 .. T * SPLITS - 1 take a token's selected blocks, the rest a tile of tokens' window
+    if tl.program_id(2) < T * SPLITS:
+        selected_partial(Q, K, V, SEQLENS, TOPS, TABLE, table_width, ACC, M, L, T, rows_per_page, scale_log2,
+                         HEADS_Q, GROUP, GROUP_ROWS, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, SEL_BLOCK, NUM_SELECT, SLOTS,
+                         TOKENS_PAD, SPLITS_S, SPLITS, BLOCK_N, PAGED)
     else:
-        # -- 2. window: this split's share of the keys [pos - w + 1, pos] --
-        lo = tl.maximum(pos - WINDOW + 1, 0)
-        chunk = tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK_N) * BLOCK_N
-        start = lo + split * chunk
-        end = tl.minimum(start + chunk, pos + 1)
-        m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
-        acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
-        for start_n in range(start, end, BLOCK_N):
-            key = start_n + offs_n
-            seen = key < end
+        window_partial(Q, K_WIN, V_WIN, SEQLENS, TABLE, table_width, ACC, M, L, T, rows_per_page, scale_log2,
+                       HEADS_Q, GROUP, GROUP_PAD, GROUP_ROWS, WIN_TOKENS, DIM_QK, DIM_V, BLOCK_DQK, BLOCK_DV, WINDOW,
+                       SPLITS, BLOCK_N, PAGED)
+
+
+@triton.jit
+def selected_partial(Q, K, V, SEQLENS, TOPS, TABLE, table_width, ACC, M, L, T, rows_per_page, scale_log2,
+                     HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_QK: tl.constexpr,
+                     DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                     NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr, TOKENS_PAD: tl.constexpr,
+                     SPLITS_S: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+    """Stage 3's program `(batch, head_kv, t * SPLITS + split)` for the selected blocks: token t's
+    query heads of kv head `head_kv` (padded to GROUP_ROWS >= 16 rows) over its blocks j = split,
+    split + SPLITS, ... of the n that stage 2 chose; its partial softmax stored at its place."""
+    batch, head_kv, heads_kv = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    t, split = tl.program_id(2) // SPLITS, tl.program_id(2) % SPLITS
+    g = tl.arange(0, GROUP_ROWS)
+    offs_dqk, offs_dv, offs_n = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_N)
+    q = load_rows(Q, (batch * T + t).to(tl.int64) * HEADS_Q + head_kv * GROUP + g, g < GROUP, offs_dqk, DIM_QK)
+    pos = tl.load(SEQLENS + batch) + t
+    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    acc = tl.zeros([GROUP_ROWS, BLOCK_DV], dtype=tl.float32)
+    blocks = chosen_blocks(TOPS, ((batch * heads_kv + head_kv) * SPLITS_S * TOKENS_PAD + t) * SLOTS,
+                           SLOTS, NUM_SELECT, SPLITS_S, TOKENS_PAD * SLOTS)
+    slot = tl.arange(0, SLOTS)[None, :]
+    for j in range(split, NUM_SELECT, SPLITS):
+        block = tl.sum(tl.where(slot == j, blocks, 0))
+        for start_n in range(0, SEL_BLOCK, BLOCK_N):
+            key = block * SEL_BLOCK + start_n + offs_n
+            seen = (key <= pos) & (block >= 0)
             kv_rows = cache_rows(TABLE, table_width, batch, key, 0, rows_per_page, PAGED) * heads_kv + head_kv
-            k = load_rows(K_WIN, kv_rows, seen, offs_dqk, DIM_QK)
-            v = load_rows(V_WIN, kv_rows, seen, offs_dv, DIM_V)
+            k = load_rows(K, kv_rows, seen, offs_dqk, DIM_QK)
+            v = load_rows(V, kv_rows, seen, offs_dv, DIM_V)
             s = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
             acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
-        win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g    # the window's half
-        tl.store(M + win, m_i)
-        tl.store(L + win, l_i)
-        store_rows(ACC, acc, win.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)
+    slc = (((batch * heads_kv + head_kv) * T + t) * SPLITS + split) * GROUP_ROWS + g
+    tl.store(M + slc, m_i)
+    tl.store(L + slc, l_i)
+    store_rows(ACC, acc, slc.to(tl.int64), g >= 0, offs_dv, BLOCK_DV)
+
+
+@triton.jit
+def window_partial(Q, K_WIN, V_WIN, SEQLENS, TABLE, table_width, ACC, M, L, T, rows_per_page, scale_log2,
+                   HEADS_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                   WIN_TOKENS: tl.constexpr, DIM_QK: tl.constexpr, DIM_V: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, WINDOW: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGED: tl.constexpr):
+    """Stage 3's program `(batch, head_kv, T * SPLITS + tile * SPLITS + split)` for the window: a
+    tile of WIN_TOKENS tokens x the group's query heads (padded to GROUP_PAD) over this split's
+    share of the keys the tile's tokens see together, [first's position - w + 1, last's
+    position], each row masked to its own window; each row's partial stored at its token's
+    place, laid out as the selected blocks' (GROUP_ROWS rows a token)."""
+    batch, head_kv, heads_kv = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    tile, split = (tl.program_id(2) - T * SPLITS) // SPLITS, (tl.program_id(2) - T * SPLITS) % SPLITS
+    offs_dqk, offs_dv, offs_n = tl.arange(0, BLOCK_DQK), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_N)
+    q_rows, row_ok, t, _ = group_rows(tile * WIN_TOKENS, batch * T, head_kv, T, T, HEADS_Q, GROUP, GROUP_PAD,
+                                      WIN_TOKENS)
+    q = load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK)
+    length = tl.load(SEQLENS + batch)
+    pos = length + t
+    # -- this split's share of [first's position - w + 1, last real token's position] --
+    lo = tl.maximum(length + tile * WIN_TOKENS - WINDOW + 1, 0)
+    hi = length + tl.minimum(tile * WIN_TOKENS + WIN_TOKENS, T)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+    m_i = tl.full([WIN_TOKENS * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([WIN_TOKENS * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([WIN_TOKENS * GROUP_PAD, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        key = start_n + offs_n
+        kv_rows = cache_rows(TABLE, table_width, batch, key, 0, rows_per_page, PAGED) * heads_kv + head_kv
+        k = load_rows(K_WIN, kv_rows, key < end, offs_dqk, DIM_QK)
+        v = load_rows(V_WIN, kv_rows, key < end, offs_dv, DIM_V)
+        seen = (key[None, :] < end) & (key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - WINDOW)
+        s = tl.where(seen, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, v)
+    # -- each row at its token's place in the window's half --
+    part = ((batch * heads_kv + head_kv) * T + t) * SPLITS + split
+    g = tl.arange(0, WIN_TOKENS * GROUP_PAD) % GROUP_PAD
+    win = (tl.num_programs(0) * heads_kv * T * SPLITS + part) * GROUP_ROWS + g
+    tl.store(M + win, m_i, mask=row_ok)
+    tl.store(L + win, l_i, mask=row_ok)
+    store_rows(ACC, acc, win.to(tl.int64), row_ok, offs_dv, BLOCK_DV)
 
 
 @triton.jit
@@ -361,6 +396,7 @@ def decode_merge_kernel(
 
 DECODE_MAX_ROWS = 128     # new tokens x group heads (padded) that a program of stage 1 holds
 SELECT_MAX_ROWS = 16      # and of stage 2 (one token at group 16: more tokens, more programs)
+WINDOW_MAX_ROWS = 64      # and of stage 3's window (whose tokens share most of their keys)
 DECODE_MAX_TOKENS = 16    # new tokens a step may bring at any group (speculative decoding's drafts)
 DECODE_BLOCK_N = 64       # key rows per step on a GPU (16 in the interpreter: more splits to check)
 PROGRAMS_PER_SM = 2       # programs per multiprocessor that the splits aim for
@@ -437,8 +473,9 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     tokens = next_power_of_2(T)                         # stage 2's: no tl.dot, no padding to 16 rows
     tile_c = decode_tokens_tile(tokens_pad, G, DECODE_MAX_ROWS)     # the tokens a program holds
     tile_s = decode_tokens_tile(tokens, G, SELECT_MAX_ROWS)
-    tiles_c, tiles_s = cdiv(T, tile_c), cdiv(T, tile_s)   # no program of padding tokens alone; tile_s <= tile_c,
-    # so stage 2 reads only rows that stage 1's tiles wrote
+    tile_w = decode_tokens_tile(tokens_pad, G, WINDOW_MAX_ROWS)
+    tiles_c, tiles_s, tiles_w = cdiv(T, tile_c), cdiv(T, tile_s), cdiv(T, tile_w)   # no program of padding tokens
+    # alone; tile_s <= tile_c, so stage 2 reads only rows that stage 1's tiles wrote
     rows, group_rows = tokens_pad * group_pad, max(16, group_pad)
     warps = 4 if tile_c * group_pad <= 64 else 8        # stage 1 holds its rows x head dim in registers
     block_dqk, block_dv = head_dim_block(Dqk), head_dim_block(Dv)
@@ -483,10 +520,10 @@ def sparse_attention_decode_triton(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache
     # -- 3. selected blocks and window, split over their keys --
     m, l_sum = torch.empty(2, B, H, T, splits, group_rows, **f32), torch.empty(2, B, H, T, splits, group_rows, **f32)
     acc = torch.empty(2, B, H, T, splits, group_rows, block_dv, **f32)
-    decode_sparse_kernel[(B, H, 2 * T * splits)](                 # the selected blocks' programs, then the window's
+    decode_sparse_kernel[(B, H, (T + tiles_w) * splits)](          # the selected blocks' programs, then the window's
         q, k_cache, v_cache, k_win, v_win, seqlens, tops, table, pages, acc, m, l_sum, T, k_cache.shape[1], scale_log2,
-        HEADS_Q=Hq, GROUP=G, GROUP_ROWS=group_rows, DIM_QK=Dqk, DIM_V=Dv, BLOCK_DQK=block_dqk,
-        BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
+        HEADS_Q=Hq, GROUP=G, GROUP_PAD=group_pad, GROUP_ROWS=group_rows, WIN_TOKENS=tile_w, DIM_QK=Dqk, DIM_V=Dv,
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=slots, WINDOW=window,
         TOKENS_PAD=tokens, SPLITS_S=splits_s, SPLITS=splits, BLOCK_N=min(block_n, l_sel),
         PAGED=paged)
     # -- 4. merge the splits, gate, sum --
