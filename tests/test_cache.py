@@ -554,13 +554,18 @@ def test_triton_decoder_equals_the_torch_step_and_ignores_what_lies_past_each_ro
     """The decoding kernels (interpreter, float32) against the reference step in float64; the
     caches hold NaN past each row's tokens and blocks, which neither may read. (The interpreter
     has no register limit: that the cases below are cut into tiles is asserted, not assumed.)"""
-    from nsa.kernels.decode import DECODE_MAX_ROWS, SELECT_MAX_ROWS, decode_tokens_pad, decode_tokens_tile
+    from nsa.kernels.decode import (DECODE_MAX_ROWS, SELECT_MAX_ROWS, WINDOW_MAX_ROWS, decode_tokens_pad,
+                                    decode_tokens_tile)
     B, _, T, Hq, H = case[:5]
     if (T, Hq // H) == (13, 16):
         assert decode_tokens_tile(decode_tokens_pad(T, 16), 16, DECODE_MAX_ROWS) == 8           # 2 tiles of 16
         assert decode_tokens_tile(16, 16, SELECT_MAX_ROWS) == 1                                  # 13 tiles
+        assert decode_tokens_tile(16, 16, WINDOW_MAX_ROWS) == 4        # windows: 4 tiles, the last of one token
+    if (T, Hq // H) == (5, 4):
+        assert decode_tokens_tile(decode_tokens_pad(T, 4), 4, WINDOW_MAX_ROWS) == 8              # 5 of 8 real
     if (T, Hq // H) == (20, 1):
         assert decode_tokens_tile(32, 1, SELECT_MAX_ROWS) == 16                                  # 2 tiles of 32
+        assert decode_tokens_tile(32, 1, WINDOW_MAX_ROWS) == 32        # every window in one tile
     check_decoder(case, NSAConfig(8, 4, 16, 4, 1, 2, 32))
 
 
