@@ -233,21 +233,29 @@ def decode_select_kernel(
 
 
 @triton.jit
+def best_two(a1, a2, b1, b2):
+    """The combine of a reduction that keeps the two largest keys: (a1 >= a2) and (b1 >= b2) give
+    the larger first, and the larger of the smaller first and both seconds."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
 def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SPLITS_S: tl.constexpr,
                   STRIDE: tl.constexpr):
     """A token's n blocks, the best n of the SPLITS_S selection splits' lists (split s's at
-    first + s * STRIDE), in n rounds of taking the best key left: (1, SLOTS) block indices, best
-    first, -1 for an empty slot."""
+    first + s * STRIDE), in n / 2 rounds of taking the best two keys left: (1, SLOTS) block
+    indices, best first, -1 for an empty slot."""
     c = tl.arange(0, SPLITS_S * SLOTS)
     cand = tl.load(TOPS + first + (c // SLOTS) * STRIDE + c % SLOTS)
     cand = tl.where(cand > EMPTY, cand, GONE)                                       # real keys only
     slot = tl.arange(0, SLOTS)
     blocks = tl.full([SLOTS], -1, dtype=tl.int32)
-    for j in range(NUM_SELECT):
-        best = tl.max(cand, axis=0)
-        block = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
-        blocks = tl.where((slot == j) & (best > EMPTY), block, blocks)
-        cand = tl.where(cand == best, GONE, cand)
+    for j in range(0, NUM_SELECT, 2):       # slot n (n odd) may take a block: stage 3 reads slots < n only
+        best, second = tl.reduce((cand, tl.full(cand.shape, GONE, cand.dtype)), 0, best_two)
+        blocks = tl.where((slot == j) & (best > EMPTY), 2147483647 - (best & 0xFFFFFFFF).to(tl.int32), blocks)
+        blocks = tl.where((slot == j + 1) & (second > EMPTY), 2147483647 - (second & 0xFFFFFFFF).to(tl.int32),
+                          blocks)
+        cand = tl.where((cand == best) | (cand == second), GONE, cand)
     return blocks[None, :]
 
 
