@@ -14,7 +14,7 @@ from nsa.kernels.common import (LOG2E, cdiv, group_rows, head_dim_block, load_ro
                                 softmax_update, store_rows)
 from nsa.kernels.nsa import triton_unsupported
 from nsa.kernels.selection import (EMPTY, GONE, compressed_rows_seen, eq9_weights, first_top,
-                                   rank_candidates)
+                                   key_block, rank_candidates)
 
 
 @triton.jit
@@ -243,7 +243,7 @@ def best_two(a1, a2, b1, b2):
 def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SPLITS_S: tl.constexpr,
                   STRIDE: tl.constexpr):
     """A token's n blocks, the best n of the SPLITS_S selection splits' lists (split s's at
-    first + s * STRIDE), in n / 2 rounds of taking the best two keys left: (1, SLOTS) block
+    first + s * STRIDE), in ceil(n / 2) rounds of taking the best two keys left: (1, SLOTS) block
     indices, best first, -1 for an empty slot."""
     c = tl.arange(0, SPLITS_S * SLOTS)
     cand = tl.load(TOPS + first + (c // SLOTS) * STRIDE + c % SLOTS)
@@ -252,9 +252,8 @@ def chosen_blocks(TOPS, first, SLOTS: tl.constexpr, NUM_SELECT: tl.constexpr, SP
     blocks = tl.full([SLOTS], -1, dtype=tl.int32)
     for j in range(0, NUM_SELECT, 2):       # slot n (n odd) may take a block: stage 3 reads slots < n only
         best, second = tl.reduce((cand, tl.full(cand.shape, GONE, cand.dtype)), 0, best_two)
-        blocks = tl.where((slot == j) & (best > EMPTY), 2147483647 - (best & 0xFFFFFFFF).to(tl.int32), blocks)
-        blocks = tl.where((slot == j + 1) & (second > EMPTY), 2147483647 - (second & 0xFFFFFFFF).to(tl.int32),
-                          blocks)
+        blocks = tl.where((slot == j) & (best > EMPTY), key_block(best), blocks)
+        blocks = tl.where((slot == j + 1) & (second > EMPTY), key_block(second), blocks)
         cand = tl.where((cand == best) | (cand == second), GONE, cand)
     return blocks[None, :]
 

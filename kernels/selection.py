@@ -39,6 +39,12 @@ def rank_keys(score, index):
 
 
 @triton.jit
+def key_block(key):
+    """The block index a rank key holds (its low 32 bits, as `rank_keys` wrote them)."""
+    return 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
 def merge_top(top, cand, GONE: tl.constexpr):
     """Let the rank keys `cand` (BLOCK_M, BLOCK_S) enter the running top `top` (BLOCK_M, SLOTS):
     in each round, a row with a candidate above the worst key it keeps swaps the two (GONE marks
@@ -228,7 +234,7 @@ def select_blocks_kernel(
         top = merge_top(top, cand, GONE)
 
     # -- the chosen blocks (low 32 bits) in ascending order, empty slots (-1) last --
-    index = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
+    index = key_block(top)
     order = tl.sort(tl.where((top > EMPTY) & (slot[None, :] < NUM_SELECT), index, 2147483647), dim=1)
     chosen = tl.where(order == 2147483647, -1, order)
     out_rows = (q_start + i_pos).to(tl.int64) * heads_kv + head_kv
