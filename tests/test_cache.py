@@ -599,19 +599,22 @@ def test_triton_decoder_merges_many_steps_in_one_selection_split(monkeypatch, nu
     check_decoder((2, [700, 513], 3, 8, 2, 16, 16, 0, 800), config, sharpness=4.0)
 
 
-def test_triton_decoder_reads_only_what_its_stages_wrote(monkeypatch):
+@pytest.mark.parametrize("case", [(2, [37, 100], 5, 6, 2, 16, 8, 2, 150), DECODER_CASES[4]],
+                         ids=["group3-T5", "group16-T13"])
+def test_triton_decoder_reads_only_what_its_stages_wrote(monkeypatch, case):
     """Every scratch buffer of the step filled with NaN (floats) or garbage (the lists' int64 keys)
     before the kernels run: the output still equals the reference, so no stage reads a row that
     the stage before did not write — here with token tiles that leave out tiles of padding tokens
-    alone (13 tokens at group 16: stage 1 two tiles of 8, stage 2 thirteen of one)."""
+    alone (13 tokens at group 16: stage 1 two tiles of 8, stage 2 thirteen of one, the window four
+    of four) and window tiles whose padding heads and tokens store nothing (5 tokens at group 3
+    padded to 4: one window tile of 8 tokens)."""
     empty = torch.empty
 
     def poisoned(*shape, **kwargs):
         out = empty(*shape, **kwargs)
         return out.fill_(float("nan") if out.is_floating_point() else 2 ** 40)
 
-    check_decoder(DECODER_CASES[4], NSAConfig(8, 4, 16, 4, 1, 2, 32), poison=lambda: monkeypatch.setattr(
-        torch, "empty", poisoned))
+    check_decoder(case, NSAConfig(8, 4, 16, 4, 1, 2, 32), poison=lambda: monkeypatch.setattr(torch, "empty", poisoned))
 
 
 def check_decoder(case, config, sharpness=1.0, poison=None):
