@@ -6,11 +6,12 @@
 Chapter 13's launcher cuts a step's new tokens into tiles of programs of their own once they and
 the group's query heads (padded) make more rows than `nsa.kernels.decode.DECODE_MAX_ROWS` (stage
 1, the compressed attention, whose rows are the operands of `tl.dot`), `SELECT_MAX_ROWS`
-(stage 2, the selection) or `WINDOW_MAX_ROWS` (stage 3's window) allow. For each shape in the script's `SHAPES` (`nsa.bench_decode.make_step`:
-bf16, d = 128, the paper's geometry, T new tokens per row) and each combination of the values in
-its `VALUES`, the step is checked against the float64 reference (relative error <= 1e-2) and its
-CUDA-graph replay timed (`triton.testing.do_bench`, median). Writes one CSV row per (shape,
-combination); the first line says what ran.
+(stage 2, the selection) or `WINDOW_MAX_ROWS` (stage 3's window) allow. For each shape in the
+script's `SHAPES` (`nsa.bench_decode.make_step`: bf16, d = 128, the paper's geometry, T new
+tokens per row) and each combination of the values in its `VALUES`, the step is checked against
+the float64 reference (relative error <= 1e-2) and its CUDA-graph replay timed
+(`triton.testing.do_bench`, median). Writes one CSV row per (shape, combination); the first line
+says what ran.
 """
 
 import argparse
@@ -53,7 +54,8 @@ def main() -> int:
             return 1
         del step
         torch.cuda.empty_cache()
-    write_sweep(args.out or Path(f"book/data/decode_window_sweep_{gpu_tag()}.csv"), "gpu_decode_tiles.py", COLUMNS, rows)
+    write_sweep(args.out or Path(f"book/data/decode_window_sweep_{gpu_tag()}.csv"), "gpu_decode_tiles.py", COLUMNS,
+                rows)
     return 0
 
 

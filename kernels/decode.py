@@ -428,8 +428,9 @@ def decode_tokens_pad(tokens: int, group: int) -> int:
 def decode_tokens_tile(tokens: int, group: int, rows: int) -> int:
     """The tokens (of `tokens`, a power of two) that a program of stage 1, 2 or stage 3's window
     holds: all of them while they and the group's query heads (padded) make at most `rows` rows
-    (DECODE_MAX_ROWS, SELECT_MAX_ROWS, WINDOW_MAX_ROWS); otherwise as many as fit, but at least one (a group padded to more than
-    `rows` heads holds one token), and the rest go to programs of their own."""
+    (DECODE_MAX_ROWS, SELECT_MAX_ROWS, WINDOW_MAX_ROWS); otherwise as many as fit, but at least one
+    (a group padded to more than `rows` heads holds one token), and the rest go to programs of
+    their own."""
     return min(tokens, max(1, rows // next_power_of_2(group)))
 
 
