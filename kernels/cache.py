@@ -87,7 +87,7 @@ def write_summary(SUMMARY, source, summary_rows, SHARES: tl.constexpr, CMP, targ
     read (compress_mlp_kernel may have left them unwritten) nor written."""
     offs_d = tl.arange(0, BLOCK_D)
     total = load_rows(SUMMARY, source, ok, offs_d, DIM).to(tl.float32)
-    for s in range(1, SHARES):
+    for s in tl.static_range(1, SHARES):    # unrolled: the shares' loads in flight together, not one at a time
         total += load_rows(SUMMARY + s * summary_rows.to(tl.int64) * DIM, source, ok, offs_d, DIM).to(tl.float32)
     store_rows(CMP, total, target, ok, offs_d, DIM)
 
@@ -104,7 +104,7 @@ def write_mean(CACHE, b, first, last_token, TABLE, table_width, rows_per_page, h
     offs_d = tl.arange(0, BLOCK_D)
     offs_i = tl.arange(0, POSITIONS)
     total = tl.zeros([h.shape[0], BLOCK_D], dtype=tl.float32)
-    for start in range(0, BLOCK_SIZE, POSITIONS):
+    for start in tl.static_range(0, BLOCK_SIZE, POSITIONS):    # unrolled: the tiles' loads in flight together
         i = start + offs_i
         tokens = tl.minimum(first + i, last_token)
         rows = cache_rows(TABLE, table_width, b, tokens, 0, rows_per_page, PAGED)[None, :] * HEADS + h[:, None]
@@ -169,14 +169,20 @@ def mlp_share(CACHE, POSITION, W1, B1, W2, B2, SHARES, b, h, first, last_token, 
         slots = cache_rows(TABLE, table_width, b[:, None], tokens, 0, rows_per_page, PAGED) * HEADS + h[:, None]
     # -- the first layer, one position of the block at a time: (x_i + pos_i) W1[units, i*D:(i+1)*D]^T --
     acc = tl.zeros([BLOCK_M, BLOCK_HID], dtype=tl.float32)
+    pos_next = tl.load(POSITION + offs_d, mask=offs_d < DIM, other=0.0)             # pos_0
     for i in range(BLOCK_SIZE):
+        # pos_i, fetched a step ahead: one value a thread, too narrow for the pipeline's asynchronous
+        # copies (which fetch x and W1 steps ahead), it would be waited for at every step
+        pos = pos_next
+        pos_next = tl.load(POSITION + tl.minimum(i + 1, BLOCK_SIZE - 1) * DIM + offs_d, mask=offs_d < DIM,
+                           other=0.0)
         if PAGED:
             at = tl.sum(tl.where(offs_i[None, :] == i, slots, 0), axis=1)          # column i of the slots
         else:
             at = cache_rows(TABLE, table_width, b, tl.minimum(first + i, last_token), 0, rows_per_page,
                             PAGED) * HEADS + h
         x = load_rows(CACHE, at, row_ok, offs_d, DIM)
-        x += tl.load(POSITION + i * DIM + offs_d, mask=offs_d < DIM, other=0.0)[None, :]
+        x += pos[None, :]
         w1 = tl.load(W1 + units[:, None] * (BLOCK_SIZE * DIM) + i * DIM + offs_d[None, :],
                      mask=unit_ok[:, None] & (offs_d[None, :] < DIM), other=0.0)          # (BLOCK_HID, BLOCK_D)
         acc += tl.dot(x.to(w1.dtype), tl.trans(w1), input_precision="ieee")
