@@ -111,6 +111,29 @@ def test_decode_kernels_compile_for_a_gpu_offline():
     assert all(float(line.split("compiled in ")[1].split()[0]) < 60 for line in lines), done.stdout
 
 
+def test_loop_loads_finds_no_wait_in_the_decoding_steps_writers_or_attention_loops():
+    """No GPU needed: compiled for sm_90, the cache writers' and the attention's loops hold no load
+    their step waits for (the MLP writer's position embedding is fetched a step ahead; the write
+    kernel's sums are unrolled); stage 2's later selection steps gather scores, waited for."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loop_loads.py"), "--only", "decode"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    verdicts = {}
+    for line in done.stdout.splitlines():
+        if "tokens: " in line:
+            label, kernel, verdict = line.rsplit(": ", 2)
+            verdicts.setdefault(kernel, set()).add(verdict)
+    assert len(verdicts) == 8, done.stdout          # append, MLP, the write (two ways), four attention kernels
+    assert verdicts["compress_mlp_kernel"] == {"2 loads in loops, 0 waited for in the step"}, done.stdout
+    for kernel in ("append_tokens_kernel", "write_blocks_kernel (the MLP's shares)",
+                   "write_blocks_kernel (mean pooling)", "decode_compressed_kernel", "decode_sparse_kernel",
+                   "decode_merge_kernel"):
+        assert verdicts[kernel] == {"none"}, (kernel, done.stdout)
+    assert all("waited for in the step" in v and not v.endswith(" 0 waited for in the step")
+               for v in verdicts["decode_select_kernel"]), done.stdout
+
+
 def test_warp_specialisation_partitions_only_a_descriptor_loop_of_four_warps():
     """No GPU needed: compiled for sm_90, Triton splits the toy attention loop into warp groups only
     when its keys come through tensor descriptors and it has 4 warps (the appendix's claim)."""
