@@ -104,7 +104,7 @@ def write_mean(CACHE, b, first, last_token, TABLE, table_width, rows_per_page, h
     offs_d = tl.arange(0, BLOCK_D)
     offs_i = tl.arange(0, POSITIONS)
     total = tl.zeros([h.shape[0], BLOCK_D], dtype=tl.float32)
-    for start in tl.static_range(0, BLOCK_SIZE, POSITIONS):    # unrolled: the tiles' loads in flight together
+    for start in range(0, BLOCK_SIZE, POSITIONS):
         i = start + offs_i
         tokens = tl.minimum(first + i, last_token)
         rows = cache_rows(TABLE, table_width, b, tokens, 0, rows_per_page, PAGED)[None, :] * HEADS + h[:, None]
