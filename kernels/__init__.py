@@ -12,6 +12,11 @@ interpreter `tl.dot` of floating-point tiles here adds each element's products i
 The interpreter also patches triton.language anew at every call of a `@triton.jit` helper inside
 a kernel; here it is patched once per launch (below), which takes a third off the interpreted
 runs of the tests and chapters (tests/test_interpreter.py checks the language is restored).
+
+And Triton 3.6's interpreter turns a kernel's scalar (a NumPy array of shape (1,) there) into a
+Python int, for a loop's bounds, with `int(array)`, which NumPy 2 refuses for arrays of one
+dimension: every kernel whose loop bounds are computed failed. Triton 3.7 squeezes the array
+first; on 3.6 its `__index__` is installed here.
 """
 
 import nsa.device  # noqa: F401  (sets TRITON_INTERPRET on a machine without CUDA, before triton)
@@ -64,3 +69,17 @@ if nsa.device.INTERPRET:
         return _LaunchScope()
 
     _interpreter._patch_lang = _patch_lang_once_per_launch
+
+    # Triton 3.6: a scalar's `__index__` as 3.7 has it (int of the squeezed array), installed after
+    # the interpreter's own whenever it patches the language's tensor class.
+    import re as _re
+    import triton as _triton
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_with_squeezed_index(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    if tuple(int(part) for part in _re.findall(r"\d+", _triton.__version__)[:2]) < (3, 7):
+        _interpreter._patch_lang_tensor = _patch_lang_tensor_with_squeezed_index

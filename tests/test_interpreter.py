@@ -1,6 +1,8 @@
 """What `nsa.kernels` changes in Triton's CPU interpreter (kernels/__init__.py): triton.language
-patched once per launch, not again at every helper call, and restored when the launch ends."""
+patched once per launch, not again at every helper call, and restored when the launch ends; and
+Triton 3.6's index of a scalar, which NumPy 2 refused."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +64,36 @@ def test_a_helper_is_not_patched_again(monkeypatch):
     _row_sums_kernel[(3,)](x, out, FAIL=False, N=16)
     torch.testing.assert_close(out, x.sum(1))
     assert calls[0] == "_row_sums_kernel" and len(calls) == 2, calls
+
+
+@triton.jit
+def _prefix_sums_kernel(X, OUT, N: tl.constexpr):
+    row = tl.program_id(0)
+    total = tl.zeros([N], dtype=tl.float32)
+    for i in range(row, tl.num_programs(0)):                # bounds computed in the kernel: scalars
+        total += tl.load(X + i * N + tl.arange(0, N))
+    tl.store(OUT + row * N + tl.arange(0, N), total)
+
+
+def test_computed_loop_bounds_and_the_scalar_index_for_triton_3_6():
+    """A loop over computed bounds runs (Triton 3.6's own `__index__`, int of a (1,) array, fails
+    under NumPy 2); and the index that nsa.kernels installs for 3.6 takes a scalar's (1,) array and
+    is undone with the interpreter's other patches."""
+    from triton.runtime import interpreter
+
+    from nsa import kernels
+
+    x = torch.randn(4, 16)
+    out = torch.empty(4, 16)
+    _prefix_sums_kernel[(4,)](x, out, N=16)
+    torch.testing.assert_close(out, x.flip(0).cumsum(0).flip(0))
+
+    class Tensor:                                               # the language's tensor class, patched
+        def __init__(self, data):
+            self.handle = interpreter.TensorHandle(data, tl.int32)
+
+    scope = interpreter._LangPatchScope()
+    kernels._patch_lang_tensor_with_squeezed_index(Tensor, scope)
+    assert list(range(Tensor(np.array([1], dtype=np.int32)), Tensor(np.array([4], dtype=np.int32)))) == [1, 2, 3]
+    scope.restore()
+    assert not hasattr(Tensor, "__index__")
