@@ -186,7 +186,7 @@ class TensorParallelSparseAttention(SparseAttention):
         for x in (q, k, v):
             if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in entered:
                 entered[id(x)] = replicated_input(x, self.mesh(x.device))
-        q, k, v = (entered.get(id(x), x) for x in (q, k, v))
+        q, k, v = (entered.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in (q, k, v))
         return SparseAttention.forward(self, q, k, v, mask, cp_group=cp_group, **kwargs)
 
     def parallel_settings(self, cp_group) -> dict:
