@@ -13,6 +13,10 @@ The interpreter also patches triton.language anew at every call of a `@triton.ji
 a kernel; here it is patched once per launch (below), which takes a third off the interpreted
 runs of the tests and chapters (tests/test_interpreter.py checks the language is restored).
 
+The interpreter computes an overflow check for every int32 add, sub and mul and then drops it
+(Triton asserts only in its debug mode): pure cost, about two fifths of an interpreted decoding
+step's time. It is off here.
+
 And Triton 3.6's interpreter turns a kernel's scalar (a NumPy array of shape (1,) there) into a
 Python int, for a loop's bounds, with `int(array)`, which NumPy 2 refuses for arrays of one
 dimension: every kernel whose loop bounds are computed failed. Triton 3.7 squeezes the array
@@ -69,6 +73,14 @@ if nsa.device.INTERPRET:
         return _LaunchScope()
 
     _interpreter._patch_lang = _patch_lang_once_per_launch
+
+    # The interpreter's overflow check of int32 add, sub and mul: the result in int64 compared with
+    # int32's bounds, eight more interpreted operations each, and then dropped (device_assert does
+    # nothing outside debug mode). Off: the same results without the cost.
+    import dataclasses as _dataclasses
+
+    _interpreter.interpreter_builder.options = _dataclasses.replace(_interpreter.interpreter_builder.options,
+                                                                     sanitize_overflow=False)
 
     # Triton 3.6: a scalar's `__index__` as 3.7 has it (int of the squeezed array), installed after
     # the interpreter's own whenever it patches the language's tensor class.

@@ -1,6 +1,7 @@
 """What `nsa.kernels` changes in Triton's CPU interpreter (kernels/__init__.py): triton.language
-patched once per launch, not again at every helper call, and restored when the launch ends; and
-Triton 3.6's index of a scalar, which NumPy 2 refused."""
+patched once per launch, not again at every helper call, and restored when the launch ends; no
+int32 overflow checks that Triton then drops; and Triton 3.6's index of a scalar, which NumPy 2
+refused."""
 
 import numpy as np
 import pytest
@@ -97,3 +98,25 @@ def test_computed_loop_bounds_and_the_scalar_index_for_triton_3_6():
     assert list(range(Tensor(np.array([1], dtype=np.int32)), Tensor(np.array([4], dtype=np.int32)))) == [1, 2, 3]
     scope.restore()
     assert not hasattr(Tensor, "__index__")
+
+
+@triton.jit
+def _int32_product_kernel(X, OUT, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(OUT + offs, tl.load(X + offs) * 65536)
+
+
+def test_int32_arithmetic_makes_no_overflow_checks(monkeypatch):
+    """The interpreter's overflow check of int32 arithmetic (its product in int64 compared with
+    int32's bounds, then dropped: Triton asserts only in debug mode) is off: an int32 product casts
+    nothing to int64, and past 2**31 it wraps, as on a GPU."""
+    from triton.runtime import interpreter
+
+    casts = []
+    create_int_cast = interpreter.InterpreterBuilder.create_int_cast
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_int_cast",
+                        lambda self, *args: casts.append(args) or create_int_cast(self, *args))
+    x = torch.tensor([1, 32767, 32768, -32769], dtype=torch.int32)
+    out = torch.empty_like(x)
+    _int32_product_kernel[(1,)](x, out, N=4)
+    assert out.tolist() == [65536, 2147418112, -2147483648, 2147418112] and casts == []
