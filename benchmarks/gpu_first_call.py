@@ -13,7 +13,8 @@ Triton cache folder, emptied at the start, so the first process pays for compili
 counts the kernels each process compiled (new entries in the cache folder). `--out DIR` puts the
 rows into DIR/first_call_<gpu>.csv under the label `--build` (replacing that label's earlier
 rows, keeping the other builds' that the appendix compares). `--tiny` runs the same on small sizes
-in Triton's CPU interpreter (which compiles nothing): a check of the script only.
+in Triton's CPU interpreter (which compiles nothing), into DIR/first_call_cpu.csv: a check of the
+script only.
 """
 
 import argparse
@@ -112,7 +113,7 @@ def main():
                   f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
     if args.out:
         from nsa.device import gpu_tag
-        path = args.out / f"first_call_{gpu_tag()}.csv"
+        path = args.out / f"first_call_{'cpu' if args.tiny else gpu_tag()}.csv"
         label = f"# build {args.build}:"
         comments, kept = [], []
         if path.exists():
