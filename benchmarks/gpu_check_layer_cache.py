@@ -121,7 +121,7 @@ def main() -> int:
             print(rows[-1], flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"layer_cache_check_{'cpu' if args.tiny else gpu_tag()}.csv"
+        path = args.out / f"layer_cache_check_{gpu_tag()}.csv"
         with path.open("w", newline="") as f:
             f.write(f"# python benchmarks/gpu_check_layer_cache.py {shlex.join(sys.argv[1:])}; "
                     f"torch {torch.__version__}\n")

@@ -226,7 +226,7 @@ def main() -> int:
                 print(f"    {count:>5} x {us / count:7.2f} us = {us:8.1f} us  {name[:100]}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"decode_layers_{'cpu' if args.tiny else gpu_tag()}.csv"
+        path = args.out / f"decode_layers_{gpu_tag()}.csv"
         comments, kept = [], []
         command = f"python benchmarks/gpu_decode_layers.py {shlex.join(sys.argv[1:])}; torch {torch.__version__}"
         new = {(r["build"], str(r["context"]), str(r["batch"]), r["heads"]) for r in rows}

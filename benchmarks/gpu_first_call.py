@@ -113,7 +113,7 @@ def main():
                   f"{row['compiled']:>9d} {row['process_s']:>10}", flush=True)
     if args.out:
         from nsa.device import gpu_tag
-        path = args.out / f"first_call_{'cpu' if args.tiny else gpu_tag()}.csv"
+        path = args.out / f"first_call_{gpu_tag()}.csv"
         label = f"# build {args.build}:"
         comments, kept = [], []
         if path.exists():

@@ -8,7 +8,8 @@ Hand-written glue (not a chapter): every chapter and the package start here.
   sets it and says so once. Under the interpreter fp32 and fp16 are right; bf16 is not.
 * `sized(cpu=..., gpu=...)` is the size knob: chapters run small problems on the CPU and real
   ones on a GPU. `NSA_SIZE=small` or `NSA_SIZE=full` overrides the choice.
-* `gpu_tag()` names the GPU in the files its measurements go to (`bench_h200.csv`).
+* `gpu_tag()` names the GPU in the files its measurements go to (`bench_h200.csv`; `cpu` in the
+  interpreter).
 """
 
 import os
@@ -68,5 +69,6 @@ def gpu_tag_of(name: str) -> str:
 
 
 def gpu_tag(device=None) -> str:
-    """`gpu_tag_of` the current CUDA device's name (or `device`'s); "cpu" without CUDA."""
-    return gpu_tag_of(torch.cuda.get_device_name(device)) if torch.cuda.is_available() else "cpu"
+    """`gpu_tag_of` the current CUDA device's name (or `device`'s); "cpu" where the kernels run on
+    the CPU: without CUDA, or in Triton's interpreter (a script's --tiny check on a GPU machine)."""
+    return gpu_tag_of(torch.cuda.get_device_name(device)) if torch.cuda.is_available() and not INTERPRET else "cpu"

@@ -92,13 +92,22 @@ def test_decode_bench_reference_row_by_row_equals_the_batch_at_once():
     torch.testing.assert_close(listed, whole, rtol=1e-12, atol=1e-12)
 
 
-def test_gpu_tag_names_data_files_by_the_gpu():
+def test_gpu_tag_names_data_files_by_the_gpu(monkeypatch):
+    from nsa import device
     from nsa.device import gpu_tag, gpu_tag_of
 
     names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200", "NVIDIA A100-SXM4-80GB": "a100",
              "NVIDIA GeForce RTX 4090": "4090", "AMD Instinct MI300X": "mi300x", "NVIDIA": "gpu"}
     assert {name: gpu_tag_of(name) for name in names} == names
-    assert gpu_tag() == (gpu_tag_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    tags = {}
+    for cuda in (True, False):
+        for interpret in (True, False):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+            monkeypatch.setattr(device, "INTERPRET", interpret)
+            tags[cuda, interpret] = gpu_tag()
+    # the GPU's name where its kernels run; "cpu" without CUDA or in the interpreter (--tiny checks)
+    assert tags == {(True, False): "h200", (True, True): "cpu", (False, False): "cpu", (False, True): "cpu"}
 
 
 def test_decode_bench_pages_hold_the_step_s_caches():
