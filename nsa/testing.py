@@ -117,11 +117,12 @@ def largest_relative_difference(pairs) -> float:
 
 def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device="cpu"):
     """Each of `variants`, {name: `SparseAttention` arguments, with "cu_seqlens" for packed input,
-    "mask" for a (2, 45) key padding mask or "seq_len_k" for cross-attention to that many keys},
+    "mask" for a (2, 45) key padding mask, "seq_len_k" for cross-attention to that many keys or
+    "prompt" for the decoding run's prefill (30 tokens else)},
     split over `group` (`TensorParallelSparseAttention.from_layer`) against the whole layer in this
     process on the same input: the largest relative differences of the outputs, of the inputs'
     gradients, of this rank's parameters' gradients and of a decoding run through caches (a
-    prefill of 30 tokens, then 3 of one) -> {name: dict}. A parameter's gradient is compared with
+    prefill, then 3 tokens of one) -> {name: dict}. A parameter's gradient is compared with
     its own largest entry, or with a thousandth of the largest entry of all of them where that is
     larger: a gradient that is zero but for rounding (phi_k's last bias, which moves all of a
     query's compressed scores alike) has no relative error to speak of."""
@@ -129,7 +130,7 @@ def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device
 
     results = {}
     for name, variant in variants.items():
-        kwargs = {k: v for k, v in variant.items() if k not in ("cu_seqlens", "mask", "seq_len_k")}
+        kwargs = {k: v for k, v in variant.items() if k not in ("cu_seqlens", "mask", "seq_len_k", "prompt")}
         cu_seqlens, mask = variant.get("cu_seqlens"), variant.get("mask")
         torch.manual_seed(seed)
         whole = SparseAttention(**kwargs).to(device, dtype)
@@ -140,15 +141,17 @@ def compare_tensor_parallel(group, variants, seed=0, dtype=torch.float64, device
 
         x = draw(2, 45) if cu_seqlens is None else draw(1, int(cu_seqlens[-1]))
         keys = draw(2, variant["seq_len_k"]) if "seq_len_k" in variant else None
-        weight, tokens = draw(*x.shape[:2]), draw(2, 33)
+        prompt = variant.get("prompt", 30)
+        weight, tokens = draw(*x.shape[:2]), draw(2, prompt + 3)
         runs = []
         for layer in (whole, part):
             inputs = [t.clone().requires_grad_() for t in ((x,) if keys is None else (x, keys))]
             y = layer(*inputs, mask=mask, cu_seqlens=cu_seqlens)
             (y * weight).sum().backward()
             with torch.no_grad():
-                cache = layer.new_cache(2, 33)
-                decoded = torch.cat([layer(t, cache=cache) for t in (tokens[:, :30], *tokens[:, 30:].split(1, 1))], 1)
+                cache = layer.new_cache(2, prompt + 3)
+                steps = (tokens[:, :prompt], *tokens[:, prompt:].split(1, 1))
+                decoded = torch.cat([layer(t, cache=cache) for t in steps], 1)
             runs.append((y, [t.grad for t in inputs], decoded))
         (y_whole, grads_whole, dec_whole), (y_part, grads_part, dec_part) = runs
         results[name] = {
