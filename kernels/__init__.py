@@ -15,7 +15,8 @@ runs of the tests and chapters (tests/test_interpreter.py checks the language is
 
 The interpreter computes an overflow check for every int32 add, sub and mul and then drops it
 (Triton asserts only in its debug mode): pure cost, about two fifths of an interpreted decoding
-step's time. It is off here.
+step's time. It is off here. And its map from a Triton dtype to NumPy's, rebuilt at every call
+(several per interpreted operation), is kept here after each type's first call.
 
 And Triton 3.6's interpreter turns a kernel's scalar (a NumPy array of shape (1,) there) into a
 Python int, for a loop's bounds, with `int(array)`, which NumPy 2 refuses for arrays of one
@@ -95,3 +96,19 @@ if nsa.device.INTERPRET:
 
     if tuple(int(part) for part in _re.findall(r"\d+", _triton.__version__)[:2]) < (3, 7):
         _interpreter._patch_lang_tensor = _patch_lang_tensor_with_squeezed_index
+
+    # The interpreter maps a Triton dtype to NumPy's by building a dict of nineteen dtypes at every
+    # call (hashing each), about 40 us, several times per interpreted operation: a twelfth of an
+    # interpreted decoding step. Here the answer is kept for each scalar type after its first call
+    # (a block's is its element's).
+    _np_dtype = _interpreter._get_np_dtype
+    _np_dtypes = {}
+
+    def _np_dtype_kept(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, _tl.block_type) else tt_dtype
+        try:
+            return _np_dtypes[scalar.name]          # pointer types have no hash; every type a name
+        except KeyError:
+            return _np_dtypes.setdefault(scalar.name, _np_dtype(scalar))
+
+    _interpreter._get_np_dtype = _np_dtype_kept

@@ -1,7 +1,7 @@
 """What `nsa.kernels` changes in Triton's CPU interpreter (kernels/__init__.py): triton.language
 patched once per launch, not again at every helper call, and restored when the launch ends; no
-int32 overflow checks that Triton then drops; and Triton 3.6's index of a scalar, which NumPy 2
-refused."""
+int32 overflow checks that Triton then drops; NumPy's dtype of a Triton dtype kept, not rebuilt at
+every call; and Triton 3.6's index of a scalar, which NumPy 2 refused."""
 
 import numpy as np
 import pytest
@@ -120,3 +120,24 @@ def test_int32_arithmetic_makes_no_overflow_checks(monkeypatch):
     out = torch.empty_like(x)
     _int32_product_kernel[(1,)](x, out, N=4)
     assert out.tolist() == [65536, 2147418112, -2147483648, 2147418112] and casts == []
+
+
+def test_numpy_dtypes_are_kept_and_equal_the_interpreters(monkeypatch):
+    """The kept map answers as the interpreter's own for scalars, pointers and blocks of both, and
+    asks the interpreter once for each scalar type."""
+    from triton.runtime import interpreter
+
+    from nsa import kernels
+
+    assert interpreter._get_np_dtype is kernels._np_dtype_kept
+    interpreter_np_dtype, asked = kernels._np_dtype, []
+    monkeypatch.setattr(kernels, "_np_dtypes", {})
+    monkeypatch.setattr(kernels, "_np_dtype", lambda t: asked.append(t.name) or interpreter_np_dtype(t))
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.int32, tl.uint32, tl.int64, tl.float16, tl.bfloat16,
+               tl.float32, tl.float64, tl.float8e5]
+    types = scalars + [tl.pointer_type(t) for t in scalars]
+    types += [tl.block_type(t, [4, 16]) for t in types]
+    for _ in range(2):
+        for t in types:
+            assert kernels._np_dtype_kept(t) == interpreter_np_dtype(t), t
+    assert sorted(asked) == sorted(t.name for t in types[:2 * len(scalars)])
