@@ -280,8 +280,9 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     here as in `selection_scores`; a near-tie within float rounding may rank the other way); a NaN
     score never selected. The (Nq x ceil(Nk/l')) scores are never stored. No gradient. Limits: those of `compressed_attention_triton`, plus `l, d, l'` powers of
     two, 16 <= l' <= 256, l'/d <= 16, l <= l'. A program holds 16 positions x the group's heads
-    of q: float32 with head dim > 128 at group 16 does not fit an H100's shared memory
-    (ValueError at launch; use float16/bfloat16).
+    of q: float32 with head dim > 128 at group 16, and at groups 17-32 (padded to 32) float32
+    with head dim > 64 or float16/bfloat16 with head dim > 128, do not fit an H100's shared memory
+    (ValueError at launch).
     """
     dims = check_compressed_qkv(q, k_cmp)
     check_kernel_inputs(dims, q)

@@ -546,6 +546,7 @@ DECODER_CASES = [  # B, cache_seqlens, T, Hq, H, Dqk, Dv, mem, capacity
     (2, [16, 63], 5, 8, 2, 8, 24, 0, 80),          # group 4, 5 new tokens, lengths at block edges
     (2, [90, 131], 13, 32, 2, 16, 8, 1, 160),      # group 16, 13 tokens: stage 1 in two tiles, stage 2 in 13
     (1, [70], 20, 2, 2, 16, 16, 0, 120),           # group 1, 20 tokens: stage 2 in two tiles of 16
+    (2, [40, 77], 2, 32, 1, 16, 16, 1, 100),       # group 32 (MQA): stage 2 a token of 32 rows a program
 ]
 
 

@@ -160,7 +160,7 @@ def test_limits_are_checked_before_launch():
     q, k_cmp, v_cmp = make(1, 20, 20, 2, 1, 16, 16, 16, 8, 0, torch.float32)
     with pytest.raises(TypeError, match="bfloat16|float64"):
         compressed_attention_triton(q.double(), k_cmp.double(), v_cmp.double(), 16, 8)
-    q32, k32, v32 = make(1, 20, 20, 32, 1, 16, 16, 16, 8, 0, torch.float32)
+    q32, k32, v32 = make(1, 20, 20, 33, 1, 16, 16, 16, 8, 0, torch.float32)
     with pytest.raises(ValueError, match="group size"):
         compressed_attention_triton(q32, k32, v32, 16, 8)
     _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)

@@ -34,6 +34,7 @@ def make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=0):
     (2, 20, 75, 8, 2, 32, 16, NSAConfig(16, 8, 32, 2, 0, 1, 24), 2),         # batch, Nq < Nk, memory
     (1, 24, 50, 6, 2, 16, 16, NSAConfig(16, 8, 16, 3, 1, 1, 16, causal=False), 1),  # group 3, non-causal
     (1, 40, 101, 16, 1, 16, 16, SMALL, 0),      # group 16 (one query per program), 7 blocks to choose from
+    (1, 33, 70, 48, 2, 16, 16, SMALL, 1),       # group 24 (padded to 32), Nq < Nk, memory
 ])
 def test_triton_backend_matches_torch_backend(dtype, B, Nq, Nk, Hq, H, Dqk, Dv, config, mem):
     inputs = [x.requires_grad_() for x in make_inputs(B, Nq, Nk, Hq, H, Dqk, Dv, config, mem, dtype, seed=Nk)]
@@ -108,13 +109,13 @@ def test_a_layer_the_kernels_cannot_run_is_refused_when_built():
     there what the kernels cannot take; "auto" and "torch" build (auto falls back per call)."""
     geometry = dict(compress_block_size=24, compress_stride=8, select_block_size=48)
     for kwargs, words in [(geometry, "compress_block_size = 24; the Triton kernels need a power of two"),
-                          (dict(heads=34, kv_heads=2), "group size Hq // H = 17"),
+                          (dict(heads=66, kv_heads=2, dim_head=8), "group size Hq // H = 33"),
                           (dict(dim_head=320), "head dim Dqk = 320")]:
         with pytest.raises(ValueError, match=f"backend='triton' cannot run this layer: .*{words}"):
             nsa.SparseAttention(68, **{"heads": 4, **kwargs}, backend="triton")
         for backend in ("auto", "torch"):
             nsa.SparseAttention(68, **{"heads": 4, **kwargs}, backend=backend)
-    nsa.SparseAttention(64, heads=32, kv_heads=2, dim_head=256, backend="triton")  # at the limits
+    nsa.SparseAttention(64, heads=64, kv_heads=2, dim_head=256, backend="triton")  # at the limits
 
 
 @pytest.mark.parametrize("branch", ["window", "compressed", "selected"])
