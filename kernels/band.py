@@ -484,7 +484,7 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size=32, stride=16, scale
 
     Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
     interpreter; float32 dots run as tf32 on a GPU); head dims <= 256 (padded to a power of two);
-    group size Hq // H <= 32. Deterministic: no atomics.
+    group size Hq // H <= 128. Deterministic: no atomics.
     """
     dims, scale, causal, mem_kv_len, seq_len_k = check_compressed_args(
         q, k_cmp, v_cmp, block_size, stride, scale, causal, mem_kv_len, seq_len_k)
@@ -512,7 +512,7 @@ def sliding_window_attention_triton(q, k, v, window_size=512, scale=None, *, cau
     t - w < s <= t; non-causal: t - w < s < t + w. Returns o: (B, Nq, Hq, Dv) in q's dtype.
 
     Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
-    interpreter); head dims <= 256 (padded to a power of two); group size <= 32. No atomics.
+    interpreter); head dims <= 256 (padded to a power of two); group size <= 128. No atomics.
     """
     dims = check_qkv(q, k, v)
     check_kernel_inputs(dims, q)

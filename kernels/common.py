@@ -56,8 +56,8 @@ def softmax_finish(acc, m_i, l_i):
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256       # head dims are padded to a power of two: 192 computes as 256
-MAX_GROUP_SIZE = 32      # query heads per kv head: NSA's fused selection holds 16 positions x G rows of q
-                         # (at 32, bf16, d = 128: 140 KiB of shared memory; at 64 more than a GPU has)
+MAX_GROUP_SIZE = 128     # query heads per kv head: the band kernels hold a position's whole group as rows of
+                         # q (at 128, d = 128, bf16: up to 177 KiB of shared memory, some spills); past it, untried
 
 
 def check_kernel_inputs(dims, q) -> None:

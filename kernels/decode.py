@@ -442,7 +442,7 @@ def decode_max_tokens(group: int) -> int:
 
 def decode_unsupported(tensors, dims, config):
     """Why the decoding kernels cannot take this step (None: they can): the kernels' limits
-    (chapter 10's `triton_unsupported`: among them groups of at most 32), and more new tokens than
+    (chapter 10's `triton_unsupported`: among them groups of at most 128), and more new tokens than
     `decode_max_tokens` (a longer step is a prefill)."""
     reason = triton_unsupported(tensors, dims, config)
     if reason is not None:

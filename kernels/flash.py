@@ -87,7 +87,7 @@ def flash_attention(q, k, v, scale=None, causal=True, return_lse=False):
 
     Limits: forward only (no autograd: Chapter 8 writes a backward); float16/bfloat16/float32 (on
     the CPU, in Triton's interpreter, float16/float32 only); head dims <= 256, padded to a power of
-    two (192 computes as 256); GQA groups <= 32. Not tuned: it is the book's primer, not a
+    two (192 computes as 256); GQA groups <= 128. Not tuned: it is the book's primer, not a
     replacement for SDPA.
     """
     dims = check_qkv(q, k, v)

@@ -384,10 +384,9 @@ def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     k_cmp/v_cmp: (B, mem_kv_len + N_c, H, D), gates (B, Nq, Hq), config an NSAConfig, scale a
     float. Returns o: (B, Nq, Hq, Dv) in q's dtype, differentiable in all eight tensors (not
     through the block selection).
-    Limits: float16/bfloat16/float32 (no bf16 on the CPU); head dims <= 256; group size <= 32;
-    l, d, l' powers of two with 16 <= l' <= 256, l'/d <= 16 and l <= l'. Float32 with head dim
-    > 128 at group 16, and at groups 17-32 float32 with head dim > 64 or a 16-bit head dim > 128,
-    exceed an H100's shared memory in the selection kernel (a ValueError at its launch). At the edges it does what `native_sparse_attention` says: exact ties to the lower
+    Limits: float16/bfloat16/float32 (no bf16 on the CPU); head dims <= 256; group size <= 128;
+    l, d, l' powers of two with 16 <= l' <= 256, l'/d <= 16 and l <= l'; a kernel whose smallest
+    tiles do not fit the GPU's shared memory raises a ValueError at its launch. At the edges it does what `native_sparse_attention` says: exact ties to the lower
     block index, NaN in and NaN out, nothing read back to the host.
     """
     return torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,

@@ -905,7 +905,7 @@ def selected_attention_triton(q, k, v, block_indices, block_size=64, scale=None,
 
     Limits (checked before launch): float16/bfloat16/float32 (float16/float32 in the CPU
     interpreter; float32 dots run as tf32 on a GPU); block_size a power of two in [16, 256];
-    head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 32;
+    head dims <= 256 (padded to a power of two: 192 computes as 256); group size <= 128;
     B * Nq * H * n < 2**31. dk, dv (and in the key-block-centric design dq) add partial results
     atomically, so on a GPU they may differ in the last bits from run to run (o does not). Under
     torch.use_deterministic_algorithms(True) the backward is reproducible and slower: a key

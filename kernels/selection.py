@@ -111,13 +111,14 @@ def first_top(cand, SLOTS: tl.constexpr):
 
 @triton.jit
 def step_candidates(sel_start, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel, scale_log2,
-                    lse2s, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
-                    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUP: tl.constexpr,
+                    lse2s, cmp_end, row_ok, own, w_home, w_spill, shift, first, last, Q, LSE, q_rows,
+                    DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUP: tl.constexpr, HELD: tl.constexpr,
                     PER_SEL: tl.constexpr, NUM_INITIAL: tl.constexpr, NUM_LOCAL: tl.constexpr,
                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     """Steps 1-4 for the selection blocks sel_start + [0, BLOCK_S) of the kernel's positions: their
     rank keys (BLOCK_M, BLOCK_S), GONE where a block may not enter, and this step's last spill.
-    qs, lse2s: the GROUP heads' q tiles (BLOCK_M, BLOCK_DQK) and base-2 lse (BLOCK_M,)."""
+    qs, lse2s: the first HELD heads' q tiles (BLOCK_M, BLOCK_DQK) and base-2 lse (BLOCK_M,); the
+    group's other heads (GROUP > HELD) are read at every step, from rows q_rows + g of Q and LSE."""
     BLOCK_C: tl.constexpr = BLOCK_S * PER_SEL                     # compressed blocks per step
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
@@ -128,9 +129,15 @@ def step_candidates(sel_start, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, n
     k = load_rows(K_CMP, k_base + (mem_kv_len + cmp).to(tl.int64) * heads_kv, cmp < num_cmp, offs_dqk, DIM_QK)
     visible = (cmp[None, :] < cmp_end[:, None]) & row_ok[:, None]
     p_group = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for g in tl.static_range(GROUP):
+    for g in tl.static_range(HELD):
         s = tl.dot(qs[g], tl.trans(k)) * scale_log2                          # (BLOCK_M, BLOCK_C)
         p_group += tl.where(visible, tl.exp2(s - lse2s[g][:, None]), 0.0)
+    if GROUP > HELD:                                                          # a group too large to hold
+        for g in range(HELD, GROUP):
+            q = load_rows(Q, q_rows + g, row_ok, offs_dqk, DIM_QK)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            lse2 = tl.load(LSE + q_rows + g, mask=row_ok, other=0.0) * LOG2E
+            p_group += tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     # -- 3. Eq. 9: a block's own compressed blocks, plus what its left neighbour spills --
     score, carry = eq9_step(p_group, carry, w_home, w_spill, shift, first, last, BLOCK_M, BLOCK_S, PER_SEL)
     # -- 4. blocks a query may not take, or scored NaN: never enter; blocks it must take: +inf --
@@ -152,6 +159,7 @@ def select_blocks_kernel(
     seq_len_q, seq_len_k,   # Nq, Nk (queries end-aligned); PACKED: each sequence's, read from CU_*
     mem_kv_len, num_cmp, num_sel,   # memory rows, real compressed blocks N_c, selection blocks ceil(Nk/l')
     HEADS_Q: tl.constexpr, GROUP: tl.constexpr,   # Hq; G = Hq // H
+    HELD: tl.constexpr,      # the group's heads whose q tiles a program holds (the rest read at every step)
     DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr,   # the head dim, padded to a power of two >= 16
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,   # l, d, l'
     NUM_SELECT: tl.constexpr, SLOTS: tl.constexpr,   # n, and n padded to a power of two
@@ -175,17 +183,17 @@ def select_blocks_kernel(
         if first_query >= seq_len_q:
             return
 
-    # -- the rows: BLOCK_M positions; of each of the group's heads, a q tile and its lse --
+    # -- the rows: BLOCK_M positions; of each of the first HELD heads, a q tile and its lse --
     i_pos = first_query + tl.arange(0, BLOCK_M)
     row_ok = i_pos < seq_len_q
     pos = seq_len_k - seq_len_q + i_pos
     offs_dqk = tl.arange(0, BLOCK_DQK)
+    q_rows = (q_start + i_pos).to(tl.int64) * HEADS_Q + head_kv * GROUP         # the group's first head
     qs = ()
     lse2s = ()
-    for g in tl.static_range(GROUP):
-        q_rows = (q_start + i_pos).to(tl.int64) * HEADS_Q + head_kv * GROUP + g
-        qs = qs + (load_rows(Q, q_rows, row_ok, offs_dqk, DIM_QK),)
-        lse2s = lse2s + (tl.load(LSE + q_rows, mask=row_ok, other=0.0) * LOG2E,)
+    for g in tl.static_range(HELD):
+        qs = qs + (load_rows(Q, q_rows + g, row_ok, offs_dqk, DIM_QK),)
+        lse2s = lse2s + (tl.load(LSE + q_rows + g, mask=row_ok, other=0.0) * LOG2E,)
     if CAUSAL:   # the real compressed blocks each position sees: c*d + l - 1 <= t
         cmp_end = compressed_rows_seen(pos, 0, num_cmp, CMP_BLOCK, CMP_STRIDE)
     else:
@@ -217,8 +225,8 @@ def select_blocks_kernel(
     if not FIRST_IN_LOOP:
         cand, carry = step_candidates(0, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp, num_sel,
                                       scale_log2, lse2s, cmp_end, row_ok, own, w_home, w_spill, shift, first, last,
-                                      DIM_QK, BLOCK_DQK, GROUP, PER_SEL, NUM_INITIAL, NUM_LOCAL, CAUSAL,
-                                      BLOCK_M, BLOCK_S)
+                                      Q, LSE, q_rows, DIM_QK, BLOCK_DQK, GROUP, HELD, PER_SEL, NUM_INITIAL,
+                                      NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
         top = first_top(cand, SLOTS) if NUM_SELECT == BLOCK_S else merge_top(top, cand, GONE)
         loop_from = BLOCK_S
 
@@ -226,8 +234,8 @@ def select_blocks_kernel(
     for sel_start in range(loop_from, last_sel + 1, BLOCK_S):
         cand, carry = step_candidates(sel_start, carry, qs, K_CMP, k_base, heads_kv, mem_kv_len, num_cmp,
                                       num_sel, scale_log2, lse2s, cmp_end, row_ok, own, w_home, w_spill, shift,
-                                      first, last, DIM_QK, BLOCK_DQK, GROUP, PER_SEL, NUM_INITIAL,
-                                      NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
+                                      first, last, Q, LSE, q_rows, DIM_QK, BLOCK_DQK, GROUP, HELD, PER_SEL,
+                                      NUM_INITIAL, NUM_LOCAL, CAUSAL, BLOCK_M, BLOCK_S)
         if FIRST_IN_LOOP and NUM_SELECT == BLOCK_S:
             top = tl.where(sel_start == 0, first_top(cand, SLOTS), top)
             cand = tl.where(sel_start == 0, GONE, cand)            # so the merge counts no rounds
@@ -244,6 +252,7 @@ def select_blocks_kernel(
 
 SELECT_STEP = 16       # selection blocks per step (BLOCK_S); twice that at groups of 16 where it fits
 SELECT_ROWS = {1: 128}   # positions x padded group per program, else 256: measured on an H200
+HELD_Q_BYTES = 128 * 1024   # the q tiles a program holds (shared memory): the group's first heads' up to this
 MAX_STEP_CMP = 256     # compressed blocks per step, 16 * l' / d
 MAX_SELECTED = 1024    # n: a running top's empty slots EMPTY - slot stay above GONE
 
@@ -279,10 +288,9 @@ def select_blocks_triton(q, k_cmp, lse, seq_len_k, config, scale=None, *, mem_kv
     blocks always present; exact ties to the lower block index (scores of equal inputs are equal
     here as in `selection_scores`; a near-tie within float rounding may rank the other way); a NaN
     score never selected. The (Nq x ceil(Nk/l')) scores are never stored. No gradient. Limits: those of `compressed_attention_triton`, plus `l, d, l'` powers of
-    two, 16 <= l' <= 256, l'/d <= 16, l <= l'. A program holds 16 positions x the group's heads
-    of q: float32 with head dim > 128 at group 16, and at groups 17-32 (padded to 32) float32
-    with head dim > 64 or float16/bfloat16 with head dim > 128, do not fit an H100's shared memory
-    (ValueError at launch).
+    two, 16 <= l' <= 256, l'/d <= 16, l <= l'. A program holds the q tiles of the group's first
+    heads, up to `HELD_Q_BYTES` (32 heads of 16 positions at d = 128 in 16-bit, 16 in float32)
+    and reads the others' again at every step.
     """
     dims = check_compressed_qkv(q, k_cmp)
     check_kernel_inputs(dims, q)
@@ -308,6 +316,13 @@ def select_tiles(group_pad, config, is_cuda):
     return block_m, 2 * SELECT_STEP if long_step else SELECT_STEP
 
 
+def held_heads(group, block_m, block_dqk, itemsize):
+    """The group's heads whose q tiles (block_m x block_dqk each) a selection program holds: all of
+    them up to HELD_Q_BYTES (32 heads of 16 positions at d = 128 in bf16, 16 in float32), at least
+    one; the others are read again at every step."""
+    return min(group, max(1, HELD_Q_BYTES // (block_m * block_dqk * itemsize)))
+
+
 def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, packed: PackedRows | None = None):
     """Launch the selection kernel on checked inputs: (B, Nq, H, n) int32 block indices; with
     `packed` (its rows: the compressed keys'), each packed sequence's own block indices."""
@@ -319,8 +334,8 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     group_pad = next_power_of_2(Hq // H)
     block_m, block_s = select_tiles(group_pad, config, q.is_cuda)
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
-    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk),
-                CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
+    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, HELD=held_heads(Hq // H, block_m, head_dim_block(Dqk), q.element_size()),
+                DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk), CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
                 NUM_SELECT=n, SLOTS=next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
                 CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=block_s, PACKED=packed is not None,

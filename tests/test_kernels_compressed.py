@@ -12,6 +12,7 @@ from nsa.geometry import num_compressed_blocks
 from nsa.config import NSAConfig
 from nsa.device import DEVICE
 from nsa.kernels.band import compressed_attention_triton
+from nsa.kernels import selection
 from nsa.kernels.selection import EMPTY, GONE, merge_top, select_blocks_triton
 from nsa.selection import select_blocks, selection_scores
 from tolerance import TOL
@@ -115,6 +116,28 @@ def test_fused_selection_long_step_at_group_16(n):
     assert torch.equal(chosen, expected)
 
 
+@pytest.mark.parametrize("held_bytes, causal", [(16 * 16 * 2, True), (3 * 16 * 16 * 2, False)],
+                         ids=["one head held", "three held"])
+def test_fused_selection_reads_the_heads_it_does_not_hold(monkeypatch, held_bytes, causal):
+    # a group larger than the q tiles a program holds (HELD_Q_BYTES; 32 heads at d = 128 in bf16 on
+    # a GPU) reads the other heads' q and lse again at every step: the same blocks as holding all
+    # 6 heads (16 positions of d = 16 in fp16: 512 bytes a head)
+    monkeypatch.setattr(selection, "HELD_Q_BYTES", held_bytes)
+    assert selection.held_heads(6, 16, 16, 2) == held_bytes // 512 < 6
+    config = NSAConfig(16, 8, 16, 5, 1, 2, 32, causal=causal)
+    q, k_cmp, v_cmp = make(1, 40, 333, 6, 1, 16, 16, 16, 8, 1, torch.float16, seed=held_bytes)
+    _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8, causal=causal, mem_kv_len=1, seq_len_k=333)
+    chosen = select_blocks_triton(q, k_cmp, lse, 333, config, mem_kv_len=1)
+    scores = selection_scores(q.float(), k_cmp.float(), lse, 333, config, mem_kv_len=1)
+    assert torch.equal(chosen, select_blocks(scores, 333, config))
+
+
+def test_held_heads_fit_the_shared_memory_the_group_32_build_measured():
+    assert selection.held_heads(32, 16, 128, 2) == 32 and selection.held_heads(64, 16, 128, 2) == 32
+    assert selection.held_heads(16, 16, 128, 4) == 16 and selection.held_heads(16, 16, 256, 4) == 8
+    assert selection.held_heads(1, 128, 256, 4) == 1 and selection.held_heads(4, 64, 64, 2) == 4
+
+
 @triton.jit
 def _merge_top_kernel(TOP, CAND, OUT, M: tl.constexpr, SLOTS: tl.constexpr, C: tl.constexpr):
     rows = tl.arange(0, M)[:, None]
@@ -160,7 +183,7 @@ def test_limits_are_checked_before_launch():
     q, k_cmp, v_cmp = make(1, 20, 20, 2, 1, 16, 16, 16, 8, 0, torch.float32)
     with pytest.raises(TypeError, match="bfloat16|float64"):
         compressed_attention_triton(q.double(), k_cmp.double(), v_cmp.double(), 16, 8)
-    q32, k32, v32 = make(1, 20, 20, 33, 1, 16, 16, 16, 8, 0, torch.float32)
+    q32, k32, v32 = make(1, 20, 20, 129, 1, 16, 16, 16, 8, 0, torch.float32)
     with pytest.raises(ValueError, match="group size"):
         compressed_attention_triton(q32, k32, v32, 16, 8)
     _, lse = compressed_attention_triton(q, k_cmp, v_cmp, 16, 8)

@@ -109,13 +109,13 @@ def test_a_layer_the_kernels_cannot_run_is_refused_when_built():
     there what the kernels cannot take; "auto" and "torch" build (auto falls back per call)."""
     geometry = dict(compress_block_size=24, compress_stride=8, select_block_size=48)
     for kwargs, words in [(geometry, "compress_block_size = 24; the Triton kernels need a power of two"),
-                          (dict(heads=66, kv_heads=2, dim_head=8), "group size Hq // H = 33"),
+                          (dict(heads=258, kv_heads=2, dim_head=8), "group size Hq // H = 129"),
                           (dict(dim_head=320), "head dim Dqk = 320")]:
         with pytest.raises(ValueError, match=f"backend='triton' cannot run this layer: .*{words}"):
             nsa.SparseAttention(68, **{"heads": 4, **kwargs}, backend="triton")
         for backend in ("auto", "torch"):
             nsa.SparseAttention(68, **{"heads": 4, **kwargs}, backend=backend)
-    nsa.SparseAttention(64, heads=64, kv_heads=2, dim_head=256, backend="triton")  # at the limits
+    nsa.SparseAttention(64, heads=128, kv_heads=1, dim_head=256, backend="triton")  # at the limits
 
 
 @pytest.mark.parametrize("branch", ["window", "compressed", "selected"])
