@@ -386,8 +386,9 @@ def triton_sparse_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, 
     through the block selection).
     Limits: float16/bfloat16/float32 (no bf16 on the CPU); head dims <= 256; group size <= 128;
     l, d, l' powers of two with 16 <= l' <= 256, l'/d <= 16 and l <= l'; a kernel whose smallest
-    tiles do not fit the GPU's shared memory raises a ValueError at its launch. At the edges it does what `native_sparse_attention` says: exact ties to the lower
-    block index, NaN in and NaN out, nothing read back to the host.
+    tiles do not fit the GPU's shared memory raises a ValueError at its launch. At the edges it
+    does what `native_sparse_attention` says: exact ties to the lower block index, NaN in and NaN
+    out, nothing read back to the host.
     """
     return torch.ops.nsa.sparse_attention_forward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win,
                                                   *config_fields(config), scale, mem_kv_len, None, None, None, [])[0]

@@ -334,9 +334,10 @@ def select_blocks_launch(q, k_cmp, lse, seq_len_k, config, scale, mem_kv_len, pa
     group_pad = next_power_of_2(Hq // H)
     block_m, block_s = select_tiles(group_pad, config, q.is_cuda)
     out = torch.empty(B, Nq, H, n, device=q.device, dtype=torch.int32)
-    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, HELD=held_heads(Hq // H, block_m, head_dim_block(Dqk), q.element_size()),
-                DIM_QK=Dqk, BLOCK_DQK=head_dim_block(Dqk), CMP_BLOCK=config.compress_block_size, CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel,
-                NUM_SELECT=n, SLOTS=next_power_of_2(n),
+    block_dqk = head_dim_block(Dqk)
+    meta = dict(HEADS_Q=Hq, GROUP=Hq // H, HELD=held_heads(Hq // H, block_m, block_dqk, q.element_size()),
+                DIM_QK=Dqk, BLOCK_DQK=block_dqk, CMP_BLOCK=config.compress_block_size,
+                CMP_STRIDE=config.compress_stride, SEL_BLOCK=l_sel, NUM_SELECT=n, SLOTS=next_power_of_2(n),
                 NUM_INITIAL=config.num_initial_blocks, NUM_LOCAL=config.num_local_blocks,
                 CAUSAL=config.causal, BLOCK_M=block_m, BLOCK_S=block_s, PACKED=packed is not None,
                 FIRST_IN_LOOP=group_pad > 1)
