@@ -72,7 +72,8 @@ def main():
             if rows < 16 or rows > 512:
                 continue
             out = torch.empty(1, N, H, n, device=device, dtype=torch.int32)
-            meta = dict(HEADS_Q=Hq, GROUP=G, DIM_QK=D, BLOCK_DQK=head_dim_block(D),
+            held = selection.held_heads(G, positions, head_dim_block(D), q.element_size())
+            meta = dict(HEADS_Q=Hq, GROUP=G, HELD=held, DIM_QK=D, BLOCK_DQK=head_dim_block(D),
                         CMP_BLOCK=l, CMP_STRIDE=d, SEL_BLOCK=l_sel, NUM_SELECT=n,
                         SLOTS=triton.next_power_of_2(n), NUM_INITIAL=config.num_initial_blocks,
                         NUM_LOCAL=config.num_local_blocks, CAUSAL=True, BLOCK_M=positions, BLOCK_S=step,

@@ -318,7 +318,7 @@ def test_reverse_block_index_against_brute_force():
     (dict(indices=torch.zeros(1, 4, 1, 2, dtype=torch.int32)), ValueError, "shape"),
     (dict(indices=torch.zeros(1, 5, 1, 0, dtype=torch.int32)), ValueError, "n = 0"),
     (dict(dtype=torch.float64), TypeError, "float16"),
-    (dict(heads_q=128), ValueError, "group size"),
+    (dict(heads_q=129), ValueError, "group size"),
     (dict(dim=320), ValueError, "256"),
     (dict(causal=1), TypeError, "causal"),
     (dict(queries_per_tile=3), ValueError, "queries_per_tile"),
