@@ -1,4 +1,4 @@
-"""Triton kernels of the book (chapters 7-10), installed as `nsa.kernels`.
+"""Triton kernels of the book (chapters 7-10 and 13), installed as `nsa.kernels`.
 
 Hand-written glue. Import it as `nsa.kernels`, never as a top-level `kernels`.
 

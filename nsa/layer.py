@@ -33,7 +33,7 @@ class SparseAttention(nn.Module):
     compressed branch. compress_mlp: phi is the paper's MLP (`CompressionMLP`, one for keys, one
     for values), False: mean pooling. The other sizes are NSAConfig's (its checks apply).
     backend="triton" with sizes the kernels cannot run (`check_select_config`: l, d, l' powers of
-    two, 16 <= l' <= 256, l <= l', l'/d and n bounded; a GQA group over 16; head dims over 256)
+    two, 16 <= l' <= 256, l <= l', l'/d and n bounded; a GQA group over 128; head dims over 256)
     raises a ValueError here, not at the first forward (where Triton is not installed, at the
     first call).
     """
