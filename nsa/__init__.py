@@ -11,6 +11,8 @@ from pathlib import Path
 
 from nsa import device  # first: switches on Triton's interpreter on a machine without CUDA
 
+import torch
+
 
 def _checkout_kernels() -> None:
     """In a source checkout, load its own kernels/ as nsa.kernels (what pyproject's package-dir
@@ -57,6 +59,17 @@ try:
     import nsa.kernels.cache  # noqa: F401  (the decoder's own cache writes, in Triton)
 except ImportError as missing:  # triton is not installed: "auto" uses "torch"
     backend_unavailable("triton", f"Triton kernels could not be imported ({missing})")
+
+
+# `from nsa import *`: the public API (DESIGN.md's, and what the later chapters add), nothing else;
+# the tensor-parallel layer only where torch has torch.distributed (its module imports it).
+__all__ = ["NSAConfig", "attention", "compress", "CompressionMLP", "compressed_attention", "selection_scores",
+           "select_blocks", "selected_attention", "sliding_window_attention", "native_sparse_attention",
+           "SparseAttention", "create_compress_mask", "create_fine_mask", "create_sliding_mask", "causal_mask",
+           "sliding_window_mask", "block_selection_mask", "compressed_block_mask", "KVCache",
+           "sparse_attention_with_kvcache", "DecodeGraph", "context_parallel_sparse_attention", "available_backends"]
+if torch.distributed.is_available():
+    __all__.append("TensorParallelSparseAttention")
 
 
 def __getattr__(name):

@@ -120,6 +120,13 @@ def test_package_exports_the_public_api():
     assert callable(nsa.SparseAttention(16, 2).new_cache)
 
 
+def test_star_import_takes_the_public_api_only():
+    assert sorted(nsa.__all__) == sorted(PUBLIC)
+    namespace = {}
+    exec("from nsa import *", namespace)
+    assert sorted(name for name in namespace if name != "__builtins__") == sorted(PUBLIC)
+
+
 BAD = [
     ("q", lambda q, k, v: attention(q.numpy(), k, v), TypeError),
     ("q", lambda q, k, v: attention(q[0], k, v), ValueError),
