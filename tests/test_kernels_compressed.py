@@ -1,4 +1,4 @@
-"""Chapter 9's Triton kernels (kernels/compressed.py) against the PyTorch reference (chapters 2-3).
+"""Chapter 9's Triton kernels (kernels/band.py, kernels/selection.py) against the PyTorch reference (chapters 2-3).
 
 Runs in Triton's interpreter on a CPU (float32 and float16) at small odd shapes; on a GPU the
 same tests run the compiled kernels."""

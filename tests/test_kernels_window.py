@@ -1,4 +1,4 @@
-"""Chapter 10's sliding-window kernel (kernels/window.py) against the PyTorch reference (chapter 4).
+"""Chapter 10's sliding-window kernel (kernels/band.py) against the PyTorch reference (chapter 4).
 
 Runs in Triton's interpreter on a CPU (float32 and float16) at small odd shapes."""
 

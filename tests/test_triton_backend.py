@@ -1,4 +1,4 @@
-"""backend="triton" (kernels/sparse_attention.py, chapter 10) against backend="torch" (chapter 5).
+"""backend="triton" (kernels/nsa.py, chapter 10) against backend="torch" (chapter 5).
 
 The whole of NSA, forward and the gradients of all eight inputs, in Triton's interpreter on a CPU
 (float32 and float16) at small odd shapes; plus the limits and backend="auto"."""
